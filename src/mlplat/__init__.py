@@ -1,0 +1,72 @@
+"""mlplat: from idea to production model, with one answer to "what is in production, trained on what?".
+
+Usage::
+
+    import mlplat as mp
+    p = mp.Platform("./mlplat-home")
+    user = mp.Entity("user", join_keys=["user_id"])
+    ...
+    train = p.features.get_historical_features(entity_df, ["user_txn:txn_count_7d"])
+"""
+from __future__ import annotations
+
+from . import _native  # noqa: F401  (fails loudly if the extensions were not built)
+from . import dtypes, errors
+from .dtypes import Bool, Bytes, DType, Float32, Float64, Int8, Int16, Int32, Int64, String, Timestamp
+from .errors import (
+    ConfigError,
+    DataError,
+    DefinitionError,
+    MlplatError,
+    NativeExtensionError,
+    NotFoundError,
+    SchemaVersionError,
+    StoreError,
+)
+from .features import ApplyResult, CatalogEntry, Entity, FeatureService, FeatureView, Field, ParquetSource
+from .platform import Platform
+from .settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Platform",
+    "Settings",
+    # feature definitions
+    "Entity",
+    "Field",
+    "FeatureView",
+    "FeatureService",
+    "ParquetSource",
+    "ApplyResult",
+    "CatalogEntry",
+    # dtypes
+    "DType",
+    "Int8",
+    "Int16",
+    "Int32",
+    "Int64",
+    "Float32",
+    "Float64",
+    "Bool",
+    "String",
+    "Bytes",
+    "Timestamp",
+    # errors
+    "MlplatError",
+    "ConfigError",
+    "DefinitionError",
+    "NotFoundError",
+    "DataError",
+    "StoreError",
+    "SchemaVersionError",
+    "NativeExtensionError",
+    "dtypes",
+    "errors",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = "mlplat"
+del _name, _obj

@@ -1,0 +1,144 @@
+"""Engine factory and transactions for SQLite and PostgreSQL.
+
+SQLite gets WAL journaling, a busy timeout and foreign keys, and mlplat
+issues its own BEGIN so that a write transaction can start with
+``BEGIN IMMEDIATE`` (taking the write lock up front instead of failing with
+"database is locked" when a read turns into a write). PostgreSQL goes through
+psycopg 3 with a connection pool whose size is configurable.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from ..errors import ConfigError, StoreError
+
+__all__ = ["Database", "create_engine", "normalize_url"]
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalize_url(url: str) -> sa.URL:
+    """Parse a database URL and pick mlplat's driver (psycopg 3 for PostgreSQL).
+
+    >>> normalize_url("postgresql://root@127.0.0.1/test").drivername
+    'postgresql+psycopg'
+    """
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(f"database_url {url!r} is not a valid URL: {exc}") from None
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite")
+    raise ConfigError(f"database_url {url!r}: only sqlite:// and postgresql:// databases are supported")
+
+
+def create_engine(
+    url: str, *, pool_size: int = 5, max_overflow: int = 10, pool_timeout: float = 30.0, echo: bool = False
+) -> Engine:
+    """An engine for ``url`` with mlplat's connection settings.
+
+    >>> engine = create_engine("sqlite://")
+    >>> with engine.connect() as conn:
+    ...     conn.exec_driver_sql("PRAGMA foreign_keys").scalar()
+    1
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed, echo)
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "PostgreSQL needs the psycopg driver: pip install 'mlplat[postgres]'"
+        ) from None
+    return sa.create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
+        pool_pre_ping=True,
+        echo=echo,
+    )
+
+
+def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
+    memory = url.database in (None, "", ":memory:")
+    if not memory:
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}}
+    if memory:
+        kwargs["poolclass"] = StaticPool
+    engine = sa.create_engine(url, echo=echo, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
+        dbapi_conn.isolation_level = None  # mlplat emits BEGIN itself (see _on_begin)
+        cur = dbapi_conn.cursor()
+        if not memory:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+class Database:
+    """The shared SQL database: an engine plus transaction helpers.
+
+    Usage::
+
+        db = Database("sqlite:///tmp/x.db")
+        with db.session(write=True) as s:
+            s.add(...)
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 5, max_overflow: int = 10, pool_timeout: float = 30.0) -> None:
+        self.url = url
+        self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout)
+        self.dialect = self.engine.dialect.name
+
+    @contextmanager
+    def connect(self, *, write: bool = False) -> Iterator[Connection]:
+        """A connection inside a transaction, committed on success, rolled back on error.
+
+        ``write=True`` takes SQLite's write lock at BEGIN (no effect on PostgreSQL).
+        """
+        try:
+            with self.engine.connect() as conn:
+                if write and self.dialect == "sqlite":
+                    conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin():
+                    yield conn
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"database {self.engine.url.render_as_string(hide_password=True)}: {exc.orig}") from exc
+
+    @contextmanager
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """An ORM session bound to one transaction (see :meth:`connect`)."""
+        with self.connect(write=write) as conn:
+            with Session(bind=conn, expire_on_commit=False) as s:
+                yield s
+                s.flush()
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()

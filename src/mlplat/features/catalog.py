@@ -1,0 +1,302 @@
+"""The feature catalog: versioned definitions in the SQL database.
+
+``apply`` checks every definition against its source and the rest of the
+catalog, then stores each one whose spec changed as a new version (1, 2, ...)
+in one transaction; applying the same definitions again changes nothing.
+Reads return definition objects with ``version`` and ``created_at`` set.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import aliased
+
+from .. import _arrow, dtypes
+from ..db import Database
+from ..db.models import FeatureDefinition, FeatureDefinitionTag
+from ..errors import DefinitionError, NotFoundError, StoreError
+from .definitions import Entity, FeatureService, FeatureView, _Definition, parse_ref
+from .parquet import ParquetFiles
+
+__all__ = ["Catalog", "CatalogEntry", "ApplyResult"]
+
+_KINDS: dict[str, type[_Definition]] = {"entity": Entity, "feature_view": FeatureView,
+                                         "feature_service": FeatureService}
+_APPLY_ORDER = ("entity", "feature_view", "feature_service")
+_PG_LOCK_KEY = 0x6D6C63617461  # serializes apply on PostgreSQL
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What ``apply`` did with one definition."""
+
+    kind: str
+    name: str
+    version: int
+    changed: bool
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One stored definition version, as listed and searched."""
+
+    kind: str
+    name: str
+    version: int
+    description: str
+    tags: dict[str, str]
+    owner: str | None
+    created_at: datetime
+    spec: dict[str, Any]
+
+    def definition(self) -> _Definition:
+        """The Entity, FeatureView or FeatureService this entry holds."""
+        obj = _KINDS[self.kind].from_spec(self.spec)
+        obj.version, obj.created_at = self.version, self.created_at
+        return obj
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Catalog:
+    """Versioned feature definitions stored in the shared database."""
+
+    def __init__(self, db: Database, threads: int = 1) -> None:
+        self._db = db
+        self._threads = threads
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, objects: Iterable[_Definition]) -> list[ApplyResult]:
+        batch = self._batch(objects)
+        views = [o for o in batch.values() if isinstance(o, FeatureView)]
+        for view in views:
+            self._resolve_source(view)
+        self._check_references(batch)
+        results = []
+        with self._db.session(write=True) as s:
+            if self._db.dialect == "postgresql":
+                s.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+            for kind in _APPLY_ORDER:
+                for obj in (o for (k, _), o in batch.items() if k == kind):
+                    results.append(self._store(s, obj))
+        return results
+
+    def _batch(self, objects: Iterable[_Definition]) -> dict[tuple[str, str], _Definition]:
+        if isinstance(objects, _Definition):
+            objects = [objects]
+        batch: dict[tuple[str, str], _Definition] = {}
+        for obj in objects:
+            if not isinstance(obj, _Definition):
+                raise DefinitionError(
+                    f"apply takes mp.Entity, mp.FeatureView and mp.FeatureService objects, got {type(obj).__name__}"
+                )
+            key = (obj.kind, obj.name)
+            if key in batch and batch[key].to_spec() != obj.to_spec():
+                raise DefinitionError(f"two different definitions of {obj.kind} {obj.name!r} in one apply")
+            batch[key] = obj
+        return batch
+
+    def _resolve_source(self, view: FeatureView) -> None:
+        """Check the view against its source's files and record its join key types."""
+        where = f"feature view {view.name!r}"
+        src = view.source
+        try:
+            files = ParquetFiles(src, self._threads)
+        except StoreError as exc:
+            raise DefinitionError(f"{where}: {exc}") from None
+        key_types: dict[str, str] = {}
+        for path, schema in files.schemas():
+            def column(name: str, what: str):
+                idx = schema.get_field_index(name)
+                if idx < 0:
+                    raise DefinitionError(
+                        f"{where}: {what} {name!r} is missing from the source {path} "
+                        f"(its columns: {', '.join(schema.names)})"
+                    )
+                return schema.field(idx).type
+
+            for k in view.join_keys:
+                t = column(k, "join key")
+                kind = dtypes.key_kind(t)
+                if kind is None:
+                    raise DefinitionError(f"{where}: join key {k!r} is {t} in {path}; keys must be integers or strings")
+                if key_types.setdefault(k, kind) != kind:
+                    raise DefinitionError(f"{where}: join key {k!r} is {key_types[k]} in one file and {kind} in {path}")
+            for name in filter(None, (src.timestamp_field, src.created_timestamp_field)):
+                t = column(name, "timestamp field")
+                if not _arrow.is_timestamp_type(t):
+                    raise DefinitionError(f"{where}: timestamp field {name!r} is {t} in {path}, not a timestamp")
+            for f in view.schema:
+                t = column(f.name, "field")
+                if not f.dtype.accepts(t):
+                    raise DefinitionError(
+                        f"{where}: field {f.name!r} is declared {f.dtype.name} but the source {path} holds {t}"
+                    )
+        view.key_types = key_types
+
+    def _check_references(self, batch: dict[tuple[str, str], _Definition]) -> None:
+        def entity(name: str) -> Entity | None:
+            found = batch.get(("entity", name))
+            return found if found is not None else self._latest_or_none("entity", name)
+
+        def view(name: str, version: int | None) -> FeatureView | None:
+            found = batch.get(("feature_view", name))
+            if found is not None and version is None:
+                return found
+            return self._get_or_none("feature_view", name, version)
+
+        for obj in batch.values():
+            if isinstance(obj, FeatureView):
+                for e in obj.entities:
+                    stored = entity(e.name)
+                    if stored is None:
+                        raise DefinitionError(
+                            f"feature view {obj.name!r} uses entity {e.name!r}, which is not applied; "
+                            "apply it in the same call"
+                        )
+                    if stored.join_keys != e.join_keys:
+                        raise DefinitionError(
+                            f"feature view {obj.name!r} uses entity {e.name!r} with join keys {e.join_keys}, "
+                            f"but the applied entity has {stored.join_keys}; apply the entity too"
+                        )
+            elif isinstance(obj, FeatureService):
+                for ref in map(parse_ref, obj.features):
+                    v = view(ref.view, ref.version)
+                    if v is None:
+                        raise DefinitionError(
+                            f"feature service {obj.name!r} refers to feature view {str(ref).split(':')[0]!r}, "
+                            "which is not applied"
+                        )
+                    if ref.feature not in v.feature_names:
+                        raise DefinitionError(
+                            f"feature service {obj.name!r}: feature view {ref.view!r} has no feature "
+                            f"{ref.feature!r}"
+                        )
+
+    def _store(self, s, obj: _Definition) -> ApplyResult:
+        spec = obj.to_spec()
+        digest = spec_hash(spec)
+        latest = s.scalars(
+            sa.select(FeatureDefinition)
+            .where(FeatureDefinition.kind == obj.kind, FeatureDefinition.name == obj.name)
+            .order_by(FeatureDefinition.version.desc())
+            .limit(1)
+        ).first()
+        if latest is not None and latest.spec_hash == digest:
+            obj.version, obj.created_at = latest.version, latest.created_at
+            return ApplyResult(obj.kind, obj.name, latest.version, False)
+        row = FeatureDefinition(
+            kind=obj.kind, name=obj.name, version=(latest.version + 1 if latest else 1), spec=spec,
+            spec_hash=digest, description=obj.description, owner=obj.owner,
+        )
+        s.add(row)
+        s.flush()
+        s.add_all(FeatureDefinitionTag(definition_id=row.id, key=k, value=v) for k, v in obj.tags.items())
+        obj.version, obj.created_at = row.version, row.created_at
+        return ApplyResult(obj.kind, obj.name, row.version, True)
+
+    # ------------------------------------------------------------------- read
+    def get(self, kind: str, name: str, version: int | None = None) -> _Definition:
+        """The definition ``name`` of ``kind`` at ``version`` (default: the latest)."""
+        found = self._get_or_none(kind, name, version)
+        if found is not None:
+            return found
+        if version is not None and self._get_or_none(kind, name, None) is not None:
+            raise NotFoundError(f"{kind.replace('_', ' ')} {name!r} has no version {version}")
+        known = [e.name for e in self.list(kind)]
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else (
+            f"; known: {', '.join(known[:20])}" if known else "; nothing of that kind is applied yet"
+        )
+        raise NotFoundError(f"unknown {kind.replace('_', ' ')} {name!r}{hint}")
+
+    def _latest_or_none(self, kind: str, name: str):
+        return self._get_or_none(kind, name, None)
+
+    def _get_or_none(self, kind: str, name: str, version: int | None):
+        q = sa.select(FeatureDefinition).where(FeatureDefinition.kind == kind, FeatureDefinition.name == name)
+        q = q.where(FeatureDefinition.version == version) if version is not None else q.order_by(
+            FeatureDefinition.version.desc()
+        )
+        with self._db.session() as s:
+            row = s.scalars(q.limit(1)).first()
+            return None if row is None else self._entry(row, s).definition()
+
+    def _entry(self, row: FeatureDefinition, s, tags: dict[str, str] | None = None) -> CatalogEntry:
+        if tags is None:
+            tags = dict(
+                s.execute(
+                    sa.select(FeatureDefinitionTag.key, FeatureDefinitionTag.value).where(
+                        FeatureDefinitionTag.definition_id == row.id
+                    )
+                ).all()
+            )
+        return CatalogEntry(row.kind, row.name, row.version, row.description, tags, row.owner, row.created_at,
+                            row.spec)
+
+    def list(self, kind: str | None = None, *, tags: Mapping[str, str] | None = None) -> list[CatalogEntry]:
+        """The latest version of every definition, optionally of one kind and carrying all ``tags``."""
+        if kind is not None and kind not in _KINDS:
+            raise DefinitionError(f"unknown kind {kind!r}; use one of {', '.join(_KINDS)}")
+        d = FeatureDefinition
+        latest = (
+            sa.select(d.kind, d.name, sa.func.max(d.version).label("version")).group_by(d.kind, d.name).subquery()
+        )
+        q = sa.select(d).join(
+            latest, sa.and_(d.kind == latest.c.kind, d.name == latest.c.name, d.version == latest.c.version)
+        )
+        if kind is not None:
+            q = q.where(d.kind == kind)
+        for key, value in (tags or {}).items():
+            t = aliased(FeatureDefinitionTag)
+            q = q.join(t, sa.and_(t.definition_id == d.id, t.key == key, t.value == value))
+        q = q.order_by(d.kind, d.name)
+        with self._db.session() as s:
+            rows = s.scalars(q).all()
+            all_tags: dict[int, dict[str, str]] = {r.id: {} for r in rows}
+            if rows:
+                for def_id, k, v in s.execute(
+                    sa.select(FeatureDefinitionTag.definition_id, FeatureDefinitionTag.key, FeatureDefinitionTag.value)
+                    .where(FeatureDefinitionTag.definition_id.in_(list(all_tags)))
+                ):
+                    all_tags[def_id][k] = v
+            return [self._entry(r, s, all_tags[r.id]) for r in rows]
+
+    def versions(self, kind: str, name: str) -> list[CatalogEntry]:
+        """Every stored version of one definition, oldest first."""
+        with self._db.session() as s:
+            rows = s.scalars(
+                sa.select(FeatureDefinition)
+                .where(FeatureDefinition.kind == kind, FeatureDefinition.name == name)
+                .order_by(FeatureDefinition.version)
+            ).all()
+            if not rows:
+                self.get(kind, name)  # raises NotFoundError with suggestions
+            return [self._entry(r, s) for r in rows]
+
+    def search(
+        self, text: str | None = None, *, tags: Mapping[str, str] | None = None, kind: str | None = None
+    ) -> list[CatalogEntry]:
+        """Latest definitions whose name, description, feature names or tags contain ``text`` (any case)."""
+        entries = self.list(kind, tags=tags)
+        if not text:
+            return entries
+        needle = text.lower()
+
+        def haystack(e: CatalogEntry) -> str:
+            parts = [e.name, e.description, *e.tags.keys(), *e.tags.values()]
+            for f in e.spec.get("schema", []):
+                parts += [f["name"], f.get("description", "")]
+            parts += e.spec.get("features", [])
+            return "\n".join(parts).lower()
+
+        return [e for e in entries if needle in haystack(e)]

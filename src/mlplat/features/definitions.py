@@ -1,0 +1,387 @@
+"""Feature definitions in Python: Entity, Field, ParquetSource, FeatureView, FeatureService.
+
+Usage::
+
+    >>> from datetime import timedelta
+    >>> import mlplat as mp
+    >>> user = mp.Entity("user", join_keys=["user_id"])
+    >>> txn = mp.FeatureView(
+    ...     "user_txn", entities=[user], ttl=timedelta(days=30),
+    ...     schema=[mp.Field("txn_count_7d", mp.Int64), mp.Field("amount_sum_7d", mp.Float64)],
+    ...     source=mp.ParquetSource("data/txn/", timestamp_field="event_timestamp"),
+    ... )
+    >>> txn.join_keys, txn.feature_names
+    (['user_id'], ['txn_count_7d', 'amount_sum_7d'])
+
+Definitions are plain values: they are checked for shape when built, checked
+against their source's data by ``p.features.apply``, and stored there as a
+JSON spec with a version number. ``to_spec``/``from_spec`` convert both ways.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
+
+from .. import dtypes
+from ..errors import DefinitionError
+
+__all__ = ["Entity", "Field", "ParquetSource", "FeatureView", "FeatureService", "FeatureRef", "parse_ref"]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-.]*$")
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 255:
+        raise DefinitionError(
+            f"{what} name {name!r} is invalid: use letters, digits, '_', '-' and '.', starting with a letter or '_'"
+        )
+    return name
+
+
+def _check_tags(tags: Mapping[str, str] | None, owner: str) -> dict[str, str]:
+    if tags is None:
+        return {}
+    if not isinstance(tags, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+        raise DefinitionError(f"{owner}: tags must be a dict of str to str, got {tags!r}")
+    return dict(tags)
+
+
+class _Definition:
+    """Common parts: a name, description, tags, owner, and the version the catalog gave it."""
+
+    kind: ClassVar[str]
+
+    name: str
+    description: str
+    tags: dict[str, str]
+    owner: str | None
+    version: int | None
+    created_at: datetime | None
+
+    def _init_common(self, name: str, description: str, tags: Mapping[str, str] | None, owner: str | None) -> None:
+        self.name = _check_name(name, self.kind.replace("_", " "))
+        if not isinstance(description, str):
+            raise DefinitionError(f"{self.kind} {name!r}: description must be a string")
+        if owner is not None and not isinstance(owner, str):
+            raise DefinitionError(f"{self.kind} {name!r}: owner must be a string")
+        self.description = description
+        self.tags = _check_tags(tags, f"{self.kind} {name!r}")
+        self.owner = owner
+        self.version = None
+        self.created_at = None
+
+    def _common_spec(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "tags": dict(sorted(self.tags.items())),
+                "owner": self.owner}
+
+    def to_spec(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.to_spec() == self.to_spec()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.name))
+
+    def __repr__(self) -> str:
+        version = f", version={self.version}" if self.version is not None else ""
+        return f"{type(self).__name__}({self.name!r}{version})"
+
+
+class Entity(_Definition):
+    """A thing features describe, identified by one or more join keys (int or string columns).
+
+    >>> Entity("merchant", join_keys=["merchant_id"]).join_keys
+    ['merchant_id']
+    """
+
+    kind = "entity"
+
+    def __init__(
+        self,
+        name: str,
+        join_keys: Sequence[str],
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self._init_common(name, description, tags, owner)
+        if isinstance(join_keys, str) or not join_keys:
+            raise DefinitionError(f"entity {name!r}: join_keys must be a non-empty list of column names")
+        keys = [_check_name(k, f"entity {name!r} join key") for k in join_keys]
+        if len(set(keys)) != len(keys):
+            raise DefinitionError(f"entity {name!r}: join key listed twice in {keys}")
+        self.join_keys = keys
+
+    def to_spec(self) -> dict[str, Any]:
+        return {**self._common_spec(), "join_keys": list(self.join_keys)}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Entity:
+        return cls(spec["name"], spec["join_keys"], description=spec.get("description", ""),
+                   tags=spec.get("tags"), owner=spec.get("owner"))
+
+
+class Field:
+    """A named, typed feature column.
+
+    >>> Field("amount", "float64").dtype
+    mlplat.Float64
+    """
+
+    def __init__(self, name: str, dtype: dtypes.DType | str, *, description: str = "") -> None:
+        self.name = _check_name(name, "field")
+        if isinstance(dtype, str):
+            dtype = dtypes.from_name(dtype)
+        if not isinstance(dtype, dtypes.DType):
+            raise DefinitionError(f"field {name!r}: dtype must be an mlplat dtype such as mp.Int64, got {dtype!r}")
+        self.dtype = dtype
+        self.description = description
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype.name, "description": self.description}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Field:
+        return cls(spec["name"], spec["dtype"], description=spec.get("description", ""))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Field) and other.to_spec() == self.to_spec()
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"Field({self.name!r}, {self.dtype!r})"
+
+
+class ParquetSource:
+    """Parquet files holding a view's history: a file, or a folder read recursively in path order.
+
+    ``path`` is a local path (made absolute against the current directory) or
+    any URI pyarrow's filesystems understand (``s3://bucket/prefix``,
+    ``gs://...``, ``file:///...``).
+
+    >>> ParquetSource("/data/txn", timestamp_field="ts").timestamp_field
+    'ts'
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, timestamp_field: str = "event_timestamp",
+        created_timestamp_field: str | None = None,
+    ) -> None:
+        path = os.fspath(path)
+        if not path:
+            raise DefinitionError("ParquetSource needs a path")
+        self.path = path if "://" in path else os.path.abspath(os.path.expanduser(path))
+        self.timestamp_field = _check_name(timestamp_field, "timestamp field")
+        self.created_timestamp_field = (
+            None if created_timestamp_field is None else _check_name(created_timestamp_field, "created timestamp field")
+        )
+        if self.created_timestamp_field == self.timestamp_field:
+            raise DefinitionError("created_timestamp_field must differ from timestamp_field")
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"type": "parquet", "path": self.path, "timestamp_field": self.timestamp_field,
+                "created_timestamp_field": self.created_timestamp_field}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> ParquetSource:
+        if spec.get("type") != "parquet":
+            raise DefinitionError(f"unknown source type {spec.get('type')!r}")
+        return cls(spec["path"], timestamp_field=spec["timestamp_field"],
+                   created_timestamp_field=spec.get("created_timestamp_field"))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ParquetSource) and other.to_spec() == self.to_spec()
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def __repr__(self) -> str:
+        return f"ParquetSource({self.path!r}, timestamp_field={self.timestamp_field!r})"
+
+
+class FeatureView(_Definition):
+    """Features of one or more entities, read point-in-time correctly from a source.
+
+    ``ttl`` bounds how old a value may be: an entity row at time t sees rows
+    with ``t - ttl <= event_time <= t`` (None: no lower bound). ``online``
+    says whether materialization copies the view to the online store.
+    """
+
+    kind = "feature_view"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        entities: Sequence[Entity],
+        schema: Sequence[Field],
+        source: ParquetSource,
+        ttl: timedelta | None = None,
+        online: bool = True,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self._init_common(name, description, tags, owner)
+        where = f"feature view {name!r}"
+        if isinstance(entities, Entity) or not entities or not all(isinstance(e, Entity) for e in entities):
+            raise DefinitionError(f"{where}: entities must be a non-empty list of mp.Entity")
+        if not schema or not all(isinstance(f, Field) for f in schema):
+            raise DefinitionError(f"{where}: schema must be a non-empty list of mp.Field")
+        if not isinstance(source, ParquetSource):
+            raise DefinitionError(f"{where}: source must be an mp.ParquetSource, got {type(source).__name__}")
+        if ttl is not None and (not isinstance(ttl, timedelta) or ttl < timedelta(0)):
+            raise DefinitionError(f"{where}: ttl must be a non-negative timedelta or None, got {ttl!r}")
+        if not isinstance(online, bool):
+            raise DefinitionError(f"{where}: online must be True or False")
+        keys: list[str] = []
+        for e in entities:
+            for k in e.join_keys:
+                if k in keys:
+                    raise DefinitionError(f"{where}: join key {k!r} comes from two entities")
+                keys.append(k)
+        names = [f.name for f in schema]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DefinitionError(f"{where}: duplicate field {', '.join(map(repr, dupes))} in schema")
+        reserved = set(keys) | {source.timestamp_field, source.created_timestamp_field}
+        clash = [n for n in names if n in reserved]
+        if clash:
+            raise DefinitionError(f"{where}: field {clash[0]!r} is also a join key or timestamp column")
+        self.entities = list(entities)
+        self.schema = list(schema)
+        self.source = source
+        self.ttl = ttl
+        self.online = online
+        self.key_types: dict[str, str] = {}  # "int" or "string" per join key, resolved by apply
+
+    @property
+    def join_keys(self) -> list[str]:
+        """Join keys of all entities, in order."""
+        return [k for e in self.entities for k in e.join_keys]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.schema]
+
+    def field(self, name: str) -> Field:
+        for f in self.schema:
+            if f.name == name:
+                return f
+        from ..errors import NotFoundError
+
+        raise NotFoundError(
+            f"feature view {self.name!r} has no feature {name!r}; it has {', '.join(self.feature_names)}"
+        )
+
+    def to_spec(self) -> dict[str, Any]:
+        return {
+            **self._common_spec(),
+            "entities": [{"name": e.name, "join_keys": list(e.join_keys)} for e in self.entities],
+            "schema": [f.to_spec() for f in self.schema],
+            "source": self.source.to_spec(),
+            "ttl_seconds": None if self.ttl is None else self.ttl.total_seconds(),
+            "online": self.online,
+            "key_types": dict(self.key_types),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> FeatureView:
+        ttl = spec.get("ttl_seconds")
+        view = cls(
+            spec["name"],
+            entities=[Entity(e["name"], e["join_keys"]) for e in spec["entities"]],
+            schema=[Field.from_spec(f) for f in spec["schema"]],
+            source=ParquetSource.from_spec(spec["source"]),
+            ttl=None if ttl is None else timedelta(seconds=ttl),
+            online=spec.get("online", True),
+            description=spec.get("description", ""),
+            tags=spec.get("tags"),
+            owner=spec.get("owner"),
+        )
+        view.key_types = dict(spec.get("key_types") or {})
+        return view
+
+
+class FeatureService(_Definition):
+    """A named list of feature references that a model consumes.
+
+    >>> FeatureService("fraud_v1", features=["user_txn:txn_count_7d"]).features
+    ['user_txn:txn_count_7d']
+    """
+
+    kind = "feature_service"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        features: Iterable[str | FeatureView],
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self._init_common(name, description, tags, owner)
+        refs: list[str] = []
+        for item in features:
+            if isinstance(item, FeatureView):
+                refs.extend(f"{item.name}:{f}" for f in item.feature_names)
+            else:
+                refs.append(str(parse_ref(item)))
+        if not refs:
+            raise DefinitionError(f"feature service {name!r} lists no features")
+        if len(set(refs)) != len(refs):
+            raise DefinitionError(f"feature service {name!r} lists a feature twice")
+        self.features = refs
+
+    def to_spec(self) -> dict[str, Any]:
+        return {**self._common_spec(), "features": list(self.features)}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> FeatureService:
+        return cls(spec["name"], features=spec["features"], description=spec.get("description", ""),
+                   tags=spec.get("tags"), owner=spec.get("owner"))
+
+
+class FeatureRef:
+    """A parsed ``"view:feature"`` or ``"view@version:feature"`` reference."""
+
+    __slots__ = ("view", "feature", "version")
+
+    def __init__(self, view: str, feature: str, version: int | None = None) -> None:
+        self.view, self.feature, self.version = view, feature, version
+
+    def __str__(self) -> str:
+        at = f"@{self.version}" if self.version is not None else ""
+        return f"{self.view}{at}:{self.feature}"
+
+    def __repr__(self) -> str:
+        return f"FeatureRef({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FeatureRef) and str(other) == str(self)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+
+_REF = re.compile(r"^([A-Za-z_][A-Za-z0-9_\-.]*)(?:@([0-9]+))?:([A-Za-z_][A-Za-z0-9_\-.]*)$")
+
+
+def parse_ref(ref: str) -> FeatureRef:
+    """Parse ``"view:feature"`` (latest definition) or ``"view@3:feature"`` (version 3).
+
+    >>> parse_ref("user_txn@2:txn_count_7d").version
+    2
+    """
+    m = _REF.match(ref) if isinstance(ref, str) else None
+    if m is None:
+        raise DefinitionError(f"feature reference {ref!r} is invalid: write 'view:feature' or 'view@version:feature'")
+    return FeatureRef(m.group(1), m.group(3), int(m.group(2)) if m.group(2) else None)

@@ -1,0 +1,234 @@
+"""Reading a ParquetSource: only the files, row groups and columns a request needs.
+
+Retrieval reads a source in two passes (late materialization):
+
+1. :func:`plan_scan` picks the row groups whose statistics overlap the
+   request (event time within ``[min t - ttl, max t]``; for a single integer
+   key, the entity keys' range) and :meth:`Scan.read` streams their join key
+   and timestamp columns to the caller, file by file.
+2. :func:`gather` reads the feature columns of only the row groups holding a
+   row the join picked, and takes those rows.
+
+Rows are numbered in read order (files in path order, rows in file order),
+the order the tie-break rule of DESIGN.md uses.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ..errors import StoreError
+from .definitions import ParquetSource
+
+__all__ = ["ParquetFiles", "Scan", "plan_scan", "gather"]
+
+_UNIT_NS = {"MILLIS": 1_000_000, "MICROS": 1_000, "NANOS": 1, "milliseconds": 1_000_000,
+            "microseconds": 1_000, "nanoseconds": 1}
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it for a local path or a URI."""
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise StoreError(f"cannot open source {path!r}: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+class ParquetFiles:
+    """The Parquet files of a source in path order, with their footers read once."""
+
+    def __init__(self, source: ParquetSource, threads: int = 1) -> None:
+        self.source = source
+        self.fs, root = resolve(source.path)
+        info = self.fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise StoreError(f"source path {source.path!r} does not exist")
+        if info.type == pafs.FileType.Directory:
+            infos = self.fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            self.paths = sorted(
+                i.path for i in infos
+                if i.type == pafs.FileType.File and not _hidden(i.path[len(root):])
+            )
+        else:
+            self.paths = [root]
+        if not self.paths:
+            raise StoreError(f"source path {source.path!r} holds no Parquet files")
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(self.paths)))) as pool:
+            self.metadata: list[pq.FileMetaData] = list(pool.map(self._footer, self.paths))
+
+    def _footer(self, path: str) -> pq.FileMetaData:
+        try:
+            with self.fs.open_input_file(path) as f:
+                return pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StoreError(f"source {self.source.path!r}: {path} is not a readable Parquet file: {exc}") from None
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of the first file."""
+        return self.metadata[0].schema.to_arrow_schema()
+
+    def schemas(self) -> list[tuple[str, pa.Schema]]:
+        return [(p, md.schema.to_arrow_schema()) for p, md in zip(self.paths, self.metadata)]
+
+    def read(self, index: int, row_groups: Sequence[int], columns: Sequence[str], use_threads: bool) -> pa.Table:
+        path = self.paths[index]
+        try:
+            with self.fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f, metadata=self.metadata[index])
+                return pf.read_row_groups(list(row_groups), columns=list(columns), use_threads=use_threads)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StoreError(f"source {self.source.path!r}: reading {path} failed: {exc}") from None
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+
+
+@dataclass
+class _Part:
+    file: int
+    row_groups: list[int]
+    rg_rows: np.ndarray  # rows in each read row group
+    start: int = 0  # read position of the part's first row
+
+
+@dataclass
+class Scan:
+    """Pass 1's plan: per file, which row groups to read, and where their rows start in read order."""
+
+    files: ParquetFiles
+    parts: list[_Part] = field(default_factory=list)
+    n_rows: int = 0
+
+    def read(self, columns: Sequence[str], consume: Callable[[pa.Table, int], None], threads: int) -> None:
+        """Read ``columns`` of every planned part and hand each table to ``consume(table, start)``.
+
+        Parts are read and consumed in worker threads and dropped afterwards, so
+        only a few files' columns are in memory at once.
+        """
+
+        def one(part: _Part) -> None:
+            table = self.files.read(part.file, part.row_groups, columns, use_threads=threads > 1)
+            if table.num_rows != int(part.rg_rows.sum()):
+                raise StoreError(
+                    f"source {self.files.source.path!r}: {self.files.paths[part.file]} changed while it was read"
+                )
+            consume(table, part.start)
+
+        _run(one, self.parts, threads)
+
+
+def _run(fn: Callable, items: list, threads: int) -> list:
+    if threads > 1 and len(items) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(fn, items))
+    return [fn(item) for item in items]
+
+
+def _overlaps(lo: int | None, hi: int | None, want_lo: int | None, want_hi: int | None) -> bool:
+    if lo is None or hi is None:
+        return True
+    if want_hi is not None and lo > want_hi:
+        return False
+    if want_lo is not None and hi < want_lo:
+        return False
+    return True
+
+
+def _column_index(md: pq.FileMetaData, name: str) -> int | None:
+    schema = md.schema
+    for i in range(len(schema)):
+        if schema.column(i).path == name:
+            return i
+    return None
+
+
+def _stats_range(md: pq.FileMetaData, rg: int, col: int | None, kind: str) -> tuple[int | None, int | None]:
+    """(min, max) of a column chunk in int64 (timestamps in ns), or (None, None) when unknown."""
+    if col is None:
+        return None, None
+    chunk = md.row_group(rg).column(col)
+    st = chunk.statistics
+    if st is None or not st.has_min_max or st.physical_type != "INT64":
+        return None, None
+    if kind == "int":
+        return int(st.min_raw), int(st.max_raw)
+    logical = st.logical_type
+    unit = json.loads(logical.to_json()).get("timeUnit") if logical is not None else None
+    scale = _UNIT_NS.get(unit or "")
+    if scale is None:
+        return None, None
+    return int(st.min_raw) * scale, int(st.max_raw) * scale + (scale - 1)
+
+
+def plan_scan(
+    files: ParquetFiles,
+    *,
+    ts_field: str,
+    ts_range: tuple[int | None, int | None],
+    int_key: tuple[str, int, int] | None,
+) -> Scan:
+    """Pass 1's plan: the row groups whose statistics say they can hold a matching row.
+
+    ``ts_range`` is (lowest, highest) event time in ns any entity row can see;
+    ``int_key`` is (column, min, max) of a single integer join key on the entity side.
+    """
+    scan = Scan(files)
+    for index, md in enumerate(files.metadata):
+        ts_col = _column_index(md, ts_field)
+        key_col = _column_index(md, int_key[0]) if int_key else None
+        keep, rows = [], []
+        for rg in range(md.num_row_groups):
+            if md.row_group(rg).num_rows == 0:
+                continue
+            if not _overlaps(*_stats_range(md, rg, ts_col, "ts"), *ts_range):
+                continue
+            if int_key and not _overlaps(*_stats_range(md, rg, key_col, "int"), int_key[1], int_key[2]):
+                continue
+            keep.append(rg)
+            rows.append(md.row_group(rg).num_rows)
+        if keep:
+            part = _Part(index, keep, np.asarray(rows, dtype=np.int64), scan.n_rows)
+            scan.parts.append(part)
+            scan.n_rows += int(part.rg_rows.sum())
+    return scan
+
+
+def gather(files: ParquetFiles, scan: Scan, selected: np.ndarray, columns: Sequence[str], threads: int) -> pa.Table:
+    """Pass 2: the rows at ``selected`` (sorted global read positions) of ``columns``, in that order."""
+    jobs = []
+    for part in scan.parts:
+        n = int(part.rg_rows.sum())
+        lo, hi = np.searchsorted(selected, [part.start, part.start + n])
+        if hi > lo:
+            local = selected[lo:hi] - part.start
+            rg_start = np.concatenate(([0], np.cumsum(part.rg_rows)))
+            which = np.searchsorted(rg_start, local, side="right") - 1
+            needed = np.unique(which)
+            # position of each needed row group inside the table we read
+            needed_start = np.concatenate(([0], np.cumsum(part.rg_rows[needed])))[:-1]
+            shift = np.zeros(len(part.rg_rows), dtype=np.int64)
+            shift[needed] = rg_start[needed] - needed_start
+            jobs.append((part.file, [part.row_groups[i] for i in needed], local - shift[which]))
+
+    def run(job) -> pa.Table:
+        index, row_groups, take = job
+        table = files.read(index, row_groups, columns, use_threads=threads > 1)
+        return table.take(pa.array(take))
+
+    pieces = _run(run, jobs, threads)
+    if not pieces:
+        schema = files.schema
+        return pa.table({c: pa.array([], type=schema.field(c).type) for c in columns})
+    return pa.concat_tables(pieces, promote_options="permissive")

@@ -1,0 +1,67 @@
+"""``Platform``: the one entry point. It wires settings to stores and nothing more."""
+from __future__ import annotations
+
+import os
+
+from .db import Database
+from .db.migrate import ensure_schema
+from .features.store import FeatureStore
+from .settings import Settings
+
+__all__ = ["Platform"]
+
+
+class Platform:
+    """mlplat in one object: ``.features`` (and, as they land, ``.runs``, ``.models``, ``.serving``).
+
+    Arguments override ``MLPLAT_*`` environment variables, which override the
+    embedded defaults: a SQLite database, a SQLite online store and an
+    artifact folder, all under ``home``. The database schema is created or
+    upgraded on first use.
+
+    Usage::
+
+        >>> import mlplat as mp, tempfile
+        >>> p = mp.Platform(tempfile.mkdtemp())
+        >>> p.settings.database_url.startswith("sqlite:///")
+        True
+        >>> p.close()
+
+        p = mp.Platform("./home", database_url="postgresql://user@db/mlplat",
+                        online_store="redis://127.0.0.1:6379/0")
+    """
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        database_url: str | None = None,
+        online_store: str | None = None,
+        artifact_root: str | None = None,
+        threads: int | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings or Settings.resolve(
+            home, database_url=database_url, online_store=online_store, artifact_root=artifact_root,
+            threads=threads,
+        )
+        s = self.settings
+        s.home.mkdir(parents=True, exist_ok=True)
+        self.db = Database(
+            s.database_url, pool_size=s.db_pool_size, max_overflow=s.db_max_overflow, pool_timeout=s.db_pool_timeout
+        )
+        ensure_schema(self.db)
+        self.features = FeatureStore(self.db, s)
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.db.dispose()
+
+    def __enter__(self) -> Platform:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Platform(home={str(self.settings.home)!r})"

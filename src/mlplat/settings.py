@@ -1,0 +1,104 @@
+"""Settings: arguments, then ``MLPLAT_*`` environment variables, then defaults.
+
+Usage::
+
+    >>> s = Settings.resolve("/tmp/mlplat-home", environ={})
+    >>> s.database_url
+    'sqlite:////tmp/mlplat-home/mlplat.db'
+
+=========================  ==========================  ===========================================
+argument                   environment variable        default
+=========================  ==========================  ===========================================
+``home``                   ``MLPLAT_HOME``             ``./mlplat-home``
+``database_url``           ``MLPLAT_DATABASE_URL``     ``sqlite:///<home>/mlplat.db``
+``online_store``           ``MLPLAT_ONLINE_STORE``     ``sqlite:///<home>/online.db``
+``artifact_root``          ``MLPLAT_ARTIFACT_ROOT``    ``<home>/artifacts``
+``threads``                ``MLPLAT_THREADS``          the number of CPUs
+``db_pool_size``           ``MLPLAT_DB_POOL_SIZE``     5 (PostgreSQL only)
+``db_max_overflow``        ``MLPLAT_DB_MAX_OVERFLOW``  10 (PostgreSQL only)
+``db_pool_timeout``        ``MLPLAT_DB_POOL_TIMEOUT``  30 seconds (PostgreSQL only)
+=========================  ==========================  ===========================================
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+__all__ = ["Settings"]
+
+_DB_SCHEMES = ("sqlite", "postgresql", "postgres")
+_ONLINE_SCHEMES = ("sqlite", "redis", "rediss", "redis+cluster", "rediss+cluster")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings of one :class:`~mlplat.Platform`."""
+
+    home: Path
+    database_url: str
+    online_store: str
+    artifact_root: str
+    threads: int
+    db_pool_size: int = 5
+    db_max_overflow: int = 10
+    db_pool_timeout: float = 30.0
+
+    @classmethod
+    def resolve(
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        database_url: str | None = None,
+        online_store: str | None = None,
+        artifact_root: str | None = None,
+        threads: int | None = None,
+        db_pool_size: int | None = None,
+        db_max_overflow: int | None = None,
+        db_pool_timeout: float | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Fill what is not passed from ``environ`` (default ``os.environ``), then defaults; validate all."""
+        env = os.environ if environ is None else environ
+        home_path = Path(home if home is not None else env.get("MLPLAT_HOME", "mlplat-home")).expanduser().resolve()
+        db = database_url or env.get("MLPLAT_DATABASE_URL") or f"sqlite:///{home_path / 'mlplat.db'}"
+        online = online_store or env.get("MLPLAT_ONLINE_STORE") or f"sqlite:///{home_path / 'online.db'}"
+        artifacts = artifact_root or env.get("MLPLAT_ARTIFACT_ROOT") or str(home_path / "artifacts")
+        return cls(
+            home=home_path,
+            database_url=_check_url(db, _DB_SCHEMES, "database_url", "MLPLAT_DATABASE_URL", driver_suffix=True),
+            online_store=_check_url(online, _ONLINE_SCHEMES, "online_store", "MLPLAT_ONLINE_STORE"),
+            artifact_root=artifacts,
+            threads=_number(threads, env, "MLPLAT_THREADS", os.cpu_count() or 1, int, minimum=1),
+            db_pool_size=_number(db_pool_size, env, "MLPLAT_DB_POOL_SIZE", 5, int, minimum=1),
+            db_max_overflow=_number(db_max_overflow, env, "MLPLAT_DB_MAX_OVERFLOW", 10, int, minimum=0),
+            db_pool_timeout=_number(db_pool_timeout, env, "MLPLAT_DB_POOL_TIMEOUT", 30.0, float, minimum=0),
+        )
+
+
+def _check_url(url: str, schemes: tuple[str, ...], arg: str, var: str, *, driver_suffix: bool = False) -> str:
+    scheme = urlsplit(url).scheme.lower()
+    base = scheme.split("+")[0] if driver_suffix else scheme  # postgresql+psycopg -> postgresql
+    if base not in schemes:
+        raise ConfigError(
+            f"{arg} {url!r} has an unsupported scheme {scheme!r}; use one of "
+            f"{', '.join(s + '://' for s in schemes)} (argument {arg}= or ${var})"
+        )
+    return url
+
+
+def _number(value, env: Mapping[str, str], var: str, default, kind: type, *, minimum: float):
+    raw = value if value is not None else env.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        number = kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{var.removeprefix('MLPLAT_').lower()} must be a {kind.__name__}, got {raw!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{var.removeprefix('MLPLAT_').lower()} must be at least {minimum}, got {raw!r}")
+    return number

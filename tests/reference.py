@@ -1,0 +1,98 @@
+"""Pure-Python and NumPy references for the native code, used only by the tests.
+
+They follow the words of the contract, not the kernels' algorithms:
+``asof_python`` loops over every pair of rows; ``asof_numpy`` does a global
+lexsort and a binary search per row; ``historical_python`` reads the Parquet
+files row by row and applies DESIGN.md's rule to each entity row.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def asof_python(right_key, right_ts, right_created, left_key, left_lo, left_hi) -> list[int]:
+    """For each left row: the right row with the same key and lo <= ts <= hi maximizing (ts, created, index)."""
+    has_created = len(right_created) > 0
+    out = []
+    for i in range(len(left_key)):
+        best, best_rank = -1, None
+        if left_key[i] >= 0:
+            for j in range(len(right_key)):
+                if right_key[j] != left_key[i] or not (left_lo[i] <= right_ts[j] <= left_hi[i]):
+                    continue
+                rank = (right_ts[j], right_created[j] if has_created else 0, j)
+                if best_rank is None or rank > best_rank:
+                    best, best_rank = j, rank
+        out.append(best)
+    return out
+
+
+def asof_numpy(right_key, right_ts, right_created, left_key, left_lo, left_hi) -> np.ndarray:
+    """The same answer by one lexsort of the right side and binary searches (for large inputs)."""
+    right_key = np.asarray(right_key, dtype=np.int64)
+    right_ts = np.asarray(right_ts, dtype=np.int64)
+    created = np.asarray(right_created, dtype=np.int64) if len(right_created) else np.zeros_like(right_ts)
+    pos = np.arange(len(right_key))
+    order = np.lexsort((pos, created, right_ts, right_key))
+    k_sorted, ts_sorted = right_key[order], right_ts[order]
+    out = np.full(len(left_key), -1, dtype=np.intp)
+    for i, (k, lo, hi) in enumerate(zip(left_key, left_lo, left_hi)):
+        if k < 0:
+            continue
+        a, b = np.searchsorted(k_sorted, k, "left"), np.searchsorted(k_sorted, k, "right")
+        p = a + np.searchsorted(ts_sorted[a:b], hi, "right") - 1
+        if p >= a and ts_sorted[p] >= lo:
+            out[i] = order[p]
+    return out
+
+
+def _utc(value):
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value
+
+
+def read_rows(paths: Sequence[str]) -> list[dict]:
+    """All rows of the files, files in the given order, rows in file order."""
+    rows = []
+    for path in paths:
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
+
+
+def historical_python(
+    source_rows: list[dict],
+    entity_rows: list[dict],
+    *,
+    join_keys: Sequence[str],
+    features: Sequence[str],
+    ttl: timedelta | None,
+    ts_field: str = "event_timestamp",
+    created_field: str | None = None,
+    entity_ts: str = "event_timestamp",
+) -> list[dict]:
+    """DESIGN.md's rule, row by row: {feature: value} for every entity row."""
+    out = []
+    for erow in entity_rows:
+        t = _utc(erow[entity_ts])
+        keys = tuple(erow[k] for k in join_keys)
+        best, best_rank = None, None
+        if None not in keys:
+            for j, row in enumerate(source_rows):
+                e = _utc(row[ts_field])
+                if e is None or tuple(row[k] for k in join_keys) != keys:
+                    continue
+                if e > t or (ttl is not None and e < t - ttl):
+                    continue
+                c = _utc(row[created_field]) if created_field else None
+                rank = (e, c is not None, c or datetime.min.replace(tzinfo=timezone.utc), j)
+                if best_rank is None or rank > best_rank:
+                    best, best_rank = row, rank
+        out.append({f: (best[f] if best is not None else None) for f in features})
+    return out

@@ -1,0 +1,22 @@
+"""Smoke runs of the benchmark scripts: tiny sizes, every engine, answers must agree."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_offline_pit_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "offline_pit.py"), "--size", "XS", "--repeats", "1",
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for engine in ("mlplat", "pandas", "polars", "duckdb"):
+        assert engine in result.stdout

@@ -1,0 +1,207 @@
+"""The feature catalog on SQLite and PostgreSQL: apply, versions, discovery, invalid definitions."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import mlplat as mp
+
+TS = pa.timestamp("us", tz="UTC")
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    folder = tmp_path / "txn"
+    folder.mkdir()
+    pq.write_table(pa.table({
+        "user_id": pa.array([1, 2], pa.int64()),
+        "event_timestamp": pa.array([0, 1], TS),
+        "created_timestamp": pa.array([0, 1], TS),
+        "txn_count": pa.array([1, 2], pa.int32()),
+        "amount": pa.array([1.0, 2.0]),
+        "note": ["a", "b"],
+    }), folder / "part-0.parquet")
+    return folder
+
+
+USER = mp.Entity("user", join_keys=["user_id"], description="a card holder", tags={"domain": "payments"})
+
+
+def view(src, **changes) -> mp.FeatureView:
+    args = dict(
+        entities=[USER], ttl=timedelta(days=30),
+        schema=[mp.Field("txn_count", mp.Int64), mp.Field("amount", mp.Float64, description="sum of amounts")],
+        source=mp.ParquetSource(src, created_timestamp_field="created_timestamp"),
+        description="7-day transaction aggregates", tags={"team": "risk"}, owner="alice",
+    )
+    args.update(changes)
+    return mp.FeatureView(args.pop("name", "user_txn"), **args)
+
+
+def test_apply_is_idempotent_and_versions_changes(platform, source):
+    first = platform.features.apply([USER, view(source)])
+    assert [(r.kind, r.name, r.version, r.changed) for r in first] == [
+        ("entity", "user", 1, True), ("feature_view", "user_txn", 1, True)]
+    again = platform.features.apply([view(source), USER])
+    assert [(r.version, r.changed) for r in again] == [(1, False), (1, False)]
+    changed = platform.features.apply([view(source, ttl=timedelta(days=7))])
+    assert (changed[0].version, changed[0].changed) == (2, True)
+    assert platform.features.get_feature_view("user_txn").ttl == timedelta(days=7)
+    assert platform.features.get_feature_view("user_txn", version=1).ttl == timedelta(days=30)
+    assert [e.version for e in platform.features.versions("feature_view", "user_txn")] == [1, 2]
+    # going back to an earlier definition is a change too: a new version, history kept
+    assert platform.features.apply([view(source)])[0].version == 3
+
+
+def test_stored_definition_round_trips(platform, source):
+    v = view(source)
+    platform.features.apply([USER, v])
+    got = platform.features.get_feature_view("user_txn")
+    assert got == v and got.version == 1 and got.created_at is not None
+    assert got.key_types == {"user_id": "int"} and got.owner == "alice"
+    assert got.field("amount").description == "sum of amounts"
+    assert platform.features.get_entity("user").join_keys == ["user_id"]
+
+
+def test_list_and_search_for_discovery(platform, source):
+    svc = mp.FeatureService("fraud_model", features=["user_txn:amount"], description="features of the fraud model",
+                            tags={"team": "risk"})
+    platform.features.apply([USER, view(source), view(source, name="user_notes", tags={"team": "growth"},
+                                                        schema=[mp.Field("note", mp.String)],
+                                                        description="free text"), svc])
+    names = lambda entries: [(e.kind, e.name) for e in entries]  # noqa: E731
+    assert names(platform.features.list()) == [("entity", "user"), ("feature_service", "fraud_model"),
+                                               ("feature_view", "user_notes"), ("feature_view", "user_txn")]
+    assert names(platform.features.list("feature_view", tags={"team": "risk"})) == [("feature_view", "user_txn")]
+    assert names(platform.features.list(tags={"team": "risk"})) == [("feature_service", "fraud_model"),
+                                                                    ("feature_view", "user_txn")]
+    assert names(platform.features.search("AMOUNT")) == [("feature_service", "fraud_model"),
+                                                         ("feature_view", "user_txn")]
+    assert names(platform.features.search("card holder")) == [("entity", "user")]
+    assert names(platform.features.search("text", kind="feature_view")) == [("feature_view", "user_notes")]
+    assert platform.features.search("nothing like this") == []
+    entry = platform.features.list("feature_view", tags={"team": "growth"})[0]
+    assert entry.tags == {"team": "growth"} and entry.definition().feature_names == ["note"]
+    assert platform.features.get_feature_service("fraud_model").features == ["user_txn:amount"]
+
+
+def test_unknown_names_suggest_close_matches(platform, source):
+    platform.features.apply([USER, view(source)])
+    with pytest.raises(mp.NotFoundError, match="did you mean 'user_txn'"):
+        platform.features.get_feature_view("user_tx")
+    with pytest.raises(mp.NotFoundError, match="has no version 4"):
+        platform.features.get_feature_view("user_txn", version=4)
+    with pytest.raises(mp.NotFoundError, match="nothing of that kind"):
+        platform.features.get_feature_service("svc")
+    with pytest.raises(mp.DefinitionError, match="unknown kind"):
+        platform.features.list("tables")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda s: view(s, schema=[mp.Field("nope", mp.Int64)]), "field 'nope' is missing from the source"),
+        (lambda s: view(s, schema=[mp.Field("note", mp.Int64)]), "field 'note' is declared Int64 but the source"),
+        (lambda s: view(s, schema=[mp.Field("amount", mp.Float32)]), "declared Float32 but the source .* double"),
+        (lambda s: view(s, source=mp.ParquetSource(s / "missing")), "does not exist"),
+        (lambda s: view(s, source=mp.ParquetSource(s, timestamp_field="note")), "'note' is string.*not a timestamp"),
+        (lambda s: view(s, source=mp.ParquetSource(s, timestamp_field="ts")), "timestamp field 'ts' is missing"),
+        (lambda s: view(s, entities=[mp.Entity("user", join_keys=["uid"])]), "join key 'uid' is missing"),
+        (lambda s: view(s, entities=[mp.Entity("user", join_keys=["amount"])], schema=[mp.Field("note", mp.String)]),
+         "join key 'amount' is double.*integers or strings"),
+    ],
+)
+def test_invalid_definitions_are_refused_and_nothing_is_stored(platform, source, make, message):
+    with pytest.raises(mp.DefinitionError, match=message):
+        platform.features.apply([USER, make(source)])
+    assert platform.features.list() == []  # the valid entity in the same call was not stored either
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda s: mp.Field("x", "int128"), "unknown dtype 'int128'"),
+        (lambda s: mp.Field("x", int), "must be an mlplat dtype"),
+        (lambda s: view(s, schema=[mp.Field("amount", mp.Float64), mp.Field("amount", mp.Float64)]),
+         "duplicate field 'amount'"),
+        (lambda s: view(s, schema=[]), "non-empty list of mp.Field"),
+        (lambda s: view(s, schema=[mp.Field("user_id", mp.Int64)]), "also a join key"),
+        (lambda s: view(s, entities=[]), "non-empty list of mp.Entity"),
+        (lambda s: view(s, ttl=timedelta(days=-1)), "non-negative timedelta"),
+        (lambda s: view(s, ttl=30), "non-negative timedelta"),
+        (lambda s: view(s, tags={"team": 1}), "tags must be a dict of str to str"),
+        (lambda s: view(s, name="bad name"), "name 'bad name' is invalid"),
+        (lambda s: mp.Entity("user", join_keys="user_id"), "non-empty list"),
+        (lambda s: mp.Entity("user", join_keys=["a", "a"]), "listed twice"),
+        (lambda s: mp.FeatureService("svc", features=[]), "lists no features"),
+        (lambda s: mp.FeatureService("svc", features=["v:a", "v:a"]), "twice"),
+        (lambda s: mp.FeatureService("svc", features=["v"]), "'view:feature'"),
+        (lambda s: mp.ParquetSource(s, timestamp_field="t", created_timestamp_field="t"), "must differ"),
+    ],
+)
+def test_malformed_definitions_fail_when_built(source, build, message):
+    with pytest.raises(mp.DefinitionError, match=message):
+        build(source)
+
+
+def test_references_between_definitions_are_checked(platform, source):
+    with pytest.raises(mp.DefinitionError, match="entity 'user', which is not applied"):
+        platform.features.apply([view(source)])
+    platform.features.apply([USER, view(source)])
+    other_user = mp.Entity("user", join_keys=["note"])
+    with pytest.raises(mp.DefinitionError, match="join keys \\['note'\\], but the applied entity"):
+        platform.features.apply([view(source, entities=[other_user])])
+    with pytest.raises(mp.DefinitionError, match="refers to feature view 'ghost'"):
+        platform.features.apply([mp.FeatureService("s", features=["ghost:x"])])
+    with pytest.raises(mp.DefinitionError, match="has no feature 'note'"):
+        platform.features.apply([mp.FeatureService("s", features=["user_txn:note"])])
+    with pytest.raises(mp.DefinitionError, match="two different definitions of feature_view 'user_txn'"):
+        platform.features.apply([view(source), view(source, ttl=None)])
+    with pytest.raises(mp.DefinitionError, match="apply takes mp.Entity"):
+        platform.features.apply(["user_txn"])
+    assert [e.version for e in platform.features.list()] == [1, 1]
+
+
+def test_catalog_survives_a_process_restart(database_url, tmp_path, source):
+    with mp.Platform(tmp_path / "home", database_url=database_url) as p:
+        p.features.apply([USER, view(source), mp.FeatureService("svc", features=["user_txn:amount"])])
+    script = textwrap.dedent(f"""
+        import mlplat as mp
+        p = mp.Platform({str(tmp_path / "home")!r}, database_url={database_url!r})
+        v = p.features.get_feature_view("user_txn")
+        print(v.version, v.ttl.days, v.feature_names, v.key_types, p.features.get_feature_service("svc").features)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1 30 ['txn_count', 'amount'] {'user_id': 'int'} ['user_txn:amount']"
+
+
+def test_concurrent_applies_give_one_version_per_change(database_url, tmp_path, source):
+    errors = []
+
+    def worker(i: int) -> None:
+        try:
+            with mp.Platform(tmp_path / "home", database_url=database_url) as p:
+                p.features.apply([USER, view(source, description=f"variant {i % 2}")])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with mp.Platform(tmp_path / "home", database_url=database_url) as p:
+        versions = p.features.versions("feature_view", "user_txn")
+        assert [v.version for v in versions] == list(range(1, len(versions) + 1))
+        # consecutive versions always differ: no duplicate rows for the same spec in a row
+        assert all(a.spec != b.spec for a, b in zip(versions, versions[1:]))
+        assert [e.version for e in p.features.versions("entity", "user")] == [1]

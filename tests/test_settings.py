@@ -1,0 +1,62 @@
+"""Settings: arguments over MLPLAT_* variables over defaults, validated."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mlplat as mp
+from mlplat.settings import Settings
+
+
+def test_defaults_live_under_home(tmp_path):
+    s = Settings.resolve(tmp_path / "h", environ={})
+    assert s.home == (tmp_path / "h").resolve()
+    assert s.database_url == f"sqlite:///{s.home / 'mlplat.db'}"
+    assert s.online_store == f"sqlite:///{s.home / 'online.db'}"
+    assert s.artifact_root == str(s.home / "artifacts")
+    assert s.threads >= 1
+
+
+def test_environment_fills_what_arguments_leave_out(tmp_path):
+    env = {
+        "MLPLAT_HOME": str(tmp_path / "envhome"),
+        "MLPLAT_DATABASE_URL": "postgresql://u@h/db",
+        "MLPLAT_ONLINE_STORE": "redis://127.0.0.1:6379/2",
+        "MLPLAT_ARTIFACT_ROOT": "s3://bucket/artifacts",
+        "MLPLAT_THREADS": "3",
+        "MLPLAT_DB_POOL_SIZE": "7",
+    }
+    s = Settings.resolve(environ=env)
+    assert (s.home, s.database_url, s.online_store, s.artifact_root, s.threads, s.db_pool_size) == (
+        Path(env["MLPLAT_HOME"]), "postgresql://u@h/db", "redis://127.0.0.1:6379/2", "s3://bucket/artifacts", 3, 7)
+    s = Settings.resolve(tmp_path, database_url="sqlite:///x.db", threads=1, environ=env)
+    assert (s.home, s.database_url, s.threads) == (tmp_path, "sqlite:///x.db", 1)
+
+
+@pytest.mark.parametrize("url", ["redis://h:1/0", "rediss://h:1/0", "redis+cluster://h:7000", "sqlite:///o.db"])
+def test_online_store_schemes(url, tmp_path):
+    assert Settings.resolve(tmp_path, online_store=url, environ={}).online_store == url
+
+
+@pytest.mark.parametrize(
+    "kwargs, env, message",
+    [
+        ({"database_url": "mysql://h/db"}, {}, "database_url 'mysql://h/db' has an unsupported scheme 'mysql'"),
+        ({"online_store": "memcached://h"}, {}, "online_store .* unsupported scheme"),
+        ({"online_store": "redis+foo://h"}, {}, "unsupported scheme 'redis\\+foo'"),
+        ({}, {"MLPLAT_THREADS": "many"}, "threads must be a int, got 'many'"),
+        ({"threads": 0}, {}, "threads must be at least 1"),
+        ({}, {"MLPLAT_DB_POOL_TIMEOUT": "-1"}, "db_pool_timeout must be at least 0"),
+    ],
+)
+def test_bad_settings_are_config_errors(tmp_path, kwargs, env, message):
+    with pytest.raises(mp.ConfigError, match=message):
+        Settings.resolve(tmp_path, environ=env, **kwargs)
+
+
+def test_platform_reads_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLPLAT_HOME", str(tmp_path / "from-env"))
+    with mp.Platform() as p:
+        assert p.settings.home == tmp_path / "from-env"
+        assert (tmp_path / "from-env" / "mlplat.db").exists()
