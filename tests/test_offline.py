@@ -348,3 +348,17 @@ def test_matches_row_by_row_reference(tmp_path_factory, case):
                                  features=["txn_count", "amount"], ttl=ttl, created_field="created_timestamp")
     assert out.select(["txn_count", "amount"]).to_pylist() == expected
     assert out.select(["user_id", "event_timestamp"]).equals(edf)
+
+
+def test_source_given_as_a_filesystem_uri(p, tmp_path):
+    src = write(tmp_path / "uri" / "nested" / "a.parquet", txn_rows([1], [D(1)], [D(1)], [4]))
+    write(tmp_path / "uri" / "_SUCCESS" / "ignored.parquet", txn_rows([1], [D(1)], [D(1)], [99]))
+    uri = (tmp_path / "uri").as_uri()
+    assert uri.startswith("file:///")
+    p.features.apply([USER, txn_view(uri)])
+    assert p.features.get_feature_view("user_txn").source.path == uri
+    out = p.features.get_historical_features(entities([1], [D(2)]), ["user_txn:txn_count"])
+    assert out.column("txn_count").to_pylist() == [4]
+    with pytest.raises(mp.DefinitionError, match="cannot open source 'nosuchfs://x'"):
+        p.features.apply([txn_view("nosuchfs://x")])
+    assert src.exists()
