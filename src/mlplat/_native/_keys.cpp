@@ -219,8 +219,7 @@ class BinaryFactorizer {
                 const uint8_t* p = b.data + b.off[i];
                 size_t len = size_t(b.off[i + 1] - b.off[i]);
                 uint64_t h = hash_bytes(p, len);
-                size_t s = h & mask_;
-                while (slots_[s].code >= 0 && !same(slots_[s], h, p, len)) s = (s + 1) & mask_;
+                size_t s = slot_of(h, p, len);
                 if (slots_[s].code < 0) {
                     slots_[s] = Slot{h, arena_.size(), len, n_unique_++};
                     arena_.insert(arena_.end(), p, p + len);
@@ -245,14 +244,7 @@ class BinaryFactorizer {
             if (v && !v[i]) { c[i] = -1; continue; }
             const uint8_t* p = b.data + b.off[i];
             size_t len = size_t(b.off[i + 1] - b.off[i]);
-            uint64_t h = hash_bytes(p, len);
-            size_t s = h & mask_;
-            int64_t code = -1;
-            while (slots_[s].code >= 0) {
-                if (same(slots_[s], h, p, len)) { code = slots_[s].code; break; }
-                s = (s + 1) & mask_;
-            }
-            c[i] = code;
+            c[i] = slots_[slot_of(hash_bytes(p, len), p, len)].code;  // an empty slot holds -1
         }
     }
 
@@ -268,6 +260,13 @@ class BinaryFactorizer {
 
     inline bool same(const Slot& s, uint64_t h, const uint8_t* p, size_t len) const {
         return s.hash == h && s.len == len && (len == 0 || std::memcmp(arena_.data() + s.start, p, len) == 0);
+    }
+
+    // The slot holding this key, or the empty slot where it would go (linear probing).
+    inline size_t slot_of(uint64_t h, const uint8_t* p, size_t len) const {
+        size_t s = h & mask_;
+        while (slots_[s].code >= 0 && !same(slots_[s], h, p, len)) s = (s + 1) & mask_;
+        return s;
     }
 
     bool built_ = false;
