@@ -290,12 +290,12 @@ def test_source_that_changed_after_apply_is_reported(p, tmp_path):
     p.features.apply([USER, txn_view(src)])
     write(src / "b.parquet", {"user_id": ["x"], "event_timestamp": pa.array([D(1)], TS),
                               "created_timestamp": pa.array([D(1)], TS), "txn_count": [1], "amount": [1.0]})
-    with pytest.raises(mp.StoreError, match="join key 'user_id' is string in .*b.parquet"):
+    with pytest.raises(mp.StoreError, match="join key 'user_id' is string in .*b.parquet, but the view was applied with int keys"):
         p.features.get_historical_features(entities([1], [D(2)]), REFS)
     os.remove(src / "b.parquet")
     write(src / "c.parquet", {"user_id": [1], "event_timestamp": pa.array([D(1)], TS),
                               "created_timestamp": pa.array([D(1)], TS), "txn_count": ["many"], "amount": [1.0]})
-    with pytest.raises(mp.StoreError, match="feature 'txn_count' is string in .*c.parquet"):
+    with pytest.raises(mp.StoreError, match="field 'txn_count' is declared Int64 but the source .*c.parquet holds string"):
         p.features.get_historical_features(entities([1], [D(2)]), REFS)
     os.remove(src / "c.parquet")
     (src / "d.parquet").write_bytes(b"not parquet")

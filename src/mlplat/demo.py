@@ -181,7 +181,8 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
     matched = train.num_rows - train.column("txn_count_7d").null_count
     console.print(
         f"training set: {train.num_rows:,} rows x {train.num_columns} columns in {timings['training_set']:.2f} s; "
-        f"{matched:,} rows have user features (the rest had no activity in the 7 days before)"
+        f"{matched:,} rows have user features"
+        + (" (the others had no card activity in the 7 days before)" if matched < train.num_rows else "")
     )
     console.print(f"home: {home}  (database {p.settings.database_url})")
     return {"home": str(home), "rows": train.num_rows, "columns": train.column_names, "matched": matched,

@@ -18,12 +18,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 
-from .. import _arrow, dtypes
 from ..db import Database
 from ..db.models import FeatureDefinition, FeatureDefinitionTag
 from ..errors import DefinitionError, NotFoundError, StoreError
 from .definitions import Entity, FeatureService, FeatureView, _Definition, parse_ref
 from .parquet import ParquetFiles
+from .validation import check_source
 
 __all__ = ["Catalog", "CatalogEntry", "ApplyResult"]
 
@@ -107,41 +107,11 @@ class Catalog:
 
     def _resolve_source(self, view: FeatureView) -> None:
         """Check the view against its source's files and record its join key types."""
-        where = f"feature view {view.name!r}"
-        src = view.source
         try:
-            files = ParquetFiles(src, self._threads)
+            files = ParquetFiles(view.source, self._threads)
         except StoreError as exc:
-            raise DefinitionError(f"{where}: {exc}") from None
-        key_types: dict[str, str] = {}
-        for path, schema in files.schemas():
-            def column(name: str, what: str):
-                idx = schema.get_field_index(name)
-                if idx < 0:
-                    raise DefinitionError(
-                        f"{where}: {what} {name!r} is missing from the source {path} "
-                        f"(its columns: {', '.join(schema.names)})"
-                    )
-                return schema.field(idx).type
-
-            for k in view.join_keys:
-                t = column(k, "join key")
-                kind = dtypes.key_kind(t)
-                if kind is None:
-                    raise DefinitionError(f"{where}: join key {k!r} is {t} in {path}; keys must be integers or strings")
-                if key_types.setdefault(k, kind) != kind:
-                    raise DefinitionError(f"{where}: join key {k!r} is {key_types[k]} in one file and {kind} in {path}")
-            for name in filter(None, (src.timestamp_field, src.created_timestamp_field)):
-                t = column(name, "timestamp field")
-                if not _arrow.is_timestamp_type(t):
-                    raise DefinitionError(f"{where}: timestamp field {name!r} is {t} in {path}, not a timestamp")
-            for f in view.schema:
-                t = column(f.name, "field")
-                if not f.dtype.accepts(t):
-                    raise DefinitionError(
-                        f"{where}: field {f.name!r} is declared {f.dtype.name} but the source {path} holds {t}"
-                    )
-        view.key_types = key_types
+            raise DefinitionError(f"feature view {view.name!r}: {exc}") from None
+        view.key_types = check_source(view, files, view.feature_names, error=DefinitionError)
 
     def _check_references(self, batch: dict[tuple[str, str], _Definition]) -> None:
         def entity(name: str) -> Entity | None:

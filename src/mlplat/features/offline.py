@@ -23,6 +23,7 @@ from .._native import KeyFactorizer, asof_backward_on_ts_by_key
 from ..errors import DataError, StoreError
 from .definitions import FeatureView
 from .parquet import ParquetFiles, Scan, gather, plan_scan
+from .validation import check_source
 
 __all__ = ["ViewRequest", "historical_features", "join_view", "entity_timestamps"]
 
@@ -106,34 +107,6 @@ def _entity_keys(view: FeatureView, table: pa.Table) -> list[pa.Array]:
     return keys
 
 
-def _check_source_schema(view: FeatureView, files: ParquetFiles, features: Sequence[str]) -> None:
-    src = view.source
-    for path, schema in files.schemas():
-        def need(name: str, what: str) -> pa.DataType:
-            idx = schema.get_field_index(name)
-            if idx < 0:
-                raise StoreError(f"feature view {view.name!r}: {path} has no {what} column {name!r}")
-            return schema.field(idx).type
-
-        for k in view.join_keys:
-            if dtypes.key_kind(need(k, "join key")) != view.key_types.get(k):
-                raise StoreError(
-                    f"feature view {view.name!r}: join key {k!r} is {schema.field(k).type} in {path}, "
-                    f"but the view was applied with {view.key_types.get(k)} keys"
-                )
-        for name in filter(None, (src.timestamp_field, src.created_timestamp_field)):
-            if not _arrow.is_timestamp_type(need(name, "timestamp")):
-                raise StoreError(f"feature view {view.name!r}: {name!r} in {path} is {schema.field(name).type}, "
-                                 "not a timestamp")
-        for f in features:
-            t = need(f, "feature")
-            if not view.field(f).dtype.accepts(t):
-                raise StoreError(
-                    f"feature view {view.name!r}: feature {f!r} is {t} in {path}, which cannot be read as "
-                    f"{view.field(f).dtype.name}"
-                )
-
-
 def _window(view: FeatureView, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive [lo, hi] of source event times each entity row may see."""
     if view.ttl is None:
@@ -159,7 +132,7 @@ def join_view(
 
     src = view.source
     files = ParquetFiles(src, threads)
-    _check_source_schema(view, files, features)
+    check_source(view, files, features, error=StoreError, applied_key_types=view.key_types)
     int_key = None
     if len(keys) == 1 and view.key_types[view.join_keys[0]] == "int":
         mm = pc.min_max(keys[0]).as_py()
