@@ -35,6 +35,11 @@ EXTENSIONS = {
         "sources": [f"{NATIVE}/_keys.cpp"],
         "extra_compile_args": OPT,
     },
+    "mlplat._native._codec": {
+        "kind": "pybind11",
+        "sources": [f"{NATIVE}/_codec.cpp"],
+        "extra_compile_args": OPT,
+    },
 }
 
 

@@ -5,11 +5,18 @@
 * ``pg_url`` / ``redis_url`` give the servers directly; Redis tests use a
   database number of their own (MLPLAT_TEST_REDIS_DB, default 13), flushed
   before and after.
+* ``redis_cluster_url`` is a real 3-master Redis Cluster that the session
+  starts from the redis-server binary on free 127.0.0.1 ports and stops at
+  the end; every test gets it empty.
 * With CI=true a PostgreSQL or Redis test that would be skipped fails instead.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +50,12 @@ def pytest_runtest_makereport(item, call):
 def pytest_collection_modifyitems(items):
     for item in items:
         params = getattr(item, "callspec", None)
-        if params is not None and params.params.get("database_url") == "postgresql":
+        if params is None:
+            continue
+        if params.params.get("database_url") == "postgresql":
             item.add_marker(pytest.mark.postgres)
+        if params.params.get("online_url") in ("redis", "cluster"):
+            item.add_marker(pytest.mark.redis)
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -122,6 +133,89 @@ def redis_url(redis_server_url: str) -> Iterator[str]:
         client.close()
 
 
+# ------------------------------------------------------------ Redis Cluster
+def _free_port_pair() -> int:
+    """A port p with p and p + 10000 (the cluster bus) both free on 127.0.0.1."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session(tmp_path_factory):
+    import redis
+
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if not server or not cli:
+        _unavailable("Redis Cluster (redis-server and redis-cli binaries)", "not on PATH")
+    folder = tmp_path_factory.mktemp("redis-cluster")
+    ports, procs = [], []
+    try:
+        for _ in range(3):
+            port = _free_port_pair()
+            ports.append(port)
+            procs.append(subprocess.Popen(
+                [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "5000",
+                 "--save", "", "--appendonly", "no", "--dir", str(folder), "--logfile", f"{port}.log"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 20
+        for port in ports:
+            while True:
+                try:
+                    redis.Redis(port=port, socket_timeout=1).ping()
+                    break
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        for port in ports:
+            while redis.Redis(port=port).cluster("info").get("cluster_state") != "ok":
+                if time.monotonic() > deadline + 20:
+                    raise RuntimeError(f"cluster node {port} did not reach cluster_state:ok")
+                time.sleep(0.05)
+    except Exception as exc:  # noqa: BLE001
+        for proc in procs:
+            proc.kill()
+        _unavailable("Redis Cluster", exc)
+    yield ports
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_session) -> Iterator[str]:
+    """A redis+cluster:// URL of the session's cluster, every node empty before and after the test."""
+    import redis
+
+    def flush() -> None:
+        for port in redis_cluster_session:
+            redis.Redis(port=port).flushall()
+
+    flush()
+    try:
+        yield f"redis+cluster://127.0.0.1:{redis_cluster_session[0]}"
+    finally:
+        flush()
+
+
 # ------------------------------------------------------------------ platform
 @pytest.fixture
 def platform(tmp_path: Path, database_url: str):
@@ -130,6 +224,16 @@ def platform(tmp_path: Path, database_url: str):
     p = mp.Platform(tmp_path / "home", database_url=database_url, threads=2)
     yield p
     p.close()
+
+
+@pytest.fixture(params=["sqlite", "redis", "cluster"])
+def online_url(request, tmp_path: Path) -> str:
+    """The online store URL of each kind: embedded SQLite, one Redis node, a Redis Cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'online.db'}"
+    if request.param == "redis":
+        return request.getfixturevalue("redis_url")
+    return request.getfixturevalue("redis_cluster_url")
 
 
 @pytest.fixture

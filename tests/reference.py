@@ -96,3 +96,105 @@ def historical_python(
                     best, best_rank = row, rank
         out.append({f: (best[f] if best is not None else None) for f in features})
     return out
+
+
+# ------------------------------------------------------- online record codec
+import struct  # noqa: E402
+
+KINDS = {"int": 0, "float32": 1, "float64": 2, "bool": 3, "string": 4, "bytes": 5, "timestamp": 6}
+
+
+def _be(v: int) -> bytes:
+    return ((v + 2**63) % 2**64).to_bytes(8, "big")  # sign bit flipped, big-endian
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_record(kinds: list[int], values: list, event: int, created: int | None) -> bytes:
+    """One record, written out from the format's description (not from the C++ code)."""
+    out = bytearray([1]) + _be(event) + _be(-(2**63) if created is None else created)
+    bitmap = bytearray((len(kinds) + 7) // 8)
+    body = bytearray()
+    for i, (k, v) in enumerate(zip(kinds, values)):
+        if v is None:
+            bitmap[i // 8] |= 1 << (i % 8)
+        elif k in (0, 6):
+            body += struct.pack("<q", v)
+        elif k == 1:
+            body += struct.pack("<f", v)
+        elif k == 2:
+            body += struct.pack("<d", v)
+        elif k == 3:
+            body += b"\x01" if v else b"\x00"
+        else:
+            raw = v.encode() if k == 4 else v
+            body += _varint(len(raw)) + raw
+    return bytes(out + bitmap + body)
+
+
+def decode_record(kinds: list[int], record: bytes) -> tuple[int, list]:
+    event = int.from_bytes(record[1:9], "big") - 2**63
+    pos = 17
+    n_bitmap = (len(kinds) + 7) // 8
+    bitmap, pos = record[pos : pos + n_bitmap], pos + n_bitmap
+    values = []
+    for i, k in enumerate(kinds):
+        if bitmap[i // 8] >> (i % 8) & 1:
+            values.append(None)
+            continue
+        if k in (0, 6):
+            values.append(struct.unpack_from("<q", record, pos)[0])
+            pos += 8
+        elif k == 1:
+            values.append(struct.unpack_from("<f", record, pos)[0])
+            pos += 4
+        elif k == 2:
+            values.append(struct.unpack_from("<d", record, pos)[0])
+            pos += 8
+        elif k == 3:
+            values.append(record[pos] != 0)
+            pos += 1
+        else:
+            n, shift = 0, 0
+            while True:
+                b = record[pos]
+                pos += 1
+                n |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            raw = record[pos : pos + n]
+            pos += n
+            values.append(raw.decode() if k == 4 else raw)
+    return event, values
+
+
+def entity_key(values: list, kinds: list[str]) -> bytes | None:
+    out = b""
+    for v, k in zip(values, kinds):
+        if v is None:
+            return None
+        if k == "int":
+            out += b"\x01" + _be(v)
+        else:
+            raw = v.encode()
+            out += b"\x02" + _varint(len(raw)) + raw
+    return out
+
+
+def bucket(key: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in key:
+        h = ((h ^ b) * 0x100000001B3) % 2**64
+    return h % 16384
+
+
+def redis_key(prefix: str, tag: str, key: bytes) -> bytes:
+    return f"{prefix}{{{bucket(key)}}}:{tag}:".encode() + key

@@ -20,10 +20,21 @@ from .errors import (
     MlplatError,
     NativeExtensionError,
     NotFoundError,
+    OnlineStoreError,
     SchemaVersionError,
     StoreError,
 )
-from .features import ApplyResult, CatalogEntry, Entity, FeatureService, FeatureView, Field, ParquetSource
+from .features import (
+    ApplyResult,
+    CatalogEntry,
+    Entity,
+    FeatureService,
+    FeatureView,
+    Field,
+    MaterializeResult,
+    OnlineResponse,
+    ParquetSource,
+)
 from .platform import Platform
 from .settings import Settings
 
@@ -40,6 +51,8 @@ __all__ = [
     "ParquetSource",
     "ApplyResult",
     "CatalogEntry",
+    "MaterializeResult",
+    "OnlineResponse",
     # dtypes
     "DType",
     "Int8",
@@ -60,6 +73,7 @@ __all__ = [
     "DataError",
     "StoreError",
     "SchemaVersionError",
+    "OnlineStoreError",
     "NativeExtensionError",
     "dtypes",
     "errors",

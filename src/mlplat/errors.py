@@ -8,7 +8,8 @@
      ├── NotFoundError          an unknown view, feature, entity, service (also a KeyError)
      ├── DataError              input data with a missing column, wrong type, null timestamp
      ├── StoreError             a backend failed: database, Parquet files, online store
-     │    └── SchemaVersionError   the database schema is newer than this mlplat
+     │    ├── SchemaVersionError   the database schema is newer than this mlplat
+     │    └── OnlineStoreError     the online store is unreachable, timed out or answered wrongly
      └── NativeExtensionError   a native extension is missing (also an ImportError)
 
 Every message says what was wrong and, where it can, what to do about it.
@@ -24,6 +25,7 @@ __all__ = [
     "DataError",
     "StoreError",
     "SchemaVersionError",
+    "OnlineStoreError",
     "NativeExtensionError",
 ]
 
@@ -57,6 +59,10 @@ class StoreError(MlplatError):
 
 class SchemaVersionError(StoreError):
     """The database was migrated by a newer mlplat than this one."""
+
+
+class OnlineStoreError(StoreError):
+    """The online store (Redis, Redis Cluster, SQLite) failed; the message names the store."""
 
 
 class NativeExtensionError(MlplatError, ImportError):

@@ -54,7 +54,8 @@ class Platform:
         self.features = FeatureStore(self.db, s)
 
     def close(self) -> None:
-        """Release database connections."""
+        """Release database and online store connections."""
+        self.features.close()
         self.db.dispose()
 
     def __enter__(self) -> Platform:

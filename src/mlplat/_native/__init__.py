@@ -4,6 +4,8 @@
   the point-in-time join kernel.
 * ``_keys`` (C++ through pybind11, GIL released): dense key factorization used
   to turn join keys of any type into int64 codes (:class:`KeyFactorizer`).
+* ``_codec`` (C++ through pybind11, GIL released): the online store's binary
+  records, entity keys, Redis keys and commands (:mod:`.codec`).
 
 There is no pure-Python fallback: importing this package fails with
 :class:`mlplat.errors.NativeExtensionError` when an extension was not built.
@@ -12,7 +14,7 @@ The pure-Python references live in the tests.
 from __future__ import annotations
 
 try:
-    from . import _asof, _keys  # noqa: F401
+    from . import _asof, _codec, _keys  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     from ..errors import NativeExtensionError
 

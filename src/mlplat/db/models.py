@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Base", "UTCDateTime", "FeatureDefinition", "FeatureDefinitionTag", "utcnow"]
+__all__ = ["Base", "UTCDateTime", "FeatureDefinition", "FeatureDefinitionTag", "Materialization", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -93,3 +93,21 @@ class FeatureDefinitionTag(Base):
     value: Mapped[str] = mapped_column(String(1024))
 
     __table_args__ = (Index(None, "key", "value"),)
+
+
+class Materialization(Base):
+    """One finished materialization of a view version into an online store."""
+
+    __tablename__ = "materializations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    view: Mapped[str] = mapped_column(String(255))
+    view_version: Mapped[int]
+    online_store: Mapped[str] = mapped_column(String(1024))
+    start: Mapped[Optional[datetime]]
+    end: Mapped[datetime]
+    rows: Mapped[int]
+    written: Mapped[int]
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index(None, "view", "view_version", "online_store"),)

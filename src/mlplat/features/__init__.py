@@ -1,8 +1,10 @@
-"""The feature store: definitions, catalog, offline point-in-time retrieval."""
+"""The feature store: definitions, catalog, offline point-in-time retrieval, online store, materialization."""
 from __future__ import annotations
 
 from .catalog import ApplyResult, CatalogEntry
 from .definitions import Entity, FeatureService, FeatureView, Field, ParquetSource, parse_ref
+from .materialize import MaterializeResult
+from .online_read import OnlineResponse
 from .store import FeatureStore
 
 __all__ = [
@@ -13,6 +15,8 @@ __all__ = [
     "FeatureStore",
     "FeatureView",
     "Field",
+    "MaterializeResult",
+    "OnlineResponse",
     "ParquetSource",
     "parse_ref",
 ]

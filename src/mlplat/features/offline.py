@@ -25,7 +25,7 @@ from .definitions import FeatureView
 from .parquet import ParquetFiles, Scan, gather, plan_scan
 from .validation import check_source
 
-__all__ = ["ViewRequest", "historical_features", "join_view", "entity_timestamps"]
+__all__ = ["ViewRequest", "historical_features", "join_view", "entity_timestamps", "as_declared"]
 
 
 @dataclass
@@ -192,10 +192,11 @@ def _gather_features(files: ParquetFiles, scan: Scan, picked: np.ndarray, fields
     rows[hit] = rank[picked[hit]]
     del rank
     index = pa.array(rows, mask=~hit)
-    return [_as_declared(table.column(f.name).take(index), f) for f in fields]
+    return [as_declared(table.column(f.name).take(index), f) for f in fields]
 
 
-def _as_declared(column: Any, field) -> pa.Array:
+def as_declared(column: Any, field) -> pa.Array:
+    """A source column as its field's declared type (timestamps keep their unit, in UTC)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pat.is_dictionary(arr.type):
         arr = arr.dictionary_decode()

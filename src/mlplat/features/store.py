@@ -6,6 +6,7 @@ point-in-time retrieval to :mod:`mlplat.features.offline`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -16,7 +17,10 @@ from ..errors import DataError, DefinitionError
 from ..settings import Settings
 from .catalog import ApplyResult, Catalog, CatalogEntry
 from .definitions import Entity, FeatureService, FeatureView, _Definition, parse_ref
+from .materialize import Materializer, MaterializeResult
 from .offline import ViewRequest, historical_features
+from .online import OnlineStore, open_online_store
+from .online_read import OnlineReader, OnlineResponse
 
 __all__ = ["FeatureStore"]
 
@@ -27,6 +31,25 @@ class FeatureStore:
     def __init__(self, db: Database, settings: Settings) -> None:
         self._settings = settings
         self.catalog = Catalog(db, settings.threads)
+        self._online: OnlineStore | None = None
+        self._reader = OnlineReader(self._online_store, self.resolve)
+        self._materializer = Materializer(db, self.catalog, self._online_store, settings.threads)
+
+    def _online_store(self) -> OnlineStore:
+        if self._online is None:
+            self._online = open_online_store(self._settings.online_store)
+        return self._online
+
+    @property
+    def online_store(self) -> OnlineStore:
+        """The online store (opened on first use) from ``online_store=`` / MLPLAT_ONLINE_STORE."""
+        return self._online_store()
+
+    def close(self) -> None:
+        """Close the online store's connections."""
+        if self._online is not None:
+            self._online.close()
+            self._online = None
 
     # ------------------------------------------------------------ definitions
     def apply(self, objects: Iterable[_Definition] | _Definition) -> list[ApplyResult]:
@@ -39,7 +62,9 @@ class FeatureStore:
 
             p.features.apply([user, txn])   # -> [ApplyResult('entity', 'user', 1, True), ...]
         """
-        return self.catalog.apply(objects)
+        results = self.catalog.apply(objects)
+        self._reader.invalidate()
+        return results
 
     def get_entity(self, name: str, version: int | None = None) -> Entity:
         """An applied entity (latest version unless ``version`` is given)."""
@@ -95,6 +120,66 @@ class FeatureStore:
         return historical_features(
             table, requests, order, timestamp_column=timestamp_column, threads=self._settings.threads
         )
+
+    # ----------------------------------------------------------------- online
+    def get_online_features(
+        self,
+        features: Sequence[str] | FeatureService,
+        entity_rows: Any,
+        *,
+        full_feature_names: bool = False,
+    ) -> OnlineResponse:
+        """Feature values for entity rows from the online store, in one round trip.
+
+        ``entity_rows`` is a list of dicts, a dict of columns, or a pandas/pyarrow
+        table holding the join keys. The result maps each join key and feature
+        to a list with one entry per entity row (a dict with ``to_arrow()`` and
+        ``to_pandas()``). An unknown entity, or a value older than the view's ttl
+        (relative to now), gives None. Duplicate entity rows are fetched once.
+
+        Usage::
+
+            p.features.get_online_features(["user_txn:txn_count_7d"], [{"user_id": 42}])
+            # -> {"user_id": [42], "txn_count_7d": [7]}
+        """
+        return self._reader.read(features, entity_rows, full_feature_names=full_feature_names)
+
+    def materialize(
+        self,
+        end_date: datetime | None = None,
+        start_date: datetime | None = None,
+        views: Sequence[str] | None = None,
+        *,
+        progress: bool | None = None,
+    ) -> list[MaterializeResult]:
+        """Write, per entity, the row the offline rule picks at ``end_date`` (default now) online.
+
+        Without ``start_date`` each view continues from where its last
+        materialization into this online store ended, so re-running changes
+        nothing; an older row never overwrites a newer one (the store compares
+        them itself). ``views`` limits it to some views (default: every view
+        applied with ``online=True``). A progress bar shows on a terminal.
+
+        Usage::
+
+            p.features.materialize()                       # up to now, incrementally
+            p.features.materialize(end_date=datetime(2026, 3, 1, tzinfo=timezone.utc), views=["user_txn"])
+        """
+        return self._materializer.materialize(end_date, start_date, views, progress=progress)
+
+    def push(self, view: str, rows: Any, *, to_offline: bool = False) -> int:
+        """Write fresh rows of a view to the online store; returns how many the store took.
+
+        ``rows`` (list of dicts, dict of columns, pandas/pyarrow table) holds the
+        join keys, the event timestamp and every feature; an older row never
+        overwrites a newer one. ``to_offline=True`` also appends them to the
+        view's Parquet source (``<source>/pushed/``), so training sees them too.
+
+        Usage::
+
+            p.features.push("user_txn", [{"user_id": 42, "event_timestamp": now, "txn_count_7d": 8, ...}])
+        """
+        return self._materializer.push(view, rows, to_offline=to_offline)
 
     def resolve(
         self, features: Sequence[str] | FeatureService | str, *, full_feature_names: bool = False

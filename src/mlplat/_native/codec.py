@@ -1,0 +1,98 @@
+"""Arrow columns in, online-store records out: a thin wrapper over ``_codec``.
+
+Record layout, entity keys and Redis keys are described in ``_codec.cpp`` and
+in docs/online.md. :func:`kind_of` maps an mlplat dtype to the codec's kind.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.types as pat
+
+from . import _codec
+
+__all__ = ["KEY_KINDS", "kind_of", "encode_records", "entity_key_buffers", "column_spec", "RecordBuffers"]
+
+INT, FLOAT32, FLOAT64, BOOL, STRING, BYTES, TIMESTAMP = range(7)
+KEY_KINDS = {"int": 0, "string": 1}
+
+
+def kind_of(dtype) -> int:
+    """The codec kind of an mlplat dtype."""
+    if dtype.kind == "int":
+        return INT
+    if dtype.kind == "float":
+        return FLOAT32 if dtype.arrow == pa.float32() else FLOAT64
+    return {"bool": BOOL, "string": STRING, "bytes": BYTES, "timestamp": TIMESTAMP}[dtype.kind]
+
+
+
+def _valid(arr: pa.Array) -> np.ndarray | None:
+    return None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
+
+
+def column_spec(arr: pa.Array | pa.ChunkedArray, kind: int) -> tuple:
+    """The buffers ``_codec`` reads for one column: (values, valid) or (offsets, data, valid)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pat.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    valid = _valid(arr)
+    if kind in (STRING, BYTES):
+        if pat.is_string_view(arr.type) or pat.is_binary_view(arr.type):
+            arr = arr.cast(pa.large_binary())
+        large = pat.is_large_string(arr.type) or pat.is_large_binary(arr.type)
+        width = 8 if large else 4
+        _, off, data = arr.buffers()
+        offsets = np.frombuffer(off, dtype=np.int64 if large else np.int32, count=len(arr) + 1,
+                                offset=arr.offset * width)
+        data_np = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        return offsets, data_np, valid
+    if kind == TIMESTAMP:
+        arr = pc.cast(arr, pa.timestamp("ns", getattr(arr.type, "tz", None))).cast(pa.int64())
+    elif kind == INT and arr.type != pa.int64():
+        arr = arr.cast(pa.int64())
+    target = {INT: np.int64, TIMESTAMP: np.int64, FLOAT32: np.float32, FLOAT64: np.float64, BOOL: np.bool_}[kind]
+    if arr.null_count:
+        arr = arr.fill_null(False if kind == BOOL else 0)
+    return np.ascontiguousarray(arr.to_numpy(zero_copy_only=False), dtype=target), valid
+
+
+class RecordBuffers:
+    """Encoded records and their entity keys, as flat buffers with offsets."""
+
+    __slots__ = ("key_data", "key_offsets", "rec_data", "rec_offsets", "expire_at_ms", "buckets")
+
+    def __init__(self, key_data, key_offsets, rec_data, rec_offsets, expire_at_ms) -> None:
+        self.key_data, self.key_offsets = key_data, key_offsets
+        self.rec_data, self.rec_offsets = rec_data, rec_offsets
+        self.expire_at_ms = expire_at_ms
+        self.buckets = _codec.buckets(key_data, key_offsets)
+
+    def __len__(self) -> int:
+        return len(self.key_offsets) - 1
+
+    def key(self, i: int) -> bytes:
+        return bytes(self.key_data[self.key_offsets[i] : self.key_offsets[i + 1]])
+
+    def record(self, i: int) -> bytes:
+        return bytes(self.rec_data[self.rec_offsets[i] : self.rec_offsets[i + 1]])
+
+
+def encode_records(kinds: Sequence[int], columns: Sequence[pa.Array], event_ns: np.ndarray,
+                   created_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Records for n rows: (data, offsets)."""
+    specs = [column_spec(c, k) for c, k in zip(columns, kinds)]
+    return _codec.encode_records(list(kinds), specs, np.ascontiguousarray(event_ns, np.int64),
+                                 np.ascontiguousarray(created_ns, np.int64))
+
+
+def entity_key_buffers(columns: Sequence[pa.Array], key_kinds: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Entity keys of n rows from Arrow key columns: (data, offsets); a null key gives an empty key."""
+    kinds = [KEY_KINDS[k] for k in key_kinds]
+    specs = [column_spec(c, INT if k == 0 else STRING) for c, k in zip(columns, kinds)]
+    n = len(columns[0])
+    return _codec.entity_keys_buffers(specs, kinds, n)

@@ -1,0 +1,296 @@
+"""Materialization and push: offline rows into the online store, the newer row winning.
+
+``materialize`` writes, per entity, the row the offline rule picks at
+``end_date``: it reads the source with the same two-pass scan and the same
+Cython kernel as ``get_historical_features`` (one "entity row" per key, at
+``end_date``), encodes the winners natively and writes them in batches that
+the store applies with a server-side compare-and-set. Without ``start_date``
+it continues from where the view's last materialization into this store
+ended (recorded in the SQL database), so re-running it changes nothing.
+
+``push`` writes fresh rows straight to the online store (and, when asked,
+appends them to the offline source as a Parquet file).
+"""
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+
+from .. import _arrow, dtypes
+from .._native import KeyFactorizer, asof_backward_on_ts_by_key
+from .._native.codec import RecordBuffers, encode_records, entity_key_buffers, kind_of
+from ..db import Database
+from ..db.models import Materialization
+from ..errors import DataError, DefinitionError, StoreError
+from .catalog import Catalog
+from .definitions import FeatureView
+from .offline import as_declared
+from .online.store import OnlineStore
+from .online_read import view_tag
+from .parquet import ParquetFiles, gather, plan_scan, resolve
+from .validation import check_source
+
+__all__ = ["Materializer", "MaterializeResult"]
+
+
+@dataclass(frozen=True)
+class MaterializeResult:
+    """What one view's materialization did."""
+
+    view: str
+    version: int
+    start: datetime | None
+    end: datetime
+    rows: int  # entities with a row in the window
+    written: int  # records the store took (the rest were older than what it held)
+    seconds: float
+
+
+class Materializer:
+    """Moves feature rows into an online store."""
+
+    def __init__(self, db: Database, catalog: Catalog, store: Callable[[], OnlineStore], threads: int) -> None:
+        self._db = db
+        self._catalog = catalog
+        self._store = store
+        self._threads = threads
+
+    # ------------------------------------------------------------ materialize
+    def materialize(
+        self,
+        end_date: datetime | None = None,
+        start_date: datetime | None = None,
+        views: Sequence[str] | None = None,
+        *,
+        progress: bool | None = None,
+    ) -> list[MaterializeResult]:
+        end = end_date or datetime.now(timezone.utc)
+        end = end.replace(tzinfo=timezone.utc) if end.tzinfo is None else end.astimezone(timezone.utc)
+        if start_date is not None and start_date.tzinfo is None:
+            start_date = start_date.replace(tzinfo=timezone.utc)
+        if start_date is not None and start_date > end:
+            raise DataError(f"start_date {start_date.isoformat()} is after end_date {end.isoformat()}")
+        targets = self._targets(views)
+        show = sys.stderr.isatty() if progress is None else progress
+        return [self._one(view, start_date, end, show) for view in targets]
+
+    def _targets(self, names: Sequence[str] | None) -> list[FeatureView]:
+        if names is None:
+            entries = self._catalog.list("feature_view")
+            return [v for v in (e.definition() for e in entries) if v.online]
+        if isinstance(names, str):
+            names = [names]
+        out = []
+        for name in names:
+            view = self._catalog.get("feature_view", name)
+            if not view.online:
+                raise DefinitionError(f"feature view {name!r} is not served online (online=False)")
+            out.append(view)
+        return out
+
+    def last_end(self, view: FeatureView) -> datetime | None:
+        """Where the last materialization of this view version into this store ended."""
+        m = Materialization
+        with self._db.session() as s:
+            return s.scalar(
+                sa.select(sa.func.max(m.end)).where(
+                    m.view == view.name, m.view_version == view.version, m.online_store == self._store().name
+                )
+            )
+
+    def _one(self, view: FeatureView, start: datetime | None, end: datetime, show: bool) -> MaterializeResult:
+        t0 = time.perf_counter()
+        start = start if start is not None else self.last_end(view)
+        end_ns = _arrow.datetime_ns(end)
+        lo = _arrow.INT64_MIN if start is None else _arrow.datetime_ns(start)
+        if view.ttl is not None:
+            lo = max(lo, end_ns - _arrow.timedelta_ns(view.ttl))
+        winners = self._latest(view, lo, end_ns)
+        written = 0
+        if winners is not None:
+            records = self._encode(view, *winners)
+            with _progress(show, f"{view.name}@{view.version}", len(records)) as advance:
+                written = self._store().write(view_tag(view), records, advance)
+            _delete_expired(self._store(), view_tag(view))
+        rows = 0 if winners is None else winners[0].num_rows
+        with self._db.session(write=True) as s:
+            s.add(Materialization(view=view.name, view_version=view.version, online_store=self._store().name,
+                                  start=start, end=end, rows=rows, written=written))
+        return MaterializeResult(view.name, view.version, start, end, rows, written, time.perf_counter() - t0)
+
+    def _latest(self, view: FeatureView, lo: int, hi: int):
+        """Per entity, the row the offline rule picks at ``hi`` among rows with event time in [lo, hi]."""
+        src = view.source
+        files = ParquetFiles(src, self._threads)
+        check_source(view, files, view.feature_names, error=StoreError, applied_key_types=view.key_types)
+        scan = plan_scan(files, ts_field=src.timestamp_field, ts_range=(lo, hi), int_key=None)
+        if scan.n_rows == 0:
+            return None
+        ts_cols = [src.timestamp_field] + ([src.created_timestamp_field] if src.created_timestamp_field else [])
+        parts: list[tuple[int, pa.Table]] = []
+        scan.read(view.join_keys + ts_cols, lambda table, start: parts.append((start, table)), self._threads)
+        table = pa.concat_tables([t for _, t in sorted(parts, key=lambda p: p[0])])
+        factorizer = KeyFactorizer([table.column(k) for k in view.join_keys])
+        codes = factorizer.codes
+        ts = _arrow.timestamps_ns(table.column(src.timestamp_field))
+        created = (_arrow.timestamps_ns(table.column(src.created_timestamp_field)) if src.created_timestamp_field
+                   else np.empty(0, dtype=np.int64))
+        del table
+        parts.clear()
+        codes[ts == _arrow.INT64_MIN] = -1  # rows without an event time never win
+        n = factorizer.size
+        picked = asof_backward_on_ts_by_key(
+            codes, ts, created, np.arange(n, dtype=np.int64), np.full(n, lo, dtype=np.int64),
+            np.full(n, hi, dtype=np.int64), n, self._threads,
+        )
+        winners = np.sort(picked[picked >= 0])
+        if len(winners) == 0:
+            return None
+        rows = gather(files, scan, winners, view.join_keys + view.feature_names, self._threads)
+        return rows, ts[winners], created[winners] if len(created) else np.full(len(winners), _arrow.INT64_MIN)
+
+    def _encode(self, view: FeatureView, rows: pa.Table, event_ns: np.ndarray, created_ns: np.ndarray) -> RecordBuffers:
+        columns = [as_declared(rows.column(f.name), f) for f in view.schema]
+        data, offsets = encode_records([kind_of(f.dtype) for f in view.schema], columns, event_ns, created_ns)
+        key_data, key_offsets = entity_key_buffers([rows.column(k) for k in view.join_keys],
+                                                   [view.key_types[k] for k in view.join_keys])
+        if view.ttl is None:
+            expire = np.zeros(len(event_ns), dtype=np.int64)
+        else:  # the key outlives the last instant the offline rule still sees the row, by 1 ms
+            expire = (event_ns + _arrow.timedelta_ns(view.ttl)) // 1_000_000 + 1
+        return RecordBuffers(key_data, key_offsets, data, offsets, expire)
+
+    # ------------------------------------------------------------------- push
+    def push(self, view_name: str, rows: Any, *, to_offline: bool = False) -> int:
+        view = self._catalog.get("feature_view", view_name)
+        src = view.source
+        table = _check_push_columns(view, _push_table(rows))
+        if table.num_rows == 0:
+            return 0
+        if src.created_timestamp_field and src.created_timestamp_field not in table.column_names:
+            now = pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", "UTC"))
+            table = table.append_column(src.created_timestamp_field, pa.array([now.as_py()] * table.num_rows,
+                                                                               pa.timestamp("us", "UTC")))
+        event_ns = _arrow.timestamps_ns(table.column(src.timestamp_field))
+        created_ns = (_arrow.timestamps_ns(table.column(src.created_timestamp_field))
+                      if src.created_timestamp_field else np.full(table.num_rows, _arrow.INT64_MIN))
+        if to_offline:
+            _append_offline(view, table)
+        if view.online:
+            return self._store().write(view_tag(view), self._encode(view, table, event_ns, created_ns))
+        return 0
+
+
+def _push_table(rows: Any) -> pa.Table:
+    if isinstance(rows, list):
+        try:
+            return pa.Table.from_pylist(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+            raise DataError(f"push: rows cannot be read as a table: {exc}") from None
+    if isinstance(rows, dict):
+        try:
+            return pa.table(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+            raise DataError(f"push: rows cannot be read as a table: {exc}") from None
+    return _arrow.to_table(rows, "push rows")
+
+
+def _check_push_columns(view: FeatureView, table: pa.Table) -> pa.Table:
+    """The rows with every feature as its declared type; a missing or unreadable column is a DataError."""
+    src = view.source
+    where = f"push to {view.name!r}"
+    for k in view.join_keys:
+        if k not in table.column_names:
+            raise DataError(f"{where}: rows have no join key column {k!r}")
+        if table.column(k).null_count:
+            raise DataError(f"{where}: join key {k!r} has nulls")
+        if dtypes.key_kind(table.column(k).type) != view.key_types[k]:
+            raise DataError(f"{where}: join key {k!r} is {table.column(k).type}, the view has {view.key_types[k]} keys")
+    if src.timestamp_field not in table.column_names:
+        raise DataError(f"{where}: rows have no timestamp column {src.timestamp_field!r}")
+    if table.column(src.timestamp_field).null_count:
+        raise DataError(f"{where}: every row needs a {src.timestamp_field!r} time")
+    for name in filter(None, (src.timestamp_field, src.created_timestamp_field)):
+        if name in table.column_names and not _arrow.is_timestamp_type(table.column(name).type):
+            raise DataError(f"{where}: {name!r} must hold timestamps, found {table.column(name).type}")
+    for f in view.schema:
+        if f.name not in table.column_names:
+            raise DataError(f"{where}: rows have no feature {f.name!r} (push every feature of the view)")
+        col = table.column(f.name)
+        numeric = _numeric(col.type)
+        if not (f.dtype.accepts(col.type) or pa.types.is_null(col.type) or
+                (numeric and f.dtype.kind in ("int", "float"))):
+            raise DataError(f"{where}: feature {f.name!r} is {col.type}, which cannot be read as {f.dtype.name}")
+        target = pa.timestamp("ns", "UTC") if f.dtype.kind == "timestamp" else f.dtype.arrow
+        if col.type != target:
+            try:  # Python floats arrive as float64: rounding to a Float32 feature is expected; overflow is not
+                col = col.cast(target, safe=f.dtype.kind != "float")
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise DataError(f"{where}: feature {f.name!r} cannot be stored as {f.dtype.name}: {exc}") from None
+            table = table.set_column(table.schema.get_field_index(f.name), f.name, col)
+    return table
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _append_offline(view: FeatureView, table: pa.Table) -> None:
+    """Append the rows to the view's source as ``<source>/pushed/<time>-<uuid>.parquet``."""
+    files = ParquetFiles(view.source)
+    schema = files.schema
+    fs, root = resolve(view.source.path)
+    if len(files.paths) == 1 and files.paths[0] == root:
+        raise DataError(f"push to {view.name!r}: to_offline needs a folder source, {view.source.path!r} is a file")
+    columns = {}
+    for field in schema:
+        if field.name in table.column_names:
+            columns[field.name] = table.column(field.name).cast(field.type)
+        else:
+            columns[field.name] = pa.nulls(table.num_rows, field.type)
+    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}.parquet"
+    folder = f"{root.rstrip('/')}/pushed"
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as out:
+        pq.write_table(pa.table(columns, schema=schema), out)
+    fs.move(tmp, f"{folder}/{name}")  # a reader never sees half a file
+
+
+def _delete_expired(store: OnlineStore, tag: str) -> None:
+    delete = getattr(store, "delete_expired", None)
+    if delete is not None:
+        delete(tag)
+
+
+class _progress:
+    """A rich progress bar on a terminal, nothing elsewhere; yields a callback taking a count."""
+
+    def __init__(self, show: bool, label: str, total: int) -> None:
+        self.show, self.label, self.total = show, label, total
+        self._bar = None
+
+    def __enter__(self) -> Callable[[int], None] | None:
+        if not self.show:
+            return None
+        from rich.progress import Progress
+
+        self._bar = Progress(transient=False)
+        self._bar.start()
+        task = self._bar.add_task(f"materialize {self.label}", total=self.total)
+        return lambda n: self._bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+

@@ -1,0 +1,319 @@
+"""Redis and Redis Cluster online stores.
+
+Commands are packed by the native codec and written straight onto redis-py's
+connections, whose hiredis parser reads the replies: a read is one MGET per
+node (one per hash slot on a cluster, pipelined), a write is EVALSHA of a
+compare-and-set script over batches of records, several batches in flight.
+
+URL: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS), or
+``redis+cluster://host:port`` for a cluster (any node; the others are found).
+mlplat's own query parameters:
+
+==============  =======  ====================================================
+``prefix``      mlplat:  prefix of every key (several platforms can share a db)
+``timeout``     1.0      seconds to connect and to wait for a reply
+``retries``     2        retries of a read or write batch after a connection
+                         error or time-out (writes are idempotent)
+``batch``       500      records per EVALSHA
+==============  =======  ====================================================
+
+Other query parameters go to redis-py (e.g. ``ssl_cert_reqs=none``).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+from redis.connection import ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..._native import _codec
+from ..._native.codec import RecordBuffers
+from ...errors import ConfigError, OnlineStoreError
+from .store import OnlineStore, Progress, ReadGroup
+
+__all__ = ["RedisOnlineStore", "CAS_SCRIPT"]
+
+#: Keep the newer record per key: bytes 2..17 (Lua's 1-based index) order records
+#: by (event time, created time); equal ranks let the later write win, as the
+#: offline rule lets the row read last win.
+CAS_SCRIPT = b"""
+local applied = 0
+for i = 1, #KEYS do
+  local rec = ARGV[2 * i - 1]
+  local cur = redis.call('GET', KEYS[i])
+  if (not cur) or string.sub(cur, 2, 17) <= string.sub(rec, 2, 17) then
+    local at = tonumber(ARGV[2 * i])
+    if at > 0 then
+      redis.call('SET', KEYS[i], rec, 'PXAT', at)
+    else
+      redis.call('SET', KEYS[i], rec)
+    end
+    applied = applied + 1
+  end
+end
+return applied
+"""
+_IN_FLIGHT = 8  # write batches sent before their replies are read
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class _Options:
+    prefix: str = "mlplat:"
+    timeout: float = 1.0
+    retries: int = 2
+    batch: int = 500
+
+
+def _parse(url: str) -> tuple[str, _Options, bool]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    cluster = scheme.endswith("+cluster")
+    base_scheme = scheme.removesuffix("+cluster")
+    if base_scheme not in ("redis", "rediss"):
+        raise ConfigError(f"online store {url!r}: use redis://, rediss://, redis+cluster:// or rediss+cluster://")
+    query = dict(parse_qsl(parts.query))
+    try:
+        opts = _Options(
+            prefix=query.pop("prefix", "mlplat:"),
+            timeout=float(query.pop("timeout", 1.0)),
+            retries=int(query.pop("retries", 2)),
+            batch=int(query.pop("batch", 500)),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"online store {_redact(url)!r}: bad parameter ({exc})") from None
+    if opts.timeout <= 0 or opts.retries < 0 or opts.batch < 1:
+        raise ConfigError(f"online store {_redact(url)!r}: timeout must be > 0, retries >= 0, batch >= 1")
+    base = urlunsplit((base_scheme, parts.netloc, parts.path, urlencode(query), ""))
+    return base, opts, cluster
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@lru_cache(maxsize=1)
+def _slot_of_bucket() -> np.ndarray:
+    """Cluster hash slot of every bucket tag ``{b}``."""
+    from redis.crc import key_slot
+
+    return np.array([key_slot(b"{%d}" % b) for b in range(_codec.BUCKETS)], dtype=np.int64)
+
+
+def _roundtrip(pool: ConnectionPool, commands: Sequence[bytes], retries: int) -> list:
+    """Send packed commands at once and read every reply (an error reply is returned, not raised)."""
+    for attempt in range(retries + 1):
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([b"".join(commands) if len(commands) > 1 else commands[0]], check_health=False)
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except _TRANSIENT:
+            conn.disconnect()
+            if attempt == retries:
+                raise
+            time.sleep(min(0.05 * 2**attempt, 0.5))
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: never reuse this connection
+            raise
+        finally:
+            pool.release(conn)
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, RedisTimeoutError):
+        return f"timed out after {timeout} s ({exc})"
+    if isinstance(exc, RedisConnectionError):
+        return f"cannot connect ({exc})"
+    if isinstance(exc, ResponseError):
+        return f"answered with an error: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class RedisOnlineStore(OnlineStore):
+    """Feature records in Redis or a Redis Cluster (see the module docstring for the URL)."""
+
+    def __init__(self, url: str) -> None:
+        base, self._opts, cluster = _parse(url)
+        self.name = _redact(url)
+        timeouts = {"socket_timeout": self._opts.timeout, "socket_connect_timeout": self._opts.timeout}
+        self._cluster = None
+        self._pool: ConnectionPool | None = None
+        if cluster:
+            from redis.cluster import RedisCluster
+
+            try:
+                self._cluster = RedisCluster.from_url(base, **timeouts)
+            except RedisError as exc:
+                raise OnlineStoreError(f"online store {self.name}: {_describe(exc, self._opts.timeout)}") from None
+        else:
+            self._pool = ConnectionPool.from_url(base, **timeouts)
+        self._shas: dict[str, bytes] = {}  # node name -> script sha
+
+    # ---------------------------------------------------------------- helpers
+    def _fail(self, exc: BaseException, doing: str) -> OnlineStoreError:
+        return OnlineStoreError(f"online store {self.name}: {doing} {_describe(exc, self._opts.timeout)}")
+
+    def _pools(self) -> dict[str, ConnectionPool]:
+        """Every primary node's pool, by node name."""
+        if self._pool is not None:
+            return {"": self._pool}
+        return {n.name: n.redis_connection.connection_pool for n in self._cluster.get_primaries()}
+
+    def _node_of_slots(self, slots: np.ndarray) -> list[str]:
+        nm = self._cluster.nodes_manager
+        names = {int(s): nm.get_node_from_slot(int(s)).name for s in np.unique(slots)}
+        return [names[int(s)] for s in slots]
+
+    def _check(self, replies: list, doing: str) -> None:
+        for r in replies:
+            if isinstance(r, ResponseError):
+                raise self._fail(r, doing)
+
+    # ------------------------------------------------------------------- read
+    def read(self, groups: Sequence[ReadGroup]) -> list[bytes | None]:
+        groups = [(list(tags), list(keys)) for tags, keys in groups]
+        if not any(tags and keys for tags, keys in groups):
+            return []
+        try:
+            if self._pool is not None:
+                (reply,) = _roundtrip(self._pool, [_codec.pack_mget(self._opts.prefix, groups)], self._opts.retries)
+                self._check([reply], "reading:")
+                return reply
+            try:
+                return self._cluster_read(groups)
+            except _Moved:
+                self._cluster.nodes_manager.initialize()  # slots moved: learn the new layout, try once more
+                return self._cluster_read(groups)
+        except RedisError as exc:
+            raise self._fail(exc, "reading:") from None
+
+    def _cluster_read(self, groups: list[tuple[list[str], list[bytes]]]) -> list[bytes | None]:
+        slot_table = _slot_of_bucket()
+        out: list[bytes | None] = []
+        # per node: commands (one MGET per slot) and where each reply's values go
+        plan: dict[str, tuple[list[bytes], list[list[int]]]] = {}
+        for tags, keys in groups:
+            base = len(out)
+            out.extend([None] * (len(tags) * len(keys)))
+            slots = slot_table[[_codec.bucket_of(k) for k in keys]] if keys else np.zeros(0, np.int64)
+            nodes = self._node_of_slots(slots)
+            by_slot: dict[tuple[str, int], list[int]] = {}
+            for i, (node, slot) in enumerate(zip(nodes, slots.tolist())):
+                by_slot.setdefault((node, slot), []).append(i)
+            for (node, _), idx in by_slot.items():
+                full_keys, positions = [b"MGET"], []
+                for t, tag in enumerate(tags):
+                    full_keys += _codec.redis_keys(self._opts.prefix, tag, [keys[i] for i in idx])
+                    positions += [base + t * len(keys) + i for i in idx]
+                cmds, where = plan.setdefault(node, ([], []))
+                cmds.append(_codec.pack_command(full_keys))
+                where.append(positions)
+        pools = self._pools()
+        for node, (cmds, where) in plan.items():
+            replies = _roundtrip(pools[node], cmds, self._opts.retries)
+            for reply, positions in zip(replies, where):
+                if isinstance(reply, ResponseError):
+                    if str(reply).startswith(("MOVED", "ASK")):
+                        raise _Moved(str(reply))
+                    raise reply
+                for pos, value in zip(positions, reply):
+                    out[pos] = value
+        return out
+
+    # ------------------------------------------------------------------ write
+    def _sha(self, node: str, pool: ConnectionPool) -> bytes:
+        sha = self._shas.get(node)
+        if sha is None:
+            (reply,) = _roundtrip(pool, [_codec.pack_command([b"SCRIPT", b"LOAD", CAS_SCRIPT])], self._opts.retries)
+            self._check([reply], "loading the write script:")
+            sha = self._shas[node] = reply if isinstance(reply, bytes) else str(reply).encode()
+        return sha
+
+    def write(self, tag: str, records: RecordBuffers, progress: Progress | None = None) -> int:
+        n = len(records)
+        if n == 0:
+            return 0
+        try:
+            if self._pool is not None:
+                rows = np.arange(n, dtype=np.int64)
+                return self._write_node("", self._pool, tag, records, _batches(rows, self._opts.batch), progress)
+            try:
+                return self._cluster_write(tag, records, progress)
+            except _Moved:
+                self._cluster.nodes_manager.initialize()
+                self._shas.clear()
+                return self._cluster_write(tag, records, progress)
+        except RedisError as exc:
+            raise self._fail(exc, f"writing {tag}:") from None
+
+    def _cluster_write(self, tag: str, records: RecordBuffers, progress: Progress | None) -> int:
+        slots = _slot_of_bucket()[records.buckets]
+        order = np.argsort(slots, kind="stable")
+        slots = slots[order]
+        cut = np.flatnonzero(np.diff(slots)) + 1
+        nodes = self._node_of_slots(slots[np.concatenate(([0], cut))]) if len(slots) else []
+        per_node: dict[str, list[np.ndarray]] = {}
+        for node, rows in zip(nodes, np.split(order, cut)):
+            per_node.setdefault(node, []).extend(_batches(rows, self._opts.batch))
+        pools = self._pools()
+        return sum(self._write_node(node, pools[node], tag, records, batches, progress)
+                   for node, batches in per_node.items())
+
+    def _write_node(self, node: str, pool: ConnectionPool, tag: str, records: RecordBuffers,
+                    batches: list[np.ndarray], progress: Progress | None) -> int:
+        applied = 0
+        for start in range(0, len(batches), _IN_FLIGHT):
+            window = batches[start : start + _IN_FLIGHT]
+            for attempt in range(2):
+                sha = self._sha(node, pool).decode()
+                cmds = [_codec.pack_evalsha(sha, self._opts.prefix, tag, records.key_data, records.key_offsets,
+                                            records.rec_data, records.rec_offsets, records.expire_at_ms, rows)
+                        for rows in window]
+                replies = _roundtrip(pool, cmds, self._opts.retries)
+                if attempt == 0 and any(isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT")
+                                        for r in replies):
+                    self._shas.pop(node, None)  # the server lost the script (restart, SCRIPT FLUSH): load it again
+                    continue
+                for r in replies:
+                    if isinstance(r, ResponseError):
+                        if str(r).startswith(("MOVED", "ASK")):
+                            raise _Moved(str(r))
+                        raise r
+                break
+            applied += sum(int(r) for r in replies)
+            if progress is not None:
+                progress(sum(len(rows) for rows in window))
+        return applied
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.disconnect()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+class _Moved(Exception):
+    """A cluster node answered MOVED/ASK: the slot layout changed."""
+
+
+def _batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]

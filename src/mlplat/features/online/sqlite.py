@@ -1,0 +1,130 @@
+"""The embedded online store: one SQLite file (WAL mode) under the Platform's home.
+
+Records live in one table keyed by (view tag, entity key). A write is an
+upsert whose WHERE clause compares the stored and new records' ranks (their
+bytes 1..16, which order by event then created time), so the newer record
+wins inside SQLite, also against a concurrent writer.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from ..._native.codec import RecordBuffers
+from ...errors import ConfigError, OnlineStoreError
+from .store import OnlineStore, Progress, ReadGroup
+
+__all__ = ["SQLiteOnlineStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS online_records (
+    tag TEXT NOT NULL,
+    key BLOB NOT NULL,
+    rank BLOB NOT NULL,
+    record BLOB NOT NULL,
+    expire_at INTEGER NOT NULL,
+    PRIMARY KEY (tag, key)
+) WITHOUT ROWID
+"""
+_UPSERT = """
+INSERT INTO online_records (tag, key, rank, record, expire_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (tag, key) DO UPDATE SET rank = excluded.rank, record = excluded.record, expire_at = excluded.expire_at
+WHERE excluded.rank >= online_records.rank
+"""
+_CHUNK = 400  # (tag, key) pairs per SELECT: 800 parameters, below SQLite's limit
+_TRANSACTION = 20_000  # records per write transaction
+
+
+class SQLiteOnlineStore(OnlineStore):
+    """Feature records in a local SQLite file; one connection per thread."""
+
+    def __init__(self, url: str) -> None:
+        self.name = url
+        database = sa.make_url(url).database
+        if not database or database == ":memory:":
+            raise ConfigError(f"online store {url!r}: give a file, e.g. sqlite:///path/online.db")
+        self._path = Path(database).expanduser()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._conn().execute(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=30000")
+            except sqlite3.Error as exc:
+                raise OnlineStoreError(f"online store {self.name}: {exc}") from None
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def read(self, groups: Sequence[ReadGroup]) -> list[bytes | None]:
+        pairs = [(tag, key) for tags, keys in groups for tag in tags for key in keys]
+        found: dict[tuple[str, bytes], bytes] = {}
+        conn = self._conn()
+        try:
+            unique = list(dict.fromkeys(pairs))
+            for i in range(0, len(unique), _CHUNK):
+                chunk = unique[i : i + _CHUNK]
+                values = ",".join("(?, ?)" for _ in chunk)
+                params = [x for pair in chunk for x in pair]
+                for tag, key, record in conn.execute(
+                    f"SELECT tag, key, record FROM online_records WHERE (tag, key) IN (VALUES {values})", params
+                ):
+                    found[(tag, key)] = record
+        except sqlite3.Error as exc:
+            raise OnlineStoreError(f"online store {self.name}: reading: {exc}") from None
+        return [found.get(p) for p in pairs]
+
+    def write(self, tag: str, records: RecordBuffers, progress: Progress | None = None) -> int:
+        n = len(records)
+        conn = self._conn()
+        applied = 0
+        try:
+            for start in range(0, n, _TRANSACTION):
+                stop = min(n, start + _TRANSACTION)
+                rows = []
+                for i in range(start, stop):
+                    rec = records.record(i)
+                    rows.append((tag, records.key(i), rec[1:17], rec, int(records.expire_at_ms[i])))
+                before = conn.total_changes
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(_UPSERT, rows)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                applied += conn.total_changes - before
+                if progress is not None:
+                    progress(stop - start)
+        except sqlite3.Error as exc:
+            raise OnlineStoreError(f"online store {self.name}: writing {tag}: {exc}") from None
+        return applied
+
+    def delete_expired(self, tag: str, now_ms: int | None = None) -> int:
+        """Drop records of ``tag`` whose ttl ran out (Redis does this itself with PXAT)."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        cur = self._conn().execute(
+            "DELETE FROM online_records WHERE tag = ? AND expire_at > 0 AND expire_at < ?", (tag, now_ms)
+        )
+        return cur.rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()

@@ -1,0 +1,409 @@
+"""The online store on SQLite, one Redis node and a real Redis Cluster: consistency, CAS, ttl, errors."""
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import redis
+
+import mlplat as mp
+from mlplat.features.online import redis as redis_store
+
+UTC = timezone.utc
+TS = pa.timestamp("us", tz="UTC")
+NOW = datetime.now(UTC).replace(microsecond=0)
+USER = mp.Entity("user", join_keys=["user_id"])
+REFS = ["txn:count", "txn:amount", "txn:note"]
+
+
+def txn_view(src: Path, ttl=timedelta(days=7), **kw) -> mp.FeatureView:
+    return mp.FeatureView(
+        "txn", entities=[USER], ttl=ttl,
+        schema=[mp.Field("count", mp.Int64), mp.Field("amount", mp.Float32), mp.Field("note", mp.String)],
+        source=mp.ParquetSource(src, created_timestamp_field="created"), **kw)
+
+
+def write(path: Path, users, ages, counts, created_ages=None, amounts=None, notes=None) -> None:
+    """Rows stamped NOW - age (ages in hours)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created_ages = ages if created_ages is None else created_ages
+    pq.write_table(pa.table({
+        "user_id": pa.array(users, pa.int64()),
+        "event_timestamp": pa.array([NOW - timedelta(hours=int(a)) for a in ages], TS),
+        "created": pa.array([NOW - timedelta(hours=int(a)) for a in created_ages], TS),
+        "count": pa.array(counts, pa.int64()),
+        "amount": pa.array(amounts if amounts is not None else [float(c) / 4 for c in counts], pa.float32()),
+        "note": pa.array(notes if notes is not None else [f"n{c}" for c in counts], pa.string()),
+    }), path)
+
+
+@pytest.fixture
+def p(tmp_path, online_url):
+    platform = mp.Platform(tmp_path / "home", online_store=online_url, threads=2)
+    yield platform
+    platform.close()
+
+
+def offline_now(p, users, refs=REFS, now=NOW) -> dict:
+    edf = pa.table({"user_id": pa.array(users, pa.int64()), "event_timestamp": pa.array([now] * len(users), TS)})
+    out = p.features.get_historical_features(edf, refs)
+    return {name: out.column(name).to_pylist() for name in out.column_names[2:]}
+
+
+# ----------------------------------------------------------- consistency
+def test_online_equals_offline_for_random_data(p, tmp_path):
+    rng = np.random.default_rng(11)
+    n = 3000
+    users = rng.integers(0, 400, n)
+    ages = rng.integers(-5, 24 * 10, n)  # some rows are in the future: never served before their time
+    created = ages - rng.integers(0, 3, n)
+    counts = rng.integers(-50, 50, n)
+    notes = [None if i % 17 == 0 else f"note-{i}" for i in range(n)]
+    amounts = [None if i % 13 == 0 else float(v) for i, v in enumerate(rng.normal(size=n))]
+    half = n // 2
+    write(tmp_path / "src" / "a.parquet", users[:half], ages[:half], counts[:half], created[:half],
+          amounts[:half], notes[:half])
+    write(tmp_path / "src" / "b.parquet", users[half:], ages[half:], counts[half:], created[half:],
+          amounts[half:], notes[half:])
+    p.features.apply([USER, txn_view(tmp_path / "src")])
+    [result] = p.features.materialize(end_date=NOW, progress=False)
+    assert result.rows > 300 and result.written == result.rows
+    asked = list(range(-3, 410))
+    online = p.features.get_online_features(REFS, [{"user_id": u} for u in asked])
+    offline = offline_now(p, asked)
+    assert online["user_id"] == asked
+    for name in ("count", "amount", "note"):
+        assert online[name] == offline[name], name
+    assert sum(v is not None for v in online["count"]) == result.rows  # every materialized entity is served
+
+
+def test_composite_and_string_keys_across_two_views(p, tmp_path):
+    merchant = mp.Entity("merchant", join_keys=["merchant_id"])
+    src = tmp_path / "um"
+    src.mkdir()
+    pq.write_table(pa.table({
+        "user_id": pa.array([1, 1, 2], pa.int64()), "merchant_id": ["acme", "bob", "acme"],
+        "event_timestamp": pa.array([NOW - timedelta(hours=1)] * 3, TS), "visits": [3, 4, 5]}), src / "a.parquet")
+    msrc = tmp_path / "m"
+    msrc.mkdir()
+    pq.write_table(pa.table({"merchant_id": ["acme", "bob"], "event_timestamp": pa.array([NOW] * 2, TS),
+                             "risk": [0.5, 0.25]}), msrc / "a.parquet")
+    um = mp.FeatureView("um", entities=[USER, merchant], ttl=None, schema=[mp.Field("visits", mp.Int64)],
+                        source=mp.ParquetSource(src))
+    mr = mp.FeatureView("mr", entities=[merchant], ttl=None, schema=[mp.Field("risk", mp.Float64)],
+                        source=mp.ParquetSource(msrc))
+    p.features.apply([USER, merchant, um, mr])
+    p.features.materialize(end_date=NOW, progress=False)
+    rows = {"user_id": [1, 2, 1, 3], "merchant_id": ["bob", "acme", "bob", "acme"]}
+    got = p.features.get_online_features(["mr:risk", "um:visits"], rows)
+    assert list(got) == ["merchant_id", "user_id", "risk", "visits"]  # keys in the order the views need them
+    assert got["visits"] == [4, 5, 4, None] and got["risk"] == [0.25, 0.5, 0.25, 0.5]
+
+
+# ---------------------------------------------------- materialize and CAS
+def test_materialize_is_incremental_and_rerunning_changes_nothing(p, tmp_path):
+    write(tmp_path / "src" / "a.parquet", [1, 2], [48, 30], [10, 20])
+    p.features.apply([USER, txn_view(tmp_path / "src")])
+    first = p.features.materialize(end_date=NOW - timedelta(hours=40), progress=False)[0]
+    assert (first.start, first.rows) == (None, 1)  # only user 1's row is old enough
+    assert p.features.get_online_features(["txn:count"], {"user_id": [1, 2]})["count"] == [10, None]
+    second = p.features.materialize(end_date=NOW, progress=False)[0]
+    assert second.start == NOW - timedelta(hours=40) and second.rows == 1  # continues where the first ended
+    again = p.features.materialize(end_date=NOW, progress=False)[0]
+    assert again.rows == 0 and again.written == 0
+    assert p.features.get_online_features(["txn:count"], {"user_id": [1, 2]})["count"] == [10, 20]
+    # an explicit start re-reads the window; the store keeps what it has (same rows)
+    redo = p.features.materialize(end_date=NOW, start_date=NOW - timedelta(days=3), progress=False)[0]
+    assert redo.rows == 2
+    assert p.features.get_online_features(["txn:count"], {"user_id": [1, 2]})["count"] == [10, 20]
+    with pytest.raises(mp.DataError, match="is after end_date"):
+        p.features.materialize(end_date=NOW, start_date=NOW + timedelta(days=1), progress=False)
+
+
+def test_an_older_row_never_overwrites_a_newer_one(p, tmp_path):
+    write(tmp_path / "src" / "a.parquet", [1, 2], [10, 10], [1, 2])
+    p.features.apply([USER, txn_view(tmp_path / "src")])
+    newer = {"user_id": [1], "event_timestamp": [NOW - timedelta(hours=1)], "count": [100], "amount": [1.0],
+             "note": ["pushed"]}
+    assert p.features.push("txn", newer) == 1
+    p.features.materialize(end_date=NOW, progress=False)
+    got = p.features.get_online_features(["txn:count", "txn:note"], {"user_id": [1, 2]})
+    assert got["count"] == [100, 2] and got["note"] == ["pushed", "n2"]
+    older = dict(newer, event_timestamp=[NOW - timedelta(hours=5)], count=[7])
+    assert p.features.push("txn", older) == 0
+    assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [100]
+
+
+def test_ttl_is_enforced_on_read_relative_to_now(p, tmp_path):
+    write(tmp_path / "src" / "a.parquet", [1, 2], [24 * 3, 1], [1, 2])
+    p.features.apply([USER, txn_view(tmp_path / "src", ttl=timedelta(days=2))])
+    # materialized as of 2.5 days ago, user 1's row (3 days old now) was only 0.5 days old then
+    p.features.materialize(end_date=NOW - timedelta(days=2, hours=12), progress=False)
+    p.features.materialize(end_date=NOW, progress=False)
+    got = p.features.get_online_features(["txn:count"], {"user_id": [1, 2]})
+    assert got["count"] == [None, 2]
+    assert offline_now(p, [1, 2], ["txn:count"])["count"] == [None, 2]
+
+
+def test_views_not_online_are_skipped_and_refused(p, tmp_path):
+    write(tmp_path / "src" / "a.parquet", [1], [1], [1])
+    p.features.apply([USER, txn_view(tmp_path / "src", online=False)])
+    assert p.features.materialize(end_date=NOW, progress=False) == []
+    with pytest.raises(mp.DefinitionError, match="not served online"):
+        p.features.get_online_features(["txn:count"], {"user_id": [1]})
+    with pytest.raises(mp.DefinitionError, match="not served online"):
+        p.features.materialize(views=["txn"], progress=False)
+
+
+def test_a_new_definition_version_starts_empty_and_is_seen_at_once(p, tmp_path):
+    write(tmp_path / "src" / "a.parquet", [1], [1], [5])
+    p.features.apply([USER, txn_view(tmp_path / "src")])
+    p.features.materialize(end_date=NOW, progress=False)
+    assert p.features.get_online_features(["txn:count"], [{"user_id": 1}])["count"] == [5]
+    p.features.apply([txn_view(tmp_path / "src", ttl=timedelta(days=8))])  # version 2
+    assert p.features.get_online_features(["txn:count"], [{"user_id": 1}])["count"] == [None]
+    p.features.materialize(end_date=NOW, progress=False)
+    assert p.features.get_online_features(["txn:count"], [{"user_id": 1}])["count"] == [5]
+
+
+# ------------------------------------------------------------ entity rows
+def test_entity_row_forms_duplicates_unknown_and_result_forms(p, tmp_path):
+    write(tmp_path / "src" / "a.parquet", [1, 2], [1, 1], [10, 20])
+    p.features.apply([USER, txn_view(tmp_path / "src")])
+    p.features.materialize(end_date=NOW, progress=False)
+    want = [10, 20, 10, None]
+    forms = [
+        [{"user_id": 1}, {"user_id": 2}, {"user_id": 1}, {"user_id": 99}],
+        {"user_id": [1, 2, 1, 99]},
+        {"user_id": np.array([1, 2, 1, 99])},
+        pd.DataFrame({"user_id": [1, 2, 1, 99]}),
+        pa.table({"user_id": [1, 2, 1, 99]}),
+    ]
+    for rows in forms:
+        assert p.features.get_online_features(["txn:count"], rows)["count"] == want
+    got = p.features.get_online_features(REFS, {"user_id": [1, None]}, full_feature_names=True)
+    assert list(got) == ["user_id", "txn__count", "txn__amount", "txn__note"]
+    assert got["txn__count"] == [10, None]
+    table = got.to_arrow()
+    assert table.schema.field("txn__amount").type == pa.float32() and table.num_rows == 2
+    notes = got.to_pandas()["txn__note"]
+    assert notes[0] == "n10" and pd.isna(notes[1])
+    assert p.features.get_online_features(["txn:count"], {"user_id": []})["count"] == []
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ({"uid": [1]}, "no column 'user_id'"),
+        ([{"uid": 1}], "entity row 0 has no join key 'user_id'"),
+        ([1, 2], "entity row 0 must be a dict"),
+        ({"user_id": ["1"]}, "entity row 0: join key 'user_id' must be int: expected an integer, got str"),
+        ({"user_id": [1.5]}, "join key 'user_id' must be int: expected an integer, got float"),
+        ("users", "pandas DataFrame, a pyarrow Table or a polars DataFrame"),
+    ],
+)
+def test_bad_entity_rows_name_the_problem(p, tmp_path, rows, message):
+    write(tmp_path / "src" / "a.parquet", [1], [1], [10])
+    p.features.apply([USER, txn_view(tmp_path / "src")])
+    with pytest.raises(mp.DataError, match=message):
+        p.features.get_online_features(["txn:count"], rows)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"user_id": 1, "event_timestamp": NOW, "count": 1, "amount": 1.0}], "no feature 'note'"),
+        ([{"user_id": 1, "count": 1, "amount": 1.0, "note": "x"}], "no timestamp column 'event_timestamp'"),
+        ([{"user_id": "1", "event_timestamp": NOW, "count": 1, "amount": 1.0, "note": "x"}],
+         "join key 'user_id' is string"),
+        ([{"user_id": 1, "event_timestamp": NOW, "count": "many", "amount": 1.0, "note": "x"}],
+         "feature 'count' is string"),
+        ([{"user_id": None, "event_timestamp": NOW, "count": 1, "amount": 1.0, "note": "x"}],
+         "join key 'user_id' has nulls"),
+        ([{"user_id": 1, "event_timestamp": None, "count": 1, "amount": 1.0, "note": "x"}],
+         "every row needs a 'event_timestamp' time"),
+    ],
+)
+def test_bad_pushes_are_refused_and_store_unchanged(p, tmp_path, rows, message):
+    write(tmp_path / "src" / "a.parquet", [1], [1], [10])
+    p.features.apply([USER, txn_view(tmp_path / "src")])
+    p.features.materialize(end_date=NOW, progress=False)
+    with pytest.raises(mp.DataError, match=message):
+        p.features.push("txn", rows)
+    assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [10]
+
+
+def test_push_to_offline_appends_a_file_training_sees(p, tmp_path):
+    write(tmp_path / "src" / "a.parquet", [1], [10], [1])
+    p.features.apply([USER, txn_view(tmp_path / "src")])
+    row = {"user_id": [1], "event_timestamp": [NOW - timedelta(hours=1)], "count": [42], "amount": [0.5],
+           "note": ["fresh"]}
+    assert p.features.push("txn", row, to_offline=True) == 1
+    pushed = list((tmp_path / "src" / "pushed").glob("*.parquet"))
+    assert len(pushed) == 1 and not list((tmp_path / "src" / "pushed").glob(".*"))
+    assert offline_now(p, [1])["count"] == [42]
+    assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [42]
+
+
+# ----------------------------------------------------------- concurrency
+def test_racing_materializations_and_pushes_end_with_the_newest_row(p, tmp_path, online_url):
+    rng = np.random.default_rng(3)
+    n = 4000
+    users = rng.integers(0, 300, n)
+    ages = rng.integers(2, 24 * 5, n)  # hours; created = event time
+    write(tmp_path / "src" / "a.parquet", users, ages, np.arange(n))
+    p.features.apply([USER, txn_view(tmp_path / "src")])
+    # distinct (user, minute) pairs: a push's created time is when it ran, so two pushes of one user at
+    # the same event time would race; a push beats a file row of the same event time (created later)
+    combos = rng.choice(300 * 600, size=200, replace=False)
+    pushes = [{"user_id": [int(c // 600)], "event_timestamp": [NOW - timedelta(minutes=int(c % 600))],
+               "count": [10_000 + i], "amount": [1.0], "note": ["push"]} for i, c in enumerate(combos)]
+    errors = []
+
+    def run(fn) -> None:
+        try:
+            with mp.Platform(tmp_path / "home", online_store=online_url, threads=1) as other:
+                fn(other)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def materializer(other) -> None:
+        other.features.materialize(end_date=NOW, start_date=NOW - timedelta(days=6), progress=False)
+
+    def pusher(part):
+        def go(other) -> None:
+            for row in part:
+                other.features.push("txn", row)
+        return go
+
+    threads = [threading.Thread(target=run, args=(materializer,)) for _ in range(2)]
+    threads += [threading.Thread(target=run, args=(pusher(pushes[i::2]),)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    # the newest row per user by (event time, created time, read order)
+    best: dict[int, tuple] = {}
+    for pos, (u, a) in enumerate(zip(users.tolist(), ages.tolist())):
+        rank = (NOW - timedelta(hours=a), 0, pos)
+        if u not in best or rank > best[u][0]:
+            best[u] = (rank, pos)
+    for row in pushes:
+        u, rank = row["user_id"][0], (row["event_timestamp"][0], 1, 0)
+        if u not in best or rank > best[u][0]:
+            best[u] = (rank, row["count"][0])
+    got = p.features.get_online_features(["txn:count"], {"user_id": sorted(best)})
+    assert got["count"] == [best[u][1] for u in sorted(best)]
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.redis
+def test_unreachable_redis_is_an_online_store_error(tmp_path, redis_url):
+    url = "redis://:secret@127.0.0.1:1/0?timeout=0.2&retries=1"
+    with mp.Platform(tmp_path / "h", online_store=url) as p:
+        write(tmp_path / "src" / "a.parquet", [1], [1], [1])
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        with pytest.raises(mp.OnlineStoreError, match=r"online store redis://:\*\*\*@127.0.0.1:1/0.*cannot connect"):
+            p.features.get_online_features(["txn:count"], {"user_id": [1]})
+        with pytest.raises(mp.OnlineStoreError, match="cannot connect"):
+            p.features.materialize(end_date=NOW, progress=False)
+        assert "secret" not in p.features.online_store.name
+
+
+@pytest.mark.redis
+def test_a_server_that_stops_answering_times_out(tmp_path, redis_url):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        url = f"redis://127.0.0.1:{port}/0?timeout=0.2&retries=0"
+        with mp.Platform(tmp_path / "h", online_store=url) as p:
+            write(tmp_path / "src" / "a.parquet", [1], [1], [1])
+            p.features.apply([USER, txn_view(tmp_path / "src")])
+            with pytest.raises(mp.OnlineStoreError, match="timed out after 0.2 s"):
+                p.features.get_online_features(["txn:count"], {"user_id": [1]})
+
+
+@pytest.mark.redis
+def test_garbage_in_the_store_is_reported_not_served(tmp_path, redis_url):
+    with mp.Platform(tmp_path / "h", online_store=redis_url) as p:
+        write(tmp_path / "src" / "a.parquet", [1], [1], [1])
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        p.features.materialize(end_date=NOW, progress=False)
+        client = redis.Redis.from_url(redis_url)
+        [key] = client.keys("mlplat:*")
+        client.set(key, b"not a record")
+        with pytest.raises(mp.OnlineStoreError, match="txn@1 holds a record mlplat cannot read"):
+            p.features.get_online_features(["txn:count"], {"user_id": [1]})
+
+
+@pytest.mark.redis
+def test_a_failed_write_batch_leaves_each_key_old_or_new(tmp_path, redis_url):
+    with mp.Platform(tmp_path / "h", online_store=redis_url + "?batch=50") as p:
+        users = list(range(200))
+        write(tmp_path / "src" / "a.parquet", users, [30] * 200, users)
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        p.features.materialize(end_date=NOW - timedelta(hours=20), progress=False)  # "old" values: count = user
+        write(tmp_path / "src" / "a.parquet", users, [10] * 200, [1000 + u for u in users])
+        client = redis.Redis.from_url(redis_url)
+        from mlplat._native import _codec
+
+        [blocker] = _codec.redis_keys("mlplat:", "txn@1", _codec.entity_keys([[120]], [0]))
+        client.delete(blocker)
+        client.hset(blocker, "x", "1")  # a hash where a record should be: the script fails on it
+        with pytest.raises(mp.OnlineStoreError, match="writing txn@1: answered with an error: .*WRONGTYPE"):
+            p.features.materialize(end_date=NOW, progress=False)
+        client.delete(blocker)
+        got = p.features.get_online_features(["txn:count"], {"user_id": users})["count"]
+        assert all(c in (u, 1000 + u) for u, c in zip(users, got) if u != 120)
+        assert {c >= 1000 for c in got if c is not None} == {True, False}  # the failure was mid-way
+
+
+def test_cluster_reads_take_one_round_trip_per_node(tmp_path, redis_cluster_url, monkeypatch):
+    with mp.Platform(tmp_path / "h", online_store=redis_cluster_url) as p:
+        users = list(range(300))
+        write(tmp_path / "src" / "a.parquet", users, [1] * 300, users)
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        p.features.materialize(end_date=NOW, progress=False)
+        calls = []
+        original = redis_store._roundtrip
+        monkeypatch.setattr(redis_store, "_roundtrip", lambda pool, cmds, retries: calls.append(len(cmds))
+                            or original(pool, cmds, retries))
+        got = p.features.get_online_features(REFS, {"user_id": users})
+        assert got["count"] == users
+        assert len(calls) == 3 and sum(calls) > 3  # three nodes, several slots pipelined on each
+
+
+@pytest.mark.redis
+def test_single_node_reads_are_one_command(tmp_path, redis_url, monkeypatch):
+    with mp.Platform(tmp_path / "h", online_store=redis_url) as p:
+        write(tmp_path / "src" / "a.parquet", [1, 2], [1, 1], [1, 2])
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        p.features.materialize(end_date=NOW, progress=False)
+        calls = []
+        original = redis_store._roundtrip
+        monkeypatch.setattr(redis_store, "_roundtrip", lambda pool, cmds, retries: calls.append(len(cmds))
+                            or original(pool, cmds, retries))
+        p.features.get_online_features(REFS, {"user_id": [1, 2, 1, 3] * 50})
+        assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [("redis://h:1/0?timeout=-1", "timeout must be > 0"), ("redis://h:1/0?retries=x", "bad parameter"),
+     ("memcached://h", "use sqlite:///path"), ("sqlite://", "give a file")],
+)
+def test_bad_online_store_urls(url, message):
+    from mlplat.features.online import open_online_store
+
+    with pytest.raises(mp.ConfigError, match=message):
+        open_online_store(url)
