@@ -20,6 +20,14 @@ def test_demo_builds_a_point_in_time_training_set(tmp_path):
     # the snapshots a label row may use are stamped at the end of a day before the label's time
     snapshots = pq.read_table(tmp_path / "demo" / "data" / "user_txn_7d").column("event_timestamp")
     assert snapshots.num_chunks > 0
+    # materialized and served: the online answer equals offline retrieval at the same moment
+    assert summary["materialized"] > 2000 and summary["consistent"] is True
+    assert summary["online"]["txn_count_7d"][3] is None and summary["online"]["txn_count_7d"][0] > 0
+
+
+def test_demo_on_redis(tmp_path, redis_url):
+    summary = run_demo(tmp_path / "demo", online_store=redis_url)
+    assert summary["consistent"] is True and summary["materialized"] > 2000
 
 
 def test_demo_command_reruns_in_its_own_folder(tmp_path):

@@ -1,8 +1,10 @@
 """``mlplat demo``: the fintech story on embedded defaults, in a fresh folder.
 
-Today it covers the feature store: generate a transactions data set, define
-user and merchant feature views over Parquet, apply them, and build a
-point-in-time correct training set for a fraud model.
+Today it covers the feature store: generate a transactions data set (the 90
+days up to today), define user and merchant feature views over Parquet, apply
+them, build a point-in-time correct training set for a fraud model, then
+materialize the views and read them back online, checking that the online
+answer equals the offline one at the same moment.
 
 Usage::
 
@@ -26,8 +28,14 @@ from .errors import ConfigError
 __all__ = ["run_demo", "generate_transactions"]
 
 _MARKER = ".mlplat-demo"
-START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 DAY_US = 86_400 * 1_000_000
+DAYS = 90
+
+
+def _start() -> datetime:
+    """Midnight UTC, DAYS days ago: the data always ends today, so online values are fresh."""
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today - timedelta(days=DAYS - 1)
 
 
 def _fresh_home(home: Path) -> None:
@@ -39,8 +47,8 @@ def _fresh_home(home: Path) -> None:
     (home / _MARKER).write_text("created by `mlplat demo`; the demo wipes this folder when it runs again\n")
 
 
-def generate_transactions(n_users: int = 2_000, n_merchants: int = 200, n_txns: int = 200_000, days: int = 90,
-                          seed: int = 7) -> pa.Table:
+def generate_transactions(n_users: int = 2_000, n_merchants: int = 200, n_txns: int = 200_000, days: int = DAYS,
+                          seed: int = 7, start: datetime | None = None) -> pa.Table:
     """Card transactions with a learnable fraud signal: risky merchants, bursts, large amounts.
 
     >>> t = generate_transactions(50, 5, 1_000, 10)
@@ -48,6 +56,7 @@ def generate_transactions(n_users: int = 2_000, n_merchants: int = 200, n_txns: 
     (1000, ['txn_id', 'user_id', 'merchant_id'])
     """
     rng = np.random.default_rng(seed)
+    start = start or _start()
     user = rng.integers(0, n_users, n_txns)
     merchant = rng.zipf(1.6, n_txns) % n_merchants
     ts = np.sort(rng.integers(0, days * DAY_US, n_txns))
@@ -60,7 +69,7 @@ def generate_transactions(n_users: int = 2_000, n_merchants: int = 200, n_txns: 
         "txn_id": np.arange(n_txns),
         "user_id": user,
         "merchant_id": pa.array([f"m{m:04d}" for m in merchant]),
-        "event_timestamp": pa.array(ts + int(START.timestamp() * 1e6), pa.timestamp("us", "UTC")),
+        "event_timestamp": pa.array(ts + int(start.timestamp() * 1e6), pa.timestamp("us", "UTC")),
         "amount": amount,
         "is_fraud": is_fraud,
     })
@@ -79,13 +88,13 @@ def _rolling_daily(keys: np.ndarray, day: np.ndarray, values: np.ndarray, n_keys
 
 
 def _write_daily(folder: Path, key_name: str, key_values, columns: dict[str, np.ndarray], active: np.ndarray,
-                 dtypes: dict[str, pa.DataType]) -> None:
+                 dtypes: dict[str, pa.DataType], start: datetime) -> None:
     """One row per (key, day) where ``active``, stamped at the end of the day, one file per 30 days."""
     folder.mkdir(parents=True, exist_ok=True)
     k, d = np.nonzero(active)
     order = np.lexsort((k, d))
     k, d = k[order], d[order]
-    ts = (d + 1) * DAY_US - 1 + int(START.timestamp() * 1e6)
+    ts = (d + 1) * DAY_US - 1 + int(start.timestamp() * 1e6)
     for part, lo in enumerate(range(0, int(d.max()) + 1, 30)):
         sel = (d >= lo) & (d < lo + 30)
         pq.write_table(pa.table({
@@ -95,24 +104,24 @@ def _write_daily(folder: Path, key_name: str, key_values, columns: dict[str, np.
         }), folder / f"part-{part:03d}.parquet")
 
 
-def _feature_data(txns: pa.Table, data: Path, days: int) -> None:
+def _feature_data(txns: pa.Table, data: Path, days: int, start: datetime) -> None:
     user = txns.column("user_id").to_numpy()
     merchant_codes = txns.column("merchant_id").dictionary_encode().combine_chunks()
     merchant = merchant_codes.indices.to_numpy()
-    day = (txns.column("event_timestamp").cast(pa.int64()).to_numpy() - int(START.timestamp() * 1e6)) // DAY_US
+    day = (txns.column("event_timestamp").cast(pa.int64()).to_numpy() - int(start.timestamp() * 1e6)) // DAY_US
     amount = txns.column("amount").to_numpy()
     fraud = txns.column("is_fraud").to_numpy(zero_copy_only=False).astype(float)
     n_users = int(user.max()) + 1
     cnt, amt = _rolling_daily(user, day, amount, n_users, days, 7)
     _write_daily(data / "user_txn_7d", "user_id", np.arange(n_users),
                  {"txn_count_7d": cnt.astype(np.int64), "amount_sum_7d": amt}, cnt > 0,
-                 {"txn_count_7d": pa.int64(), "amount_sum_7d": pa.float64()})
+                 {"txn_count_7d": pa.int64(), "amount_sum_7d": pa.float64()}, start)
     n_m = len(merchant_codes.dictionary)
     m_cnt, m_fraud = _rolling_daily(merchant, day, fraud, n_m, days, 30)
     rate = np.divide(m_fraud, m_cnt, out=np.zeros_like(m_fraud), where=m_cnt > 0)
     _write_daily(data / "merchant_30d", "merchant_id", merchant_codes.dictionary.to_pylist(),
                  {"fraud_rate_30d": rate, "txn_count_30d": m_cnt.astype(np.int64)}, m_cnt > 0,
-                 {"fraud_rate_30d": pa.float32(), "txn_count_30d": pa.int64()})
+                 {"fraud_rate_30d": pa.float32(), "txn_count_30d": pa.int64()}, start)
 
 
 def _cell(value: Any) -> str:
@@ -137,9 +146,9 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
     t0 = time.perf_counter()
 
     with console.status("generating 200,000 card transactions and daily feature snapshots"):
-        days = 90
-        txns = generate_transactions(days=days)
-        _feature_data(txns, home / "data", days)
+        start = _start()
+        txns = generate_transactions(start=start)
+        _feature_data(txns, home / "data", DAYS, start)
     timings["data"] = time.perf_counter() - t0
 
     p = mp.Platform(home, online_store=online_store)
@@ -165,6 +174,19 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
     labels = txns.select(["user_id", "merchant_id", "event_timestamp", "amount", "is_fraud"]).slice(20_000)
     train = p.features.get_historical_features(labels, service)
     timings["training_set"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    materialized = p.features.materialize(end_date=now, progress=False)
+    timings["materialize"] = time.perf_counter() - t2
+    probe = {"user_id": [1, 2, 3, 5000], "merchant_id": ["m0001", "m0002", "m0003", "m0004"]}
+    for attempt in ("online_first_read", "online_read"):  # the first read also loads the definitions
+        t3 = time.perf_counter()
+        online = p.features.get_online_features(service, probe)
+        timings[attempt] = time.perf_counter() - t3
+    stamped = pa.table({**probe, "event_timestamp": pa.array([now] * 4, pa.timestamp("us", "UTC"))})
+    offline = p.features.get_historical_features(stamped, service)
+    consistent = all(online[c] == offline.column(c).to_pylist() for c in train.column_names[-4:])
     p.close()
 
     console.rule("[bold]mlplat demo: features")
@@ -184,6 +206,16 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
         f"{matched:,} rows have user features"
         + (" (the others had no card activity in the 7 days before)" if matched < train.num_rows else "")
     )
+    rows = sum(m.rows for m in materialized)
+    console.print(f"materialized {rows:,} entities into {p.settings.online_store} in {timings['materialize']:.2f} s")
+    look = Table(*online.keys(), title="online lookup (user 5000 does not exist: None)")
+    for values in zip(*online.values()):
+        look.add_row(*[_cell(v) for v in values])
+    console.print(look)
+    console.print(f"online read of 4 entities x 2 views: {timings['online_read'] * 1000:.2f} ms "
+                  f"(first read, loading the definitions: {timings['online_first_read'] * 1000:.2f} ms); "
+                  f"equals offline retrieval at the same moment: {'yes' if consistent else 'NO'}")
     console.print(f"home: {home}  (database {p.settings.database_url})")
     return {"home": str(home), "rows": train.num_rows, "columns": train.column_names, "matched": matched,
-            "timings": timings, "applied": [(r.kind, r.name, r.version) for r in applied]}
+            "timings": timings, "applied": [(r.kind, r.name, r.version) for r in applied],
+            "materialized": rows, "online": dict(online), "consistent": consistent}
