@@ -198,3 +198,49 @@ def bucket(key: bytes) -> int:
 
 def redis_key(prefix: str, tag: str, key: bytes) -> bytes:
     return f"{prefix}{{{bucket(key)}}}:{tag}:".encode() + key
+
+
+# ------------------------------------------------------------ table hash
+import hashlib  # noqa: E402
+
+
+def table_hash_python(table) -> str:
+    """The canonical table hash computed row by row from Python values (see mlplat.runs.datahash)."""
+    import pyarrow as pa
+    import pyarrow.types as pat
+
+    def canonical_type(t) -> str:
+        if pat.is_dictionary(t):
+            return canonical_type(t.value_type)
+        if pat.is_string(t) or pat.is_large_string(t) or pat.is_string_view(t):
+            return "string"
+        if pat.is_binary(t) or pat.is_large_binary(t) or pat.is_binary_view(t):
+            return "binary"
+        return str(t)
+
+    top = hashlib.blake2b(digest_size=32)
+    top.update(b"mlplat-table-v1\n" + str(table.num_rows).encode() + b"\n")
+    for field in table.schema:
+        top.update(field.name.encode() + b"\0" + canonical_type(field.type).encode() + b"\n")
+        column = table.column(field.name)
+        t = field.type.value_type if pat.is_dictionary(field.type) else field.type
+        validity, values, lengths = (hashlib.blake2b(digest_size=32) for _ in range(3))
+        raw_ints = column.cast(pa.int64()).to_pylist() if pat.is_timestamp(t) else None
+        for i, v in enumerate(column.to_pylist()):
+            validity.update(b"\x00" if v is None else b"\x01")
+            if pat.is_boolean(t):
+                values.update(b"\x01" if v else b"\x00")
+            elif pat.is_string(t) or pat.is_large_string(t) or pat.is_binary(t) or pat.is_large_binary(t):
+                raw = b"" if v is None else (v.encode() if isinstance(v, str) else v)
+                lengths.update(len(raw).to_bytes(8, "little", signed=True))
+                values.update(raw)
+            elif pat.is_integer(t):
+                values.update((0 if v is None else v).to_bytes(t.bit_width // 8, "little", signed=pat.is_signed_integer(t)))
+            elif pat.is_floating(t):
+                values.update(struct.pack("<d" if t.bit_width == 64 else "<f", 0.0 if v is None else v))
+            elif pat.is_timestamp(t):
+                values.update((0 if v is None else raw_ints[i]).to_bytes(8, "little", signed=True))
+            else:
+                raise NotImplementedError(t)
+        top.update(validity.digest() + values.digest() + lengths.digest())
+    return f"blake2b-256:{top.hexdigest()}"

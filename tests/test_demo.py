@@ -23,6 +23,17 @@ def test_demo_builds_a_point_in_time_training_set(tmp_path):
     # materialized and served: the online answer equals offline retrieval at the same moment
     assert summary["materialized"] > 2000 and summary["consistent"] is True
     assert summary["online"]["txn_count_7d"][3] is None and summary["online"]["txn_count_7d"][0] > 0
+    # a tracked, registered, approved model whose lineage names run, data hash, feature refs and approver
+    lineage = summary["model"]["lineage"]
+    assert summary["model"]["val_auc"] > 0.7  # the labels carry signal the features can learn
+    assert lineage["stage"] == "production" and lineage["approvals"][0]["approved_by"] == "risk-lead"
+    assert lineage["data"][0]["content_hash"].startswith("blake2b-256:")
+    assert "user_txn_7d@1:txn_count_7d" in lineage["data"][0]["feature_refs"]
+    result = CliRunner().invoke(cli, ["--home", summary["home"], "models", "lineage", "fraud", "--verify"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for text in (lineage["run"]["id"], lineage["data"][0]["content_hash"], "risk-lead", "matches"):
+        assert text in result.output
 
 
 def test_demo_on_redis(tmp_path, redis_url):

@@ -35,7 +35,9 @@ from .features import (
     OnlineResponse,
     ParquetSource,
 )
+from .models import ModelVersionInfo
 from .platform import Platform
+from .runs import RunInfo, Signature, TensorSpec, table_hash
 from .settings import Settings
 
 __version__ = "0.1.0"
@@ -53,6 +55,12 @@ __all__ = [
     "CatalogEntry",
     "MaterializeResult",
     "OnlineResponse",
+    # runs and models
+    "RunInfo",
+    "ModelVersionInfo",
+    "Signature",
+    "TensorSpec",
+    "table_hash",
     # dtypes
     "DType",
     "Int8",
@@ -81,6 +89,6 @@ __all__ = [
 
 for _name in __all__:
     _obj = globals()[_name]
-    if isinstance(_obj, type):
+    if isinstance(_obj, type) or callable(_obj):
         _obj.__module__ = "mlplat"
 del _name, _obj

@@ -175,6 +175,10 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
     train = p.features.get_historical_features(labels, service)
     timings["training_set"] = time.perf_counter() - t1
 
+    t_model = time.perf_counter()
+    model_summary = _train_and_register(p, train, service, console)
+    timings["model"] = time.perf_counter() - t_model
+
     t2 = time.perf_counter()
     now = datetime.now(timezone.utc)
     materialized = p.features.materialize(end_date=now, progress=False)
@@ -215,7 +219,87 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
     console.print(f"online read of 4 entities x 2 views: {timings['online_read'] * 1000:.2f} ms "
                   f"(first read, loading the definitions: {timings['online_first_read'] * 1000:.2f} ms); "
                   f"equals offline retrieval at the same moment: {'yes' if consistent else 'NO'}")
+    if model_summary:
+        _print_model(console, model_summary)
     console.print(f"home: {home}  (database {p.settings.database_url})")
+    if model_summary:
+        console.print(f"next: mlplat --home {home} models lineage fraud --verify")
     return {"home": str(home), "rows": train.num_rows, "columns": train.column_names, "matched": matched,
             "timings": timings, "applied": [(r.kind, r.name, r.version) for r in applied],
-            "materialized": rows, "online": dict(online), "consistent": consistent}
+            "materialized": rows, "online": dict(online), "consistent": consistent, "model": model_summary}
+
+
+FEATURES = ["amount", "txn_count_7d", "amount_sum_7d", "fraud_rate_30d", "txn_count_30d"]
+
+
+def _matrix(table: pa.Table) -> np.ndarray:
+    cols = [table.column(c).cast(pa.float64()).fill_null(0.0).to_numpy() for c in FEATURES]
+    return np.column_stack(cols).astype(np.float32)
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve by ranks (ties averaged)."""
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]
+    pos = labels.sum()
+    neg = len(labels) - pos
+    return float((ranks[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * neg)) if pos and neg else float("nan")
+
+
+def _train_and_register(p, train: pa.Table, service, console) -> dict | None:
+    """Train a small fraud model on the training set with the tracking helper, register and approve it."""
+    try:
+        import torch
+
+        from ._demo_model import FraudNet
+    except ImportError:
+        console.print("[yellow]torch is not installed: skipping the model (pip install 'mlplat[torch]')")
+        return None
+    x = _matrix(train)
+    y = train.column("is_fraud").to_numpy(zero_copy_only=False).astype(np.float32)
+    cut = int(len(y) * 0.8)  # rows are in time order: validate on the last fifth
+    cfg = {"lr": 0.01, "epochs": 8, "batch_size": 2048, "hidden": 16, "seed": 7}
+    torch.manual_seed(cfg["seed"])
+    model = FraudNet(x[:cut], hidden=cfg["hidden"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    xt, yt = torch.from_numpy(x[:cut]), torch.from_numpy(y[:cut])
+    xv = torch.from_numpy(x[cut:])
+    with console.status("training a fraud model (tracked run)"), p.runs.training(
+        "fraud-demo", config=cfg, data=train, features=service, model=model, example_input=xv[:2],
+    ) as t:
+        for _ in range(cfg["epochs"]):
+            perm = torch.randperm(len(xt))
+            total = 0.0
+            for i in range(0, len(xt), cfg["batch_size"]):
+                idx = perm[i : i + cfg["batch_size"]]
+                optimizer.zero_grad()
+                loss = torch.nn.functional.binary_cross_entropy(model(xt[idx]).squeeze(1), yt[idx])
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(idx)
+            with torch.no_grad():
+                val_auc = _auc(model(xv).squeeze(1).numpy(), y[cut:])
+            t.epoch(loss=total / len(xt), val_auc=val_auc)
+    version = p.models.register("fraud", t.id, registered_by="data-scientist", description="demo fraud model")
+    p.models.promote("fraud", version.version, "production", approved_by="risk-lead",
+                     notes="validation AUC reviewed in the demo")
+    lineage = p.models.lineage("fraud", stage="production")
+    return {"run_id": t.id, "version": version.version, "val_auc": val_auc, "lineage": lineage}
+
+
+def _print_model(console, summary: dict) -> None:
+    lin = summary["lineage"]
+    data = lin["data"][0]
+    console.rule("[bold]mlplat demo: model")
+    console.print(f"trained in run {lin['run']['id']} (experiment {lin['run']['experiment']!r}), "
+                  f"validation AUC {summary['val_auc']:.3f}")
+    console.print(f"registered as fraud v{lin['version']} by {lin['registered_by']}; in production, approved by "
+                  f"{lin['approvals'][-1]['approved_by']}")
+    console.print(f"git commit: {lin['git']['commit'] or 'not in a git repository'}"
+                  + (" (uncommitted changes)" if lin["git"]["dirty"] == "true" else ""))
+    console.print(f"training data: {data['row_count']:,} rows, hash {data['content_hash']}")
+    console.print("feature refs: " + ", ".join(data["feature_refs"]))

@@ -6,13 +6,16 @@ import os
 from .db import Database
 from .db.migrate import ensure_schema
 from .features.store import FeatureStore
+from .models.registry import ModelRegistry
+from .runs.artifacts import ArtifactStore
+from .runs.tracking import RunStore
 from .settings import Settings
 
 __all__ = ["Platform"]
 
 
 class Platform:
-    """mlplat in one object: ``.features`` (and, as they land, ``.runs``, ``.models``, ``.serving``).
+    """mlplat in one object: ``.features``, ``.runs``, ``.models`` (and, as it lands, ``.serving``).
 
     Arguments override ``MLPLAT_*`` environment variables, which override the
     embedded defaults: a SQLite database, a SQLite online store and an
@@ -52,6 +55,9 @@ class Platform:
         )
         ensure_schema(self.db)
         self.features = FeatureStore(self.db, s)
+        self.artifacts = ArtifactStore(s.artifact_root)
+        self.runs = RunStore(self.db, self.artifacts, self.features)
+        self.models = ModelRegistry(self.db, self.runs, self.artifacts, self.features)
 
     def close(self) -> None:
         """Release database and online store connections."""

@@ -12,12 +12,29 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Base", "UTCDateTime", "FeatureDefinition", "FeatureDefinitionTag", "Materialization", "utcnow"]
+__all__ = [
+    "Base", "UTCDateTime", "utcnow", "FeatureDefinition", "FeatureDefinitionTag", "Materialization",
+    "Experiment", "Run", "RunParam", "RunTag", "RunMetric", "LatestMetric", "RunInput", "RunArtifact",
+    "RegisteredModel", "ModelVersion", "ModelAlias", "ModelTransition",
+]
 
 
 def utcnow() -> datetime:
@@ -111,3 +128,167 @@ class Materialization(Base):
     finished_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index(None, "view", "view_version", "online_store"),)
+
+
+# ------------------------------------------------------------------ tracking
+class Experiment(Base):
+    """A named group of runs."""
+
+    __tablename__ = "experiments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Run(Base):
+    """One execution of training code."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255), default="")
+    status: Mapped[str] = mapped_column(String(16))
+    start_time: Mapped[datetime] = mapped_column(default=utcnow)
+    end_time: Mapped[Optional[datetime]]
+    parent_run_id: Mapped[Optional[str]] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+    user: Mapped[str] = mapped_column(String(255), default="")
+    artifact_uri: Mapped[str] = mapped_column(String(2048), default="")
+
+    __table_args__ = (Index(None, "experiment_id", "start_time"),)
+
+
+class RunParam(Base):
+    __tablename__ = "run_params"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class RunTag(Base):
+    __tablename__ = "run_tags"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class RunMetric(Base):
+    """Every logged point; a NaN value is stored as NULL (SQLite cannot store NaN)."""
+
+    __tablename__ = "run_metrics"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    value: Mapped[Optional[float]] = mapped_column(Double)
+    step: Mapped[int] = mapped_column(BigInteger)
+    timestamp: Mapped[int] = mapped_column(BigInteger)  # ms since the epoch
+
+    __table_args__ = (Index(None, "run_id", "key", "step"),)
+
+
+class LatestMetric(Base):
+    """The latest point of each metric of a run (greatest step, then timestamp): what search reads."""
+
+    __tablename__ = "run_latest_metrics"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[Optional[float]] = mapped_column(Double)
+    step: Mapped[int] = mapped_column(BigInteger)
+    timestamp: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index(None, "key", "value"),)
+
+
+class RunInput(Base):
+    """A data set a run trained or evaluated on, fingerprinted in full."""
+
+    __tablename__ = "run_inputs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    content_hash: Mapped[str] = mapped_column(String(128))
+    row_count: Mapped[int] = mapped_column(BigInteger)
+    schema: Mapped[dict[str, Any]]
+    feature_refs: Mapped[dict[str, Any]]  # {"refs": [...pinned "view@v:feature"...], "entity_rows": artifact path}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("run_id", "name"),)
+
+
+class RunArtifact(Base):
+    """A file (or a model folder) stored for a run in the artifact store."""
+
+    __tablename__ = "run_artifacts"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "file" or "model"
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    meta: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# ------------------------------------------------------------------ registry
+class RegisteredModel(Base):
+    __tablename__ = "registered_models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    require_distinct_approver: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id", ondelete="CASCADE"))
+    version: Mapped[int]
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    artifact: Mapped[str] = mapped_column(String(1024))
+    stage: Mapped[str] = mapped_column(String(16), default="none")
+    description: Mapped[str] = mapped_column(Text, default="")
+    registered_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("model_id", "version"),
+        Index(None, "model_id", "stage"),
+        # at most one production version per model, whatever races happen above
+        Index("uq_model_versions_one_production", "model_id", unique=True,
+              sqlite_where=text("stage = 'production'"), postgresql_where=text("stage = 'production'")),
+    )
+
+
+class ModelAlias(Base):
+    __tablename__ = "model_aliases"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id", ondelete="CASCADE"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(255), primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+
+
+class ModelTransition(Base):
+    """Every change of a version's stage or alias: who, when, from, to, approved by, why."""
+
+    __tablename__ = "model_transitions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    from_stage: Mapped[str] = mapped_column(String(64))
+    to_stage: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(255))
+    approved_by: Mapped[Optional[str]] = mapped_column(String(255))
+    notes: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index(None, "version_id", "at"),)

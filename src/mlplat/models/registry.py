@@ -1,0 +1,278 @@
+"""``p.models``: registered models, versions, stages with approvals, aliases, and lineage.
+
+Stages are ``none``, ``staging``, ``production`` and ``archived``. Promoting a
+version to production needs an approver (and, when the model's policy asks
+for it, one other than whoever registered the version); the version that was
+in production is archived in the same transaction, and a unique index keeps
+at most one production version per model even against concurrent promotions.
+Every stage and alias change is recorded: who, when, from, to, approved by,
+notes.
+
+Usage::
+
+    v = p.models.register("fraud", run_id=run.id, artifact="model")
+    p.models.promote("fraud", v.version, stage="production", approved_by="alice", notes="AUC +2 pts")
+    model = p.models.load("fraud", stage="production")
+    p.models.lineage("fraud", stage="production")
+"""
+from __future__ import annotations
+
+import getpass
+import re
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..db import Database
+from ..db.models import ModelAlias, ModelTransition, ModelVersion, RegisteredModel, RunArtifact
+from ..errors import DataError, NotFoundError
+from ..runs.artifacts import ArtifactStore, check_name
+from ..runs.torch_io import load_torch_model
+from ..runs.tracking import RunStore
+
+__all__ = ["ModelRegistry", "ModelVersionInfo", "Transition", "STAGES"]
+
+STAGES = ("none", "staging", "production", "archived")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-.]{0,254}$")
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    name: str
+    version: int
+    stage: str
+    run_id: str
+    artifact: str
+    registered_by: str
+    created_at: datetime
+    description: str
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Transition:
+    version: int
+    from_stage: str
+    to_stage: str
+    actor: str
+    approved_by: str | None
+    notes: str
+    at: datetime
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _check_model_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise DataError(f"model name {name!r} is invalid: letters, digits, '_', '-' and '.', at most 255")
+    return name
+
+
+class ModelRegistry:
+    """The model registry. Reach it as ``Platform(...).models``."""
+
+    def __init__(self, db: Database, runs: RunStore, artifacts: ArtifactStore, features: Any = None) -> None:
+        self._db = db
+        self._runs = runs
+        self._artifacts = artifacts
+        self._features = features
+
+    # ------------------------------------------------------------ writing
+    def create(self, name: str, *, description: str = "", require_distinct_approver: bool = False) -> None:
+        """Create a registered model with a policy (``register`` creates one with defaults on first use)."""
+        with self._db.connect(write=True) as conn:
+            if conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == _check_model_name(name))):
+                raise DataError(f"model {name!r} already exists; use set_policy to change its policy")
+            conn.execute(sa.insert(RegisteredModel).values(name=name, description=description,
+                                                           require_distinct_approver=require_distinct_approver))
+
+    def set_policy(self, name: str, *, require_distinct_approver: bool) -> None:
+        """Whether production approvals must come from someone other than the version's registrant."""
+        with self._db.connect(write=True) as conn:
+            model_id = self._model_id(conn, name)
+            conn.execute(sa.update(RegisteredModel).where(RegisteredModel.id == model_id).values(
+                require_distinct_approver=require_distinct_approver))
+
+    def register(self, name: str, run_id: str, artifact: str = "model", *, description: str = "",
+                 registered_by: str | None = None) -> ModelVersionInfo:
+        """A new version of ``name`` from a run's model artifact (the model is created on first use)."""
+        _check_model_name(name)
+        check_name(artifact)
+        run = self._runs.get(run_id)
+        if not any(a["path"] == artifact and a["kind"] == "model" for a in run.artifacts):
+            raise NotFoundError(f"run {run_id} has no model artifact {artifact!r}; log it with run.log_model")
+        who = registered_by or _user()
+        with self._db.connect(write=True) as conn:
+            model_id = conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == name))
+            if model_id is None:
+                model_id = conn.scalar(sa.insert(RegisteredModel).values(name=name).returning(RegisteredModel.id))
+            self._lock(conn, model_id)
+            version = (conn.scalar(sa.select(sa.func.max(ModelVersion.version)).where(
+                ModelVersion.model_id == model_id)) or 0) + 1
+            vid = conn.scalar(sa.insert(ModelVersion).values(
+                model_id=model_id, version=version, run_id=run_id, artifact=artifact, stage="none",
+                description=description, registered_by=who).returning(ModelVersion.id))
+            conn.execute(sa.insert(ModelTransition).values(version_id=vid, from_stage="", to_stage="none",
+                                                           actor=who, notes="registered"))
+        return self.get(name, version=version)
+
+    def promote(self, name: str, version: int, stage: str, *, approved_by: str | None = None, notes: str = "",
+                actor: str | None = None) -> ModelVersionInfo:
+        """Move a version to ``stage``; production needs ``approved_by`` and archives the previous one."""
+        if stage not in STAGES:
+            raise DataError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+        who = actor or _user()
+        with self._db.connect(write=True) as conn:
+            model_id = self._model_id(conn, name)
+            distinct = self._lock(conn, model_id)
+            row = conn.execute(sa.select(ModelVersion.id, ModelVersion.stage, ModelVersion.registered_by).where(
+                ModelVersion.model_id == model_id, ModelVersion.version == version)).first()
+            if row is None:
+                raise NotFoundError(f"model {name!r} has no version {version}")
+            if stage == "production":
+                if not approved_by or not str(approved_by).strip():
+                    raise DataError(f"promoting {name!r} v{version} to production needs approved_by=<who approved>")
+                if distinct and approved_by == row.registered_by:
+                    raise DataError(f"model {name!r} requires an approver other than the registrant "
+                                    f"({row.registered_by!r}) for production")
+                previous = conn.execute(sa.select(ModelVersion.id, ModelVersion.version).where(
+                    ModelVersion.model_id == model_id, ModelVersion.stage == "production",
+                    ModelVersion.id != row.id)).all()
+                for prev in previous:
+                    conn.execute(sa.update(ModelVersion).where(ModelVersion.id == prev.id).values(stage="archived"))
+                    conn.execute(sa.insert(ModelTransition).values(
+                        version_id=prev.id, from_stage="production", to_stage="archived", actor=who,
+                        approved_by=approved_by, notes=f"replaced by version {version}"))
+            if row.stage != stage:
+                conn.execute(sa.update(ModelVersion).where(ModelVersion.id == row.id).values(stage=stage))
+                conn.execute(sa.insert(ModelTransition).values(version_id=row.id, from_stage=row.stage,
+                                                               to_stage=stage, actor=who, approved_by=approved_by,
+                                                               notes=notes))
+        return self.get(name, version=version)
+
+    def set_alias(self, name: str, alias: str, version: int, *, actor: str | None = None, notes: str = "") -> None:
+        """Point a free alias (e.g. "champion") at a version."""
+        if not isinstance(alias, str) or not _NAME.match(alias) or alias in STAGES:
+            raise DataError(f"alias {alias!r} is invalid (and may not be a stage name)")
+        with self._db.connect(write=True) as conn:
+            model_id = self._model_id(conn, name)
+            self._lock(conn, model_id)
+            vid = conn.scalar(sa.select(ModelVersion.id).where(ModelVersion.model_id == model_id,
+                                                               ModelVersion.version == version))
+            if vid is None:
+                raise NotFoundError(f"model {name!r} has no version {version}")
+            conn.execute(sa.delete(ModelAlias).where(ModelAlias.model_id == model_id, ModelAlias.alias == alias))
+            conn.execute(sa.insert(ModelAlias).values(model_id=model_id, alias=alias, version_id=vid))
+            conn.execute(sa.insert(ModelTransition).values(version_id=vid, from_stage="", to_stage=f"alias:{alias}",
+                                                           actor=actor or _user(), notes=notes))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        with self._db.connect(write=True) as conn:
+            model_id = self._model_id(conn, name)
+            gone = conn.execute(sa.delete(ModelAlias).where(ModelAlias.model_id == model_id,
+                                                            ModelAlias.alias == alias)).rowcount
+        if not gone:
+            raise NotFoundError(f"model {name!r} has no alias {alias!r}")
+
+    def _model_id(self, conn, name: str) -> int:
+        model_id = conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == name))
+        if model_id is None:
+            raise NotFoundError(f"unknown model {name!r}")
+        return model_id
+
+    def _lock(self, conn, model_id: int) -> bool:
+        """Serialize changes to one model (row lock on PostgreSQL; SQLite's write lock is already held)."""
+        q = sa.select(RegisteredModel.require_distinct_approver).where(RegisteredModel.id == model_id)
+        if self._db.dialect == "postgresql":
+            q = q.with_for_update()
+        return bool(conn.scalar(q))
+
+    # ------------------------------------------------------------ reading
+    def list(self) -> list[dict[str, Any]]:
+        """Every registered model with its latest version and what is in production."""
+        with self._db.connect() as conn:
+            rows = conn.execute(sa.select(
+                RegisteredModel.name, RegisteredModel.description,
+                sa.func.max(ModelVersion.version).label("latest"),
+                sa.func.max(sa.case((ModelVersion.stage == "production", ModelVersion.version))).label("production"),
+            ).outerjoin(ModelVersion).group_by(RegisteredModel.id).order_by(RegisteredModel.name)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def versions(self, name: str) -> list[ModelVersionInfo]:
+        with self._db.connect() as conn:
+            model_id = self._model_id(conn, name)
+            numbers = list(conn.scalars(sa.select(ModelVersion.version).where(ModelVersion.model_id == model_id)
+                                        .order_by(ModelVersion.version)))
+        return [self.get(name, version=v) for v in numbers]
+
+    def get(self, name: str, *, version: int | None = None, stage: str | None = None,
+            alias: str | None = None) -> ModelVersionInfo:
+        """One version, chosen by exactly one of ``version``, ``stage`` or ``alias`` (none: the latest)."""
+        if sum(x is not None for x in (version, stage, alias)) > 1:
+            raise DataError("choose a model version by one of version=, stage= or alias=")
+        with self._db.connect() as conn:
+            model_id = self._model_id(conn, name)
+            q = sa.select(*ModelVersion.__table__.c).where(ModelVersion.model_id == model_id)
+            if version is not None:
+                q = q.where(ModelVersion.version == version)
+            elif stage is not None:
+                if stage not in STAGES:
+                    raise DataError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+                q = q.where(ModelVersion.stage == stage)
+            elif alias is not None:
+                q = q.join(ModelAlias, ModelAlias.version_id == ModelVersion.id).where(ModelAlias.alias == alias)
+            row = conn.execute(q.order_by(ModelVersion.version.desc()).limit(1)).first()
+            if row is None:
+                what = (f"version {version}" if version is not None else f"a version in stage {stage!r}"
+                        if stage is not None else f"alias {alias!r}" if alias is not None else "any version")
+                raise NotFoundError(f"model {name!r} has no {what}")
+            aliases = tuple(conn.scalars(sa.select(ModelAlias.alias).where(ModelAlias.version_id == row.id)
+                                         .order_by(ModelAlias.alias)))
+        return ModelVersionInfo(name, row.version, row.stage, row.run_id, row.artifact, row.registered_by,
+                                row.created_at, row.description, aliases)
+
+    def history(self, name: str, *, version: int | None = None) -> list[Transition]:
+        """Every recorded transition of the model (or of one version), oldest first."""
+        with self._db.connect() as conn:
+            model_id = self._model_id(conn, name)
+            q = (sa.select(ModelVersion.version, ModelTransition.from_stage, ModelTransition.to_stage,
+                           ModelTransition.actor, ModelTransition.approved_by, ModelTransition.notes,
+                           ModelTransition.at)
+                 .join(ModelVersion, ModelVersion.id == ModelTransition.version_id)
+                 .where(ModelVersion.model_id == model_id).order_by(ModelTransition.at, ModelTransition.id))
+            if version is not None:
+                q = q.where(ModelVersion.version == version)
+            return [Transition(*r) for r in conn.execute(q)]
+
+    def load(self, name: str, *, version: int | None = None, stage: str | None = None,
+             alias: str | None = None) -> Any:
+        """The torch model of a version (TorchScript when it was scriptable), in eval mode."""
+        info = self.get(name, version=version, stage=stage, alias=alias)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self._artifacts.get_dir(info.run_id, info.artifact, Path(tmp) / "model")
+            return load_torch_model(folder)
+
+    def artifact_meta(self, info: ModelVersionInfo) -> dict[str, Any]:
+        with self._db.connect() as conn:
+            row = conn.execute(sa.select(RunArtifact.sha256, RunArtifact.size, RunArtifact.meta).where(
+                RunArtifact.run_id == info.run_id, RunArtifact.path == info.artifact)).first()
+        return {} if row is None else {"sha256": row.sha256, "size": row.size, **row.meta}
+
+    def lineage(self, name: str, *, version: int | None = None, stage: str | None = None,
+                alias: str | None = None, verify: bool = False) -> dict[str, Any]:
+        """Which version, trained by which run on what data: everything in one dict (see ``lineage.py``)."""
+        from .lineage import build_lineage
+
+        if version is None and stage is None and alias is None:
+            stage = "production"
+        return build_lineage(self, self._runs, self._features, self._artifacts,
+                             self.get(name, version=version, stage=stage, alias=alias), verify=verify)

@@ -1,0 +1,227 @@
+"""An active run: what a training script logs into.
+
+Usage::
+
+    with p.runs.start("fraud", params={"lr": 1e-3}) as run:
+        run.log_input(train, name="train", feature_refs=refs)
+        for step in range(100):
+            run.log_metric("loss", loss, step=step)     # microseconds: buffered, written in batches
+        run.log_model(model, "model")
+
+Leaving the ``with`` block normally marks the run finished; an exception marks
+it failed (with the error in the ``mlplat.error`` tag) and propagates.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .._arrow import to_table
+from ..db.models import Run, RunArtifact, RunInput, RunParam
+from ..errors import DataError
+from .artifacts import check_name
+from .datahash import schema_json, table_hash
+from .metrics import MetricBuffer
+from .torch_io import Signature, save_torch_model
+
+if TYPE_CHECKING:
+    from .tracking import RunStore
+
+__all__ = ["ActiveRun", "RUN_STATUSES"]
+
+RUN_STATUSES = ("running", "finished", "failed", "killed")
+_KEY_MAX = 255
+
+
+def _check_key(key: Any, what: str) -> str:
+    if not isinstance(key, str) or not key or len(key) > _KEY_MAX or any(ord(c) < 32 for c in key):
+        raise DataError(f"{what} name {key!r} is invalid: a non-empty string of at most {_KEY_MAX} printable "
+                        "characters")
+    return key
+
+
+@dataclass(frozen=True)
+class LoggedInput:
+    """What log_input recorded."""
+
+    name: str
+    content_hash: str
+    row_count: int
+    feature_refs: list[str]
+
+
+class ActiveRun:
+    """A run that is being logged to. Get one from ``p.runs.start`` or ``p.runs.resume``."""
+
+    def __init__(self, store: RunStore, run_id: str, experiment: str) -> None:
+        self._store = store
+        self.id = run_id
+        self.experiment = experiment
+        self._metrics = MetricBuffer(store._db, run_id)
+        self._ended = False
+
+    def __repr__(self) -> str:
+        return f"ActiveRun(id={self.id!r}, experiment={self.experiment!r})"
+
+    # ------------------------------------------------------------- params
+    def log_param(self, key: str, value: Any) -> None:
+        """Record a parameter. Parameters are write-once: the same value again is fine, another is an error."""
+        self.log_params({key: value})
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Record several parameters in one transaction (all or none)."""
+        values = {_check_key(k, "param"): str(v) for k, v in params.items()}
+        if not values:
+            return
+        db = self._store._db
+        with db.connect(write=True) as conn:
+            insert = (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)(RunParam)
+            conn.execute(insert.on_conflict_do_nothing(), [{"run_id": self.id, "key": k, "value": v}
+                                                         for k, v in values.items()])
+            stored = dict(conn.execute(sa.select(RunParam.key, RunParam.value).where(
+                RunParam.run_id == self.id, RunParam.key.in_(list(values)))).all())
+            clash = {k: (stored[k], v) for k, v in values.items() if stored.get(k) != v}
+            if clash:  # raising rolls back this call's inserts too
+                k, (old, new) = next(iter(clash.items()))
+                raise DataError(f"param {k!r} of run {self.id} is already {old!r}; params are write-once, so "
+                                f"{new!r} cannot replace it: log it under another key or start a new run")
+
+    # --------------------------------------------------------------- tags
+    def set_tag(self, key: str, value: Any) -> None:
+        self.set_tags({key: value})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags (they may change later, unlike params)."""
+        self._store._set_tags(self.id, {_check_key(k, "tag"): str(v) for k, v in tags.items()})
+
+    # ------------------------------------------------------------ metrics
+    def log_metric(self, key: str, value: float, step: int | None = None, timestamp_ms: int | None = None) -> None:
+        """Log one point (buffered; NaN and infinities are kept). ``step`` defaults to the key's next step."""
+        if key.__class__ is not str or not key:
+            _check_key(key, "metric")
+        self._metrics.add(key, value, step, timestamp_ms)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.log_metric(key, value, step)
+
+    def flush(self) -> None:
+        """Write every metric logged so far, now; once this returns they survive a crash."""
+        self._metrics.flush()
+
+    # ------------------------------------------------------------- inputs
+    def log_input(self, table: Any, name: str = "train", *, feature_refs: Sequence[str] | Any = None,
+                  timestamp_column: str = "event_timestamp", keep_entity_rows: bool = True) -> LoggedInput:
+        """Fingerprint a data set the run used: a hash of every row and column, the row count and schema.
+
+        With ``feature_refs`` (the references, or the FeatureService, the table
+        was retrieved with), the definition version of every view is pinned and
+        the entity rows (the table's columns that are not features) are kept as
+        an artifact, so ``p.models.lineage(..., verify=True)`` can rebuild the
+        table from the offline store and check it still matches.
+        """
+        check_name(name)
+        data = to_table(table, "log_input")
+        refs: list[str] = []
+        entity_path = None
+        full_names = False
+        if feature_refs is not None:
+            requests, outputs = self._store._resolve_features(feature_refs, data.column_names)
+            refs = [f"{r.view.name}@{r.view.version}:{f}" for r in requests for f in r.features]
+            if keep_entity_rows:
+                entity = data.select([c for c in data.column_names if c not in set(outputs)])
+                if timestamp_column not in entity.column_names:
+                    raise DataError(f"log_input: the table has no {timestamp_column!r} column to rebuild it from; "
+                                    "pass timestamp_column= or keep_entity_rows=False")
+                entity_path = self._write_table_artifact(entity, f"inputs/{name}/entity_rows.parquet")
+            full_names = any("__" in o for o in outputs)
+        logged = LoggedInput(name, table_hash(data), data.num_rows, refs)
+        info = {"refs": refs, "entity_rows": entity_path, "timestamp_column": timestamp_column,
+                "full_feature_names": full_names}
+        with self._store._db.connect(write=True) as conn:
+            exists = conn.execute(sa.select(RunInput.id).where(RunInput.run_id == self.id, RunInput.name == name))
+            if exists.first() is not None:
+                raise DataError(f"run {self.id} already logged an input named {name!r}")
+            conn.execute(sa.insert(RunInput).values(run_id=self.id, name=name, content_hash=logged.content_hash,
+                                                    row_count=logged.row_count, schema=schema_json(data),
+                                                    feature_refs=info))
+        return logged
+
+    def _write_table_artifact(self, table, name: str) -> str:
+        import pyarrow.parquet as pq
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "t.parquet"
+            pq.write_table(table, local)
+            self._record_artifact(name, *self._store.artifacts.put_file(self.id, local, name), "file", {})
+        return name
+
+    # ---------------------------------------------------------- artifacts
+    def log_artifact(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Store a local file or folder as an artifact of this run; returns its name."""
+        source = Path(path)
+        name = check_name(source.name if name is None else name)
+        if source.is_dir():
+            size, sha = self._store.artifacts.put_dir(self.id, source, name)
+        elif source.is_file():
+            size, sha = self._store.artifacts.put_file(self.id, source, name)
+        else:
+            raise DataError(f"log_artifact: {str(path)!r} is not a file or folder")
+        self._record_artifact(name, size, sha, "file", {})
+        return name
+
+    def log_model(self, model: Any, name: str = "model", *, signature: Signature | Mapping | None = None,
+                  example_input: Any = None) -> dict[str, Any]:
+        """Store a torch module: TorchScript when scriptable (or traceable on ``example_input``), its state
+        dict, its signature (given, or read off ``example_input``) and the torch version."""
+        check_name(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = save_torch_model(model, Path(tmp) / "model", signature=signature, example_input=example_input)
+            size, sha = self._store.artifacts.put_dir(self.id, Path(tmp) / "model", name)
+        self._record_artifact(name, size, sha, "model", meta)
+        return meta
+
+    def _record_artifact(self, name: str, size: int, sha: str, kind: str, meta: dict) -> None:
+        db = self._store._db
+        with db.connect(write=True) as conn:
+            insert = (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)(RunArtifact)
+            conn.execute(insert.values(run_id=self.id, path=name, kind=kind, size=size, sha256=sha,
+                                       meta=meta).on_conflict_do_update(
+                index_elements=["run_id", "path"], set_={"kind": kind, "size": size, "sha256": sha, "meta": meta}))
+
+    # ---------------------------------------------------------------- end
+    def end(self, status: str = "finished") -> None:
+        """Flush metrics and close the run with ``status`` (finished, failed or killed)."""
+        if status not in RUN_STATUSES[1:]:
+            raise DataError(f"a run ends as one of {', '.join(RUN_STATUSES[1:])}, not {status!r}")
+        if self._ended:
+            return
+        try:
+            self._metrics.close()
+        finally:
+            with self._store._db.connect(write=True) as conn:
+                conn.execute(sa.update(Run).where(Run.id == self.id).values(
+                    status=status, end_time=datetime.now(timezone.utc)))
+            self._ended = True
+            self._store._forget(self)
+
+    def __enter__(self) -> ActiveRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.end("finished")
+            return
+        try:
+            self._store._set_tags(self.id, {"mlplat.error": f"{exc_type.__name__}: {exc}"[:4000]})
+        finally:
+            self.end("killed" if isinstance(exc, KeyboardInterrupt) else "failed")
+

@@ -1,0 +1,347 @@
+"""The run filter language, parsed into parameterized SQL.
+
+Grammar (keywords in any case)::
+
+    filter     := or
+    or         := and ("or" and)*
+    and        := not ("and" not)*
+    not        := "not" not | "(" or ")" | comparison
+    comparison := field op value
+                | field ["not"] "in" "(" value ("," value)* ")"
+                | field "is" ["not"] "null"
+    field      := ("metrics" | "params" | "tags" | "attributes") "." name
+    op         := "=" | "==" | "!=" | "<>" | "<" | "<=" | ">" | ">=" | "like" | "ilike"
+    value      := number | 'string' | "string"
+
+``name`` is a run of letters, digits and ``_ - . / :``, or a quoted string
+(``metrics."val auc"``). Metrics compare the latest value as numbers; params
+and tags compare as strings; attributes are ``status``, ``name``, ``run_id``,
+``user``, ``start_time`` and ``end_time`` (milliseconds since the epoch or an
+ISO date string), ``experiment``. Values always travel as bound parameters:
+nothing from a filter string is ever pasted into SQL.
+
+Usage::
+
+    >>> parse_filter("metrics.val_auc > 0.9 and (params.lr = '0.001' or tags.team in ('risk', 'ml'))")
+    And(Cmp('metrics', 'val_auc', '>', 0.9), Or(Cmp('params', 'lr', '=', '0.001'), Cmp('tags', 'team', 'in', ('risk', 'ml'))))
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Union
+
+import sqlalchemy as sa
+
+from ..db.models import Experiment, LatestMetric, Run, RunParam, RunTag
+from ..errors import DataError
+
+__all__ = ["parse_filter", "to_sql", "parse_order", "order_clauses"]
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<num>[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|inf|infinity)(?![\w.]))
+      | (?P<str>'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.|"")*")
+      | (?P<op>==|!=|<>|<=|>=|=|<|>|\(|\)|,|\.)
+      | (?P<word>[A-Za-z_][A-Za-z0-9_\-/:]*)
+    )""",
+    re.X | re.I,
+)
+_PREFIXES = {"metrics": "metrics", "metric": "metrics", "params": "params", "param": "params", "tags": "tags",
+             "tag": "tags", "attributes": "attributes", "attribute": "attributes", "attr": "attributes",
+             "run": "attributes"}
+_ATTRIBUTES = {"status", "name", "run_name", "run_id", "id", "user", "start_time", "end_time", "experiment"}
+_OPS = {"=", "==", "!=", "<>", "<", "<=", ">", ">=", "like", "ilike"}
+
+
+@dataclass(frozen=True)
+class Cmp:
+    kind: str
+    name: str
+    op: str
+    value: Any
+
+    def __repr__(self) -> str:
+        return f"Cmp({self.kind!r}, {self.name!r}, {self.op!r}, {self.value!r})"
+
+
+@dataclass(frozen=True)
+class And:
+    left: Node
+    right: Node
+
+    def __repr__(self) -> str:
+        return f"And({self.left!r}, {self.right!r})"
+
+
+@dataclass(frozen=True)
+class Or:
+    left: Node
+    right: Node
+
+    def __repr__(self) -> str:
+        return f"Or({self.left!r}, {self.right!r})"
+
+
+@dataclass(frozen=True)
+class Not:
+    inner: Node
+
+    def __repr__(self) -> str:
+        return f"Not({self.inner!r})"
+
+
+Node = Union[Cmp, And, Or, Not]
+
+
+def _tokens(text: str) -> list[tuple[str, str, int]]:
+    out, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            raise DataError(f"filter: cannot read {text[pos:pos + 20]!r} at position {pos}")
+        kind = m.lastgroup
+        out.append((kind, m.group(kind), m.start(kind)))
+        pos = m.end()
+    return out
+
+
+def _unquote(token: str) -> str:
+    q = token[0]
+    body = token[1:-1].replace(q + q, q)
+    return re.sub(r"\\(.)", r"\1", body)
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.toks = _tokens(text)
+        self.i = 0
+
+    def peek(self, offset: int = 0) -> tuple[str, str, int] | None:
+        j = self.i + offset
+        return self.toks[j] if j < len(self.toks) else None
+
+    def word(self, *options: str) -> bool:
+        t = self.peek()
+        if t and t[0] == "word" and t[1].lower() in options:
+            self.i += 1
+            return True
+        return False
+
+    def sym(self, s: str) -> bool:
+        t = self.peek()
+        if t and t[0] == "op" and t[1] == s:
+            self.i += 1
+            return True
+        return False
+
+    def fail(self, expected: str) -> DataError:
+        t = self.peek()
+        where = f"{t[1]!r} at position {t[2]}" if t else "the end of the filter"
+        return DataError(f"filter: expected {expected} but found {where} in {self.text!r}")
+
+    def parse(self) -> Node:
+        if not self.toks:
+            raise DataError("filter is empty")
+        node = self.or_()
+        if self.peek() is not None:
+            raise self.fail("'and', 'or' or the end")
+        return node
+
+    def or_(self) -> Node:
+        node = self.and_()
+        while self.word("or"):
+            node = Or(node, self.and_())
+        return node
+
+    def and_(self) -> Node:
+        node = self.not_()
+        while self.word("and"):
+            node = And(node, self.not_())
+        return node
+
+    def not_(self) -> Node:
+        if self.word("not"):
+            return Not(self.not_())
+        if self.sym("("):
+            node = self.or_()
+            if not self.sym(")"):
+                raise self.fail("')'")
+            return node
+        return self.comparison()
+
+    def field(self) -> tuple[str, str]:
+        t = self.peek()
+        if not t or t[0] != "word" or t[1].lower() not in _PREFIXES:
+            raise self.fail("a field such as metrics.x, params.x, tags.x or attributes.x")
+        self.i += 1
+        kind = _PREFIXES[t[1].lower()]
+        if not self.sym("."):
+            raise self.fail(f"'.' after {t[1]!r}")
+        t = self.peek()
+        if t and t[0] == "str":
+            self.i += 1
+            return kind, _unquote(t[1])
+        parts = []
+        while t and t[0] in ("word", "num") and (not parts or self.toks[self.i - 1][1] == "."):
+            parts.append(t[1])
+            self.i += 1
+            if self.sym("."):
+                parts.append(".")
+                t = self.peek()
+                continue
+            break
+        name = "".join(parts)
+        if not name or name.endswith("."):
+            raise self.fail(f"a name after {kind}.")
+        if kind == "attributes" and name.lower() not in _ATTRIBUTES:
+            raise DataError(f"filter: unknown attribute {name!r}; use one of {', '.join(sorted(_ATTRIBUTES))}")
+        return kind, name
+
+    def value(self) -> Any:
+        t = self.peek()
+        if t is None:
+            raise self.fail("a value")
+        if t[0] == "num":
+            self.i += 1
+            return float(t[1]) if any(c in t[1].lower() for c in ".ei") else int(t[1])
+        if t[0] == "str":
+            self.i += 1
+            return _unquote(t[1])
+        raise self.fail("a number or a quoted string")
+
+    def comparison(self) -> Node:
+        kind, name = self.field()
+        if self.word("is"):
+            negate = self.word("not")
+            if not self.word("null"):
+                raise self.fail("'null'")
+            return Cmp(kind, name, "is not null" if negate else "is null", None)
+        negate = self.word("not")
+        if self.word("in"):
+            if not self.sym("("):
+                raise self.fail("'(' after 'in'")
+            values = [self.value()]
+            while self.sym(","):
+                values.append(self.value())
+            if not self.sym(")"):
+                raise self.fail("')' closing the 'in' list")
+            return Cmp(kind, name, "not in" if negate else "in", tuple(values))
+        if negate:
+            raise self.fail("'in' after 'not'")
+        t = self.peek()
+        op = t[1].lower() if t and t[0] in ("op", "word") else ""
+        if op not in _OPS:
+            raise self.fail("a comparison (=, !=, <, <=, >, >=, like, ilike, in)")
+        self.i += 1
+        op = {"==": "=", "<>": "!="}.get(op, op)
+        return Cmp(kind, name, op, self.value())
+
+
+def parse_filter(text: str) -> Node:
+    """Parse a filter string; a malformed one is a DataError saying where."""
+    return _Parser(text).parse()
+
+
+# ------------------------------------------------------------------ to SQL
+def _compare(column, op: str, value: Any):
+    if op == "is null":
+        return column.is_(None)
+    if op == "is not null":
+        return column.is_not(None)
+    if op in ("in", "not in"):
+        clause = column.in_(list(value))
+        return ~clause if op == "not in" else clause
+    if op == "like":
+        return column.like(value)
+    if op == "ilike":
+        return column.ilike(value)
+    return {"=": column.__eq__, "!=": column.__ne__, "<": column.__lt__, "<=": column.__le__,
+            ">": column.__gt__, ">=": column.__ge__}[op](value)
+
+
+def _time_value(value: Any) -> datetime:
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise DataError(f"filter: {value!r} is not a time (use milliseconds since the epoch or an ISO date)") from None
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed
+
+
+def _attribute(name: str):
+    name = name.lower()
+    return {"status": Run.status, "name": Run.name, "run_name": Run.name, "run_id": Run.id, "id": Run.id,
+            "user": Run.user, "start_time": Run.start_time, "end_time": Run.end_time,
+            "experiment": Experiment.name}[name]
+
+
+def _check_value(node: Cmp) -> None:
+    values = node.value if isinstance(node.value, tuple) else (node.value,)
+    if node.op.endswith("null"):
+        return
+    if node.kind == "metrics" and node.op in ("like", "ilike"):
+        raise DataError(f"filter: metrics.{node.name} is a number; 'like' compares strings")
+    if node.kind == "metrics" and not all(isinstance(v, (int, float)) for v in values):
+        raise DataError(f"filter: metrics.{node.name} compares with numbers, got {node.value!r}")
+
+
+def to_sql(node: Node):
+    """A SQLAlchemy boolean expression over ``runs`` (joined to ``experiments``) with bound parameters."""
+    if isinstance(node, And):
+        return sa.and_(to_sql(node.left), to_sql(node.right))
+    if isinstance(node, Or):
+        return sa.or_(to_sql(node.left), to_sql(node.right))
+    if isinstance(node, Not):
+        return sa.not_(to_sql(node.inner))
+    _check_value(node)
+    if node.kind == "attributes":
+        column = _attribute(node.name)
+        value = node.value
+        if node.name.lower() in ("start_time", "end_time") and not node.op.endswith("null"):
+            value = tuple(map(_time_value, value)) if isinstance(value, tuple) else _time_value(value)
+        return _compare(column, node.op, value)
+    table, value_col = {"metrics": (LatestMetric, LatestMetric.value), "params": (RunParam, RunParam.value),
+                        "tags": (RunTag, RunTag.value)}[node.kind]
+    if node.op == "is null":  # the run has no such key
+        return ~sa.exists().where(table.run_id == Run.id, table.key == node.name)
+    value = node.value
+    if node.kind != "metrics":
+        value = tuple(map(str, value)) if isinstance(value, tuple) else (None if value is None else str(value))
+    return sa.exists().where(table.run_id == Run.id, table.key == node.name, _compare(value_col, node.op, value))
+
+
+# --------------------------------------------------------------- order by
+_ORDER = re.compile(r"^\s*(?P<field>.+?)\s*(?:\s(?P<dir>asc|desc))?\s*$", re.I)
+
+
+def parse_order(item: str) -> tuple[str, str, bool]:
+    """``"metrics.val_auc desc"`` -> ("metrics", "val_auc", descending)."""
+    m = _ORDER.match(item or "")
+    if not m:
+        raise DataError(f"order_by {item!r} is empty")
+    p = _Parser(m.group("field"))
+    kind, name = p.field()
+    if p.peek() is not None:
+        raise DataError(f"order_by {item!r}: write 'field', 'field asc' or 'field desc'")
+    return kind, name, (m.group("dir") or "asc").lower() == "desc"
+
+
+def order_clauses(query, order_by: list[str]):
+    """The query joined and ordered as asked; ties and missing values come last, then newest runs first."""
+    clauses = []
+    for i, item in enumerate(order_by):
+        kind, name, desc = parse_order(item)
+        if kind == "attributes":
+            column = _attribute(name)
+        else:
+            table = {"metrics": LatestMetric, "params": RunParam, "tags": RunTag}[kind]
+            alias = sa.orm.aliased(table, name=f"order_{i}")
+            query = query.outerjoin(alias, sa.and_(alias.run_id == Run.id, alias.key == name))
+            column = alias.value
+        clauses += [column.is_(None), column.desc() if desc else column.asc()]  # nulls last on both backends
+    return query.order_by(*clauses, Run.start_time.desc(), Run.id)

@@ -1,0 +1,66 @@
+"""System tags recorded automatically for every run."""
+from __future__ import annotations
+
+import getpass
+import os
+import platform
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+__all__ = ["system_tags", "git_state", "calling_script"]
+
+_PACKAGES = ("mlplat", "numpy", "pyarrow", "torch", "pandas", "polars")
+
+
+def calling_script() -> Path | None:
+    """The script that started this process (None in a notebook or REPL)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not Path(path).is_file():  # notebooks, REPL, python -c, stdin
+        return None
+    return Path(path).resolve()
+
+
+def git_state(where: Path | None) -> tuple[str, str]:
+    """(commit, dirty flag as "true"/"false") of the git repository holding the file ``where`` (None: the
+    current directory), or ("", "") outside a repository."""
+    folder = where.parent if where is not None else Path.cwd()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "", ""
+    return commit, "true" if status.strip() else "false"
+
+
+def system_tags() -> dict[str, str]:
+    """mlplat.* tags: git commit and dirty flag, user, host, python and package versions, entry point."""
+    script = calling_script()
+    commit, dirty = git_state(script)
+    tags = {
+        "mlplat.git.commit": commit,
+        "mlplat.git.dirty": dirty,
+        "mlplat.user": _user(),
+        "mlplat.host": socket.gethostname(),
+        "mlplat.python": platform.python_version(),
+        "mlplat.entry_point": " ".join([str(script) if script else sys.argv[0] or "<interactive>", *sys.argv[1:]])[:1000],
+        "mlplat.pid": str(os.getpid()),
+    }
+    for name in _PACKAGES:
+        try:
+            tags[f"mlplat.version.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return os.environ.get("USER", "")

@@ -1,0 +1,174 @@
+"""Torch models as artifacts: a folder with TorchScript, the state dict, the signature, metadata.
+
+::
+
+    model/
+      mlmodel.json      flavor, torch version, files, signature, the module's class
+      model.ts          TorchScript (torch.jit.script, else torch.jit.trace on the example input)
+      state_dict.pt     the module's state dict
+      module.pt         the whole module pickled (loads only where its class is importable)
+
+Loading prefers TorchScript (no Python class needed, also what Triton runs),
+then the pickled module.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError, StoreError
+
+__all__ = ["TensorSpec", "Signature", "save_torch_model", "load_torch_model", "read_meta"]
+
+META = "mlmodel.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: a name, a dtype ("float32", "int64", ...) and a shape (-1: any size)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a model takes and gives, e.g. ``Signature([TensorSpec("x", "float32", (-1, 4))], [...])``."""
+
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        def spec(t: TensorSpec) -> dict[str, Any]:
+            return {**asdict(t), "shape": list(t.shape)}
+
+        return {"inputs": [spec(t) for t in self.inputs], "outputs": [spec(t) for t in self.outputs]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Signature:
+        def specs(items):
+            return [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items]
+
+        return cls(specs(data.get("inputs", [])), specs(data.get("outputs", [])))
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise DataError("logging a torch model needs torch: pip install 'mlplat[torch]'") from None
+    return torch
+
+
+def _as_signature(signature: Signature | Mapping | None, example_input: Any, model: Any) -> Signature | None:
+    torch = _torch()
+    if isinstance(signature, Signature):
+        return signature
+    if isinstance(signature, Mapping):
+        return Signature.from_json(signature)
+    if example_input is None:
+        return None
+    tensors = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    inputs = [TensorSpec(f"input__{i}", str(t.dtype).removeprefix("torch."), (-1, *t.shape[1:]))
+              for i, t in enumerate(tensors)]
+    with torch.no_grad():
+        out = model(*tensors)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    outputs = [TensorSpec(f"output__{i}", str(t.dtype).removeprefix("torch."), (-1, *t.shape[1:]))
+               for i, t in enumerate(outs)]
+    return Signature(inputs, outputs)
+
+
+def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping | None = None,
+                     example_input: Any = None) -> dict[str, Any]:
+    """Write the model folder; returns its metadata."""
+    torch = _torch()
+    if not isinstance(model, torch.nn.Module):
+        raise DataError(f"log_model takes a torch.nn.Module, got {type(model).__name__}")
+    folder.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        sig = _as_signature(signature, example_input, model)
+        files = {"state_dict": "state_dict.pt"}
+        torch.save(model.state_dict(), folder / "state_dict.pt")
+        scripted, how = _torchscript(torch, model, example_input)
+        if scripted is not None:
+            with _quiet_jit():
+                scripted.save(str(folder / "model.ts"))
+            files["torchscript"] = "model.ts"
+        try:
+            torch.save(model, folder / "module.pt")
+            files["module"] = "module.pt"
+        except Exception:  # noqa: BLE001 - e.g. a local class that cannot be pickled
+            pass
+        meta = {
+            "flavor": "torch",
+            "torch_version": torch.__version__,
+            "class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "files": files,
+            "torchscript": how,
+            "signature": sig.to_json() if sig else None,
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+        }
+        (folder / META).write_text(json.dumps(meta, indent=1))
+        return meta
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def _quiet_jit() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+        yield
+
+
+def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None]:
+    """TorchScript of the model (scripted, else traced on the example input), or (None, None).
+
+    TorchScript is what Triton's libtorch and python backends load; torch 2.13
+    warns that torch.jit is deprecated, which is not the user's concern here.
+    """
+    with _quiet_jit():
+        try:
+            return torch.jit.script(model), "script"
+        except Exception:  # noqa: BLE001 - many modules are not scriptable; tracing may still work
+            pass
+        if example_input is None:
+            return None, None
+        tensors = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+        try:
+            return torch.jit.trace(model, tuple(tensors)), "trace"
+        except Exception:  # noqa: BLE001
+            return None, None
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / META).read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{folder} is not a model folder written by mlplat ({exc})") from None
+
+
+def load_torch_model(folder: Path) -> Any:
+    """The model in eval mode: TorchScript if present, else the pickled module."""
+    torch = _torch()
+    meta = read_meta(folder)
+    files: Sequence[str] = meta.get("files", {})
+    if "torchscript" in files:
+        with _quiet_jit():
+            model = torch.jit.load(str(folder / files["torchscript"]), map_location="cpu")
+    elif "module" in files:
+        model = torch.load(folder / files["module"], map_location="cpu", weights_only=False)
+    else:
+        raise StoreError(f"model folder {folder} has neither TorchScript nor a pickled module; rebuild the module "
+                         "and load state_dict.pt into it")
+    model.eval()
+    return model

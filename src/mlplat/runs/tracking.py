@@ -1,0 +1,350 @@
+"""``p.runs``: experiments and runs on SQL; search with a real filter language; comparisons.
+
+Usage::
+
+    with p.runs.start("fraud", params={"lr": 1e-3}, tags={"team": "risk"}) as run:
+        ...
+    page = p.runs.search("fraud", filter="metrics.val_auc > 0.9 and params.lr = '0.001'",
+                         order_by=["metrics.val_auc desc"])
+    p.runs.compare([r.id for r in page])
+"""
+from __future__ import annotations
+
+import atexit
+import base64
+import sys
+import threading
+import uuid
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..db import Database
+from ..db.models import Experiment, LatestMetric, Run, RunArtifact, RunInput, RunMetric, RunParam, RunTag
+from ..errors import DataError, NotFoundError
+from .artifacts import ArtifactStore
+from .run import ActiveRun
+from .search import order_clauses, parse_filter, to_sql
+from .system import system_tags
+from .training import Training, flatten_config
+
+__all__ = ["RunStore", "RunInfo", "RunPage", "MetricPoint"]
+
+_MAX_RESULTS = 50_000
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    step: int
+    timestamp_ms: int
+    value: float
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as stored: attributes, params, latest metrics, tags, inputs and artifacts."""
+
+    id: str
+    experiment: str
+    name: str
+    status: str
+    start_time: datetime
+    end_time: datetime | None
+    parent_run_id: str | None
+    user: str
+    artifact_uri: str
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RunPage(list):
+    """A page of search results; ``next_page_token`` is None on the last page."""
+
+    def __init__(self, runs: list[RunInfo], next_page_token: str | None) -> None:
+        super().__init__(runs)
+        self.next_page_token = next_page_token
+
+
+class RunStore:
+    """Experiment tracking. Reach it as ``Platform(...).runs``."""
+
+    def __init__(self, db: Database, artifacts: ArtifactStore, features: Any = None) -> None:
+        self._db = db
+        self.artifacts = artifacts
+        self._features = features  # FeatureStore, to pin feature definition versions in log_input
+        _open_runs_register_hooks()
+
+    # ------------------------------------------------------------- start
+    def start(
+        self,
+        experiment: str,
+        *,
+        name: str = "",
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        parent: str | ActiveRun | None = None,
+    ) -> ActiveRun:
+        """Start a run in ``experiment`` (created on first use); records git commit, dirty flag, host, user,
+        python and package versions and the entry point as ``mlplat.*`` tags."""
+        exp_id = self._experiment_id(experiment)
+        parent_id = parent.id if isinstance(parent, ActiveRun) else parent
+        if parent_id is not None:
+            self.get(parent_id)  # NotFoundError for an unknown parent
+        run_id = uuid.uuid4().hex
+        sys_tags = system_tags()
+        with self._db.connect(write=True) as conn:
+            conn.execute(sa.insert(Run).values(
+                id=run_id, experiment_id=exp_id, name=name or "", status="running", parent_run_id=parent_id,
+                user=sys_tags.get("mlplat.user", ""), artifact_uri=self.artifacts.uri(run_id)))
+        active = ActiveRun(self, run_id, experiment)
+        _OPEN_RUNS.add(active)
+        try:
+            active.set_tags({**sys_tags, **(tags or {})})
+            if params:
+                active.log_params(params)
+        except BaseException:
+            active.end("failed")
+            raise
+        return active
+
+    def resume(self, run_id: str) -> ActiveRun:
+        """Log into an existing run (from another process, say). Ending it sets the run's status."""
+        info = self.get(run_id)
+        active = ActiveRun(self, run_id, info.experiment)
+        _OPEN_RUNS.add(active)
+        return active
+
+    def _experiment_id(self, name: str) -> int:
+        if not isinstance(name, str) or not name.strip() or len(name) > 255:
+            raise DataError(f"experiment name {name!r} is invalid: a non-empty string of at most 255 characters")
+        for _ in range(3):
+            with self._db.connect() as conn:
+                found = conn.scalar(sa.select(Experiment.id).where(Experiment.name == name))
+            if found is not None:
+                return found
+            try:
+                with self._db.connect(write=True) as conn:
+                    return conn.scalar(sa.insert(Experiment).values(name=name).returning(Experiment.id))
+            except sa.exc.IntegrityError:
+                continue  # created by someone else meanwhile
+        raise DataError(f"experiment {name!r} could not be created")
+
+    def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        if not tags:
+            return
+        insert = (postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert)(RunTag)
+        with self._db.connect(write=True) as conn:
+            conn.execute(insert.on_conflict_do_update(index_elements=["run_id", "key"],
+                                                      set_={"value": insert.excluded.value}),
+                         [{"run_id": run_id, "key": k, "value": v} for k, v in tags.items()])
+
+    def _forget(self, run: ActiveRun) -> None:
+        _OPEN_RUNS.discard(run)
+
+    def _resolve_features(self, refs: Any, columns: Sequence[str]):
+        if self._features is None:
+            raise DataError("feature_refs need the feature store: use the RunStore of a Platform")
+        full = any("__" in c for c in columns)
+        requests, outputs = self._features.resolve(refs, full_feature_names=full)
+        missing = [o for o in outputs if o not in columns]
+        if missing:
+            raise DataError(f"log_input: the table has no column {missing[0]!r} for the feature refs given")
+        return requests, outputs
+
+    def training(
+        self,
+        experiment: str,
+        *,
+        config: Any = None,
+        data: Any = None,
+        features: Any = None,
+        model: Any = None,
+        example_input: Any = None,
+        name: str = "",
+        tags: Mapping[str, Any] | None = None,
+    ) -> Training:
+        """A run for a training loop: params from ``config``, ``data`` fingerprinted (with its feature
+        definitions when ``features`` is given), ``t.epoch(...)`` per epoch, ``model`` logged at the end.
+
+        Usage::
+
+            with p.runs.training("fraud", config=cfg, data=train, features=refs, model=model) as t:
+                for epoch in range(cfg["epochs"]):
+                    t.epoch(loss=train_one_epoch(), val_auc=evaluate())
+        """
+        run = self.start(experiment, name=name, params=flatten_config(config), tags=tags)
+        try:
+            return Training(run, data=data, features=features, model=model, example_input=example_input)
+        except BaseException as exc:
+            run.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    # -------------------------------------------------------------- read
+    def experiments(self) -> list[str]:
+        """Names of all experiments."""
+        with self._db.connect() as conn:
+            return list(conn.scalars(sa.select(Experiment.name).order_by(Experiment.name)))
+
+    def get(self, run_id: str) -> RunInfo:
+        """A run with everything logged to it."""
+        runs = self._load([run_id], details=True)
+        if not runs:
+            raise NotFoundError(f"unknown run {run_id!r}")
+        return runs[0]
+
+    def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
+        """Every point of one metric, by step then time."""
+        with self._db.connect() as conn:
+            rows = conn.execute(sa.select(RunMetric.step, RunMetric.timestamp, RunMetric.value).where(
+                RunMetric.run_id == run_id, RunMetric.key == key).order_by(RunMetric.step, RunMetric.timestamp,
+                                                                            RunMetric.id)).all()
+        return [MetricPoint(s, t, float("nan") if v is None else v) for s, t, v in rows]
+
+    def _load(self, ids: Sequence[str], *, details: bool = False) -> list[RunInfo]:
+        if not ids:
+            return []
+        with self._db.connect() as conn:
+            runs = {row.id: row for row in conn.execute(sa.select(
+                Run.id, Experiment.name.label("experiment"), Run.name, Run.status, Run.start_time, Run.end_time,
+                Run.parent_run_id, Run.user, Run.artifact_uri).join(Experiment).where(Run.id.in_(list(ids))))}
+            params: dict[str, dict] = {i: {} for i in runs}
+            metrics: dict[str, dict] = {i: {} for i in runs}
+            tags: dict[str, dict] = {i: {} for i in runs}
+            id_list = list(runs)
+            for rid, k, v in conn.execute(sa.select(RunParam.run_id, RunParam.key, RunParam.value).where(
+                    RunParam.run_id.in_(id_list))):
+                params[rid][k] = v
+            for rid, k, v in conn.execute(sa.select(LatestMetric.run_id, LatestMetric.key, LatestMetric.value).where(
+                    LatestMetric.run_id.in_(id_list))):
+                metrics[rid][k] = float("nan") if v is None else v
+            for rid, k, v in conn.execute(sa.select(RunTag.run_id, RunTag.key, RunTag.value).where(
+                    RunTag.run_id.in_(id_list))):
+                tags[rid][k] = v
+            inputs: dict[str, list] = {i: [] for i in runs}
+            artifacts: dict[str, list] = {i: [] for i in runs}
+            if details:
+                for r in conn.execute(sa.select(RunInput).where(RunInput.run_id.in_(id_list))).mappings():
+                    inputs[r["run_id"]].append({k: r[k] for k in ("name", "content_hash", "row_count", "schema",
+                                                                   "feature_refs", "created_at")})
+                for r in conn.execute(sa.select(RunArtifact).where(RunArtifact.run_id.in_(id_list))).mappings():
+                    artifacts[r["run_id"]].append({k: r[k] for k in ("path", "kind", "size", "sha256", "meta")})
+        out = []
+        for rid in ids:
+            r = runs.get(rid)
+            if r is None:
+                continue
+            out.append(RunInfo(r.id, r.experiment, r.name, r.status, r.start_time, r.end_time, r.parent_run_id,
+                               r.user, r.artifact_uri, params[rid], metrics[rid], tags[rid], inputs[rid],
+                               artifacts[rid]))
+        return out
+
+    # ------------------------------------------------------------ search
+    def search(
+        self,
+        experiments: str | Sequence[str] | None = None,
+        *,
+        filter: str | None = None,  # noqa: A002 - the name users expect
+        order_by: Sequence[str] | None = None,
+        max_results: int = 100,
+        page_token: str | None = None,
+    ) -> RunPage:
+        """Runs matching a filter (see :mod:`mlplat.runs.search` for the language), ordered and paged.
+
+        Usage::
+
+            p.runs.search("fraud", filter="metrics.val_auc > 0.9 and (params.lr = '0.001' or tags.team = 'risk')",
+                          order_by=["metrics.val_auc desc"], max_results=20)
+        """
+        if not 1 <= max_results <= _MAX_RESULTS:
+            raise DataError(f"max_results must be between 1 and {_MAX_RESULTS}, got {max_results}")
+        offset = _decode_token(page_token)
+        q = sa.select(Run.id).join(Experiment)
+        if experiments is not None:
+            names = [experiments] if isinstance(experiments, str) else list(experiments)
+            q = q.where(Experiment.name.in_(names))
+        if filter:
+            q = q.where(to_sql(parse_filter(filter)))
+        q = order_clauses(q, list(order_by or [])).limit(max_results + 1).offset(offset)
+        with self._db.connect() as conn:
+            ids = list(conn.scalars(q))
+        more = len(ids) > max_results
+        ids = ids[:max_results]
+        return RunPage(self._load(ids), _encode_token(offset + max_results) if more else None)
+
+    def compare(self, run_ids: Sequence[str]) -> pa.Table:
+        """One row per run: id, experiment, name, status, then every param and every latest metric."""
+        runs = self._load(list(run_ids))
+        missing = set(run_ids) - {r.id for r in runs}
+        if missing:
+            raise NotFoundError(f"unknown run {sorted(missing)[0]!r}")
+        params = sorted({k for r in runs for k in r.params})
+        metrics = sorted({k for r in runs for k in r.metrics})
+        columns: dict[str, list] = {
+            "run_id": [r.id for r in runs], "experiment": [r.experiment for r in runs],
+            "name": [r.name for r in runs], "status": [r.status for r in runs],
+        }
+        for k in params:
+            columns[f"params.{k}"] = [r.params.get(k) for r in runs]
+        for k in metrics:
+            columns[f"metrics.{k}"] = pa.array([r.metrics.get(k) for r in runs], pa.float64())
+        return pa.table(columns)
+
+
+def _encode_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def _decode_token(token: str | None) -> int:
+    if token is None:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        if not text.startswith("o:"):
+            raise ValueError(text)
+        offset = int(text[2:])
+        if offset < 0:
+            raise ValueError(offset)
+        return offset
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"page_token {token!r} is not one mlplat gave") from None
+
+
+# ---------------------------------------------------- runs left open at exit
+_OPEN_RUNS: weakref.WeakSet[ActiveRun] = weakref.WeakSet()
+_HOOKS = threading.Lock()
+_failed = threading.Event()
+_hooked = False
+
+
+def _open_runs_register_hooks() -> None:
+    """Once per process: end runs still open at exit (failed after an uncaught exception, else finished)."""
+    global _hooked
+    with _HOOKS:
+        if _hooked:
+            return
+        _hooked = True
+        previous = sys.excepthook
+
+        def hook(exc_type, exc, tb):
+            _failed.set()
+            previous(exc_type, exc, tb)
+
+        sys.excepthook = hook
+        atexit.register(_end_open_runs)
+
+
+def _end_open_runs() -> None:
+    for run in list(_OPEN_RUNS):
+        try:
+            run.end("failed" if _failed.is_set() else "finished")
+        except Exception:  # noqa: BLE001 - the database may be gone at exit
+            pass

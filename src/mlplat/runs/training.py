@@ -1,0 +1,86 @@
+"""The training helper: tracking as the default path, in two or three added lines.
+
+Usage (an existing torch loop; the added lines are marked)::
+
+    with p.runs.training("fraud", config=cfg, data=train, features=refs, model=model) as t:   # added
+        for epoch in range(cfg["epochs"]):
+            loss = train_one_epoch(model, loader, optimizer)
+            t.epoch(loss=loss, val_auc=evaluate(model, val_loader))                         # added
+
+``config`` (a dict, dataclass, argparse Namespace or any object with
+attributes) becomes the run's params, flattened with dots; ``data`` is logged
+as the "train" input (with ``features``, its feature definitions are pinned);
+each ``t.epoch(...)`` logs its metrics at the next step; ``model`` is logged
+when the block ends without an error (or call ``t.model(...)`` yourself).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from .run import ActiveRun
+
+__all__ = ["Training", "flatten_config"]
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as flat params: nested keys joined with dots.
+
+    >>> flatten_config({"lr": 0.001, "net": {"hidden": 64}})
+    {'lr': 0.001, 'net.hidden': 64}
+    """
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    elif not isinstance(config, Mapping):
+        config = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+            out.update(flatten_config(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+class Training:
+    """A run set up for a training loop; use it as a context manager."""
+
+    def __init__(self, run: ActiveRun, *, data: Any = None, features: Any = None, model: Any = None,
+                 example_input: Any = None) -> None:
+        self.run = run
+        self._model = model
+        self._example = example_input
+        self._epoch = 0
+        self.input = run.log_input(data, "train", feature_refs=features) if data is not None else None
+
+    @property
+    def id(self) -> str:
+        return self.run.id
+
+    def epoch(self, **metrics: float) -> int:
+        """Log this epoch's metrics (values may be floats, numpy or 0-d torch tensors); returns the epoch."""
+        step = self._epoch
+        self.run.log_metrics({k: float(v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}, step=step)
+        self._epoch += 1
+        return step
+
+    def model(self, model: Any, name: str = "model", **kwargs: Any) -> dict[str, Any]:
+        """Log the model now (otherwise the one passed at start is logged at the end)."""
+        self._model = None
+        return self.run.log_model(model, name, example_input=kwargs.pop("example_input", self._example), **kwargs)
+
+    def __enter__(self) -> Training:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None and self._model is not None:
+            try:
+                self.model(self._model)
+            except BaseException as err:
+                self.run.__exit__(type(err), err, err.__traceback__)
+                raise
+        self.run.__exit__(exc_type, exc, tb)

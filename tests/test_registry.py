@@ -1,0 +1,204 @@
+"""The model registry on SQLite and PostgreSQL: versions, approvals, concurrency, aliases, lineage, CLI."""
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+import mlplat as mp
+from mlplat.cli import cli
+
+
+class Scorer(torch.nn.Module):
+    def __init__(self, bias: float = 0.0) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+        with torch.no_grad():
+            self.linear.bias.fill_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.linear(x))
+
+
+def trained_run(p, bias: float = 0.0, experiment: str = "fraud") -> str:
+    with p.runs.start(experiment, params={"bias": bias}) as run:
+        run.log_metric("val_auc", 0.9)
+        run.log_model(Scorer(bias), "model", example_input=torch.zeros(2, 3))
+    return run.id
+
+
+@pytest.fixture
+def p(platform):
+    return platform
+
+
+def test_register_versions_and_load(p):
+    v1 = p.models.register("fraud", trained_run(p, 0.0), registered_by="bob")
+    v2 = p.models.register("fraud", trained_run(p, 5.0), description="bias 5")
+    assert (v1.version, v2.version, v1.stage, v1.registered_by) == (1, 2, "none", "bob")
+    x = torch.ones(1, 3)
+    assert p.models.load("fraud", version=2)(x).item() > p.models.load("fraud", version=1)(x).item()
+    assert p.models.get("fraud").version == 2  # no selector: the latest
+    assert [m["name"] for m in p.models.list()] == ["fraud"] and p.models.list()[0]["latest"] == 2
+    with pytest.raises(mp.NotFoundError, match="has no model artifact 'weights'"):
+        p.models.register("fraud", v1.run_id, artifact="weights")
+    with pytest.raises(mp.NotFoundError, match="unknown run"):
+        p.models.register("fraud", "nope")
+    with pytest.raises(mp.DataError, match="model name"):
+        p.models.register("bad name!", v1.run_id)
+    with pytest.raises(mp.NotFoundError, match="unknown model 'ghost'"):
+        p.models.get("ghost")
+    with pytest.raises(mp.NotFoundError, match="has no version 9"):
+        p.models.load("fraud", version=9)
+    with pytest.raises(mp.DataError, match="one of version=, stage= or alias="):
+        p.models.get("fraud", version=1, stage="production")
+
+
+def test_approval_rules(p):
+    run_id = trained_run(p)
+    v = p.models.register("fraud", run_id, registered_by="bob")
+    with pytest.raises(mp.DataError, match="needs approved_by"):
+        p.models.promote("fraud", v.version, "production")
+    assert p.models.promote("fraud", v.version, "staging", notes="try it").stage == "staging"  # no approver needed
+    p.models.set_policy("fraud", require_distinct_approver=True)
+    with pytest.raises(mp.DataError, match="approver other than the registrant \\('bob'\\)"):
+        p.models.promote("fraud", v.version, "production", approved_by="bob")
+    assert p.models.get("fraud", stage="staging").version == v.version  # refused: nothing changed
+    assert p.models.promote("fraud", v.version, "production", approved_by="alice", actor="carol").stage == "production"
+    with pytest.raises(mp.DataError, match="stage 'prod' is not one of"):
+        p.models.promote("fraud", v.version, "prod")
+    history = p.models.history("fraud")
+    assert [(h.from_stage, h.to_stage, h.approved_by) for h in history] == [
+        ("", "none", None), ("none", "staging", None), ("staging", "production", "alice")]
+    assert history[-1].actor == "carol" and history[1].notes == "try it"
+
+
+def test_promoting_archives_the_previous_production_version(p):
+    for bias in (0.0, 1.0):
+        p.models.register("fraud", trained_run(p, bias))
+    p.models.promote("fraud", 1, "production", approved_by="alice")
+    p.models.promote("fraud", 2, "production", approved_by="alice", notes="better")
+    assert p.models.get("fraud", version=1).stage == "archived"
+    assert p.models.get("fraud", stage="production").version == 2
+    moves = [(h.version, h.from_stage, h.to_stage) for h in p.models.history("fraud")]
+    assert (1, "production", "archived") in moves and moves[-1] == (2, "none", "production")
+
+
+def test_eight_concurrent_promotions_leave_exactly_one_in_production(database_url, tmp_path):
+    home = tmp_path / "home"
+    with mp.Platform(home, database_url=database_url) as p:
+        run_id = trained_run(p)
+        for _ in range(8):
+            p.models.register("fraud", run_id)
+    errors, barrier = [], threading.Barrier(8)
+
+    def promote(version: int) -> None:
+        try:
+            with mp.Platform(home, database_url=database_url) as other:
+                barrier.wait()
+                other.models.promote("fraud", version, "production", approved_by=f"approver{version}")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in range(1, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with mp.Platform(home, database_url=database_url) as p:
+        stages = [v.stage for v in p.models.versions("fraud")]
+        assert stages.count("production") == 1 and stages.count("archived") == 7
+        promotions = [h for h in p.models.history("fraud") if h.to_stage == "production"]
+        archived = [h for h in p.models.history("fraud") if h.to_stage == "archived"]
+        assert len(promotions) == 8 and len(archived) == 7  # every step recorded
+
+
+def test_aliases(p):
+    for bias in (0.0, 1.0):
+        p.models.register("fraud", trained_run(p, bias))
+    p.models.set_alias("fraud", "champion", 1)
+    p.models.set_alias("fraud", "challenger", 2)
+    assert p.models.get("fraud", alias="champion").version == 1
+    p.models.set_alias("fraud", "champion", 2, notes="swap")
+    assert p.models.get("fraud", alias="champion").aliases == ("challenger", "champion")
+    assert p.models.load("fraud", alias="champion") is not None
+    p.models.delete_alias("fraud", "challenger")
+    with pytest.raises(mp.NotFoundError, match="has no alias 'challenger'"):
+        p.models.get("fraud", alias="challenger")
+    with pytest.raises(mp.DataError, match="alias 'production' is invalid"):
+        p.models.set_alias("fraud", "production", 1)
+    assert [h.to_stage for h in p.models.history("fraud", version=2)][-1] == "alias:champion"
+
+
+@pytest.fixture
+def lineage_setup(p, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    ts = pa.timestamp("us", "UTC")
+    pq.write_table(pa.table({"user_id": [1, 2, 3], "event_timestamp": pa.array([0, 0, 0], ts),
+                             "txn_count": [5, 6, 7]}), src / "a.parquet")
+    user = mp.Entity("user", join_keys=["user_id"])
+    view = mp.FeatureView("user_txn", entities=[user], ttl=timedelta(days=1), schema=[mp.Field("txn_count", mp.Int64)],
+                          source=mp.ParquetSource(src))
+    p.features.apply([user, view])
+    labels = pa.table({"user_id": [1, 2, 3, 4], "event_timestamp": pa.array([10, 10, 10, 10], ts),
+                       "label": [0, 1, 0, 1]})
+    train = p.features.get_historical_features(labels, ["user_txn:txn_count"])
+    with p.runs.training("fraud", config={"lr": 0.01}, data=train, features=["user_txn:txn_count"],
+                         model=Scorer(), example_input=torch.zeros(1, 3)) as t:
+        t.epoch(val_auc=0.93)
+    v = p.models.register("fraud", t.id, registered_by="bob")
+    p.models.promote("fraud", v.version, "production", approved_by="alice", notes="passes review")
+    return src, train, t.id
+
+
+def test_lineage_answers_in_one_call(p, lineage_setup):
+    _, train, run_id = lineage_setup
+    info = p.models.lineage("fraud", stage="production")
+    assert (info["model"], info["version"], info["stage"], info["registered_by"]) == ("fraud", 1, "production", "bob")
+    assert info["run"]["id"] == run_id and info["run"]["experiment"] == "fraud"
+    assert set(info["git"]) == {"commit", "dirty"}
+    assert info["params"] == {"lr": "0.01"} and info["metrics"] == {"val_auc": 0.93}
+    [data] = info["data"]
+    assert data["content_hash"] == mp.runs.table_hash(train) and data["row_count"] == 4
+    assert data["feature_refs"] == ["user_txn@1:txn_count"] and data["feature_views"] == {"user_txn": 1}
+    assert data["schema"]["fields"][-1]["name"] == "txn_count"
+    assert info["approvals"] == [{"stage": "production", "approved_by": "alice", "by": info["history"][-1]["by"],
+                                  "at": info["history"][-1]["at"], "notes": "passes review"}]
+    assert [h["to"] for h in info["history"]] == ["none", "production"]
+    assert info["artifact"]["torch_version"] == torch.__version__ and len(info["artifact"]["sha256"]) == 64
+    json.dumps(info)  # plain JSON all the way
+
+
+def test_lineage_verify_rebuilds_the_training_data(p, lineage_setup):
+    src, _, _ = lineage_setup
+    check = p.models.lineage("fraud", verify=True)["data"][0]["verification"]
+    assert check["checked"] and check["matches"] and check["rows"] == 4
+    # the offline data changes under the model: a newer row for user 2
+    pq.write_table(pa.table({"user_id": [2], "event_timestamp": pa.array([5], pa.timestamp("us", "UTC")),
+                             "txn_count": [60]}), src / "b.parquet")
+    check = p.models.lineage("fraud", verify=True)["data"][0]["verification"]
+    assert check["checked"] and not check["matches"]
+
+
+def test_lineage_cli(p, lineage_setup, database_url):
+    home = str(p.settings.home)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--home", home, "--database-url", database_url, "models", "lineage", "fraud",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["approvals"][0]["approved_by"] == "alice"
+    human = runner.invoke(cli, ["--home", home, "--database-url", database_url, "models", "lineage", "fraud",
+                                "--verify"], env={"COLUMNS": "200"})
+    assert human.exit_code == 0, human.output
+    for text in ("fraud v1 (production)", "alice", "user_txn@1:txn_count", "blake2b-256:", "matches"):
+        assert text in human.output
+    missing = runner.invoke(cli, ["--home", home, "--database-url", database_url, "models", "lineage", "ghost"])
+    assert missing.exit_code != 0 and "unknown model 'ghost'" in str(missing.exception or missing.output)

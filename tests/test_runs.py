@@ -1,0 +1,420 @@
+"""Experiment tracking on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import math
+import multiprocessing as mpr
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import sqlalchemy as sa
+import torch
+
+import mlplat as mp
+from mlplat.db.models import RunMetric
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(x), dim=-1)
+
+
+@pytest.fixture
+def p(platform):
+    return platform
+
+
+# --------------------------------------------------------------- lifecycle
+def test_run_lifecycle_and_system_tags(p):
+    with p.runs.start("fraud", name="baseline", params={"lr": 1e-3, "layers": 2}, tags={"team": "risk"}) as run:
+        run.log_metric("loss", 0.5)
+        assert p.runs.get(run.id).status == "running"
+    info = p.runs.get(run.id)
+    assert (info.status, info.experiment, info.name) == ("finished", "fraud", "baseline")
+    assert info.params == {"lr": "0.001", "layers": "2"} and info.tags["team"] == "risk"
+    assert info.end_time >= info.start_time and info.user
+    for key in ("mlplat.host", "mlplat.user", "mlplat.python", "mlplat.version.mlplat", "mlplat.version.torch",
+                "mlplat.entry_point", "mlplat.git.commit", "mlplat.git.dirty"):
+        assert key in info.tags
+    assert p.runs.experiments() == ["fraud"]
+
+
+def test_an_exception_marks_the_run_failed(p):
+    with pytest.raises(ZeroDivisionError):
+        with p.runs.start("fraud") as run:
+            1 / 0  # noqa: B018
+    info = p.runs.get(run.id)
+    assert info.status == "failed" and info.tags["mlplat.error"].startswith("ZeroDivisionError")
+    child = p.runs.start("fraud", parent=run)
+    child.end("killed")
+    assert p.runs.get(child.id).parent_run_id == run.id and p.runs.get(child.id).status == "killed"
+    with pytest.raises(mp.DataError, match="ends as one of"):
+        p.runs.start("fraud").end("done")
+    with pytest.raises(mp.NotFoundError, match="unknown run 'nope'"):
+        p.runs.get("nope")
+
+
+def test_git_commit_and_dirty_flag_of_the_calling_script(tmp_path, database_url):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    git("init", "-q")
+    script = repo / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import mlplat as mp
+        p = mp.Platform({str(tmp_path / 'home')!r}, database_url={database_url!r})
+        with p.runs.start("git") as run:
+            print(run.id)
+    """))
+    git("add", "train.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    commit = git("rev-parse", "HEAD")
+    runs = []
+    for change in (False, True):
+        if change:
+            script.write_text(script.read_text() + "\n# edited\n")
+        out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, check=True)
+        runs.append(out.stdout.strip())
+    with mp.Platform(tmp_path / "home", database_url=database_url) as p:
+        clean, dirty = (p.runs.get(r).tags for r in runs)
+    assert clean["mlplat.git.commit"] == commit and clean["mlplat.git.dirty"] == "false"
+    assert dirty["mlplat.git.commit"] == commit and dirty["mlplat.git.dirty"] == "true"
+    assert clean["mlplat.entry_point"].endswith("train.py")
+
+
+# ------------------------------------------------------------------ params
+def test_params_are_write_once_and_all_or_nothing(p):
+    with p.runs.start("fraud", params={"lr": 0.001}) as run:
+        run.log_param("lr", 0.001)  # the same value again is fine
+        with pytest.raises(mp.DataError, match="param 'lr' of run .* is already '0.001'.*write-once"):
+            run.log_param("lr", 0.01)
+        with pytest.raises(mp.DataError, match="param 'lr'"):
+            run.log_params({"epochs": 5, "lr": 0.5})
+        with pytest.raises(mp.DataError, match="param name '' is invalid"):
+            run.log_param("", 1)
+    assert p.runs.get(run.id).params == {"lr": "0.001"}  # 'epochs' was rolled back with the clash
+
+
+# ----------------------------------------------------------------- metrics
+def test_metric_history_keeps_nan_and_infinities(p):
+    with p.runs.start("fraud") as run:
+        for v in (1.0, float("nan"), float("inf"), float("-inf"), 2.5):
+            run.log_metric("m", v)  # steps 0..4
+        run.log_metric("late", 1.0, step=10)
+        run.log_metric("late", 2.0, step=3)  # an earlier step later: not the latest
+        run.log_metrics({"a": np.float32(0.25), "b": torch.tensor(0.5)}, step=7)
+    history = p.runs.metric_history(run.id, "m")
+    assert [pt.step for pt in history] == [0, 1, 2, 3, 4]
+    values = [pt.value for pt in history]
+    assert values[0] == 1.0 and math.isnan(values[1]) and values[2:] == [math.inf, -math.inf, 2.5]
+    info = p.runs.get(run.id)
+    assert info.metrics == {"m": 2.5, "late": 1.0, "a": 0.25, "b": 0.5}
+    with p.runs.start("fraud") as nan_run:
+        nan_run.log_metric("x", float("nan"))
+    assert math.isnan(p.runs.get(nan_run.id).metrics["x"])
+
+
+def _log_from_process(args):
+    url, home, run_id, worker = args
+    with mp.Platform(home, database_url=url) as p:
+        run = p.runs.resume(run_id)
+        for i in range(2000):
+            run.log_metric(f"w{worker}", float(i), step=i)
+            if i % 500 == 0:
+                run.log_metric("shared", float(worker * 10_000 + i), step=worker * 10_000 + i)
+        run.flush()
+    return worker
+
+
+def test_eight_processes_log_to_one_run_and_nothing_is_lost(database_url, tmp_path):
+    home = str(tmp_path / "home")
+    with mp.Platform(home, database_url=database_url) as p:
+        run = p.runs.start("concurrent")
+        with mpr.get_context("spawn").Pool(8) as pool:
+            assert sorted(pool.map(_log_from_process, [(database_url, home, run.id, w) for w in range(8)])) == \
+                list(range(8))
+        run.end()
+        with p.db.connect() as conn:
+            count = conn.scalar(sa.select(sa.func.count()).select_from(RunMetric).where(RunMetric.run_id == run.id))
+        assert count == 8 * 2000 + 8 * 4
+        info = p.runs.get(run.id)
+        assert all(info.metrics[f"w{w}"] == 1999.0 for w in range(8))
+        assert info.metrics["shared"] == 71500.0  # the greatest step wins, whatever order the writes landed in
+
+
+def test_a_killed_process_loses_nothing_before_its_last_flush(database_url, tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import mlplat as mp
+        p = mp.Platform({str(tmp_path / 'home')!r}, database_url={database_url!r})
+        run = p.runs.start("crash")
+        print(run.id, flush=True)
+        for i in range(5000):
+            run.log_metric("loss", i / 10, step=i)
+        run.flush()
+        for i in range(5000, 5100):
+            run.log_metric("loss", i / 10, step=i)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9
+    run_id = proc.stdout.split()[0]
+    with mp.Platform(tmp_path / "home", database_url=database_url) as p:
+        steps = {pt.step for pt in p.runs.metric_history(run_id, "loss")}
+        assert set(range(5000)) <= steps  # everything before the flush survived the kill
+        assert p.runs.get(run_id).status == "running"  # nobody could mark it: it was killed
+
+
+# ------------------------------------------------------------------ search
+@pytest.fixture
+def searchable(p):
+    ids = {}
+    rows = [("a", 0.001, 0.91, "risk"), ("b", 0.01, 0.95, "risk"), ("c", 0.001, 0.85, "ml"), ("d", 0.1, 0.5, "ml"),
+            ("e", 0.001, float("nan"), "growth")]
+    for name, lr, auc, team in rows:
+        with p.runs.start("fraud", name=name, params={"lr": lr}, tags={"team": team}) as run:
+            run.log_metric("val_auc", auc)
+            if name != "e":
+                run.log_metric("loss", 1 - auc)
+        ids[name] = run.id
+    with p.runs.start("other", name="z", params={"lr": 0.001}) as run:
+        run.log_metric("val_auc", 0.99)
+    with pytest.raises(RuntimeError):
+        with p.runs.start("fraud", name="f", params={"lr": 0.001}):
+            raise RuntimeError
+    return ids
+
+
+def names(page):
+    return [r.name for r in page]
+
+
+@pytest.mark.parametrize(
+    "flt, order, expected",
+    [
+        ("metrics.val_auc > 0.9 and params.lr = '0.001'", None, ["a"]),
+        ("metrics.val_auc > 0.9 or params.lr = '0.1'", ["attributes.name"], ["a", "b", "d"]),
+        ("(metrics.val_auc > 0.9 or tags.team = 'ml') and not params.lr = '0.1'", ["attributes.name"], ["a", "b", "c"]),
+        ("params.lr in ('0.01', '0.1')", ["metrics.val_auc desc"], ["b", "d"]),
+        ("tags.team not in ('risk')", ["attributes.name asc"], ["c", "d", "e"]),  # no tag: no match
+        ("tags.team like 'r%' and metrics.loss < 0.07", None, ["b"]),
+        ("tags.team ilike 'ML'", ["attributes.name"], ["c", "d"]),
+        ("metrics.loss is null", ["attributes.name"], ["e", "f"]),
+        ("attributes.status = 'failed'", None, ["f"]),
+        ("attributes.status != 'failed' and attributes.name >= 'c'", ["attributes.name"], ["c", "d", "e"]),
+        ("metrics.val_auc >= 0.91 AND params.lr <> '0.01'", None, ["a"]),
+        (None, ["metrics.val_auc desc", "attributes.name"], ["b", "a", "c", "d", "e", "f"]),  # NaN/None last
+        (None, ["params.lr desc", "attributes.name desc"], ["d", "b", "f", "e", "c", "a"]),
+    ],
+)
+def test_filter_language(p, searchable, flt, order, expected):
+    assert names(p.runs.search("fraud", filter=flt, order_by=order)) == expected
+
+
+def test_search_across_experiments_and_pages(p, searchable):
+    assert set(names(p.runs.search(filter="params.lr = '0.001' and metrics.val_auc > 0.9"))) == {"a", "z"}
+    assert names(p.runs.search(["fraud", "other"], filter="metrics.val_auc > 0.94")) in (["z", "b"], ["b", "z"])
+    seen, token = [], None
+    while True:
+        page = p.runs.search("fraud", order_by=["attributes.name"], max_results=2, page_token=token)
+        seen += names(page)
+        token = page.next_page_token
+        if token is None:
+            break
+    assert seen == ["a", "b", "c", "d", "e", "f"]
+    with pytest.raises(mp.DataError, match="page_token 'garbage' is not one mlplat gave"):
+        p.runs.search("fraud", page_token="garbage")
+    with pytest.raises(mp.DataError, match="max_results"):
+        p.runs.search("fraud", max_results=0)
+
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        "params.lr = '0.001'' or ''1''=''1'",
+        "params.lr = '0.001; drop table runs; --'",
+        "tags.team = \"x\\\" or 1=1 --\"",
+        "metrics.\"val_auc'; drop table runs; --\" > 0",
+        "params.\"lr) or (1=1\" = 'x'",
+    ],
+)
+def test_injection_attempts_are_just_values(p, searchable, flt):
+    assert names(p.runs.search("fraud", filter=flt)) == []
+    assert len(p.runs.search("fraud")) == 6  # every table still there, every run still found
+
+
+def test_injection_in_names_is_stored_verbatim(p):
+    evil = "x'); DROP TABLE runs; --"
+    with p.runs.start("fraud", params={evil: "1"}, tags={evil: evil}) as run:
+        run.log_metric(evil, 1.0)
+    assert p.runs.search("fraud", filter=f'params."{evil}" = \'1\'')[0].id == run.id
+    assert p.runs.get(run.id).params == {evil: "1"}
+
+
+@pytest.mark.parametrize(
+    "flt, message",
+    [
+        ("metrics.val_auc >", "expected a value"),
+        ("metrics.val_auc > 'high'", "compares with numbers"),
+        ("metrics.val_auc like '9%'", "'like' compares strings"),
+        ("val_auc > 1", "expected a field"),
+        ("params.lr = '1' and", "expected a field"),
+        ("(params.lr = '1'", "expected '\\)'"),
+        ("params.lr = '1' params.x = '2'", "expected 'and', 'or' or the end"),
+        ("attributes.color = 'red'", "unknown attribute 'color'"),
+        ("params.lr ~ '1'", "cannot read"),
+        ("attributes.start_time > 'yesterday'", "is not a time"),
+    ],
+)
+def test_bad_filters_name_the_problem(p, searchable, flt, message):
+    with pytest.raises(mp.DataError, match=message):
+        p.runs.search("fraud", filter=flt)
+
+
+def test_compare_runs(p, searchable):
+    table = p.runs.compare([searchable["a"], searchable["d"]])
+    assert table.column("params.lr").to_pylist() == ["0.001", "0.1"]
+    assert table.column("metrics.val_auc").to_pylist() == [0.91, 0.5]
+    assert table.column_names[:4] == ["run_id", "experiment", "name", "status"]
+    with pytest.raises(mp.NotFoundError, match="unknown run 'nope'"):
+        p.runs.compare([searchable["a"], "nope"])
+
+
+# --------------------------------------------------------------- artifacts
+@pytest.mark.parametrize("name", ["../escape.txt", "/etc/passwd", "a/../../b", "a\\b", "", "a//b", "./a", "a/.",
+                                  "C:/x", "a\x00b"])
+def test_artifact_names_that_escape_are_refused(p, tmp_path, name):
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    with p.runs.start("fraud") as run:
+        with pytest.raises(mp.DataError, match="artifact name"):
+            run.log_artifact(f, name)
+        with pytest.raises(mp.DataError, match="artifact name"):
+            run.log_model(TinyNet(), name)
+    assert not (tmp_path / "escape.txt").exists() and p.runs.get(run.id).artifacts == []
+
+
+def test_files_and_folders_as_artifacts(p, tmp_path):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "a.txt").write_text("hello")
+    (tmp_path / "report" / "sub").mkdir()
+    (tmp_path / "report" / "sub" / "b.txt").write_text("world")
+    with p.runs.start("fraud") as run:
+        run.log_artifact(tmp_path / "report" / "a.txt", "notes/a.txt")
+        run.log_artifact(tmp_path / "report")
+        with pytest.raises(mp.DataError, match="not a file or folder"):
+            run.log_artifact(tmp_path / "missing")
+    info = p.runs.get(run.id)
+    assert sorted(a["path"] for a in info.artifacts) == ["notes/a.txt", "report"]
+    root = Path(info.artifact_uri)
+    assert (root / "notes" / "a.txt").read_text() == "hello" and (root / "report" / "sub" / "b.txt").exists()
+
+
+# ------------------------------------------------------------------ inputs
+def test_log_input_hashes_everything_and_pins_feature_versions(p, tmp_path):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"user_id": [1, 2], "event_timestamp": pa.array([0, 0], pa.timestamp("us", "UTC")),
+                             "cnt": [3, 4]}), src / "a.parquet")
+    user = mp.Entity("user", join_keys=["user_id"])
+    view = mp.FeatureView("v", entities=[user], schema=[mp.Field("cnt", mp.Int64)], source=mp.ParquetSource(src))
+    p.features.apply([user, view])
+    edf = pa.table({"user_id": [1, 2, 2], "event_timestamp": pa.array([1, 1, 2], pa.timestamp("us", "UTC")),
+                    "label": [0, 1, 1]})
+    train = p.features.get_historical_features(edf, ["v:cnt"])
+    with p.runs.start("fraud") as run:
+        logged = run.log_input(train, "train", feature_refs=["v:cnt"])
+        again = run.log_input(train.to_pandas(), "train_pandas")
+        with pytest.raises(mp.DataError, match="already logged an input named 'train'"):
+            run.log_input(train, "train")
+        with pytest.raises(mp.DataError, match="no column 'cnt'"):
+            run.log_input(edf, "bad", feature_refs=["v:cnt"])
+    assert logged.feature_refs == ["v@1:cnt"] and logged.row_count == 3
+    assert logged.content_hash == again.content_hash
+    [inp, _] = sorted(p.runs.get(run.id).inputs, key=lambda i: i["name"])
+    assert inp["schema"]["fields"][-1] == {"name": "cnt", "type": "int64", "nullable": True}
+    assert inp["feature_refs"]["entity_rows"] == "inputs/train/entity_rows.parquet"
+
+
+# ------------------------------------------------------------------ models
+def test_log_model_and_load_it_back(p):
+    net = TinyNet()
+    x = torch.randn(5, 4)
+    with p.runs.start("fraud") as run:
+        meta = run.log_model(net, "model", example_input=x)
+        with pytest.raises(mp.DataError, match="takes a torch.nn.Module"):
+            run.log_model(object(), "other")
+    assert meta["torchscript"] == "script" and meta["torch_version"] == torch.__version__
+    assert meta["signature"] == {"inputs": [{"name": "input__0", "dtype": "float32", "shape": [-1, 4]}],
+                                 "outputs": [{"name": "output__0", "dtype": "float32", "shape": [-1, 2]}]}
+    version = p.models.register("tiny", run.id)
+    loaded = p.models.load("tiny", version=version.version)
+    torch.testing.assert_close(loaded(x), net(x))
+
+
+# ---------------------------------------------------------------- training
+def test_training_helper_tracks_a_real_loop(p):
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    train = pd.DataFrame(x.numpy(), columns=["a", "b", "c", "d"]).assign(label=y.numpy())
+    cfg = {"lr": 0.1, "epochs": 5, "optimizer": {"name": "sgd", "momentum": 0.9}}
+    model = TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["optimizer"]["momentum"])
+    with p.runs.training("fraud", config=cfg, data=train, model=model, example_input=x[:2]) as t:  # added line 1
+        for _ in range(cfg["epochs"]):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.nll_loss(torch.log(model(x)), y)
+            loss.backward()
+            optimizer.step()
+            t.epoch(loss=loss.detach(), accuracy=(model(x).argmax(1) == y).float().mean())  # added line 2
+    info = p.runs.get(t.id)
+    assert info.status == "finished"
+    assert info.params == {"lr": "0.1", "epochs": "5", "optimizer.name": "sgd", "optimizer.momentum": "0.9"}
+    assert [pt.step for pt in p.runs.metric_history(t.id, "loss")] == [0, 1, 2, 3, 4]
+    assert info.inputs[0]["name"] == "train" and info.inputs[0]["row_count"] == 256
+    assert [a["path"] for a in info.artifacts] == ["model"]
+
+
+def test_training_helper_marks_failures_and_skips_the_model(p):
+    with pytest.raises(ValueError):
+        with p.runs.training("fraud", config={"lr": 1}, model=TinyNet()) as t:
+            t.epoch(loss=1.0)
+            raise ValueError("diverged")
+    info = p.runs.get(t.id)
+    assert info.status == "failed" and info.artifacts == [] and "diverged" in info.tags["mlplat.error"]
+
+
+def test_runs_left_open_end_at_exit(database_url, tmp_path):
+    script = textwrap.dedent(f"""
+        import mlplat as mp
+        p = mp.Platform({str(tmp_path / 'home')!r}, database_url={database_url!r})
+        ok = p.runs.start("exit")
+        ok.log_metric("m", 1.0)
+        print(ok.id, flush=True)
+        if __import__("sys").argv[1] == "fail":
+            raise SystemError("boom")
+    """)
+    outcomes = {}
+    for mode in ("ok", "fail"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True)
+        outcomes[mode] = out.stdout.split()[0]
+    with mp.Platform(tmp_path / "home", database_url=database_url) as p:
+        assert p.runs.get(outcomes["ok"]).status == "finished"
+        assert p.runs.get(outcomes["ok"]).metrics == {"m": 1.0}  # flushed at exit
+        assert p.runs.get(outcomes["fail"]).status == "failed"
+
+
