@@ -454,3 +454,29 @@ def checksum_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str
 
 
 __all__.append("checksum_differences")
+
+
+# --------------------------------------------------------------------------- latency samples
+
+def latency_percentiles(samples_ns: Any, percentiles: Sequence[float] = (50, 99, 99.9)) -> list[float]:
+    """Percentiles of latency samples given in nanoseconds, in milliseconds (NaN for no samples).
+
+    Uses the nearest-rank definition (``numpy.percentile(method="inverted_cdf")``):
+    every reported value is one that was actually measured, never an interpolation.
+    """
+    import numpy as np
+
+    arr = np.asarray(samples_ns, dtype=np.float64)
+    if arr.size == 0:
+        return [float("nan")] * len(percentiles)
+    return [float(v) / 1e6 for v in np.percentile(arr, list(percentiles), method="inverted_cdf")]
+
+
+def machine_line(machine: Mapping[str, Any] | None = None) -> str:
+    """One header line describing the machine (from :func:`machine_info`)."""
+    m = machine or machine_info()
+    return (f"machine: {m['cpu_count']} CPUs ({m['usable_cpus']} usable), {m['cpu_model']}, "
+            f"{m['mem_gib']} GiB, {m['os']}")
+
+
+__all__ += ["latency_percentiles", "machine_line"]

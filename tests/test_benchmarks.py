@@ -20,3 +20,14 @@ def test_offline_pit_smoke(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     for engine in ("mlplat", "pandas", "polars", "duckdb"):
         assert engine in result.stdout
+
+
+@pytest.mark.slow
+def test_online_latency_smoke(tmp_path, redis_server_url):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "online_latency.py"), "--smoke", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for text in ("mlplat redis", "redis pipeline", "redis MGET", "mlplat sqlite", "Redis and SQLite: OK"):
+        assert text in result.stdout

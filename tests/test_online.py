@@ -407,3 +407,14 @@ def test_bad_online_store_urls(url, message):
 
     with pytest.raises(mp.ConfigError, match=message):
         open_online_store(url)
+
+
+def test_sqlite_reads_search_the_whole_primary_key(tmp_path):
+    """A read must not scan the view: its plan searches (tag, key), whatever the table holds."""
+    from mlplat.features.online.sqlite import _SELECT, SQLiteOnlineStore
+
+    store = SQLiteOnlineStore(f"sqlite:///{tmp_path / 'online.db'}")
+    plan = " ".join(row[-1] for row in store._conn().execute(
+        "EXPLAIN QUERY PLAN " + _SELECT.format("?,?"), ["v@1", b"a", b"b"]))
+    store.close()
+    assert "USING PRIMARY KEY (tag=? AND key=?)" in plan, plan

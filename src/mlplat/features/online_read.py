@@ -198,7 +198,7 @@ def _key_columns(entity_rows: Any, join_keys: Sequence[str]) -> dict[str, list]:
     if isinstance(entity_rows, (list, tuple)):
         cols = {k: [] for k in join_keys}
         for i, row in enumerate(entity_rows):
-            if not isinstance(row, Mapping):
+            if type(row) is not dict and not isinstance(row, Mapping):  # the exact check first: it is cheap
                 raise DataError(f"entity row {i} must be a dict of join key values, got {type(row).__name__}")
             for k in join_keys:
                 try:

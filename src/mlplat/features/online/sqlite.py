@@ -36,7 +36,10 @@ INSERT INTO online_records (tag, key, rank, record, expire_at) VALUES (?, ?, ?, 
 ON CONFLICT (tag, key) DO UPDATE SET rank = excluded.rank, record = excluded.record, expire_at = excluded.expire_at
 WHERE excluded.rank >= online_records.rank
 """
-_CHUNK = 400  # (tag, key) pairs per SELECT: 800 parameters, below SQLite's limit
+# tag = ? AND key IN (...) searches the full primary key; a row-value IN over (tag, key) would
+# search by tag alone and scan the view (tests/test_online.py checks the query plan)
+_SELECT = "SELECT key, record FROM online_records WHERE tag = ? AND key IN ({})"
+_CHUNK = 900  # keys per SELECT, below SQLite's parameter limit
 _TRANSACTION = 20_000  # records per write transaction
 
 
@@ -71,22 +74,20 @@ class SQLiteOnlineStore(OnlineStore):
         return conn
 
     def read(self, groups: Sequence[ReadGroup]) -> list[bytes | None]:
-        pairs = [(tag, key) for tags, keys in groups for tag in tags for key in keys]
-        found: dict[tuple[str, bytes], bytes] = {}
+        out: list[bytes | None] = []
         conn = self._conn()
         try:
-            unique = list(dict.fromkeys(pairs))
-            for i in range(0, len(unique), _CHUNK):
-                chunk = unique[i : i + _CHUNK]
-                values = ",".join("(?, ?)" for _ in chunk)
-                params = [x for pair in chunk for x in pair]
-                for tag, key, record in conn.execute(
-                    f"SELECT tag, key, record FROM online_records WHERE (tag, key) IN (VALUES {values})", params
-                ):
-                    found[(tag, key)] = record
+            for tags, keys in groups:
+                unique = list(dict.fromkeys(keys))
+                for tag in tags:
+                    found: dict[bytes, bytes] = {}
+                    for i in range(0, len(unique), _CHUNK):
+                        chunk = unique[i : i + _CHUNK]
+                        found.update(conn.execute(_SELECT.format(",".join("?" * len(chunk))), [tag, *chunk]))
+                    out.extend(found.get(k) for k in keys)
         except sqlite3.Error as exc:
             raise OnlineStoreError(f"online store {self.name}: reading: {exc}") from None
-        return [found.get(p) for p in pairs]
+        return out
 
     def write(self, tag: str, records: RecordBuffers, progress: Progress | None = None) -> int:
         n = len(records)
