@@ -117,3 +117,13 @@ def test_postgres_pool_settings_are_applied(pg_url):
     db = Database(pg_url, pool_size=3, max_overflow=1, pool_timeout=2)
     assert (db.engine.pool.size(), db.engine.pool._max_overflow, db.engine.pool._timeout) == (3, 1, 2)
     db.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_statements_are_planned_every_time(pg_url):
+    """psycopg would prepare a statement after 5 runs, and PostgreSQL could then reuse one generic plan
+    for all parameters; search filters need plans made for their values."""
+    db = Database(pg_url)
+    with db.connect() as conn:
+        assert conn.connection.dbapi_connection.prepare_threshold is None
+    db.dispose()

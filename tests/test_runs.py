@@ -125,6 +125,16 @@ def test_metric_history_keeps_nan_and_infinities(p):
     assert math.isnan(p.runs.get(nan_run.id).metrics["x"])
 
 
+@pytest.mark.parametrize("key", ["k" * 256, "", "a\nb", 3])
+def test_bad_metric_keys_are_refused_before_they_reach_the_buffer(p, key):
+    with p.runs.start("fraud") as run:
+        run.log_metric("loss", 0.5)
+        with pytest.raises(mp.DataError, match="metric name .* is invalid"):
+            run.log_metric(key, 1.0)
+    info = p.runs.get(run.id)
+    assert info.status == "finished" and info.metrics == {"loss": 0.5}  # the good point was written
+
+
 def _log_from_process(args):
     url, home, run_id, worker = args
     with mp.Platform(home, database_url=url) as p:

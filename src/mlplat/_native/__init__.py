@@ -6,6 +6,7 @@
   to turn join keys of any type into int64 codes (:class:`KeyFactorizer`).
 * ``_codec`` (C++ through pybind11, GIL released): the online store's binary
   records, entity keys, Redis keys and commands (:mod:`.codec`).
+* ``_hashing`` (C++ through pybind11): XXH64, the stable hash behind A/B routing.
 
 There is no pure-Python fallback: importing this package fails with
 :class:`mlplat.errors.NativeExtensionError` when an extension was not built.
@@ -14,7 +15,7 @@ The pure-Python references live in the tests.
 from __future__ import annotations
 
 try:
-    from . import _asof, _codec, _keys  # noqa: F401
+    from . import _asof, _codec, _hashing, _keys  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     from ..errors import NativeExtensionError
 

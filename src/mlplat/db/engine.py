@@ -70,6 +70,9 @@ def create_engine(
         pool_timeout=pool_timeout,
         pool_pre_ping=True,
         echo=echo,
+        # psycopg prepares a statement server-side after 5 runs, and PostgreSQL then may plan it once for
+        # any parameters (a generic plan): run search turned 30x slower that way. Plan every query.
+        connect_args={"prepare_threshold": None},
     )
 
 

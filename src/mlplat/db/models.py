@@ -160,12 +160,22 @@ class Run(Base):
     __table_args__ = (Index(None, "experiment_id", "start_time"),)
 
 
+#: Search by param or tag value uses a covering index (key, value, run_id) over values up to this
+#: length; a longer value would not fit a PostgreSQL btree entry, so the index is partial
+#: (see runs/search.py).
+SHORT_VALUE = 512
+_SHORT = text(f"length(value) <= {SHORT_VALUE}")
+
+
 class RunParam(Base):
     __tablename__ = "run_params"
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_run_params_key_short_value", "key", "value", "run_id", sqlite_where=_SHORT,
+                            postgresql_where=_SHORT),)
 
 
 class RunTag(Base):
@@ -174,6 +184,9 @@ class RunTag(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_run_tags_key_short_value", "key", "value", "run_id", sqlite_where=_SHORT,
+                            postgresql_where=_SHORT),)
 
 
 class RunMetric(Base):
@@ -202,7 +215,8 @@ class LatestMetric(Base):
     step: Mapped[int] = mapped_column(BigInteger)
     timestamp: Mapped[int] = mapped_column(BigInteger)
 
-    __table_args__ = (Index(None, "key", "value"),)
+    # covering: a search term reads run ids straight from the index
+    __table_args__ = (Index(None, "key", "value", "run_id"),)
 
 
 class RunInput(Base):

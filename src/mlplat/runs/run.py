@@ -66,6 +66,7 @@ class ActiveRun:
         self.id = run_id
         self.experiment = experiment
         self._metrics = MetricBuffer(store._db, run_id)
+        self._metric_keys: set[str] = set()
         self._ended = False
 
     def __repr__(self) -> str:
@@ -105,8 +106,8 @@ class ActiveRun:
     # ------------------------------------------------------------ metrics
     def log_metric(self, key: str, value: float, step: int | None = None, timestamp_ms: int | None = None) -> None:
         """Log one point (buffered; NaN and infinities are kept). ``step`` defaults to the key's next step."""
-        if key.__class__ is not str or not key:
-            _check_key(key, "metric")
+        if key not in self._metric_keys:  # validate each key once: a set lookup per call after that
+            self._metric_keys.add(_check_key(key, "metric"))
         self._metrics.add(key, value, step, timestamp_ms)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -206,6 +207,10 @@ class ActiveRun:
             return
         try:
             self._metrics.close()
+        except BaseException as exc:  # metrics could not be written: the run did not end well
+            self._store._set_tags(self.id, {"mlplat.error": f"writing metrics failed: {exc}"[:4000]})
+            status = "failed"
+            raise
         finally:
             with self._store._db.connect(write=True) as conn:
                 conn.execute(sa.update(Run).where(Run.id == self.id).values(

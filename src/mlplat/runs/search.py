@@ -34,7 +34,7 @@ from typing import Any, Union
 
 import sqlalchemy as sa
 
-from ..db.models import Experiment, LatestMetric, Run, RunParam, RunTag
+from ..db.models import SHORT_VALUE, Experiment, LatestMetric, Run, RunParam, RunTag
 from ..errors import DataError
 
 __all__ = ["parse_filter", "to_sql", "parse_order", "order_clauses"]
@@ -307,12 +307,26 @@ def to_sql(node: Node):
         return _compare(column, node.op, value)
     table, value_col = {"metrics": (LatestMetric, LatestMetric.value), "params": (RunParam, RunParam.value),
                         "tags": (RunTag, RunTag.value)}[node.kind]
+    # Each term becomes "run id in (a materialized CTE of the runs whose key matches)": the CTE is read
+    # once from a covering index and hash-joined. A correlated EXISTS (or an inlined IN, when the row
+    # estimate is low) is probed once per run of the experiment instead: 2-3x slower on 10,000 runs.
     if node.op == "is null":  # the run has no such key
-        return ~sa.exists().where(table.run_id == Run.id, table.key == node.name)
+        return Run.id.not_in(_ids(sa.select(table.run_id).where(table.key == node.name)))
     value = node.value
+    conditions = [table.key == node.name]
     if node.kind != "metrics":
         value = tuple(map(str, value)) if isinstance(value, tuple) else (None if value is None else str(value))
-    return sa.exists().where(table.run_id == Run.id, table.key == node.name, _compare(value_col, node.op, value))
+        values = value if isinstance(value, tuple) else (value,)
+        if node.op in ("=", "in") and all(len(v) <= SHORT_VALUE for v in values):
+            # the partial index's WHERE term, literally, so that the planners use the covering index
+            conditions.append(sa.func.length(value_col) <= sa.literal_column(str(SHORT_VALUE)))
+    conditions.append(_compare(value_col, node.op, value))
+    return Run.id.in_(_ids(sa.select(table.run_id).where(*conditions)))
+
+
+def _ids(query):
+    cte = query.cte().prefix_with("MATERIALIZED")
+    return sa.select(cte.c.run_id)
 
 
 # --------------------------------------------------------------- order by

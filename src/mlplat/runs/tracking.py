@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY as PG_ARRAY
 
 from ..db import Database
 from ..db.models import Experiment, LatestMetric, Run, RunArtifact, RunInput, RunMetric, RunParam, RunTag
@@ -209,34 +210,52 @@ class RunStore:
                                                                             RunMetric.id)).all()
         return [MetricPoint(s, t, float("nan") if v is None else v) for s, t, v in rows]
 
-    def _load(self, ids: Sequence[str], *, details: bool = False) -> list[RunInfo]:
+    def _in(self, column, ids: list[str]):
+        """``column IN ids``: one array parameter on PostgreSQL (no per-id binds to render and parse)."""
+        if self._db.dialect == "postgresql":
+            return column == sa.any_(sa.cast(sa.bindparam(None, ids, type_=PG_ARRAY(sa.String)),
+                                             PG_ARRAY(sa.String)))
+        return column.in_(ids)
+
+    def _load(self, ids: Sequence[str], *, details: bool = False, conn=None) -> list[RunInfo]:
         if not ids:
             return []
-        with self._db.connect() as conn:
-            runs = {row.id: row for row in conn.execute(sa.select(
-                Run.id, Experiment.name.label("experiment"), Run.name, Run.status, Run.start_time, Run.end_time,
-                Run.parent_run_id, Run.user, Run.artifact_uri).join(Experiment).where(Run.id.in_(list(ids))))}
-            params: dict[str, dict] = {i: {} for i in runs}
-            metrics: dict[str, dict] = {i: {} for i in runs}
-            tags: dict[str, dict] = {i: {} for i in runs}
-            id_list = list(runs)
-            for rid, k, v in conn.execute(sa.select(RunParam.run_id, RunParam.key, RunParam.value).where(
-                    RunParam.run_id.in_(id_list))):
-                params[rid][k] = v
-            for rid, k, v in conn.execute(sa.select(LatestMetric.run_id, LatestMetric.key, LatestMetric.value).where(
-                    LatestMetric.run_id.in_(id_list))):
-                metrics[rid][k] = float("nan") if v is None else v
-            for rid, k, v in conn.execute(sa.select(RunTag.run_id, RunTag.key, RunTag.value).where(
-                    RunTag.run_id.in_(id_list))):
-                tags[rid][k] = v
-            inputs: dict[str, list] = {i: [] for i in runs}
-            artifacts: dict[str, list] = {i: [] for i in runs}
-            if details:
-                for r in conn.execute(sa.select(RunInput).where(RunInput.run_id.in_(id_list))).mappings():
-                    inputs[r["run_id"]].append({k: r[k] for k in ("name", "content_hash", "row_count", "schema",
-                                                                   "feature_refs", "created_at")})
-                for r in conn.execute(sa.select(RunArtifact).where(RunArtifact.run_id.in_(id_list))).mappings():
-                    artifacts[r["run_id"]].append({k: r[k] for k in ("path", "kind", "size", "sha256", "meta")})
+        if conn is None:
+            with self._db.connect() as conn:
+                return self._load(ids, details=details, conn=conn)
+        ids = list(ids)
+        # .all() fetches in one call; iterating a result would fetch row by row
+        runs = {row.id: row for row in conn.execute(sa.select(
+            Run.id, Experiment.name.label("experiment"), Run.name, Run.status, Run.start_time, Run.end_time,
+            Run.parent_run_id, Run.user, Run.artifact_uri).join(Experiment).where(self._in(Run.id, ids))).all()}
+        params: dict[str, dict] = {i: {} for i in runs}
+        metrics: dict[str, dict] = {i: {} for i in runs}
+        tags: dict[str, dict] = {i: {} for i in runs}
+        # params, latest metrics and tags in one round trip: (kind, run, key, text value, number value)
+        def part(kind: int, table, text, number):
+            return sa.select(sa.literal(kind).label("kind"), table.run_id, table.key, text.label("text"),
+                             number.label("number")).where(self._in(table.run_id, ids))
+
+        no_text, no_number = sa.null().cast(sa.Text), sa.null().cast(sa.Double)
+        union = sa.union_all(part(0, RunParam, RunParam.value, no_number),
+                             part(1, LatestMetric, no_text, LatestMetric.value),
+                             part(2, RunTag, RunTag.value, no_number))
+        nan = float("nan")
+        for kind, rid, key, text, number in conn.execute(union).all():
+            if kind == 0:
+                params[rid][key] = text
+            elif kind == 1:
+                metrics[rid][key] = nan if number is None else number
+            else:
+                tags[rid][key] = text
+        inputs: dict[str, list] = {i: [] for i in runs}
+        artifacts: dict[str, list] = {i: [] for i in runs}
+        if details:
+            for r in conn.execute(sa.select(RunInput).where(self._in(RunInput.run_id, ids))).mappings():
+                inputs[r["run_id"]].append({k: r[k] for k in ("name", "content_hash", "row_count", "schema",
+                                                               "feature_refs", "created_at")})
+            for r in conn.execute(sa.select(RunArtifact).where(self._in(RunArtifact.run_id, ids))).mappings():
+                artifacts[r["run_id"]].append({k: r[k] for k in ("path", "kind", "size", "sha256", "meta")})
         out = []
         for rid in ids:
             r = runs.get(rid)
@@ -274,11 +293,11 @@ class RunStore:
         if filter:
             q = q.where(to_sql(parse_filter(filter)))
         q = order_clauses(q, list(order_by or [])).limit(max_results + 1).offset(offset)
-        with self._db.connect() as conn:
-            ids = list(conn.scalars(q))
-        more = len(ids) > max_results
-        ids = ids[:max_results]
-        return RunPage(self._load(ids), _encode_token(offset + max_results) if more else None)
+        with self._db.connect() as conn:  # ids and their page in one transaction: one consistent answer
+            ids = conn.scalars(q).all()
+            more = len(ids) > max_results
+            runs = self._load(ids[:max_results], conn=conn)
+        return RunPage(runs, _encode_token(offset + max_results) if more else None)
 
     def compare(self, run_ids: Sequence[str]) -> pa.Table:
         """One row per run: id, experiment, name, status, then every param and every latest metric."""

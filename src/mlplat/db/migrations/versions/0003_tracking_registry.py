@@ -120,7 +120,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("run_id", "key", name=op.f("pk_run_latest_metrics")),
     )
-    op.create_index(op.f("ix_run_latest_metrics_key_value"), "run_latest_metrics", ["key", "value"], unique=False)
+    op.create_index(op.f("ix_run_latest_metrics_key_value_run_id"), "run_latest_metrics", ["key", "value", "run_id"], unique=False)
     op.create_table(
         "run_metrics",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
@@ -149,6 +149,11 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name=op.f("fk_run_tags_run_id_runs"), ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("run_id", "key", name=op.f("pk_run_tags")),
     )
+    short = sa.text("length(value) <= 512")
+    op.create_index("ix_run_params_key_short_value", "run_params", ["key", "value", "run_id"], unique=False,
+                    sqlite_where=short, postgresql_where=short)
+    op.create_index("ix_run_tags_key_short_value", "run_tags", ["key", "value", "run_id"], unique=False,
+                    sqlite_where=short, postgresql_where=short)
     op.create_table(
         "model_aliases",
         sa.Column("model_id", sa.Integer(), nullable=False),
@@ -193,11 +198,13 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_model_transitions_version_id_at"), table_name="model_transitions")
     op.drop_table("model_transitions")
     op.drop_table("model_aliases")
+    op.drop_index("ix_run_tags_key_short_value", table_name="run_tags")
+    op.drop_index("ix_run_params_key_short_value", table_name="run_params")
     op.drop_table("run_tags")
     op.drop_table("run_params")
     op.drop_index(op.f("ix_run_metrics_run_id_key_step"), table_name="run_metrics")
     op.drop_table("run_metrics")
-    op.drop_index(op.f("ix_run_latest_metrics_key_value"), table_name="run_latest_metrics")
+    op.drop_index(op.f("ix_run_latest_metrics_key_value_run_id"), table_name="run_latest_metrics")
     op.drop_table("run_latest_metrics")
     op.drop_table("run_inputs")
     op.drop_table("run_artifacts")
