@@ -26,7 +26,7 @@ this order, each in a fresh worker process (``_harness.run_worker``):
    ("total s"). The background flusher writes while the loop runs, so the
    loop time includes what that thread takes from it (GIL). Not timed:
    ``Platform(...)`` (schema migration), ``runs.start`` (system tags, git).
-   Verified afterwards, per key, in ``run_metrics``: row count, min/max/sum of
+   Verified afterwards, per key, in ``run_metric_chunks``: point count, min/max/sum of
    the steps and the sum of the (integer-valued) values; in
    ``run_latest_metrics``: one row per key holding the last step; the run is
    ``finished``. A lost or duplicated point is a correctness failure.
@@ -35,7 +35,7 @@ this order, each in a fresh worker process (``_harness.run_worker``):
    runs / 5) in ``bench-noise``, interleaved in time, 2% of the metric values
    missing. Populated with bulk SQLAlchemy Core executemany inserts into
    ``runs``, ``run_params``, ``run_tags``, ``run_latest_metrics`` and
-   ``run_metrics`` (one point per metric), deterministic random values: this
+   ``run_metric_chunks`` (one point per metric), deterministic random values: this
    is setup, not timed (its duration is shown for information). PostgreSQL
    then gets ``VACUUM ANALYZE`` (what autovacuum does after a bulk load:
    statistics for the planner, and the visibility map that lets it read run
@@ -233,21 +233,27 @@ def worker_metrics(args: argparse.Namespace) -> dict[str, Any]:
     # ---- verification (not timed)
     problems: list[str] = []
     sum_steps, sum_values = _expected_metric_sums(steps)
+    from mlplat.runs.metrics import read_history
+
     with p.db.connect() as conn:
-        rows = conn.execute(sa.text(
-            "SELECT key, COUNT(*), MIN(step), MAX(step), SUM(step), SUM(value), COUNT(value) FROM run_metrics "
-            "WHERE run_id = :r GROUP BY key ORDER BY key"), {"r": run.id}).all()
+        stored_keys = conn.scalars(sa.text("SELECT DISTINCT key FROM run_metric_chunks WHERE run_id = :r "
+                                           "ORDER BY key"), {"r": run.id}).all()
         latest = conn.execute(sa.text("SELECT key, step, value FROM run_latest_metrics WHERE run_id = :r"),
                               {"r": run.id}).all()
         status = conn.execute(sa.text("SELECT status FROM runs WHERE id = :r"), {"r": run.id}).scalar()
+    rows = []  # per key, from the stored chunks: (key, count, min step, max step, sum steps, sum values, non-NaN)
+    for key in stored_keys:
+        st, _, vals = read_history(p.db, run.id, key)
+        rows.append((key, len(st), int(st.min()), int(st.max()), int(st.sum()), float(vals.sum()),
+                     int((vals == vals).sum())))
     stored = sum(int(r[1]) for r in rows)
     if stored != points:
-        problems.append(f"run_metrics holds {stored:,} points of run {run.id}, {points:,} were logged "
+        problems.append(f"run_metric_chunks hold {stored:,} points of run {run.id}, {points:,} were logged "
                         f"({points - stored:+,} lost)" if stored < points else
-                        f"run_metrics holds {stored:,} points of run {run.id}, only {points:,} were logged")
+                        f"run_metric_chunks hold {stored:,} points of run {run.id}, only {points:,} were logged")
     seen = {r[0] for r in rows}
     if seen != set(keys):
-        problems.append(f"keys in run_metrics {sorted(seen)[:5]}... != logged keys")
+        problems.append(f"keys in run_metric_chunks {sorted(seen)[:5]}... != logged keys")
     for key, n, lo, hi, s_step, s_value, n_value in rows:
         got = (int(n), int(lo), int(hi), int(s_step), float(s_value), int(n_value))
         want = (steps, 0, steps - 1, sum_steps, float(sum_values), steps)
@@ -335,13 +341,14 @@ def populate(p, runs: list[dict[str, Any]], *, chunk: int = 1000) -> None:
     """Bulk-insert the generated runs with SQLAlchemy Core executemany (one transaction per chunk)."""
     from datetime import datetime, timedelta, timezone
 
+    import numpy as np
     import sqlalchemy as sa
 
     from mlplat.db.models import (
         Experiment,
         LatestMetric,
         Run,
-        RunMetric,
+        MetricChunk,
         RunParam,
         RunTag,
     )
@@ -364,13 +371,15 @@ def populate(p, runs: list[dict[str, Any]], *, chunk: int = 1000) -> None:
             tag_rows += [{"run_id": r["id"], "key": k, "value": v} for k, v in r["tags"].items()]
             for k, v in r["metrics"].items():
                 latest_rows.append({"run_id": r["id"], "key": k, "value": v, "step": 0, "timestamp": ts})
-                point_rows.append({"run_id": r["id"], "key": k, "value": v, "step": 0, "timestamp": ts})
+                point_rows.append({"run_id": r["id"], "key": k, "count": 1, "first_step": 0, "last_step": 0,
+                                   "steps": np.zeros(1, "<i8").tobytes(), "values": np.array([v], "<f8").tobytes(),
+                                   "timestamps": np.array([ts], "<i8").tobytes()})
         with p.db.connect(write=True) as conn:
             conn.execute(sa.insert(Run), run_rows)
             conn.execute(sa.insert(RunParam), param_rows)
             conn.execute(sa.insert(RunTag), tag_rows)
             conn.execute(sa.insert(LatestMetric), latest_rows)
-            conn.execute(sa.insert(RunMetric), point_rows)
+            conn.execute(sa.insert(MetricChunk), point_rows)
 
 
 def _check_search(p, runs_by_id: dict[str, dict], name: str, flt: str, expected: list[str],
@@ -417,7 +426,7 @@ def worker_search(args: argparse.Namespace) -> dict[str, Any]:
     if p.db.dialect == "postgresql" and not args.no_analyze:
         t0 = time.perf_counter()
         with p.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:  # VACUUM: no transaction
-            for table in ("experiments", "runs", "run_params", "run_tags", "run_latest_metrics", "run_metrics"):
+            for table in ("experiments", "runs", "run_params", "run_tags", "run_latest_metrics", "run_metric_chunks"):
                 conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
         analyze_s = time.perf_counter() - t0
     runs_by_id = {r["id"]: r for r in runs if r["main"]}
@@ -425,7 +434,7 @@ def worker_search(args: argparse.Namespace) -> dict[str, Any]:
 
     with p.db.connect() as conn:
         counts = {t: conn.scalar(sa.text(f"SELECT COUNT(*) FROM {t}")) for t in
-                  ("runs", "run_params", "run_tags", "run_latest_metrics", "run_metrics")}
+                  ("runs", "run_params", "run_tags", "run_latest_metrics", "run_metric_chunks")}
 
     names = list(FILTERS)
     samples: dict[str, list[int]] = {n: [] for n in names}
@@ -691,7 +700,7 @@ def build_table(args, reports: dict[str, dict[str, Any]]) -> tuple[list[str], li
     row("  points/s (total)", {b: _int(med[b]["points_per_s"]) for b in bks})
     row("  us per log_metric call (loop)", {b: f"{med[b]['us_per_call']:.2f}" for b in bks})
     good = {b: all(r["ok"] for r in reports[b]["metrics"]) for b in bks}
-    row("  points counted in run_metrics", {b: "/".join(sorted({f"{r['stored']:,}" for r in reports[b]["metrics"]}))
+    row("  points stored (read back)", {b: "/".join(sorted({f"{r['stored']:,}" for r in reports[b]["metrics"]}))
                                            for b in bks}, "= logged", {b: ok(good[b]) for b in bks})
     row("  peak RSS above baseline MB", {b: f"{med[b]['peak_above_baseline_mb']:.0f}" for b in bks})
 

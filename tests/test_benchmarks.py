@@ -31,3 +31,13 @@ def test_online_latency_smoke(tmp_path, redis_server_url):
     assert result.returncode == 0, result.stdout + result.stderr
     for text in ("mlplat redis", "redis pipeline", "redis MGET", "mlplat sqlite", "Redis and SQLite: OK"):
         assert text in result.stdout
+
+
+@pytest.mark.slow
+def test_tracking_smoke(pg_admin_url):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "tracking.py"), "--smoke", "--pg-url", pg_admin_url],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr  # non-zero on lost points or wrong results
+    assert "results vs reference" in result.stdout and "points stored (read back)" in result.stdout

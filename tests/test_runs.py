@@ -17,7 +17,7 @@ import sqlalchemy as sa
 import torch
 
 import mlplat as mp
-from mlplat.db.models import RunMetric
+from mlplat.db.models import MetricChunk
 
 
 class TinyNet(torch.nn.Module):
@@ -156,8 +156,9 @@ def test_eight_processes_log_to_one_run_and_nothing_is_lost(database_url, tmp_pa
                 list(range(8))
         run.end()
         with p.db.connect() as conn:
-            count = conn.scalar(sa.select(sa.func.count()).select_from(RunMetric).where(RunMetric.run_id == run.id))
+            count = conn.scalar(sa.select(sa.func.sum(MetricChunk.count)).where(MetricChunk.run_id == run.id))
         assert count == 8 * 2000 + 8 * 4
+        assert [pt.step for pt in p.runs.metric_history(run.id, "w3")] == list(range(2000))
         info = p.runs.get(run.id)
         assert all(info.metrics[f"w{w}"] == 1999.0 for w in range(8))
         assert info.metrics["shared"] == 71500.0  # the greatest step wins, whatever order the writes landed in

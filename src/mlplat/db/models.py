@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -32,7 +33,7 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "Base", "UTCDateTime", "utcnow", "FeatureDefinition", "FeatureDefinitionTag", "Materialization",
-    "Experiment", "Run", "RunParam", "RunTag", "RunMetric", "LatestMetric", "RunInput", "RunArtifact",
+    "Experiment", "Run", "RunParam", "RunTag", "MetricChunk", "LatestMetric", "RunInput", "RunArtifact",
     "RegisteredModel", "ModelVersion", "ModelAlias", "ModelTransition",
 ]
 
@@ -189,23 +190,32 @@ class RunTag(Base):
                             postgresql_where=_SHORT),)
 
 
-class RunMetric(Base):
-    """Every logged point; a NaN value is stored as NULL (SQLite cannot store NaN)."""
+class MetricChunk(Base):
+    """Points of one metric of a run written by one flush, as packed little-endian arrays.
 
-    __tablename__ = "run_metrics"
+    A flush of a million points over ten keys is ten rows, not a million: writes cost almost
+    nothing in index upkeep, and NaN and infinities are stored as they are.
+    """
+
+    __tablename__ = "run_metric_chunks"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     key: Mapped[str] = mapped_column(String(255))
-    value: Mapped[Optional[float]] = mapped_column(Double)
-    step: Mapped[int] = mapped_column(BigInteger)
-    timestamp: Mapped[int] = mapped_column(BigInteger)  # ms since the epoch
+    count: Mapped[int]
+    first_step: Mapped[int] = mapped_column(BigInteger)
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    steps: Mapped[bytes] = mapped_column(LargeBinary)  # int64
+    values: Mapped[bytes] = mapped_column(LargeBinary)  # float64
+    timestamps: Mapped[bytes] = mapped_column(LargeBinary)  # int64, ms since the epoch
 
-    __table_args__ = (Index(None, "run_id", "key", "step"),)
+    __table_args__ = (Index(None, "run_id", "key"),)
 
 
 class LatestMetric(Base):
-    """The latest point of each metric of a run (greatest step, then timestamp): what search reads."""
+    """The latest point of each metric of a run (greatest step, then timestamp): what search reads.
+
+    A NaN value is stored as NULL here (SQLite cannot store NaN in a REAL column)."""
 
     __tablename__ = "run_latest_metrics"
 

@@ -1,13 +1,14 @@
-"""Buffered metric logging: a training loop pays an append, a background thread writes batches.
+"""Buffered metric logging: a training loop pays three list appends, a background thread writes.
 
-``MetricBuffer.add`` appends a tuple to a deque (atomic in CPython, no lock).
-A single flusher thread per process writes every buffer's points every
-``interval`` seconds, or sooner once a buffer holds ``max_points``; runs
-flush when they end and every buffer flushes at interpreter exit. A flush
-is one transaction: every point ("run_metrics", COPY on PostgreSQL,
-executemany on SQLite) plus the latest value per key ("run_latest_metrics",
-an upsert that only moves forward in (step, timestamp)). What was flushed
-survives a crash or a kill; NaN is stored as NULL, infinities as themselves.
+``MetricBuffer.add`` appends the point to its key's lists under a lock held
+for a few hundred nanoseconds. One flusher thread per process writes every
+buffer every ``interval`` seconds, or sooner once a buffer holds
+``max_points``; a run flushes when it ends and every buffer flushes at
+interpreter exit. A flush is one transaction that writes, per key, one row of
+packed arrays (``run_metric_chunks``: steps, values, timestamps) and moves
+the key's latest value forward (``run_latest_metrics``: an upsert that only
+takes a greater (step, timestamp)). What was flushed survives a crash or a
+kill; values, NaN and infinities included, are stored exactly.
 """
 from __future__ import annotations
 
@@ -15,78 +16,77 @@ import atexit
 import threading
 import time
 import weakref
-from collections import deque
+from dataclasses import dataclass, field
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db import Database
-from ..db.models import LatestMetric
+from ..db.models import LatestMetric, MetricChunk
 
-__all__ = ["MetricBuffer", "write_points", "flush_all"]
-
-Point = tuple[str, str, float | None, int, int]  # run id, key, value (None = NaN), step, timestamp ms
+__all__ = ["MetricBuffer", "write_chunks", "read_history", "flush_all"]
 
 
-def write_points(db: Database, run_id: str, points: list[Point]) -> None:
-    """Write points of one run (each tuple carries the run id) in one transaction, all of them or none."""
-    if not points:
+@dataclass
+class _Points:
+    """Points of one key waiting to be written."""
+
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    timestamps: list[int] = field(default_factory=list)
+
+    def extend(self, other: _Points) -> None:
+        self.steps += other.steps
+        self.values += other.values
+        self.timestamps += other.timestamps
+
+
+def write_chunks(db: Database, run_id: str, batch: dict[str, _Points]) -> None:
+    """Write one flush of a run (a chunk per key and the latest values) in one transaction."""
+    chunks, latest = [], []
+    for key, pts in batch.items():
+        if not pts.steps:
+            continue
+        steps = np.asarray(pts.steps, dtype="<i8")
+        values = np.asarray(pts.values, dtype="<f8")
+        stamps = np.asarray(pts.timestamps, dtype="<i8")
+        last = np.lexsort((stamps, steps))[-1]  # greatest step, then latest time, then logged last
+        chunks.append({"run_id": run_id, "key": key, "count": len(steps), "first_step": int(steps.min()),
+                       "last_step": int(steps.max()), "steps": steps.tobytes(), "values": values.tobytes(),
+                       "timestamps": stamps.tobytes()})
+        value = float(values[last])
+        latest.append({"run_id": run_id, "key": key, "value": None if value != value else value,
+                       "step": int(steps[last]), "timestamp": int(stamps[last])})
+    if not chunks:
         return
-    latest: dict[str, Point] = {}
-    for p in points:
-        cur = latest.get(p[1])
-        if cur is None or p[3] > cur[3] or (p[3] == cur[3] and p[4] >= cur[4]):
-            latest[p[1]] = p
     with db.connect(write=True) as conn:
-        if db.dialect == "postgresql":
-            raw = conn.connection.dbapi_connection
-            with raw.cursor() as cur, cur.copy(
-                "COPY run_metrics (run_id, key, value, step, timestamp) FROM STDIN"
-            ) as copy:
-                copy.write(_copy_text(run_id, points))
-        else:
-            conn.exec_driver_sql(
-                "INSERT INTO run_metrics (run_id, key, value, step, timestamp) VALUES (?, ?, ?, ?, ?)", points
-            )
+        conn.execute(sa.insert(MetricChunk), chunks)
         insert = (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)(LatestMetric)
         t = LatestMetric.__table__
         newer = sa.or_(insert.excluded.step > t.c.step,
                        sa.and_(insert.excluded.step == t.c.step, insert.excluded.timestamp >= t.c.timestamp))
-        stmt = insert.on_conflict_do_update(
+        conn.execute(insert.on_conflict_do_update(
             index_elements=[t.c.run_id, t.c.key],
             set_={"value": insert.excluded.value, "step": insert.excluded.step,
                   "timestamp": insert.excluded.timestamp},
             where=newer,
-        )
-        conn.execute(stmt, [{"run_id": r, "key": k, "value": v, "step": s, "timestamp": ts}
-                            for r, k, v, s, ts in latest.values()])
+        ), latest)
 
 
-def _copy_text(run_id: str, points: list[Point]) -> bytes:
-    """Points in COPY's text format, built in one pass (a write_row call per point costs 3x more).
-
-    Keys hold no control characters (validated when logged); a backslash is escaped. Floats use repr,
-    which PostgreSQL reads back exactly; NaN travels as NULL, infinities as Infinity.
-    """
-    keys: dict[str, str] = {}
-    rid = run_id.replace("\\", "\\\\")
-    lines = []
-    for _, key, value, step, ts in points:
-        k = keys.get(key)
-        if k is None:
-            k = keys[key] = key.replace("\\", "\\\\")
-        if value is None:
-            v = "\\N"
-        elif value in _INF:
-            v = _INF[value]
-        else:
-            v = repr(value)
-        lines.append(f"{rid}\t{k}\t{v}\t{step}\t{ts}")
-    lines.append("")
-    return "\n".join(lines).encode()
-
-
-_INF = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
+def read_history(db: Database, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, timestamps, values) of every point of one metric, ordered by step, then time, then logging."""
+    with db.connect() as conn:
+        rows = conn.execute(sa.select(MetricChunk.steps, MetricChunk.timestamps, MetricChunk.values).where(
+            MetricChunk.run_id == run_id, MetricChunk.key == key).order_by(MetricChunk.id)).all()
+    if not rows:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0, dtype=np.float64)
+    steps = np.concatenate([np.frombuffer(r.steps, dtype="<i8") for r in rows])
+    stamps = np.concatenate([np.frombuffer(r.timestamps, dtype="<i8") for r in rows])
+    values = np.concatenate([np.frombuffer(r.values, dtype="<f8") for r in rows])
+    order = np.lexsort((stamps, steps))  # stable: equal (step, time) keep the order they were written in
+    return steps[order], stamps[order], values[order]
 
 
 class MetricBuffer:
@@ -95,38 +95,48 @@ class MetricBuffer:
     def __init__(self, db: Database, run_id: str, *, max_points: int = 100_000) -> None:
         self._db = db
         self.run_id = run_id
-        self._points: deque[Point] = deque()
-        self._steps: dict[str, int] = {}
-        self._max = max_points
+        self._pending: dict[str, _Points] = {}
+        self._count = 0
+        self._next_step: dict[str, int] = {}
+        self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        self._max = max_points
         _Flusher.register(self)
 
     def add(self, key: str, value: float, step: int | None, timestamp_ms: int | None) -> None:
-        if step is None:
-            step = self._steps.get(key, -1) + 1
-        self._steps[key] = step
         v = float(value)
-        self._points.append((self.run_id, key, None if v != v else v, step,
-                             time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms))
-        if len(self._points) >= self._max:
+        ts = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
+        with self._lock:
+            if step is None:
+                step = self._next_step.get(key, 0)
+            self._next_step[key] = step + 1
+            pts = self._pending.get(key)
+            if pts is None:
+                pts = self._pending[key] = _Points()
+            pts.steps.append(step)
+            pts.values.append(v)
+            pts.timestamps.append(ts)
+            self._count += 1
+            full = self._count >= self._max
+        if full:
             _Flusher.wake()
 
     def __len__(self) -> int:
-        return len(self._points)
+        return self._count
 
     def flush(self) -> None:
         """Write everything logged so far; returns once it is committed."""
         with self._flush_lock:
-            batch: list[Point] = []
+            with self._lock:
+                batch, self._pending, self._count = self._pending, {}, 0
             try:
-                while True:
-                    batch.append(self._points.popleft())
-            except IndexError:
-                pass
-            try:
-                write_points(self._db, self.run_id, batch)
+                write_chunks(self._db, self.run_id, batch)
             except BaseException:
-                self._points.extendleft(reversed(batch))  # keep them for the next try
+                with self._lock:  # keep them, ahead of what came meanwhile, for the next try
+                    for key, pts in self._pending.items():
+                        batch.setdefault(key, _Points()).extend(pts)
+                    self._pending = batch
+                    self._count = sum(len(p.steps) for p in batch.values())
                 raise
 
     def close(self) -> None:
@@ -170,7 +180,7 @@ class _Flusher:
                 if len(buffer):
                     try:
                         buffer.flush()
-                    except Exception as exc:  # noqa: BLE001 - kept for the run to report at its end
+                    except Exception as exc:  # noqa: BLE001 - the points stay buffered; the run's end reports
                         cls.errors.append(exc)
 
 

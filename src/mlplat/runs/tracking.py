@@ -27,9 +27,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY as PG_ARRAY
 
 from ..db import Database
-from ..db.models import Experiment, LatestMetric, Run, RunArtifact, RunInput, RunMetric, RunParam, RunTag
+from ..db.models import Experiment, LatestMetric, Run, RunArtifact, RunInput, RunParam, RunTag
 from ..errors import DataError, NotFoundError
 from .artifacts import ArtifactStore
+from .metrics import read_history
 from .run import ActiveRun
 from .search import order_clauses, parse_filter, to_sql
 from .system import system_tags
@@ -203,12 +204,9 @@ class RunStore:
         return runs[0]
 
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
-        """Every point of one metric, by step then time."""
-        with self._db.connect() as conn:
-            rows = conn.execute(sa.select(RunMetric.step, RunMetric.timestamp, RunMetric.value).where(
-                RunMetric.run_id == run_id, RunMetric.key == key).order_by(RunMetric.step, RunMetric.timestamp,
-                                                                            RunMetric.id)).all()
-        return [MetricPoint(s, t, float("nan") if v is None else v) for s, t, v in rows]
+        """Every point of one metric, by step then time (NaN and infinities as logged)."""
+        steps, stamps, values = read_history(self._db, run_id, key)
+        return [MetricPoint(s, t, v) for s, t, v in zip(steps.tolist(), stamps.tolist(), values.tolist())]
 
     def _in(self, column, ids: list[str]):
         """``column IN ids``: one array parameter on PostgreSQL (no per-id binds to render and parse)."""

@@ -122,17 +122,21 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_run_latest_metrics_key_value_run_id"), "run_latest_metrics", ["key", "value", "run_id"], unique=False)
     op.create_table(
-        "run_metrics",
+        "run_metric_chunks",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("run_id", sa.String(length=32), nullable=False),
         sa.Column("key", sa.String(length=255), nullable=False),
-        sa.Column("value", sa.Double(), nullable=True),
-        sa.Column("step", sa.BigInteger(), nullable=False),
-        sa.Column("timestamp", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name=op.f("fk_run_metrics_run_id_runs"), ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_run_metrics")),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.Column("first_step", sa.BigInteger(), nullable=False),
+        sa.Column("last_step", sa.BigInteger(), nullable=False),
+        sa.Column("steps", sa.LargeBinary(), nullable=False),
+        sa.Column("values", sa.LargeBinary(), nullable=False),
+        sa.Column("timestamps", sa.LargeBinary(), nullable=False),
+        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name=op.f("fk_run_metric_chunks_run_id_runs"),
+                                ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_run_metric_chunks")),
     )
-    op.create_index(op.f("ix_run_metrics_run_id_key_step"), "run_metrics", ["run_id", "key", "step"], unique=False)
+    op.create_index(op.f("ix_run_metric_chunks_run_id_key"), "run_metric_chunks", ["run_id", "key"], unique=False)
     op.create_table(
         "run_params",
         sa.Column("run_id", sa.String(length=32), nullable=False),
@@ -202,8 +206,8 @@ def downgrade() -> None:
     op.drop_index("ix_run_params_key_short_value", table_name="run_params")
     op.drop_table("run_tags")
     op.drop_table("run_params")
-    op.drop_index(op.f("ix_run_metrics_run_id_key_step"), table_name="run_metrics")
-    op.drop_table("run_metrics")
+    op.drop_index(op.f("ix_run_metric_chunks_run_id_key"), table_name="run_metric_chunks")
+    op.drop_table("run_metric_chunks")
     op.drop_index(op.f("ix_run_latest_metrics_key_value_run_id"), table_name="run_latest_metrics")
     op.drop_table("run_latest_metrics")
     op.drop_table("run_inputs")
