@@ -40,6 +40,11 @@ EXTENSIONS = {
         "sources": [f"{NATIVE}/_codec.cpp"],
         "extra_compile_args": OPT,
     },
+    "mlplat._native._hashing": {
+        "kind": "pybind11",
+        "sources": [f"{NATIVE}/_hashing.cpp"],
+        "extra_compile_args": OPT,
+    },
 }
 
 
