@@ -91,6 +91,13 @@ def test_git_commit_and_dirty_flag_of_the_calling_script(tmp_path, database_url)
     assert clean["mlplat.git.commit"] == commit and clean["mlplat.git.dirty"] == "false"
     assert dirty["mlplat.git.commit"] == commit and dirty["mlplat.git.dirty"] == "true"
     assert clean["mlplat.entry_point"].endswith("train.py")
+    # a script outside any repository (a console script in a virtualenv): the working directory's repository
+    outside = tmp_path / "bin" / "tool.py"
+    outside.parent.mkdir()
+    outside.write_text(script.read_text())
+    out = subprocess.run([sys.executable, str(outside)], cwd=repo, capture_output=True, text=True, check=True)
+    with mp.Platform(tmp_path / "home", database_url=database_url) as p:
+        assert p.runs.get(out.stdout.strip()).tags["mlplat.git.commit"] == commit
 
 
 # ------------------------------------------------------------------ params

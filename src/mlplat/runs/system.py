@@ -39,9 +39,15 @@ def git_state(where: Path | None) -> tuple[str, str]:
 
 
 def system_tags() -> dict[str, str]:
-    """mlplat.* tags: git commit and dirty flag, user, host, python and package versions, entry point."""
+    """mlplat.* tags: git commit and dirty flag, user, host, python and package versions, entry point.
+
+    The commit is the calling script's repository's; a script outside any repository (a console
+    script in a virtualenv, say) falls back to the current directory's repository.
+    """
     script = calling_script()
     commit, dirty = git_state(script)
+    if not commit and script is not None:
+        commit, dirty = git_state(None)
     tags = {
         "mlplat.git.commit": commit,
         "mlplat.git.dirty": dirty,
