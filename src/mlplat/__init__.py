@@ -19,9 +19,13 @@ from .errors import (
     DefinitionError,
     MlplatError,
     NativeExtensionError,
+    InferenceTimeoutError,
+    ModelNotReadyError,
     NotFoundError,
     OnlineStoreError,
+    QueueFullError,
     SchemaVersionError,
+    ServingError,
     StoreError,
 )
 from .features import (
@@ -38,6 +42,16 @@ from .features import (
 from .models import ModelVersionInfo
 from .platform import Platform
 from .runs import RunInfo, Signature, TensorSpec, table_hash
+from .serving import (
+    ABGateway,
+    AsyncTritonClient,
+    DynamicBatching,
+    LocalBackend,
+    Prediction,
+    QueuePolicy,
+    TritonClient,
+    TritonServer,
+)
 from .settings import Settings
 
 __version__ = "0.1.0"
@@ -61,6 +75,15 @@ __all__ = [
     "Signature",
     "TensorSpec",
     "table_hash",
+    # serving
+    "TritonClient",
+    "AsyncTritonClient",
+    "TritonServer",
+    "LocalBackend",
+    "DynamicBatching",
+    "QueuePolicy",
+    "ABGateway",
+    "Prediction",
     # dtypes
     "DType",
     "Int8",
@@ -82,6 +105,10 @@ __all__ = [
     "StoreError",
     "SchemaVersionError",
     "OnlineStoreError",
+    "ServingError",
+    "ModelNotReadyError",
+    "QueueFullError",
+    "InferenceTimeoutError",
     "NativeExtensionError",
     "dtypes",
     "errors",

@@ -270,6 +270,7 @@ def _train_and_register(p, train: pa.Table, service, console) -> dict | None:
     xv = torch.from_numpy(x[cut:])
     with console.status("training a fraud model (tracked run)"), p.runs.training(
         "fraud-demo", config=cfg, data=train, features=service, model=model, example_input=xv[:2],
+        columns=FEATURES,
     ) as t:
         for _ in range(cfg["epochs"]):
             perm = torch.randperm(len(xt))

@@ -10,6 +10,10 @@
      ├── StoreError             a backend failed: database, Parquet files, online store
      │    ├── SchemaVersionError   the database schema is newer than this mlplat
      │    └── OnlineStoreError     the online store is unreachable, timed out or answered wrongly
+     ├── ServingError           a model server failed a request
+     │    ├── ModelNotReadyError    the model (or the server) is not loaded, not ready or unknown
+     │    ├── QueueFullError        the server's queue for the model is full
+     │    └── InferenceTimeoutError the request waited or ran past its time-out
      └── NativeExtensionError   a native extension is missing (also an ImportError)
 
 Every message says what was wrong and, where it can, what to do about it.
@@ -26,6 +30,10 @@ __all__ = [
     "StoreError",
     "SchemaVersionError",
     "OnlineStoreError",
+    "ServingError",
+    "ModelNotReadyError",
+    "QueueFullError",
+    "InferenceTimeoutError",
     "NativeExtensionError",
 ]
 
@@ -63,6 +71,22 @@ class SchemaVersionError(StoreError):
 
 class OnlineStoreError(StoreError):
     """The online store (Redis, Redis Cluster, SQLite) failed; the message names the store."""
+
+
+class ServingError(MlplatError):
+    """A model server (Triton, or the local backend) failed a request; the message names model and server."""
+
+
+class ModelNotReadyError(ServingError):
+    """The model is unknown, not loaded or not ready, or the server cannot be reached."""
+
+
+class QueueFullError(ServingError):
+    """The server refused the request: the model's queue is full."""
+
+
+class InferenceTimeoutError(ServingError):
+    """The request waited in the queue or ran longer than its time-out."""
 
 
 class NativeExtensionError(MlplatError, ImportError):

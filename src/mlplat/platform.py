@@ -9,13 +9,14 @@ from .features.store import FeatureStore
 from .models.registry import ModelRegistry
 from .runs.artifacts import ArtifactStore
 from .runs.tracking import RunStore
+from .serving.service import ServingService
 from .settings import Settings
 
 __all__ = ["Platform"]
 
 
 class Platform:
-    """mlplat in one object: ``.features``, ``.runs``, ``.models`` (and, as it lands, ``.serving``).
+    """mlplat in one object: ``.features``, ``.runs``, ``.models`` and ``.serving``.
 
     Arguments override ``MLPLAT_*`` environment variables, which override the
     embedded defaults: a SQLite database, a SQLite online store and an
@@ -42,11 +43,12 @@ class Platform:
         online_store: str | None = None,
         artifact_root: str | None = None,
         threads: int | None = None,
+        triton_url: str | None = None,
         settings: Settings | None = None,
     ) -> None:
         self.settings = settings or Settings.resolve(
             home, database_url=database_url, online_store=online_store, artifact_root=artifact_root,
-            threads=threads,
+            threads=threads, triton_url=triton_url,
         )
         s = self.settings
         s.home.mkdir(parents=True, exist_ok=True)
@@ -58,9 +60,11 @@ class Platform:
         self.artifacts = ArtifactStore(s.artifact_root)
         self.runs = RunStore(self.db, self.artifacts, self.features)
         self.models = ModelRegistry(self.db, self.runs, self.artifacts, self.features)
+        self.serving = ServingService(self)
 
     def close(self) -> None:
-        """Release database and online store connections."""
+        """Write what is buffered (served features) and release database, online store and server connections."""
+        self.serving.close()
         self.features.close()
         self.db.dispose()
 

@@ -17,6 +17,8 @@ argument                   environment variable        default
 ``db_pool_size``           ``MLPLAT_DB_POOL_SIZE``     5 (PostgreSQL only)
 ``db_max_overflow``        ``MLPLAT_DB_MAX_OVERFLOW``  10 (PostgreSQL only)
 ``db_pool_timeout``        ``MLPLAT_DB_POOL_TIMEOUT``  30 seconds (PostgreSQL only)
+``triton_url``             ``MLPLAT_TRITON_URL``       none: predict serves in-process
+``served_sample_rate``     ``MLPLAT_SERVED_SAMPLE``    1.0 (share of served rows logged)
 =========================  ==========================  ===========================================
 """
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Settings:
     db_pool_size: int = 5
     db_max_overflow: int = 10
     db_pool_timeout: float = 30.0
+    triton_url: str | None = None
+    served_sample_rate: float = 1.0
 
     @classmethod
     def resolve(
@@ -60,6 +64,8 @@ class Settings:
         db_pool_size: int | None = None,
         db_max_overflow: int | None = None,
         db_pool_timeout: float | None = None,
+        triton_url: str | None = None,
+        served_sample_rate: float | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> Settings:
         """Fill what is not passed from ``environ`` (default ``os.environ``), then defaults; validate all."""
@@ -77,6 +83,9 @@ class Settings:
             db_pool_size=_number(db_pool_size, env, "MLPLAT_DB_POOL_SIZE", 5, int, minimum=1),
             db_max_overflow=_number(db_max_overflow, env, "MLPLAT_DB_MAX_OVERFLOW", 10, int, minimum=0),
             db_pool_timeout=_number(db_pool_timeout, env, "MLPLAT_DB_POOL_TIMEOUT", 30.0, float, minimum=0),
+            triton_url=triton_url or env.get("MLPLAT_TRITON_URL") or None,
+            served_sample_rate=_number(served_sample_rate, env, "MLPLAT_SERVED_SAMPLE", 1.0, float, minimum=0,
+                                       maximum=1),
         )
 
 
@@ -91,7 +100,8 @@ def _check_url(url: str, schemes: tuple[str, ...], arg: str, var: str, *, driver
     return url
 
 
-def _number(value, env: Mapping[str, str], var: str, default, kind: type, *, minimum: float):
+def _number(value, env: Mapping[str, str], var: str, default, kind: type, *, minimum: float,
+            maximum: float | None = None):
     raw = value if value is not None else env.get(var)
     if raw is None or raw == "":
         return default
@@ -101,4 +111,6 @@ def _number(value, env: Mapping[str, str], var: str, default, kind: type, *, min
         raise ConfigError(f"{var.removeprefix('MLPLAT_').lower()} must be a {kind.__name__}, got {raw!r}") from None
     if number < minimum:
         raise ConfigError(f"{var.removeprefix('MLPLAT_').lower()} must be at least {minimum}, got {raw!r}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{var.removeprefix('MLPLAT_').lower()} must be at most {maximum}, got {raw!r}")
     return number

@@ -34,7 +34,7 @@ from sqlalchemy.types import TypeDecorator
 __all__ = [
     "Base", "UTCDateTime", "utcnow", "FeatureDefinition", "FeatureDefinitionTag", "Materialization",
     "Experiment", "Run", "RunParam", "RunTag", "MetricChunk", "LatestMetric", "RunInput", "RunArtifact",
-    "RegisteredModel", "ModelVersion", "ModelAlias", "ModelTransition",
+    "RegisteredModel", "ModelVersion", "ModelAlias", "ModelTransition", "ABDecision", "ABOutcome",
 ]
 
 
@@ -316,3 +316,34 @@ class ModelTransition(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index(None, "version_id", "at"),)
+
+
+# ------------------------------------------------------------------ serving
+class ABDecision(Base):
+    """Which variant (and model version) the A/B gateway sent a user to, and when."""
+
+    __tablename__ = "ab_decisions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    experiment_id: Mapped[str] = mapped_column(String(255))
+    user_id: Mapped[str] = mapped_column(String(255))
+    variant: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[int]
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index(None, "experiment_id", "user_id"),)
+
+
+class ABOutcome(Base):
+    """An outcome observed for a user in an A/B experiment (a conversion, a loss, a label)."""
+
+    __tablename__ = "ab_outcomes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    experiment_id: Mapped[str] = mapped_column(String(255))
+    user_id: Mapped[str] = mapped_column(String(255))
+    outcome: Mapped[float] = mapped_column(Double)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index(None, "experiment_id", "user_id"),)

@@ -92,7 +92,10 @@ class Materializer:
             names = [names]
         out = []
         for name in names:
-            view = self._catalog.get("feature_view", name)
+            name, _, version = name.partition("@")
+            if version and not version.isdigit():
+                raise DataError(f"view {name}@{version}: a definition version is a number, e.g. {name}@2")
+            view = self._catalog.get("feature_view", name, int(version) if version else None)
             if not view.online:
                 raise DefinitionError(f"feature view {name!r} is not served online (online=False)")
             out.append(view)

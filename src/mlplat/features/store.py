@@ -158,7 +158,8 @@ class FeatureStore:
         materialization into this online store ended, so re-running changes
         nothing; an older row never overwrites a newer one (the store compares
         them itself). ``views`` limits it to some views (default: every view
-        applied with ``online=True``). A progress bar shows on a terminal.
+        applied with ``online=True``; ``"name@3"`` materializes definition version 3, e.g. the
+        one a production model was trained with). A progress bar shows on a terminal.
 
         Usage::
 
@@ -166,6 +167,10 @@ class FeatureStore:
             p.features.materialize(end_date=datetime(2026, 3, 1, tzinfo=timezone.utc), views=["user_txn"])
         """
         return self._materializer.materialize(end_date, start_date, views, progress=progress)
+
+    def last_materialized(self, view: str, version: int | None = None) -> datetime | None:
+        """Where the last materialization of a view (latest version unless given) into this store ended."""
+        return self._materializer.last_end(self.catalog.get("feature_view", view, version))
 
     def push(self, view: str, rows: Any, *, to_offline: bool = False) -> int:
         """Write fresh rows of a view to the online store; returns how many the store took.

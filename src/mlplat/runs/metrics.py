@@ -1,8 +1,8 @@
 """Buffered metric logging: a training loop pays three list appends, a background thread writes.
 
 ``MetricBuffer.add`` appends the point to its key's lists under a lock held
-for a few hundred nanoseconds. One flusher thread per process writes every
-buffer every ``interval`` seconds, or sooner once a buffer holds
+for a few hundred nanoseconds. The process's flusher thread (``mlplat._background``)
+writes every buffer every second, or sooner once a buffer holds
 ``max_points``; a run flushes when it ends and every buffer flushes at
 interpreter exit. A flush is one transaction that writes, per key, one row of
 packed arrays (``run_metric_chunks``: steps, values, timestamps) and moves
@@ -12,20 +12,19 @@ kill; values, NaN and infinities included, are stored exactly.
 """
 from __future__ import annotations
 
-import atexit
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .. import _background
 from ..db import Database
 from ..db.models import LatestMetric, MetricChunk
 
-__all__ = ["MetricBuffer", "write_chunks", "read_history", "flush_all"]
+__all__ = ["MetricBuffer", "write_chunks", "read_history"]
 
 
 @dataclass
@@ -101,7 +100,7 @@ class MetricBuffer:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._max = max_points
-        _Flusher.register(self)
+        _background.register(self)
 
     def add(self, key: str, value: float, step: int | None, timestamp_ms: int | None) -> None:
         v = float(value)
@@ -119,7 +118,7 @@ class MetricBuffer:
             self._count += 1
             full = self._count >= self._max
         if full:
-            _Flusher.wake()
+            _background.wake()
 
     def __len__(self) -> int:
         return self._count
@@ -141,56 +140,4 @@ class MetricBuffer:
 
     def close(self) -> None:
         self.flush()
-        _Flusher.unregister(self)
-
-
-class _Flusher:
-    """One daemon thread per process flushing every registered buffer."""
-
-    interval = 1.0
-    _buffers: weakref.WeakSet[MetricBuffer] = weakref.WeakSet()
-    _thread: threading.Thread | None = None
-    _event = threading.Event()
-    _lock = threading.Lock()
-    errors: list[BaseException] = []
-
-    @classmethod
-    def register(cls, buffer: MetricBuffer) -> None:
-        with cls._lock:
-            cls._buffers.add(buffer)
-            if cls._thread is None or not cls._thread.is_alive():
-                cls._thread = threading.Thread(target=cls._loop, name="mlplat-metric-flusher", daemon=True)
-                cls._thread.start()
-
-    @classmethod
-    def unregister(cls, buffer: MetricBuffer) -> None:
-        with cls._lock:
-            cls._buffers.discard(buffer)
-
-    @classmethod
-    def wake(cls) -> None:
-        cls._event.set()
-
-    @classmethod
-    def _loop(cls) -> None:
-        while True:
-            cls._event.wait(cls.interval)
-            cls._event.clear()
-            for buffer in list(cls._buffers):
-                if len(buffer):
-                    try:
-                        buffer.flush()
-                    except Exception as exc:  # noqa: BLE001 - the points stay buffered; the run's end reports
-                        cls.errors.append(exc)
-
-
-def flush_all() -> None:
-    """Flush every buffer of this process (also runs at interpreter exit)."""
-    for buffer in list(_Flusher._buffers):
-        try:
-            buffer.flush()
-        except Exception:  # noqa: BLE001 - nothing to report to at exit
-            pass
-
-
-atexit.register(flush_all)
+        _background.unregister(self)

@@ -180,12 +180,14 @@ class ActiveRun:
         return name
 
     def log_model(self, model: Any, name: str = "model", *, signature: Signature | Mapping | None = None,
-                  example_input: Any = None) -> dict[str, Any]:
+                  example_input: Any = None, columns: Sequence[str] | None = None) -> dict[str, Any]:
         """Store a torch module: TorchScript when scriptable (or traceable on ``example_input``), its state
-        dict, its signature (given, or read off ``example_input``) and the torch version."""
+        dict, its signature (given, or read off ``example_input``) and the torch version. ``columns``
+        names the input tensor's columns in order (features and request-time fields) for predict."""
         check_name(name)
         with tempfile.TemporaryDirectory() as tmp:
-            meta = save_torch_model(model, Path(tmp) / "model", signature=signature, example_input=example_input)
+            meta = save_torch_model(model, Path(tmp) / "model", signature=signature, example_input=example_input,
+                                    columns=columns)
             size, sha = self._store.artifacts.put_dir(self.id, Path(tmp) / "model", name)
         self._record_artifact(name, size, sha, "model", meta)
         return meta

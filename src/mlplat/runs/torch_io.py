@@ -86,8 +86,12 @@ def _as_signature(signature: Signature | Mapping | None, example_input: Any, mod
 
 
 def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping | None = None,
-                     example_input: Any = None) -> dict[str, Any]:
-    """Write the model folder; returns its metadata."""
+                     example_input: Any = None, columns: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write the model folder; returns its metadata.
+
+    ``columns`` names the columns of the (single) input tensor in order: features by their
+    output names and request-time fields; ``p.serving.predict`` assembles inputs from them.
+    """
     torch = _torch()
     if not isinstance(model, torch.nn.Module):
         raise DataError(f"log_model takes a torch.nn.Module, got {type(model).__name__}")
@@ -115,6 +119,7 @@ def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping
             "files": files,
             "torchscript": how,
             "signature": sig.to_json() if sig else None,
+            "columns": list(columns) if columns is not None else None,
             "parameters": int(sum(p.numel() for p in model.parameters())),
         }
         (folder / META).write_text(json.dumps(meta, indent=1))

@@ -171,6 +171,7 @@ class RunStore:
         features: Any = None,
         model: Any = None,
         example_input: Any = None,
+        columns: Sequence[str] | None = None,
         name: str = "",
         tags: Mapping[str, Any] | None = None,
     ) -> Training:
@@ -185,7 +186,8 @@ class RunStore:
         """
         run = self.start(experiment, name=name, params=flatten_config(config), tags=tags)
         try:
-            return Training(run, data=data, features=features, model=model, example_input=example_input)
+            return Training(run, data=data, features=features, model=model, example_input=example_input,
+                            columns=columns)
         except BaseException as exc:
             run.__exit__(type(exc), exc, exc.__traceback__)
             raise

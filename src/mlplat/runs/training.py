@@ -50,10 +50,11 @@ class Training:
     """A run set up for a training loop; use it as a context manager."""
 
     def __init__(self, run: ActiveRun, *, data: Any = None, features: Any = None, model: Any = None,
-                 example_input: Any = None) -> None:
+                 example_input: Any = None, columns: Any = None) -> None:
         self.run = run
         self._model = model
         self._example = example_input
+        self._columns = columns
         self._epoch = 0
         self.input = run.log_input(data, "train", feature_refs=features) if data is not None else None
 
@@ -71,7 +72,8 @@ class Training:
     def model(self, model: Any, name: str = "model", **kwargs: Any) -> dict[str, Any]:
         """Log the model now (otherwise the one passed at start is logged at the end)."""
         self._model = None
-        return self.run.log_model(model, name, example_input=kwargs.pop("example_input", self._example), **kwargs)
+        return self.run.log_model(model, name, example_input=kwargs.pop("example_input", self._example),
+                                  columns=kwargs.pop("columns", self._columns), **kwargs)
 
     def __enter__(self) -> Training:
         return self

@@ -1,0 +1,449 @@
+"""``mp.TritonClient`` and ``mp.AsyncTritonClient``: Triton over gRPC or HTTP, shaped to each model.
+
+Both read a model's config once and use its batching hints: a request
+larger than ``max_batch_size`` is split and its outputs joined back in
+order; with ``coalesce=True``, concurrent small requests are merged into
+batches of the model's preferred size, each waiting at most ``coalesce_wait_us``
+(default: the model's ``max_queue_delay_microseconds``), several batches in
+flight at once. Server errors become mlplat errors that say which:
+:class:`~mlplat.errors.ModelNotReadyError`, :class:`~mlplat.errors.QueueFullError`,
+:class:`~mlplat.errors.InferenceTimeoutError`, else :class:`~mlplat.errors.ServingError`.
+
+Usage::
+
+    client = mp.TritonClient("127.0.0.1:8001")            # gRPC; protocol="http" for port 8000
+    out = client.infer("fraud", {"input__0": x})           # {"output__0": array}
+    async with mp.AsyncTritonClient("127.0.0.1:8001", coalesce=True) as c:
+        out = await c.infer("fraud", table)                # a pandas/Arrow table works too
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, ServingError
+from .shaping import ModelInfo, join, map_error, merge, rows_of, split, to_arrays, unmerge
+
+__all__ = ["TritonClient", "AsyncTritonClient"]
+
+
+def _modules(protocol: str, asynchronous: bool):
+    if protocol not in ("grpc", "http"):
+        raise ConfigError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as base
+            import tritonclient.grpc.aio as aio
+        else:
+            import tritonclient.http as base
+            import tritonclient.http.aio as aio
+        from tritonclient.utils import InferenceServerException
+    except ImportError as exc:
+        raise ConfigError(f"the Triton client needs tritonclient: pip install 'mlplat[triton]' ({exc})") from None
+    return (aio if asynchronous else base), base, InferenceServerException
+
+
+def _inputs(mod, info: ModelInfo, arrays: dict[str, np.ndarray]) -> list:
+    out = []
+    for name, dtype, _ in info.inputs:
+        arr = arrays[name]
+        t = mod.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        out.append(t)
+    return out
+
+
+class _Base:
+    def __init__(self, url: str, protocol: str, timeout_s: float, coalesce: bool, coalesce_wait_us: int | None,
+                 max_in_flight: int, asynchronous: bool) -> None:
+        self.url = url
+        self.protocol = protocol
+        self._mod, self._types, self._exc = _modules(protocol, asynchronous)
+        self._timeout = timeout_s
+        self._coalesce = coalesce
+        self._wait_us = coalesce_wait_us
+        self._max_in_flight = max_in_flight
+        self._infos: dict[str, ModelInfo] = {}
+
+    def _error(self, exc: Exception, model: str) -> ServingError:
+        return map_error(exc, model, self.url)
+
+    def _wait_s(self, info: ModelInfo) -> float:
+        us = self._wait_us if self._wait_us is not None else (info.max_queue_delay_us or 500)
+        return us / 1e6
+
+    def _request_kwargs(self, priority: int, timeout_us: int, version: int | None = None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"priority": priority, "model_version": "" if version is None else str(version)}
+        if timeout_us:
+            kwargs["timeout"] = timeout_us
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = self._timeout
+        return kwargs
+
+    def _coalesces(self, info: ModelInfo, arrays, outputs, priority: int, timeout_us: int) -> bool:
+        """Small plain requests merge (with per-request outputs, priorities or time-outs they go alone)."""
+        return (self._coalesce and info.max_batch_size > 0 and not (outputs or priority or timeout_us)
+                and rows_of(info, arrays) < info.target_batch)
+
+    def _outputs(self, info: ModelInfo, outputs) -> list:
+        return [self._types.InferRequestedOutput(n) for n in (outputs or info.outputs)]
+
+
+class TritonClient(_Base):
+    """A synchronous Triton client (thread-safe), shaping requests to each model's batching hints."""
+
+    def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 30.0, coalesce: bool = False,
+                 coalesce_wait_us: int | None = None, max_in_flight: int = 8) -> None:
+        super().__init__(url, protocol, timeout_s, coalesce, coalesce_wait_us, max_in_flight, asynchronous=False)
+        # tritonclient's HTTP client runs on gevent, whose hub belongs to one thread: one client per thread
+        self._grpc = self._mod.InferenceServerClient(url) if protocol == "grpc" else None
+        self._local = threading.local()
+        self._http_clients: list = []
+        self._coalescers: dict[tuple, _Coalescer] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def _client(self):
+        if self._grpc is not None:
+            return self._grpc
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._mod.InferenceServerClient(
+                self.url, connection_timeout=self._timeout, network_timeout=self._timeout)
+            with self._lock:
+                self._http_clients.append(client)
+        return client
+
+    def is_live(self) -> bool:
+        try:
+            return bool(self._client.is_server_live())
+        except Exception:  # noqa: BLE001 - unreachable means not live
+            return False
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def is_model_ready(self, model: str) -> bool:
+        try:
+            return bool(self._client.is_model_ready(model))
+        except Exception:  # noqa: BLE001
+            return False
+
+    def metadata(self, model: str) -> dict[str, Any]:
+        try:
+            meta = self._client.get_model_metadata(model, **({"as_json": True} if self.protocol == "grpc" else {}))
+        except self._exc as exc:
+            raise self._error(exc, model) from None
+        return dict(meta)
+
+    def config(self, model: str) -> dict[str, Any]:
+        try:
+            cfg = self._client.get_model_config(model, **({"as_json": True} if self.protocol == "grpc" else {}))
+        except self._exc as exc:
+            raise self._error(exc, model) from None
+        return dict(cfg.get("config", cfg))
+
+    def info(self, model: str) -> ModelInfo:
+        """The model's inputs, outputs and batching hints (read once, then cached)."""
+        info = self._infos.get(model)
+        if info is None:
+            info = self._infos[model] = ModelInfo.from_config(_ints(self.config(model)))
+        return info
+
+    def infer(self, model: str, inputs: Any, *, version: int | None = None, outputs: list[str] | None = None,
+              priority: int = 0, timeout_us: int = 0) -> dict[str, np.ndarray]:
+        """Run the model (``version``: a registered version it serves; default: the newest) on ``inputs``
+        (dict of arrays, pandas or Arrow table); returns its outputs by name."""
+        info = self.info(model)
+        arrays = to_arrays(info, inputs)
+        if self._coalesces(info, arrays, outputs, priority, timeout_us):
+            return self._coalescer(info, version).submit(arrays)
+        parts = split(info, arrays)
+        if len(parts) == 1:
+            return self._infer_once(info, parts[0], outputs, priority, timeout_us, version)
+        futures = [self._infer_async(info, p, outputs, priority, timeout_us, version) for p in parts]
+        return join([f.result() for f in futures])
+
+    def _infer_once(self, info: ModelInfo, arrays, outputs, priority: int, timeout_us: int,
+                    version: int | None = None) -> dict[str, np.ndarray]:
+        try:
+            result = self._client.infer(info.name, _inputs(self._mod, info, arrays),
+                                        outputs=self._outputs(info, outputs),
+                                        **self._request_kwargs(priority, timeout_us, version))
+        except self._exc as exc:
+            raise self._error(exc, info.name) from None
+        return {n: result.as_numpy(n) for n in (outputs or info.outputs)}
+
+    def _infer_async(self, info: ModelInfo, arrays, outputs=None, priority: int = 0,
+                     timeout_us: int = 0, version: int | None = None) -> Future:
+        """One request in flight; gRPC sends without blocking, HTTP runs on a thread."""
+        fut: Future = Future()
+        names = outputs or info.outputs
+        if self.protocol != "grpc":  # tritonclient.http.async_infer sleeps 10 ms per call: a thread (own client)
+            def run() -> None:
+                try:
+                    fut.set_result(self._infer_once(info, arrays, outputs, priority, timeout_us, version))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(exc)
+
+            threading.Thread(target=run, daemon=True).start()
+            return fut
+
+        def done(result=None, error=None) -> None:
+            if error is not None:
+                fut.set_exception(self._error(error, info.name))
+            else:
+                fut.set_result({n: result.as_numpy(n) for n in names})
+
+        self._client.async_infer(info.name, _inputs(self._mod, info, arrays), done,
+                                 outputs=self._outputs(info, outputs),
+                                 **self._request_kwargs(priority, timeout_us, version))
+        return fut
+
+    def _coalescer(self, info: ModelInfo, version: int | None) -> _Coalescer:
+        key = (info.name, version)
+        c = self._coalescers.get(key)
+        if c is None:
+            with self._lock:
+                c = self._coalescers.get(key)
+                if c is None:
+                    c = self._coalescers[key] = _Coalescer(self, info, version)
+        return c
+
+    def close(self) -> None:
+        for c in list(self._coalescers.values()):
+            c.stop()
+        for client in [self._grpc, *self._http_clients]:
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001 - a client owned by a finished thread
+                    pass
+
+    def __enter__(self) -> TritonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Coalescer:
+    """Merges concurrent small requests to one model into batches, several in flight."""
+
+    def __init__(self, client: TritonClient, info: ModelInfo, version: int | None) -> None:
+        self._client = client
+        self._info = info
+        self._version = version
+        self._wait = client._wait_s(info)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._slots = threading.BoundedSemaphore(client._max_in_flight)
+        self._thread = threading.Thread(target=self._loop, name=f"mlplat-coalescer-{info.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fut: Future = Future()
+        self._queue.put((arrays, rows_of(self._info, arrays), fut))
+        return fut.result()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _loop(self) -> None:
+        info, carry = self._info, None
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            carry = None
+            if first is None:
+                return
+            batch, rows = [first], first[1]
+            deadline = time.monotonic() + self._wait
+            while rows < info.target_batch:
+                left = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                if rows + item[1] > info.max_batch_size:
+                    carry = item  # starts the next batch
+                    break
+                batch.append(item)
+                rows += item[1]
+            self._slots.acquire()
+            self._send(batch)
+
+    def _send(self, batch: list) -> None:
+        arrays, sizes = merge([b[0] for b in batch])
+        try:
+            fut = self._client._infer_async(self._info, arrays, version=self._version)
+        except BaseException as exc:  # noqa: BLE001
+            self._slots.release()
+            for b in batch:
+                b[2].set_exception(exc)
+            return
+
+        def done(f: Future) -> None:
+            self._slots.release()
+            error = f.exception()
+            if error is not None:
+                for b in batch:
+                    b[2].set_exception(error)
+                return
+            for b, out in zip(batch, unmerge(f.result(), sizes)):
+                b[2].set_result(out)
+
+        fut.add_done_callback(done)
+
+
+class AsyncTritonClient(_Base):
+    """The asyncio Triton client (tritonclient's aio clients), with the same shaping and coalescing."""
+
+    def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 30.0, coalesce: bool = False,
+                 coalesce_wait_us: int | None = None, max_in_flight: int = 8) -> None:
+        super().__init__(url, protocol, timeout_s, coalesce, coalesce_wait_us, max_in_flight, asynchronous=True)
+        self._client = self._mod.InferenceServerClient(url)
+        self._batchers: dict[tuple, _AsyncCoalescer] = {}
+
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_server_ready())
+        except Exception:  # noqa: BLE001
+            return False
+
+    async def is_model_ready(self, model: str) -> bool:
+        try:
+            return bool(await self._client.is_model_ready(model))
+        except Exception:  # noqa: BLE001
+            return False
+
+    async def config(self, model: str) -> dict[str, Any]:
+        try:
+            cfg = await self._client.get_model_config(model, **({"as_json": True} if self.protocol == "grpc"
+                                                                 else {}))
+        except self._exc as exc:
+            raise self._error(exc, model) from None
+        return dict(cfg.get("config", cfg))
+
+    async def info(self, model: str) -> ModelInfo:
+        info = self._infos.get(model)
+        if info is None:
+            info = self._infos[model] = ModelInfo.from_config(_ints(await self.config(model)))
+        return info
+
+    async def infer(self, model: str, inputs: Any, *, version: int | None = None,
+                    outputs: list[str] | None = None, priority: int = 0, timeout_us: int = 0) -> dict[str, np.ndarray]:
+        """As :meth:`TritonClient.infer`, awaited."""
+        info = await self.info(model)
+        arrays = to_arrays(info, inputs)
+        if self._coalesces(info, arrays, outputs, priority, timeout_us):
+            batcher = self._batchers.get((model, version))
+            if batcher is None:
+                batcher = self._batchers[(model, version)] = _AsyncCoalescer(self, info, version)
+            return await batcher.submit(arrays)
+        parts = split(info, arrays)
+        results = await asyncio.gather(*(self._infer_once(info, p, outputs, priority, timeout_us, version)
+                                         for p in parts))
+        return join(results)
+
+    async def _infer_once(self, info: ModelInfo, arrays, outputs=None, priority: int = 0,
+                          timeout_us: int = 0, version: int | None = None) -> dict[str, np.ndarray]:
+        try:
+            result = await self._client.infer(info.name, _inputs(self._types, info, arrays),
+                                              outputs=self._outputs(info, outputs),
+                                              **self._request_kwargs(priority, timeout_us, version))
+        except self._exc as exc:
+            raise self._error(exc, info.name) from None
+        return {n: result.as_numpy(n) for n in (outputs or info.outputs)}
+
+    async def close(self) -> None:
+        for b in list(self._batchers.values()):
+            b.stop()
+        await self._client.close()
+
+    async def __aenter__(self) -> AsyncTritonClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class _AsyncCoalescer:
+    def __init__(self, client: AsyncTritonClient, info: ModelInfo, version: int | None) -> None:
+        self._client = client
+        self._info = info
+        self._version = version
+        self._wait = client._wait_s(info)
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._slots = asyncio.Semaphore(client._max_in_flight)
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def submit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put((arrays, rows_of(self._info, arrays), fut))
+        return await fut
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+    async def _loop(self) -> None:
+        info, carry = self._info, None
+        loop = asyncio.get_running_loop()
+        while True:
+            first = carry if carry is not None else await self._queue.get()
+            carry = None
+            batch, rows = [first], first[1]
+            deadline = loop.time() + self._wait
+            while rows < info.target_batch:
+                left = deadline - loop.time()
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), left) if left > 0 else self._queue.get_nowait()
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    break
+                if rows + item[1] > info.max_batch_size:
+                    carry = item
+                    break
+                batch.append(item)
+                rows += item[1]
+            await self._slots.acquire()
+            loop.create_task(self._send(batch))
+
+    async def _send(self, batch: list) -> None:
+        try:
+            arrays, sizes = merge([b[0] for b in batch])
+            outputs = await self._client._infer_once(self._info, arrays, version=self._version)
+            for b, out in zip(batch, unmerge(outputs, sizes)):
+                if not b[2].done():
+                    b[2].set_result(out)
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
+            for b in batch:
+                if not b[2].done():
+                    b[2].set_exception(exc)
+        finally:
+            self._slots.release()
+
+
+def _ints(config: dict[str, Any]) -> dict[str, Any]:
+    """gRPC's JSON config holds int64 fields as strings; make them numbers where ModelInfo reads them."""
+    config = dict(config)
+    config["max_batch_size"] = int(config.get("max_batch_size", 0))
+    for side in ("input", "output"):
+        config[side] = [{**t, "dims": [int(d) for d in t.get("dims", [])]} for t in config.get(side, [])]
+    batching = config.get("dynamic_batching")
+    if batching:
+        config["dynamic_batching"] = {
+            **batching,
+            "preferred_batch_size": [int(s) for s in batching.get("preferred_batch_size", [])],
+            "max_queue_delay_microseconds": int(batching.get("max_queue_delay_microseconds", 0)),
+        }
+    return config

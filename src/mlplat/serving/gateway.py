@@ -1,0 +1,204 @@
+"""``mp.ABGateway``: champion/challenger routing that a user cannot flip between.
+
+A user's bucket is XXH64 (native, :mod:`mlplat._native._hashing`) of the salt
+and the user id, as a number in [0, 1): the same on every process, machine and
+Python version, unlike Python's ``hash()``, which is salted per process. Users
+in [0, challenger_fraction) get the challenger. Every decision (user, variant,
+model version, time) and every recorded outcome is written to the SQL
+database in the background; ``summary()`` compares the variants.
+
+Model references: ``"fraud"`` (the production version), ``"fraud@3"`` (version 3),
+``"fraud@staging"`` (a stage), ``"fraud@champion"`` (an alias).
+
+Usage::
+
+    gateway = mp.ABGateway("fraud", "fraud@staging", challenger_fraction=0.1, experiment_id="fraud-v7",
+                           salt="2026-11", platform=p)
+    result = gateway.predict(user_id=42, entity_rows=[{"user_id": 42, "merchant_id": "m0001", "amount": 19.9}])
+    gateway.record_outcome(42, 1.0)
+    gateway.summary()
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+
+from .. import _background
+from .._native import _hashing
+from ..db.models import ABDecision, ABOutcome
+from ..errors import DataError
+
+__all__ = ["ABGateway", "Decision", "parse_model_ref"]
+
+_STAGES = ("none", "staging", "production", "archived")
+_SCALE = 2.0 ** -53
+
+
+def parse_model_ref(ref: str) -> tuple[str, dict[str, Any]]:
+    """``"fraud@3"`` -> ("fraud", {"version": 3}); stages and aliases likewise; bare: production.
+
+    >>> parse_model_ref("fraud@staging")
+    ('fraud', {'stage': 'staging'})
+    """
+    if not isinstance(ref, str) or not ref or ref.count("@") > 1:
+        raise DataError(f"model reference {ref!r}: write 'name', 'name@version', 'name@stage' or 'name@alias'")
+    name, _, sel = ref.partition("@")
+    if not sel:
+        return name, {"stage": "production"}
+    if sel.isdigit():
+        return name, {"version": int(sel)}
+    if sel in _STAGES:
+        return name, {"stage": sel}
+    return name, {"alias": sel}
+
+
+@dataclass(frozen=True)
+class Decision:
+    user_id: str
+    variant: str
+    model: str
+    version: int
+    bucket: float
+
+
+class _Writes:
+    """Rows waiting for one INSERT per table, flushed by the background thread."""
+
+    def __init__(self, db) -> None:
+        self._db = db
+        self._rows: dict[Any, list[dict]] = {ABDecision: [], ABOutcome: []}
+        self._lock = threading.Lock()
+        _background.register(self)
+
+    def add(self, table, row: dict) -> None:
+        with self._lock:
+            self._rows[table].append(row)
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self._rows.values())
+
+    def flush(self) -> None:
+        with self._lock:
+            taken, self._rows = self._rows, {ABDecision: [], ABOutcome: []}
+        try:
+            with self._db.connect(write=True) as conn:
+                for table, rows in taken.items():
+                    if rows:
+                        conn.execute(sa.insert(table), rows)
+        except BaseException:
+            with self._lock:
+                for table, rows in taken.items():
+                    self._rows[table][:0] = rows
+            raise
+
+    def close(self) -> None:
+        self.flush()
+        _background.unregister(self)
+
+
+class ABGateway:
+    """Routes each user to the champion or the challenger by a stable hash, and logs every decision."""
+
+    def __init__(self, champion: str, challenger: str, challenger_fraction: float, experiment_id: str,
+                 salt: str = "", *, platform: Any, version_cache_seconds: float = 10.0) -> None:
+        if not isinstance(challenger_fraction, (int, float)) or not 0.0 <= challenger_fraction <= 1.0:
+            raise DataError(f"challenger_fraction must be between 0 and 1, got {challenger_fraction!r}")
+        if not isinstance(experiment_id, str) or not experiment_id.strip() or len(experiment_id) > 255:
+            raise DataError(f"experiment_id must be a non-empty string, got {experiment_id!r}")
+        self.champion, self.challenger = parse_model_ref(champion), parse_model_ref(challenger)
+        self.challenger_fraction = float(challenger_fraction)
+        self.experiment_id = experiment_id
+        self.salt = str(salt)
+        self._platform = platform
+        self._writes = _Writes(platform.db)
+        self._versions: dict[str, tuple[int, float]] = {}
+        self._cache_seconds = version_cache_seconds
+
+    # ------------------------------------------------------------ routing
+    def bucket(self, user_id: Any) -> float:
+        """The user's place in [0, 1): XXH64 of salt and user id, the same everywhere."""
+        h = _hashing.xxh64(f"{self.salt}\x00{user_id}".encode())
+        return (h >> 11) * _SCALE
+
+    def variant(self, user_id: Any) -> str:
+        """``"challenger"`` for the first ``challenger_fraction`` of buckets, else ``"champion"``."""
+        return "challenger" if self.bucket(user_id) < self.challenger_fraction else "champion"
+
+    def _version(self, variant: str) -> tuple[str, int]:
+        name, sel = self.champion if variant == "champion" else self.challenger
+        hit = self._versions.get(variant)
+        if hit is not None and time.monotonic() - hit[1] < self._cache_seconds:
+            return name, hit[0]
+        version = self._platform.models.get(name, **sel).version
+        self._versions[variant] = (version, time.monotonic())
+        return name, version
+
+    def route(self, user_id: Any) -> Decision:
+        """Decide and log (in the background) which variant serves this user."""
+        bucket = self.bucket(user_id)
+        variant = "challenger" if bucket < self.challenger_fraction else "champion"
+        model, version = self._version(variant)
+        self._writes.add(ABDecision, {"experiment_id": self.experiment_id, "user_id": str(user_id),
+                                      "variant": variant, "model": model, "model_version": version,
+                                      "at": datetime.now(timezone.utc)})
+        return Decision(str(user_id), variant, model, version, bucket)
+
+    def predict(self, user_id: Any, entity_rows: Any, **kwargs: Any):
+        """Route the user, then ``p.serving.predict`` with the chosen model version."""
+        decision = self.route(user_id)
+        return self._platform.serving.predict(decision.model, entity_rows, version=decision.version,
+                                              variant=decision.variant, **kwargs)
+
+    def record_outcome(self, user_id: Any, outcome: float, at: datetime | None = None) -> None:
+        """An observed outcome (e.g. 1.0 for fraud caught) for a user of this experiment."""
+        value = float(outcome)
+        if math.isnan(value):
+            raise DataError("an outcome must be a number, not NaN")
+        self._writes.add(ABOutcome, {"experiment_id": self.experiment_id, "user_id": str(user_id),
+                                     "outcome": value, "at": at or datetime.now(timezone.utc)})
+
+    def flush(self) -> None:
+        """Write every decision and outcome logged so far."""
+        self._writes.flush()
+
+    def close(self) -> None:
+        self._writes.close()
+
+    # ------------------------------------------------------------ summary
+    def summary(self) -> dict[str, Any]:
+        """Per variant: decisions, users, outcomes, mean and standard deviation; and challenger minus champion
+        with a 95 % confidence interval (Welch's standard error, normal approximation)."""
+        self.flush()
+        e = self.experiment_id
+        with self._platform.db.connect() as conn:
+            counts = conn.execute(sa.select(ABDecision.variant, sa.func.count(),
+                                            sa.func.count(sa.distinct(ABDecision.user_id)))
+                                  .where(ABDecision.experiment_id == e).group_by(ABDecision.variant)).all()
+            assigned = (sa.select(ABDecision.user_id, ABDecision.variant).where(ABDecision.experiment_id == e)
+                        .distinct().subquery())
+            stats = conn.execute(sa.select(assigned.c.variant, sa.func.count(), sa.func.avg(ABOutcome.outcome),
+                                           sa.func.avg(ABOutcome.outcome * ABOutcome.outcome))
+                                 .join(assigned, assigned.c.user_id == ABOutcome.user_id)
+                                 .where(ABOutcome.experiment_id == e).group_by(assigned.c.variant)).all()
+        variants: dict[str, dict[str, Any]] = {
+            v: {"model": (self.champion if v == "champion" else self.challenger)[0], "decisions": 0, "users": 0,
+                "outcomes": 0, "mean": None, "std": None} for v in ("champion", "challenger")}
+        for v, n, users in counts:
+            variants[v].update(decisions=n, users=users)
+        for v, n, mean, mean_sq in stats:
+            var = max(0.0, (mean_sq - mean * mean)) * n / (n - 1) if n > 1 else None
+            variants[v].update(outcomes=n, mean=mean, std=math.sqrt(var) if var is not None else None)
+        a, b = variants["champion"], variants["challenger"]
+        difference = None
+        if a["outcomes"] > 1 and b["outcomes"] > 1:
+            est = b["mean"] - a["mean"]
+            se = math.sqrt(a["std"] ** 2 / a["outcomes"] + b["std"] ** 2 / b["outcomes"])
+            difference = {"estimate": est, "ci95": [est - 1.96 * se, est + 1.96 * se], "std_error": se}
+        return {"experiment_id": e, "challenger_fraction": self.challenger_fraction, "variants": variants,
+                "difference": difference}

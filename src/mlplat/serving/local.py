@@ -1,0 +1,101 @@
+"""The local backend: registered torch models run in this process, behind the Triton client's interface.
+
+For notebooks and tests without a server. ``infer(model, inputs, version=...)``
+takes and returns what :class:`~mlplat.TritonClient` does; the model name is a
+registered model, and without a version the one at ``stage`` (default
+production) is served.
+
+Usage::
+
+    backend = p.serving.local_backend()
+    backend.infer("fraud", {"input__0": x})      # {"output__0": array}
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelNotReadyError, MlplatError
+from .shaping import ModelInfo, join, split, to_arrays
+
+__all__ = ["LocalBackend"]
+
+_TRITON = {"float32": "FP32", "float64": "FP64", "float16": "FP16", "int64": "INT64", "int32": "INT32",
+           "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+
+
+class LocalBackend:
+    """Registered models in-process, with the same ``infer`` as the Triton clients."""
+
+    url = "local"
+
+    def __init__(self, models, *, stage: str = "production", max_batch_size: int = 1024) -> None:
+        self._models = models
+        self._stage = stage
+        self._max_batch_size = max_batch_size
+        self._loaded: dict[tuple[str, int | None], tuple[int, Any, ModelInfo]] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, model: str, version: int | None = None) -> tuple[int, Any, ModelInfo]:
+        hit = self._loaded.get((model, version))
+        if hit is not None:
+            return hit
+        with self._lock:
+            hit = self._loaded.get((model, version))
+            if hit is not None:
+                return hit
+            try:
+                info = (self._models.get(model, version=version) if version is not None
+                        else self._models.get(model, stage=self._stage))
+                module = self._models.load(model, version=info.version)
+                meta = self._models.artifact_meta(info)
+            except MlplatError as exc:
+                raise ModelNotReadyError(f"model {model!r} is not ready in the local backend: {exc}") from None
+            sig = meta.get("signature") or {}
+            if not sig.get("inputs"):
+                raise ModelNotReadyError(f"model {model!r} v{info.version} has no signature to serve it by")
+            spec = ModelInfo(
+                name=model,
+                inputs=tuple((t["name"], _TRITON[t["dtype"]], tuple(t["shape"][1:])) for t in sig["inputs"]),
+                outputs=tuple(t["name"] for t in sig["outputs"]),
+                max_batch_size=self._max_batch_size, preferred_batch_sizes=(), max_queue_delay_us=0)
+            hit = self._loaded[(model, version)] = (info.version, module, spec)
+            return hit
+
+    def is_ready(self) -> bool:
+        return True
+
+    def is_model_ready(self, model: str) -> bool:
+        try:
+            self._get(model)
+            return True
+        except ModelNotReadyError:
+            return False
+
+    def info(self, model: str, version: int | None = None) -> ModelInfo:
+        return self._get(model, version)[2]
+
+    def version(self, model: str) -> int:
+        """The registered version served for ``model`` when no version is asked for."""
+        return self._get(model)[0]
+
+    def infer(self, model: str, inputs: Any, *, version: int | None = None, **_: Any) -> dict[str, np.ndarray]:
+        import torch
+
+        _, module, info = self._get(model, version)
+        parts = []
+        for arrays in split(info, to_arrays(info, inputs)):
+            with torch.inference_mode():
+                out = module(*[torch.from_numpy(arrays[n]) for n, _, _ in info.inputs])
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            parts.append({name: o.numpy() for name, o in zip(info.outputs, outs)})
+        return join(parts)
+
+    async def infer_async(self, model: str, inputs: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        return await asyncio.to_thread(self.infer, model, inputs, **kwargs)
+
+    def close(self) -> None:
+        self._loaded.clear()

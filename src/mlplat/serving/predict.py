@@ -1,0 +1,156 @@
+"""One-call online prediction: entity rows -> online features -> inference -> result, logged.
+
+The plan for a model version is built once (and cached for ``cache_seconds``):
+its feature references pinned to the definition versions it was trained on
+(from the run's logged input), the order of its input columns (``columns``
+given to ``log_model``, else the features in reference order), its input
+tensor's name and type. A feature view a model needs must have been
+materialized, at that definition version, into this online store: otherwise
+predict refuses instead of serving nulls.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import DataError, ServingError
+from .served_log import ServedLog
+from .shaping import NUMPY_TYPES
+
+__all__ = ["Predictor", "Prediction"]
+
+
+class Prediction(dict):
+    """Column lists: the join keys, then each model output; plus ``model``, ``version`` and ``variant``."""
+
+    def __init__(self, columns: dict[str, list], *, model: str, version: int, variant: str,
+                 features: dict[str, list]) -> None:
+        super().__init__(columns)
+        self.model, self.version, self.variant = model, version, variant
+        self.features = features
+
+    def to_arrow(self) -> pa.Table:
+        return pa.table(dict(self))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    model: str
+    version: int
+    run_id: str
+    refs: tuple[str, ...]  # pinned "view@version:feature"
+    feature_names: tuple[str, ...]  # their output names
+    join_keys: tuple[str, ...]
+    columns: tuple[str, ...]  # model input columns in order
+    input_name: str
+    input_dtype: Any
+    outputs: tuple[str, ...]
+    types: dict[str, pa.DataType]
+    made: float
+
+
+class Predictor:
+    """Builds and caches prediction plans; runs them against a backend."""
+
+    def __init__(self, features, models, served_log: ServedLog, *, cache_seconds: float = 10.0) -> None:
+        self._features = features
+        self._models = models
+        self._log = served_log
+        self._cache_seconds = cache_seconds
+        self._plans: dict[tuple, _Plan] = {}
+        self._lock = threading.Lock()
+
+    def plan(self, model: str, *, version: int | None = None, stage: str | None = None,
+             alias: str | None = None) -> _Plan:
+        key = (model, version, stage, alias)
+        plan = self._plans.get(key)
+        if plan is not None and time.monotonic() - plan.made < self._cache_seconds:
+            return plan
+        if version is None and stage is None and alias is None:
+            stage = "production"
+        info = self._models.get(model, version=version, stage=stage, alias=alias)
+        meta = self._models.artifact_meta(info)
+        sig = (meta.get("signature") or {})
+        if len(sig.get("inputs", [])) != 1:
+            raise ServingError(f"predict serves models with one input tensor; {model} v{info.version} has "
+                               f"{len(sig.get('inputs', []))}")
+        lineage = self._models.lineage(model, version=info.version)
+        refs = next((d["feature_refs"] for d in lineage["data"] if d["feature_refs"]), [])
+        if not refs:
+            raise ServingError(f"{model} v{info.version} was trained without logged feature refs: log its "
+                               "training data with run.log_input(..., feature_refs=...) so predict knows them")
+        requests, names = self._features.resolve(refs)
+        self._check_materialized(model, info.version, requests)
+        keys: list[str] = []
+        types: dict[str, pa.DataType] = {}
+        for req in requests:
+            keys += [k for k in req.view.join_keys if k not in keys]
+            for f, out in zip(req.features, req.output_names):
+                types[out] = req.view.field(f).dtype.arrow
+        columns = tuple(meta.get("columns") or names)
+        spec = sig["inputs"][0]
+        width = spec["shape"][-1] if len(spec["shape"]) > 1 else 1
+        if width not in (-1, len(columns)):
+            raise ServingError(f"{model} v{info.version} takes {width} input columns but its columns are {columns}")
+        dtype = NUMPY_TYPES.get({"float32": "FP32", "float64": "FP64", "int64": "INT64",
+                                 "int32": "INT32"}.get(spec["dtype"], ""))
+        if dtype is None:
+            raise ServingError(f"predict cannot build a {spec['dtype']} input for {model} v{info.version}")
+        plan = _Plan(model, info.version, info.run_id, tuple(refs), tuple(names), tuple(keys), columns,
+                     spec["name"], dtype, tuple(t["name"] for t in sig["outputs"]), types, time.monotonic())
+        with self._lock:
+            self._plans[key] = plan
+        return plan
+
+    def _check_materialized(self, model: str, version: int, requests) -> None:
+        for req in requests:
+            if self._features.last_materialized(req.view.name, req.view.version) is None:
+                raise ServingError(
+                    f"feature view {req.view.name!r} at definition version {req.view.version}, which {model} "
+                    f"v{version} was trained with, has never been materialized into "
+                    f"{self._features.online_store.name}: run "
+                    f"p.features.materialize(views=['{req.view.name}@{req.view.version}'])")
+
+    def predict(self, model: str, entity_rows: Any, *, backend: Any, version: int | None = None,
+                stage: str | None = None, alias: str | None = None, variant: str = "default",
+                triton_model: str | None = None, log: bool = True) -> Prediction:
+        plan = self.plan(model, version=version, stage=stage, alias=alias)
+        rows = entity_rows
+        online = self._features.get_online_features(list(plan.refs), rows)
+        n = len(online[plan.join_keys[0]]) if plan.join_keys else 0
+        matrix = np.empty((n, len(plan.columns)), dtype=plan.input_dtype)
+        for j, col in enumerate(plan.columns):
+            values = online.get(col)
+            if values is None:
+                values = _request_column(rows, col, n)
+            matrix[:, j] = [0 if v is None else v for v in values]  # the demo and helper train with nulls as 0
+        outputs = backend.infer(triton_model or model, {plan.input_name: matrix}, version=plan.version)
+        flat = {name: np.asarray(outputs[name]).reshape(n, -1)[:, 0].tolist() for name in plan.outputs}
+        keys = {k: online[k] for k in plan.join_keys}
+        features = {name: online[name] for name in plan.feature_names}
+        if log:
+            self._log.add(model, plan.version, variant, keys, features, flat, refs=plan.refs,
+                          types={**plan.types, "model_version": pa.int64()})
+        return Prediction({**keys, **flat}, model=model, version=plan.version, variant=variant, features=features)
+
+
+def _request_column(rows: Any, name: str, n: int) -> list:
+    """A request-time input (not a feature) from the entity rows."""
+    if isinstance(rows, dict):
+        if name in rows:
+            return list(rows[name])
+    elif isinstance(rows, list):
+        if all(isinstance(r, dict) and name in r for r in rows):
+            return [r[name] for r in rows]
+    else:
+        from .._arrow import to_table
+
+        table = to_table(rows, "entity rows")
+        if name in table.column_names:
+            return table.column(name).to_pylist()
+    raise DataError(f"the model needs a column {name!r}: it is not a feature, so the entity rows must hold it")

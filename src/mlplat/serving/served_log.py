@@ -1,0 +1,137 @@
+"""The served-feature log: the feature vectors predictions actually used, sampled, as Parquet.
+
+Each ``predict`` call appends its rows (sampled at ``sample_rate``) to a
+buffer per model; the process's flusher writes each buffer as one Parquet
+file ``<root>/<model>/<UTC time>-<uuid>.parquet`` (written to a temporary
+name, then moved). A file's schema metadata records the pinned feature
+references and join keys it holds, so a skew check can recompute exactly the
+same features offline at the logged request times.
+
+Columns: ``request_time`` (UTC), ``model``, ``model_version``, ``variant``,
+the join keys, the features as served (nulls included), then the outputs
+prefixed ``prediction.``.
+"""
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from .. import _background
+
+__all__ = ["ServedLog"]
+
+
+class _Batch:
+    def __init__(self, refs: Sequence[str], keys: Sequence[str], types: Mapping[str, pa.DataType]) -> None:
+        self.refs, self.keys, self.types = list(refs), list(keys), dict(types)
+        self.columns: dict[str, list] = {}
+        self.rows = 0
+
+
+class ServedLog:
+    """Sampled feature vectors of served predictions, per model, flushed in the background."""
+
+    def __init__(self, root: str | Path, *, sample_rate: float = 1.0, max_rows: int = 50_000,
+                 seed: int | None = None) -> None:
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be between 0 and 1, got {sample_rate}")
+        self.root = Path(root)
+        self.sample_rate = sample_rate
+        self._max = max_rows
+        self._batches: dict[tuple[str, int], _Batch] = {}
+        self._lock = threading.Lock()
+        self._random = random.Random(seed)
+        self._count = 0
+        _background.register(self)
+
+    def add(self, model: str, version: int, variant: str, keys: Mapping[str, list], features: Mapping[str, list],
+            outputs: Mapping[str, Sequence], *, refs: Sequence[str], types: Mapping[str, pa.DataType]) -> int:
+        """Log the sampled rows of one prediction call; returns how many were kept."""
+        n = len(next(iter(keys.values()))) if keys else 0
+        if self.sample_rate >= 1.0:
+            take = range(n)
+        else:
+            take = [i for i in range(n) if self._random.random() < self.sample_rate]
+        if not take:
+            return 0
+        now = time.time_ns() // 1000
+        with self._lock:
+            batch = self._batches.get((model, version))
+            if batch is None:
+                batch = self._batches[(model, version)] = _Batch(refs, list(keys), types)
+            cols = batch.columns
+            cols.setdefault("request_time", []).extend([now] * len(take))
+            cols.setdefault("model", []).extend([model] * len(take))
+            cols.setdefault("model_version", []).extend([version] * len(take))
+            cols.setdefault("variant", []).extend([variant] * len(take))
+            for name, values in (*keys.items(), *features.items()):
+                cols.setdefault(name, []).extend([values[i] for i in take])
+            for name, values in outputs.items():
+                cols.setdefault(f"prediction.{name}", []).extend([float(values[i]) for i in take])
+            batch.rows += len(take)
+            self._count += len(take)
+            full = self._count >= self._max
+        if full:
+            _background.wake()
+        return len(take)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def flush(self) -> None:
+        with self._lock:
+            batches, self._batches, self._count = self._batches, {}, 0
+        for (model, _), batch in batches.items():
+            if batch.rows:
+                self._write(model, batch)
+
+    def _write(self, model: str, batch: _Batch) -> None:
+        arrays = {}
+        for name, values in batch.columns.items():
+            if name == "request_time":
+                arrays[name] = pa.array(values, pa.timestamp("us", "UTC"))
+            else:
+                arrays[name] = pa.array(values, type=batch.types.get(name))
+        table = pa.table(arrays).replace_schema_metadata(
+            {"mlplat.refs": json.dumps(batch.refs), "mlplat.keys": json.dumps(batch.keys)})
+        folder = self.root / model
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}.parquet"
+        tmp = folder / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        tmp.replace(folder / name)
+
+    def read(self, model: str, since: Any = None) -> pa.Table:
+        """Everything logged for ``model`` (after ``since``, a datetime), oldest first."""
+        self.flush()
+        folder = self.root / model
+        files = sorted(folder.glob("*.parquet")) if folder.exists() else []
+        if not files:
+            return pa.table({})
+        data = pads.dataset([str(f) for f in files], format="parquet")
+        table = data.to_table() if since is None else data.to_table(
+            filter=pads.field("request_time") >= pa.scalar(since, pa.timestamp("us", "UTC")))
+        return table.sort_by("request_time")
+
+    def refs(self, model: str) -> tuple[list[str], list[str]]:
+        """The pinned feature references and join keys of the newest file of ``model``."""
+        self.flush()
+        files = sorted((self.root / model).glob("*.parquet"))
+        if not files:
+            return [], []
+        meta = pq.read_schema(files[-1]).metadata or {}
+        return json.loads(meta.get(b"mlplat.refs", b"[]")), json.loads(meta.get(b"mlplat.keys", b"[]"))
+
+    def close(self) -> None:
+        self.flush()
+        _background.unregister(self)

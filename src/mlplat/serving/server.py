@@ -1,0 +1,197 @@
+"""Run a real Triton Inference Server on a model repository, on this machine's CPU.
+
+The ``nvidia-pytriton`` wheel bundles a Triton server binary with the python
+backend and python-backend stubs for several Python versions. It pins
+numpy < 2, so it lives in a virtualenv of its own (with torch, for the
+generated ``model.py``): :func:`build_server_venv` makes one.
+:class:`TritonServer` assembles a backends folder from the wheel, starts the
+binary on free 127.0.0.1 ports with explicit model control, waits until it is
+ready, and stops it with SIGINT.
+
+Usage::
+
+    python = build_server_venv("~/.cache/mlplat/triton-venv")       # once; a few minutes
+    with TritonServer("triton-repo", python=python) as server:
+        client = mp.TritonClient(server.grpc_url)
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..errors import ConfigError, ServingError
+
+__all__ = ["TritonServer", "build_server_venv", "server_python"]
+
+PYTRITON = "nvidia-pytriton==0.7.0"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_python(venv: str | os.PathLike) -> Path:
+    return Path(venv).expanduser() / "bin" / "python"
+
+
+def build_server_venv(venv: str | os.PathLike, *, torch_version: str | None = None, python: str | None = None,
+                      quiet: bool = True) -> Path:
+    """A virtualenv with the bundled Triton server and torch (the training side's version by default).
+
+    Reuses the virtualenv when it already has both. Returns its python.
+    """
+    venv = Path(venv).expanduser()
+    py = server_python(venv)
+    if torch_version is None:
+        try:
+            import torch
+
+            torch_version = torch.__version__.split("+")[0]
+        except ImportError:
+            raise ConfigError("build_server_venv needs torch_version= (torch is not installed here)") from None
+    marker = venv / ".mlplat-server"
+    want = f"{PYTRITON} torch=={torch_version}\n"
+    if py.exists() and marker.exists() and marker.read_text() == want:
+        return py
+    subprocess.run([python or sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    cmd = [str(py), "-m", "pip", "install", PYTRITON, f"torch=={torch_version}", "numpy<2"]
+    if quiet:
+        cmd.append("-q")
+    result = subprocess.run(cmd, capture_output=quiet, text=True)
+    if result.returncode != 0:
+        raise ConfigError(f"building the Triton server virtualenv failed: {(result.stderr or '')[-2000:]}")
+    marker.write_text(want)
+    return py
+
+
+class TritonServer:
+    """The Triton server binary from ``nvidia-pytriton``, serving one repository on free loopback ports."""
+
+    def __init__(self, repository: str | os.PathLike, *, python: str | os.PathLike, log_verbose: int = 0,
+                 startup_timeout: float = 120.0, models: list[str] | None = None) -> None:
+        self.repository = Path(repository).resolve()
+        self.python = Path(python)
+        self.log_verbose = log_verbose
+        self.startup_timeout = startup_timeout
+        self.models = models
+        self.http_port = self.grpc_port = self.metrics_port = 0
+        self._proc: subprocess.Popen | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def _layout(self) -> tuple[Path, Path, str]:
+        info = subprocess.run(
+            [str(self.python), "-c", "import json, os, sys, sysconfig, pytriton; print(json.dumps({"
+             "'dir': os.path.dirname(pytriton.__file__), 'libdir': sysconfig.get_config_var('LIBDIR'), "
+             "'version': f'{sys.version_info[0]}.{sys.version_info[1]}'}))"],
+            capture_output=True, text=True)
+        if info.returncode != 0:
+            raise ConfigError(f"{self.python} cannot import pytriton: build the server virtualenv with "
+                              f"mlplat.serving.build_server_venv ({info.stderr.strip()[-500:]})")
+        data = json.loads(info.stdout)
+        root = Path(data["dir"]) / "tritonserver"
+        stub = root / "python_backend_stubs" / data["version"] / "triton_python_backend_stub"
+        if not stub.exists():
+            raise ConfigError(f"the bundled server has no python backend stub for Python {data['version']}")
+        backends = Path(self._tmp.name) / "backends" / "python"
+        backends.mkdir(parents=True)
+        for source in (root / "backends" / "python" / "libtriton_python.so",
+                       root / "backends" / "python" / "triton_python_backend_utils.py", stub):
+            (backends / source.name).symlink_to(source)
+        return root / "bin" / "tritonserver", backends.parent, data["libdir"]
+
+    def start(self) -> TritonServer:
+        self._tmp = tempfile.TemporaryDirectory(prefix="mlplat-triton-")
+        binary, backends, libdir = self._layout()
+        self.http_port, self.grpc_port, self.metrics_port = _free_port(), _free_port(), _free_port()
+        self.log_path = Path(self._tmp.name) / "server.log"
+        args = [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
+                "--http-address=127.0.0.1", f"--http-port={self.http_port}", "--grpc-address=127.0.0.1",
+                f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=false",
+                "--model-control-mode=explicit", f"--log-verbose={self.log_verbose}"]
+        args += [f"--load-model={m}" for m in (self.models or ["*"])]
+        env = {**os.environ, "PATH": f"{self.python.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               "LD_LIBRARY_PATH": f"{libdir}{os.pathsep}{os.environ.get('LD_LIBRARY_PATH', '')}"}
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                tail, code = self.log_tail(), self._proc.returncode
+                self.stop()
+                raise ServingError(f"the Triton server exited ({code}): {tail}")
+            if self._ready():
+                return self
+            time.sleep(0.1)
+        tail = self.log_tail()
+        self.stop()
+        raise ServingError(f"the Triton server was not ready after {self.startup_timeout} s: {tail}")
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def load(self, model: str) -> None:
+        """Load (or reload after a new export) one model."""
+        self._control(model, "load")
+
+    def unload(self, model: str) -> None:
+        self._control(model, "unload")
+
+    def _control(self, model: str, action: str) -> None:
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/{action}",
+                                         data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                r.read()
+        except urllib.error.HTTPError as exc:
+            raise ServingError(f"{action} {model!r}: {exc.read().decode(errors='replace')[:500]}") from None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+

@@ -1,0 +1,129 @@
+"""``p.serving``: export to Triton, serve in-process or through Triton, predict, route A/B.
+
+Usage::
+
+    p.serving.export_triton("fraud", stage="production", repository="triton-repo", backend="python",
+                            max_batch_size=64,
+                            dynamic_batching=mp.DynamicBatching(preferred_batch_sizes=[16, 64],
+                                                                max_queue_delay_us=500))
+    p.serving.predict("fraud", [{"user_id": 42, "merchant_id": "m0001", "amount": 19.9}])
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import DataError
+from .gateway import ABGateway
+from .local import LocalBackend
+from .predict import Prediction, Predictor
+from .served_log import ServedLog
+from .triton_repo import DynamicBatching, TritonExport, write_repository
+
+__all__ = ["ServingService"]
+
+
+class ServingService:
+    """Serving for one Platform. Reach it as ``Platform(...).serving``."""
+
+    def __init__(self, platform: Any) -> None:
+        self._p = platform
+        s = platform.settings
+        self.served_log = ServedLog(s.home / "served", sample_rate=s.served_sample_rate)
+        self._predictor = Predictor(platform.features, platform.models, self.served_log)
+        self._backend: Any = None
+
+    # ------------------------------------------------------------- export
+    def export_triton(
+        self,
+        name: str,
+        *,
+        repository: str | Path,
+        version: int | None = None,
+        stage: str | None = None,
+        alias: str | None = None,
+        backend: str = "python",
+        max_batch_size: int = 64,
+        dynamic_batching: DynamicBatching | None = None,
+        instances: int = 1,
+        triton_name: str | None = None,
+    ) -> TritonExport:
+        """Write a Triton model repository entry for a registered version (default: production).
+
+        Writes ``<repository>/<triton_name or name>/config.pbtxt`` (inputs and outputs from the
+        signature, ``max_batch_size``, ``dynamic_batching``, ``instances`` CPU instances, and the
+        version's lineage as parameters) and ``<repository>/<model>/<version>/`` with the model
+        for ``backend``: ``python`` (generated model.py + TorchScript), ``pytorch_libtorch``
+        (model.pt) or ``onnxruntime`` (model.onnx). Invalid settings are refused before anything
+        is written.
+        """
+        if version is None and stage is None and alias is None:
+            stage = "production"
+        models = self._p.models
+        info = models.get(name, version=version, stage=stage, alias=alias)
+        meta = models.artifact_meta(info)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self._p.artifacts.get_dir(info.run_id, info.artifact, Path(tmp) / "model")
+            return write_repository(
+                Path(repository), triton_name or name, info.version, backend, folder, meta,
+                max_batch_size=max_batch_size, batching=dynamic_batching, instances=instances,
+                parameters={"mlplat.model": name, "mlplat.version": str(info.version), "mlplat.run_id": info.run_id,
+                            "mlplat.stage": info.stage},
+            )
+
+    # ------------------------------------------------------------ backends
+    def local_backend(self, *, stage: str = "production") -> LocalBackend:
+        """Registered torch models served in this process, behind the Triton client's ``infer``."""
+        return LocalBackend(self._p.models, stage=stage)
+
+    @property
+    def backend(self) -> Any:
+        """The default backend: a TritonClient for ``triton_url`` / MLPLAT_TRITON_URL, else the local one."""
+        if self._backend is None:
+            url = self._p.settings.triton_url
+            if url:
+                from .client import TritonClient
+
+                self._backend = TritonClient(url)
+            else:
+                self._backend = self.local_backend()
+        return self._backend
+
+    # ------------------------------------------------------------- predict
+    def predict(self, model: str, entity_rows: Any, *, version: int | None = None, stage: str | None = None,
+                alias: str | None = None, backend: Any = None, variant: str = "default",
+                triton_model: str | None = None, log: bool = True) -> Prediction:
+        """Online features for the entity rows -> the model -> predictions, with the served features logged.
+
+        The model version (default: production) decides which features, at which definition
+        versions, in which column order; columns that are not features (request-time inputs such
+        as a transaction's amount) come from the entity rows. A sample (``served_sample_rate``) of
+        what was served is logged for skew checks.
+
+        Usage::
+
+            p.serving.predict("fraud", [{"user_id": 42, "merchant_id": "m0001", "amount": 19.9}])
+            # -> {"user_id": [42], "merchant_id": ["m0001"], "output__0": [0.031]}
+        """
+        if variant and not isinstance(variant, str):
+            raise DataError("variant must be a string")
+        return self._predictor.predict(model, entity_rows, backend=backend or self.backend, version=version,
+                                       stage=stage, alias=alias, variant=variant, triton_model=triton_model, log=log)
+
+    def served_features(self, model: str, since: Any = None) -> pa.Table:
+        """The served-feature log of a model (sampled rows of what predictions used)."""
+        return self.served_log.read(model, since)
+
+    def ab_gateway(self, champion: str, challenger: str, challenger_fraction: float, experiment_id: str,
+                   salt: str = "") -> ABGateway:
+        """``mp.ABGateway`` on this platform."""
+        return ABGateway(champion, challenger, challenger_fraction, experiment_id, salt, platform=self._p)
+
+    def close(self) -> None:
+        self.served_log.close()
+        if self._backend is not None and hasattr(self._backend, "close"):
+            self._backend.close()
+        self._backend = None

@@ -1,0 +1,287 @@
+"""Triton model repositories from registered model versions.
+
+``export_triton`` writes ``<repository>/<model>/config.pbtxt`` and
+``<repository>/<model>/<version>/`` for one of three backends:
+
+* ``python``: a generated ``model.py`` that loads the TorchScript file with
+  torch and runs each dynamic batch in one forward pass (what the Triton
+  server bundled in the ``nvidia-pytriton`` wheel runs, CPU included);
+* ``pytorch_libtorch``: ``model.pt`` (TorchScript) for the official image;
+* ``onnxruntime``: ``model.onnx`` exported with ``torch.onnx``.
+
+Inputs and outputs come from the version's signature; the version's lineage
+(model, version, run id) goes into the config's ``parameters``. Every exported
+version of a model stays loaded (``version_policy: all``), and mlplat's
+clients ask for the exact version they mean. Every setting
+is checked before anything is written, and the version folder is written to
+a temporary name and moved into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+
+__all__ = ["DynamicBatching", "QueuePolicy", "TritonExport", "render_config", "BACKENDS", "TRITON_TYPES"]
+
+BACKENDS = ("python", "pytorch_libtorch", "onnxruntime")
+
+#: signature dtype -> Triton data type
+TRITON_TYPES = {
+    "float32": "TYPE_FP32", "float64": "TYPE_FP64", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16",
+    "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
+    "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
+}
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """What Triton does with requests waiting in the dynamic batcher's queue.
+
+    ``default_timeout_us``: a request waiting longer is rejected (``timeout_action="reject"``) or
+    pushed back (``"delay"``); 0 means no time-out, and a per-request time-out is then ignored too.
+    ``max_queue_size``: requests beyond it are refused at once (0: unbounded).
+    """
+
+    timeout_action: str = "reject"
+    default_timeout_us: int = 0
+    allow_timeout_override: bool = True
+    max_queue_size: int = 0
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    """Triton's dynamic batcher: how long to wait for more requests and which batch sizes to aim for.
+
+    >>> DynamicBatching(preferred_batch_sizes=[8, 16], max_queue_delay_us=500).max_queue_delay_us
+    500
+    """
+
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    max_queue_delay_us: int = 0
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    preserve_ordering: bool = False
+    queue_policy: QueuePolicy | None = None
+
+
+@dataclass(frozen=True)
+class TritonExport:
+    """What ``export_triton`` wrote."""
+
+    repository: Path
+    model: str
+    version: int
+    backend: str
+    config_path: Path
+    files: list[str]
+
+
+def _check(max_batch_size: int, batching: DynamicBatching | None, instances: int, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise DataError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if not isinstance(max_batch_size, int) or max_batch_size < 0:
+        raise DataError(f"max_batch_size must be an integer >= 0, got {max_batch_size!r}")
+    if not isinstance(instances, int) or instances < 1:
+        raise DataError(f"instances must be an integer >= 1, got {instances!r}")
+    if batching is None:
+        return
+    if max_batch_size == 0:
+        raise DataError("dynamic batching needs max_batch_size > 0 (with 0 the model takes no batch dimension)")
+    for size in batching.preferred_batch_sizes:
+        if not isinstance(size, int) or size < 1:
+            raise DataError(f"preferred batch size {size!r} must be an integer >= 1")
+        if size > max_batch_size:
+            raise DataError(f"preferred batch size {size} is above max_batch_size {max_batch_size}")
+    if batching.max_queue_delay_us < 0:
+        raise DataError("max_queue_delay_us must be >= 0")
+    if batching.priority_levels < 0:
+        raise DataError("priority_levels must be >= 0")
+    if batching.preserve_ordering and batching.priority_levels > 1:
+        raise DataError("preserve_ordering cannot be combined with several priority levels: Triton would "
+                        "reorder requests by priority")
+    if batching.priority_levels and not 1 <= batching.default_priority_level <= batching.priority_levels:
+        raise DataError(f"default_priority_level must be between 1 and priority_levels "
+                        f"({batching.priority_levels})")
+    if not batching.priority_levels and batching.default_priority_level:
+        raise DataError("default_priority_level needs priority_levels")
+    policy = batching.queue_policy
+    if policy is not None:
+        if policy.timeout_action not in ("reject", "delay"):
+            raise DataError(f"queue_policy.timeout_action must be 'reject' or 'delay', got {policy.timeout_action!r}")
+        if policy.default_timeout_us < 0 or policy.max_queue_size < 0:
+            raise DataError("queue_policy timeouts and sizes must be >= 0")
+
+
+def _dims(shape: list[int], batched: bool) -> list[int]:
+    dims = list(shape[1:]) if batched else list(shape)
+    return dims or [1]
+
+
+def _tensor(spec: dict[str, Any], batched: bool, name: str) -> str:
+    dtype = TRITON_TYPES.get(spec["dtype"])
+    if dtype is None:
+        raise DataError(f"tensor {spec['name']!r} has dtype {spec['dtype']!r}, which Triton does not take")
+    dims = ", ".join(str(d) for d in _dims(spec["shape"], batched))
+    return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: [ {dims} ]\n  }}'
+
+
+def _policy(p: QueuePolicy) -> str:
+    return (f"timeout_action: {p.timeout_action.upper()}\n      default_timeout_microseconds: "
+            f"{p.default_timeout_us}\n      allow_timeout_override: {str(p.allow_timeout_override).lower()}\n"
+            f"      max_queue_size: {p.max_queue_size}")
+
+
+def render_config(name: str, backend: str, signature: dict[str, Any], *, max_batch_size: int,
+                  batching: DynamicBatching | None, instances: int, parameters: dict[str, str],
+                  names: tuple[list[str], list[str]]) -> str:
+    """config.pbtxt text (protobuf text format)."""
+    batched = max_batch_size > 0
+    lines = [f'name: "{name}"']
+    lines.append({"python": 'backend: "python"', "pytorch_libtorch": 'platform: "pytorch_libtorch"',
+                  "onnxruntime": 'platform: "onnxruntime_onnx"'}[backend])
+    lines.append(f"max_batch_size: {max_batch_size}")
+    lines.append("version_policy: { all: { } }")  # every exported version stays servable: A/B, rollbacks
+    in_names, out_names = names
+    lines.append("input [\n" + ",\n".join(_tensor(t, batched, n) for t, n in zip(signature["inputs"], in_names))
+                 + "\n]")
+    lines.append("output [\n" + ",\n".join(_tensor(t, batched, n) for t, n in zip(signature["outputs"], out_names))
+                 + "\n]")
+    if batching is not None:
+        body = []
+        if batching.preferred_batch_sizes:
+            body.append(f"  preferred_batch_size: [ {', '.join(map(str, batching.preferred_batch_sizes))} ]")
+        body.append(f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}")
+        if batching.preserve_ordering:
+            body.append("  preserve_ordering: true")
+        if batching.priority_levels:
+            body.append(f"  priority_levels: {batching.priority_levels}")
+            body.append(f"  default_priority_level: {batching.default_priority_level}")
+        if batching.queue_policy is not None:
+            body.append("  default_queue_policy {\n      " + _policy(batching.queue_policy) + "\n  }")
+        lines.append("dynamic_batching {\n" + "\n".join(body) + "\n}")
+    lines.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]")
+    for key, value in parameters.items():
+        lines.append(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: {json.dumps(value)} }}\n}}')
+    return "\n".join(lines) + "\n"
+
+
+PYTHON_MODEL = '''"""Generated by mlplat: serves {model} v{version} (run {run_id}) with torch on Triton's python backend."""
+import json
+import os
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        torch.set_num_threads(int(os.environ.get("MLPLAT_TORCH_THREADS", "1")))
+        self.model = torch.jit.load(os.path.join(folder, "model.ts"), map_location="cpu").eval()
+        self.inputs = [t["name"] for t in config["input"]]
+        self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
+        self.batched = config.get("max_batch_size", 0) > 0
+
+    def execute(self, requests):
+        arrays = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs] for r in requests]
+        if self.batched and len(requests) > 1:  # the dynamic batch in one forward pass
+            sizes = [a[0].shape[0] for a in arrays]
+            batch = [np.concatenate([a[i] for a in arrays]) for i in range(len(self.inputs))]
+            outs = self._run(batch)
+            responses, start = [], 0
+            for n in sizes:
+                responses.append(self._response([o[start:start + n] for o in outs]))
+                start += n
+            return responses
+        return [self._response(self._run(a)) for a in arrays]
+
+    def _run(self, arrays):
+        with torch.inference_mode():
+            out = self.model(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.numpy() for o in outs]
+
+    def _response(self, outs):
+        return pb_utils.InferenceResponse(
+            [pb_utils.Tensor(name, o.astype(dtype)) for (name, dtype), o in zip(self.outputs, outs)])
+'''
+
+
+def write_repository(repository: Path, model_name: str, version: int, backend: str, model_folder: Path,
+                     meta: dict[str, Any], *, max_batch_size: int, batching: DynamicBatching | None,
+                     instances: int, parameters: dict[str, str]) -> TritonExport:
+    """Write the model's config and version folder (validated first; the folder moved into place)."""
+    _check(max_batch_size, batching, instances, backend)
+    signature = meta.get("signature")
+    if not signature or not signature.get("inputs") or not signature.get("outputs"):
+        raise DataError(f"{model_name} v{version} has no signature: log the model with example_input= or "
+                        "signature= so its inputs and outputs are known")
+    if "torchscript" not in meta.get("files", {}) and backend in ("python", "pytorch_libtorch"):
+        raise DataError(f"{model_name} v{version} has no TorchScript file (the module was neither scriptable nor "
+                        "traceable): log it with example_input= so it can be traced")
+    if backend == "pytorch_libtorch":
+        names = ([f"INPUT__{i}" for i in range(len(signature["inputs"]))],
+                 [f"OUTPUT__{i}" for i in range(len(signature["outputs"]))])
+    else:
+        names = ([t["name"] for t in signature["inputs"]], [t["name"] for t in signature["outputs"]])
+    config = render_config(model_name, backend, signature, max_batch_size=max_batch_size, batching=batching,
+                           instances=instances, parameters=parameters, names=names)
+    model_dir = repository / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+    try:
+        files = _write_version(staging, backend, model_folder, meta, signature, names, parameters)
+        target = model_dir / str(version)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    config_path = model_dir / "config.pbtxt"
+    tmp = model_dir / ".config.pbtxt.tmp"
+    tmp.write_text(config)
+    os.replace(tmp, config_path)
+    return TritonExport(repository, model_name, version, backend, config_path, files)
+
+
+def _write_version(folder: Path, backend: str, model_folder: Path, meta: dict[str, Any],
+                   signature: dict[str, Any], names, parameters: dict[str, str]) -> list[str]:
+    ts = model_folder / meta["files"]["torchscript"] if "torchscript" in meta.get("files", {}) else None
+    if backend == "python":
+        shutil.copyfile(ts, folder / "model.ts")
+        (folder / "model.py").write_text(PYTHON_MODEL.format(model=parameters["mlplat.model"],
+                                                            version=parameters["mlplat.version"],
+                                                            run_id=parameters["mlplat.run_id"]))
+        return ["model.py", "model.ts"]
+    if backend == "pytorch_libtorch":
+        shutil.copyfile(ts, folder / "model.pt")
+        return ["model.pt"]
+    _export_onnx(model_folder, meta, signature, names, folder / "model.onnx")
+    return ["model.onnx"]
+
+
+def _export_onnx(model_folder: Path, meta: dict[str, Any], signature: dict[str, Any], names, target: Path) -> None:
+    import torch
+
+    from ..runs.torch_io import load_torch_model
+
+    model = load_torch_model(model_folder)
+    examples = tuple(torch.zeros([2 if d < 0 else d for d in t["shape"]], dtype=getattr(torch, t["dtype"]))
+                     for t in signature["inputs"])
+    in_names, out_names = names
+    axes = {n: {0: "batch"} for n in [*in_names, *out_names]}
+    try:
+        torch.onnx.export(model, examples, str(target), input_names=in_names, output_names=out_names,
+                          dynamic_axes=axes, dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds
+        raise DataError(f"ONNX export failed: {exc}") from exc
