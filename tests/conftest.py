@@ -8,7 +8,10 @@
 * ``redis_cluster_url`` is a real 3-master Redis Cluster that the session
   starts from the redis-server binary on free 127.0.0.1 ports and stops at
   the end; every test gets it empty.
-* With CI=true a PostgreSQL or Redis test that would be skipped fails instead.
+* ``triton_python`` is the python of a virtualenv holding the Triton server
+  bundled in ``nvidia-pytriton`` (built once into ~/.cache/mlplat, or
+  MLPLAT_TEST_TRITON_PYTHON); the serving tests start a real server with it.
+* With CI=true a PostgreSQL, Redis or Triton test that would be skipped fails instead.
 """
 from __future__ import annotations
 
@@ -42,9 +45,9 @@ def _unavailable(what: str, why: object) -> None:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if IN_CI and report.skipped and (item.get_closest_marker("postgres") or item.get_closest_marker("redis")):
+    if IN_CI and report.skipped and any(item.get_closest_marker(m) for m in ("postgres", "redis", "triton")):
         report.outcome = "failed"
-        report.longrepr = f"CI=true: {item.nodeid} needs PostgreSQL/Redis and was skipped ({report.longrepr})"
+        report.longrepr = f"CI=true: {item.nodeid} needs PostgreSQL/Redis/Triton and was skipped ({report.longrepr})"
 
 
 def pytest_collection_modifyitems(items):
@@ -57,6 +60,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.postgres)
         if fixtures & {"redis_url", "redis_cluster_url"} or params.get("online_url") in ("redis", "cluster"):
             item.add_marker(pytest.mark.redis)
+        if fixtures & {"triton_python", "triton"}:
+            item.add_marker(pytest.mark.triton)
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -215,6 +220,22 @@ def redis_cluster_url(redis_cluster_session) -> Iterator[str]:
         yield f"redis+cluster://127.0.0.1:{redis_cluster_session[0]}"
     finally:
         flush()
+
+
+# -------------------------------------------------------------------- Triton
+@pytest.fixture(scope="session")
+def triton_python() -> Path:
+    """The python of a virtualenv with nvidia-pytriton and torch (built once, then reused)."""
+    explicit = os.environ.get("MLPLAT_TEST_TRITON_PYTHON")
+    if explicit:
+        return Path(explicit)
+    from mlplat.serving import build_server_venv
+
+    try:
+        return build_server_venv(Path.home() / ".cache" / "mlplat" / "triton-server-venv")
+    except Exception as exc:  # noqa: BLE001
+        _unavailable("the Triton server virtualenv (pip install nvidia-pytriton)", exc)
+        raise
 
 
 # ------------------------------------------------------------------ platform

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,7 +282,12 @@ def _export_onnx(model_folder: Path, meta: dict[str, Any], signature: dict[str, 
     in_names, out_names = names
     axes = {n: {0: "batch"} for n in [*in_names, *out_names]}
     try:
-        torch.onnx.export(model, examples, str(target), input_names=in_names, output_names=out_names,
-                          dynamic_axes=axes, dynamo=False)
+        with warnings.catch_warnings():
+            # the artifact is TorchScript, which only the TorchScript-based exporter reads; torch warns it is legacy
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchScript-based ONNX")
+            torch.onnx.export(model, examples, str(target), input_names=in_names, output_names=out_names,
+                              dynamic_axes=axes, dynamo=False)
+    except ImportError as exc:
+        raise DataError(f"ONNX export needs the onnx package: pip install 'mlplat[onnx]' ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds
         raise DataError(f"ONNX export failed: {exc}") from exc

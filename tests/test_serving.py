@@ -1,0 +1,411 @@
+"""Serving: Triton repositories, a real Triton server, both clients, the local backend, predict, A/B routing."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import mlplat as mp
+from mlplat.serving import TritonServer
+
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+
+
+class Scorer(torch.nn.Module):
+    def __init__(self, bias: float = 0.0) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            self.linear.bias.fill_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(x), dim=-1)
+
+
+class Slow(torch.nn.Module):
+    """Tens of milliseconds per call: lets requests queue up behind it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(768, 768) / 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.zeros(x.shape[0], 768) + x.sum(dim=1, keepdim=True)
+        for _ in range(150):
+            y = torch.tanh(y @ self.w)
+        return y[:, :2]
+
+
+def _register(p, name: str, module: torch.nn.Module, *, refs=None, train=None, columns=None, stage="production"):
+    with p.runs.start(name) as run:
+        if train is not None:
+            run.log_input(train, "train", feature_refs=refs)
+        run.log_model(module, "model", example_input=torch.zeros(2, 3), columns=columns)
+    v = p.models.register(name, run.id)
+    if stage:
+        p.models.promote(name, v.version, stage, approved_by="reviewer")
+    return v.version
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """A platform with features, two versions of a scorer trained on them, and a slow model."""
+    root = tmp_path_factory.mktemp("serving")
+    p = mp.Platform(root / "home")
+    src = root / "txn"
+    src.mkdir()
+    pq.write_table(pa.table({
+        "user_id": pa.array([1, 2, 3], pa.int64()),
+        "event_timestamp": pa.array([NOW - timedelta(hours=1)] * 3, pa.timestamp("us", "UTC")),
+        "count": pa.array([3, 7, 1], pa.int64()), "amount": pa.array([10.0, 99.5, 0.5]),
+    }), src / "a.parquet")
+    user = mp.Entity("user", join_keys=["user_id"])
+    view = mp.FeatureView("txn", entities=[user], ttl=timedelta(days=7),
+                          schema=[mp.Field("count", mp.Int64), mp.Field("amount", mp.Float64)],
+                          source=mp.ParquetSource(src))
+    p.features.apply([user, view])
+    p.features.materialize(end_date=NOW, progress=False)
+    labels = pa.table({"user_id": [1, 2], "event_timestamp": pa.array([NOW, NOW], pa.timestamp("us", "UTC"))})
+    train = p.features.get_historical_features(labels, ["txn:count", "txn:amount"])
+    cols = ["count", "amount", "basket"]  # "basket" is a request-time input, not a feature
+    _register(p, "scorer", Scorer(0.0), refs=["txn:count", "txn:amount"], train=train, columns=cols)
+    _register(p, "scorer", Scorer(3.0), refs=["txn:count", "txn:amount"], train=train, columns=cols,
+              stage="staging")
+    _register(p, "slow", Slow())
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="session")
+def repository(served, tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    batching = mp.DynamicBatching(preferred_batch_sizes=[4, 8], max_queue_delay_us=20_000)
+    for version in (1, 2):
+        served.serving.export_triton("scorer", version=version, repository=repo, max_batch_size=8,
+                                     dynamic_batching=batching)
+    slow = served.models.get("slow", stage="production").version
+    served.serving.export_triton("slow", version=slow, repository=repo, triton_name="slow_full", max_batch_size=1,
+                                 dynamic_batching=mp.DynamicBatching(queue_policy=mp.QueuePolicy(max_queue_size=1)))
+    served.serving.export_triton("slow", version=slow, repository=repo, triton_name="slow_timeout",
+                                 max_batch_size=1, dynamic_batching=mp.DynamicBatching(
+                                     queue_policy=mp.QueuePolicy(default_timeout_us=20_000)))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(repository, triton_python):
+    with TritonServer(repository, python=triton_python) as server:
+        yield server
+
+
+# ------------------------------------------------------------------- export
+def _parse_config(text: str):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def test_config_is_a_valid_triton_model_config_with_batching_and_lineage(served, tmp_path):
+    batching = mp.DynamicBatching(preferred_batch_sizes=[4, 16], max_queue_delay_us=750, priority_levels=2,
+                                  default_priority_level=1,
+                                  queue_policy=mp.QueuePolicy(default_timeout_us=5000, max_queue_size=64))
+    export = served.serving.export_triton("scorer", repository=tmp_path, max_batch_size=16,
+                                          dynamic_batching=batching, instances=2)
+    cfg = _parse_config(export.config_path.read_text())  # Triton's own protobuf schema reads it
+    assert (cfg.name, cfg.backend, cfg.max_batch_size) == ("scorer", "python", 16)
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 750
+    assert cfg.dynamic_batching.priority_levels == 2
+    assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 64
+    assert cfg.instance_group[0].count == 2
+    assert [(i.name, list(i.dims)) for i in cfg.input] == [("input__0", [3])]
+    assert cfg.parameters["mlplat.model"].string_value == "scorer"
+    assert cfg.parameters["mlplat.version"].string_value == "1"
+    assert cfg.parameters["mlplat.run_id"].string_value == served.models.get("scorer", version=1).run_id
+    assert cfg.version_policy.HasField("all")
+    assert sorted(p.name for p in (tmp_path / "scorer" / "1").iterdir()) == ["model.py", "model.ts"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_batch_size=4, dynamic_batching=mp.DynamicBatching(preferred_batch_sizes=[8])),
+         "preferred batch size 8 is above max_batch_size 4"),
+        (dict(dynamic_batching=mp.DynamicBatching(preserve_ordering=True, priority_levels=2,
+                                                  default_priority_level=1)), "preserve_ordering"),
+        (dict(max_batch_size=0, dynamic_batching=mp.DynamicBatching()), "needs max_batch_size > 0"),
+        (dict(backend="tensorrt"), "backend 'tensorrt' is not one of"),
+        (dict(instances=0), "instances must be an integer >= 1"),
+        (dict(dynamic_batching=mp.DynamicBatching(priority_levels=2, default_priority_level=3)),
+         "default_priority_level must be between 1 and priority_levels"),
+        (dict(dynamic_batching=mp.DynamicBatching(queue_policy=mp.QueuePolicy(timeout_action="drop"))),
+         "timeout_action must be 'reject' or 'delay'"),
+        (dict(max_batch_size=-1), "max_batch_size must be an integer >= 0"),
+    ],
+)
+def test_invalid_settings_are_refused_before_anything_is_written(served, tmp_path, kwargs, message):
+    with pytest.raises(mp.DataError, match=message):
+        served.serving.export_triton("scorer", repository=tmp_path / "repo", **kwargs)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_libtorch_and_onnx_exports_compute_the_same_numbers(served, tmp_path):
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).random((5, 3), dtype=np.float32)
+    want = served.serving.local_backend().infer("scorer", {"input__0": x})["output__0"]
+    lib = served.serving.export_triton("scorer", repository=tmp_path, backend="pytorch_libtorch", max_batch_size=8)
+    cfg = _parse_config(lib.config_path.read_text())
+    assert cfg.platform == "pytorch_libtorch" and [i.name for i in cfg.input] == ["INPUT__0"]
+    module = torch.jit.load(str(tmp_path / "scorer" / "1" / "model.pt"))
+    np.testing.assert_allclose(module(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-6)
+    onnx = served.serving.export_triton("scorer", repository=tmp_path / "o", backend="onnxruntime", max_batch_size=8)
+    assert _parse_config(onnx.config_path.read_text()).platform == "onnxruntime_onnx"
+    session = ort.InferenceSession(str(tmp_path / "o" / "scorer" / "1" / "model.onnx"))
+    np.testing.assert_allclose(session.run(None, {"input__0": x})[0], want, rtol=1e-5)
+
+
+def test_a_model_without_a_signature_is_refused(served, tmp_path):
+    with served.runs.start("nosig") as run:
+        run.log_model(Scorer(), "model")  # no example input: no signature
+    v = served.models.register("nosig", run.id)
+    with pytest.raises(mp.DataError, match="has no signature"):
+        served.serving.export_triton("nosig", version=v.version, repository=tmp_path)
+
+
+# ---------------------------------------------------------- a real server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_served_numbers_equal_the_local_backend(served, triton, protocol):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    x = np.random.default_rng(1).random((19, 3), dtype=np.float32)  # above max_batch_size: split and joined
+    local = served.serving.local_backend()
+    with mp.TritonClient(url, protocol=protocol) as client:
+        assert client.is_live() and client.is_ready() and client.is_model_ready("scorer")
+        assert client.info("scorer").max_batch_size == 8 and client.info("scorer").preferred_batch_sizes == (4, 8)
+        for version in (1, 2):
+            got = client.infer("scorer", {"input__0": x}, version=version)["output__0"]
+            want = local.infer("scorer", {"input__0": x}, version=version)["output__0"]
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        table = pa.table({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2]})  # a table's columns fill the input in order
+        np.testing.assert_allclose(client.infer("scorer", table, version=1)["output__0"],
+                                   local.infer("scorer", {"input__0": x}, version=1)["output__0"], rtol=1e-5)
+        assert client.metadata("scorer")["name"] == "scorer"
+
+
+def test_dynamic_batching_shows_in_the_server_statistics(triton):
+    import tritonclient.grpc as grpcclient
+
+    raw = grpcclient.InferenceServerClient(triton.grpc_url)
+
+    def counts():
+        stats = raw.get_inference_statistics("scorer", "1", as_json=True)["model_stats"][0]
+        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+    before = counts()
+    x = np.ones((1, 3), dtype=np.float32)
+    with mp.TritonClient(triton.grpc_url) as client:  # no client-side merging: the server batches
+        threads = [threading.Thread(target=lambda: [client.infer("scorer", {"input__0": x}, version=1)
+                                                    for _ in range(10)]) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    after = counts()
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 80 and executions < inferences  # several requests per execution
+    raw.close()
+
+
+def test_coalescing_clients_return_each_callers_own_rows(served, triton):
+    rng = np.random.default_rng(2)
+    rows = rng.random((64, 3), dtype=np.float32)
+    want = served.serving.local_backend().infer("scorer", {"input__0": rows}, version=1)["output__0"]
+    got: dict[int, np.ndarray] = {}
+    with mp.TritonClient(triton.grpc_url, coalesce=True) as client:
+        def caller(i: int) -> None:
+            got[i] = client.infer("scorer", {"input__0": rows[i : i + 1]}, version=1)["output__0"]
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    np.testing.assert_allclose(np.concatenate([got[i] for i in range(64)]), want, rtol=1e-5, atol=1e-7)
+
+    async def main():
+        async with mp.AsyncTritonClient(triton.grpc_url, coalesce=True) as c:
+            outs = await asyncio.gather(*(c.infer("scorer", {"input__0": rows[i : i + 1]}, version=1)
+                                          for i in range(64)))
+            plain = await mp.AsyncTritonClient(triton.grpc_url).infer("scorer", {"input__0": rows}, version=1)
+        return np.concatenate([o["output__0"] for o in outs]), plain["output__0"]
+
+    merged, plain = asyncio.run(main())
+    np.testing.assert_allclose(merged, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(plain, want, rtol=1e-5, atol=1e-7)
+
+
+def _concurrently(fn, n: int) -> list:
+    results: list = [None] * n
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fn()
+        except Exception as exc:  # noqa: BLE001
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_queue_full_and_timeouts_become_mlplat_errors(triton):
+    x = np.ones((1, 3), dtype=np.float32)
+    with mp.TritonClient(triton.grpc_url) as client:
+        full = _concurrently(lambda: client.infer("slow_full", {"input__0": x}), 8)
+        assert any(isinstance(r, mp.QueueFullError) for r in full), full
+        assert any(isinstance(r, dict) for r in full)  # the one running and the one queued still answer
+        late = _concurrently(lambda: client.infer("slow_timeout", {"input__0": x}), 8)
+        assert any(isinstance(r, mp.InferenceTimeoutError) for r in late), late
+        per_request = _concurrently(lambda: client.infer("slow_full", {"input__0": x}, timeout_us=1), 4)
+        assert all(isinstance(r, (dict, mp.ServingError)) for r in per_request)
+        with pytest.raises(mp.ModelNotReadyError, match="'nope'.*not ready"):
+            client.infer("nope", {"input__0": x})
+        with pytest.raises(mp.ModelNotReadyError):
+            client.infer("scorer", {"input__0": x}, version=99)
+        with pytest.raises(mp.DataError, match="must have 2 dimensions"):
+            client.infer("scorer", {"input__0": np.ones(3, np.float32)})
+        with pytest.raises(mp.DataError, match="needs an input 'input__0'"):
+            client.infer("scorer", {"x": x})
+    with mp.TritonClient("127.0.0.1:1", timeout_s=2) as dead:
+        assert not dead.is_ready()
+        with pytest.raises(mp.ModelNotReadyError):
+            dead.infer("scorer", {"input__0": x})
+
+
+# ------------------------------------------------------------------ predict
+def test_predict_uses_online_features_and_logs_what_it_served(served, triton):
+    rows = [{"user_id": 1, "basket": 2.0}, {"user_id": 2, "basket": 0.0}, {"user_id": 42, "basket": 1.0}]
+    local = served.serving.predict("scorer", rows, backend=served.serving.local_backend())
+    with mp.TritonClient(triton.grpc_url) as client:
+        remote = served.serving.predict("scorer", rows, backend=client)
+        staged = served.serving.predict("scorer", rows, backend=client, stage="staging")
+    assert list(local) == ["user_id", "output__0"] and local.version == 1 and staged.version == 2
+    np.testing.assert_allclose(remote["output__0"], local["output__0"], rtol=1e-5)
+    assert remote.features == {"count": [3, 7, None], "amount": [10.0, 99.5, None]}
+    x = np.array([[3, 10.0, 2.0], [7, 99.5, 0.0], [0, 0, 1.0]], dtype=np.float32)  # nulls serve as 0
+    want = served.serving.local_backend().infer("scorer", {"input__0": x}, version=1)["output__0"][:, 0]
+    np.testing.assert_allclose(local["output__0"], want, rtol=1e-6)
+    log = served.serving.served_features("scorer")
+    assert {"request_time", "model_version", "variant", "user_id", "count", "amount",
+            "prediction.output__0"} <= set(log.column_names)
+    assert set(log.column("model_version").to_pylist()) == {1, 2}
+    refs, keys = served.serving.served_log.refs("scorer")
+    assert refs == ["txn@1:count", "txn@1:amount"] and keys == ["user_id"]
+    with pytest.raises(mp.DataError, match="needs a column 'basket'"):
+        served.serving.predict("scorer", [{"user_id": 1}], backend=served.serving.local_backend())
+
+
+def test_predict_refuses_features_never_materialized_at_the_trained_version(served, tmp_path):
+    view = served.features.get_feature_view("txn")
+    changed = mp.FeatureView("txn", entities=view.entities, ttl=timedelta(days=8), schema=view.schema,
+                             source=view.source)
+    served.features.apply([changed])  # version 2, never materialized
+    with served.runs.start("v2") as run:
+        run.log_input(pa.table({"user_id": [1], "event_timestamp": pa.array([NOW], pa.timestamp("us", "UTC")),
+                                "count": [1]}), "train", feature_refs=["txn:count"])
+        run.log_model(torch.nn.Linear(1, 1), "model", example_input=torch.zeros(2, 1))
+    v = served.models.register("needs_v2", run.id)
+    with pytest.raises(mp.ServingError, match="txn' at definition version 2.*never been materialized.*txn@2"):
+        served.serving.predict("needs_v2", [{"user_id": 1}], version=v.version)
+    served.features.materialize(views=["txn@2"], end_date=NOW, progress=False)
+    out = served.serving.predict("needs_v2", [{"user_id": 1}], version=v.version)
+    assert out.version == v.version and len(out["output__0"]) == 1
+    served.features.apply([view])  # back to the first definition, as version 3: leave the session as it was
+
+
+# ------------------------------------------------------------------ A/B
+def test_a_users_variant_is_the_same_in_every_process(tmp_path):
+    script = textwrap.dedent(f"""
+        import json, mlplat as mp
+        p = mp.Platform({str(tmp_path / 'home')!r})
+        g = mp.ABGateway("fraud", "fraud@staging", 0.3, "exp", salt="2026-11", platform=p)
+        print(json.dumps([g.variant(u) for u in range(2000)] + [g.variant(f"user-{{u}}") for u in range(200)]))
+    """)
+    runs = []
+    for seed in ("0", "1", "12345", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout))
+    assert all(r == runs[0] for r in runs)
+    share = runs[0][:2000].count("challenger") / 2000
+    assert 0.27 < share < 0.33
+    with mp.Platform(tmp_path / "home") as p:
+        other_salt = mp.ABGateway("fraud", "fraud@staging", 0.3, "exp", salt="other", platform=p)
+        assert [other_salt.variant(u) for u in range(2000)] != runs[0][:2000]
+
+
+def test_gateway_routes_logs_and_summarizes(served):
+    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "scorer-exp", salt="s1", platform=served)
+    seen = {}
+    for user in range(200):
+        result = gateway.predict(user, [{"user_id": 1, "basket": 1.0}], backend=served.serving.local_backend())
+        assert result.version == (2 if result.variant == "challenger" else 1)
+        assert seen.setdefault(user, result.variant) == result.variant
+        gateway.record_outcome(user, 1.0 if result.variant == "challenger" else 0.0)  # a planted difference
+    assert gateway.route(7).variant == seen[7]  # routing again: the same variant
+    summary = gateway.summary()
+    v = summary["variants"]
+    assert v["champion"]["users"] + v["challenger"]["users"] == 200
+    assert v["challenger"]["decisions"] == v["challenger"]["users"] + (seen[7] == "challenger")
+    assert v["challenger"]["mean"] == 1.0 and v["champion"]["mean"] == 0.0
+    assert summary["difference"]["estimate"] == 1.0 and summary["difference"]["ci95"][0] > 0
+    assert served.serving.served_features("scorer").filter(pa.compute.equal(
+        pa.compute.field("variant"), "challenger")).num_rows > 0
+    with pytest.raises(mp.DataError, match="challenger_fraction must be between 0 and 1"):
+        mp.ABGateway("scorer", "scorer@2", 1.5, "x", platform=served)
+    with pytest.raises(mp.DataError, match="model reference"):
+        mp.ABGateway("scorer@1@2", "scorer", 0.1, "x", platform=served)
+    with pytest.raises(mp.DataError, match="not NaN"):
+        gateway.record_outcome(1, float("nan"))
+    gateway.close()
+
+
+def test_served_log_sampling(tmp_path):
+    from mlplat.serving.served_log import ServedLog
+
+    log = ServedLog(tmp_path, sample_rate=0.25, seed=3)
+    kept = sum(log.add("m", 1, "default", {"k": list(range(100))}, {"f": [1.0] * 100}, {"o": [0.5] * 100},
+                       refs=["v@1:f"], types={"f": pa.float64()}) for _ in range(40))
+    assert 800 < kept < 1200  # a quarter of 4,000
+    assert log.read("m").num_rows == kept
+    none = ServedLog(tmp_path / "none", sample_rate=0.0)
+    assert none.add("m", 1, "d", {"k": [1]}, {}, {}, refs=[], types={}) == 0
+    with pytest.raises(ValueError, match="sample_rate"):
+        ServedLog(tmp_path, sample_rate=2)
+    log.close()
+    none.close()
+
+
+def test_local_backend_and_server_errors(served, tmp_path):
+    backend = served.serving.local_backend()
+    with pytest.raises(mp.ModelNotReadyError, match="'ghost' is not ready"):
+        backend.infer("ghost", {"input__0": np.ones((1, 3), np.float32)})
+    assert not backend.is_model_ready("ghost") and backend.is_model_ready("scorer")
+    with pytest.raises(mp.ConfigError, match="cannot import pytriton"):
+        TritonServer(tmp_path, python=sys.executable).start()
