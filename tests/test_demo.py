@@ -1,52 +1,98 @@
-"""`mlplat demo` and the command line around it."""
+"""`mlplat demo`: the whole journey, on SQLite, on Redis and on a real Triton server."""
 from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
 from click.testing import CliRunner
 
 from mlplat.cli import cli, main
-from mlplat.demo import run_demo
+from mlplat.demo import generate_transactions, run_demo
+from mlplat.demo.data import data_start
+from mlplat.serving import TritonServer
 
 
-def test_demo_builds_a_point_in_time_training_set(tmp_path):
-    summary = run_demo(tmp_path / "demo")
-    assert summary["rows"] == 180_000 and 0 < summary["matched"] <= summary["rows"]
-    assert summary["columns"][-4:] == ["txn_count_7d", "amount_sum_7d", "fraud_rate_30d", "txn_count_30d"]
-    assert [a[0] for a in summary["applied"]] == ["entity", "entity", "feature_view", "feature_view",
-                                                  "feature_service"]
-    # the snapshots a label row may use are stamped at the end of a day before the label's time
-    snapshots = pq.read_table(tmp_path / "demo" / "data" / "user_txn_7d").column("event_timestamp")
-    assert snapshots.num_chunks > 0
-    # materialized and served: the online answer equals offline retrieval at the same moment
-    assert summary["materialized"] > 2000 and summary["consistent"] is True
-    assert summary["online"]["txn_count_7d"][3] is None and summary["online"]["txn_count_7d"][0] > 0
-    # a tracked, registered, approved model whose lineage names run, data hash, feature refs and approver
-    lineage = summary["model"]["lineage"]
-    assert summary["model"]["val_auc"] > 0.7  # the labels carry signal the features can learn
-    assert lineage["stage"] == "production" and lineage["approvals"][0]["approved_by"] == "risk-lead"
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return run_demo(tmp_path_factory.mktemp("demo") / "home")
+
+
+def test_demo_builds_a_point_in_time_training_set(demo):
+    txns = generate_transactions(start=data_start())
+    later = pc.greater_equal(txns.column("event_timestamp"),
+                             pa.scalar(data_start() + timedelta(days=30), pa.timestamp("us", "UTC")))
+    assert demo["rows"] == pc.sum(later.cast(pa.int64())).as_py() > 100_000  # every label row back once
+    assert demo["columns"][-4:] == ["txn_count_7d", "amount_sum_7d", "fraud_rate_30d", "txn_count_30d"]
+    assert [a[0] for a in demo["applied"]] == ["entity", "entity", "feature_view", "feature_view",
+                                               "feature_service"]
+    assert 0 < demo["matched"] <= demo["rows"]
+
+
+def test_demo_serves_what_offline_retrieval_gives(demo):
+    assert demo["materialized"] > 2000 and demo["consistent"] is True
+    assert demo["online"]["txn_count_7d"][3] is None and demo["online"]["txn_count_7d"][0] > 0
+
+
+def test_demo_trains_registers_and_approves(demo):
+    model = demo["model"]
+    assert model["val_auc"] > 0.7 and model["challenger_val_auc"] > 0.7  # the labels carry learnable signal
+    lineage = model["lineage"]
+    assert lineage["stage"] == "production" and lineage["run"]["id"] == model["run_id"]
+    assert lineage["approvals"][0]["approved_by"] == "risk-lead"
     assert lineage["data"][0]["content_hash"].startswith("blake2b-256:")
     assert "user_txn_7d@1:txn_count_7d" in lineage["data"][0]["feature_refs"]
-    result = CliRunner().invoke(cli, ["--home", summary["home"], "models", "lineage", "fraud", "--verify"],
-                                env={"COLUMNS": "200"})
+
+
+def test_demo_routes_with_the_gateway_and_catches_the_planted_skew(demo):
+    served = demo["served"]
+    assert served["backend"].startswith("local backend") and served["requests"] == 500
+    variants = served["ab"]["variants"]
+    assert variants["champion"]["decisions"] + variants["challenger"]["decisions"] == 500
+    assert 0 < variants["challenger"]["decisions"] < variants["champion"]["decisions"]
+    skew = demo["skew"]
+    assert skew["skewed"] == ["amount_sum_7d"]
+    assert skew["found_users"] == sorted(skew["planted_users"]) and len(skew["planted_users"]) == 40
+
+
+def test_demo_lineage_command_names_run_commit_hash_refs_and_approver(demo):
+    lineage = demo["model"]["lineage"]
+    result = CliRunner().invoke(cli, ["--home", demo["home"], "models", "lineage", "fraud", "--verify"],
+                                env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    for text in (lineage["run"]["id"], lineage["data"][0]["content_hash"], "risk-lead", "matches"):
-        assert text in result.output
+    for text in (lineage["run"]["id"], lineage["git"]["commit"], lineage["data"][0]["content_hash"],
+                 "user_txn_7d@1:txn_count_7d", "risk-lead", "matches"):
+        assert text and text in result.output
+
+
+def test_demo_stays_under_a_minute(demo):
+    assert demo["timings"]["total"] < 60
 
 
 def test_demo_on_redis(tmp_path, redis_url):
     summary = run_demo(tmp_path / "demo", online_store=redis_url)
     assert summary["consistent"] is True and summary["materialized"] > 2000
+    assert summary["skew"]["found_users"] == sorted(summary["skew"]["planted_users"])
+
+
+def test_demo_on_a_real_triton_server(tmp_path, triton_python):
+    (tmp_path / "empty").mkdir()  # the demo sends its models to the server: nothing shared on disk
+    with TritonServer(tmp_path / "empty", python=triton_python) as server:
+        summary = run_demo(tmp_path / "demo", triton_url=server.grpc_url)
+    assert summary["served"]["backend"] == f"Triton at {server.grpc_url}"
+    assert summary["skew"]["skewed"] == ["amount_sum_7d"]
+    assert summary["timings"]["total"] < 60
 
 
 def test_demo_command_reruns_in_its_own_folder(tmp_path):
     runner = CliRunner()
     for _ in range(2):  # the second run wipes what the first wrote
-        result = runner.invoke(cli, ["demo", "--home", str(tmp_path / "d")])
+        result = runner.invoke(cli, ["demo", "--home", str(tmp_path / "d")], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
-        assert "training set: 180,000 rows" in result.output
+        assert "the skew check names 40 users, exactly those" in result.output
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
@@ -58,11 +104,10 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-def test_bad_arguments_and_version():
-    assert main(["nonsense"]) == 2
-    assert main(["demo", "--bogus"]) == 2
-    result = CliRunner().invoke(cli, ["--version"])
-    assert result.exit_code == 0 and result.output.startswith("mlplat, version ")
+def test_demo_with_an_unreachable_triton_says_so(tmp_path, capsys):
+    assert main(["demo", "--home", str(tmp_path / "d"), "--triton-url", "127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert "no ready Triton server at 127.0.0.1:9" in err and err.count("\n") == 1
 
 
 def test_python_dash_m_runs_the_cli():

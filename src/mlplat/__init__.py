@@ -40,6 +40,7 @@ from .features import (
     ParquetSource,
 )
 from .models import ModelVersionInfo
+from .monitoring import DriftReport, SkewReport
 from .platform import Platform
 from .runs import RunInfo, Signature, TensorSpec, table_hash
 from .serving import (
@@ -84,6 +85,9 @@ __all__ = [
     "QueuePolicy",
     "ABGateway",
     "Prediction",
+    # monitoring
+    "SkewReport",
+    "DriftReport",
     # dtypes
     "DType",
     "Int8",

@@ -2,30 +2,99 @@
 
 Usage::
 
-    mlplat demo [--home DIR]                              # the end-to-end demo on embedded defaults
-    mlplat --home DIR models lineage fraud [--json]      # which model is in production, trained on what
-    mlplat --version
+    mlplat demo [--home DIR] [--online-store URL]
+    mlplat [--home DIR] features list|describe|apply ...
+    mlplat [--home DIR] materialize [--end ISO] [--view NAME ...]
+    mlplat [--home DIR] runs list|show|compare ...
+    mlplat [--home DIR] models list|lineage|promote ...
+    mlplat [--home DIR] serve export NAME --repository DIR ...
+    mlplat [--home DIR] monitor skew|drift|adoption ...
 
-``--home``, ``--database-url`` and ``--online-store`` (before the command)
-pick the platform, like ``MLPLAT_HOME``, ``MLPLAT_DATABASE_URL`` and
-``MLPLAT_ONLINE_STORE``. mlplat errors print one line and exit with status 1;
-bad arguments exit with status 2.
+``--home``, ``--database-url`` and ``--online-store`` (before the command) pick
+the platform, like MLPLAT_HOME, MLPLAT_DATABASE_URL and MLPLAT_ONLINE_STORE.
+Every listing takes ``--json``. Exit status: 0 on success, 1 on an mlplat error
+(one line on stderr), 2 on bad arguments, 3 when ``--check`` finds skew or drift.
 """
 from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime, timezone
 from typing import Any
 
 import click
 
 from . import __version__
+from ._console import print_lineage, print_skew
 from .errors import MlplatError
 
 __all__ = ["main", "cli"]
 
+CHECK_FAILED = 3
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO date or time (e.g. 2026-11-26T12:00)") from None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*["-" if v is None else str(v) for v in row])
+    _console().print(table)
+
+
+class _Group(click.Group):
+    """The ``mlplat`` group: every failure ends as one line on stderr with a Unix exit status.
+
+    mlplat errors exit 1, bad arguments 2 (with a pointer to ``--help``), ``--check`` findings 3;
+    none shows a traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MlplatError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"mlplat: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"mlplat: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("mlplat: aborted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlplat")
 @click.option("--home", default=None, help="Platform home folder (default: $MLPLAT_HOME or ./mlplat-home).")
 @click.option("--database-url", default=None, help="SQL database URL (default: SQLite under the home).")
@@ -42,21 +111,218 @@ def _platform(ctx: click.Context):
     return Platform(ctx.obj["home"], database_url=ctx.obj["database_url"], online_store=ctx.obj["online_store"])
 
 
+# ------------------------------------------------------------------- demo
 @cli.command()
 @click.option("--home", "demo_home", default=None,
               help="Folder for the demo, wiped on each run (default: the global --home, else ./mlplat-demo).")
 @click.option("--online-store", "demo_online", default=None, help="Online store URL, e.g. redis://127.0.0.1:6379/0.")
+@click.option("--triton-url", default=None, help="Also serve through this Triton server (gRPC host:port).")
 @click.pass_context
-def demo(ctx: click.Context, demo_home: str, demo_online: str | None) -> None:
+def demo(ctx: click.Context, demo_home: str | None, demo_online: str | None, triton_url: str | None) -> None:
     """Run the fintech demo end to end in a fresh folder."""
     from .demo import run_demo
 
-    run_demo(demo_home or ctx.obj["home"] or "mlplat-demo", online_store=demo_online or ctx.obj["online_store"])
+    run_demo(demo_home or ctx.obj["home"] or "mlplat-demo", online_store=demo_online or ctx.obj["online_store"],
+             triton_url=triton_url)
 
 
+# --------------------------------------------------------------- features
+@cli.group()
+def features() -> None:
+    """Feature definitions: list, describe, apply."""
+
+
+@features.command("list")
+@click.option("--kind", type=click.Choice(["entity", "feature_view", "feature_service"]), default=None)
+@click.option("--tag", "tags", multiple=True, help="key=value; repeat to require several.")
+@click.option("--search", "text", default=None, help="Text in names, descriptions, feature names or tags.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def features_list(ctx: click.Context, kind: str | None, tags: tuple[str, ...], text: str | None, as_json: bool) -> None:
+    """The latest version of every definition."""
+    wanted = {}
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        if not sep:
+            raise click.BadParameter(f"--tag {tag!r}: write key=value")
+        wanted[key] = value
+    with _platform(ctx) as p:
+        entries = p.features.search(text, tags=wanted or None, kind=kind)
+    if as_json:
+        _echo_json([{"kind": e.kind, "name": e.name, "version": e.version, "description": e.description,
+                     "tags": e.tags, "owner": e.owner, "created_at": e.created_at} for e in entries])
+        return
+    _table("feature definitions", ["kind", "name", "version", "owner", "tags", "description"],
+           [[e.kind, e.name, e.version, e.owner, ", ".join(f"{k}={v}" for k, v in e.tags.items()), e.description]
+            for e in entries])
+
+
+@features.command("describe")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["entity", "feature_view", "feature_service"]), default="feature_view",
+              show_default=True)
+@click.option("--version", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def features_describe(ctx: click.Context, name: str, kind: str, version: int | None, as_json: bool) -> None:
+    """One definition in full, with its versions."""
+    with _platform(ctx) as p:
+        obj = p.features.catalog.get(kind, name, version)
+        versions = [e.version for e in p.features.versions(kind, name)]
+    spec = {**obj.to_spec(), "kind": kind, "version": obj.version, "versions": versions}
+    if as_json:
+        _echo_json(spec)
+        return
+    console = _console()
+    console.rule(f"[bold]{kind} {name} v{obj.version}")
+    for key, value in spec.items():
+        if key not in ("schema", "name"):
+            console.print(f"[bold]{key}[/]: {value}")
+    if "schema" in spec:
+        _table("features", ["name", "dtype", "description"],
+               [[f["name"], f["dtype"], f["description"]] for f in spec["schema"]])
+
+
+@features.command("apply")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
+    """Apply the Entity, FeatureView and FeatureService objects a Python file defines."""
+    import runpy
+
+    from .features.definitions import _Definition
+
+    try:
+        namespace = runpy.run_path(path)
+    except MlplatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's file failed: say where
+        raise click.ClickException(f"{path} failed to run: {type(exc).__name__}: {exc}") from None
+    objects = [v for v in namespace.values() if isinstance(v, _Definition)]
+    if not objects:
+        raise click.ClickException(f"{path} defines no mp.Entity, mp.FeatureView or mp.FeatureService")
+    with _platform(ctx) as p:
+        results = p.features.apply(objects)
+    rows = [{"kind": r.kind, "name": r.name, "version": r.version, "changed": r.changed} for r in results]
+    if as_json:
+        _echo_json(rows)
+        return
+    _table("applied", ["kind", "name", "version", "changed"], [list(r.values()) for r in rows])
+
+
+# ------------------------------------------------------------ materialize
+@cli.command()
+@click.option("--end", default=None, help="End time (ISO; default now).")
+@click.option("--start", default=None, help="Start time (ISO; default: where the last run ended).")
+@click.option("--view", "views", multiple=True, help="A view (or view@version); repeat. Default: all online views.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--progress/--no-progress", default=None, help="A progress bar (default: on a terminal).")
+@click.pass_context
+def materialize(ctx: click.Context, end: str | None, start: str | None, views: tuple[str, ...], as_json: bool,
+                progress: bool | None) -> None:
+    """Write the offline rule's answer at END into the online store."""
+    with _platform(ctx) as p:
+        results = p.features.materialize(end_date=_time(end), start_date=_time(start), views=list(views) or None,
+                                         progress=False if as_json else progress)
+    rows = [{"view": r.view, "version": r.version, "start": r.start, "end": r.end, "rows": r.rows,
+             "written": r.written, "seconds": round(r.seconds, 3)} for r in results]
+    if as_json:
+        _echo_json(rows)
+        return
+    _table("materialized", ["view", "version", "start", "end", "rows", "written", "seconds"],
+           [list(r.values()) for r in rows])
+
+
+# ------------------------------------------------------------------- runs
+@cli.group()
+def runs() -> None:
+    """Experiment runs: list, show, compare."""
+
+
+def _run_row(r) -> dict[str, Any]:
+    return {"id": r.id, "experiment": r.experiment, "name": r.name, "status": r.status,
+            "start_time": r.start_time, "params": r.params, "metrics": r.metrics}
+
+
+@runs.command("list")
+@click.argument("experiment", required=False)
+@click.option("--filter", "flt", default=None, help="e.g. \"metrics.val_auc > 0.9 and params.lr = '0.001'\"")
+@click.option("--order-by", "order_by", multiple=True, help="e.g. 'metrics.val_auc desc'; repeat.")
+@click.option("--max", "max_results", type=click.IntRange(1, 50_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def runs_list(ctx: click.Context, experiment: str | None, flt: str | None, order_by: tuple[str, ...],
+              max_results: int, as_json: bool) -> None:
+    """Runs (of EXPERIMENT) matching a filter."""
+    with _platform(ctx) as p:
+        page = p.runs.search(experiment, filter=flt, order_by=list(order_by) or None, max_results=max_results)
+    if as_json:
+        _echo_json([_run_row(r) for r in page])
+        return
+    _table("runs", ["id", "experiment", "name", "status", "started", "metrics"],
+           [[r.id, r.experiment, r.name, r.status, r.start_time.strftime("%Y-%m-%d %H:%M"),
+             ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()))] for r in page])
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def runs_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """One run with its params, metrics, tags, inputs and artifacts."""
+    with _platform(ctx) as p:
+        r = p.runs.get(run_id)
+    data = {**_run_row(r), "end_time": r.end_time, "user": r.user, "parent_run_id": r.parent_run_id,
+            "tags": r.tags, "inputs": r.inputs, "artifacts": r.artifacts, "artifact_uri": r.artifact_uri}
+    if as_json:
+        _echo_json(data)
+        return
+    console = _console()
+    console.rule(f"[bold]run {r.id}")
+    for key in ("experiment", "name", "status", "user", "start_time", "end_time", "artifact_uri"):
+        console.print(f"[bold]{key}[/]: {data[key]}")
+    _table("params", ["key", "value"], [[k, v] for k, v in sorted(r.params.items())])
+    _table("metrics (latest)", ["key", "value"], [[k, v] for k, v in sorted(r.metrics.items())])
+    _table("inputs", ["name", "rows", "content hash", "feature refs"],
+           [[i["name"], i["row_count"], i["content_hash"], ", ".join(i["feature_refs"].get("refs", []))]
+            for i in r.inputs])
+    _table("artifacts", ["path", "kind", "size"], [[a["path"], a["kind"], a["size"]] for a in r.artifacts])
+
+
+@runs.command("compare")
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def runs_compare(ctx: click.Context, run_ids: tuple[str, ...], as_json: bool) -> None:
+    """Params and latest metrics of several runs side by side."""
+    with _platform(ctx) as p:
+        table = p.runs.compare(list(run_ids))
+    rows = table.to_pylist()
+    if as_json:
+        _echo_json(rows)
+        return
+    _table("compare", table.column_names, [list(r.values()) for r in rows])
+
+
+# ----------------------------------------------------------------- models
 @cli.group()
 def models() -> None:
-    """The model registry."""
+    """The model registry: list, lineage, promote."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models_list(ctx: click.Context, as_json: bool) -> None:
+    """Registered models, their latest version and what is in production."""
+    with _platform(ctx) as p:
+        rows = p.models.list()
+    if as_json:
+        _echo_json(rows)
+        return
+    _table("models", ["name", "latest", "production", "description"],
+           [[r["name"], r["latest"], r["production"], r["description"]] for r in rows])
 
 
 @models.command("lineage")
@@ -74,67 +340,167 @@ def lineage(ctx: click.Context, name: str, version: int | None, stage: str | Non
     with _platform(ctx) as p:
         info = p.models.lineage(name, version=version, stage=stage, alias=alias, verify=verify)
     if as_json:
-        click.echo(json.dumps(info, indent=2, default=str))
+        _echo_json(info)
         return
-    _print_lineage(info)
+    print_lineage(_console(), info)
 
 
-def _print_lineage(info: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+@models.command("promote")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.argument("stage", type=click.Choice(["none", "staging", "production", "archived"]))
+@click.option("--approved-by", default=None, help="Who approved (required for production).")
+@click.option("--notes", default="", help="Why.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models_promote(ctx: click.Context, name: str, version: int, stage: str, approved_by: str | None, notes: str,
+                   as_json: bool) -> None:
+    """Move VERSION of NAME to STAGE (production archives the previous one)."""
+    with _platform(ctx) as p:
+        info = p.models.promote(name, version, stage, approved_by=approved_by, notes=notes)
+    data = {"model": info.name, "version": info.version, "stage": info.stage}
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(f"{info.name} v{info.version} is now in {info.stage}")
 
-    console = Console()
-    run, git = info["run"], info["git"]
-    console.rule(f"[bold]{info['model']} v{info['version']} ({info['stage']})")
-    head = Table(show_header=False, box=None)
-    dirty = {"true": " (uncommitted changes)", "false": " (clean)"}.get(git["dirty"], "")
-    rows = [
-        ("registered", f"by {info['registered_by']} at {info['registered_at']}"),
-        ("aliases", ", ".join(info["aliases"]) or "-"),
-        ("run", f"{run['id']} in {run['experiment']!r} ({run['status']}, by {run['user']})"),
-        ("git commit", (git["commit"] or "unknown") + dirty),
-        ("entry point", run["entry_point"] or "-"),
-        ("artifact", f"{info['artifact']['path']} sha256 {info['artifact'].get('sha256', '?')[:16]}... torch "
-                     f"{info['artifact'].get('torch_version', '?')}"),
-    ]
-    for key, value in rows:
-        head.add_row(f"[bold]{key}", str(value))
-    console.print(head)
-    data = Table("input", "rows", "content hash", "feature refs", "verified", title="training data")
-    for d in info["data"]:
-        check = d.get("verification")
-        verified = "-" if not check else ("matches" if check.get("matches") else
-                                          f"MISMATCH {check.get('reason', '')}".strip()) if check["checked"] else "n/a"
-        data.add_row(d["name"], f"{d['row_count']:,}", d["content_hash"], "\n".join(d["feature_refs"]) or "-",
-                     verified)
-    console.print(data)
-    approvals = Table("stage", "approved by", "by", "at", "notes", title="approvals")
-    for a in info["approvals"]:
-        approvals.add_row(a["stage"], a["approved_by"], a["by"], a["at"], a["notes"])
-    console.print(approvals)
-    params = ", ".join(f"{k}={v}" for k, v in sorted(info["params"].items()))
-    metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(info["metrics"].items()))
-    console.print(f"[bold]params[/]: {params or '-'}\n[bold]final metrics[/]: {metrics or '-'}")
-    history = Table("version", "from", "to", "by", "approved by", "at", "notes", title="stage history")
-    for h in info["history"]:
-        history.add_row(str(h["version"]), h["from"] or "-", h["to"], h["by"], h["approved_by"] or "-", h["at"],
-                        h["notes"])
-    console.print(history)
+
+# ------------------------------------------------------------------ serve
+@cli.group()
+def serve() -> None:
+    """Serving: export to Triton."""
+
+
+@serve.command("export")
+@click.argument("name")
+@click.option("--repository", required=True, type=click.Path(file_okay=False), help="Triton model repository.")
+@click.option("--version", "version", type=int, default=None)
+@click.option("--stage", default=None, type=click.Choice(["none", "staging", "production", "archived"]))
+@click.option("--alias", default=None)
+@click.option("--backend", default="python", show_default=True,
+              type=click.Choice(["python", "pytorch_libtorch", "onnxruntime"]))
+@click.option("--max-batch-size", type=click.IntRange(min=0), default=64, show_default=True)
+@click.option("--preferred-batch-sizes", default="", help="Comma-separated, e.g. 16,64 (enables dynamic batching).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=None,
+              help="Dynamic batching's wait for more requests.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--triton-name", default=None, help="Model name in the repository (default: NAME).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def serve_export(ctx: click.Context, name: str, repository: str, version: int | None, stage: str | None,
+                 alias: str | None, backend: str, max_batch_size: int, preferred_batch_sizes: str,
+                 max_queue_delay_us: int | None, instances: int, triton_name: str | None, as_json: bool) -> None:
+    """Write NAME's version (default: production) into a Triton model repository."""
+    from .serving.triton_repo import DynamicBatching
+
+    try:
+        sizes = [int(s) for s in preferred_batch_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--preferred-batch-sizes {preferred_batch_sizes!r}: integers, comma-separated") \
+            from None
+    batching = (DynamicBatching(preferred_batch_sizes=sizes, max_queue_delay_us=max_queue_delay_us or 0)
+                if sizes or max_queue_delay_us is not None else None)
+    with _platform(ctx) as p:
+        export = p.serving.export_triton(name, repository=repository, version=version, stage=stage, alias=alias,
+                                         backend=backend, max_batch_size=max_batch_size, dynamic_batching=batching,
+                                         instances=instances, triton_name=triton_name)
+    data = {"model": export.model, "version": export.version, "backend": export.backend,
+            "config": str(export.config_path), "files": export.files}
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(f"wrote {export.model} v{export.version} ({export.backend}) to {export.repository}")
+
+
+# ---------------------------------------------------------------- monitor
+@cli.group()
+def monitor() -> None:
+    """Monitoring: skew, drift, adoption."""
+
+
+@monitor.command("skew")
+@click.argument("model_or_view")
+@click.option("--since", default=None, help="Only requests from this time on (ISO).")
+@click.option("--sample", type=click.IntRange(min=1), default=None, help="Check at most this many served rows.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Relative difference that counts as a mismatch.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Mismatch share above which a feature is skewed.")
+@click.option("--check", is_flag=True, help=f"Exit with status {CHECK_FAILED} when a feature is skewed.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def monitor_skew(ctx: click.Context, model_or_view: str, since: str | None, sample: int | None, tolerance: float,
+                 threshold: float, check: bool, as_json: bool) -> None:
+    """Served feature values vs the offline retrieval at the same request times."""
+    with _platform(ctx) as p:
+        report = p.monitoring.skew(model_or_view, since=_time(since), sample=sample, tolerance=tolerance,
+                                   threshold=threshold)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        print_skew(_console(), report)
+    if check and report.skewed:
+        ctx.exit(CHECK_FAILED)
+
+
+@monitor.command("drift")
+@click.argument("model")
+@click.option("--version", "version", type=int, default=None, help="Default: the production version.")
+@click.option("--since", default=None, help="Only requests from this time on (ISO).")
+@click.option("--psi-threshold", type=click.FloatRange(min=0), default=0.2, show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.01, show_default=True)
+@click.option("--check", is_flag=True, help=f"Exit with status {CHECK_FAILED} when a feature drifted.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def monitor_drift(ctx: click.Context, model: str, version: int | None, since: str | None, psi_threshold: float,
+                  alpha: float, check: bool, as_json: bool) -> None:
+    """Training distribution of each feature vs what was served."""
+    with _platform(ctx) as p:
+        report = p.monitoring.drift(model, version=version, since=_time(since), psi_threshold=psi_threshold,
+                                    alpha=alpha)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        _table(f"drift of {report.model} v{report.version}", ["feature", "kind", "PSI", "test", "p-value",
+                                                             "drifted"],
+               [[d.feature, d.kind, f"{d.psi:.3f}", d.test, f"{d.p_value:.3g}", "YES" if d.drifted else "no"]
+                for d in report.features.values()])
+    if check and report.drifted:
+        ctx.exit(CHECK_FAILED)
+
+
+@monitor.command("adoption")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def monitor_adoption(ctx: click.Context, as_json: bool) -> None:
+    """Is the platform used? Runs per week, lineage coverage, time to production, reused views."""
+    with _platform(ctx) as p:
+        data = p.monitoring.adoption()
+    if as_json:
+        _echo_json(data)
+        return
+
+    def share(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0%}"
+
+    console = _console()
+    console.print(f"[bold]runs[/]: {data['runs']:,}; with a logged input and a git commit: "
+                  f"{share(data['share_runs_with_input_and_commit'])}")
+    console.print(f"[bold]production models[/]: {data['production_models']}; with complete lineage: "
+                  f"{share(data['share_production_with_complete_lineage'])}")
+    _table("runs per week", ["week", "runs"], [[w, n] for w, n in data["runs_per_week"].items()])
+    _table("time to production", ["model", "first run", "production", "days"],
+           [[m, t["first_run"], t["production"], t["days"]] for m, t in data["time_to_production"].items()])
+    _table("feature views used by several models", ["view", "models"],
+           [[v, ", ".join(m)] for v, m in data["reused_feature_views"].items()])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: mlplat errors become a one-line message and exit status 1."""
+    """Entry point of the ``mlplat`` script and ``python -m mlplat``; returns the exit status."""
     try:
-        cli.main(args=argv, prog_name="mlplat", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except MlplatError as exc:
-        click.echo(f"mlplat: error: {exc}", err=True)
-        return 1
+        cli.main(args=argv, prog_name="mlplat")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
 
 

@@ -7,6 +7,7 @@ from .db import Database
 from .db.migrate import ensure_schema
 from .features.store import FeatureStore
 from .models.registry import ModelRegistry
+from .monitoring.service import Monitoring
 from .runs.artifacts import ArtifactStore
 from .runs.tracking import RunStore
 from .serving.service import ServingService
@@ -16,7 +17,7 @@ __all__ = ["Platform"]
 
 
 class Platform:
-    """mlplat in one object: ``.features``, ``.runs``, ``.models`` and ``.serving``.
+    """mlplat in one object: ``.features``, ``.runs``, ``.models``, ``.serving`` and ``.monitoring``.
 
     Arguments override ``MLPLAT_*`` environment variables, which override the
     embedded defaults: a SQLite database, a SQLite online store and an
@@ -61,6 +62,7 @@ class Platform:
         self.runs = RunStore(self.db, self.artifacts, self.features)
         self.models = ModelRegistry(self.db, self.runs, self.artifacts, self.features)
         self.serving = ServingService(self)
+        self.monitoring = Monitoring(self)
 
     def close(self) -> None:
         """Write what is buffered (served features) and release database, online store and server connections."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import MlplatError
@@ -16,7 +17,7 @@ from ..runs.artifacts import ArtifactStore
 from ..runs.datahash import table_hash
 from ..runs.tracking import RunStore
 
-__all__ = ["build_lineage", "verify_input"]
+__all__ = ["build_lineage", "rebuild_input", "verify_input"]
 
 
 def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, info, *,
@@ -60,19 +61,26 @@ def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, 
     }
 
 
-def verify_input(features, artifacts: ArtifactStore, run_id: str, inp: dict[str, Any]) -> dict[str, Any]:
-    """Rebuild one logged input from the offline store and compare hashes."""
+def rebuild_input(features, artifacts: ArtifactStore, run_id: str, inp: dict[str, Any]) -> pa.Table | None:
+    """A logged input rebuilt from the offline store (kept entity rows + pinned refs); None if not kept."""
     info = inp["feature_refs"]
     if not info.get("refs") or not info.get("entity_rows"):
-        return {"checked": False, "reason": "logged without feature_refs and entity rows: nothing to rebuild from"}
+        return None
+    with artifacts.open(run_id, info["entity_rows"]) as f:
+        entity = pq.read_table(f)
+    return features.get_historical_features(
+        entity, info["refs"], timestamp_column=info.get("timestamp_column", "event_timestamp"),
+        full_feature_names=info.get("full_feature_names", False))
+
+
+def verify_input(features, artifacts: ArtifactStore, run_id: str, inp: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild one logged input from the offline store and compare hashes."""
     try:
-        with artifacts.open(run_id, info["entity_rows"]) as f:
-            entity = pq.read_table(f)
-        rebuilt = features.get_historical_features(
-            entity, info["refs"], timestamp_column=info.get("timestamp_column", "event_timestamp"),
-            full_feature_names=info.get("full_feature_names", False))
+        rebuilt = rebuild_input(features, artifacts, run_id, inp)
     except MlplatError as exc:
         return {"checked": True, "matches": False, "reason": f"could not rebuild: {exc}"}
+    if rebuilt is None:
+        return {"checked": False, "reason": "logged without feature_refs and entity rows: nothing to rebuild from"}
     recomputed = table_hash(rebuilt)
     return {"checked": True, "matches": recomputed == inp["content_hash"], "recomputed_hash": recomputed,
             "rows": rebuilt.num_rows}

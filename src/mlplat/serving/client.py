@@ -19,10 +19,12 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +59,23 @@ def _inputs(mod, info: ModelInfo, arrays: dict[str, np.ndarray]) -> list:
         t.set_data_from_numpy(arr)
         out.append(t)
     return out
+
+
+def _upload(folder: Path) -> dict[str, Any]:
+    """A model folder as Triton's load-with-override arguments: the config as JSON, every file by path."""
+    config = folder / "config.pbtxt"
+    if not config.is_file():
+        raise ConfigError(f"{folder} is not a Triton model folder: it has no config.pbtxt")
+    try:
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:
+        raise ConfigError(f"sending a model to Triton needs tritonclient[grpc]: pip install 'mlplat[triton]' "
+                          f"({exc})") from None
+    parsed = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    files = {f"file:{f.relative_to(folder).as_posix()}": f.read_bytes()
+             for f in sorted(folder.rglob("*")) if f.is_file() and f != config}
+    return {"config": json_format.MessageToJson(parsed), "files": files}
 
 
 class _Base:
@@ -151,6 +170,37 @@ class TritonClient(_Base):
         except self._exc as exc:
             raise self._error(exc, model) from None
         return dict(cfg.get("config", cfg))
+
+    def load_model(self, model: str, folder: str | os.PathLike | None = None) -> None:
+        """Ask a server in explicit model-control mode to (re)load ``model``.
+
+        Without ``folder`` the server loads it from its own repository. With ``folder`` (a model
+        folder written by ``p.serving.export_triton``: ``config.pbtxt`` and version folders) the
+        config and files are sent with the request, so the server needs no access to this machine's
+        disk: a Triton server anywhere can serve a model exported here.
+
+        Usage::
+
+            export = p.serving.export_triton("fraud", repository="triton-repo")
+            client.load_model("fraud", export.model_dir)
+        """
+        kwargs: dict[str, Any] = {}
+        if folder is not None:
+            kwargs = _upload(Path(folder))
+        try:
+            self._client.load_model(model, **kwargs)
+        except self._exc as exc:
+            raise ServingError(f"the Triton server at {self.url} could not load {model!r}: {exc.message()}") from None
+        self._infos.pop(model, None)
+
+    def unload_model(self, model: str) -> None:
+        """Unload ``model`` (explicit model-control mode)."""
+        try:
+            self._client.unload_model(model)
+        except self._exc as exc:
+            raise ServingError(f"the Triton server at {self.url} could not unload {model!r}: {exc.message()}") \
+                from None
+        self._infos.pop(model, None)
 
     def info(self, model: str) -> ModelInfo:
         """The model's inputs, outputs and batching hints (read once, then cached)."""

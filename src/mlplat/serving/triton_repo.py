@@ -83,6 +83,11 @@ class TritonExport:
     config_path: Path
     files: list[str]
 
+    @property
+    def model_dir(self) -> Path:
+        """``<repository>/<model>``: what ``TritonClient.load_model`` can send to a server."""
+        return self.repository / self.model
+
 
 def _check(max_batch_size: int, batching: DynamicBatching | None, instances: int, backend: str) -> None:
     if backend not in BACKENDS:

@@ -1,0 +1,69 @@
+"""Rich rendering shared by the command line and the demo."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+__all__ = ["print_lineage", "print_skew"]
+
+
+def print_lineage(console: Any, info: dict[str, Any]) -> None:
+    """``p.models.lineage(...)`` as a header, training data, approvals, params and metrics, stage history."""
+    run, git = info["run"], info["git"]
+    console.rule(f"[bold]{info['model']} v{info['version']} ({info['stage']})")
+    head = Table(show_header=False, box=None)
+    dirty = {"true": " (uncommitted changes)", "false": " (clean)"}.get(git["dirty"], "")
+    rows = [
+        ("registered", f"by {info['registered_by']} at {info['registered_at']}"),
+        ("aliases", ", ".join(info["aliases"]) or "-"),
+        ("run", f"{run['id']} in {run['experiment']!r} ({run['status']}, by {run['user']})"),
+        ("git commit", (git["commit"] or "unknown") + dirty),
+        ("entry point", run["entry_point"] or "-"),
+        ("artifact", f"{info['artifact']['path']} sha256 {info['artifact'].get('sha256', '?')[:16]}... torch "
+                     f"{info['artifact'].get('torch_version', '?')}"),
+    ]
+    for key, value in rows:
+        head.add_row(f"[bold]{key}", str(value))
+    console.print(head)
+    data = Table("input", "rows", "content hash", "feature refs", "verified", title="training data")
+    for d in info["data"]:
+        check = d.get("verification")
+        verified = "-" if not check else ("matches" if check.get("matches") else
+                                          f"MISMATCH {check.get('reason', '')}".strip()) if check["checked"] else "n/a"
+        data.add_row(d["name"], f"{d['row_count']:,}", d["content_hash"], "\n".join(d["feature_refs"]) or "-",
+                     verified)
+    console.print(data)
+    approvals = Table("stage", "approved by", "by", "at", "notes", title="approvals")
+    for a in info["approvals"]:
+        approvals.add_row(a["stage"], a["approved_by"], a["by"], a["at"], a["notes"])
+    console.print(approvals)
+    params = ", ".join(f"{k}={v}" for k, v in sorted(info["params"].items()))
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(info["metrics"].items()))
+    console.print(f"[bold]params[/]: {params or '-'}\n[bold]final metrics[/]: {metrics or '-'}")
+    history = Table("version", "from", "to", "by", "approved by", "at", "notes", title="stage history")
+    for h in info["history"]:
+        history.add_row(str(h["version"]), h["from"] or "-", h["to"], h["by"], h["approved_by"] or "-", h["at"],
+                        h["notes"])
+    console.print(history)
+
+
+def _value(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def print_skew(console: Any, report: Any, mismatches: int = 10) -> None:
+    """A ``SkewReport``: per feature compared, mismatched, share, skewed; then the first mismatches."""
+    table = Table("feature", "compared", "mismatched", "share", "skewed",
+                  title=f"training-serving skew of {report.model} ({report.rows:,} served rows; tolerance "
+                        f"{report.tolerance:.0%}, threshold {report.threshold:.0%})")
+    for s in report.features.values():
+        table.add_row(s.feature, f"{s.compared:,}", f"{s.mismatched:,}", f"{s.share:.1%}",
+                      "[red]YES" if s.skewed else "no")
+    console.print(table)
+    if report.mismatches and mismatches:
+        first = Table("feature", "entity", "request time", "served", "recomputed offline", title="first mismatches")
+        for m in report.mismatches[:mismatches]:
+            first.add_row(m.feature, ", ".join(f"{k}={v}" for k, v in m.entity.items()),
+                          m.request_time.strftime("%Y-%m-%d %H:%M:%S"), _value(m.served), _value(m.recomputed))
+        console.print(first)

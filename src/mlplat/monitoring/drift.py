@@ -1,0 +1,101 @@
+"""Drift: does what a model sees in production still look like what it was trained on?
+
+The reference is the model version's training data, rebuilt from the offline
+store exactly as lineage's ``verify`` does (kept entity rows + pinned feature
+references); the current data is the served-feature log. Per feature:
+
+* numeric: the population stability index over ten quantile bins of the
+  training values, and the two-sample Kolmogorov-Smirnov test;
+* categorical (strings, booleans): PSI over the categories and a chi-square
+  test of homogeneity.
+
+A feature drifted when its PSI exceeds ``psi_threshold`` (0.2 is the usual
+"significant shift") or its test's p-value is below ``alpha``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.types as pat
+
+from ..errors import NotFoundError
+from .stats import chi2_contingency, ks_2samp, numeric_bins, psi
+
+__all__ = ["DriftReport", "FeatureDrift", "drift_check"]
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    feature: str
+    kind: str  # "numeric" or "categorical"
+    psi: float
+    test: str  # "ks" or "chi2"
+    statistic: float
+    p_value: float
+    drifted: bool
+    training_rows: int
+    served_rows: int
+
+
+@dataclass
+class DriftReport:
+    model: str
+    version: int
+    psi_threshold: float
+    alpha: float
+    features: dict[str, FeatureDrift] = field(default_factory=dict)
+
+    @property
+    def drifted(self) -> list[str]:
+        return [f for f, d in self.features.items() if d.drifted]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, "psi_threshold": self.psi_threshold,
+                "alpha": self.alpha, "drifted": self.drifted,
+                "features": {f: vars(d) for f, d in self.features.items()}}
+
+
+def _values(column: pa.ChunkedArray) -> tuple[str, np.ndarray]:
+    t = column.type
+    if pat.is_integer(t) or pat.is_floating(t):
+        arr = column.cast(pa.float64()).drop_null().to_numpy()
+        return "numeric", arr[~np.isnan(arr)]
+    return "categorical", np.asarray([str(v) for v in column.drop_null().to_pylist()], dtype=object)
+
+
+def compare_column(name: str, training: pa.ChunkedArray, served: pa.ChunkedArray, *, bins: int = 10,
+                   psi_threshold: float = 0.2, alpha: float = 0.01) -> FeatureDrift:
+    kind, ref = _values(training)
+    _, cur = _values(served.cast(training.type) if served.type != training.type else served)
+    if kind == "numeric":
+        edges = numeric_bins(ref, bins)
+        expected = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1)
+        actual = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=len(edges) + 1)
+        stat, p = ks_2samp(ref, cur)
+        test = "ks"
+    else:
+        cats = sorted(set(ref.tolist()) | set(cur.tolist()))
+        index = {c: i for i, c in enumerate(cats)}
+        expected = np.bincount([index[c] for c in ref], minlength=len(cats))
+        actual = np.bincount([index[c] for c in cur], minlength=len(cats))
+        stat, p = chi2_contingency(expected, actual)
+        test = "chi2"
+    value = psi(expected, actual)
+    drifted = bool(len(ref) and len(cur) and (value > psi_threshold or p < alpha))
+    return FeatureDrift(name, kind, value, test, stat, p, drifted, len(ref), len(cur))
+
+
+def drift_check(training: pa.Table, served: pa.Table, features: list[str], *, model: str, version: int,
+                bins: int = 10, psi_threshold: float = 0.2, alpha: float = 0.01) -> DriftReport:
+    """Compare each feature's training distribution with what was served."""
+    if served.num_rows == 0:
+        raise NotFoundError(f"no served features are logged for {model!r} v{version}")
+    report = DriftReport(model, version, psi_threshold, alpha)
+    for name in features:
+        if name in training.column_names and name in served.column_names:
+            report.features[name] = compare_column(name, training.column(name), served.column(name), bins=bins,
+                                                   psi_threshold=psi_threshold, alpha=alpha)
+    return report

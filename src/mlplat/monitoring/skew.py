@@ -1,0 +1,130 @@
+"""Training-serving skew: recompute what was served with the training path and compare.
+
+The served-feature log holds, for sampled predictions, the entity keys, the
+request time and each feature value actually served, with the feature
+references pinned to their definition versions. ``skew_check`` rebuilds
+those values with ONE offline point-in-time retrieval (the logged rows as
+entity rows, stamped with their request times) and reports per feature the
+share of values that differ by more than a relative tolerance, whether that
+share crosses a threshold, and every mismatch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.types as pat
+
+from ..errors import DataError, NotFoundError
+
+__all__ = ["SkewReport", "FeatureSkew", "Mismatch", "skew_check"]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    feature: str
+    entity: dict[str, Any]
+    request_time: datetime
+    served: Any
+    recomputed: Any
+
+
+@dataclass(frozen=True)
+class FeatureSkew:
+    feature: str
+    compared: int
+    mismatched: int
+    share: float
+    skewed: bool
+
+
+@dataclass
+class SkewReport:
+    """Per feature: values compared, mismatched, their share and whether it crosses the threshold."""
+
+    model: str
+    rows: int
+    tolerance: float
+    threshold: float
+    features: dict[str, FeatureSkew] = field(default_factory=dict)
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    @property
+    def skewed(self) -> list[str]:
+        return [f for f, s in self.features.items() if s.skewed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "rows": self.rows, "tolerance": self.tolerance, "threshold": self.threshold,
+            "skewed": self.skewed,
+            "features": {f: vars(s) for f, s in self.features.items()},
+            "mismatches": [{**vars(m), "request_time": m.request_time.isoformat()} for m in self.mismatches],
+        }
+
+
+def _mismatched(served: pa.ChunkedArray, recomputed: pa.ChunkedArray, tolerance: float) -> np.ndarray:
+    """Indices where served and recomputed values differ (null vs value, NaN vs number, or beyond tolerance)."""
+    if served.type != recomputed.type:
+        try:
+            served = served.cast(recomputed.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return np.arange(len(served))
+    s_null = served.is_null().to_numpy(zero_copy_only=False)
+    r_null = recomputed.is_null().to_numpy(zero_copy_only=False)
+    t = recomputed.type
+    if pat.is_integer(t) or pat.is_floating(t):
+        a = served.cast(pa.float64()).fill_null(0.0).to_numpy()
+        b = recomputed.cast(pa.float64()).fill_null(0.0).to_numpy()
+        a_nan, b_nan = np.isnan(a), np.isnan(b)
+        with np.errstate(invalid="ignore"):
+            far = np.abs(a - b) > tolerance * np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-12)
+        value_differs = (a_nan != b_nan) | (~a_nan & ~b_nan & far)
+    else:
+        equal = pc.equal(served, recomputed).fill_null(False).to_numpy(zero_copy_only=False)
+        value_differs = ~equal
+    both = ~s_null & ~r_null
+    return np.flatnonzero((s_null != r_null) | (both & value_differs))
+
+
+def skew_check(features, log: pa.Table, refs: list[str], keys: list[str], *, model: str,
+               since: datetime | None = None, sample: int | None = None, tolerance: float = 0.01,
+               threshold: float = 0.05, seed: int = 0, max_mismatches: int = 10_000,
+               only: list[str] | None = None) -> SkewReport:
+    """Compare served feature values with the offline retrieval at the same request times."""
+    if not 0 <= tolerance or not 0 <= threshold <= 1:
+        raise DataError("tolerance must be >= 0 and threshold between 0 and 1")
+    if log.num_rows == 0 or not refs:
+        raise NotFoundError(f"no served features are logged for {model!r}: predict with logging on first")
+    if since is not None:
+        log = log.filter(pc.greater_equal(log.column("request_time"), pa.scalar(since, log.schema.field(
+            "request_time").type)))
+    if sample is not None and log.num_rows > sample:
+        picks = np.sort(np.random.default_rng(seed).choice(log.num_rows, size=sample, replace=False))
+        log = log.take(pa.array(picks))
+    report = SkewReport(model, log.num_rows, tolerance, threshold)
+    if log.num_rows == 0:
+        return report
+    entity = pa.table({**{k: log.column(k) for k in keys}, "event_timestamp": log.column("request_time")})
+    recomputed = features.get_historical_features(entity, refs)  # one batched point-in-time retrieval
+    requests, _ = features.resolve(refs)
+    view_keys = {name: req.view.join_keys for req in requests for name in req.output_names}
+    names = [n for n in recomputed.column_names[len(entity.column_names):]
+             if (only is None or n in only) and n in log.column_names]
+    for name in names:
+        bad = _mismatched(log.column(name), recomputed.column(name), tolerance)
+        share = len(bad) / log.num_rows
+        report.features[name] = FeatureSkew(name, log.num_rows, len(bad), share, share > threshold)
+        room = max(0, max_mismatches - len(report.mismatches))
+        if room and len(bad):
+            picks = pa.array(bad[:room])
+            served, again = log.column(name).take(picks).to_pylist(), recomputed.column(name).take(picks).to_pylist()
+            times = log.column("request_time").take(picks).to_pylist()
+            own = view_keys.get(name, keys)  # the keys of the feature's own view
+            keys_at = {k: log.column(k).take(picks).to_pylist() for k in own}
+            report.mismatches += [Mismatch(name, {k: keys_at[k][j] for k in own}, times[j], served[j], again[j])
+                                  for j in range(len(picks))]
+    return report
