@@ -124,6 +124,9 @@ def test_materialize_is_incremental_and_rerunning_changes_nothing(p, tmp_path):
     assert p.features.get_online_features(["txn:count"], {"user_id": [1, 2]})["count"] == [10, 20]
     with pytest.raises(mp.DataError, match="is after end_date"):
         p.features.materialize(end_date=NOW, start_date=NOW + timedelta(days=1), progress=False)
+    with pytest.raises(mp.DataError, match="is in the future"):  # online would serve values before their time
+        p.features.materialize(end_date=datetime.now(timezone.utc) + timedelta(hours=3), progress=False)
+    assert p.features.materialize(end_date=NOW, progress=False)[0].start == NOW  # the recorded end did not move
 
 
 def test_an_older_row_never_overwrites_a_newer_one(p, tmp_path):

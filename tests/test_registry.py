@@ -63,7 +63,7 @@ def test_register_versions_and_load(p):
 def test_approval_rules(p):
     run_id = trained_run(p)
     v = p.models.register("fraud", run_id, registered_by="bob")
-    with pytest.raises(mp.DataError, match="needs approved_by"):
+    with pytest.raises(mp.DataError, match="needs an approver"):
         p.models.promote("fraud", v.version, "production")
     assert p.models.promote("fraud", v.version, "staging", notes="try it").stage == "staging"  # no approver needed
     p.models.set_policy("fraud", require_distinct_approver=True)
@@ -201,4 +201,4 @@ def test_lineage_cli(p, lineage_setup, database_url):
     for text in ("fraud v1 (production)", "alice", "user_txn@1:txn_count", "blake2b-256:", "matches"):
         assert text in human.output
     missing = runner.invoke(cli, ["--home", home, "--database-url", database_url, "models", "lineage", "ghost"])
-    assert missing.exit_code != 0 and "unknown model 'ghost'" in str(missing.exception or missing.output)
+    assert missing.exit_code == 1 and missing.stderr == "mlplat: error: unknown model 'ghost'\n"

@@ -205,6 +205,27 @@ def test_served_numbers_equal_the_local_backend(served, triton, protocol):
         assert client.metadata("scorer")["name"] == "scorer"
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_an_export_sent_with_load_model_serves_without_shared_disk(served, triton, tmp_path, protocol):
+    name = f"sent_{protocol}"  # written outside the server's repository: the files travel with the request
+    export = served.serving.export_triton("scorer", version=2, repository=tmp_path / "elsewhere", triton_name=name,
+                                          max_batch_size=8)
+    x = np.random.default_rng(3).random((5, 3), dtype=np.float32)
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    with mp.TritonClient(url, protocol=protocol) as client:
+        assert not client.is_model_ready(name)
+        client.load_model(name, export.model_dir)
+        assert client.is_model_ready(name)
+        np.testing.assert_allclose(client.infer(name, {"input__0": x}, version=2)["output__0"],
+                                   served.serving.local_backend().infer("scorer", {"input__0": x}, version=2)[
+                                       "output__0"], rtol=1e-5, atol=1e-7)
+        client.unload_model(name)
+        with pytest.raises(mp.ConfigError, match="no config.pbtxt"):
+            client.load_model(name, tmp_path)
+        with pytest.raises(mp.ServingError, match="could not load 'not_in_the_repository'"):
+            client.load_model("not_in_the_repository")
+
+
 def test_dynamic_batching_shows_in_the_server_statistics(triton):
     import tritonclient.grpc as grpcclient
 

@@ -5,14 +5,26 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["print_lineage", "print_skew"]
+__all__ = ["print_lineage", "print_skew", "table"]
+
+
+#: columns whose values must be shown whole (ids, hashes, references), folded across lines when narrow
+_WHOLE = {"id", "run", "value", "content hash", "feature refs", "entity", "at", "start", "end", "config", "path"}
+
+
+def table(*columns: str, title: str | None = None, **kwargs: Any) -> Table:
+    """A rich table; ids, hashes and references fold across lines instead of being cut with an ellipsis."""
+    out = Table(title=title, **kwargs)
+    for name in columns:
+        out.add_column(name, overflow="fold" if name in _WHOLE else "ellipsis")
+    return out
 
 
 def print_lineage(console: Any, info: dict[str, Any]) -> None:
     """``p.models.lineage(...)`` as a header, training data, approvals, params and metrics, stage history."""
     run, git = info["run"], info["git"]
     console.rule(f"[bold]{info['model']} v{info['version']} ({info['stage']})")
-    head = Table(show_header=False, box=None)
+    head = table("key", "value", show_header=False, box=None)
     dirty = {"true": " (uncommitted changes)", "false": " (clean)"}.get(git["dirty"], "")
     rows = [
         ("registered", f"by {info['registered_by']} at {info['registered_at']}"),
@@ -26,7 +38,7 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
     for key, value in rows:
         head.add_row(f"[bold]{key}", str(value))
     console.print(head)
-    data = Table("input", "rows", "content hash", "feature refs", "verified", title="training data")
+    data = table("input", "rows", "content hash", "feature refs", "verified", title="training data")
     for d in info["data"]:
         check = d.get("verification")
         verified = "-" if not check else ("matches" if check.get("matches") else
@@ -34,14 +46,14 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
         data.add_row(d["name"], f"{d['row_count']:,}", d["content_hash"], "\n".join(d["feature_refs"]) or "-",
                      verified)
     console.print(data)
-    approvals = Table("stage", "approved by", "by", "at", "notes", title="approvals")
+    approvals = table("stage", "approved by", "by", "at", "notes", title="approvals")
     for a in info["approvals"]:
         approvals.add_row(a["stage"], a["approved_by"], a["by"], a["at"], a["notes"])
     console.print(approvals)
     params = ", ".join(f"{k}={v}" for k, v in sorted(info["params"].items()))
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(info["metrics"].items()))
     console.print(f"[bold]params[/]: {params or '-'}\n[bold]final metrics[/]: {metrics or '-'}")
-    history = Table("version", "from", "to", "by", "approved by", "at", "notes", title="stage history")
+    history = table("version", "from", "to", "by", "approved by", "at", "notes", title="stage history")
     for h in info["history"]:
         history.add_row(str(h["version"]), h["from"] or "-", h["to"], h["by"], h["approved_by"] or "-", h["at"],
                         h["notes"])
@@ -54,15 +66,15 @@ def _value(v: Any) -> str:
 
 def print_skew(console: Any, report: Any, mismatches: int = 10) -> None:
     """A ``SkewReport``: per feature compared, mismatched, share, skewed; then the first mismatches."""
-    table = Table("feature", "compared", "mismatched", "share", "skewed",
-                  title=f"training-serving skew of {report.model} ({report.rows:,} served rows; tolerance "
-                        f"{report.tolerance:.0%}, threshold {report.threshold:.0%})")
+    out = table("feature", "compared", "mismatched", "share", "skewed",
+                title=f"training-serving skew of {report.model} ({report.rows:,} served rows; tolerance "
+                      f"{report.tolerance:.0%}, threshold {report.threshold:.0%})")
     for s in report.features.values():
-        table.add_row(s.feature, f"{s.compared:,}", f"{s.mismatched:,}", f"{s.share:.1%}",
-                      "[red]YES" if s.skewed else "no")
-    console.print(table)
+        out.add_row(s.feature, f"{s.compared:,}", f"{s.mismatched:,}", f"{s.share:.1%}",
+                    "[red]YES" if s.skewed else "no")
+    console.print(out)
     if report.mismatches and mismatches:
-        first = Table("feature", "entity", "request time", "served", "recomputed offline", title="first mismatches")
+        first = table("feature", "entity", "request time", "served", "recomputed offline", title="first mismatches")
         for m in report.mismatches[:mismatches]:
             first.add_row(m.feature, ", ".join(f"{k}={v}" for k, v in m.entity.items()),
                           m.request_time.strftime("%Y-%m-%d %H:%M:%S"), _value(m.served), _value(m.recomputed))

@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from . import __version__
-from ._console import print_lineage, print_skew
+from ._console import print_lineage, print_skew, table
 from .errors import MlplatError
 
 __all__ = ["main", "cli"]
@@ -33,11 +33,18 @@ __all__ = ["main", "cli"]
 CHECK_FAILED = 3
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
 def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    click.echo(json.dumps(data, indent=2, default=_json_default))
 
 
-def _time(value: str | None) -> datetime | None:
+def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """An ISO date or time option (naive means UTC), checked by click so errors name the option."""
     if value is None:
         return None
     try:
@@ -54,12 +61,10 @@ def _console():
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    from rich.table import Table
-
-    table = Table(*columns, title=title)
+    out = table(*columns, title=title)
     for row in rows:
-        table.add_row(*["-" if v is None else str(v) for v in row])
-    _console().print(table)
+        out.add_row(*["-" if v is None else str(v) for v in row])
+    _console().print(out)
 
 
 class _Group(click.Group):
@@ -119,8 +124,11 @@ def _platform(ctx: click.Context):
 @click.option("--triton-url", default=None, help="Also serve through this Triton server (gRPC host:port).")
 @click.pass_context
 def demo(ctx: click.Context, demo_home: str | None, demo_online: str | None, triton_url: str | None) -> None:
-    """Run the fintech demo end to end in a fresh folder."""
+    """Run the fintech demo end to end in a fresh folder (its own SQLite database, whatever MLPLAT_* says)."""
     from .demo import run_demo
+
+    if ctx.obj["database_url"]:
+        raise click.UsageError("the demo keeps its own SQLite database in its folder: leave --database-url out")
 
     run_demo(demo_home or ctx.obj["home"] or "mlplat-demo", online_store=demo_online or ctx.obj["online_store"],
              triton_url=triton_url)
@@ -213,17 +221,17 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
 
 # ------------------------------------------------------------ materialize
 @cli.command()
-@click.option("--end", default=None, help="End time (ISO; default now).")
-@click.option("--start", default=None, help="Start time (ISO; default: where the last run ended).")
+@click.option("--end", default=None, callback=_time, help="End time (ISO; default now).")
+@click.option("--start", default=None, callback=_time, help="Start time (ISO; default: where the last run ended).")
 @click.option("--view", "views", multiple=True, help="A view (or view@version); repeat. Default: all online views.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--progress/--no-progress", default=None, help="A progress bar (default: on a terminal).")
 @click.pass_context
-def materialize(ctx: click.Context, end: str | None, start: str | None, views: tuple[str, ...], as_json: bool,
+def materialize(ctx: click.Context, end: datetime | None, start: datetime | None, views: tuple[str, ...], as_json: bool,
                 progress: bool | None) -> None:
     """Write the offline rule's answer at END into the online store."""
     with _platform(ctx) as p:
-        results = p.features.materialize(end_date=_time(end), start_date=_time(start), views=list(views) or None,
+        results = p.features.materialize(end_date=end, start_date=start, views=list(views) or None,
                                          progress=False if as_json else progress)
     rows = [{"view": r.view, "version": r.version, "start": r.start, "end": r.end, "rows": r.rows,
              "written": r.written, "seconds": round(r.seconds, 3)} for r in results]
@@ -250,19 +258,23 @@ def _run_row(r) -> dict[str, Any]:
 @click.option("--filter", "flt", default=None, help="e.g. \"metrics.val_auc > 0.9 and params.lr = '0.001'\"")
 @click.option("--order-by", "order_by", multiple=True, help="e.g. 'metrics.val_auc desc'; repeat.")
 @click.option("--max", "max_results", type=click.IntRange(1, 50_000), default=50, show_default=True)
+@click.option("--page-token", default=None, help="Continue a listing (the token a previous page printed).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def runs_list(ctx: click.Context, experiment: str | None, flt: str | None, order_by: tuple[str, ...],
-              max_results: int, as_json: bool) -> None:
-    """Runs (of EXPERIMENT) matching a filter."""
+              max_results: int, page_token: str | None, as_json: bool) -> None:
+    """Runs (of EXPERIMENT) matching a filter, newest first unless --order-by says otherwise."""
     with _platform(ctx) as p:
-        page = p.runs.search(experiment, filter=flt, order_by=list(order_by) or None, max_results=max_results)
+        page = p.runs.search(experiment, filter=flt, order_by=list(order_by) or None, max_results=max_results,
+                             page_token=page_token)
     if as_json:
         _echo_json([_run_row(r) for r in page])
-        return
-    _table("runs", ["id", "experiment", "name", "status", "started", "metrics"],
-           [[r.id, r.experiment, r.name, r.status, r.start_time.strftime("%Y-%m-%d %H:%M"),
-             ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()))] for r in page])
+    else:
+        _table("runs", ["id", "experiment", "name", "status", "started", "metrics"],
+               [[r.id, r.experiment, r.name, r.status, r.start_time.strftime("%Y-%m-%d %H:%M"),
+                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()))] for r in page])
+    if page.next_page_token:  # on stderr, so --json output stays one JSON document
+        click.echo(f"more runs: --page-token {page.next_page_token}", err=True)
 
 
 @runs.command("show")
@@ -348,7 +360,7 @@ def lineage(ctx: click.Context, name: str, version: int | None, stage: str | Non
 @models.command("promote")
 @click.argument("name")
 @click.argument("version", type=int)
-@click.argument("stage", type=click.Choice(["none", "staging", "production", "archived"]))
+@click.argument("stage", metavar="STAGE", type=click.Choice(["none", "staging", "production", "archived"]))
 @click.option("--approved-by", default=None, help="Who approved (required for production).")
 @click.option("--notes", default="", help="Why.")
 @click.option("--json", "as_json", is_flag=True)
@@ -420,7 +432,7 @@ def monitor() -> None:
 
 @monitor.command("skew")
 @click.argument("model_or_view")
-@click.option("--since", default=None, help="Only requests from this time on (ISO).")
+@click.option("--since", default=None, callback=_time, help="Only requests from this time on (ISO).")
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="Check at most this many served rows.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Relative difference that counts as a mismatch.")
@@ -429,11 +441,11 @@ def monitor() -> None:
 @click.option("--check", is_flag=True, help=f"Exit with status {CHECK_FAILED} when a feature is skewed.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def monitor_skew(ctx: click.Context, model_or_view: str, since: str | None, sample: int | None, tolerance: float,
+def monitor_skew(ctx: click.Context, model_or_view: str, since: datetime | None, sample: int | None, tolerance: float,
                  threshold: float, check: bool, as_json: bool) -> None:
     """Served feature values vs the offline retrieval at the same request times."""
     with _platform(ctx) as p:
-        report = p.monitoring.skew(model_or_view, since=_time(since), sample=sample, tolerance=tolerance,
+        report = p.monitoring.skew(model_or_view, since=since, sample=sample, tolerance=tolerance,
                                    threshold=threshold)
     if as_json:
         _echo_json(report.to_dict())
@@ -446,17 +458,19 @@ def monitor_skew(ctx: click.Context, model_or_view: str, since: str | None, samp
 @monitor.command("drift")
 @click.argument("model")
 @click.option("--version", "version", type=int, default=None, help="Default: the production version.")
-@click.option("--since", default=None, help="Only requests from this time on (ISO).")
+@click.option("--since", default=None, callback=_time, help="Only requests from this time on (ISO).")
+@click.option("--bins", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Quantile bins of the training values for a numeric feature's PSI.")
 @click.option("--psi-threshold", type=click.FloatRange(min=0), default=0.2, show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.01, show_default=True)
 @click.option("--check", is_flag=True, help=f"Exit with status {CHECK_FAILED} when a feature drifted.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def monitor_drift(ctx: click.Context, model: str, version: int | None, since: str | None, psi_threshold: float,
-                  alpha: float, check: bool, as_json: bool) -> None:
+def monitor_drift(ctx: click.Context, model: str, version: int | None, since: datetime | None, bins: int,
+                  psi_threshold: float, alpha: float, check: bool, as_json: bool) -> None:
     """Training distribution of each feature vs what was served."""
     with _platform(ctx) as p:
-        report = p.monitoring.drift(model, version=version, since=_time(since), psi_threshold=psi_threshold,
+        report = p.monitoring.drift(model, version=version, since=since, bins=bins, psi_threshold=psi_threshold,
                                     alpha=alpha)
     if as_json:
         _echo_json(report.to_dict())

@@ -45,11 +45,12 @@ class Platform:
         artifact_root: str | None = None,
         threads: int | None = None,
         triton_url: str | None = None,
+        served_sample_rate: float | None = None,
         settings: Settings | None = None,
     ) -> None:
         self.settings = settings or Settings.resolve(
             home, database_url=database_url, online_store=online_store, artifact_root=artifact_root,
-            threads=threads, triton_url=triton_url,
+            threads=threads, triton_url=triton_url, served_sample_rate=served_sample_rate,
         )
         s = self.settings
         s.home.mkdir(parents=True, exist_ok=True)

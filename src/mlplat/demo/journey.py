@@ -141,6 +141,10 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
              triton_url: str | None = None) -> dict[str, Any]:
     """Run the demo in ``home`` (wiped if it holds an earlier demo) and return a summary dict.
 
+    Everything lives under ``home`` (SQLite database and online store, artifacts, data): MLPLAT_*
+    environment variables are not used. ``online_store`` (e.g. ``redis://...``) and ``triton_url``
+    (gRPC ``host:port`` of a server in explicit model-control mode) opt into those servers.
+
     Usage::
 
         from mlplat.demo import run_demo
@@ -168,7 +172,9 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
         txns = generate_transactions(start=start)
         write_feature_data(txns, home / "data", DAYS, start)
 
-    p = mp.Platform(home, online_store=online_store, triton_url=triton_url)
+    # its own database, online store and artifacts under home: MLPLAT_* variables never point the demo elsewhere
+    p = mp.Platform(home, database_url=f"sqlite:///{home / 'mlplat.db'}", artifact_root=str(home / "artifacts"),
+                    online_store=online_store or f"sqlite:///{home / 'online.db'}", triton_url=triton_url)
     try:
         definitions = _definitions(mp, home)
         service = definitions[-1]

@@ -7,9 +7,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from rich.table import Table
-
-from .._console import print_lineage, print_skew
+from .._console import print_lineage, print_skew, table
 
 __all__ = ["closing", "definitions", "lineage", "models", "online", "serving", "skew", "training_set"]
 
@@ -25,16 +23,16 @@ def _cell(value: Any) -> str:
 
 
 def definitions(console: Any, applied: list, objects: list) -> None:
-    table = Table("kind", "name", "version", "description", title="feature definitions")
+    out = table("kind", "name", "version", "description", title="feature definitions")
     for r, obj in zip(applied, objects):
-        table.add_row(r.kind, r.name, str(r.version), obj.description)
-    console.print(table)
+        out.add_row(r.kind, r.name, str(r.version), obj.description)
+    console.print(out)
 
 
 def training_set(console: Any, train: pa.Table, seconds: float) -> None:
     shown = ["user_id", "merchant_id", "event_timestamp", "is_fraud", "txn_count_7d", "amount_sum_7d",
              "fraud_rate_30d"]
-    head = Table(*shown, title="point-in-time training set (first rows)")
+    head = table(*shown, title="point-in-time training set (first rows)")
     for row in train.select(shown).slice(0, 5).to_pylist():
         head.add_row(*[_cell(v) for v in row.values()])
     console.print(head)
@@ -46,15 +44,15 @@ def training_set(console: Any, train: pa.Table, seconds: float) -> None:
 
 
 def models(console: Any, champion_auc: float, challenger_auc: float) -> None:
-    table = Table("version", "stage", "validation AUC", "registered by", "approved by", title="model 'fraud'")
-    table.add_row("1", "production", f"{champion_auc:.3f}", "data-scientist", "risk-lead")
-    table.add_row("2", "staging", f"{challenger_auc:.3f}", "data-scientist", "risk-lead")
-    console.print(table)
+    out = table("version", "stage", "validation AUC", "registered by", "approved by", title="model 'fraud'")
+    out.add_row("1", "production", f"{champion_auc:.3f}", "data-scientist", "risk-lead")
+    out.add_row("2", "staging", f"{challenger_auc:.3f}", "data-scientist", "risk-lead")
+    console.print(out)
 
 
 def online(console: Any, rows: int, values: dict[str, list], consistent: bool) -> None:
     console.print(f"materialized {rows:,} entities")
-    look = Table(*values.keys(), title="online lookup (user 5000 does not exist: None)")
+    look = table(*values.keys(), title="online lookup (user 5000 does not exist: None)")
     for row in zip(*values.values()):
         look.add_row(*[_cell(v) for v in row])
     console.print(look)
@@ -65,11 +63,11 @@ def serving(console: Any, ab: dict[str, Any], latencies: list[float]) -> None:
     ms = np.asarray(latencies) * 1e3
     console.print(f"predict (online features + model + served-feature log), one request at a time: "
                   f"p50 {np.median(ms):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms")
-    table = Table("variant", "model", "requests", "users", "right decisions", title="A/B gateway")
+    out = table("variant", "model", "requests", "users", "right decisions", title="A/B gateway")
     for name, v in ab["variants"].items():
         mean = "-" if v["mean"] is None else f"{v['mean']:.1%}"
-        table.add_row(name, v["model"], str(v["decisions"]), str(v["users"]), mean)
-    console.print(table)
+        out.add_row(name, v["model"], str(v["decisions"]), str(v["users"]), mean)
+    console.print(out)
     diff = ab["difference"]
     if diff:
         lo, hi = diff["ci95"]
@@ -93,10 +91,10 @@ def lineage(console: Any, info: dict[str, Any]) -> None:
 
 
 def closing(console: Any, timings: dict[str, float], total: float, home: Path, settings: Any) -> None:
-    table = Table("step", "seconds", title=f"mlplat demo: done in {total:.1f} s")
+    out = table("step", "seconds", title=f"mlplat demo: done in {total:.1f} s")
     for name, seconds in timings.items():
-        table.add_row(name.replace("_", " "), f"{seconds:.2f}")
-    console.print(table)
+        out.add_row(name.replace("_", " "), f"{seconds:.2f}")
+    console.print(out)
     console.print(f"home: {home}  (database {settings.database_url}, online store {settings.online_store})")
     console.print(f"next: mlplat --home {home} models lineage fraud --verify")
     console.print(f"      mlplat --home {home} monitor skew fraud")

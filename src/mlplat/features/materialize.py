@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,9 @@ from .parquet import ParquetFiles, gather, plan_scan, resolve
 from .validation import check_source
 
 __all__ = ["Materializer", "MaterializeResult"]
+
+
+_CLOCK_SLACK = timedelta(seconds=60)  # clocks of writers and this machine may differ a little
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ class Materializer:
         end = end.replace(tzinfo=timezone.utc) if end.tzinfo is None else end.astimezone(timezone.utc)
         if start_date is not None and start_date.tzinfo is None:
             start_date = start_date.replace(tzinfo=timezone.utc)
+        now = datetime.now(timezone.utc)
+        if end > now + _CLOCK_SLACK:
+            raise DataError(f"end_date {end.isoformat()} is in the future (now is {now.isoformat()}): the online "
+                            "store would serve values before their event time; materialize up to now at most")
         if start_date is not None and start_date > end:
             raise DataError(f"start_date {start_date.isoformat()} is after end_date {end.isoformat()}")
         targets = self._targets(views)

@@ -140,7 +140,8 @@ class ModelRegistry:
                 raise NotFoundError(f"model {name!r} has no version {version}")
             if stage == "production":
                 if not approved_by or not str(approved_by).strip():
-                    raise DataError(f"promoting {name!r} v{version} to production needs approved_by=<who approved>")
+                    raise DataError(f"promoting {name!r} v{version} to production needs an approver: "
+                                    "approved_by= (on the command line, --approved-by)")
                 if distinct and approved_by == row.registered_by:
                     raise DataError(f"model {name!r} requires an approver other than the registrant "
                                     f"({row.registered_by!r}) for production")

@@ -4,11 +4,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from ..errors import NotFoundError
+from ..errors import DataError, NotFoundError
 from ..models.lineage import rebuild_input
 from .adoption import adoption_metrics
 from .drift import DriftReport, drift_check
-from .skew import SkewReport, skew_check
+from .skew import SkewReport, check_limits, merge_reports, skew_check
 
 __all__ = ["Monitoring"]
 
@@ -29,33 +29,43 @@ class Monitoring:
             report.skewed          # features whose mismatch share exceeds threshold
             report.mismatches[:5]  # entity, request time, served, recomputed
         """
+        check_limits(tolerance, threshold)
+        if sample is not None and (not isinstance(sample, int) or sample < 1):
+            raise DataError(f"sample must be a positive number of rows, got {sample!r}")
         log = self._p.serving.served_log
         log.flush()
-        models = [model_or_view] if (log.root / model_or_view).exists() else self._models_serving(model_or_view)
-        if not models:
+        by_model = (model_or_view,) if (log.root / model_or_view).is_dir() else self._models_serving(model_or_view)
+        if not by_model:
             raise NotFoundError(f"no served features are logged for a model or view named {model_or_view!r}")
+        # one group per set of pinned references: versions trained on other definitions are recomputed with theirs
+        work = []
+        for model in by_model:
+            for refs, keys, rows in log.groups(model, since):
+                only = None
+                if model != model_or_view:
+                    only = [r.partition(":")[2] for r in refs if r.partition("@")[0] == model_or_view]
+                    if not only:
+                        continue
+                if rows.num_rows:
+                    work.append((model, refs, keys, rows, only))
+        total = sum(w[3].num_rows for w in work)
+        if not total:
+            when = f" since {since.isoformat()}" if since is not None else ""
+            raise NotFoundError(f"no served rows of {model_or_view!r}{when}: nothing to check")
         reports = []
-        for model in models:
-            refs, keys = log.refs(model)
-            only = None if model == model_or_view else [r.partition(":")[2] for r in refs
-                                                        if r.partition("@")[0] == model_or_view]
-            reports.append(skew_check(self._p.features, log.read(model), refs, keys, model=model, since=since,
-                                      sample=sample, tolerance=tolerance, threshold=threshold, only=only))
-        if len(reports) == 1:
-            return reports[0]
-        merged = SkewReport(model_or_view, sum(r.rows for r in reports), tolerance, threshold)
-        for r in reports:
-            for name, s in r.features.items():
-                merged.features[f"{r.model}:{name}"] = s
-            merged.mismatches += r.mismatches
-        return merged
+        for model, refs, keys, rows, only in work:
+            share = None if sample is None or sample >= total else max(1, round(sample * rows.num_rows / total))
+            reports.append(skew_check(self._p.features, rows, refs, keys, model=model, sample=share,
+                                      tolerance=tolerance, threshold=threshold, only=only))
+        return merge_reports(model_or_view, reports, prefix_model=model_or_view not in by_model)
 
-    def _models_serving(self, view: str) -> list[str]:
+    def _models_serving(self, view: str) -> tuple[str, ...]:
         log = self._p.serving.served_log
         if not log.root.exists():
-            return []
-        return [d.name for d in sorted(log.root.iterdir())
-                if d.is_dir() and any(r.partition("@")[0] == view for r in log.refs(d.name)[0])]
+            return ()
+        return tuple(d.name for d in sorted(log.root.iterdir())
+                     if d.is_dir() and any(r.partition("@")[0] == view for refs, _ in log.ref_sets(d.name)
+                                           for r in refs))
 
     def drift(self, model: str, *, version: int | None = None, since: datetime | None = None, bins: int = 10,
               psi_threshold: float = 0.2, alpha: float = 0.01) -> DriftReport:

@@ -21,7 +21,7 @@ import pyarrow.types as pat
 
 from ..errors import DataError, NotFoundError
 
-__all__ = ["SkewReport", "FeatureSkew", "Mismatch", "skew_check"]
+__all__ = ["SkewReport", "FeatureSkew", "Mismatch", "check_limits", "merge_reports", "skew_check"]
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,44 @@ def _mismatched(served: pa.ChunkedArray, recomputed: pa.ChunkedArray, tolerance:
     return np.flatnonzero((s_null != r_null) | (both & value_differs))
 
 
+def check_limits(tolerance: float, threshold: float) -> None:
+    if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise DataError(f"tolerance must be a number >= 0 (a relative difference), got {tolerance!r}")
+    if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise DataError(f"threshold must be a share between 0 and 1, got {threshold!r}")
+
+
+def merge_reports(name: str, reports: list[SkewReport], *, prefix_model: bool = False) -> SkewReport:
+    """One report from several (groups of one model's log, or several models serving a view).
+
+    Counts of the same feature add up; with ``prefix_model`` features are named ``model:feature``.
+    """
+    if len(reports) == 1 and not prefix_model:
+        return reports[0]
+    first = reports[0]
+    merged = SkewReport(name, sum(r.rows for r in reports), first.tolerance, first.threshold)
+    counts: dict[str, list[int]] = {}
+    for r in reports:
+        for feature, s in r.features.items():
+            key = f"{r.model}:{feature}" if prefix_model else feature
+            c = counts.setdefault(key, [0, 0])
+            c[0] += s.compared
+            c[1] += s.mismatched
+        merged.mismatches += [Mismatch(f"{r.model}:{m.feature}" if prefix_model else m.feature, m.entity,
+                                       m.request_time, m.served, m.recomputed) for m in r.mismatches]
+    for key, (compared, mismatched) in counts.items():
+        share = mismatched / compared if compared else 0.0
+        merged.features[key] = FeatureSkew(key, compared, mismatched, share, share > first.threshold)
+    merged.mismatches.sort(key=lambda m: m.request_time)
+    return merged
+
+
 def skew_check(features, log: pa.Table, refs: list[str], keys: list[str], *, model: str,
                since: datetime | None = None, sample: int | None = None, tolerance: float = 0.01,
                threshold: float = 0.05, seed: int = 0, max_mismatches: int = 10_000,
                only: list[str] | None = None) -> SkewReport:
     """Compare served feature values with the offline retrieval at the same request times."""
-    if not 0 <= tolerance or not 0 <= threshold <= 1:
-        raise DataError("tolerance must be >= 0 and threshold between 0 and 1")
+    check_limits(tolerance, threshold)
     if log.num_rows == 0 or not refs:
         raise NotFoundError(f"no served features are logged for {model!r}: predict with logging on first")
     if since is not None:

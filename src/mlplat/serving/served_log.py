@@ -111,17 +111,41 @@ class ServedLog:
         pq.write_table(table, tmp)
         tmp.replace(folder / name)
 
-    def read(self, model: str, since: Any = None) -> pa.Table:
-        """Everything logged for ``model`` (after ``since``, a datetime), oldest first."""
-        self.flush()
+    def _files_by_refs(self, model: str) -> dict[tuple[str, str], list[Path]]:
+        """The model's files, grouped by the (feature references, join keys) their metadata pins."""
         folder = self.root / model
-        files = sorted(folder.glob("*.parquet")) if folder.exists() else []
-        if not files:
-            return pa.table({})
+        groups: dict[tuple[str, str], list[Path]] = {}
+        for f in sorted(folder.glob("*.parquet")) if folder.exists() else []:
+            meta = pq.read_schema(f).metadata or {}
+            key = (meta.get(b"mlplat.refs", b"[]").decode(), meta.get(b"mlplat.keys", b"[]").decode())
+            groups.setdefault(key, []).append(f)
+        return groups
+
+    @staticmethod
+    def _read_files(files: list[Path], since: Any) -> pa.Table:
         data = pads.dataset([str(f) for f in files], format="parquet")
         table = data.to_table() if since is None else data.to_table(
             filter=pads.field("request_time") >= pa.scalar(since, pa.timestamp("us", "UTC")))
         return table.sort_by("request_time")
+
+    def groups(self, model: str, since: Any = None) -> list[tuple[list[str], list[str], pa.Table]]:
+        """The log of ``model`` split by the feature references it pins, as (refs, join keys, rows) with
+        rows oldest first: versions trained on different feature definitions land in different groups."""
+        self.flush()
+        out = []
+        for (refs, keys), files in self._files_by_refs(model).items():
+            out.append((json.loads(refs), json.loads(keys), self._read_files(files, since)))
+        return out
+
+    def read(self, model: str, since: Any = None) -> pa.Table:
+        """Everything logged for ``model`` (after ``since``, a datetime), oldest first; columns a group
+        lacks are null."""
+        tables = [t for _, _, t in self.groups(model, since)]
+        if not tables:
+            return pa.table({})
+        if len(tables) == 1:
+            return tables[0]
+        return pa.concat_tables(tables, promote_options="permissive").sort_by("request_time")
 
     def refs(self, model: str) -> tuple[list[str], list[str]]:
         """The pinned feature references and join keys of the newest file of ``model``."""
@@ -131,6 +155,11 @@ class ServedLog:
             return [], []
         meta = pq.read_schema(files[-1]).metadata or {}
         return json.loads(meta.get(b"mlplat.refs", b"[]")), json.loads(meta.get(b"mlplat.keys", b"[]"))
+
+    def ref_sets(self, model: str) -> list[tuple[list[str], list[str]]]:
+        """Every distinct (pinned feature references, join keys) in the log of ``model``."""
+        self.flush()
+        return [(json.loads(r), json.loads(k)) for r, k in self._files_by_refs(model)]
 
     def close(self) -> None:
         self.flush()

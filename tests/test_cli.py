@@ -1,0 +1,570 @@
+"""The ``mlplat`` command line, every command through click's test runner, bad arguments included.
+
+One demo home (two 'fraud' versions, v1 in production approved by 'risk-lead', v2 in staging, an
+online store, 500 served requests with a planted skew in amount_sum_7d) is built once for the module.
+Commands that change a home (promote, apply, materialize) run on a fresh copy of it.
+
+Conventions checked on every failure: exit status 1 for an mlplat error, 2 for bad arguments, 3 for
+``--check`` findings; exactly one line on stderr, starting ``mlplat: error: `` and naming the problem;
+no traceback.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from rich.console import Console
+
+from mlplat import __version__
+from mlplat.cli import cli, main
+from mlplat.demo import run_demo
+
+FEATURES = ["txn_count_7d", "amount_sum_7d", "fraud_rate_30d", "txn_count_30d"]
+GROUPS = {"features": ["list", "describe", "apply"], "runs": ["list", "show", "compare"],
+          "models": ["list", "lineage", "promote"], "serve": ["export"], "monitor": ["skew", "drift", "adoption"]}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    return run_demo(tmp_path_factory.mktemp("cli") / "home", console=Console(quiet=True))
+
+
+@pytest.fixture(scope="module")
+def home(demo) -> str:
+    return demo["home"]
+
+
+@pytest.fixture
+def scratch(home, tmp_path) -> str:
+    """A copy of the demo home, for commands that change it (its views still read the original's Parquet)."""
+    shutil.copytree(home, tmp_path / "home")
+    return str(tmp_path / "home")
+
+
+def invoke(*args: object, home: str | None = None) -> Result:
+    argv = (["--home", home] if home is not None else []) + [str(a) for a in args]
+    return CliRunner().invoke(cli, argv, prog_name="mlplat", env={"COLUMNS": "250"})
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, result.output
+    assert result.exception is None, repr(result.exception)
+    return result.stdout
+
+
+def ok_json(result: Result):
+    return json.loads(ok(result))
+
+
+def error(result: Result, code: int, *names: str, stdout_empty: bool = True) -> str:
+    """Exit status ``code`` with one line on stderr that names each of ``names``; no traceback."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith("mlplat: error: ") and result.stderr.count("\n") == 1, result.stderr
+    for name in names:
+        assert name in result.stderr, (name, result.stderr)
+    if stdout_empty:
+        assert result.stdout == ""
+    return result.stderr
+
+
+# ------------------------------------------------------ top level and help
+def test_version():
+    result = invoke("--version")
+    assert ok(result) == f"mlplat, version {__version__}\n"
+
+
+@pytest.mark.parametrize("group", [None, *GROUPS])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_on_each_group(group, flag):
+    result = invoke(*([group] if group else []), flag)
+    out = ok(result)
+    assert out.startswith(f"Usage: mlplat{' ' + group if group else ''} [OPTIONS] COMMAND") and result.stderr == ""
+    for command in GROUPS.get(group, [*GROUPS, "materialize", "demo"]):
+        assert f"  {command} " in out
+
+
+@pytest.mark.parametrize("path", [["materialize"], ["demo"]] + [[g, c] for g, cs in GROUPS.items() for c in cs],
+                         ids=" ".join)
+def test_help_on_each_command(path):
+    out = ok(invoke(*path, "--help"))
+    assert out.startswith(f"Usage: mlplat {' '.join(path)} [OPTIONS]")
+    if path != ["demo"]:
+        assert "--json" in out  # every listing takes --json
+
+
+def test_unknown_command():
+    error(invoke("nonsense"), 2, "No such command 'nonsense'", "mlplat --help")
+
+
+def test_unknown_subcommand_suggests_the_right_one():
+    error(invoke("features", "lsit"), 2, "No such command 'lsit'", "Did you mean 'list'?")
+
+
+def test_unknown_option():
+    error(invoke("demo", "--bogus"), 2, "No such option '--bogus'", "mlplat demo --help")
+
+
+@pytest.mark.xfail(strict=True, reason="a group without a command prints its whole help as 'mlplat: error: Usage: ...'"
+                                       " (many lines) on stderr: NoArgsIsHelpError is a UsageError")
+@pytest.mark.parametrize("group", [None, *GROUPS])
+def test_a_group_without_a_command_is_not_a_multi_line_error(group):
+    result = invoke(*([group] if group else []))
+    assert result.exit_code in (0, 2)
+    assert "mlplat: error: Usage" not in result.stderr and result.stderr.count("\n") <= 1, result.stderr
+
+
+def test_bad_database_url(tmp_path):
+    error(invoke("--database-url", "nonsense://x", "models", "list", home=str(tmp_path / "h")), 1,
+          "'nonsense'", "sqlite://")
+
+
+def test_bad_online_store(tmp_path):
+    error(invoke("--online-store", "bogus://x", "materialize", home=str(tmp_path / "h")), 1, "'bogus'", "redis://")
+
+
+@pytest.mark.xfail(strict=True, reason="--home naming a file ends in a FileExistsError traceback (Platform mkdir)")
+def test_home_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    error(invoke("models", "list", home=str(tmp_path / "file")), 1, str(tmp_path / "file"))
+
+
+# ------------------------------------------------------------------ main()
+def test_main_returns_the_exit_status(home, capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("mlplat, version ")
+    assert main(["nonsense"]) == 2
+    assert main(["--home", home, "runs", "show", "deadbeef"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("mlplat: error: No such command") and err[1] == "mlplat: error: unknown run 'deadbeef'"
+    assert main(["--home", home, "monitor", "skew", "fraud", "--check", "--json"]) == 3
+    assert json.loads(capsys.readouterr().out)["skewed"] == ["amount_sum_7d"]
+    assert main(["--home", home, "monitor", "skew", "fraud", "--check", "--json", "--threshold", "0.5"]) == 0
+
+
+# -------------------------------------------------------------------- demo
+def test_demo_refuses_a_database_url(tmp_path):
+    error(invoke("--database-url", f"sqlite:///{tmp_path / 'x.db'}", "demo", "--home", tmp_path / "d"), 2,
+          "--database-url")
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_with_a_bad_online_store(tmp_path):
+    error(invoke("demo", "--home", tmp_path / "d", "--online-store", "bogus://x"), 1, "'bogus'", stdout_empty=False)
+
+
+# ---------------------------------------------------------- features list
+def test_features_list_json(home):
+    entries = ok_json(invoke("features", "list", "--json", home=home))
+    assert {(e["kind"], e["name"], e["version"]) for e in entries} == {
+        ("entity", "user", 1), ("entity", "merchant", 1), ("feature_view", "user_txn_7d", 1),
+        ("feature_view", "merchant_30d", 1), ("feature_service", "fraud_model", 1)}
+    view = next(e for e in entries if e["name"] == "user_txn_7d")
+    assert view["tags"] == {"team": "risk"} and view["owner"] == "demo" and "card holder" in view["description"]
+
+
+def test_features_list_table(home):
+    out = ok(invoke("features", "list", home=home))
+    for text in ("feature definitions", "user_txn_7d", "merchant_30d", "fraud_model", "team=risk"):
+        assert text in out
+
+
+def test_features_list_filters(home):
+    def names(*args):
+        return sorted(e["name"] for e in ok_json(invoke("features", "list", "--json", *args, home=home)))
+
+    assert names("--kind", "entity") == ["merchant", "user"]
+    assert names("--tag", "team=risk") == ["merchant_30d", "user_txn_7d"]
+    assert names("--tag", "team=nobody") == []
+    assert names("--search", "card holder") == ["user", "user_txn_7d"]
+
+
+def test_features_list_bad_arguments(home):
+    error(invoke("features", "list", "--tag", "badtag", home=home), 2, "--tag 'badtag'", "key=value")
+    error(invoke("features", "list", "--kind", "bogus", home=home), 2, "'bogus' is not one of")
+
+
+# ------------------------------------------------------ features describe
+def test_features_describe_table(home):
+    out = ok(invoke("features", "describe", "user_txn_7d", home=home))
+    for text in ("feature_view user_txn_7d v1", "txn_count_7d", "amount_sum_7d", "Int64", "Float64",
+                 "card holder activity", "user_id"):
+        assert text in out
+
+
+def test_features_describe_json(home):
+    spec = ok_json(invoke("features", "describe", "user_txn_7d", "--json", home=home))
+    assert [(f["name"], f["dtype"]) for f in spec["schema"]] == [("txn_count_7d", "Int64"),
+                                                                  ("amount_sum_7d", "Float64")]
+    assert spec["version"] == 1 and spec["versions"] == [1] and spec["ttl_seconds"] == 7 * 86400
+    assert spec["source"]["path"] == str(Path(home) / "data" / "user_txn_7d")
+
+
+def test_features_describe_other_kinds(home):
+    service = ok_json(invoke("features", "describe", "fraud_model", "--kind", "feature_service", "--json", home=home))
+    assert service["features"] == [f"{v}:{f}" for v, f in zip(["user_txn_7d"] * 2 + ["merchant_30d"] * 2, FEATURES)]
+    assert "join_keys: ['user_id']" in ok(invoke("features", "describe", "user", "--kind", "entity", home=home))
+
+
+def test_features_describe_errors(home):
+    error(invoke("features", "describe", "nope", home=home), 1, "'nope'", "merchant_30d, user_txn_7d")
+    error(invoke("features", "describe", "user_txn_7d", "--version", "99", home=home), 1, "no version 99")
+    error(invoke("features", "describe", "user_txn_7d", "--version", "x", home=home), 2, "'--version'")
+    error(invoke("features", "describe", home=home), 2, "Missing argument 'NAME'")
+
+
+# --------------------------------------------------------- features apply
+DEFINITIONS = '''\
+from datetime import timedelta
+
+import mlplat as mp
+
+user = mp.Entity("user", join_keys=["user_id"], description="a card holder")
+spend = mp.FeatureView("user_spend_7d", entities=[user], ttl=timedelta(days=7),
+                       schema=[mp.Field("amount_sum_7d", mp.Float64)],
+                       source=mp.ParquetSource({source!r}), description="spend only", tags={{"team": "growth"}})
+'''
+
+
+def test_features_apply_and_again(scratch, home, tmp_path):
+    path = tmp_path / "defs.py"
+    path.write_text(DEFINITIONS.format(source=str(Path(home) / "data" / "user_txn_7d")))
+    first = ok_json(invoke("features", "apply", path, "--json", home=scratch))
+    assert first == [{"kind": "entity", "name": "user", "version": 1, "changed": False},
+                     {"kind": "feature_view", "name": "user_spend_7d", "version": 1, "changed": True}]
+    again = ok_json(invoke("features", "apply", path, "--json", home=scratch))
+    assert [r["changed"] for r in again] == [False, False] and [r["version"] for r in again] == [1, 1]
+    assert "user_spend_7d" in ok(invoke("features", "apply", path, home=scratch))  # the table
+    listed = ok_json(invoke("features", "list", "--tag", "team=growth", "--json", home=scratch))
+    assert [(e["name"], e["description"]) for e in listed] == [("user_spend_7d", "spend only")]
+
+
+@pytest.mark.parametrize("source, names", [
+    ("x = (\n", ["failed to run: SyntaxError"]),
+    ("raise RuntimeError('boom')\n", ["failed to run: RuntimeError: boom"]),
+    ("x = 1\n", ["defines no mp.Entity, mp.FeatureView or mp.FeatureService"]),
+    ("import mlplat as mp\nv = mp.Field('x', 'nonsense_type')\n", ["unknown dtype 'nonsense_type'"]),
+], ids=["syntax-error", "raises", "defines-nothing", "bad-definition"])
+def test_features_apply_a_broken_file(scratch, tmp_path, source, names):
+    path = tmp_path / "defs.py"
+    path.write_text(source)
+    error(invoke("features", "apply", path, home=scratch), 1, *names)
+
+
+def test_features_apply_a_view_missing_from_its_source(scratch, home, tmp_path):
+    path = tmp_path / "defs.py"
+    path.write_text(DEFINITIONS.format(source=str(Path(home) / "data" / "user_txn_7d"))
+                    .replace('mp.Field("amount_sum_7d"', 'mp.Field("no_such_column"'))
+    error(invoke("features", "apply", path, home=scratch), 1, "'no_such_column' is missing from the source")
+    names = [e["name"] for e in ok_json(invoke("features", "list", "--json", home=scratch))]
+    assert "user_spend_7d" not in names
+
+
+def test_features_apply_bad_paths(scratch, tmp_path):
+    error(invoke("features", "apply", tmp_path / "missing.py", home=scratch), 2, "missing.py", "does not exist")
+    error(invoke("features", "apply", tmp_path, home=scratch), 2, "is a directory")
+
+
+@pytest.mark.xfail(strict=True, reason="an exception message with a newline from the applied file is printed "
+                                       "as is: the error takes two lines")
+def test_features_apply_error_stays_on_one_line(scratch, tmp_path):
+    path = tmp_path / "defs.py"
+    path.write_text("raise RuntimeError('line one\\nline two')\n")
+    error(invoke("features", "apply", path, home=scratch), 1, "line one")
+
+
+# ------------------------------------------------------------ materialize
+def test_materialize_json_and_incremental(scratch):
+    first = ok_json(invoke("materialize", "--json", "--start", "2000-01-01", home=scratch))
+    assert [r["view"] for r in first] == ["merchant_30d", "user_txn_7d"]
+    assert all(r["version"] == 1 and 0 < r["written"] <= r["rows"] for r in first)
+    again = ok_json(invoke("materialize", "--json", "--view", "user_txn_7d", home=scratch))
+    assert [r["view"] for r in again] == ["user_txn_7d"]
+    assert again[0]["start"] == first[1]["end"]  # continues where the last run ended
+
+
+def test_materialize_table(scratch):
+    end = (datetime.now(timezone.utc) - timedelta(days=1)).replace(microsecond=0)
+    out = ok(invoke("materialize", "--view", "merchant_30d@1", "--end", end.isoformat(), home=scratch))
+    assert "materialized" in out and "merchant_30d" in out and str(end) in out
+
+
+def test_materialize_bad_arguments(scratch):
+    error(invoke("materialize", "--end", "notadate", home=scratch), 2, "'notadate' is not an ISO date")
+    error(invoke("materialize", "--start", "2026-13-45", home=scratch), 2, "'2026-13-45'")
+    error(invoke("materialize", "--view", "nope", home=scratch), 1, "'nope'", "merchant_30d, user_txn_7d")
+    error(invoke("materialize", "--view", "user_txn_7d@x", home=scratch), 1, "user_txn_7d@x")
+    error(invoke("materialize", "--view", "user_txn_7d@7", home=scratch), 1, "no version 7")
+    error(invoke("materialize", "--start", "2021-01-01", "--end", "2020-01-01", home=scratch), 1,
+          "is after end_date")
+
+
+# ------------------------------------------------------------------- runs
+def test_runs_list_json(home, demo):
+    runs = ok_json(invoke("runs", "list", "fraud-demo", "--json", home=home))
+    assert {r["id"] for r in runs} == {demo["model"]["run_id"], demo["model"]["challenger_run_id"]}
+    assert all(r["experiment"] == "fraud-demo" and r["status"] == "finished" for r in runs)
+    assert {r["params"]["lr"] for r in runs} == {"0.01", "0.02"}
+
+
+def test_runs_list_table(home, demo):
+    out = ok(invoke("runs", "list", home=home))
+    for text in (demo["model"]["run_id"], demo["model"]["challenger_run_id"], "fraud-demo", "val_auc="):
+        assert text in out
+
+
+def test_runs_list_filter_order_and_max(home, demo):
+    def ids(*args):
+        return [r["id"] for r in ok_json(invoke("runs", "list", "fraud-demo", "--json", *args, home=home))]
+
+    assert len(ids("--filter", "metrics.val_auc > 0.5")) == 2
+    assert ids("--filter", "metrics.val_auc > 2") == []
+    assert ids("--filter", "params.lr = '0.01'") == [demo["model"]["run_id"]]
+    runs = ok_json(invoke("runs", "list", "--json", "--order-by", "metrics.val_auc desc", home=home))
+    assert [r["metrics"]["val_auc"] for r in runs] == sorted((r["metrics"]["val_auc"] for r in runs), reverse=True)
+    assert len(ids("--max", "1")) == 1
+
+
+def test_runs_list_bad_arguments(home):
+    error(invoke("runs", "list", "--filter", "metrics.val_auc >>> 0.5", home=home), 1, "filter", "position")
+    error(invoke("runs", "list", "--filter", "nonsense.x > 1", home=home), 1, "'nonsense'")
+    error(invoke("runs", "list", "--order-by", "metrics.val_auc sideways", home=home), 1, "sideways")
+    error(invoke("runs", "list", "--max", "0", home=home), 2, "'--max'", "1<=x<=50000")
+
+
+def test_runs_show(home, demo):
+    run_id = demo["model"]["run_id"]
+    data = ok_json(invoke("runs", "show", run_id, "--json", home=home))
+    assert data["id"] == run_id and data["params"]["lr"] == "0.01" and data["metrics"]["val_auc"] > 0.7
+    assert data["inputs"][0]["content_hash"] == demo["model"]["lineage"]["data"][0]["content_hash"]
+    assert data["tags"]["mlplat.git.commit"] == demo["model"]["lineage"]["git"]["commit"]
+    assert {a["path"] for a in data["artifacts"]} >= {"model"}
+    out = ok(invoke("runs", "show", run_id, home=home))
+    for text in (f"run {run_id}", "val_auc", "blake2b-256:", "user_txn_7d@1:txn_count_7d", "artifacts"):
+        assert text in out
+
+
+def test_runs_show_errors(home):
+    error(invoke("runs", "show", "deadbeef", home=home), 1, "unknown run 'deadbeef'")
+    error(invoke("runs", "show", home=home), 2, "Missing argument 'RUN_ID'")
+
+
+def test_runs_compare(home, demo):
+    ids = [demo["model"]["run_id"], demo["model"]["challenger_run_id"]]
+    rows = ok_json(invoke("runs", "compare", *ids, "--json", home=home))
+    assert [r["run_id"] for r in rows] == ids
+    assert [r["params.lr"] for r in rows] == ["0.01", "0.02"] and all("metrics.val_auc" in r for r in rows)
+    out = ok(invoke("runs", "compare", *ids, home=home))
+    assert "params.hidden" in out and ids[0] in out and ids[1] in out
+
+
+def test_runs_compare_errors(home, demo):
+    error(invoke("runs", "compare", demo["model"]["run_id"], "deadbeef", home=home), 1, "'deadbeef'")
+    error(invoke("runs", "compare", home=home), 2, "Missing argument 'RUN_IDS...'")
+
+
+# ----------------------------------------------------------------- models
+def test_models_list(home):
+    models = ok_json(invoke("models", "list", "--json", home=home))
+    assert [(m["name"], m["latest"], m["production"]) for m in models] == [("fraud", 2, 1)]
+    assert "fraud" in ok(invoke("models", "list", home=home))
+
+
+def test_models_lineage_json(home, demo):
+    info = ok_json(invoke("models", "lineage", "fraud", "--json", home=home))
+    assert (info["model"], info["version"], info["stage"]) == ("fraud", 1, "production")
+    assert info["run"]["id"] == demo["model"]["run_id"]
+    assert len(info["git"]["commit"]) == 40
+    assert info["data"][0]["content_hash"].startswith("blake2b-256:")
+    assert info["data"][0]["feature_refs"] == [f"{v}@1:{f}" for v, f in
+                                               zip(["user_txn_7d"] * 2 + ["merchant_30d"] * 2, FEATURES)]
+    assert [(a["stage"], a["approved_by"]) for a in info["approvals"]] == [("production", "risk-lead")]
+
+
+def test_models_lineage_of_a_version(home, demo):
+    info = ok_json(invoke("models", "lineage", "fraud", "--version", "2", "--json", home=home))
+    assert (info["version"], info["stage"]) == (2, "staging")
+    assert info["run"]["id"] == demo["model"]["challenger_run_id"]
+    staged = ok_json(invoke("models", "lineage", "fraud", "--stage", "staging", "--json", home=home))
+    assert staged["version"] == 2
+
+
+def test_models_lineage_table(home, demo):
+    lineage = demo["model"]["lineage"]
+    out = ok(invoke("models", "lineage", "fraud", home=home))
+    for text in ("fraud v1 (production)", lineage["run"]["id"], lineage["git"]["commit"],
+                 lineage["data"][0]["content_hash"], "user_txn_7d@1:amount_sum_7d", "risk-lead"):
+        assert text in out
+
+
+def test_models_lineage_errors(home):
+    error(invoke("models", "lineage", "nope", home=home), 1, "unknown model 'nope'")
+    error(invoke("models", "lineage", "fraud", "--version", "9", home=home), 1, "no version 9")
+    error(invoke("models", "lineage", "fraud", "--alias", "nope", home=home), 1, "no alias 'nope'")
+    error(invoke("models", "lineage", "fraud", "--version", "1", "--stage", "production", home=home), 1, "one of")
+    error(invoke("models", "lineage", "fraud", "--stage", "bogus", home=home), 2, "'bogus' is not one of")
+    error(invoke("models", "lineage", home=home), 2, "Missing argument 'NAME'")
+
+
+@pytest.mark.xfail(strict=True, reason="registry message reads \"model 'fraud' has no a version in stage "
+                                       "'archived'\" (models/registry.py, ModelRegistry.get)")
+def test_models_lineage_of_an_empty_stage(home):
+    error(invoke("models", "lineage", "fraud", "--stage", "archived", home=home), 1,
+          "model 'fraud' has no version in stage 'archived'")
+
+
+def test_models_promote_archives_the_previous_production(scratch):
+    done = ok_json(invoke("models", "promote", "fraud", "2", "production", "--approved-by", "x", "--json",
+                          home=scratch))
+    assert done == {"model": "fraud", "version": 2, "stage": "production"}
+    assert ok_json(invoke("models", "list", "--json", home=scratch))[0]["production"] == 2
+    v1 = ok_json(invoke("models", "lineage", "fraud", "--version", "1", "--json", home=scratch))
+    assert v1["stage"] == "archived"
+    info = ok_json(invoke("models", "lineage", "fraud", "--json", home=scratch))
+    assert info["version"] == 2 and ("production", "x") in [(a["stage"], a["approved_by"]) for a in info["approvals"]]
+    out = ok(invoke("models", "promote", "fraud", "1", "staging", "--notes", "back for a retest", home=scratch))
+    assert out == "fraud v1 is now in staging\n"
+
+
+def test_models_promote_errors(scratch):
+    error(invoke("models", "promote", "fraud", "2", "production", home=scratch), 1, "approved_by")
+    error(invoke("models", "promote", "fraud", "2", "live", home=scratch), 2, "'live' is not one of")
+    error(invoke("models", "promote", "fraud", "two", "staging", home=scratch), 2, "'two' is not a valid integer")
+    error(invoke("models", "promote", "fraud", "9", "staging", home=scratch), 1, "no version 9")
+    error(invoke("models", "promote", "nope", "1", "staging", home=scratch), 1, "unknown model 'nope'")
+    error(invoke("models", "promote", "fraud", home=scratch), 2, "Missing argument 'VERSION'")
+    assert ok_json(invoke("models", "list", "--json", home=scratch))[0]["production"] == 1  # nothing moved
+
+
+@pytest.mark.xfail(strict=True, reason="a missing STAGE (a click.Choice argument) gives a 5-line error: "
+                                       "\"Missing argument 'STAGE'. Choose from:\\n\\tnone,\\n...\"")
+def test_models_promote_without_a_stage(scratch):
+    error(invoke("models", "promote", "fraud", "2", home=scratch), 2, "Missing argument")
+
+
+# ------------------------------------------------------------------ serve
+def test_serve_export(home, demo, tmp_path):
+    repo = tmp_path / "repo"
+    data = ok_json(invoke("serve", "export", "fraud", "--repository", repo, "--json", home=home))
+    assert (data["model"], data["version"], data["backend"]) == ("fraud", 1, "python")
+    assert data["config"] == str(repo / "fraud" / "config.pbtxt") and "model.py" in data["files"]
+    config = (repo / "fraud" / "config.pbtxt").read_text()
+    for text in ('name: "fraud"', 'backend: "python"', "max_batch_size: 64", 'string_value: "production"',
+                 f'string_value: "{demo["model"]["run_id"]}"'):
+        assert text in config
+    assert "dynamic_batching" not in config
+    assert sorted(p.name for p in (repo / "fraud" / "1").iterdir()) == sorted(data["files"])
+
+
+def test_serve_export_with_options(home, tmp_path):
+    repo = tmp_path / "repo"
+    out = ok(invoke("serve", "export", "fraud", "--repository", repo, "--version", "2", "--preferred-batch-sizes",
+                    "8,16", "--max-queue-delay-us", "200", "--instances", "2", "--triton-name", "fraud_v2", home=home))
+    assert out == f"wrote fraud_v2 v2 (python) to {repo}\n"
+    config = (repo / "fraud_v2" / "config.pbtxt").read_text()
+    for text in ('name: "fraud_v2"', "preferred_batch_size: [ 8, 16 ]", "max_queue_delay_microseconds: 200",
+                 "count: 2", 'string_value: "staging"'):
+        assert text in config
+
+
+def test_serve_export_bad_arguments(home, tmp_path):
+    repo = tmp_path / "repo"
+    error(invoke("serve", "export", "fraud", "--repository", repo, "--preferred-batch-sizes", "8,a", home=home), 2,
+          "--preferred-batch-sizes '8,a'", "integers")
+    error(invoke("serve", "export", "fraud", "--repository", repo, "--preferred-batch-sizes", "8,128",
+                 "--max-batch-size", "64", home=home), 1, "preferred batch size 128 is above max_batch_size 64")
+    assert not (repo / "fraud" / "config.pbtxt").exists()
+    error(invoke("serve", "export", "fraud", home=home), 2, "Missing option '--repository'")
+    error(invoke("serve", "export", "fraud", "--repository", repo, "--backend", "tensorflow", home=home), 2,
+          "'tensorflow' is not one of")
+    error(invoke("serve", "export", "fraud", "--repository", repo, "--max-batch-size", "-1", home=home), 2,
+          "'--max-batch-size'")
+    error(invoke("serve", "export", "nope", "--repository", repo, home=home), 1, "unknown model 'nope'")
+    error(invoke("serve", "export", "fraud", "--repository", repo, "--version", "9", home=home), 1, "no version 9")
+    (tmp_path / "file").write_text("x")
+    error(invoke("serve", "export", "fraud", "--repository", tmp_path / "file", home=home), 2, "is a file")
+
+
+@pytest.mark.xfail(strict=True, reason="a --repository below a regular file ends in a NotADirectoryError traceback")
+def test_serve_export_into_a_path_below_a_file(home, tmp_path):
+    (tmp_path / "file").write_text("x")
+    error(invoke("serve", "export", "fraud", "--repository", tmp_path / "file" / "repo", home=home), 1, "file")
+
+
+# ---------------------------------------------------------------- monitor
+def test_monitor_skew_table(home):
+    out = ok(invoke("monitor", "skew", "fraud", home=home))
+    assert "training-serving skew of fraud (500 served rows" in out
+    flagged = [line for line in out.splitlines() if "YES" in line]
+    assert len(flagged) == 1 and "amount_sum_7d" in flagged[0]
+    assert "first mismatches" in out and "user_id=" in out
+
+
+def test_monitor_skew_json(home, demo):
+    report = ok_json(invoke("monitor", "skew", "fraud", "--json", home=home))
+    assert report["model"] == "fraud" and report["rows"] == 500 and report["skewed"] == ["amount_sum_7d"]
+    assert list(report["features"]) == FEATURES
+    assert {m["feature"] for m in report["mismatches"]} == {"amount_sum_7d"}
+    assert sorted({m["entity"]["user_id"] for m in report["mismatches"]}) == sorted(demo["skew"]["planted_users"])
+    view = ok_json(invoke("monitor", "skew", "user_txn_7d", "--json", home=home))  # a view works as well
+    assert [name.rpartition(":")[2] for name in view["skewed"]] == ["amount_sum_7d"]  # 'fraud:amount_sum_7d' or not
+
+
+def test_monitor_skew_check(home):
+    result = invoke("monitor", "skew", "fraud", "--check", "--json", home=home)
+    assert result.exit_code == 3 and result.stderr == ""
+    assert json.loads(result.stdout)["skewed"] == ["amount_sum_7d"]  # the report is still printed
+    assert invoke("monitor", "skew", "fraud", "--check", home=home).exit_code == 3
+    relaxed = ok_json(invoke("monitor", "skew", "fraud", "--threshold", "0.5", "--check", "--json", home=home))
+    assert relaxed["skewed"] == [] and relaxed["threshold"] == 0.5
+
+
+def test_monitor_skew_errors(home):
+    error(invoke("monitor", "skew", "nope", home=home), 1, "'nope'")
+    error(invoke("monitor", "skew", "fraud", "--threshold", "2", home=home), 2, "'--threshold'", "0<=x<=1")
+    error(invoke("monitor", "skew", "fraud", "--sample", "0", home=home), 2, "'--sample'")
+    error(invoke("monitor", "skew", "fraud", "--since", "yesterday", home=home), 2, "'yesterday' is not an ISO date")
+    error(invoke("monitor", "skew", home=home), 2, "Missing argument 'MODEL_OR_VIEW'")
+
+
+def test_monitor_drift_json_and_check(home):
+    result = invoke("monitor", "drift", "fraud", "--json", "--check", home=home)
+    report = json.loads(result.stdout)
+    assert result.exit_code == (3 if report["drifted"] else 0) and result.stderr == ""
+    assert report["model"] == "fraud" and report["version"] == 1 and list(report["features"]) == FEATURES
+    for d in report["features"].values():
+        assert d["psi"] >= 0 and 0 <= d["p_value"] <= 1 and d["served_rows"] > 0 and d["training_rows"] > 0
+    assert report["drifted"] == [name for name, d in report["features"].items() if d["drifted"]]
+    assert ok_json(invoke("monitor", "drift", "fraud", "--version", "2", "--json", home=home))["version"] == 2
+
+
+def test_monitor_drift_table(home):
+    out = ok(invoke("monitor", "drift", "fraud", home=home))
+    assert "drift of fraud v1" in out and "PSI" in out and all(f in out for f in FEATURES)
+
+
+def test_monitor_drift_errors(home):
+    error(invoke("monitor", "drift", "nope", home=home), 1, "unknown model 'nope'")
+    error(invoke("monitor", "drift", "fraud", "--version", "7", home=home), 1, "no version 7")
+    error(invoke("monitor", "drift", "fraud", "--since", "2099-01-01", home=home), 1, "no served features")
+    error(invoke("monitor", "drift", "fraud", "--since", "bad", home=home), 2, "'bad' is not an ISO date")
+    error(invoke("monitor", "drift", "fraud", "--alpha", "2", home=home), 2, "'--alpha'")
+
+
+def test_monitor_adoption(home):
+    data = ok_json(invoke("monitor", "adoption", "--json", home=home))
+    assert data["runs"] == 2 and data["production_models"] == 1
+    assert data["share_production_with_complete_lineage"] == 1.0 and data["incomplete_lineage"] == []
+    assert data["share_runs_with_input_and_commit"] == 1.0 and sum(data["runs_per_week"].values()) == 2
+    assert list(data["time_to_production"]) == ["fraud"] and data["time_to_production"]["fraud"]["days"] >= 0
+    out = ok(invoke("monitor", "adoption", home=home))
+    assert "runs: 2;" in out and "production models: 1;" in out and "time to production" in out
+
+
+def test_monitor_adoption_bad_argument(home):
+    error(invoke("monitor", "adoption", "fraud", home=home), 2, "unexpected extra argument")

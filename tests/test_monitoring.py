@@ -1,0 +1,283 @@
+"""Monitoring: training-serving skew, drift and adoption, on a real platform (served log, offline and online stores).
+
+The world: 400 users with a numeric ``score`` (normal), a count ``visits`` (Poisson) and a
+categorical ``segment``; a model trained on a point-in-time training set of them, in
+production with an approval; the views materialized; every user served once. Tests then
+change what the online store serves (a push, online only) and check the monitors see
+exactly that.
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import mlplat as mp
+from mlplat.errors import DataError, NotFoundError
+from mlplat.monitoring.drift import compare_column
+from mlplat.monitoring.stats import chi2_contingency, chi2_sf, kolmogorov_sf, ks_2samp, psi
+
+USERS = 400
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+T0 = NOW - timedelta(days=1)
+REFS = ["profile:score", "profile:visits", "profile:segment"]
+
+
+def _profile(rng: np.random.Generator, users: np.ndarray) -> dict:
+    return {"score": rng.normal(0.0, 1.0, len(users)), "visits": rng.poisson(5, len(users)),
+            "segment": rng.choice(["a", "b", "c"], len(users), p=[0.5, 0.3, 0.2])}
+
+
+@pytest.fixture
+def world(tmp_path):
+    root = tmp_path
+    rng = np.random.default_rng(5)
+    users = np.arange(USERS)
+    (root / "profile").mkdir()
+    pq.write_table(pa.table({"user_id": users, "event_timestamp": pa.array([T0] * USERS, pa.timestamp("us", "UTC")),
+                             **_profile(rng, users)}), root / "profile" / "part-0.parquet")
+    p = mp.Platform(root / "home")
+    user = mp.Entity("user", join_keys=["user_id"])
+    view = mp.FeatureView("profile", entities=[user], ttl=timedelta(days=7),
+                          schema=[mp.Field("score", mp.Float64), mp.Field("visits", mp.Int64),
+                                  mp.Field("segment", mp.String)],
+                          source=mp.ParquetSource(root / "profile"))
+    p.features.apply([user, view])
+    # training set: 3,000 labelled requests over the last hours
+    picks = rng.integers(0, USERS, 3000)
+    times = pa.array([NOW - timedelta(hours=1, seconds=int(s)) for s in rng.integers(0, 20_000, 3000)],
+                     pa.timestamp("us", "UTC"))
+    train = p.features.get_historical_features(pa.table({"user_id": picks, "event_timestamp": times}), REFS)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid())
+    with p.runs.start("scoring") as run:
+        run.log_input(train, "train", feature_refs=REFS)
+        run.log_model(model, "model", example_input=torch.zeros(2, 2), columns=["score", "visits"])
+    p.models.register("scorer", run.id, registered_by="alice")
+    p.models.promote("scorer", 1, "production", approved_by="bob")
+    p.features.materialize(end_date=NOW)
+    p.serving.predict("scorer", {"user_id": users.tolist()})
+    yield p, train
+    p.close()
+
+
+def _since() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _online(p, users: list[int]) -> dict:
+    return p.features.get_online_features(REFS, {"user_id": users})
+
+
+def _push(p, users: list[int], **changes) -> None:
+    """Serve different values for ``users`` from now on: a push to the online store only."""
+    cur = _online(p, users)
+    at = datetime.now(timezone.utc)
+    rows = [{"user_id": u, "event_timestamp": at,
+             **{f: changes[f](cur[f][i]) if f in changes else cur[f][i] for f in ("score", "visits", "segment")}}
+            for i, u in enumerate(users)]
+    p.features.push("profile", rows)
+
+
+# ---------------------------------------------------------------------------------------------------- skew
+def test_no_skew_when_online_serves_what_offline_gives(world):
+    p, _ = world
+    report = p.monitoring.skew("scorer")
+    assert report.rows == USERS and set(report.features) == {"score", "visits", "segment"}
+    assert all(s.mismatched == 0 and not s.skewed for s in report.features.values())
+    assert report.mismatches == [] and report.skewed == []
+
+
+def test_a_planted_skew_is_found_exactly(world):
+    p, _ = world
+    rng = np.random.default_rng(11)
+    planted = sorted(rng.choice(USERS, 37, replace=False).tolist())
+    slight = sorted(set(rng.choice(USERS, 30, replace=False).tolist()) - set(planted))
+    since = _since()
+    _push(p, planted, score=lambda v: v * 1.5 + 0.25)
+    _push(p, slight, score=lambda v: v * 1.004)  # within the 1 % tolerance: not a mismatch
+    p.serving.predict("scorer", {"user_id": list(range(USERS))})
+    report = p.monitoring.skew("scorer", since=since)
+    assert report.rows == USERS
+    assert report.features["score"].mismatched == len(planted)
+    assert report.features["score"].share == pytest.approx(len(planted) / USERS)
+    assert report.skewed == ["score"]  # 37/400 = 9 % > 5 %
+    assert report.features["visits"].mismatched == 0 and report.features["segment"].mismatched == 0
+    assert sorted(m.entity["user_id"] for m in report.mismatches) == planted
+    offline = dict(zip(world[1].column("user_id").to_pylist(), world[1].column("score").to_pylist()))
+    for m in report.mismatches:
+        assert m.feature == "score" and m.entity == {"user_id": m.entity["user_id"]}
+        assert m.recomputed == pytest.approx(offline[m.entity["user_id"]])
+        assert m.served == pytest.approx(m.recomputed * 1.5 + 0.25)
+        assert since <= m.request_time <= datetime.now(timezone.utc)
+    # a tighter tolerance also counts the slight changes; a higher threshold stops calling it skew
+    tight = p.monitoring.skew("scorer", since=since, tolerance=0.001)
+    assert sorted(m.entity["user_id"] for m in tight.mismatches) == sorted(planted + slight)
+    assert p.monitoring.skew("scorer", since=since, threshold=0.5).skewed == []
+    # by view: every model serving it, features prefixed by the model
+    by_view = p.monitoring.skew("profile", since=since)
+    assert by_view.features["scorer:score"].mismatched == len(planted)
+    assert {m.feature for m in by_view.mismatches} == {"scorer:score"}
+
+
+def test_versions_on_different_definitions_are_each_recomputed_with_their_own(world, tmp_path):
+    p, _ = world
+    rng = np.random.default_rng(8)
+    users = np.arange(USERS)
+    (tmp_path / "profile2").mkdir()  # a new definition of the view: another source, other values
+    pq.write_table(pa.table({"user_id": users, "event_timestamp": pa.array([T0] * USERS, pa.timestamp("us", "UTC")),
+                             **_profile(rng, users)}), tmp_path / "profile2" / "part-0.parquet")
+    user = mp.Entity("user", join_keys=["user_id"])
+    view2 = mp.FeatureView("profile", entities=[user], ttl=timedelta(days=7),
+                           schema=[mp.Field("score", mp.Float64), mp.Field("visits", mp.Int64),
+                                   mp.Field("segment", mp.String)],
+                           source=mp.ParquetSource(tmp_path / "profile2"))
+    assert p.features.apply([view2])[0].version == 2
+    times = pa.array([NOW - timedelta(hours=2)] * 500, pa.timestamp("us", "UTC"))
+    train2 = p.features.get_historical_features(pa.table({"user_id": rng.integers(0, USERS, 500),
+                                                           "event_timestamp": times}), REFS)
+    with p.runs.start("scoring") as run:
+        run.log_input(train2, "train", feature_refs=REFS)
+        run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1)), "model", example_input=torch.zeros(2, 2),
+                      columns=["score", "visits"])
+    assert p.models.register("scorer", run.id, registered_by="alice").version == 2
+    p.features.materialize(end_date=NOW, views=["profile@2"])
+    since = _since()
+    p.serving.predict("scorer", {"user_id": users.tolist()}, version=1)
+    p.serving.predict("scorer", {"user_id": users.tolist()}, version=2)
+    assert len(p.serving.served_log.ref_sets("scorer")) == 2
+    report = p.monitoring.skew("scorer", since=since)
+    assert report.rows == 2 * USERS and report.mismatches == []
+    assert all(s.compared == 2 * USERS for s in report.features.values())
+
+
+def test_categorical_and_missing_values_count_as_mismatches(world):
+    p, _ = world
+    since = _since()
+    _push(p, [3, 4], segment=lambda v: "z")
+    p.serving.predict("scorer", {"user_id": [3, 4, 5, 10_000]})  # 10,000: unknown, None both ways
+    report = p.monitoring.skew("scorer", since=since)
+    assert report.rows == 4 and report.features["segment"].mismatched == 2
+    assert {(m.entity["user_id"], m.served) for m in report.mismatches} == {(3, "z"), (4, "z")}
+
+
+def test_skew_sample_and_bad_arguments(world):
+    p, _ = world
+    assert p.monitoring.skew("scorer", sample=50).rows == 50
+    with pytest.raises(NotFoundError, match="no served features .* 'nobody'"):
+        p.monitoring.skew("nobody")
+    with pytest.raises(NotFoundError, match="no served rows of 'scorer' since"):  # an empty window is not a pass
+        p.monitoring.skew("scorer", since=datetime.now(timezone.utc) + timedelta(days=1))
+    with pytest.raises(DataError, match="threshold"):
+        p.monitoring.skew("scorer", threshold=2.0)
+    with pytest.raises(DataError, match="tolerance"):
+        p.monitoring.skew("scorer", tolerance=-1)
+    with pytest.raises(DataError, match="sample"):
+        p.monitoring.skew("scorer", sample=0)
+
+
+# --------------------------------------------------------------------------------------------------- drift
+def test_drift_finds_the_shifted_feature_and_not_the_others(world):
+    p, train = world
+    calm = p.monitoring.drift("scorer")  # served once per user, as trained: nothing drifted
+    assert set(calm.features) == {"score", "visits", "segment"} and calm.drifted == []
+    assert calm.features["score"].kind == "numeric" and calm.features["segment"].kind == "categorical"
+    assert calm.features["segment"].test == "chi2" and calm.features["score"].test == "ks"
+    since = _since()
+    _push(p, list(range(USERS)), score=lambda v: v + 1.0)  # every user's score moves one sd up
+    p.serving.predict("scorer", {"user_id": list(range(USERS))})
+    report = p.monitoring.drift("scorer", since=since)
+    assert report.drifted == ["score"]
+    s = report.features["score"]
+    assert s.psi > 0.2 and s.p_value < 1e-6 and s.training_rows == train.num_rows and s.served_rows == USERS
+    assert report.features["visits"].p_value > 0.01 and report.features["segment"].p_value > 0.01
+
+
+def test_drift_of_a_categorical_feature(world):
+    p, _ = world
+    since = _since()
+    _push(p, list(range(0, USERS, 2)), segment=lambda v: "c")  # half the users move to segment c
+    p.serving.predict("scorer", {"user_id": list(range(USERS))})
+    report = p.monitoring.drift("scorer", since=since)
+    assert "segment" in report.drifted and report.features["segment"].p_value < 1e-6
+
+
+def test_drift_needs_served_rows_and_a_logged_input(world):
+    p, _ = world
+    with pytest.raises(NotFoundError, match="no served features"):
+        p.monitoring.drift("scorer", since=datetime.now(timezone.utc) + timedelta(days=1))
+    with p.runs.start("scoring") as run:  # a model whose training data was never logged
+        run.log_model(torch.nn.Linear(2, 1), "model", example_input=torch.zeros(2, 2))
+    version = p.models.register("blind", run.id, registered_by="alice").version
+    with pytest.raises(NotFoundError, match="no input logged"):
+        p.monitoring.drift("blind", version=version)
+
+
+def test_compare_column_unit():
+    rng = np.random.default_rng(0)
+    ref = pa.chunked_array([rng.normal(0, 1, 5000)])
+    same = compare_column("x", ref, pa.chunked_array([rng.normal(0, 1, 2000)]))
+    moved = compare_column("x", ref, pa.chunked_array([rng.normal(0.5, 1, 2000)]))
+    assert not same.drifted and same.psi < 0.05
+    assert moved.drifted and moved.p_value < 1e-10
+    # nulls and NaNs are left out, not counted as values
+    holes = compare_column("x", ref, pa.chunked_array([pa.array([None, float("nan"), 0.1, -0.2])]))
+    assert holes.served_rows == 2
+
+
+# ------------------------------------------------------------------------------------------------ adoption
+def test_adoption_from_the_database(world):
+    p, _ = world
+    data = p.monitoring.adoption()
+    runs = p.runs.search(None, max_results=1000)
+    assert data["runs"] == len(runs) >= 1 and sum(data["runs_per_week"].values()) == data["runs"]
+    assert data["production_models"] == 1
+    # the scorer's run logged an input with feature refs, a git commit (these tests run in a checkout), and
+    # was approved: complete lineage
+    assert data["share_production_with_complete_lineage"] == 1.0 and data["incomplete_lineage"] == []
+    assert 0 <= data["time_to_production"]["scorer"]["days"] < 1
+    assert data["reused_feature_views"] == {}
+    # a second model trained on the same view makes the view reused; one without an input lowers the share
+    with p.runs.start("scoring") as run:
+        run.log_input(world[1], "train", feature_refs=REFS)
+        run.log_model(torch.nn.Linear(2, 1), "model", example_input=torch.zeros(2, 2))
+    p.models.register("scorer2", run.id, registered_by="carol")
+    with p.runs.start("scoring") as bare:
+        bare.log_model(torch.nn.Linear(2, 1), "model", example_input=torch.zeros(2, 2))
+    p.models.register("blind", bare.id, registered_by="alice")
+    p.models.promote("blind", 1, "production", approved_by="bob")
+    data = p.monitoring.adoption()
+    assert data["reused_feature_views"] == {"profile": ["scorer", "scorer2"]}
+    assert data["production_models"] == 2 and data["share_production_with_complete_lineage"] == 0.5
+    assert data["incomplete_lineage"] == ["blind"]
+    share = data["share_runs_with_input_and_commit"]
+    assert 0 < share < 1
+
+
+# --------------------------------------------------------------------------------------------------- stats
+@pytest.mark.parametrize(("x", "p"), [(1.358, 0.05), (1.628, 0.01), (1.224, 0.10), (0.5, 0.9639)])
+def test_kolmogorov_distribution_matches_tables(x, p):
+    assert kolmogorov_sf(x) == pytest.approx(p, abs=6e-4)
+
+
+@pytest.mark.parametrize(("x", "dof", "p"), [(3.841, 1, 0.05), (6.635, 1, 0.01), (18.307, 10, 0.05),
+                                             (2.0, 2, math.exp(-1.0)), (124.342, 100, 0.05), (0.0, 3, 1.0)])
+def test_chi_square_tail_matches_tables(x, dof, p):
+    assert chi2_sf(x, dof) == pytest.approx(p, rel=2e-3, abs=1e-12)
+
+
+def test_ks_and_chi2_tests():
+    d, p = ks_2samp(np.arange(10.0), np.arange(10.0) + 100)
+    assert d == 1.0 and p < 1e-3
+    d, p = ks_2samp(np.arange(100.0), np.arange(100.0))
+    assert d == 0.0 and p == 1.0
+    stat, p = chi2_contingency([50, 50], [50, 50])
+    assert stat == 0.0 and p == 1.0
+    stat, p = chi2_contingency([90, 10], [10, 90])  # 2x2: 128.0 by hand
+    assert stat == pytest.approx(128.0) and p < 1e-20
+    assert psi(np.array([50, 50]), np.array([90, 10])) == pytest.approx(0.4 * math.log(0.9 / 0.5)
+                                                                        + (-0.4) * math.log(0.1 / 0.5))
