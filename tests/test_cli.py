@@ -110,13 +110,11 @@ def test_unknown_option():
     error(invoke("demo", "--bogus"), 2, "No such option '--bogus'", "mlplat demo --help")
 
 
-@pytest.mark.xfail(strict=True, reason="a group without a command prints its whole help as 'mlplat: error: Usage: ...'"
-                                       " (many lines) on stderr: NoArgsIsHelpError is a UsageError")
 @pytest.mark.parametrize("group", [None, *GROUPS])
-def test_a_group_without_a_command_is_not_a_multi_line_error(group):
+def test_a_group_without_a_command_shows_its_help(group):
     result = invoke(*([group] if group else []))
-    assert result.exit_code in (0, 2)
-    assert "mlplat: error: Usage" not in result.stderr and result.stderr.count("\n") <= 1, result.stderr
+    assert result.exit_code == 2 and result.stderr == ""  # a usage error, answered with the group's help
+    assert result.stdout.startswith(f"Usage: mlplat {group + ' ' if group else ''}[OPTIONS] COMMAND")
 
 
 def test_bad_database_url(tmp_path):
@@ -128,7 +126,6 @@ def test_bad_online_store(tmp_path):
     error(invoke("--online-store", "bogus://x", "materialize", home=str(tmp_path / "h")), 1, "'bogus'", "redis://")
 
 
-@pytest.mark.xfail(strict=True, reason="--home naming a file ends in a FileExistsError traceback (Platform mkdir)")
 def test_home_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     error(invoke("models", "list", home=str(tmp_path / "file")), 1, str(tmp_path / "file"))
@@ -270,8 +267,6 @@ def test_features_apply_bad_paths(scratch, tmp_path):
     error(invoke("features", "apply", tmp_path, home=scratch), 2, "is a directory")
 
 
-@pytest.mark.xfail(strict=True, reason="an exception message with a newline from the applied file is printed "
-                                       "as is: the error takes two lines")
 def test_features_apply_error_stays_on_one_line(scratch, tmp_path):
     path = tmp_path / "defs.py"
     path.write_text("raise RuntimeError('line one\\nline two')\n")
@@ -411,8 +406,6 @@ def test_models_lineage_errors(home):
     error(invoke("models", "lineage", home=home), 2, "Missing argument 'NAME'")
 
 
-@pytest.mark.xfail(strict=True, reason="registry message reads \"model 'fraud' has no a version in stage "
-                                       "'archived'\" (models/registry.py, ModelRegistry.get)")
 def test_models_lineage_of_an_empty_stage(home):
     error(invoke("models", "lineage", "fraud", "--stage", "archived", home=home), 1,
           "model 'fraud' has no version in stage 'archived'")
@@ -441,8 +434,6 @@ def test_models_promote_errors(scratch):
     assert ok_json(invoke("models", "list", "--json", home=scratch))[0]["production"] == 1  # nothing moved
 
 
-@pytest.mark.xfail(strict=True, reason="a missing STAGE (a click.Choice argument) gives a 5-line error: "
-                                       "\"Missing argument 'STAGE'. Choose from:\\n\\tnone,\\n...\"")
 def test_models_promote_without_a_stage(scratch):
     error(invoke("models", "promote", "fraud", "2", home=scratch), 2, "Missing argument")
 
@@ -490,7 +481,6 @@ def test_serve_export_bad_arguments(home, tmp_path):
     error(invoke("serve", "export", "fraud", "--repository", tmp_path / "file", home=home), 2, "is a file")
 
 
-@pytest.mark.xfail(strict=True, reason="a --repository below a regular file ends in a NotADirectoryError traceback")
 def test_serve_export_into_a_path_below_a_file(home, tmp_path):
     (tmp_path / "file").write_text("x")
     error(invoke("serve", "export", "fraud", "--repository", tmp_path / "file" / "repo", home=home), 1, "file")

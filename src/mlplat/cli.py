@@ -67,6 +67,10 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     _console().print(out)
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 class _Group(click.Group):
     """The ``mlplat`` group: every failure ends as one line on stderr with a Unix exit status.
 
@@ -79,6 +83,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except MlplatError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # the environment, not mlplat: a full disk, a path that is a file, no permission
+            where = f": {exc.filename}" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
@@ -86,12 +93,15 @@ class _Group(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `mlplat` or a group alone: its help, as usage
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            click.echo(f"mlplat: error: {exc.format_message()}{hint}", err=True)
+            click.echo(f"mlplat: error: {_one_line(exc.format_message())}{hint}", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"mlplat: error: {exc.format_message()}", err=True)
+            click.echo(f"mlplat: error: {_one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("mlplat: aborted", err=True)
@@ -106,7 +116,7 @@ class _Group(click.Group):
 @click.option("--online-store", default=None, help="Online store URL (default: SQLite under the home).")
 @click.pass_context
 def cli(ctx: click.Context, home: str | None, database_url: str | None, online_store: str | None) -> None:
-    """mlplat: features, runs, models and serving in one library."""
+    """mlplat: features, runs, models, serving and monitoring in one library."""
     ctx.obj = {"home": home, "database_url": database_url, "online_store": online_store}
 
 
@@ -124,7 +134,12 @@ def _platform(ctx: click.Context):
 @click.option("--triton-url", default=None, help="Also serve through this Triton server (gRPC host:port).")
 @click.pass_context
 def demo(ctx: click.Context, demo_home: str | None, demo_online: str | None, triton_url: str | None) -> None:
-    """Run the fintech demo end to end in a fresh folder (its own SQLite database, whatever MLPLAT_* says)."""
+    """Run the fintech demo end to end in a fresh folder.
+
+    Data, features, training set, two tracked models, approval, online store, A/B-routed
+    predictions, a skew check and lineage. The folder holds everything, its own SQLite
+    database included, whatever MLPLAT_* variables say.
+    """
     from .demo import run_demo
 
     if ctx.obj["database_url"]:
@@ -205,6 +220,8 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
         namespace = runpy.run_path(path)
     except MlplatError:
         raise
+    except SystemExit as exc:
+        raise click.ClickException(f"{path} called sys.exit({exc.code!r}) instead of defining features") from None
     except Exception as exc:  # noqa: BLE001 - the user's file failed: say where
         raise click.ClickException(f"{path} failed to run: {type(exc).__name__}: {exc}") from None
     objects = [v for v in namespace.values() if isinstance(v, _Definition)]

@@ -5,6 +5,7 @@ import os
 
 from .db import Database
 from .db.migrate import ensure_schema
+from .errors import ConfigError
 from .features.store import FeatureStore
 from .models.registry import ModelRegistry
 from .monitoring.service import Monitoring
@@ -53,7 +54,10 @@ class Platform:
             threads=threads, triton_url=triton_url, served_sample_rate=served_sample_rate,
         )
         s = self.settings
-        s.home.mkdir(parents=True, exist_ok=True)
+        try:
+            s.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot use {s.home} as the platform's home folder: {exc.strerror}") from None
         self.db = Database(
             s.database_url, pool_size=s.db_pool_size, max_overflow=s.db_max_overflow, pool_timeout=s.db_pool_timeout
         )

@@ -167,15 +167,15 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
     rng = np.random.default_rng(2026)
     t_start = time.perf_counter()
 
-    with step("data", "generating 200,000 card transactions and daily feature snapshots"):
-        start = data_start()
-        txns = generate_transactions(start=start)
-        write_feature_data(txns, home / "data", DAYS, start)
-
     # its own database, online store and artifacts under home: MLPLAT_* variables never point the demo elsewhere
     p = mp.Platform(home, database_url=f"sqlite:///{home / 'mlplat.db'}", artifact_root=str(home / "artifacts"),
                     online_store=online_store or f"sqlite:///{home / 'online.db'}", triton_url=triton_url)
     try:
+        with step("data", "generating 200,000 card transactions and daily feature snapshots"):
+            start = data_start()
+            txns = generate_transactions(start=start)
+            write_feature_data(txns, home / "data", DAYS, start)
+
         definitions = _definitions(mp, home)
         service = definitions[-1]
         with step("apply", "applying 2 entities, 2 feature views and a feature service"):

@@ -233,7 +233,7 @@ class ModelRegistry:
                 q = q.join(ModelAlias, ModelAlias.version_id == ModelVersion.id).where(ModelAlias.alias == alias)
             row = conn.execute(q.order_by(ModelVersion.version.desc()).limit(1)).first()
             if row is None:
-                what = (f"version {version}" if version is not None else f"a version in stage {stage!r}"
+                what = (f"version {version}" if version is not None else f"version in stage {stage!r}"
                         if stage is not None else f"alias {alias!r}" if alias is not None else "any version")
                 raise NotFoundError(f"model {name!r} has no {what}")
             aliases = tuple(conn.scalars(sa.select(ModelAlias.alias).where(ModelAlias.version_id == row.id)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 __all__ = ["DynamicBatching", "QueuePolicy", "TritonExport", "render_config", "BACKENDS", "TRITON_TYPES"]
 
@@ -242,7 +242,10 @@ def write_repository(repository: Path, model_name: str, version: int, backend: s
     config = render_config(model_name, backend, signature, max_batch_size=max_batch_size, batching=batching,
                            instances=instances, parameters=parameters, names=names)
     model_dir = repository / model_name
-    model_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the Triton repository folder {model_dir}: {exc.strerror}") from None
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
     try:
         files = _write_version(staging, backend, model_folder, meta, signature, names, parameters)
