@@ -41,3 +41,13 @@ def test_tracking_smoke(pg_admin_url):
     )
     assert result.returncode == 0, result.stdout + result.stderr  # non-zero on lost points or wrong results
     assert "results vs reference" in result.stdout and "points stored (read back)" in result.stdout
+
+
+@pytest.mark.slow
+def test_skew_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "skew.py"), "--smoke", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr  # non-zero when the check misses a planted skew
+    assert "pandas merge_asof" in result.stdout and "EXTRAPOLATED" in result.stdout

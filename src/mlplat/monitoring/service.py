@@ -40,7 +40,7 @@ class Monitoring:
         # one group per set of pinned references: versions trained on other definitions are recomputed with theirs
         work = []
         for model in by_model:
-            for refs, keys, rows in log.groups(model, since):
+            for refs, keys, rows in log.groups(model, since, features_only=True):
                 only = None
                 if model != model_or_view:
                     only = [r.partition(":")[2] for r in refs if r.partition("@")[0] == model_or_view]

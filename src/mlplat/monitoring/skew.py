@@ -124,7 +124,7 @@ def merge_reports(name: str, reports: list[SkewReport], *, prefix_model: bool = 
 
 def skew_check(features, log: pa.Table, refs: list[str], keys: list[str], *, model: str,
                since: datetime | None = None, sample: int | None = None, tolerance: float = 0.01,
-               threshold: float = 0.05, seed: int = 0, max_mismatches: int = 10_000,
+               threshold: float = 0.05, seed: int = 0, max_mismatches: int = 1_000,
                only: list[str] | None = None) -> SkewReport:
     """Compare served feature values with the offline retrieval at the same request times."""
     check_limits(tolerance, threshold)
@@ -149,13 +149,13 @@ def skew_check(features, log: pa.Table, refs: list[str], keys: list[str], *, mod
         bad = _mismatched(log.column(name), recomputed.column(name), tolerance)
         share = len(bad) / log.num_rows
         report.features[name] = FeatureSkew(name, log.num_rows, len(bad), share, share > threshold)
-        room = max(0, max_mismatches - len(report.mismatches))
-        if room and len(bad):
-            picks = pa.array(bad[:room])
+        if max_mismatches and len(bad):  # listed per feature, so every skewed feature gets examples
+            picks = pa.array(bad[:max_mismatches])
             served, again = log.column(name).take(picks).to_pylist(), recomputed.column(name).take(picks).to_pylist()
             times = log.column("request_time").take(picks).to_pylist()
             own = view_keys.get(name, keys)  # the keys of the feature's own view
             keys_at = {k: log.column(k).take(picks).to_pylist() for k in own}
             report.mismatches += [Mismatch(name, {k: keys_at[k][j] for k in own}, times[j], served[j], again[j])
                                   for j in range(len(picks))]
+    report.mismatches.sort(key=lambda m: m.request_time)
     return report

@@ -122,19 +122,28 @@ class ServedLog:
         return groups
 
     @staticmethod
-    def _read_files(files: list[Path], since: Any) -> pa.Table:
+    def _read_files(files: list[Path], since: Any, columns: list[str] | None = None, ordered: bool = True
+                    ) -> pa.Table:
         data = pads.dataset([str(f) for f in files], format="parquet")
-        table = data.to_table() if since is None else data.to_table(
-            filter=pads.field("request_time") >= pa.scalar(since, pa.timestamp("us", "UTC")))
-        return table.sort_by("request_time")
+        where = None if since is None else pads.field("request_time") >= pa.scalar(since, pa.timestamp("us", "UTC"))
+        table = data.to_table(columns=columns, filter=where)
+        return table.sort_by("request_time") if ordered else table  # files are not in time order
 
-    def groups(self, model: str, since: Any = None) -> list[tuple[list[str], list[str], pa.Table]]:
+    def groups(self, model: str, since: Any = None, *, features_only: bool = False
+               ) -> list[tuple[list[str], list[str], pa.Table]]:
         """The log of ``model`` split by the feature references it pins, as (refs, join keys, rows) with
-        rows oldest first: versions trained on different feature definitions land in different groups."""
+        rows oldest first: versions trained on different feature definitions land in different groups.
+        ``features_only`` reads just the request time, model version, keys and features (what a skew
+        check needs), not the variant, model name and predictions, and leaves the rows in file order."""
         self.flush()
         out = []
-        for (refs, keys), files in self._files_by_refs(model).items():
-            out.append((json.loads(refs), json.loads(keys), self._read_files(files, since)))
+        for (refs_json, keys_json), files in self._files_by_refs(model).items():
+            refs, keys = json.loads(refs_json), json.loads(keys_json)
+            columns = None
+            if features_only:
+                columns = [n for n in pq.read_schema(files[0]).names
+                           if n not in ("model", "variant") and not n.startswith("prediction.")]
+            out.append((refs, keys, self._read_files(files, since, columns, ordered=not features_only)))
         return out
 
     def read(self, model: str, since: Any = None) -> pa.Table:
