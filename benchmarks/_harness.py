@@ -480,3 +480,31 @@ def machine_line(machine: Mapping[str, Any] | None = None) -> str:
 
 
 __all__ += ["latency_percentiles", "machine_line"]
+
+
+# --------------------------------------------------------------------------- other processes
+
+def process_tree_cpu_seconds(process: Any) -> float:
+    """User + system CPU seconds of a process and its live descendants (``process``: a pid or a psutil.Process).
+
+    For a server that runs work in child processes (e.g. Triton's python
+    backend stubs). Take it before and after a timed window and subtract; a
+    child that starts or ends inside the window makes the difference
+    meaningless. NaN when the process is gone.
+    """
+    import psutil
+
+    try:
+        proc = process if isinstance(process, psutil.Process) else psutil.Process(int(process))
+        total = sum(proc.cpu_times()[:2])
+        for child in proc.children(recursive=True):
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return float(total)
+    except psutil.Error:
+        return float("nan")
+
+
+__all__.append("process_tree_cpu_seconds")

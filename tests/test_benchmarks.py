@@ -51,3 +51,14 @@ def test_skew_smoke(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr  # non-zero when the check misses a planted skew
     assert "pandas merge_asof" in result.stdout and "EXTRAPOLATED" in result.stdout
+
+
+@pytest.mark.slow
+def test_serving_smoke(redis_server_url, triton_python):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--smoke", "--server-python", str(triton_python)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr  # non-zero on a wrong or mixed-up answer
+    for text in ("one-by-one", "mlplat coalescing", "raw aio gRPC", "predict Triton gRPC", "correctness"):
+        assert text in result.stdout

@@ -255,6 +255,7 @@ def test_coalescing_clients_return_each_callers_own_rows(served, triton):
     rows = rng.random((64, 3), dtype=np.float32)
     want = served.serving.local_backend().infer("scorer", {"input__0": rows}, version=1)["output__0"]
     got: dict[int, np.ndarray] = {}
+    before = _request_counts(triton, "scorer", "1")
     with mp.TritonClient(triton.grpc_url, coalesce=True) as client:
         def caller(i: int) -> None:
             got[i] = client.infer("scorer", {"input__0": rows[i : i + 1]}, version=1)["output__0"]
@@ -264,6 +265,15 @@ def test_coalescing_clients_return_each_callers_own_rows(served, triton):
             t.start()
         for t in threads:
             t.join()
+        after = _request_counts(triton, "scorer", "1")
+        # merged on the client: 64 rows reached the server in fewer requests
+        assert after[0] - before[0] == 64 and after[1] - before[1] < 64
+        # a caller alone is answered (after at most the coalescing wait), and so is the next burst
+        np.testing.assert_allclose(client.infer("scorer", {"input__0": rows[:1]}, version=1)["output__0"], want[:1],
+                                   rtol=1e-5, atol=1e-7)
+        # an error reaches every caller of the merged request
+        errors = _concurrently(lambda: client.infer("scorer", {"input__0": rows[:1]}, version=99), 8)
+        assert all(isinstance(e, mp.ModelNotReadyError) for e in errors), errors
     np.testing.assert_allclose(np.concatenate([got[i] for i in range(64)]), want, rtol=1e-5, atol=1e-7)
 
     async def main():
@@ -276,6 +286,17 @@ def test_coalescing_clients_return_each_callers_own_rows(served, triton):
     merged, plain = asyncio.run(main())
     np.testing.assert_allclose(merged, want, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(plain, want, rtol=1e-5, atol=1e-7)
+
+
+def _request_counts(triton, model: str, version: str) -> tuple[int, int]:
+    """(rows inferred, requests that succeeded) of a model version, from the server's statistics."""
+    import tritonclient.grpc as grpcclient
+
+    raw = grpcclient.InferenceServerClient(triton.grpc_url)
+    stats = raw.get_inference_statistics(model, version, as_json=True)["model_stats"][0]
+    raw.close()
+    success = stats.get("inference_stats", {}).get("success", {})
+    return int(stats.get("inference_count", 0)), int(success.get("count", 0))
 
 
 def _concurrently(fn, n: int) -> list:

@@ -2,10 +2,11 @@
 
 Both read a model's config once and use its batching hints: a request
 larger than ``max_batch_size`` is split and its outputs joined back in
-order; with ``coalesce=True``, concurrent small requests are merged into
-batches of the model's preferred size, each waiting at most ``coalesce_wait_us``
-(default: the model's ``max_queue_delay_microseconds``), several batches in
-flight at once. Server errors become mlplat errors that say which:
+order; with ``coalesce=True``, concurrent small requests are merged: a batch
+goes as soon as every caller is in it (as many as were ever seen calling at
+once), at the model's preferred size, or after ``coalesce_wait_us`` (default:
+the model's ``max_queue_delay_microseconds``), whichever comes first, with
+up to ``max_in_flight`` batches outstanding. Server errors become mlplat errors that say which:
 :class:`~mlplat.errors.ModelNotReadyError`, :class:`~mlplat.errors.QueueFullError`,
 :class:`~mlplat.errors.InferenceTimeoutError`, else :class:`~mlplat.errors.ServingError`.
 
@@ -20,10 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import threading
-import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -287,73 +287,80 @@ class TritonClient(_Base):
 
 
 class _Coalescer:
-    """Merges concurrent small requests to one model into batches, several in flight."""
+    """Merges concurrent small requests to one model into batches; the caller that completes a batch sends it.
+
+    A batch is sent as soon as it holds as many requests as there are callers (the most seen inside
+    ``submit`` at once: with 8 threads calling in a loop, each batch waits for the 8th and no longer),
+    when it reaches the model's preferred size, or when its first request has waited ``coalesce_wait_us``
+    (then the expected count drops to what arrived, so callers that went away stop costing waits). The
+    caller that completes the batch, or whose wait ran out, sends it in its own thread and hands every
+    caller its rows: no coalescer thread, no callback hops. At most ``max_in_flight`` batches are sent
+    at once.
+    """
 
     def __init__(self, client: TritonClient, info: ModelInfo, version: int | None) -> None:
         self._client = client
         self._info = info
         self._version = version
         self._wait = client._wait_s(info)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._target = min(info.target_batch, info.max_batch_size)
+        self._lock = threading.Lock()
+        self._pending: list = []
+        self._rows = 0
+        self._inside = 0
+        self._expect = 1
         self._slots = threading.BoundedSemaphore(client._max_in_flight)
-        self._thread = threading.Thread(target=self._loop, name=f"mlplat-coalescer-{info.name}", daemon=True)
-        self._thread.start()
 
     def submit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fut: Future = Future()
-        self._queue.put((arrays, rows_of(self._info, arrays), fut))
-        return fut.result()
+        n = rows_of(self._info, arrays)
+        mine: Future = Future()
+        with self._lock:
+            self._inside += 1
+            self._expect = max(self._expect, self._inside)
+            full = None
+            if self._pending and self._rows + n > self._info.max_batch_size:
+                full = self._take()  # no room left: it goes now, this request starts the next batch
+            self._pending.append((arrays, n, mine))
+            self._rows += n
+            ready = self._take() if len(self._pending) >= self._expect or self._rows >= self._target else None
+        try:
+            if full is not None:
+                self._send(full)
+            if ready is not None:
+                self._send(ready)
+            try:
+                return mine.result(timeout=self._wait)
+            except FutureTimeout:
+                pass
+            with self._lock:  # waited long enough: send what has gathered, if no one else took it
+                late = self._take() if any(item[2] is mine for item in self._pending) else None
+                if late is not None:
+                    self._expect = max(1, len(late))
+            if late is not None:
+                self._send(late)
+            return mine.result()
+        finally:
+            with self._lock:
+                self._inside -= 1
+
+    def _take(self) -> list:
+        batch, self._pending, self._rows = self._pending, [], 0
+        return batch
 
     def stop(self) -> None:
-        self._queue.put(None)
-
-    def _loop(self) -> None:
-        info, carry = self._info, None
-        while True:
-            first = carry if carry is not None else self._queue.get()
-            carry = None
-            if first is None:
-                return
-            batch, rows = [first], first[1]
-            deadline = time.monotonic() + self._wait
-            while rows < info.target_batch:
-                left = deadline - time.monotonic()
-                try:
-                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                if rows + item[1] > info.max_batch_size:
-                    carry = item  # starts the next batch
-                    break
-                batch.append(item)
-                rows += item[1]
-            self._slots.acquire()
-            self._send(batch)
+        """Nothing runs in the background; requests still pending are sent by their callers."""
 
     def _send(self, batch: list) -> None:
-        arrays, sizes = merge([b[0] for b in batch])
-        try:
-            fut = self._client._infer_async(self._info, arrays, version=self._version)
-        except BaseException as exc:  # noqa: BLE001
-            self._slots.release()
-            for b in batch:
-                b[2].set_exception(exc)
-            return
-
-        def done(f: Future) -> None:
-            self._slots.release()
-            error = f.exception()
-            if error is not None:
+        with self._slots:
+            try:
+                arrays, sizes = merge([b[0] for b in batch])
+                outputs = self._client._infer_once(self._info, arrays, None, 0, 0, self._version)
+            except BaseException as exc:  # noqa: BLE001 - every caller of the batch gets the error
                 for b in batch:
-                    b[2].set_exception(error)
+                    b[2].set_exception(exc)
                 return
-            for b, out in zip(batch, unmerge(f.result(), sizes)):
-                b[2].set_result(out)
-
-        fut.add_done_callback(done)
+        for b, out in zip(batch, unmerge(outputs, sizes)):
+            b[2].set_result(out)
 
 
 class AsyncTritonClient(_Base):
@@ -436,12 +443,19 @@ class _AsyncCoalescer:
         self._wait = client._wait_s(info)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._slots = asyncio.Semaphore(client._max_in_flight)
+        self._inside = 0  # coroutines inside submit; the most seen at once is how many a batch waits for
+        self._expect = 1
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def submit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put((arrays, rows_of(self._info, arrays), fut))
-        return await fut
+        self._inside += 1
+        self._expect = max(self._expect, self._inside)
+        try:
+            await self._queue.put((arrays, rows_of(self._info, arrays), fut))
+            return await fut
+        finally:
+            self._inside -= 1
 
     def stop(self) -> None:
         self._task.cancel()
@@ -454,11 +468,12 @@ class _AsyncCoalescer:
             carry = None
             batch, rows = [first], first[1]
             deadline = loop.time() + self._wait
-            while rows < info.target_batch:
+            while rows < info.target_batch and len(batch) < self._expect:
                 left = deadline - loop.time()
                 try:
                     item = await asyncio.wait_for(self._queue.get(), left) if left > 0 else self._queue.get_nowait()
                 except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    self._expect = len(batch)  # fewer callers than before: stop waiting for the others
                     break
                 if rows + item[1] > info.max_batch_size:
                     carry = item
