@@ -2,7 +2,7 @@
 
 Usage::
 
-    mlplat demo [--home DIR] [--online-store URL]
+    mlplat demo [--home DIR] [--online-store URL] [--triton-url HOST:PORT]
     mlplat [--home DIR] features list|describe|apply ...
     mlplat [--home DIR] materialize [--end ISO] [--view NAME ...]
     mlplat [--home DIR] runs list|show|compare ...
@@ -13,7 +13,8 @@ Usage::
 ``--home``, ``--database-url`` and ``--online-store`` (before the command) pick
 the platform, like MLPLAT_HOME, MLPLAT_DATABASE_URL and MLPLAT_ONLINE_STORE.
 Every listing takes ``--json``. Exit status: 0 on success, 1 on an mlplat error
-(one line on stderr), 2 on bad arguments, 3 when ``--check`` finds skew or drift.
+(one line on stderr), 2 on bad arguments, 3 when ``--check`` finds skew or drift,
+130 when interrupted.
 """
 from __future__ import annotations
 

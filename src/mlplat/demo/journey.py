@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,7 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
         summary["skew"]["skewed"]       # ['amount_sum_7d']: the planted bug, found
     """
     try:
-        from .model import FEATURES, train
+        import torch  # noqa: F401 - checked first: the demo trains a torch model
     except ImportError as exc:
         raise ConfigError(f"the demo trains a torch model: pip install 'mlplat[torch]' ({exc})") from None
     import mlplat as mp
@@ -160,80 +160,87 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
     from rich.console import Console
 
     console = console or Console()
-    triton = _triton(triton_url) if triton_url else None
-    home = Path(home).expanduser().resolve()
-    fresh_home(home)
+    with ExitStack() as cleanup:
+        triton = _triton(triton_url) if triton_url else None  # before anything is written: fail fast
+        if triton is not None:
+            cleanup.callback(triton.close)
+        home = Path(home).expanduser().resolve()
+        fresh_home(home)
+        # its own database, online store and artifacts under home: MLPLAT_* variables never point it elsewhere
+        p = mp.Platform(home, database_url=f"sqlite:///{home / 'mlplat.db'}",
+                        artifact_root=str(home / "artifacts"),
+                        online_store=online_store or f"sqlite:///{home / 'online.db'}", triton_url=triton_url)
+        cleanup.callback(p.close)
+        return _journey(p, console, home, triton, triton_url)
+
+
+def _journey(p: Any, console: Any, home: Path, triton: Any, triton_url: str | None) -> dict[str, Any]:
+    import mlplat as mp
+
+    from .model import FEATURES, train
+
     step = _Steps(console)
     rng = np.random.default_rng(2026)
     t_start = time.perf_counter()
+    with step("data", "generating 200,000 card transactions and daily feature snapshots"):
+        start = data_start()
+        txns = generate_transactions(start=start)
+        write_feature_data(txns, home / "data", DAYS, start)
 
-    # its own database, online store and artifacts under home: MLPLAT_* variables never point the demo elsewhere
-    p = mp.Platform(home, database_url=f"sqlite:///{home / 'mlplat.db'}", artifact_root=str(home / "artifacts"),
-                    online_store=online_store or f"sqlite:///{home / 'online.db'}", triton_url=triton_url)
-    try:
-        with step("data", "generating 200,000 card transactions and daily feature snapshots"):
-            start = data_start()
-            txns = generate_transactions(start=start)
-            write_feature_data(txns, home / "data", DAYS, start)
+    definitions = _definitions(mp, home)
+    service = definitions[-1]
+    with step("apply", "applying 2 entities, 2 feature views and a feature service"):
+        applied = p.features.apply(definitions)
+    report.definitions(console, applied, definitions)
 
-        definitions = _definitions(mp, home)
-        service = definitions[-1]
-        with step("apply", "applying 2 entities, 2 feature views and a feature service"):
-            applied = p.features.apply(definitions)
-        report.definitions(console, applied, definitions)
+    with step("training_set", "building a point-in-time correct training set"):
+        # labels from day 31 on, once every 30-day window is full (else serving sees a drift of its own)
+        labels = txns.select(["user_id", "merchant_id", "event_timestamp", "amount", "is_fraud"]).filter(
+            pc.greater_equal(txns.column("event_timestamp"),
+                             pa.scalar(start + timedelta(days=30), pa.timestamp("us", "UTC"))))
+        train_set = p.features.get_historical_features(labels, service)
+    report.training_set(console, train_set, step.timings["training_set"])
 
-        with step("training_set", "building a point-in-time correct training set"):
-            # labels from day 31 on, once every 30-day window is full (else serving sees a drift of its own)
-            labels = txns.select(["user_id", "merchant_id", "event_timestamp", "amount", "is_fraud"]).filter(
-                pc.greater_equal(txns.column("event_timestamp"),
-                                 pa.scalar(start + timedelta(days=30), pa.timestamp("us", "UTC"))))
-            train_set = p.features.get_historical_features(labels, service)
-        report.training_set(console, train_set, step.timings["training_set"])
+    with step("models", "training a champion and a challenger as tracked runs"):
+        champion_run, champion_auc = train(p, train_set, service, CHAMPION)
+        challenger_run, challenger_auc = train(p, train_set, service, CHALLENGER)
+        p.models.register("fraud", champion_run, registered_by="data-scientist", description="demo fraud model")
+        p.models.register("fraud", challenger_run, registered_by="data-scientist",
+                          description="wider network, fewer epochs")
+        p.models.promote("fraud", 1, "production", approved_by="risk-lead",
+                         notes="validation AUC reviewed in the demo")
+        p.models.promote("fraud", 2, "staging", approved_by="risk-lead", notes="A/B test against v1")
+    report.models(console, champion_auc, challenger_auc)
 
-        with step("models", "training a champion and a challenger as tracked runs"):
-            champion_run, champion_auc = train(p, train_set, service, CHAMPION)
-            challenger_run, challenger_auc = train(p, train_set, service, CHALLENGER)
-            p.models.register("fraud", champion_run, registered_by="data-scientist", description="demo fraud model")
-            p.models.register("fraud", challenger_run, registered_by="data-scientist",
-                              description="wider network, fewer epochs")
-            p.models.promote("fraud", 1, "production", approved_by="risk-lead",
-                             notes="validation AUC reviewed in the demo")
-            p.models.promote("fraud", 2, "staging", approved_by="risk-lead", notes="A/B test against v1")
-        report.models(console, champion_auc, challenger_auc)
+    with step("materialize", f"materializing the views into {p.settings.online_store}"):
+        now = datetime.now(timezone.utc)
+        materialized = p.features.materialize(end_date=now, progress=False)
+        probe = {"user_id": [1, 2, 3, 5000], "merchant_id": ["m0001", "m0002", "m0003", "m0004"]}
+        online = p.features.get_online_features(service, probe)
+        stamped = pa.table({**probe, "event_timestamp": pa.array([now] * 4, pa.timestamp("us", "UTC"))})
+        offline = p.features.get_historical_features(stamped, service)
+        consistent = all(online[c] == offline.column(c).to_pylist() for c in FEATURES[1:])
+    rows = sum(m.rows for m in materialized)
+    report.online(console, rows, online, consistent)
 
-        with step("materialize", f"materializing the views into {p.settings.online_store}"):
-            now = datetime.now(timezone.utc)
-            materialized = p.features.materialize(end_date=now, progress=False)
-            probe = {"user_id": [1, 2, 3, 5000], "merchant_id": ["m0001", "m0002", "m0003", "m0004"]}
-            online = p.features.get_online_features(service, probe)
-            stamped = pa.table({**probe, "event_timestamp": pa.array([now] * 4, pa.timestamp("us", "UTC"))})
-            offline = p.features.get_historical_features(stamped, service)
-            consistent = all(online[c] == offline.column(c).to_pylist() for c in FEATURES[1:])
-        rows = sum(m.rows for m in materialized)
-        report.online(console, rows, online, consistent)
+    requests = _requests(txns, rng)
+    skewed_users = _plant_skew(p, requests, rng, datetime.now(timezone.utc))
+    if triton is not None:
+        with step("triton_load", f"exporting fraud v1 and v2 and sending them to Triton at {triton_url}"):
+            _send_to_triton(p, triton, home)
+        backend, where = triton, f"Triton at {triton_url}"
+    else:
+        backend, where = p.serving.local_backend(), "local backend (in process)"
+    with step("serve", f"serving {len(requests)} card requests through the A/B gateway on the {where}"):
+        ab, latencies = _serve(p, requests, backend)
+    report.serving(console, ab, latencies)
 
-        requests = _requests(txns, rng)
-        skewed_users = _plant_skew(p, requests, rng, datetime.now(timezone.utc))
-        if triton is not None:
-            with step("triton_load", f"exporting fraud v1 and v2 and sending them to Triton at {triton_url}"):
-                _send_to_triton(p, triton, home)
-            backend, where = triton, f"Triton at {triton_url}"
-        else:
-            backend, where = p.serving.local_backend(), "local backend (in process)"
-        with step("serve", f"serving {len(requests)} card requests through the A/B gateway on the {where}"):
-            ab, latencies = _serve(p, requests, backend)
-        report.serving(console, ab, latencies)
+    with step("skew", "recomputing the served features offline: training-serving skew"):
+        skew = p.monitoring.skew("fraud")
+    report.skew(console, skew, skewed_users)
 
-        with step("skew", "recomputing the served features offline: training-serving skew"):
-            skew = p.monitoring.skew("fraud")
-        report.skew(console, skew, skewed_users)
-
-        lineage = p.models.lineage("fraud", stage="production")
-        report.lineage(console, lineage)
-    finally:
-        p.close()
-        if triton is not None:
-            triton.close()
+    lineage = p.models.lineage("fraud", stage="production")
+    report.lineage(console, lineage)
     total = time.perf_counter() - t_start
     report.closing(console, step.timings, total, home, p.settings)
     found = sorted({m.entity["user_id"] for m in skew.mismatches})
