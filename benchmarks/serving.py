@@ -12,9 +12,9 @@ db in ``--redis-url``, default db 14, and FLUSHDBs it at start and at the end)::
 
 The Triton server is the binary bundled in the ``nvidia-pytriton`` wheel,
 run by ``mlplat.serving.TritonServer`` from a virtualenv of its own
-(``--server-python``; default ``/tmp/triton-venv/bin/python`` when it exists,
-else one built with ``mlplat.serving.build_server_venv`` in
-``~/.cache/mlplat/triton-venv``, which takes a few minutes once). Client and
+(``--server-python``; default: the one ``mlplat.serving.build_server_venv``
+keeps in ``~/.cache/mlplat/triton-venv``, the test suite's too, built once in
+about a minute and reused). Client and
 server share this machine's CPUs.
 
 What it does:
@@ -101,7 +101,6 @@ PREFERRED = [8, 16, 32, 64]
 QUEUE_DELAY_US = 500
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 RESERVED_DBS = {13: "the test suite's db", 15: "the other benchmarks' db"}
-DEFAULT_SERVER_PYTHON = "/tmp/triton-venv/bin/python"
 DEFAULT_SERVER_VENV = "~/.cache/mlplat/triton-venv"
 SEED = 20240611
 RTOL, ATOL = 1e-5, 1e-6
@@ -730,8 +729,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
                     help=f"Redis db the benchmark owns and FLUSHDBs (default {DEFAULT_REDIS_URL}; never 13 or 15)")
     ap.add_argument("--server-python", default=None,
-                    help=f"python of a virtualenv with nvidia-pytriton and torch (default {DEFAULT_SERVER_PYTHON} "
-                         f"when it exists, else built in {DEFAULT_SERVER_VENV})")
+                    help="python of a virtualenv with nvidia-pytriton and torch "
+                         f"(default: built once in {DEFAULT_SERVER_VENV}, then reused)")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     ap.add_argument("--json", default=None, help="write the raw reports to this JSON file")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before a worker is killed")
@@ -755,11 +754,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_server_python(option: str | None) -> str:
     if option:
         return option
-    if os.path.exists(DEFAULT_SERVER_PYTHON):
-        return DEFAULT_SERVER_PYTHON
     from mlplat.serving import build_server_venv
 
-    print(f"  building the Triton server virtualenv in {DEFAULT_SERVER_VENV} (once; a few minutes) ...",
+    print(f"  the Triton server virtualenv: {DEFAULT_SERVER_VENV} (built once, then reused) ...",
           file=sys.stderr, flush=True)
     return str(build_server_venv(DEFAULT_SERVER_VENV))
 

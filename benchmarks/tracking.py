@@ -91,7 +91,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import _harness as h
+import _harness as h  # noqa: E402 - after the sys.path line above
 
 BACKENDS = ("sqlite", "postgresql")
 LABEL = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}

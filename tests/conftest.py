@@ -232,7 +232,7 @@ def triton_python() -> Path:
     from mlplat.serving import build_server_venv
 
     try:
-        return build_server_venv(Path.home() / ".cache" / "mlplat" / "triton-server-venv")
+        return build_server_venv(Path.home() / ".cache" / "mlplat" / "triton-venv")  # the benchmarks' too
     except Exception as exc:  # noqa: BLE001
         _unavailable("the Triton server virtualenv (pip install nvidia-pytriton)", exc)
         raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing as mpr
+import threading
 
 import pytest
 import sqlalchemy as sa
@@ -10,6 +11,7 @@ from alembic.migration import MigrationContext
 
 import mlplat as mp
 from mlplat.db import Database, normalize_url
+from mlplat.features.online.sqlite import SQLiteOnlineStore
 from mlplat.db.migrate import current_revision, ensure_schema, head_revision
 from mlplat.db.models import Base
 
@@ -77,6 +79,44 @@ def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(tmp_path):
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
     db.dispose()
+
+
+def _open_database(path) -> None:
+    db = Database(f"sqlite:///{path}")
+    with db.connect(write=True) as conn:
+        conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    db.dispose()
+
+
+def _open_online_store(path) -> None:
+    SQLiteOnlineStore(f"sqlite:///{path}").close()
+
+
+@pytest.mark.parametrize("opener", [_open_database, _open_online_store], ids=["database", "online-store"])
+def test_threads_opening_a_new_sqlite_file_together_all_succeed(tmp_path, opener):
+    # Switching a new file to WAL takes an exclusive lock and SQLite reports "database is locked"
+    # without waiting for the busy timeout; without a retry about 1 in 70 rounds fails here.
+    for round_ in range(150):
+        path = tmp_path / f"new-{round_}.db"
+        errors: list[BaseException] = []
+
+        def open_it(path=path, errors=errors) -> None:
+            try:
+                opener(path)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [], f"round {round_}"
+        probe = Database(f"sqlite:///{path}")
+        with probe.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        probe.dispose()
 
 
 def test_sqlite_write_transactions_take_the_lock_at_begin(tmp_path):

@@ -8,6 +8,8 @@ psycopg 3 with a connection pool whose size is configurable.
 """
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +23,7 @@ from sqlalchemy.pool import StaticPool
 
 from ..errors import ConfigError, StoreError
 
-__all__ = ["Database", "create_engine", "normalize_url"]
+__all__ = ["Database", "create_engine", "enable_wal", "normalize_url"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -89,10 +91,10 @@ def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
     def _on_connect(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
         dbapi_conn.isolation_level = None  # mlplat emits BEGIN itself (see _on_begin)
         cur = dbapi_conn.cursor()
-        if not memory:
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        if not memory:
+            enable_wal(cur)
+            cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -102,6 +104,27 @@ def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def enable_wal(conn: sqlite3.Connection | sqlite3.Cursor) -> None:
+    """Switch a file database to WAL journaling, waiting out other connections doing the same.
+
+    Changing the journal mode takes an exclusive lock, and SQLite answers "database is locked"
+    at once instead of calling the busy handler when another connection holds the file (seen
+    when several processes or threads open a new database together), so retry here until the
+    busy timeout. Used by the SQL database and by the SQLite online store.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
 
 class Database:

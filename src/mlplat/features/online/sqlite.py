@@ -16,6 +16,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from ..._native.codec import RecordBuffers
+from ...db.engine import SQLITE_BUSY_TIMEOUT_MS, enable_wal
 from ...errors import ConfigError, OnlineStoreError
 from .store import OnlineStore, Progress, ReadGroup
 
@@ -62,10 +63,11 @@ class SQLiteOnlineStore(OnlineStore):
         conn = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
+                conn = sqlite3.connect(
+                    self._path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+                )
+                enable_wal(conn)
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA busy_timeout=30000")
             except sqlite3.Error as exc:
                 raise OnlineStoreError(f"online store {self.name}: {exc}") from None
             self._local.conn = conn
