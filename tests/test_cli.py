@@ -131,6 +131,25 @@ def test_home_that_is_a_file(tmp_path):
     error(invoke("models", "list", home=str(tmp_path / "file")), 1, str(tmp_path / "file"))
 
 
+@pytest.mark.parametrize("args", [["models", "list"], ["runs", "list"], ["features", "list"],
+                                  ["models", "lineage", "fraud"], ["monitor", "adoption"], ["materialize"]])
+def test_a_home_that_does_not_exist_is_refused_not_created(tmp_path, args):
+    # a typo in --home must not answer "no models" from a new, empty home
+    missing = tmp_path / "no-such-home"
+    error(invoke(*args, home=str(missing)), 1, str(missing), "is not an mlplat home", "mlplat features apply")
+    assert not missing.exists()
+
+
+def test_features_apply_starts_a_new_home(home, tmp_path):
+    path = tmp_path / "defs.py"
+    path.write_text(DEFINITIONS.format(source=str(Path(home) / "data" / "user_txn_7d")))
+    new = tmp_path / "new-home"
+    assert [r["name"] for r in ok_json(invoke("features", "apply", path, "--json", home=str(new)))] == \
+        ["user", "user_spend_7d"]
+    assert (new / "mlplat.db").is_file()
+    assert ok_json(invoke("models", "list", "--json", home=str(new))) == []
+
+
 # ------------------------------------------------------------------ main()
 def test_main_returns_the_exit_status(home, capsys):
     assert main(["--version"]) == 0

@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
 from ._console import print_lineage, print_skew, table
-from .errors import MlplatError
+from .errors import ConfigError, MlplatError
 
 __all__ = ["main", "cli"]
 
@@ -121,10 +122,21 @@ def cli(ctx: click.Context, home: str | None, database_url: str | None, online_s
     ctx.obj = {"home": home, "database_url": database_url, "online_store": online_store}
 
 
-def _platform(ctx: click.Context):
-    from .platform import Platform
+def _platform(ctx: click.Context, *, create: bool = False):
+    """The Platform the global options name; only ``create=True`` commands may start a new home."""
+    import sqlalchemy as sa
 
-    return Platform(ctx.obj["home"], database_url=ctx.obj["database_url"], online_store=ctx.obj["online_store"])
+    from .platform import Platform
+    from .settings import Settings
+
+    settings = Settings.resolve(ctx.obj["home"], database_url=ctx.obj["database_url"],
+                                online_store=ctx.obj["online_store"])
+    database = sa.make_url(settings.database_url).database if settings.database_url.startswith("sqlite") else None
+    if not create and database and database != ":memory:" and not Path(database).exists():
+        raise ConfigError(
+            f"{settings.home} is not an mlplat home (it has no database {database}): give --home or MLPLAT_HOME "
+            "of an existing home, or start one with 'mlplat features apply FILE' or 'mlplat demo'")
+    return Platform(settings=settings)
 
 
 # ------------------------------------------------------------------- demo
@@ -228,7 +240,7 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
     objects = [v for v in namespace.values() if isinstance(v, _Definition)]
     if not objects:
         raise click.ClickException(f"{path} defines no mp.Entity, mp.FeatureView or mp.FeatureService")
-    with _platform(ctx) as p:
+    with _platform(ctx, create=True) as p:
         results = p.features.apply(objects)
     rows = [{"kind": r.kind, "name": r.name, "version": r.version, "changed": r.changed} for r in results]
     if as_json:
