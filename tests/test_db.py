@@ -11,9 +11,9 @@ from alembic.migration import MigrationContext
 
 import mlplat as mp
 from mlplat.db import Database, normalize_url
-from mlplat.features.online.sqlite import SQLiteOnlineStore
 from mlplat.db.migrate import current_revision, ensure_schema, head_revision
 from mlplat.db.models import Base
+from mlplat.features.online.sqlite import SQLiteOnlineStore
 
 
 def test_migrations_reach_head_and_match_the_models(database_url):

@@ -113,6 +113,11 @@ def enable_wal(conn: sqlite3.Connection | sqlite3.Cursor) -> None:
     at once instead of calling the busy handler when another connection holds the file (seen
     when several processes or threads open a new database together), so retry here until the
     busy timeout. Used by the SQL database and by the SQLite online store.
+
+    Example::
+
+        conn = sqlite3.connect("online.db", timeout=30, isolation_level=None)
+        enable_wal(conn)
     """
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
     delay = 0.001
