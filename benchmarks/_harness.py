@@ -27,15 +27,18 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = [
     "WorkerError",
@@ -53,6 +56,12 @@ __all__ = [
     "machine_info",
     "table_checksum",
     "MODULUS",
+    "generate_into",
+    "owned_redis_db",
+    "redis_client",
+    "release_redis_db",
+    "profile",
+    "print_report",
 ]
 
 
@@ -120,6 +129,88 @@ def write_report(path: str, report: Mapping[str, Any]) -> None:
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
+
+
+def generate_into(data_dir: Path, head: Mapping[str, Any],
+                  generate: Callable[[Path], Mapping[str, Any]]) -> tuple[dict[str, Any], float]:
+    """Generate a data folder atomically: ``generate(tmp)`` fills a sibling folder and returns its stats,
+    ``_meta.json`` gets ``head``, the time and the stats, then the folder replaces ``data_dir``.
+
+    Returns (meta, seconds spent generating).
+    """
+    t0 = time.perf_counter()
+    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    stats = generate(tmp)
+    seconds = time.perf_counter() - t0
+    meta = {**head, "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generate_seconds": round(seconds, 2),
+            **stats}
+    (tmp / "_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, data_dir)
+    return meta, seconds
+
+
+# --------------------------------------------------------------------------- Redis db a benchmark owns
+
+def owned_redis_db(url: str, reserved: Mapping[int, str], default: int) -> int:
+    """The db number of a ``redis://host:port/db`` URL that a benchmark may FLUSHDB.
+
+    ValueError for a URL it may not use: not a single node, no explicit db, or a db in ``reserved``
+    (``default`` is the db to suggest instead).
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("redis", "rediss"):
+        raise ValueError(f"--redis-url {url!r}: use redis://host:port/db or rediss://host:port/db (one node; "
+                         "the benchmark flushes its db, so clusters are not supported)")
+    db_text = parts.path.strip("/")
+    if not db_text.isdigit():
+        raise ValueError(f"--redis-url {url!r}: name the db explicitly (e.g. redis://127.0.0.1:6379/{default}); "
+                         "the benchmark FLUSHDBs it")
+    db = int(db_text)
+    if db in reserved:
+        raise ValueError(f"--redis-url {url!r}: db {db} is {reserved[db]}; pick another (default {default})")
+    return db
+
+
+def redis_client(url: str):
+    """A redis-py client (bytes replies, 10 s socket timeout, 5 s connect timeout)."""
+    import redis
+
+    return redis.Redis.from_url(url, decode_responses=False, socket_timeout=10, socket_connect_timeout=5)
+
+
+def release_redis_db(client, db: int) -> None:
+    """FLUSHDB what the benchmark wrote (a warning if that fails) and close the client."""
+    try:
+        client.flushdb()
+    except Exception as exc:  # noqa: BLE001 - the run's results stand; say what was left behind
+        print(f"warning: could not FLUSHDB db {db} at the end: {exc}", file=sys.stderr)
+    client.close()
+
+
+# --------------------------------------------------------------------------- profiles
+
+def profile(fn: Callable[[], Any], label: str, top: int = 25) -> tuple[str, float]:
+    """Run ``fn()`` under cProfile; (the top functions by own and by cumulative time, as text; wall seconds)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    try:
+        fn()
+    finally:
+        prof.disable()
+    wall = time.perf_counter() - t0
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return f"{label} ({wall:.3f} s under the profiler)\n" + out.getvalue(), wall
 
 
 # --------------------------------------------------------------------------- threads
@@ -331,6 +422,28 @@ def format_table(
     out = [line(list(headers)), line(["-" * w for w in widths])]
     out += [line(r) for r in cells]
     return "\n".join(out)
+
+
+def print_report(header: Sequence[str], sections: Sequence[tuple[str, Sequence[str], Sequence[Sequence[Any]],
+                                                                 Sequence[str] | None]],
+                 notes: Sequence[str] = (), *, markdown: bool = False) -> None:
+    """Print the header lines, each ``(title, headers, rows, align)`` section that has rows, then the notes;
+    with ``markdown`` all of it again in Markdown (the header lines as a list, titles in bold)."""
+    print("\n".join(header))
+    for title, headers, rows, align in sections:
+        if rows:
+            print(f"\n{title}\n")
+            print(format_table(headers, rows, align=align))
+    for note in notes:
+        print(f"\n{note}")
+    if markdown:
+        print("\n" + "\n".join(f"- {line}" for line in header))
+        for title, headers, rows, align in sections:
+            if rows:
+                print(f"\n**{title}**\n")
+                print(format_table(headers, rows, markdown=True, align=align))
+        for note in notes:
+            print(f"\n{note}")
 
 
 # --------------------------------------------------------------------------- result fingerprint

@@ -50,7 +50,6 @@ import json
 import os
 import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -117,17 +116,8 @@ def ensure_data(root: Path, size: str, order: str) -> tuple[Path, dict[str, Any]
     data_dir = data_dir_for(root, size, order)
     if _meta_ok(data_dir, size, order):
         return data_dir, json.loads((data_dir / "_meta.json").read_text()), None
-    t0 = time.perf_counter()
-    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    stats = generate(tmp, size, order)
-    seconds = time.perf_counter() - t0
-    meta = {"generator_version": GENERATOR_VERSION, "size": size, "order": order,
-            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generate_seconds": round(seconds, 2), **stats}
-    (tmp / "_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, data_dir)
+    meta, seconds = h.generate_into(data_dir, {"generator_version": GENERATOR_VERSION, "size": size, "order": order},
+                                    lambda tmp: generate(tmp, size, order))
     return data_dir, meta, seconds
 
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -128,19 +127,10 @@ def ensure_data(root: Path, entities: int) -> tuple[Path, dict[str, Any], float 
     meta = _meta_ok(data_dir, entities)
     if meta is not None:
         return data_dir, meta, None
-    t0 = time.perf_counter()
-    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     anchor_us = int(time.time()) * SECOND
-    stats = generate(tmp, entities, anchor_us)
-    seconds = time.perf_counter() - t0
-    meta = {"generator_version": GENERATOR_VERSION, "entities": entities, "anchor_us": anchor_us,
-            "anchor": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(anchor_us // SECOND)),
-            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generate_seconds": round(seconds, 2), **stats}
-    (tmp / "_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, data_dir)
+    head = {"generator_version": GENERATOR_VERSION, "entities": entities, "anchor_us": anchor_us,
+            "anchor": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(anchor_us // SECOND))}
+    meta, seconds = h.generate_into(data_dir, head, lambda tmp: generate(tmp, entities, anchor_us))
     return data_dir, meta, seconds
 
 
@@ -231,17 +221,8 @@ def parse_redis_url(url: str) -> tuple[str, int, str]:
     Raises ValueError for a URL the benchmark may not use: not a single node,
     no explicit db, or a reserved db.
     """
+    db = h.owned_redis_db(url, RESERVED_DBS, default=15)
     parts = urlsplit(url)
-    if parts.scheme.lower() not in ("redis", "rediss"):
-        raise ValueError(f"--redis-url {url!r}: use redis://host:port/db or rediss://host:port/db (one node; "
-                         "the benchmark flushes its db, so clusters are not supported)")
-    db_text = parts.path.strip("/")
-    if not db_text.isdigit():
-        raise ValueError(f"--redis-url {url!r}: name the db explicitly (e.g. redis://127.0.0.1:6379/15); "
-                         "the benchmark FLUSHDBs it")
-    db = int(db_text)
-    if db in RESERVED_DBS:
-        raise ValueError(f"--redis-url {url!r}: db {db} is {RESERVED_DBS[db]}; pick another (default 15)")
     query = dict(parse_qsl(parts.query))
     prefix = query.get("prefix", "mlplat:")
     plain = {k: v for k, v in query.items() if k not in MLPLAT_URL_PARAMS}
@@ -249,10 +230,7 @@ def parse_redis_url(url: str) -> tuple[str, int, str]:
 
 
 def redis_client(url: str):
-    import redis
-
-    base, _, _ = parse_redis_url(url)
-    return redis.Redis.from_url(base, decode_responses=False, socket_timeout=10, socket_connect_timeout=5)
+    return h.redis_client(parse_redis_url(url)[0])
 
 
 # =========================================================================== mlplat setup (workers)
@@ -615,11 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n!!! a worker failed:\n{exc}", file=sys.stderr)
         return 2
     finally:
-        try:
-            r.flushdb()
-        except Exception as exc:  # noqa: BLE001
-            print(f"warning: could not FLUSHDB db {db} at the end: {exc}", file=sys.stderr)
-        r.close()
+        h.release_redis_db(r, db)
         shutil.rmtree(home, ignore_errors=True)
     fingerprint_after = h.package_fingerprint("mlplat")
 
@@ -731,24 +705,10 @@ def main(argv: list[str] | None = None) -> int:
          lat_headers, lat_rows["sqlite"], ["l"] + ["r"] * (len(lat_headers) - 1)),
         ("Issue targets", target_headers, target_rows, target_align),
     ]
-    print("\n".join(header))
     early = [c for c in lat["cells"] if c["samples"] < c.get("planned", c["samples"])]
-    footnote = (f"* stopped early: over the {args.cell_budget:g} s measured-time budget per engine and batch size "
-                "(--cell-budget); the percentiles cover the samples taken" if early else "")
-    for title, headers, rows, align in sections:
-        if rows:
-            print(f"\n{title}\n")
-            print(h.format_table(headers, rows, align=align))
-    if footnote:
-        print(f"\n{footnote}")
-    if args.markdown:
-        print("\n" + "\n".join(f"- {line}" for line in header))
-        for title, headers, rows, align in sections:
-            if rows:
-                print(f"\n**{title}**\n")
-                print(h.format_table(headers, rows, markdown=True, align=align))
-        if footnote:
-            print(f"\n{footnote}")
+    notes = [f"* stopped early: over the {args.cell_budget:g} s measured-time budget per engine and batch size "
+             "(--cell-budget); the percentiles cover the samples taken"] if early else []
+    h.print_report(header, sections, notes, markdown=args.markdown)
     for text in lat.get("profiles", {}).values():
         print(f"\ncProfile, mlplat redis, {text}")
     if args.json:

@@ -86,7 +86,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -118,19 +117,6 @@ TARGET_PREDICT_P99_MS = 5.0
 
 
 # =========================================================================== helpers
-
-def check_redis_url(url: str) -> int:
-    """The db number of a redis://host:port/db URL the benchmark may FLUSHDB; ValueError otherwise."""
-    parts = urlsplit(url)
-    db_text = parts.path.strip("/")
-    if parts.scheme.lower() not in ("redis", "rediss") or not db_text.isdigit():
-        raise ValueError(f"--redis-url {url!r}: use redis://host:port/db with an explicit db (the benchmark "
-                         "FLUSHDBs it)")
-    db = int(db_text)
-    if db in RESERVED_DBS:
-        raise ValueError(f"--redis-url {url!r}: db {db} is {RESERVED_DBS[db]}; use another (default 14)")
-    return db
-
 
 def input_pool(n: int, seed: int = SEED):
     """``n`` plausible fraud-model input rows (amount, txn_count_7d, amount_sum_7d, fraud_rate_30d, txn_count_30d)."""
@@ -253,6 +239,13 @@ class Records:
         self.vals: list[float] = []
         self.errors: list[str] = []
 
+    def add(self, t0: int, t1: int, row: int, out) -> None:
+        """A request sent at ``t0`` for pool row ``row`` answered ``out`` at ``t1`` (ns)."""
+        self.ends.append(t1)
+        self.lats.append(t1 - t0)
+        self.rows.append(row)
+        self.vals.append(float(out[0, 0]))
+
 
 def _thread_engine(infer_fns, rows, t_end_ns: int, callers: int) -> list[Records]:
     """``callers`` threads, caller k calling ``infer_fns[k](row)`` back to back until ``t_end_ns``."""
@@ -263,7 +256,6 @@ def _thread_engine(infer_fns, rows, t_end_ns: int, callers: int) -> list[Records
 
     def caller(k: int) -> None:
         rec, fn = records[k], infer_fns[k]
-        ends, lats, rws, vals = rec.ends, rec.lats, rec.rows, rec.vals
         i = k
         start.wait()
         try:
@@ -273,11 +265,7 @@ def _thread_engine(infer_fns, rows, t_end_ns: int, callers: int) -> list[Records
                     return
                 j = i % n_rows
                 out = fn(rows[j])
-                t1 = perf()
-                ends.append(t1)
-                lats.append(t1 - t0)
-                rws.append(j)
-                vals.append(float(out[0, 0]))
+                rec.add(t0, perf(), j, out)
                 i += callers
         except BaseException as exc:  # noqa: BLE001 - reported after the round
             rec.errors.append(repr(exc))
@@ -362,11 +350,7 @@ class Engines:
                     inp.set_data_from_numpy(rows[j])
                     res = await client.infer(MODEL, [inp], outputs=[aio.InferRequestedOutput(OUTPUT)])
                     out = res.as_numpy(OUTPUT)
-                    t1 = perf()
-                    rec.ends.append(t1)
-                    rec.lats.append(t1 - t0)
-                    rec.rows.append(j)
-                    rec.vals.append(float(out[0, 0]))
+                    rec.add(t0, perf(), j, out)
                     i += callers
             except BaseException as exc:  # noqa: BLE001
                 rec.errors.append(repr(exc))
@@ -419,11 +403,7 @@ class Engines:
                     finish()
                     return
                 out = result.as_numpy(OUTPUT)
-                t1 = perf()
-                rec.ends.append(t1)
-                rec.lats.append(t1 - t0)
-                rec.rows.append(j)
-                rec.vals.append(float(out[0, 0]))
+                rec.add(t0, perf(), j, out)
             except BaseException as exc:  # noqa: BLE001
                 rec.errors.append(repr(exc))
                 finish()
@@ -798,14 +778,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bad options: {bad or 'a count or duration below 1 / 0'}", file=sys.stderr)
         return 2
     try:
-        db = check_redis_url(args.redis_url)
+        db = h.owned_redis_db(args.redis_url, RESERVED_DBS, default=14)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
     try:
-        import redis
-
-        r = redis.Redis.from_url(args.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        r = h.redis_client(args.redis_url)
         r.ping()
         redis_version = r.info("server").get("redis_version", "?")
     except Exception as exc:  # noqa: BLE001 - any failure to reach Redis ends the run
@@ -855,11 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n!!! {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     finally:
-        try:
-            r.flushdb()
-        except Exception as exc:  # noqa: BLE001
-            print(f"warning: could not FLUSHDB db {db} at the end: {exc}", file=sys.stderr)
-        r.close()
+        h.release_redis_db(r, db)
         shutil.rmtree(tmp, ignore_errors=True)
     total_s = time.perf_counter() - t_all
     load_after = os.getloadavg()
@@ -995,21 +969,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(("Issue targets", ["target", "measured", "limit", "verdict"], target_rows,
                          ["l", "l", "l", "l"]))
 
-    print("\n".join(header))
-    for title, headers, rows, align in sections:
-        if rows:
-            print(f"\n{title}\n")
-            print(h.format_table(headers, rows, align=align))
-    for note in notes:
-        print(f"\n{note}")
-    if args.markdown:
-        print("\n" + "\n".join(f"- {line}" for line in header))
-        for title, headers, rows, align in sections:
-            if rows:
-                print(f"\n**{title}**\n")
-                print(h.format_table(headers, rows, markdown=True, align=align))
-        for note in notes:
-            print(f"\n{note}")
+    h.print_report(header, sections, notes, markdown=args.markdown)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "versions": versions, "mlplat_fingerprint": [fingerprint,

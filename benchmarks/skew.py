@@ -420,30 +420,10 @@ def worker_skew(args: argparse.Namespace) -> dict[str, Any]:
         out["uncapped_listed"] = len(full.mismatches)
         problems += check_report(full, args.data, man, rows, capped=False)
     if args.profile:
-        out["profile"] = _profile(lambda: p.monitoring.skew(name), f"p.monitoring.skew({name!r})")
+        out["profile"] = h.profile(lambda: p.monitoring.skew(name), f"p.monitoring.skew({name!r})")[0]
     p.close()
     out["problems"] = problems
     return out
-
-
-def _profile(fn, label: str, top: int = 25) -> str:
-    import cProfile
-    import io
-    import pstats
-
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
-    try:
-        fn()
-    finally:
-        prof.disable()
-    wall = time.perf_counter() - t0
-    buf = io.StringIO()
-    stats = pstats.Stats(prof, stream=buf)
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return f"{label} ({wall:.3f} s under the profiler)\n" + buf.getvalue()
 
 
 # =========================================================================== worker: row at a time

@@ -371,16 +371,22 @@ def test_a_failed_write_batch_leaves_each_key_old_or_new(tmp_path, redis_url):
         assert {c >= 1000 for c in got if c is not None} == {True, False}  # the failure was mid-way
 
 
+def _count_roundtrips(monkeypatch) -> list[int]:
+    """From now on, the number of commands in each Redis round trip, appended to the list returned."""
+    calls: list[int] = []
+    original = redis_store._roundtrip
+    monkeypatch.setattr(redis_store, "_roundtrip", lambda pool, cmds, retries: calls.append(len(cmds))
+                        or original(pool, cmds, retries))
+    return calls
+
+
 def test_cluster_reads_take_one_round_trip_per_node(tmp_path, redis_cluster_url, monkeypatch):
     with mp.Platform(tmp_path / "h", online_store=redis_cluster_url) as p:
         users = list(range(300))
         write(tmp_path / "src" / "a.parquet", users, [1] * 300, users)
         p.features.apply([USER, txn_view(tmp_path / "src")])
         p.features.materialize(end_date=NOW, progress=False)
-        calls = []
-        original = redis_store._roundtrip
-        monkeypatch.setattr(redis_store, "_roundtrip", lambda pool, cmds, retries: calls.append(len(cmds))
-                            or original(pool, cmds, retries))
+        calls = _count_roundtrips(monkeypatch)
         got = p.features.get_online_features(REFS, {"user_id": users})
         assert got["count"] == users
         assert len(calls) == 3 and sum(calls) > 3  # three nodes, several slots pipelined on each
@@ -392,10 +398,7 @@ def test_single_node_reads_are_one_command(tmp_path, redis_url, monkeypatch):
         write(tmp_path / "src" / "a.parquet", [1, 2], [1, 1], [1, 2])
         p.features.apply([USER, txn_view(tmp_path / "src")])
         p.features.materialize(end_date=NOW, progress=False)
-        calls = []
-        original = redis_store._roundtrip
-        monkeypatch.setattr(redis_store, "_roundtrip", lambda pool, cmds, retries: calls.append(len(cmds))
-                            or original(pool, cmds, retries))
+        calls = _count_roundtrips(monkeypatch)
         p.features.get_online_features(REFS, {"user_id": [1, 2, 1, 3] * 50})
         assert calls == [1]
 
