@@ -178,29 +178,13 @@ class _SqlTimer:
 
 def _profile(fn, label: str, *, engine=None, top: int = 18) -> str:
     """Run ``fn()`` under cProfile (and per-statement SQL timing); the text of the top functions."""
-    import cProfile
-    import io
-    import pstats
-
     timer = _SqlTimer(engine) if engine is not None else None
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
     try:
-        fn()
+        text, wall = h.profile(fn, label, top)
     finally:
-        prof.disable()
         if timer is not None:
             timer.close()
-    wall = time.perf_counter() - t0
-    out = io.StringIO()
-    stats = pstats.Stats(prof, stream=out)
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    text = f"{label} ({wall:.3f} s under the profiler)\n" + out.getvalue()
-    if timer is not None:
-        text += "\n" + timer.text(wall)
-    return text
+    return text if timer is None else text + "\n" + timer.text(wall)
 
 
 # =========================================================================== worker: metric logging
@@ -282,7 +266,7 @@ def worker_metrics(args: argparse.Namespace) -> dict[str, Any]:
 
 def _profile_metrics(p, keys: list[str], steps: int) -> dict[str, str]:
     """The loop (main thread only: the flusher thread is not seen) and one write of a batch in this thread."""
-    from mlplat.runs.metrics import write_points
+    from mlplat.runs.metrics import _Points, write_chunks
 
     out = {}
     with p.runs.start("bench-metrics-profile") as run:
@@ -296,9 +280,10 @@ def _profile_metrics(p, keys: list[str], steps: int) -> dict[str, str]:
         run.flush()
     run_id = run.id
     now = int(time.time() * 1000)
-    batch = [(k, float(s % 997), s + steps, now) for s in range(steps) for k in keys]
-    out["write"] = _profile(lambda: write_points(p.db, run_id, batch),
-                            f"one flush (mlplat.runs.metrics.write_points) of {len(batch):,} points",
+    batch = {k: _Points(steps=list(range(steps, 2 * steps)), values=[float(s % 997) for s in range(steps)],
+                        timestamps=[now] * steps) for k in keys}
+    out["write"] = _profile(lambda: write_chunks(p.db, run_id, batch),
+                            f"one flush (mlplat.runs.metrics.write_chunks) of {steps * len(keys):,} points",
                             engine=p.db.engine)
     return out
 
