@@ -140,6 +140,19 @@ def test_a_home_that_does_not_exist_is_refused_not_created(tmp_path, args):
     assert not missing.exists()
 
 
+def test_an_unparsable_database_url_is_one_line(tmp_path):
+    error(invoke("--database-url", "sqlite:", "models", "list", home=str(tmp_path / "h")), 1, "'sqlite:'",
+          "not a valid URL")
+
+
+def test_a_database_url_under_the_users_home_is_found(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(Path(home) / "mlplat.db", tmp_path / "copy.db")
+    listed = ok_json(invoke("--database-url", "sqlite:///~/copy.db", "models", "list", "--json",
+                            home=str(tmp_path / "elsewhere")))
+    assert [m["name"] for m in listed] == ["fraud"]
+
+
 def test_features_apply_starts_a_new_home(home, tmp_path):
     path = tmp_path / "defs.py"
     path.write_text(DEFINITIONS.format(source=str(Path(home) / "data" / "user_txn_7d")))

@@ -11,6 +11,7 @@ from alembic.migration import MigrationContext
 
 import mlplat as mp
 from mlplat.db import Database, normalize_url
+from mlplat.db.engine import sqlite_file
 from mlplat.db.migrate import current_revision, ensure_schema, head_revision
 from mlplat.db.models import Base
 from mlplat.features.online.sqlite import SQLiteOnlineStore
@@ -131,6 +132,17 @@ def test_sqlite_write_transactions_take_the_lock_at_begin(tmp_path):
         other.dispose()
         assert conn.exec_driver_sql("SELECT 1").scalar() == 1
     db.dispose()
+
+
+def test_sqlite_urls_expand_the_users_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert normalize_url("sqlite:///~/a/x.db").database == str(tmp_path / "a" / "x.db")
+    assert sqlite_file("sqlite:///~/a/x.db") == tmp_path / "a" / "x.db"
+    assert sqlite_file("sqlite://") is None and sqlite_file("postgresql://root@127.0.0.1/test") is None
+    db = Database("sqlite:///~/a/x.db")  # the file lands under the home, not in a folder named '~'
+    ensure_schema(db)
+    db.dispose()
+    assert (tmp_path / "a" / "x.db").is_file()
 
 
 def test_urls_pick_the_driver_and_refuse_others():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import click
@@ -124,15 +123,14 @@ def cli(ctx: click.Context, home: str | None, database_url: str | None, online_s
 
 def _platform(ctx: click.Context, *, create: bool = False):
     """The Platform the global options name; only ``create=True`` commands may start a new home."""
-    import sqlalchemy as sa
-
+    from .db.engine import sqlite_file
     from .platform import Platform
     from .settings import Settings
 
     settings = Settings.resolve(ctx.obj["home"], database_url=ctx.obj["database_url"],
                                 online_store=ctx.obj["online_store"])
-    database = sa.make_url(settings.database_url).database if settings.database_url.startswith("sqlite") else None
-    if not create and database and database != ":memory:" and not Path(database).exists():
+    database = sqlite_file(settings.database_url)
+    if not create and database is not None and not database.exists():
         raise ConfigError(
             f"{settings.home} is not an mlplat home (it has no database {database}): give --home or MLPLAT_HOME "
             "of an existing home, or start one with 'mlplat features apply FILE' or 'mlplat demo'")

@@ -23,7 +23,7 @@ from sqlalchemy.pool import StaticPool
 
 from ..errors import ConfigError, StoreError
 
-__all__ = ["Database", "create_engine", "enable_wal", "normalize_url"]
+__all__ = ["Database", "create_engine", "enable_wal", "normalize_url", "sqlite_file"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -42,7 +42,9 @@ def normalize_url(url: str) -> sa.URL:
     if backend in ("postgresql", "postgres"):
         return parsed.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
-        return parsed.set(drivername="sqlite")
+        if parsed.database in (None, "", ":memory:"):
+            return parsed.set(drivername="sqlite")
+        return parsed.set(drivername="sqlite", database=str(Path(parsed.database).expanduser()))
     raise ConfigError(f"database_url {url!r}: only sqlite:// and postgresql:// databases are supported")
 
 
@@ -78,10 +80,24 @@ def create_engine(
     )
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite database URL names (``~`` expanded); None for an in-memory or non-SQLite database.
+
+    >>> sqlite_file("sqlite:////tmp/home/mlplat.db")
+    PosixPath('/tmp/home/mlplat.db')
+    >>> sqlite_file("sqlite://") is None
+    True
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
     memory = url.database in (None, "", ":memory:")
     if not memory:
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}}
     if memory:
         kwargs["poolclass"] = StaticPool
