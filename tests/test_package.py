@@ -59,3 +59,10 @@ def test_import_fails_loudly_without_a_native_extension(extension):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.startswith("NativeExtensionError | mlplat's native extensions could not be imported")
     assert "pip install" in out
+
+
+def test_import_mlplat_does_not_load_pandas_or_torch():
+    # pandas and torch are optional and slow to import; `import mlplat` (and so `mlplat --help`) must not pay for them
+    script = "import sys, mlplat; print(sorted(m for m in ('pandas', 'torch', 'polars') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
