@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from mlplat.cli import cli, main
 from mlplat.demo import generate_transactions, run_demo
@@ -66,6 +67,17 @@ def test_demo_lineage_command_names_run_commit_hash_refs_and_approver(demo):
     for text in (lineage["run"]["id"], lineage["git"]["commit"], lineage["data"][0]["content_hash"],
                  "user_txn_7d@1:txn_count_7d", "risk-lead", "matches"):
         assert text and text in result.output
+
+
+def test_demo_ignores_mlplat_environment_variables(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("MLPLAT_DATABASE_URL", f"sqlite:///{elsewhere / 'other.db'}")
+    monkeypatch.setenv("MLPLAT_ARTIFACT_ROOT", str(elsewhere / "artifacts"))
+    monkeypatch.setenv("MLPLAT_SERVED_SAMPLE", "0.05")  # would log 1 served row in 20
+    summary = run_demo(tmp_path / "home", console=Console(quiet=True))
+    assert not elsewhere.exists() and (tmp_path / "home" / "mlplat.db").is_file()
+    skew = summary["skew"]
+    assert skew["found_users"] == sorted(skew["planted_users"]) and len(skew["planted_users"]) == 40
 
 
 def test_demo_stays_under_a_minute(demo):

@@ -166,10 +166,10 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
             cleanup.callback(triton.close)
         home = Path(home).expanduser().resolve()
         fresh_home(home)
-        # its own database, online store and artifacts under home: MLPLAT_* variables never point it elsewhere
-        p = mp.Platform(home, database_url=f"sqlite:///{home / 'mlplat.db'}",
-                        artifact_root=str(home / "artifacts"),
-                        online_store=online_store or f"sqlite:///{home / 'online.db'}", triton_url=triton_url)
+        # settings from the arguments and defaults only: no MLPLAT_* variable points it elsewhere or thins the
+        # served log (a sample rate below 1 would hide planted users from the skew check)
+        p = mp.Platform(settings=mp.Settings.resolve(home, online_store=online_store, triton_url=triton_url,
+                                                     environ={}))
         cleanup.callback(p.close)
         return _journey(p, console, home, triton, triton_url)
 
