@@ -90,6 +90,18 @@ def test_promoting_archives_the_previous_production_version(p):
     assert (1, "production", "archived") in moves and moves[-1] == (2, "none", "production")
 
 
+def test_resolve_means_production_for_a_bare_name(p):
+    for bias in (0.0, 1.0):
+        p.models.register("fraud", trained_run(p, bias))
+    with pytest.raises(mp.NotFoundError, match="no version in stage 'production'"):
+        p.models.resolve("fraud")  # get() would answer the latest, v2
+    assert p.models.get("fraud").version == 2
+    p.models.promote("fraud", 1, "production", approved_by="alice")
+    assert p.models.resolve("fraud").version == 1
+    assert p.models.resolve("fraud", version=2).version == 2
+    assert p.models.resolve("fraud", stage="none").version == 2
+
+
 def test_eight_concurrent_promotions_leave_exactly_one_in_production(database_url, tmp_path):
     home = tmp_path / "home"
     with mp.Platform(home, database_url=database_url) as p:

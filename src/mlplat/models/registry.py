@@ -254,6 +254,20 @@ class ModelRegistry:
                 q = q.where(ModelVersion.version == version)
             return [Transition(*r) for r in conn.execute(q)]
 
+    def resolve(self, name: str, *, version: int | None = None, stage: str | None = None,
+                alias: str | None = None) -> ModelVersionInfo:
+        """Like :meth:`get`, but a bare name means the production version (what serving, lineage and
+        monitoring act on), not the latest.
+
+        Usage::
+
+            p.models.resolve("fraud")             # the production version
+            p.models.resolve("fraud", version=3)  # as get()
+        """
+        if version is None and stage is None and alias is None:
+            stage = "production"
+        return self.get(name, version=version, stage=stage, alias=alias)
+
     def load(self, name: str, *, version: int | None = None, stage: str | None = None,
              alias: str | None = None) -> Any:
         """The torch model of a version (TorchScript when it was scriptable), in eval mode."""
@@ -273,7 +287,5 @@ class ModelRegistry:
         """Which version, trained by which run on what data: everything in one dict (see ``lineage.py``)."""
         from .lineage import build_lineage
 
-        if version is None and stage is None and alias is None:
-            stage = "production"
         return build_lineage(self, self._runs, self._features, self._artifacts,
-                             self.get(name, version=version, stage=stage, alias=alias), verify=verify)
+                             self.resolve(name, version=version, stage=stage, alias=alias), verify=verify)

@@ -70,8 +70,7 @@ class Monitoring:
     def drift(self, model: str, *, version: int | None = None, since: datetime | None = None, bins: int = 10,
               psi_threshold: float = 0.2, alpha: float = 0.01) -> DriftReport:
         """Training data of a model version (default: production) against its served features."""
-        info = (self._p.models.get(model, version=version) if version is not None
-                else self._p.models.get(model, stage="production"))
+        info = self._p.models.resolve(model, version=version)
         run = self._p.runs.get(info.run_id)
         inp = next((i for i in run.inputs if i["feature_refs"].get("entity_rows")), None)
         training = rebuild_input(self._p.features, self._p.artifacts, run.id, inp) if inp else None

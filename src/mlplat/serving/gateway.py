@@ -33,10 +33,10 @@ from .. import _background
 from .._native import _hashing
 from ..db.models import ABDecision, ABOutcome
 from ..errors import DataError
+from ..models.registry import STAGES
 
 __all__ = ["ABGateway", "Decision", "parse_model_ref"]
 
-_STAGES = ("none", "staging", "production", "archived")
 _SCALE = 2.0 ** -53
 
 
@@ -53,7 +53,7 @@ def parse_model_ref(ref: str) -> tuple[str, dict[str, Any]]:
         return name, {"stage": "production"}
     if sel.isdigit():
         return name, {"version": int(sel)}
-    if sel in _STAGES:
+    if sel in STAGES:
         return name, {"stage": sel}
     return name, {"alias": sel}
 

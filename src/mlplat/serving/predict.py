@@ -71,9 +71,7 @@ class Predictor:
         plan = self._plans.get(key)
         if plan is not None and time.monotonic() - plan.made < self._cache_seconds:
             return plan
-        if version is None and stage is None and alias is None:
-            stage = "production"
-        info = self._models.get(model, version=version, stage=stage, alias=alias)
+        info = self._models.resolve(model, version=version, stage=stage, alias=alias)
         meta = self._models.artifact_meta(info)
         sig = (meta.get("signature") or {})
         if len(sig.get("inputs", [])) != 1:

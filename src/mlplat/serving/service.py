@@ -60,10 +60,8 @@ class ServingService:
         (model.pt) or ``onnxruntime`` (model.onnx). Invalid settings are refused before anything
         is written.
         """
-        if version is None and stage is None and alias is None:
-            stage = "production"
         models = self._p.models
-        info = models.get(name, version=version, stage=stage, alias=alias)
+        info = models.resolve(name, version=version, stage=stage, alias=alias)
         meta = models.artifact_meta(info)
         with tempfile.TemporaryDirectory() as tmp:
             folder = self._p.artifacts.get_dir(info.run_id, info.artifact, Path(tmp) / "model")
