@@ -205,7 +205,7 @@ class TritonClient(_Base):
         """The model's inputs, outputs and batching hints (read once, then cached)."""
         info = self._infos.get(model)
         if info is None:
-            info = self._infos[model] = ModelInfo.from_config(_ints(self.config(model)))
+            info = self._infos[model] = ModelInfo.from_config(self.config(model))
         return info
 
     def infer(self, model: str, inputs: Any, *, version: int | None = None, outputs: list[str] | None = None,
@@ -269,8 +269,7 @@ class TritonClient(_Base):
         return c
 
     def close(self) -> None:
-        for c in list(self._coalescers.values()):
-            c.stop()
+        # coalescers run nothing in the background: requests still pending are sent by their callers
         for client in [self._grpc, *self._http_clients]:
             if client is not None:
                 try:
@@ -339,9 +338,6 @@ class _Coalescer:
     def _take(self) -> list:
         batch, self._pending, self._rows = self._pending, [], 0
         return batch
-
-    def stop(self) -> None:
-        """Nothing runs in the background; requests still pending are sent by their callers."""
 
     def _send(self, batch: list) -> None:
         try:
@@ -432,7 +428,7 @@ class AsyncTritonClient(_Base):
     async def info(self, model: str) -> ModelInfo:
         info = self._infos.get(model)
         if info is None:
-            info = self._infos[model] = ModelInfo.from_config(_ints(await self.config(model)))
+            info = self._infos[model] = ModelInfo.from_config(await self.config(model))
         return info
 
     async def infer(self, model: str, inputs: Any, *, version: int | None = None,
@@ -533,19 +529,3 @@ class _AsyncCoalescer:
                     b[2].set_exception(exc)
         finally:
             self._slots.release()
-
-
-def _ints(config: dict[str, Any]) -> dict[str, Any]:
-    """gRPC's JSON config holds int64 fields as strings; make them numbers where ModelInfo reads them."""
-    config = dict(config)
-    config["max_batch_size"] = int(config.get("max_batch_size", 0))
-    for side in ("input", "output"):
-        config[side] = [{**t, "dims": [int(d) for d in t.get("dims", [])]} for t in config.get(side, [])]
-    batching = config.get("dynamic_batching")
-    if batching:
-        config["dynamic_batching"] = {
-            **batching,
-            "preferred_batch_size": [int(s) for s in batching.get("preferred_batch_size", [])],
-            "max_queue_delay_microseconds": int(batching.get("max_queue_delay_microseconds", 0)),
-        }
-    return config
