@@ -203,6 +203,10 @@ def test_served_numbers_equal_the_local_backend(served, triton, protocol):
         np.testing.assert_allclose(client.infer("scorer", table, version=1)["output__0"],
                                    local.infer("scorer", {"input__0": x}, version=1)["output__0"], rtol=1e-5)
         assert client.metadata("scorer")["name"] == "scorer"
+        if protocol == "http":  # split requests reuse pooled threads and their connections, not one per chunk
+            for _ in range(10):
+                client.infer("scorer", {"input__0": x}, version=1)
+            assert len(client._http_clients) <= 1 + 3  # the caller's, and one per chunk running at once (19 / 8)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

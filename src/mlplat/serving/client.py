@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,7 @@ class TritonClient(_Base):
         self._http_clients: list = []
         self._coalescers: dict[tuple, _Coalescer] = {}
         self._lock = threading.Lock()
+        self._http_pool: ThreadPoolExecutor | None = None  # split HTTP requests: threads and their clients reused
 
     @property
     def _client(self):
@@ -234,18 +235,11 @@ class TritonClient(_Base):
 
     def _infer_async(self, info: ModelInfo, arrays, outputs=None, priority: int = 0,
                      timeout_us: int = 0, version: int | None = None) -> Future:
-        """One request in flight; gRPC sends without blocking, HTTP runs on a thread."""
+        """One request in flight; gRPC sends without blocking, HTTP runs on a pooled thread."""
+        if self.protocol != "grpc":  # tritonclient.http.async_infer sleeps 10 ms per call: a thread (own client)
+            return self._http_workers().submit(self._infer_once, info, arrays, outputs, priority, timeout_us, version)
         fut: Future = Future()
         names = outputs or info.outputs
-        if self.protocol != "grpc":  # tritonclient.http.async_infer sleeps 10 ms per call: a thread (own client)
-            def run() -> None:
-                try:
-                    fut.set_result(self._infer_once(info, arrays, outputs, priority, timeout_us, version))
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    fut.set_exception(exc)
-
-            threading.Thread(target=run, daemon=True).start()
-            return fut
 
         def done(result=None, error=None) -> None:
             if error is not None:
@@ -268,8 +262,16 @@ class TritonClient(_Base):
                     c = self._coalescers[key] = _Coalescer(self, info, version)
         return c
 
+    def _http_workers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._http_pool is None:
+                self._http_pool = ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="mlplat-triton-http")
+            return self._http_pool
+
     def close(self) -> None:
         # coalescers run nothing in the background: requests still pending are sent by their callers
+        if self._http_pool is not None:
+            self._http_pool.shutdown(wait=True)
         for client in [self._grpc, *self._http_clients]:
             if client is not None:
                 try:
