@@ -64,16 +64,20 @@ def column_spec(arr: pa.Array | pa.ChunkedArray, kind: int) -> tuple:
 class RecordBuffers:
     """Encoded records and their entity keys, as flat buffers with offsets."""
 
-    __slots__ = ("key_data", "key_offsets", "rec_data", "rec_offsets", "expire_at_ms", "buckets")
+    __slots__ = ("key_data", "key_offsets", "rec_data", "rec_offsets", "expire_at_ms")
 
     def __init__(self, key_data, key_offsets, rec_data, rec_offsets, expire_at_ms) -> None:
         self.key_data, self.key_offsets = key_data, key_offsets
         self.rec_data, self.rec_offsets = rec_data, rec_offsets
         self.expire_at_ms = expire_at_ms
-        self.buckets = _codec.buckets(key_data, key_offsets)
 
     def __len__(self) -> int:
         return len(self.key_offsets) - 1
+
+    def buckets(self) -> np.ndarray:
+        """Each key's hash-tag bucket (the Redis Cluster slot group its records go to); computed on demand,
+        since only cluster writes need it."""
+        return _codec.buckets(self.key_data, self.key_offsets)
 
     def key(self, i: int) -> bytes:
         return bytes(self.key_data[self.key_offsets[i] : self.key_offsets[i + 1]])

@@ -266,7 +266,7 @@ class RedisOnlineStore(OnlineStore):
             raise self._fail(exc, f"writing {tag}:") from None
 
     def _cluster_write(self, tag: str, records: RecordBuffers, progress: Progress | None) -> int:
-        slots = _slot_of_bucket()[records.buckets]
+        slots = _slot_of_bucket()[records.buckets()]
         order = np.argsort(slots, kind="stable")
         slots = slots[order]
         cut = np.flatnonzero(np.diff(slots)) + 1
