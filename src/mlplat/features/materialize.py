@@ -131,7 +131,7 @@ class Materializer:
             records = self._encode(view, *winners)
             with _progress(show, f"{view.name}@{view.version}", len(records)) as advance:
                 written = self._store().write(view_tag(view), records, advance)
-            _delete_expired(self._store(), view_tag(view))
+            self._store().delete_expired(view_tag(view))
         rows = 0 if winners is None else winners[0].num_rows
         with self._db.session(write=True) as s:
             s.add(Materialization(view=view.name, view_version=view.version, online_store=self._store().name,
@@ -275,12 +275,6 @@ def _append_offline(view: FeatureView, table: pa.Table) -> None:
     with fs.open_output_stream(tmp) as out:
         pq.write_table(pa.table(columns, schema=schema), out)
     fs.move(tmp, f"{folder}/{name}")  # a reader never sees half a file
-
-
-def _delete_expired(store: OnlineStore, tag: str) -> None:
-    delete = getattr(store, "delete_expired", None)
-    if delete is not None:
-        delete(tag)
 
 
 class _progress:

@@ -118,7 +118,7 @@ class SQLiteOnlineStore(OnlineStore):
         return applied
 
     def delete_expired(self, tag: str, now_ms: int | None = None) -> int:
-        """Drop records of ``tag`` whose ttl ran out (Redis does this itself with PXAT)."""
+        """Drop records of ``tag`` whose ttl ran out."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         cur = self._conn().execute(
             "DELETE FROM online_records WHERE tag = ? AND expire_at > 0 AND expire_at < ?", (tag, now_ms)

@@ -42,6 +42,11 @@ class OnlineStore(ABC):
         mix, also when a batch fails half way.
         """
 
+    def delete_expired(self, tag: str, now_ms: int | None = None) -> int:
+        """Drop records of ``tag`` whose ttl ran out; returns how many. Stores that expire records
+        themselves (Redis, with PXAT) have nothing to do."""
+        return 0
+
     @abstractmethod
     def close(self) -> None:
         """Release connections."""
