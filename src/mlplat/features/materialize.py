@@ -37,7 +37,7 @@ from .definitions import FeatureView
 from .offline import as_declared
 from .online.store import OnlineStore
 from .online_read import view_tag
-from .parquet import ParquetFiles, gather, plan_scan, resolve
+from .parquet import ParquetFiles, gather, list_files, plan_scan, read_footer
 from .validation import check_source
 
 __all__ = ["Materializer", "MaterializeResult"]
@@ -257,11 +257,11 @@ def _numeric(t: pa.DataType) -> bool:
 
 def _append_offline(view: FeatureView, table: pa.Table) -> None:
     """Append the rows to the view's source as ``<source>/pushed/<time>-<uuid>.parquet``."""
-    files = ParquetFiles(view.source)
-    schema = files.schema
-    fs, root = resolve(view.source.path)
-    if len(files.paths) == 1 and files.paths[0] == root:
+    fs, root, paths = list_files(view.source)
+    if paths == [root]:
         raise DataError(f"push to {view.name!r}: to_offline needs a folder source, {view.source.path!r} is a file")
+    # the schema of the first file, as ParquetFiles.schema, but without every file's footer (each push adds one)
+    schema = read_footer(fs, view.source, paths[0]).schema.to_arrow_schema()
     columns = {}
     for field in schema:
         if field.name in table.column_names:

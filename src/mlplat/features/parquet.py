@@ -44,34 +44,42 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def list_files(source: ParquetSource) -> tuple[pafs.FileSystem, str, list[str]]:
+    """(filesystem, root, the source's Parquet files in path order); the root itself when it is a file."""
+    fs, root = resolve(source.path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise StoreError(f"source path {source.path!r} does not exist")
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and not _hidden(i.path[len(root):]))
+    else:
+        paths = [root]
+    if not paths:
+        raise StoreError(f"source path {source.path!r} holds no Parquet files")
+    return fs, root, paths
+
+
+def read_footer(fs: pafs.FileSystem, source: ParquetSource, path: str) -> pq.FileMetaData:
+    """One file's Parquet footer (schema, row groups, statistics)."""
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise StoreError(f"source {source.path!r}: {path} is not a readable Parquet file: {exc}") from None
+
+
 class ParquetFiles:
     """The Parquet files of a source in path order, with their footers read once."""
 
     def __init__(self, source: ParquetSource, threads: int = 1) -> None:
         self.source = source
-        self.fs, root = resolve(source.path)
-        info = self.fs.get_file_info(root)
-        if info.type == pafs.FileType.NotFound:
-            raise StoreError(f"source path {source.path!r} does not exist")
-        if info.type == pafs.FileType.Directory:
-            infos = self.fs.get_file_info(pafs.FileSelector(root, recursive=True))
-            self.paths = sorted(
-                i.path for i in infos
-                if i.type == pafs.FileType.File and not _hidden(i.path[len(root):])
-            )
-        else:
-            self.paths = [root]
-        if not self.paths:
-            raise StoreError(f"source path {source.path!r} holds no Parquet files")
+        self.fs, _, self.paths = list_files(source)
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(self.paths)))) as pool:
             self.metadata: list[pq.FileMetaData] = list(pool.map(self._footer, self.paths))
 
     def _footer(self, path: str) -> pq.FileMetaData:
-        try:
-            with self.fs.open_input_file(path) as f:
-                return pq.ParquetFile(f).metadata
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise StoreError(f"source {self.source.path!r}: {path} is not a readable Parquet file: {exc}") from None
+        return read_footer(self.fs, self.source, path)
 
     @property
     def schema(self) -> pa.Schema:
