@@ -112,7 +112,7 @@ def test_materialize_is_incremental_and_rerunning_changes_nothing(p, tmp_path):
     p.features.apply([USER, txn_view(tmp_path / "src")])
     first = p.features.materialize(end_date=NOW - timedelta(hours=40), progress=False)[0]
     assert (first.start, first.rows) == (None, 1)  # only user 1's row is old enough
-    assert p.features.get_online_features(["txn:count"], {"user_id": [1, 2]})["count"] == [10, None]
+    assert p.features.get_online_features(["txn:count"], {"user_id": [1, 2, 3]})["count"] == [10, None, None]
     second = p.features.materialize(end_date=NOW, progress=False)[0]
     assert second.start == NOW - timedelta(hours=40) and second.rows == 1  # continues where the first ended
     again = p.features.materialize(end_date=NOW, progress=False)[0]
@@ -231,6 +231,8 @@ def test_bad_entity_rows_name_the_problem(p, tmp_path, rows, message):
          "join key 'user_id' has nulls"),
         ([{"user_id": 1, "event_timestamp": None, "count": 1, "amount": 1.0, "note": "x"}],
          "every row needs a 'event_timestamp' time"),
+        ([{"user_id": 1, "event_timestamp": datetime(2300, 1, 1, tzinfo=UTC), "count": 1, "amount": 1.0,
+           "note": "x"}], "push to 'txn': a timestamp .* is out of the nanosecond range"),
     ],
 )
 def test_bad_pushes_are_refused_and_store_unchanged(p, tmp_path, rows, message):
@@ -240,6 +242,19 @@ def test_bad_pushes_are_refused_and_store_unchanged(p, tmp_path, rows, message):
     with pytest.raises(mp.DataError, match=message):
         p.features.push("txn", rows)
     assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [10]
+
+
+def test_a_source_time_beyond_nanoseconds_is_a_store_error_naming_the_view(p, tmp_path):
+    write(tmp_path / "src" / "a.parquet", [1], [1], [10])
+    p.features.apply([USER, txn_view(tmp_path / "src")])
+    p.features.materialize(end_date=NOW, progress=False)
+    times = pa.array([NOW - timedelta(hours=1), datetime(2300, 1, 1, tzinfo=UTC)], TS)  # one row group
+    pq.write_table(pa.table({"user_id": pa.array([2, 3], pa.int64()), "event_timestamp": times, "created": times,
+                             "count": pa.array([5, 6], pa.int64()), "amount": pa.array([1.0, 2.0], pa.float32()),
+                             "note": ["near", "far"]}), tmp_path / "src" / "b.parquet")
+    with pytest.raises(mp.StoreError, match="feature view 'txn': a timestamp .* out of the nanosecond range"):
+        p.features.materialize(end_date=NOW, start_date=NOW - timedelta(days=1), progress=False)
+    assert p.features.get_online_features(["txn:count"], {"user_id": [1, 2]})["count"] == [10, None]
 
 
 def test_push_to_offline_appends_a_file_training_sees(p, tmp_path):

@@ -152,9 +152,12 @@ class Materializer:
         table = pa.concat_tables([t for _, t in sorted(parts, key=lambda p: p[0])])
         factorizer = KeyFactorizer([table.column(k) for k in view.join_keys])
         codes = factorizer.codes
-        ts = _arrow.timestamps_ns(table.column(src.timestamp_field))
-        created = (_arrow.timestamps_ns(table.column(src.created_timestamp_field)) if src.created_timestamp_field
-                   else np.empty(0, dtype=np.int64))
+        try:  # as offline retrieval's scan: a time outside int64 ns is the source's problem
+            ts = _arrow.timestamps_ns(table.column(src.timestamp_field))
+            created = (_arrow.timestamps_ns(table.column(src.created_timestamp_field)) if src.created_timestamp_field
+                       else np.empty(0, dtype=np.int64))
+        except pa.ArrowInvalid as exc:
+            raise StoreError(f"feature view {view.name!r}: {exc}") from None
         del table
         parts.clear()
         codes[ts == _arrow.INT64_MIN] = -1  # rows without an event time never win
@@ -191,9 +194,12 @@ class Materializer:
             now = pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", "UTC"))
             table = table.append_column(src.created_timestamp_field, pa.array([now.as_py()] * table.num_rows,
                                                                                pa.timestamp("us", "UTC")))
-        event_ns = _arrow.timestamps_ns(table.column(src.timestamp_field))
-        created_ns = (_arrow.timestamps_ns(table.column(src.created_timestamp_field))
-                      if src.created_timestamp_field else np.full(table.num_rows, _arrow.INT64_MIN))
+        try:
+            event_ns = _arrow.timestamps_ns(table.column(src.timestamp_field))
+            created_ns = (_arrow.timestamps_ns(table.column(src.created_timestamp_field))
+                          if src.created_timestamp_field else np.full(table.num_rows, _arrow.INT64_MIN))
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"push to {view.name!r}: {exc}") from None
         if to_offline:
             _append_offline(view, table)
         if view.online:
