@@ -282,6 +282,12 @@ class ModelRegistry:
                 RunArtifact.run_id == info.run_id, RunArtifact.path == info.artifact)).first()
         return {} if row is None else {"sha256": row.sha256, "size": row.size, **row.meta}
 
+    def training_refs(self, info: ModelVersionInfo) -> list[str]:
+        """The feature refs ("view@version:feature") the version was trained on: those of its run's first
+        input logged with feature refs; [] when none was."""
+        run = self._runs.get(info.run_id)
+        return next((i["feature_refs"]["refs"] for i in run.inputs if i["feature_refs"].get("refs")), [])
+
     def lineage(self, name: str, *, version: int | None = None, stage: str | None = None,
                 alias: str | None = None, verify: bool = False) -> dict[str, Any]:
         """Which version, trained by which run on what data: everything in one dict (see ``lineage.py``)."""

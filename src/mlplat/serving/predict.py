@@ -77,8 +77,7 @@ class Predictor:
         if len(sig.get("inputs", [])) != 1:
             raise ServingError(f"predict serves models with one input tensor; {model} v{info.version} has "
                                f"{len(sig.get('inputs', []))}")
-        lineage = self._models.lineage(model, version=info.version)
-        refs = next((d["feature_refs"] for d in lineage["data"] if d["feature_refs"]), [])
+        refs = self._models.training_refs(info)  # not lineage(): that also reads the history and approvals
         if not refs:
             raise ServingError(f"{model} v{info.version} was trained without logged feature refs: log its "
                                "training data with run.log_input(..., feature_refs=...) so predict knows them")
