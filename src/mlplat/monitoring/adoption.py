@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..db.models import Experiment, ModelTransition, ModelVersion, RegisteredModel, Run, RunInput, RunTag
+from ..db.models import ModelTransition, ModelVersion, RegisteredModel, Run, RunInput, RunTag
 
 __all__ = ["adoption_metrics"]
 
@@ -26,13 +26,13 @@ def _view_of(ref: str) -> str:
 
 def adoption_metrics(db) -> dict[str, Any]:
     with db.connect() as conn:
-        runs = conn.execute(sa.select(Run.id, Run.start_time, Experiment.name).join(Experiment)).all()
-        with_input = set(conn.scalars(sa.select(RunInput.run_id).distinct()))
+        runs = conn.execute(sa.select(Run.id, Run.start_time)).all()
         with_commit = set(conn.scalars(sa.select(RunTag.run_id).where(RunTag.key == "mlplat.git.commit",
                                                                       RunTag.value != "")))
         inputs = defaultdict(list)
         for run_id, refs in conn.execute(sa.select(RunInput.run_id, RunInput.feature_refs)):
             inputs[run_id].append(refs or {})
+        with_input = set(inputs)
         versions = conn.execute(sa.select(RegisteredModel.name, ModelVersion.id, ModelVersion.version,
                                           ModelVersion.run_id, ModelVersion.stage)
                                 .join(ModelVersion, ModelVersion.model_id == RegisteredModel.id)).all()
