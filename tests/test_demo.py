@@ -38,6 +38,20 @@ def test_demo_serves_what_offline_retrieval_gives(demo):
     assert demo["online"]["txn_count_7d"][3] is None and demo["online"]["txn_count_7d"][0] > 0
 
 
+def test_predict_takes_request_time_columns_from_any_table_form(demo):
+    import pandas as pd
+
+    import mlplat as mp
+
+    rows = [{"user_id": u, "merchant_id": f"m{u % 7:04d}", "amount": 10.0 * u} for u in (1, 2, 3, 5000)]
+    with mp.Platform(demo["home"], served_sample_rate=0.0) as p:  # the demo's own settings: SQLite under home
+        want = p.serving.predict("fraud", rows, log=False)["output__0"]
+        for form in (pd.DataFrame(rows), pa.Table.from_pylist(rows), {k: [r[k] for r in rows] for k in rows[0]}):
+            assert p.serving.predict("fraud", form, log=False)["output__0"] == want
+        with pytest.raises(mp.DataError, match="needs a column 'amount'"):
+            p.serving.predict("fraud", pd.DataFrame(rows).drop(columns="amount"), log=False)
+
+
 def test_demo_trains_registers_and_approves(demo):
     model = demo["model"]
     assert model["val_auc"] > 0.7 and model["challenger_val_auc"] > 0.7  # the labels carry learnable signal

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .._arrow import to_table
 from ..errors import DataError, ServingError
 from .served_log import ServedLog
 from .shaping import NUMPY_TYPES
@@ -84,7 +85,7 @@ class Predictor:
         requests, names = self._features.resolve(refs)
         self._check_materialized(model, info.version, requests)
         keys: list[str] = []
-        types: dict[str, pa.DataType] = {}
+        types: dict[str, pa.DataType] = {"model_version": pa.int64()}  # the served log's column types
         for req in requests:
             keys += [k for k in req.view.join_keys if k not in keys]
             for f, out in zip(req.features, req.output_names):
@@ -117,26 +118,26 @@ class Predictor:
                 stage: str | None = None, alias: str | None = None, variant: str = "default",
                 triton_model: str | None = None, log: bool = True) -> Prediction:
         plan = self.plan(model, version=version, stage=stage, alias=alias)
-        rows = entity_rows
+        # a table (pandas, polars, Arrow) becomes Arrow once, for the online read and the request-time columns
+        rows = entity_rows if isinstance(entity_rows, (dict, list)) else to_table(entity_rows, "entity rows")
         online = self._features.get_online_features(list(plan.refs), rows)
         n = len(online[plan.join_keys[0]]) if plan.join_keys else 0
         matrix = np.empty((n, len(plan.columns)), dtype=plan.input_dtype)
         for j, col in enumerate(plan.columns):
             values = online.get(col)
             if values is None:
-                values = _request_column(rows, col, n)
+                values = _request_column(rows, col)
             matrix[:, j] = [0 if v is None else v for v in values]  # the demo and helper train with nulls as 0
         outputs = backend.infer(triton_model or model, {plan.input_name: matrix}, version=plan.version)
         flat = {name: np.asarray(outputs[name]).reshape(n, -1)[:, 0].tolist() for name in plan.outputs}
         keys = {k: online[k] for k in plan.join_keys}
         features = {name: online[name] for name in plan.feature_names}
         if log:
-            self._log.add(model, plan.version, variant, keys, features, flat, refs=plan.refs,
-                          types={**plan.types, "model_version": pa.int64()})
+            self._log.add(model, plan.version, variant, keys, features, flat, refs=plan.refs, types=plan.types)
         return Prediction({**keys, **flat}, model=model, version=plan.version, variant=variant, features=features)
 
 
-def _request_column(rows: Any, name: str, n: int) -> list:
+def _request_column(rows: dict | list | pa.Table, name: str) -> list:
     """A request-time input (not a feature) from the entity rows."""
     if isinstance(rows, dict):
         if name in rows:
@@ -144,10 +145,6 @@ def _request_column(rows: Any, name: str, n: int) -> list:
     elif isinstance(rows, list):
         if all(isinstance(r, dict) and name in r for r in rows):
             return [r[name] for r in rows]
-    else:
-        from .._arrow import to_table
-
-        table = to_table(rows, "entity rows")
-        if name in table.column_names:
-            return table.column(name).to_pylist()
+    elif name in rows.column_names:
+        return rows.column(name).to_pylist()
     raise DataError(f"the model needs a column {name!r}: it is not a feature, so the entity rows must hold it")
