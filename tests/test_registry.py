@@ -140,6 +140,8 @@ def test_aliases(p):
     assert p.models.get("fraud", alias="champion").version == 1
     p.models.set_alias("fraud", "champion", 2, notes="swap")
     assert p.models.get("fraud", alias="champion").aliases == ("challenger", "champion")
+    assert p.models.versions("fraud") == [p.models.get("fraud", version=1), p.models.get("fraud", version=2)]
+    assert [v.aliases for v in p.models.versions("fraud")] == [(), ("challenger", "champion")]
     assert p.models.load("fraud", alias="champion") is not None
     p.models.delete_alias("fraud", "challenger")
     with pytest.raises(mp.NotFoundError, match="has no alias 'challenger'"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import getpass
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -209,11 +210,17 @@ class ModelRegistry:
         return [dict(r._mapping) for r in rows]
 
     def versions(self, name: str) -> list[ModelVersionInfo]:
+        """Every version of the model, oldest first (two queries, whatever their number)."""
         with self._db.connect() as conn:
             model_id = self._model_id(conn, name)
-            numbers = list(conn.scalars(sa.select(ModelVersion.version).where(ModelVersion.model_id == model_id)
-                                        .order_by(ModelVersion.version)))
-        return [self.get(name, version=v) for v in numbers]
+            rows = conn.execute(sa.select(*ModelVersion.__table__.c).where(ModelVersion.model_id == model_id)
+                                .order_by(ModelVersion.version)).all()
+            aliases: dict[int, list[str]] = {}
+            for version_id, alias in conn.execute(
+                    sa.select(ModelAlias.version_id, ModelAlias.alias).where(ModelAlias.model_id == model_id)
+                    .order_by(ModelAlias.alias)):
+                aliases.setdefault(version_id, []).append(alias)
+        return [_version_info(name, row, aliases.get(row.id, ())) for row in rows]
 
     def get(self, name: str, *, version: int | None = None, stage: str | None = None,
             alias: str | None = None) -> ModelVersionInfo:
@@ -236,10 +243,9 @@ class ModelRegistry:
                 what = (f"version {version}" if version is not None else f"version in stage {stage!r}"
                         if stage is not None else f"alias {alias!r}" if alias is not None else "any version")
                 raise NotFoundError(f"model {name!r} has no {what}")
-            aliases = tuple(conn.scalars(sa.select(ModelAlias.alias).where(ModelAlias.version_id == row.id)
-                                         .order_by(ModelAlias.alias)))
-        return ModelVersionInfo(name, row.version, row.stage, row.run_id, row.artifact, row.registered_by,
-                                row.created_at, row.description, aliases)
+            aliases = conn.scalars(sa.select(ModelAlias.alias).where(ModelAlias.version_id == row.id)
+                                   .order_by(ModelAlias.alias)).all()
+        return _version_info(name, row, aliases)
 
     def history(self, name: str, *, version: int | None = None) -> list[Transition]:
         """Every recorded transition of the model (or of one version), oldest first."""
@@ -295,3 +301,9 @@ class ModelRegistry:
 
         return build_lineage(self, self._runs, self._features, self._artifacts,
                              self.resolve(name, version=version, stage=stage, alias=alias), verify=verify)
+
+
+def _version_info(name: str, row: Any, aliases: Sequence[str]) -> ModelVersionInfo:
+    """A ModelVersion row (all its columns) and its aliases as the public record."""
+    return ModelVersionInfo(name, row.version, row.stage, row.run_id, row.artifact, row.registered_by,
+                            row.created_at, row.description, tuple(aliases))
