@@ -31,7 +31,7 @@ def test_error_tree_has_one_root():
 
 @pytest.mark.parametrize(
     "module",
-    ["mlplat.dtypes", "mlplat.settings", "mlplat.features.definitions", "mlplat._native.keys", "mlplat.db.engine",
+    ["mlplat.dtypes", "mlplat._time", "mlplat.settings", "mlplat.features.definitions", "mlplat._native.keys", "mlplat.db.engine",
      "mlplat.runs.search", "mlplat.runs.artifacts", "mlplat.runs.training", "mlplat.demo.data", "mlplat"],
 )
 def test_docstring_examples_run(module, tmp_path, monkeypatch):

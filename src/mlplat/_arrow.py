@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.types as pat
 
+from ._time import as_utc
 from .errors import DataError
 
 __all__ = ["to_table", "timestamps_ns_into", "timestamps_ns", "datetime_ns", "timedelta_ns", "INT64_MIN", "INT64_MAX"]
@@ -94,9 +95,7 @@ def is_timestamp_type(t: pa.DataType) -> bool:
 
 def datetime_ns(value: datetime) -> int:
     """UTC nanoseconds of a datetime (naive is UTC)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return timedelta_ns(value - _EPOCH)
+    return timedelta_ns(as_utc(value) - _EPOCH)
 
 
 def timedelta_ns(value: timedelta) -> int:

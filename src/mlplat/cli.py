@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import click
 
 from . import __version__
 from ._console import print_lineage, print_skew, table
+from ._time import as_utc
 from .errors import ConfigError, MlplatError
 
 __all__ = ["main", "cli"]
@@ -52,7 +53,7 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> date
         t = datetime.fromisoformat(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not an ISO date or time (e.g. 2026-11-26T12:00)") from None
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
+    return as_utc(t)
 
 
 def _console():

@@ -31,6 +31,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from .._time import as_utc
+
 __all__ = [
     "Base", "UTCDateTime", "utcnow", "FeatureDefinition", "FeatureDefinitionTag", "Materialization",
     "Experiment", "Run", "RunParam", "RunTag", "MetricChunk", "LatestMetric", "RunInput", "RunArtifact",
@@ -51,15 +53,13 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
         if value is None:
             return None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        value = value.astimezone(timezone.utc)
+        value = as_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
         if value is None:
             return None
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return as_utc(value)
 
 
 JSONDocument = JSON().with_variant(JSONB(), "postgresql")

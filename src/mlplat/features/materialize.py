@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from .. import _arrow, dtypes
+from .._time import as_utc
 from .._native import KeyFactorizer, asof_backward_on_ts_by_key
 from .._native.codec import RecordBuffers, encode_records, entity_key_buffers, kind_of
 from ..db import Database
@@ -77,10 +78,8 @@ class Materializer:
         *,
         progress: bool | None = None,
     ) -> list[MaterializeResult]:
-        end = end_date or datetime.now(timezone.utc)
-        end = end.replace(tzinfo=timezone.utc) if end.tzinfo is None else end.astimezone(timezone.utc)
-        if start_date is not None and start_date.tzinfo is None:
-            start_date = start_date.replace(tzinfo=timezone.utc)
+        end = as_utc(end_date) if end_date is not None else datetime.now(timezone.utc)
+        start_date = as_utc(start_date) if start_date is not None else None
         now = datetime.now(timezone.utc)
         if end > now + _CLOCK_SLACK:
             raise DataError(f"end_date {end.isoformat()} is in the future (now is {now.isoformat()}): the online "

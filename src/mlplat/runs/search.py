@@ -34,6 +34,7 @@ from typing import Any, Union
 
 import sqlalchemy as sa
 
+from .._time import as_utc
 from ..db.models import SHORT_VALUE, Experiment, LatestMetric, Run, RunParam, RunTag
 from ..errors import DataError
 
@@ -270,7 +271,7 @@ def _time_value(value: Any) -> datetime:
         parsed = datetime.fromisoformat(str(value))
     except ValueError:
         raise DataError(f"filter: {value!r} is not a time (use milliseconds since the epoch or an ISO date)") from None
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed
+    return as_utc(parsed)
 
 
 def _attribute(name: str):

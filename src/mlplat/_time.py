@@ -1,0 +1,15 @@
+"""UTC datetimes: mlplat reads a naive datetime as UTC and hands out aware UTC ones."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+__all__ = ["as_utc"]
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime (a naive one is taken as UTC; an aware one keeps its instant).
+
+    >>> as_utc(datetime(2026, 1, 1, 12)).isoformat()
+    '2026-01-01T12:00:00+00:00'
+    """
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
