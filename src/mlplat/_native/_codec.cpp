@@ -558,6 +558,19 @@ int64_t bucket_of_key(const py::bytes& key) {
 
 namespace {
 
+// The one spelling of a Redis key: prefix + "{" + bucket + "}:" + tag + ":" + key (the hash tag keeps an
+// entity's views in one cluster slot). Writes, single-node reads and cluster reads all build it here.
+void append_redis_key(std::string& out, const std::string& prefix, const std::string& bucket,
+                      const std::string& tag, const char* key, size_t n) {
+    out += prefix;
+    out += '{';
+    out += bucket;
+    out += "}:";
+    out += tag;
+    out += ':';
+    out.append(key, n);
+}
+
 struct Resp {
     std::string out;
     void header(size_t n) {
@@ -573,20 +586,14 @@ struct Resp {
         out += "\r\n";
     }
     void bulk(const std::string& s) { bulk(s.data(), s.size()); }
-    // prefix + "{" + bucket + "}:" + tag + ":" + key, as one bulk string
+    // the entity's Redis key (append_redis_key) as one bulk string
     void redis_key(const std::string& prefix, const std::string& tag, const uint8_t* key, size_t n) {
         std::string b = std::to_string(bucket_of(key, n));
         size_t total = prefix.size() + 1 + b.size() + 2 + tag.size() + 1 + n;
         out += '$';
         out += std::to_string(total);
         out += "\r\n";
-        out += prefix;
-        out += '{';
-        out += b;
-        out += "}:";
-        out += tag;
-        out += ':';
-        out.append(reinterpret_cast<const char*>(key), n);
+        append_redis_key(out, prefix, b, tag, reinterpret_cast<const char*>(key), n);
         out += "\r\n";
     }
 };
@@ -601,13 +608,7 @@ py::list redis_keys(const std::string& prefix, const std::string& tag, const py:
         std::string_view e = py::cast<std::string_view>(keys[i]);
         std::string b = std::to_string(bucket_of(reinterpret_cast<const uint8_t*>(e.data()), e.size()));
         k.clear();
-        k += prefix;
-        k += '{';
-        k += b;
-        k += "}:";
-        k += tag;
-        k += ':';
-        k += e;
+        append_redis_key(k, prefix, b, tag, e.data(), e.size());
         out[i] = py::bytes(k);
     }
     return out;
