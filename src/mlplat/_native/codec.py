@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.types as pat
 
 from . import _codec
+from .keys import binary_buffers, valid_mask
 
 __all__ = ["KEY_KINDS", "kind_of", "encode_records", "entity_key_buffers", "column_spec", "RecordBuffers"]
 
@@ -30,27 +31,15 @@ def kind_of(dtype) -> int:
 
 
 
-def _valid(arr: pa.Array) -> np.ndarray | None:
-    return None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
-
-
 def column_spec(arr: pa.Array | pa.ChunkedArray, kind: int) -> tuple:
     """The buffers ``_codec`` reads for one column: (values, valid) or (offsets, data, valid)."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if pat.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
-    valid = _valid(arr)
+    valid = valid_mask(arr)
     if kind in (STRING, BYTES):
-        if pat.is_string_view(arr.type) or pat.is_binary_view(arr.type):
-            arr = arr.cast(pa.large_binary())
-        large = pat.is_large_string(arr.type) or pat.is_large_binary(arr.type)
-        width = 8 if large else 4
-        _, off, data = arr.buffers()
-        offsets = np.frombuffer(off, dtype=np.int64 if large else np.int32, count=len(arr) + 1,
-                                offset=arr.offset * width)
-        data_np = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
-        return offsets, data_np, valid
+        return (*binary_buffers(arr), valid)
     if kind == TIMESTAMP:
         arr = pc.cast(arr, pa.timestamp("ns", getattr(arr.type, "tz", None))).cast(pa.int64())
     elif kind == INT and arr.type != pa.int64():

@@ -85,7 +85,8 @@ def _new_factorizer(kind: str):
     return _keys.Int64Factorizer() if kind == "int" else _keys.BinaryFactorizer()
 
 
-def _valid(arr: pa.Array) -> np.ndarray | None:
+def valid_mask(arr: pa.Array) -> np.ndarray | None:
+    """The validity of each value as a bool array, or None when nothing is null."""
     if arr.null_count == 0:
         return None
     return arr.is_valid().to_numpy(zero_copy_only=False)
@@ -106,7 +107,9 @@ def _int_values(arr: pa.Array) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.int64, count=len(arr), offset=arr.offset * 8)
 
 
-def _binary_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def binary_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, data) of a string or binary array (dictionary and view types included), zero-copy where Arrow
+    allows."""
     t = arr.type
     if pat.is_dictionary(t):
         arr = arr.dictionary_decode()
@@ -131,9 +134,9 @@ def _build(f, kind: str, column) -> np.ndarray:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if kind == "int":
         arr = _as_int64(arr)
-        return f.build(_int_values(arr), _valid(arr))
-    offsets, data = _binary_buffers(arr)
-    return f.build(offsets, data, _valid(arr))
+        return f.build(_int_values(arr), valid_mask(arr))
+    offsets, data = binary_buffers(arr)
+    return f.build(offsets, data, valid_mask(arr))
 
 
 def _lookup(f, kind: str, column, out: np.ndarray) -> None:
@@ -142,10 +145,10 @@ def _lookup(f, kind: str, column, out: np.ndarray) -> None:
         part = out[start : start + len(arr)]
         if kind == "int":
             arr = _as_int64(arr)
-            f.lookup(_int_values(arr), _valid(arr), part)
+            f.lookup(_int_values(arr), valid_mask(arr), part)
         else:
-            offsets, data = _binary_buffers(arr)
-            f.lookup(offsets, data, _valid(arr), part)
+            offsets, data = binary_buffers(arr)
+            f.lookup(offsets, data, valid_mask(arr), part)
         start += len(arr)
     if start != len(out):
         raise ValueError(f"key column has {start} rows, out has {len(out)}")
