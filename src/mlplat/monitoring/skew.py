@@ -123,16 +123,14 @@ def merge_reports(name: str, reports: list[SkewReport], *, prefix_model: bool = 
 
 
 def skew_check(features, log: pa.Table, refs: list[str], keys: list[str], *, model: str,
-               since: datetime | None = None, sample: int | None = None, tolerance: float = 0.01,
+               sample: int | None = None, tolerance: float = 0.01,
                threshold: float = 0.05, seed: int = 0, max_mismatches: int = 1_000,
                only: list[str] | None = None) -> SkewReport:
-    """Compare served feature values with the offline retrieval at the same request times."""
+    """Compare served feature values with the offline retrieval at the same request times
+    (``log``: the served rows to check, already limited to a time window by the caller)."""
     check_limits(tolerance, threshold)
     if log.num_rows == 0 or not refs:
         raise NotFoundError(f"no served features are logged for {model!r}: predict with logging on first")
-    if since is not None:
-        log = log.filter(pc.greater_equal(log.column("request_time"), pa.scalar(since, log.schema.field(
-            "request_time").type)))
     if sample is not None and log.num_rows > sample:
         picks = np.sort(np.random.default_rng(seed).choice(log.num_rows, size=sample, replace=False))
         log = log.take(pa.array(picks))
