@@ -45,7 +45,11 @@ What it does:
      ``async_infer`` callbacks (each callback sends that caller's next request);
    * ``raw sync gRPC`` (informative): 8 threads, each its own ``tritonclient.grpc`` client, ``infer``;
    * ``mlplat coalescing wait0`` (informative): as ``mlplat coalescing`` with ``coalesce_wait_us=0`` (send
-     whatever is queued at once instead of waiting up to the model's max queue delay for more).
+     whatever is queued at once instead of waiting up to the model's max queue delay for more);
+   * ``batched ceiling`` (informative): one thread sends ready ``--callers``-row requests (the callers' rows,
+     stacked) back to back through ``mp.TritonClient``; each row counts as a request. This is what a coalescer
+     of that many callers could at most reach on this machine and server: the same batches with no callers to
+     wait for and answer. Its ratio to one-by-one bounds the coalescing target.
 
    The better of the two raw async engines (by median throughput) is the peer in the targets.
    Correctness, before anything is timed: the reference output of each of
@@ -105,7 +109,7 @@ SEED = 20240611
 RTOL, ATOL = 1e-5, 1e-6
 
 ENGINES = ("one-by-one", "mlplat coalescing", "raw aio gRPC", "raw async_infer", "raw sync gRPC",
-           "mlplat coalescing wait0")
+           "mlplat coalescing wait0", "batched ceiling")
 RAW_PEERS = ("raw aio gRPC", "raw async_infer")
 PREDICT_ENGINES = ("predict Triton gRPC", "predict local backend", "online features only", "Triton infer only")
 PREDICT_BATCHES = (1, 100)
@@ -300,7 +304,8 @@ class Engines:
         self.aio_client = None  # made inside the loop on first use
         self.run = {"one-by-one": self.one_by_one, "mlplat coalescing": self.coalesce,
                     "raw aio gRPC": self.raw_aio, "raw async_infer": self.raw_async_infer,
-                    "raw sync gRPC": self.raw_sync_grpc, "mlplat coalescing wait0": self.coalesce0}
+                    "raw sync gRPC": self.raw_sync_grpc, "mlplat coalescing wait0": self.coalesce0,
+                    "batched ceiling": self.batched_ceiling}
 
     # ---- mlplat
     def one_by_one(self, t_end_ns: int) -> list[Records]:
@@ -316,6 +321,29 @@ class Engines:
         c = self.coalescing0
         return _thread_engine([lambda x: c.infer(MODEL, {INPUT: x})[OUTPUT]] * self.callers, self.rows, t_end_ns,
                               self.callers)
+
+    def batched_ceiling(self, t_end_ns: int) -> list[Records]:
+        """One thread, the callers' rows stacked into one request at a time: no coalescing cost at all."""
+        import numpy as np
+
+        c, n_rows, k = self.plain[0], len(self.rows), self.callers
+        perf = time.perf_counter_ns
+        rec = Records()
+        i = 0
+        try:
+            while True:
+                t0 = perf()
+                if t0 >= t_end_ns:
+                    break
+                js = [(i + r) % n_rows for r in range(k)]
+                out = c.infer(MODEL, {INPUT: np.concatenate([self.rows[j] for j in js])})[OUTPUT]
+                t1 = perf()
+                for r, j in enumerate(js):
+                    rec.add(t0, t1, j, out[r : r + 1])
+                i += k
+        except BaseException as exc:  # noqa: BLE001 - reported after the round
+            rec.errors.append(repr(exc))
+        return [rec]
 
     # ---- raw tritonclient
     def raw_sync_grpc(self, t_end_ns: int) -> list[Records]:
@@ -878,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         peer = max(peers, key=lambda r: r["rps_median"]) if peers else None
         one = res.get("one-by-one")
         co = res.get("mlplat coalescing")
+        ceiling = res.get("batched ceiling")
         chk = tp["check"]
         header.append(
             f"throughput: {args.callers} concurrent callers, single-row requests back to back, {args.rounds} "
@@ -917,6 +946,11 @@ def main(argv: list[str] | None = None) -> int:
                      "stub included); CPU = process CPU time over the window per completed request and in cores "
                      "(client: this worker process, every thread; server: tritonserver and its python backend "
                      "stub); 'peer' = the faster raw tritonclient async engine (median round)")
+        if one and ceiling:
+            notes.append(f"batched ceiling: one thread sending {args.callers}-row requests back to back reaches "
+                         f"{ceiling['rps_median']:.0f} rows/s = {ceiling['rps_median'] / one['rps_median']:.2f}x "
+                         f"one-by-one; a coalescer of {args.callers} callers sends the same batches and adds the "
+                         "wait for its callers and their hand-back, so it cannot go above this ratio here")
         if one and co:
             ratio = co["rps_median"] / one["rps_median"]
             target_rows.append([f"mlplat coalescing vs one-by-one throughput, {args.callers} callers",

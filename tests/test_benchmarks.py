@@ -60,5 +60,6 @@ def test_serving_smoke(redis_server_url, triton_python):
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr  # non-zero on a wrong or mixed-up answer
-    for text in ("one-by-one", "mlplat coalescing", "raw aio gRPC", "predict Triton gRPC", "correctness"):
+    for text in ("one-by-one", "mlplat coalescing", "raw aio gRPC", "batched ceiling", "predict Triton gRPC",
+                 "correctness"):
         assert text in result.stdout
