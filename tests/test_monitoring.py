@@ -19,7 +19,7 @@ import torch
 
 import mlplat as mp
 from mlplat.errors import DataError, NotFoundError
-from mlplat.monitoring.drift import compare_column
+from mlplat.monitoring.drift import compare_column, drift_check
 from mlplat.monitoring.stats import chi2_contingency, chi2_sf, kolmogorov_sf, ks_2samp, psi
 
 USERS = 400
@@ -217,6 +217,44 @@ def test_drift_needs_served_rows_and_a_logged_input(world):
         p.monitoring.drift("blind", version=version)
 
 
+def test_a_model_trained_on_full_feature_names_is_served_checked_and_compared_under_them(world):
+    """Trained on ``view__feature`` columns: predict serves those columns, the log, skew and drift use the names."""
+    p, _ = world
+    rng = np.random.default_rng(21)
+    times = pa.array([NOW - timedelta(hours=1)] * 2000, pa.timestamp("us", "UTC"))
+    train = p.features.get_historical_features(
+        pa.table({"user_id": rng.integers(0, USERS, 2000), "event_timestamp": times}), REFS, full_feature_names=True)
+    names = ["profile__score", "profile__visits", "profile__segment"]
+    assert train.column_names[-3:] == names
+    with p.runs.start("scoring") as run:
+        run.log_input(train, "train", feature_refs=REFS)
+        run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid()), "model",
+                      example_input=torch.zeros(2, 2), columns=["profile__score", "profile__visits"])
+    p.models.register("full", run.id, registered_by="alice")
+    p.models.promote("full", 1, "production", approved_by="bob")
+    users = list(range(USERS))
+    out = p.serving.predict("full", {"user_id": users})
+    assert list(out.features) == names
+    online = _online(p, users)
+    assert out.features["profile__score"] == online["score"]  # the same values, under the training names
+    local = p.serving.local_backend().infer("full", {"input__0": np.column_stack(
+        [online["score"], online["visits"]]).astype(np.float32)})
+    assert np.allclose(np.asarray(out["output__0"]), local["output__0"][:, 0])
+    calm = p.monitoring.skew("full")
+    assert set(calm.features) == set(names) and calm.mismatches == []
+    assert set(p.monitoring.drift("full").features) == set(names)
+    since = _since()
+    _push(p, users, score=lambda v: v + 1.0)
+    p.serving.predict("full", {"user_id": users})
+    assert p.monitoring.skew("full", since=since).skewed == ["profile__score"]
+    assert p.monitoring.drift("full", since=since).drifted == ["profile__score"]
+    # by view: both models serve it; only "full" predicted since then, under its own names
+    by_view = p.monitoring.skew("profile", since=since)
+    assert set(by_view.features) == {f"full:{n}" for n in names} and by_view.skewed == ["full:profile__score"]
+    # the scorer (bare names) and the new model (full names) in one log folder each, both still checked
+    assert set(p.monitoring.skew("scorer").features) == {"score", "visits", "segment"}
+
+
 def test_compare_column_unit():
     rng = np.random.default_rng(0)
     ref = pa.chunked_array([rng.normal(0, 1, 5000)])
@@ -227,6 +265,16 @@ def test_compare_column_unit():
     # nulls and NaNs are left out, not counted as values
     holes = compare_column("x", ref, pa.chunked_array([pa.array([None, float("nan"), 0.1, -0.2])]))
     assert holes.served_rows == 2
+
+
+def test_drift_check_refuses_a_feature_missing_on_either_side():
+    training = pa.table({"score": [0.1, 0.2, 0.3], "visits": [1, 2, 3]})
+    served = pa.table({"score": [0.1, 0.4]})
+    with pytest.raises(DataError, match=r"served-feature log of 'm' v1 has no column for features \['visits'\]"):
+        drift_check(training, served, ["score", "visits"], model="m", version=1)
+    with pytest.raises(DataError, match=r"training data of 'm' v1 has no column for features \['profile__score'\]"):
+        drift_check(training, served, ["profile__score"], model="m", version=1)
+    assert list(drift_check(training, served, ["score"], model="m", version=1).features) == ["score"]
 
 
 # ------------------------------------------------------------------------------------------------ adoption

@@ -189,9 +189,9 @@ def test_lineage_answers_in_one_call(p, lineage_setup):
     assert [h["to"] for h in info["history"]] == ["none", "production"]
     assert info["artifact"]["torch_version"] == torch.__version__ and len(info["artifact"]["sha256"]) == 64
     json.dumps(info)  # plain JSON all the way
-    assert p.models.training_refs(p.models.resolve("fraud")) == data["feature_refs"]
+    assert p.models.training_features(p.models.resolve("fraud")) == (data["feature_refs"], False)
     p.models.register("fraud", trained_run(p))  # a run that logged no input
-    assert p.models.training_refs(p.models.get("fraud", version=2)) == []
+    assert p.models.training_features(p.models.get("fraud", version=2)) == ([], False)
 
 
 def test_lineage_verify_rebuilds_the_training_data(p, lineage_setup):

@@ -288,11 +288,13 @@ class ModelRegistry:
                 RunArtifact.run_id == info.run_id, RunArtifact.path == info.artifact)).first()
         return {} if row is None else {"sha256": row.sha256, "size": row.size, **row.meta}
 
-    def training_refs(self, info: ModelVersionInfo) -> list[str]:
-        """The feature refs ("view@version:feature") the version was trained on: those of its run's first
-        input logged with feature refs; [] when none was."""
+    def training_features(self, info: ModelVersionInfo) -> tuple[list[str], bool]:
+        """The feature refs ("view@version:feature") the version was trained on, from its run's first input
+        logged with feature refs, and whether that table named them ``view__feature``; ([], False) when
+        no input was logged with refs."""
         run = self._runs.get(info.run_id)
-        return next((i["feature_refs"]["refs"] for i in run.inputs if i["feature_refs"].get("refs")), [])
+        inp = next((i["feature_refs"] for i in run.inputs if i["feature_refs"].get("refs")), None)
+        return (inp["refs"], bool(inp.get("full_feature_names"))) if inp else ([], False)
 
     def lineage(self, name: str, *, version: int | None = None, stage: str | None = None,
                 alias: str | None = None, verify: bool = False) -> dict[str, Any]:

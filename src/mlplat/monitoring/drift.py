@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.types as pat
 
-from ..errors import NotFoundError
+from ..errors import DataError, NotFoundError
 from .stats import chi2_contingency, ks_2samp, numeric_bins, psi
 
 __all__ = ["DriftReport", "FeatureDrift", "drift_check"]
@@ -93,9 +93,13 @@ def drift_check(training: pa.Table, served: pa.Table, features: list[str], *, mo
     """Compare each feature's training distribution with what was served."""
     if served.num_rows == 0:
         raise NotFoundError(f"no served features are logged for {model!r} v{version}")
+    for what, table in (("training data", training), ("served-feature log", served)):
+        missing = [n for n in features if n not in table.column_names]
+        if missing:  # an empty report would read as "no drift"
+            raise DataError(f"the {what} of {model!r} v{version} has no column for features {missing}; it has "
+                            f"{table.column_names}")
     report = DriftReport(model, version, psi_threshold, alpha)
     for name in features:
-        if name in training.column_names and name in served.column_names:
-            report.features[name] = compare_column(name, training.column(name), served.column(name), bins=bins,
-                                                   psi_threshold=psi_threshold, alpha=alpha)
+        report.features[name] = compare_column(name, training.column(name), served.column(name), bins=bins,
+                                               psi_threshold=psi_threshold, alpha=alpha)
     return report

@@ -40,23 +40,20 @@ class Monitoring:
         # one group per set of pinned references: versions trained on other definitions are recomputed with theirs
         work = []
         for model in by_model:
-            for refs, keys, rows in log.groups(model, since, features_only=True):
-                only = None
-                if model != model_or_view:
-                    only = [r.partition(":")[2] for r in refs if r.partition("@")[0] == model_or_view]
-                    if not only:
-                        continue
-                if rows.num_rows:
-                    work.append((model, refs, keys, rows, only))
-        total = sum(w[3].num_rows for w in work)
+            view = None if model == model_or_view else model_or_view  # by view: only that view's features
+            for group in log.groups(model, since, features_only=True):
+                if group.rows.num_rows and (view is None or any(r.partition("@")[0] == view for r in group.refs)):
+                    work.append((model, group, view))
+        total = sum(g.rows.num_rows for _, g, _ in work)
         if not total:
             when = f" since {since.isoformat()}" if since is not None else ""
             raise NotFoundError(f"no served rows of {model_or_view!r}{when}: nothing to check")
         reports = []
-        for model, refs, keys, rows, only in work:
-            share = None if sample is None or sample >= total else max(1, round(sample * rows.num_rows / total))
-            reports.append(skew_check(self._p.features, rows, refs, keys, model=model, sample=share,
-                                      tolerance=tolerance, threshold=threshold, only=only))
+        for model, g, view in work:
+            share = None if sample is None or sample >= total else max(1, round(sample * g.rows.num_rows / total))
+            reports.append(skew_check(self._p.features, g.rows, g.refs, g.keys, model=model,
+                                      full_feature_names=g.full_feature_names, sample=share,
+                                      tolerance=tolerance, threshold=threshold, view=view))
         return merge_reports(model_or_view, reports, prefix_model=model_or_view not in by_model)
 
     def _models_serving(self, view: str) -> tuple[str, ...]:
@@ -80,7 +77,9 @@ class Monitoring:
         served = self._p.serving.served_features(model, since)
         if served.num_rows:
             served = served.filter(served.column("model_version").to_numpy() == info.version)
-        names = [r.partition(":")[2] for r in inp["feature_refs"]["refs"]]
+        # the features as the training table named them, which is how predict serves and logs them
+        _, names = self._p.features.resolve(inp["feature_refs"]["refs"],
+                                            full_feature_names=bool(inp["feature_refs"].get("full_feature_names")))
         return drift_check(training, served, names, model=model, version=info.version, bins=bins,
                            psi_threshold=psi_threshold, alpha=alpha)
 

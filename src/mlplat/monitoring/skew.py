@@ -123,11 +123,12 @@ def merge_reports(name: str, reports: list[SkewReport], *, prefix_model: bool = 
 
 
 def skew_check(features, log: pa.Table, refs: list[str], keys: list[str], *, model: str,
-               sample: int | None = None, tolerance: float = 0.01,
+               full_feature_names: bool = False, sample: int | None = None, tolerance: float = 0.01,
                threshold: float = 0.05, seed: int = 0, max_mismatches: int = 1_000,
-               only: list[str] | None = None) -> SkewReport:
+               view: str | None = None) -> SkewReport:
     """Compare served feature values with the offline retrieval at the same request times
-    (``log``: the served rows to check, already limited to a time window by the caller)."""
+    (``log``: the served rows to check, already limited to a time window by the caller; its features
+    named as ``refs`` resolve with ``full_feature_names``; ``view``: check only that view's features)."""
     check_limits(tolerance, threshold)
     if log.num_rows == 0 or not refs:
         raise NotFoundError(f"no served features are logged for {model!r}: predict with logging on first")
@@ -138,11 +139,12 @@ def skew_check(features, log: pa.Table, refs: list[str], keys: list[str], *, mod
     if log.num_rows == 0:
         return report
     entity = pa.table({**{k: log.column(k) for k in keys}, "event_timestamp": log.column("request_time")})
-    recomputed = features.get_historical_features(entity, refs)  # one batched point-in-time retrieval
-    requests, _ = features.resolve(refs)
+    # one batched point-in-time retrieval
+    recomputed = features.get_historical_features(entity, refs, full_feature_names=full_feature_names)
+    requests, _ = features.resolve(refs, full_feature_names=full_feature_names)
     view_keys = {name: req.view.join_keys for req in requests for name in req.output_names}
-    names = [n for n in recomputed.column_names[len(entity.column_names):]
-             if (only is None or n in only) and n in log.column_names]
+    names = [n for req in requests if view is None or req.view.name == view for n in req.output_names
+             if n in log.column_names]
     for name in names:
         bad = _mismatched(log.column(name), recomputed.column(name), tolerance)
         share = len(bad) / log.num_rows

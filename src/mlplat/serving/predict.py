@@ -2,7 +2,8 @@
 
 The plan for a model version is built once (and cached for ``cache_seconds``):
 its feature references pinned to the definition versions it was trained on
-(from the run's logged input), the order of its input columns (``columns``
+(from the run's logged input) and named as that training table named them
+(``view__feature`` when it was retrieved with ``full_feature_names=True``), the order of its input columns (``columns``
 given to ``log_model``, else the features in reference order), its input
 tensor's name and type. A feature view a model needs must have been
 materialized, at that definition version, into this online store: otherwise
@@ -45,6 +46,7 @@ class _Plan:
     version: int
     run_id: str
     refs: tuple[str, ...]  # pinned "view@version:feature"
+    full_feature_names: bool  # named view__feature, as in the training table
     feature_names: tuple[str, ...]  # their output names
     join_keys: tuple[str, ...]
     columns: tuple[str, ...]  # model input columns in order
@@ -78,11 +80,11 @@ class Predictor:
         if len(sig.get("inputs", [])) != 1:
             raise ServingError(f"predict serves models with one input tensor; {model} v{info.version} has "
                                f"{len(sig.get('inputs', []))}")
-        refs = self._models.training_refs(info)  # not lineage(): that also reads the history and approvals
+        refs, full = self._models.training_features(info)  # not lineage(): that also reads history, approvals
         if not refs:
             raise ServingError(f"{model} v{info.version} was trained without logged feature refs: log its "
                                "training data with run.log_input(..., feature_refs=...) so predict knows them")
-        requests, names = self._features.resolve(refs)
+        requests, names = self._features.resolve(refs, full_feature_names=full)
         self._check_materialized(model, info.version, requests)
         keys: list[str] = []
         types: dict[str, pa.DataType] = {"model_version": pa.int64()}  # the served log's column types
@@ -99,7 +101,7 @@ class Predictor:
                                  "int32": "INT32"}.get(spec["dtype"], ""))
         if dtype is None:
             raise ServingError(f"predict cannot build a {spec['dtype']} input for {model} v{info.version}")
-        plan = _Plan(model, info.version, info.run_id, tuple(refs), tuple(names), tuple(keys), columns,
+        plan = _Plan(model, info.version, info.run_id, tuple(refs), full, tuple(names), tuple(keys), columns,
                      spec["name"], dtype, tuple(t["name"] for t in sig["outputs"]), types, time.monotonic())
         with self._lock:
             self._plans[key] = plan
@@ -120,7 +122,8 @@ class Predictor:
         plan = self.plan(model, version=version, stage=stage, alias=alias)
         # a table (pandas, polars, Arrow) becomes Arrow once, for the online read and the request-time columns
         rows = entity_rows if isinstance(entity_rows, (dict, list)) else to_table(entity_rows, "entity rows")
-        online = self._features.get_online_features(list(plan.refs), rows)
+        online = self._features.get_online_features(list(plan.refs), rows,
+                                                    full_feature_names=plan.full_feature_names)
         n = len(online[plan.join_keys[0]]) if plan.join_keys else 0
         matrix = np.empty((n, len(plan.columns)), dtype=plan.input_dtype)
         for j, col in enumerate(plan.columns):
@@ -133,7 +136,8 @@ class Predictor:
         keys = {k: online[k] for k in plan.join_keys}
         features = {name: online[name] for name in plan.feature_names}
         if log:
-            self._log.add(model, plan.version, variant, keys, features, flat, refs=plan.refs, types=plan.types)
+            self._log.add(model, plan.version, variant, keys, features, flat, refs=plan.refs, types=plan.types,
+                          full_feature_names=plan.full_feature_names)
         return Prediction({**keys, **flat}, model=model, version=plan.version, variant=variant, features=features)
 
 

@@ -4,8 +4,9 @@ Each ``predict`` call appends its rows (sampled at ``sample_rate``) to a
 buffer per model; the process's flusher writes each buffer as one Parquet
 file ``<root>/<model>/<UTC time>-<uuid>.parquet`` (written to a temporary
 name, then moved). A file's schema metadata records the pinned feature
-references and join keys it holds, so a skew check can recompute exactly the
-same features offline at the logged request times.
+references and join keys it holds, and whether the features are named
+``view__feature`` (as the model's training table named them), so a skew check
+can recompute exactly the same features offline at the logged request times.
 
 Columns: ``request_time`` (UTC), ``model``, ``model_version``, ``variant``,
 the join keys, the features as served (nulls included), then the outputs
@@ -20,19 +21,30 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import _background
 
-__all__ = ["ServedLog"]
+__all__ = ["ServedLog", "LogGroup"]
+
+
+class LogGroup(NamedTuple):
+    """Logged rows that share their pinned feature references, join keys and feature naming."""
+
+    refs: list[str]
+    keys: list[str]
+    full_feature_names: bool  # features logged as view__feature (the training table's names)
+    rows: pa.Table
 
 
 class _Batch:
-    def __init__(self, refs: Sequence[str], keys: Sequence[str], types: Mapping[str, pa.DataType]) -> None:
+    def __init__(self, refs: Sequence[str], keys: Sequence[str], types: Mapping[str, pa.DataType],
+                 full_feature_names: bool) -> None:
         self.refs, self.keys, self.types = list(refs), list(keys), dict(types)
+        self.full_feature_names = full_feature_names
         self.columns: dict[str, list] = {}
         self.rows = 0
 
@@ -54,8 +66,10 @@ class ServedLog:
         _background.register(self)
 
     def add(self, model: str, version: int, variant: str, keys: Mapping[str, list], features: Mapping[str, list],
-            outputs: Mapping[str, Sequence], *, refs: Sequence[str], types: Mapping[str, pa.DataType]) -> int:
-        """Log the sampled rows of one prediction call; returns how many were kept."""
+            outputs: Mapping[str, Sequence], *, refs: Sequence[str], types: Mapping[str, pa.DataType],
+            full_feature_names: bool = False) -> int:
+        """Log the sampled rows of one prediction call; returns how many were kept. ``features`` are
+        named as ``refs`` resolve with ``full_feature_names``."""
         n = len(next(iter(keys.values()))) if keys else 0
         if self.sample_rate >= 1.0:
             take = range(n)
@@ -67,7 +81,7 @@ class ServedLog:
         with self._lock:
             batch = self._batches.get((model, version))
             if batch is None:
-                batch = self._batches[(model, version)] = _Batch(refs, list(keys), types)
+                batch = self._batches[(model, version)] = _Batch(refs, list(keys), types, full_feature_names)
             cols = batch.columns
             cols.setdefault("request_time", []).extend([now] * len(take))
             cols.setdefault("model", []).extend([model] * len(take))
@@ -102,7 +116,8 @@ class ServedLog:
             else:
                 arrays[name] = pa.array(values, type=batch.types.get(name))
         table = pa.table(arrays).replace_schema_metadata(
-            {"mlplat.refs": json.dumps(batch.refs), "mlplat.keys": json.dumps(batch.keys)})
+            {"mlplat.refs": json.dumps(batch.refs), "mlplat.keys": json.dumps(batch.keys),
+             "mlplat.full_feature_names": json.dumps(batch.full_feature_names)})
         folder = self.root / model
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}.parquet"
@@ -110,13 +125,14 @@ class ServedLog:
         pq.write_table(table, tmp)
         tmp.replace(folder / name)
 
-    def _files_by_refs(self, model: str) -> dict[tuple[str, str], list[Path]]:
-        """The model's files, grouped by the (feature references, join keys) their metadata pins."""
+    def _files_by_refs(self, model: str) -> dict[tuple[str, str, str], list[Path]]:
+        """The model's files, grouped by the (feature references, join keys, naming) their metadata pins."""
         folder = self.root / model
-        groups: dict[tuple[str, str], list[Path]] = {}
+        groups: dict[tuple[str, str, str], list[Path]] = {}
         for f in sorted(folder.glob("*.parquet")) if folder.exists() else []:
             meta = pq.read_schema(f).metadata or {}
-            key = (meta.get(b"mlplat.refs", b"[]").decode(), meta.get(b"mlplat.keys", b"[]").decode())
+            key = (meta.get(b"mlplat.refs", b"[]").decode(), meta.get(b"mlplat.keys", b"[]").decode(),
+                   meta.get(b"mlplat.full_feature_names", b"false").decode())
             groups.setdefault(key, []).append(f)
         return groups
 
@@ -130,27 +146,26 @@ class ServedLog:
         table = data.to_table(columns=columns, filter=where)
         return table.sort_by("request_time") if ordered else table  # files are not in time order
 
-    def groups(self, model: str, since: Any = None, *, features_only: bool = False
-               ) -> list[tuple[list[str], list[str], pa.Table]]:
-        """The log of ``model`` split by the feature references it pins, as (refs, join keys, rows) with
-        rows oldest first: versions trained on different feature definitions land in different groups.
+    def groups(self, model: str, since: Any = None, *, features_only: bool = False) -> list[LogGroup]:
+        """The log of ``model`` split by the feature references it pins (and their naming), rows oldest
+        first: versions trained on different feature definitions land in different groups.
         ``features_only`` reads just the request time, model version, keys and features (what a skew
         check needs), not the variant, model name and predictions, and leaves the rows in file order."""
         self.flush()
         out = []
-        for (refs_json, keys_json), files in self._files_by_refs(model).items():
-            refs, keys = json.loads(refs_json), json.loads(keys_json)
+        for (refs_json, keys_json, full_json), files in self._files_by_refs(model).items():
             columns = None
             if features_only:
                 columns = [n for n in pq.read_schema(files[0]).names
                            if n not in ("model", "variant") and not n.startswith("prediction.")]
-            out.append((refs, keys, self._read_files(files, since, columns, ordered=not features_only)))
+            out.append(LogGroup(json.loads(refs_json), json.loads(keys_json), json.loads(full_json),
+                                self._read_files(files, since, columns, ordered=not features_only)))
         return out
 
     def read(self, model: str, since: Any = None) -> pa.Table:
         """Everything logged for ``model`` (after ``since``, a datetime), oldest first; columns a group
         lacks are null."""
-        tables = [t for _, _, t in self.groups(model, since)]
+        tables = [g.rows for g in self.groups(model, since)]
         if not tables:
             return pa.table({})
         if len(tables) == 1:
@@ -169,7 +184,8 @@ class ServedLog:
     def ref_sets(self, model: str) -> list[tuple[list[str], list[str]]]:
         """Every distinct (pinned feature references, join keys) in the log of ``model``."""
         self.flush()
-        return [(json.loads(r), json.loads(k)) for r, k in self._files_by_refs(model)]
+        return [(json.loads(r), json.loads(k)) for r, k in dict.fromkeys((r, k) for r, k, _ in
+                                                                         self._files_by_refs(model))]
 
     def close(self) -> None:
         self.flush()
