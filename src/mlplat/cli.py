@@ -41,6 +41,10 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+#: every listing's ``--json``: the same data as one JSON document on stdout
+_json_flag = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (for scripts).")
+
+
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=_json_default))
 
@@ -171,7 +175,7 @@ def features() -> None:
 @click.option("--kind", type=click.Choice(["entity", "feature_view", "feature_service"]), default=None)
 @click.option("--tag", "tags", multiple=True, help="key=value; repeat to require several.")
 @click.option("--search", "text", default=None, help="Text in names, descriptions, feature names or tags.")
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def features_list(ctx: click.Context, kind: str | None, tags: tuple[str, ...], text: str | None, as_json: bool) -> None:
     """The latest version of every definition."""
@@ -197,7 +201,7 @@ def features_list(ctx: click.Context, kind: str | None, tags: tuple[str, ...], t
 @click.option("--kind", type=click.Choice(["entity", "feature_view", "feature_service"]), default="feature_view",
               show_default=True)
 @click.option("--version", type=int, default=None)
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def features_describe(ctx: click.Context, name: str, kind: str, version: int | None, as_json: bool) -> None:
     """One definition in full, with its versions."""
@@ -220,7 +224,7 @@ def features_describe(ctx: click.Context, name: str, kind: str, version: int | N
 
 @features.command("apply")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
     """Apply the Entity, FeatureView and FeatureService objects a Python file defines."""
@@ -253,7 +257,7 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
 @click.option("--end", default=None, callback=_time, help="End time (ISO; default now).")
 @click.option("--start", default=None, callback=_time, help="Start time (ISO; default: where the last run ended).")
 @click.option("--view", "views", multiple=True, help="A view (or view@version); repeat. Default: all online views.")
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.option("--progress/--no-progress", default=None, help="A progress bar (default: on a terminal).")
 @click.pass_context
 def materialize(ctx: click.Context, end: datetime | None, start: datetime | None, views: tuple[str, ...], as_json: bool,
@@ -288,7 +292,7 @@ def _run_row(r) -> dict[str, Any]:
 @click.option("--order-by", "order_by", multiple=True, help="e.g. 'metrics.val_auc desc'; repeat.")
 @click.option("--max", "max_results", type=click.IntRange(1, 50_000), default=50, show_default=True)
 @click.option("--page-token", default=None, help="Continue a listing (the token a previous page printed).")
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def runs_list(ctx: click.Context, experiment: str | None, flt: str | None, order_by: tuple[str, ...],
               max_results: int, page_token: str | None, as_json: bool) -> None:
@@ -308,7 +312,7 @@ def runs_list(ctx: click.Context, experiment: str | None, flt: str | None, order
 
 @runs.command("show")
 @click.argument("run_id")
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def runs_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """One run with its params, metrics, tags, inputs and artifacts."""
@@ -333,7 +337,7 @@ def runs_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
 
 @runs.command("compare")
 @click.argument("run_ids", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def runs_compare(ctx: click.Context, run_ids: tuple[str, ...], as_json: bool) -> None:
     """Params and latest metrics of several runs side by side."""
@@ -353,7 +357,7 @@ def models() -> None:
 
 
 @models.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def models_list(ctx: click.Context, as_json: bool) -> None:
     """Registered models, their latest version and what is in production."""
@@ -373,7 +377,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
               help="The version in this stage (default: production).")
 @click.option("--alias", default=None, help="The version an alias points at.")
 @click.option("--verify", is_flag=True, help="Rebuild the training data from the offline store and compare hashes.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@_json_flag
 @click.pass_context
 def lineage(ctx: click.Context, name: str, version: int | None, stage: str | None, alias: str | None, verify: bool,
             as_json: bool) -> None:
@@ -392,7 +396,7 @@ def lineage(ctx: click.Context, name: str, version: int | None, stage: str | Non
 @click.argument("stage", metavar="STAGE", type=click.Choice(["none", "staging", "production", "archived"]))
 @click.option("--approved-by", default=None, help="Who approved (required for production).")
 @click.option("--notes", default="", help="Why.")
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def models_promote(ctx: click.Context, name: str, version: int, stage: str, approved_by: str | None, notes: str,
                    as_json: bool) -> None:
@@ -426,7 +430,7 @@ def serve() -> None:
               help="Dynamic batching's wait for more requests.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--triton-name", default=None, help="Model name in the repository (default: NAME).")
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def serve_export(ctx: click.Context, name: str, repository: str, version: int | None, stage: str | None,
                  alias: str | None, backend: str, max_batch_size: int, preferred_batch_sizes: str,
@@ -468,7 +472,7 @@ def monitor() -> None:
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.05, show_default=True,
               help="Mismatch share above which a feature is skewed.")
 @click.option("--check", is_flag=True, help=f"Exit with status {CHECK_FAILED} when a feature is skewed.")
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def monitor_skew(ctx: click.Context, model_or_view: str, since: datetime | None, sample: int | None, tolerance: float,
                  threshold: float, check: bool, as_json: bool) -> None:
@@ -493,7 +497,7 @@ def monitor_skew(ctx: click.Context, model_or_view: str, since: datetime | None,
 @click.option("--psi-threshold", type=click.FloatRange(min=0), default=0.2, show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.01, show_default=True)
 @click.option("--check", is_flag=True, help=f"Exit with status {CHECK_FAILED} when a feature drifted.")
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def monitor_drift(ctx: click.Context, model: str, version: int | None, since: datetime | None, bins: int,
                   psi_threshold: float, alpha: float, check: bool, as_json: bool) -> None:
@@ -513,7 +517,7 @@ def monitor_drift(ctx: click.Context, model: str, version: int | None, since: da
 
 
 @monitor.command("adoption")
-@click.option("--json", "as_json", is_flag=True)
+@_json_flag
 @click.pass_context
 def monitor_adoption(ctx: click.Context, as_json: bool) -> None:
     """Is the platform used? Runs per week, lineage coverage, time to production, reused views."""
