@@ -3,9 +3,9 @@
 The plan for a model version is built once (and cached for ``cache_seconds``):
 its feature references pinned to the definition versions it was trained on
 (from the run's logged input) and named as that training table named them
-(``view__feature`` when it was retrieved with ``full_feature_names=True``), the order of its input columns (``columns``
-given to ``log_model``, else the features in reference order), its input
-tensor's name and type. A feature view a model needs must have been
+(``view__feature`` when it was retrieved with ``full_feature_names=True``),
+the order of its input columns (``columns`` given to ``log_model``, else the
+features in reference order), its input tensor's name and type. A feature view a model needs must have been
 materialized, at that definition version, into this online store: otherwise
 predict refuses instead of serving nulls.
 """
