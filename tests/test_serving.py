@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -446,6 +447,80 @@ def test_served_log_sampling(tmp_path):
         ServedLog(tmp_path, sample_rate=2)
     log.close()
     none.close()
+
+
+def _log_rows(log, n: int, start: int = 0) -> int:
+    return log.add("m", 1, "default", {"k": list(range(start, start + n))}, {"f": [1.0] * n}, {"o": [0.5] * n},
+                   refs=["v@1:f"], types={"f": pa.float64()})
+
+
+def test_a_flush_returns_after_a_flush_already_running_in_another_thread(tmp_path):
+    """The background flusher may have taken the rows and be writing them: flush() must wait for it."""
+    from mlplat.serving.served_log import ServedLog
+
+    writing, finish = threading.Event(), threading.Event()
+
+    class SlowDisk(ServedLog):
+        def _write(self, model, batch):
+            writing.set()
+            finish.wait(10)
+            super()._write(model, batch)
+
+    log = SlowDisk(tmp_path)
+    _log_rows(log, 50)
+    other = threading.Thread(target=log.flush)
+    other.start()
+    assert writing.wait(10)  # the other flush holds the rows, not yet on disk
+    threading.Timer(0.3, finish.set).start()
+    log.flush()
+    assert len(list((tmp_path / "m").glob("*.parquet"))) == 1  # on disk when flush() returned
+    other.join()
+    assert log.read("m").num_rows == 50
+    log.close()
+
+
+def test_rows_a_failed_flush_could_not_write_are_kept_for_the_next(tmp_path):
+    from mlplat.serving.served_log import ServedLog
+
+    log = ServedLog(tmp_path)
+    (tmp_path / "m").write_text("a file where the model's folder goes")
+    _log_rows(log, 30)
+    with pytest.raises(OSError):
+        log.flush()
+    assert len(log) == 30
+    _log_rows(log, 20, start=30)  # logged after the failure: kept behind the first rows
+    (tmp_path / "m").unlink()
+    log.flush()
+    assert len(log) == 0 and log.read("m").column("k").to_pylist() == list(range(50))
+    log.close()
+
+
+def test_gateway_flush_returns_after_a_flush_already_running_in_another_thread(tmp_path):
+    """Decisions taken by a flush that waits for the database are in it once a later flush() returns."""
+    import sqlite3
+
+    from mlplat.db.models import ABDecision
+    from mlplat.serving.gateway import _Writes
+
+    p = mp.Platform(tmp_path / "home")
+    writes = _Writes(p.db)
+    blocker = sqlite3.connect(tmp_path / "home" / "mlplat.db", isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    writes.add(ABDecision, {"experiment_id": "e", "user_id": "u1", "variant": "champion", "model": "m",
+                            "model_version": 1})
+    other = threading.Thread(target=writes.flush)
+    other.start()
+    deadline = time.monotonic() + 10
+    while len(writes) and time.monotonic() < deadline:  # the other flush has taken the row, waits for the lock
+        time.sleep(0.005)
+    assert len(writes) == 0
+    threading.Timer(0.3, blocker.rollback).start()
+    writes.flush()
+    assert blocker.execute("SELECT user_id FROM ab_decisions").fetchall() == [("u1",)]
+    other.join()
+    writes.close()
+    blocker.close()
+    p.close()
 
 
 def test_local_backend_and_server_errors(served, tmp_path):

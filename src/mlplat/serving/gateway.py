@@ -74,6 +74,7 @@ class _Writes:
         self._db = db
         self._rows: dict[Any, list[dict]] = {ABDecision: [], ABOutcome: []}
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush at a time: a flush returns after one running elsewhere
         _background.register(self)
 
     def add(self, table, row: dict) -> None:
@@ -84,18 +85,21 @@ class _Writes:
         return sum(len(r) for r in self._rows.values())
 
     def flush(self) -> None:
-        with self._lock:
-            taken, self._rows = self._rows, {ABDecision: [], ABOutcome: []}
-        try:
-            with self._db.connect(write=True) as conn:
-                for table, rows in taken.items():
-                    if rows:
-                        conn.execute(sa.insert(table), rows)
-        except BaseException:
+        with self._flush_lock:
             with self._lock:
-                for table, rows in taken.items():
-                    self._rows[table][:0] = rows
-            raise
+                taken, self._rows = self._rows, {ABDecision: [], ABOutcome: []}
+            if not any(taken.values()):
+                return  # no write transaction (on SQLite it would take the database's write lock) for nothing
+            try:
+                with self._db.connect(write=True) as conn:
+                    for table, rows in taken.items():
+                        if rows:
+                            conn.execute(sa.insert(table), rows)
+            except BaseException:
+                with self._lock:
+                    for table, rows in taken.items():
+                        self._rows[table][:0] = rows
+                raise
 
     def close(self) -> None:
         self.flush()

@@ -61,6 +61,7 @@ class ServedLog:
         self._max = max_rows
         self._batches: dict[tuple[str, int], _Batch] = {}
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush at a time: a flush returns after one running elsewhere
         self._random = random.Random(seed)
         self._count = 0
         _background.register(self)
@@ -102,11 +103,29 @@ class ServedLog:
         return self._count
 
     def flush(self) -> None:
-        with self._lock:
-            batches, self._batches, self._count = self._batches, {}, 0
-        for (model, _), batch in batches.items():
-            if batch.rows:
-                self._write(model, batch)
+        """Write every row logged so far; returns once they are on disk (also those a flush already
+        running in another thread, e.g. the background flusher's, had taken)."""
+        with self._flush_lock:
+            with self._lock:
+                batches, self._batches, self._count = self._batches, {}, 0
+            left = [item for item in batches.items() if item[1].rows]
+            try:
+                while left:
+                    (model, _), batch = left[0]
+                    self._write(model, batch)
+                    left.pop(0)
+            except BaseException:
+                with self._lock:  # keep what was not written, ahead of what came meanwhile, for the next try
+                    for key, batch in left:
+                        newer = self._batches.get(key)
+                        if newer is not None:
+                            for name, values in newer.columns.items():
+                                batch.columns.setdefault(name, []).extend(values)
+                            batch.rows += newer.rows
+                            self._count -= newer.rows
+                        self._batches[key] = batch
+                        self._count += batch.rows
+                raise
 
     def _write(self, model: str, batch: _Batch) -> None:
         arrays = {}
