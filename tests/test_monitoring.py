@@ -267,6 +267,42 @@ def test_compare_column_unit():
     assert holes.served_rows == 2
 
 
+def test_request_time_inputs_are_logged_and_drift_is_checked_on_them(world):
+    """A model input the entity rows give (``amount``, not a feature) is logged as ``input.amount`` and drifts."""
+    p, _ = world
+    rng = np.random.default_rng(4)
+    times = pa.array([NOW - timedelta(hours=1)] * 3000, pa.timestamp("us", "UTC"))
+    entity = pa.table({"user_id": rng.integers(0, USERS, 3000), "event_timestamp": times,
+                       "amount": rng.lognormal(3.0, 0.5, 3000)})
+    train = p.features.get_historical_features(entity, REFS)
+    with p.runs.start("scoring") as run:
+        run.log_input(train, "train", feature_refs=REFS)
+        run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid()), "model",
+                      example_input=torch.zeros(2, 2), columns=["score", "amount"])
+    p.models.register("spend", run.id, registered_by="alice")
+    p.models.promote("spend", 1, "production", approved_by="bob")
+    users = list(range(USERS))
+    amounts = rng.lognormal(3.0, 0.5, USERS).tolist()
+    p.serving.predict("spend", [{"user_id": u, "amount": a} for u, a in zip(users, amounts)])
+    p.serving.predict("spend", [{"user_id": 1, "amount": None}])
+    served = p.serving.served_features("spend")
+    assert served.column("input.amount").type == pa.float32()
+    assert served.column("input.amount").to_pylist()[:USERS] == pytest.approx(amounts, rel=1e-6)
+    assert served.column("input.amount").to_pylist()[USERS:] == [None]  # as given: the model got 0
+    calm = p.monitoring.drift("spend")
+    assert set(calm.features) == {"score", "visits", "segment", "amount"} and calm.drifted == []
+    assert calm.features["amount"].served_rows == USERS  # the null is left out
+    since = _since()
+    p.serving.predict("spend", [{"user_id": u, "amount": a * 10} for u, a in zip(users, amounts)])  # cents
+    assert p.monitoring.drift("spend", since=since).drifted == ["amount"]
+    assert p.monitoring.skew("spend", since=since).skewed == []  # not a feature: nothing to recompute
+    # a value that is no number is refused, naming the column, and nothing is logged
+    before = p.serving.served_features("spend").num_rows
+    with pytest.raises(DataError, match="column 'amount' of spend's input must hold numbers .* got 'abc'"):
+        p.serving.predict("spend", [{"user_id": 1, "amount": "abc"}])
+    assert p.serving.served_features("spend").num_rows == before
+
+
 def test_drift_check_refuses_a_feature_missing_on_either_side():
     training = pa.table({"score": [0.1, 0.2, 0.3], "visits": [1, 2, 3]})
     served = pa.table({"score": [0.1, 0.4]})

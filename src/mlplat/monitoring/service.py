@@ -66,7 +66,15 @@ class Monitoring:
 
     def drift(self, model: str, *, version: int | None = None, since: datetime | None = None, bins: int = 10,
               psi_threshold: float = 0.2, alpha: float = 0.01) -> DriftReport:
-        """Training data of a model version (default: production) against its served features."""
+        """Training data of a model version (default: production) against what it was served: its features
+        and the request-time inputs predict logged.
+
+        Usage::
+
+            report = p.monitoring.drift("fraud", since=last_week)
+            report.drifted                      # e.g. ['amount']
+            report.features["amount"].psi
+        """
         info = self._p.models.resolve(model, version=version)
         run = self._p.runs.get(info.run_id)
         inp = next((i for i in run.inputs if i["feature_refs"].get("entity_rows")), None)
@@ -80,7 +88,14 @@ class Monitoring:
         # the features as the training table named them, which is how predict serves and logs them
         _, names = self._p.features.resolve(inp["feature_refs"]["refs"],
                                             full_feature_names=bool(inp["feature_refs"].get("full_feature_names")))
-        return drift_check(training, served, names, model=model, version=info.version, bins=bins,
+        # and the request-time inputs predict logged (input.amount), where the training table has them
+        inputs = [c.removeprefix("input.") for c in served.column_names if c.startswith("input.")
+                  and served.column(c).null_count < served.num_rows]
+        inputs = [c for c in inputs if c in training.column_names and c not in names]
+        if inputs:
+            served = served.rename_columns([c.removeprefix("input.") if c.removeprefix("input.") in inputs else c
+                                            for c in served.column_names])
+        return drift_check(training, served, [*names, *inputs], model=model, version=info.version, bins=bins,
                            psi_threshold=psi_threshold, alpha=alpha)
 
     def adoption(self) -> dict[str, Any]:

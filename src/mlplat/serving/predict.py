@@ -50,6 +50,7 @@ class _Plan:
     feature_names: tuple[str, ...]  # their output names
     join_keys: tuple[str, ...]
     columns: tuple[str, ...]  # model input columns in order
+    request_columns: tuple[str, ...]  # those the entity rows give (not features, not join keys)
     input_name: str
     input_dtype: Any
     outputs: tuple[str, ...]
@@ -101,8 +102,12 @@ class Predictor:
                                  "int32": "INT32"}.get(spec["dtype"], ""))
         if dtype is None:
             raise ServingError(f"predict cannot build a {spec['dtype']} input for {model} v{info.version}")
+        request_columns = tuple(c for c in columns if c not in names and c not in keys)
+        for c in request_columns:  # logged as input.<name>, typed as the model takes them
+            types[f"input.{c}"] = pa.from_numpy_dtype(dtype)
         plan = _Plan(model, info.version, info.run_id, tuple(refs), full, tuple(names), tuple(keys), columns,
-                     spec["name"], dtype, tuple(t["name"] for t in sig["outputs"]), types, time.monotonic())
+                     request_columns, spec["name"], dtype, tuple(t["name"] for t in sig["outputs"]), types,
+                     time.monotonic())
         with self._lock:
             self._plans[key] = plan
         return plan
@@ -126,18 +131,24 @@ class Predictor:
                                                     full_feature_names=plan.full_feature_names)
         n = len(online[plan.join_keys[0]]) if plan.join_keys else 0
         matrix = np.empty((n, len(plan.columns)), dtype=plan.input_dtype)
+        given = {}  # request-time inputs as the entity rows gave them (logged with nulls)
         for j, col in enumerate(plan.columns):
             values = online.get(col)
             if values is None:
-                values = _request_column(rows, col)
-            matrix[:, j] = [0 if v is None else v for v in values]  # the demo and helper train with nulls as 0
+                values = given[col] = _request_column(rows, col)
+            try:
+                matrix[:, j] = [0 if v is None else v for v in values]  # the demo and helper train with nulls as 0
+            except (TypeError, ValueError):
+                bad = next((v for v in values if not isinstance(v, (int, float, np.number, type(None)))), None)
+                raise DataError(f"column {col!r} of {model}'s input must hold numbers ({np.dtype(plan.input_dtype)}),"
+                                f" got {bad!r}") from None
         outputs = backend.infer(triton_model or model, {plan.input_name: matrix}, version=plan.version)
         flat = {name: np.asarray(outputs[name]).reshape(n, -1)[:, 0].tolist() for name in plan.outputs}
         keys = {k: online[k] for k in plan.join_keys}
         features = {name: online[name] for name in plan.feature_names}
         if log:
             self._log.add(model, plan.version, variant, keys, features, flat, refs=plan.refs, types=plan.types,
-                          full_feature_names=plan.full_feature_names)
+                          full_feature_names=plan.full_feature_names, inputs=given)
         return Prediction({**keys, **flat}, model=model, version=plan.version, variant=variant, features=features)
 
 

@@ -9,8 +9,9 @@ references and join keys it holds, and whether the features are named
 can recompute exactly the same features offline at the logged request times.
 
 Columns: ``request_time`` (UTC), ``model``, ``model_version``, ``variant``,
-the join keys, the features as served (nulls included), then the outputs
-prefixed ``prediction.``.
+the join keys, the features as served (nulls included), the model's
+request-time inputs (columns of the entity rows that are not features)
+prefixed ``input.``, then the outputs prefixed ``prediction.``.
 """
 from __future__ import annotations
 
@@ -68,9 +69,10 @@ class ServedLog:
 
     def add(self, model: str, version: int, variant: str, keys: Mapping[str, list], features: Mapping[str, list],
             outputs: Mapping[str, Sequence], *, refs: Sequence[str], types: Mapping[str, pa.DataType],
-            full_feature_names: bool = False) -> int:
+            full_feature_names: bool = False, inputs: Mapping[str, Sequence] | None = None) -> int:
         """Log the sampled rows of one prediction call; returns how many were kept. ``features`` are
-        named as ``refs`` resolve with ``full_feature_names``."""
+        named as ``refs`` resolve with ``full_feature_names``; ``inputs`` (request-time inputs, typed by
+        ``types`` under ``input.<name>``) are logged as ``input.<name>``."""
         n = len(next(iter(keys.values()))) if keys else 0
         if self.sample_rate >= 1.0:
             take = range(n)
@@ -90,6 +92,8 @@ class ServedLog:
             cols.setdefault("variant", []).extend([variant] * len(take))
             for name, values in (*keys.items(), *features.items()):
                 cols.setdefault(name, []).extend([values[i] for i in take])
+            for name, values in (inputs or {}).items():
+                cols.setdefault(f"input.{name}", []).extend([values[i] for i in take])
             for name, values in outputs.items():
                 cols.setdefault(f"prediction.{name}", []).extend([float(values[i]) for i in take])
             batch.rows += len(take)
