@@ -173,14 +173,15 @@ class ServedLog:
         """The log of ``model`` split by the feature references it pins (and their naming), rows oldest
         first: versions trained on different feature definitions land in different groups.
         ``features_only`` reads just the request time, model version, keys and features (what a skew
-        check needs), not the variant, model name and predictions, and leaves the rows in file order."""
+        check needs), not the variant, model name, request-time inputs and predictions, and leaves the rows in
+        file order."""
         self.flush()
         out = []
         for (refs_json, keys_json, full_json), files in self._files_by_refs(model).items():
             columns = None
             if features_only:
                 columns = [n for n in pq.read_schema(files[0]).names
-                           if n not in ("model", "variant") and not n.startswith("prediction.")]
+                           if n not in ("model", "variant") and not n.startswith(("prediction.", "input."))]
             out.append(LogGroup(json.loads(refs_json), json.loads(keys_json), json.loads(full_json),
                                 self._read_files(files, since, columns, ordered=not features_only)))
         return out
