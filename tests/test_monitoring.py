@@ -284,14 +284,16 @@ def test_request_time_inputs_are_logged_and_drift_is_checked_on_them(world):
     users = list(range(USERS))
     amounts = rng.lognormal(3.0, 0.5, USERS).tolist()
     p.serving.predict("spend", [{"user_id": u, "amount": a} for u, a in zip(users, amounts)])
-    p.serving.predict("spend", [{"user_id": 1, "amount": None}])
+    # a missing value, and numbers of other Python/numpy types: logged as the model got them, or null
+    p.serving.predict("spend", [{"user_id": 1, "amount": None}, {"user_id": 2, "amount": np.bool_(True)},
+                                {"user_id": 3, "amount": np.int64(20)}])
     served = p.serving.served_features("spend")
     assert served.column("input.amount").type == pa.float32()
     assert served.column("input.amount").to_pylist()[:USERS] == pytest.approx(amounts, rel=1e-6)
-    assert served.column("input.amount").to_pylist()[USERS:] == [None]  # as given: the model got 0
+    assert served.column("input.amount").to_pylist()[USERS:] == [None, 1.0, 20.0]  # the model got 0 for None
     calm = p.monitoring.drift("spend")
     assert set(calm.features) == {"score", "visits", "segment", "amount"} and calm.drifted == []
-    assert calm.features["amount"].served_rows == USERS  # the null is left out
+    assert calm.features["amount"].served_rows == USERS + 2  # the null is left out
     since = _since()
     p.serving.predict("spend", [{"user_id": u, "amount": a * 10} for u, a in zip(users, amounts)])  # cents
     assert p.monitoring.drift("spend", since=since).drifted == ["amount"]

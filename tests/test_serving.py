@@ -461,10 +461,10 @@ def test_a_flush_returns_after_a_flush_already_running_in_another_thread(tmp_pat
     writing, finish = threading.Event(), threading.Event()
 
     class SlowDisk(ServedLog):
-        def _write(self, model, batch):
+        def _write(self, model, table):
             writing.set()
             finish.wait(10)
-            super()._write(model, batch)
+            super()._write(model, table)
 
     log = SlowDisk(tmp_path)
     _log_rows(log, 50)
@@ -476,6 +476,20 @@ def test_a_flush_returns_after_a_flush_already_running_in_another_thread(tmp_pat
     assert len(list((tmp_path / "m").glob("*.parquet"))) == 1  # on disk when flush() returned
     other.join()
     assert log.read("m").num_rows == 50
+    log.close()
+
+
+def test_rows_that_cannot_become_a_table_are_dropped_with_an_error_and_the_rest_written(tmp_path):
+    from mlplat.serving.served_log import ServedLog
+
+    log = ServedLog(tmp_path)
+    log.add("bad", 1, "default", {"k": [1, 2]}, {"f": ["not a number", 2.0]}, {"o": [0.5, 0.5]}, refs=["v@1:f"],
+            types={"f": pa.float64()})
+    _log_rows(log, 10)
+    with pytest.raises(mp.DataError, match=r"dropped rows it could not store: 2 rows of 'bad' v1"):
+        log.flush()
+    assert len(log) == 0 and log.read("m").num_rows == 10 and not (tmp_path / "bad").exists()
+    log.flush()  # nothing left to fail on
     log.close()
 
 

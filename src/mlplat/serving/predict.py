@@ -131,7 +131,7 @@ class Predictor:
                                                     full_feature_names=plan.full_feature_names)
         n = len(online[plan.join_keys[0]]) if plan.join_keys else 0
         matrix = np.empty((n, len(plan.columns)), dtype=plan.input_dtype)
-        given = {}  # request-time inputs as the entity rows gave them (logged with nulls)
+        given = {}  # request-time inputs, logged with nulls where the rows gave none
         for j, col in enumerate(plan.columns):
             values = online.get(col)
             if values is None:
@@ -142,6 +142,8 @@ class Predictor:
                 bad = next((v for v in values if not isinstance(v, (int, float, np.number, type(None)))), None)
                 raise DataError(f"column {col!r} of {model}'s input must hold numbers ({np.dtype(plan.input_dtype)}),"
                                 f" got {bad!r}") from None
+            if col in given:  # as the model got them (numbers of its type), so the log file's column converts
+                given[col] = [None if g is None else v for g, v in zip(given[col], matrix[:, j].tolist())]
         outputs = backend.infer(triton_model or model, {plan.input_name: matrix}, version=plan.version)
         flat = {name: np.asarray(outputs[name]).reshape(n, -1)[:, 0].tolist() for name in plan.outputs}
         keys = {k: online[k] for k in plan.join_keys}

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import _background
+from ..errors import DataError
 
 __all__ = ["ServedLog", "LogGroup"]
 
@@ -48,6 +49,19 @@ class _Batch:
         self.full_feature_names = full_feature_names
         self.columns: dict[str, list] = {}
         self.rows = 0
+
+
+def _table(batch: _Batch) -> pa.Table:
+    """A batch's rows as the Arrow table of one log file, its metadata pinning refs, keys and naming."""
+    arrays = {}
+    for name, values in batch.columns.items():
+        if name == "request_time":
+            arrays[name] = pa.array(values, pa.timestamp("us", "UTC"))
+        else:
+            arrays[name] = pa.array(values, type=batch.types.get(name))
+    return pa.table(arrays).replace_schema_metadata(
+        {"mlplat.refs": json.dumps(batch.refs), "mlplat.keys": json.dumps(batch.keys),
+         "mlplat.full_feature_names": json.dumps(batch.full_feature_names)})
 
 
 class ServedLog:
@@ -108,15 +122,25 @@ class ServedLog:
 
     def flush(self) -> None:
         """Write every row logged so far; returns once they are on disk (also those a flush already
-        running in another thread, e.g. the background flusher's, had taken)."""
+        running in another thread, e.g. the background flusher's, had taken).
+
+        Rows a failed write (a full disk, no permission) could not store stay buffered for the next
+        flush; rows that cannot become a Parquet table (values of the wrong type) never will: they are
+        dropped and a DataError says so, after the other models' rows are written."""
+        dropped: list[str] = []
         with self._flush_lock:
             with self._lock:
                 batches, self._batches, self._count = self._batches, {}, 0
             left = [item for item in batches.items() if item[1].rows]
             try:
                 while left:
-                    (model, _), batch = left[0]
-                    self._write(model, batch)
+                    (model, version), batch = left[0]
+                    try:
+                        table = _table(batch)
+                    except (pa.ArrowException, TypeError, ValueError) as exc:
+                        dropped.append(f"{batch.rows} rows of {model!r} v{version} ({exc})")
+                    else:
+                        self._write(model, table)
                     left.pop(0)
             except BaseException:
                 with self._lock:  # keep what was not written, ahead of what came meanwhile, for the next try
@@ -130,17 +154,10 @@ class ServedLog:
                         self._batches[key] = batch
                         self._count += batch.rows
                 raise
+        if dropped:
+            raise DataError("the served-feature log dropped rows it could not store: " + "; ".join(dropped))
 
-    def _write(self, model: str, batch: _Batch) -> None:
-        arrays = {}
-        for name, values in batch.columns.items():
-            if name == "request_time":
-                arrays[name] = pa.array(values, pa.timestamp("us", "UTC"))
-            else:
-                arrays[name] = pa.array(values, type=batch.types.get(name))
-        table = pa.table(arrays).replace_schema_metadata(
-            {"mlplat.refs": json.dumps(batch.refs), "mlplat.keys": json.dumps(batch.keys),
-             "mlplat.full_feature_names": json.dumps(batch.full_feature_names)})
+    def _write(self, model: str, table: pa.Table) -> None:
         folder = self.root / model
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}.parquet"
