@@ -5,9 +5,9 @@ its feature references pinned to the definition versions it was trained on
 (from the run's logged input) and named as that training table named them
 (``view__feature`` when it was retrieved with ``full_feature_names=True``),
 the order of its input columns (``columns`` given to ``log_model``, else the
-features in reference order), its input tensor's name and type. A feature view a model needs must have been
-materialized, at that definition version, into this online store: otherwise
-predict refuses instead of serving nulls.
+features in reference order), its input tensor's name and type. A feature
+view a model needs must have been materialized, at that definition version,
+into this online store: otherwise predict refuses instead of serving nulls.
 """
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ class _Plan:
     feature_names: tuple[str, ...]  # their output names
     join_keys: tuple[str, ...]
     columns: tuple[str, ...]  # model input columns in order
-    request_columns: tuple[str, ...]  # those the entity rows give (not features, not join keys)
     input_name: str
     input_dtype: Any
     outputs: tuple[str, ...]
@@ -102,12 +101,11 @@ class Predictor:
                                  "int32": "INT32"}.get(spec["dtype"], ""))
         if dtype is None:
             raise ServingError(f"predict cannot build a {spec['dtype']} input for {model} v{info.version}")
-        request_columns = tuple(c for c in columns if c not in names and c not in keys)
-        for c in request_columns:  # logged as input.<name>, typed as the model takes them
-            types[f"input.{c}"] = pa.from_numpy_dtype(dtype)
+        for c in columns:  # request-time inputs (what the entity rows give) are logged as input.<name>
+            if c not in names and c not in keys:
+                types[f"input.{c}"] = pa.from_numpy_dtype(dtype)
         plan = _Plan(model, info.version, info.run_id, tuple(refs), full, tuple(names), tuple(keys), columns,
-                     request_columns, spec["name"], dtype, tuple(t["name"] for t in sig["outputs"]), types,
-                     time.monotonic())
+                     spec["name"], dtype, tuple(t["name"] for t in sig["outputs"]), types, time.monotonic())
         with self._lock:
             self._plans[key] = plan
         return plan
