@@ -208,6 +208,13 @@ def test_drift_of_a_categorical_feature(world):
 
 def test_drift_needs_served_rows_and_a_logged_input(world):
     p, _ = world
+    for kwargs, message in (({"bins": 1}, "bins must be an integer >= 2"), ({"alpha": 2}, "alpha must be"),
+                            ({"psi_threshold": -0.1}, "psi_threshold must be"),
+                            ({"since": "2026-01-01"}, "since must be a datetime")):
+        with pytest.raises(DataError, match=message):
+            p.monitoring.drift("scorer", **kwargs)
+    with pytest.raises(DataError, match="since must be a datetime, got '2026-01-01'"):
+        p.monitoring.skew("scorer", since="2026-01-01")
     with pytest.raises(NotFoundError, match="no served features"):
         p.monitoring.drift("scorer", since=datetime.now(timezone.utc) + timedelta(days=1))
     with p.runs.start("scoring") as run:  # a model whose training data was never logged

@@ -366,6 +366,11 @@ def test_predict_uses_online_features_and_logs_what_it_served(served, triton):
     assert refs == ["txn@1:count", "txn@1:amount"] and keys == ["user_id"]
     with pytest.raises(mp.DataError, match="needs a column 'basket'"):
         served.serving.predict("scorer", [{"user_id": 1}], backend=served.serving.local_backend())
+    logged = served.serving.served_features("scorer").num_rows
+    for nothing in ([], {"user_id": [], "basket": []}):  # no entity rows: an empty answer, nothing inferred or logged
+        empty = served.serving.predict("scorer", nothing, backend=client)  # the client is closed: not called
+        assert dict(empty) == {"user_id": [], "output__0": []} and empty.features == {"count": [], "amount": []}
+    assert served.serving.served_features("scorer").num_rows == logged
 
 
 def test_predict_refuses_features_never_materialized_at_the_trained_version(served, tmp_path):
@@ -428,8 +433,9 @@ def test_gateway_routes_logs_and_summarizes(served):
         mp.ABGateway("scorer", "scorer@2", 1.5, "x", platform=served)
     with pytest.raises(mp.DataError, match="model reference"):
         mp.ABGateway("scorer@1@2", "scorer", 0.1, "x", platform=served)
-    with pytest.raises(mp.DataError, match="not NaN"):
-        gateway.record_outcome(1, float("nan"))
+    for bad in (float("nan"), float("inf"), "yes", None):
+        with pytest.raises(mp.DataError, match="an outcome must be a (finite )?number"):
+            gateway.record_outcome(1, bad)
     gateway.close()
 
 

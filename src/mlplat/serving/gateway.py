@@ -161,9 +161,12 @@ class ABGateway:
 
     def record_outcome(self, user_id: Any, outcome: float, at: datetime | None = None) -> None:
         """An observed outcome (e.g. 1.0 for fraud caught) for a user of this experiment."""
-        value = float(outcome)
-        if math.isnan(value):
-            raise DataError("an outcome must be a number, not NaN")
+        try:
+            value = float(outcome)
+        except (TypeError, ValueError):
+            raise DataError(f"an outcome must be a number, got {outcome!r}") from None
+        if not math.isfinite(value):
+            raise DataError(f"an outcome must be a finite number, not NaN or infinity, got {value}")
         self._writes.add(ABOutcome, {"experiment_id": self.experiment_id, "user_id": str(user_id),
                                      "outcome": value, "at": at or datetime.now(timezone.utc)})
 

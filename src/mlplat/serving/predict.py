@@ -128,6 +128,9 @@ class Predictor:
         online = self._features.get_online_features(list(plan.refs), rows,
                                                     full_feature_names=plan.full_feature_names)
         n = len(online[plan.join_keys[0]]) if plan.join_keys else 0
+        if n == 0:  # no entity rows: nothing to infer or log
+            return Prediction({**{k: [] for k in plan.join_keys}, **{o: [] for o in plan.outputs}}, model=model,
+                              version=plan.version, variant=variant, features={f: [] for f in plan.feature_names})
         matrix = np.empty((n, len(plan.columns)), dtype=plan.input_dtype)
         given = {}  # request-time inputs, logged with nulls where the rows gave none
         for j, col in enumerate(plan.columns):

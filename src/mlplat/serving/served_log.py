@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import _background
+from .._time import as_utc
 from ..errors import DataError
 
 __all__ = ["ServedLog", "LogGroup"]
@@ -186,12 +188,17 @@ class ServedLog:
         table = data.to_table(columns=columns, filter=where)
         return table.sort_by("request_time") if ordered else table  # files are not in time order
 
-    def groups(self, model: str, since: Any = None, *, features_only: bool = False) -> list[LogGroup]:
+    def groups(self, model: str, since: datetime | None = None, *, features_only: bool = False
+               ) -> list[LogGroup]:
         """The log of ``model`` split by the feature references it pins (and their naming), rows oldest
         first: versions trained on different feature definitions land in different groups.
         ``features_only`` reads just the request time, model version, keys and features (what a skew
         check needs), not the variant, model name, request-time inputs and predictions, and leaves the rows in
         file order."""
+        if since is not None:
+            if not isinstance(since, datetime):
+                raise DataError(f"since must be a datetime, got {since!r}")
+            since = as_utc(since)
         self.flush()
         out = []
         for (refs_json, keys_json, full_json), files in self._files_by_refs(model).items():
@@ -203,7 +210,7 @@ class ServedLog:
                                 self._read_files(files, since, columns, ordered=not features_only)))
         return out
 
-    def read(self, model: str, since: Any = None) -> pa.Table:
+    def read(self, model: str, since: datetime | None = None) -> pa.Table:
         """Everything logged for ``model`` (after ``since``, a datetime), oldest first; columns a group
         lacks are null."""
         tables = [g.rows for g in self.groups(model, since)]
