@@ -213,7 +213,7 @@ def test_drift_needs_served_rows_and_a_logged_input(world):
                             ({"since": "2026-01-01"}, "since must be a datetime")):
         with pytest.raises(DataError, match=message):
             p.monitoring.drift("scorer", **kwargs)
-    with pytest.raises(DataError, match="since must be a datetime, got '2026-01-01'"):
+    with pytest.raises(DataError, match=r"since must be a datetime \(naive means UTC\), got .2026-01-01."):
         p.monitoring.skew("scorer", since="2026-01-01")
     with pytest.raises(NotFoundError, match="no served features"):
         p.monitoring.drift("scorer", since=datetime.now(timezone.utc) + timedelta(days=1))

@@ -126,6 +126,9 @@ def test_materialize_is_incremental_and_rerunning_changes_nothing(p, tmp_path):
         p.features.materialize(end_date=NOW, start_date=NOW + timedelta(days=1), progress=False)
     with pytest.raises(mp.DataError, match="is in the future"):  # online would serve values before their time
         p.features.materialize(end_date=datetime.now(timezone.utc) + timedelta(hours=3), progress=False)
+    for arg in ("end_date", "start_date"):
+        with pytest.raises(mp.DataError, match=f"{arg} must be a datetime \\(naive means UTC\\), got '2026-01-01'"):
+            p.features.materialize(**{arg: "2026-01-01"}, progress=False)
     assert p.features.materialize(end_date=NOW, progress=False)[0].start == NOW  # the recorded end did not move
 
 

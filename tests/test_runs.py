@@ -142,6 +142,17 @@ def test_bad_metric_keys_are_refused_before_they_reach_the_buffer(p, key):
     assert info.status == "finished" and info.metrics == {"loss": 0.5}  # the good point was written
 
 
+def test_values_and_arguments_of_the_wrong_kind_are_refused(p):
+    with p.runs.start("fraud") as run:
+        run.log_metric("loss", 0.5)
+        with pytest.raises(mp.DataError, match="metric 'loss' must be a number, got 'abc'"):
+            run.log_metric("loss", "abc")
+        for call in (run.log_metrics, run.log_params, run.set_tags):
+            with pytest.raises(mp.DataError, match="takes a mapping of names to values, got NoneType"):
+                call(None)
+    assert p.runs.get(run.id).metrics == {"loss": 0.5}
+
+
 def _log_from_process(args):
     url, home, run_id, worker = args
     with mp.Platform(home, database_url=url) as p:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-__all__ = ["as_utc"]
+__all__ = ["as_utc", "utc_argument"]
 
 
 def as_utc(value: datetime) -> datetime:
@@ -13,3 +13,12 @@ def as_utc(value: datetime) -> datetime:
     '2026-01-01T12:00:00+00:00'
     """
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def utc_argument(name: str, value: object) -> datetime:
+    """A public function's datetime argument as aware UTC; anything else is a DataError naming it."""
+    if not isinstance(value, datetime):
+        from .errors import DataError
+
+        raise DataError(f"{name} must be a datetime (naive means UTC), got {value!r}")
+    return as_utc(value)

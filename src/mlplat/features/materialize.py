@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from .. import _arrow, dtypes
-from .._time import as_utc
+from .._time import utc_argument
 from .._native import KeyFactorizer, asof_backward_on_ts_by_key
 from .._native.codec import RecordBuffers, encode_records, entity_key_buffers, kind_of
 from ..db import Database
@@ -78,8 +78,8 @@ class Materializer:
         *,
         progress: bool | None = None,
     ) -> list[MaterializeResult]:
-        end = as_utc(end_date) if end_date is not None else datetime.now(timezone.utc)
-        start_date = as_utc(start_date) if start_date is not None else None
+        end = utc_argument("end_date", end_date) if end_date is not None else datetime.now(timezone.utc)
+        start_date = utc_argument("start_date", start_date) if start_date is not None else None
         now = datetime.now(timezone.utc)
         if end > now + _CLOCK_SLACK:
             raise DataError(f"end_date {end.isoformat()} is in the future (now is {now.isoformat()}): the online "

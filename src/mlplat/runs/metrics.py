@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from .. import _background
 from ..db import Database
 from ..db.models import LatestMetric, MetricChunk
+from ..errors import DataError
 
 __all__ = ["MetricBuffer", "write_chunks", "read_history"]
 
@@ -103,7 +104,10 @@ class MetricBuffer:
         _background.register(self)
 
     def add(self, key: str, value: float, step: int | None, timestamp_ms: int | None) -> None:
-        v = float(value)
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"metric {key!r} must be a number, got {value!r}") from None
         ts = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
         with self._lock:
             if step is None:

@@ -41,6 +41,11 @@ RUN_STATUSES = ("running", "finished", "failed", "killed")
 _KEY_MAX = 255
 
 
+def _check_mapping(value: Any, where: str) -> None:
+    if not isinstance(value, Mapping):
+        raise DataError(f"{where} takes a mapping of names to values, got {type(value).__name__}")
+
+
 def _check_key(key: Any, what: str) -> str:
     if not isinstance(key, str) or not key or len(key) > _KEY_MAX or any(ord(c) < 32 for c in key):
         raise DataError(f"{what} name {key!r} is invalid: a non-empty string of at most {_KEY_MAX} printable "
@@ -79,6 +84,7 @@ class ActiveRun:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Record several parameters in one transaction (all or none)."""
+        _check_mapping(params, "log_params")
         values = {_check_key(k, "param"): str(v) for k, v in params.items()}
         if not values:
             return
@@ -101,6 +107,7 @@ class ActiveRun:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags (they may change later, unlike params)."""
+        _check_mapping(tags, "set_tags")
         self._store._set_tags(self.id, {_check_key(k, "tag"): str(v) for k, v in tags.items()})
 
     # ------------------------------------------------------------ metrics
@@ -111,6 +118,8 @@ class ActiveRun:
         self._metrics.add(key, value, step, timestamp_ms)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log one point for each key of ``metrics`` (at the same ``step``)."""
+        _check_mapping(metrics, "log_metrics")
         for key, value in metrics.items():
             self.log_metric(key, value, step)
 

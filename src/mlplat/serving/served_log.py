@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import _background
-from .._time import as_utc
+from .._time import utc_argument
 from ..errors import DataError
 
 __all__ = ["ServedLog", "LogGroup"]
@@ -196,9 +196,7 @@ class ServedLog:
         check needs), not the variant, model name, request-time inputs and predictions, and leaves the rows in
         file order."""
         if since is not None:
-            if not isinstance(since, datetime):
-                raise DataError(f"since must be a datetime, got {since!r}")
-            since = as_utc(since)
+            since = utc_argument("since", since)
         self.flush()
         out = []
         for (refs_json, keys_json, full_json), files in self._files_by_refs(model).items():
