@@ -321,7 +321,7 @@ def _concurrently(fn, n: int) -> list:
     return results
 
 
-def test_queue_full_and_timeouts_become_mlplat_errors(triton):
+def test_queue_full_and_timeouts_become_mlplat_errors(served, triton):
     x = np.ones((1, 3), dtype=np.float32)
     with mp.TritonClient(triton.grpc_url) as client:
         full = _concurrently(lambda: client.infer("slow_full", {"input__0": x}), 8)
@@ -337,6 +337,10 @@ def test_queue_full_and_timeouts_become_mlplat_errors(triton):
             client.infer("scorer", {"input__0": x}, version=99)
         with pytest.raises(mp.DataError, match="must have 2 dimensions"):
             client.infer("scorer", {"input__0": np.ones(3, np.float32)})
+        for backend in (client, served.serving.local_backend()):  # refused before the model sees it
+            with pytest.raises(mp.DataError, match=r"'input__0' of model 'scorer' must have shape \(batch, 3\), "
+                                                   r"got \(2, 5\)"):
+                backend.infer("scorer", {"input__0": np.ones((2, 5), np.float32)})
         with pytest.raises(mp.DataError, match="needs an input 'input__0'"):
             client.infer("scorer", {"x": x})
     with mp.TritonClient("127.0.0.1:1", timeout_s=2) as dead:

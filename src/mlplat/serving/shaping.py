@@ -85,10 +85,14 @@ def to_arrays(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
             if arr.dtype.kind not in "biuf":
                 raise DataError(f"input {name!r} must be numbers ({dtype}), got {arr.dtype}")
             arr = arr.astype(want)
-        rank = len(dims) + (1 if info.max_batch_size > 0 else 0)
+        batched = info.max_batch_size > 0
+        rank = len(dims) + (1 if batched else 0)
         if arr.ndim != rank:
             raise DataError(f"input {name!r} of model {info.name!r} must have {rank} dimensions "
                             f"(batch + {list(dims)}), got shape {arr.shape}")
+        if any(d not in (-1, got) for d, got in zip(dims, arr.shape[1:] if batched else arr.shape)):
+            want = ", ".join(["batch"] * batched + ["any" if d == -1 else str(d) for d in dims])
+            raise DataError(f"input {name!r} of model {info.name!r} must have shape ({want}), got {arr.shape}")
         out[name] = np.ascontiguousarray(arr)
     rows = {a.shape[0] for a in out.values()} if info.max_batch_size > 0 else {0}
     if len(rows) > 1:
