@@ -24,7 +24,7 @@ import pyarrow.types as pat
 from ..errors import DataError, NotFoundError
 from .stats import chi2_contingency, ks_2samp, numeric_bins, psi
 
-__all__ = ["DriftReport", "FeatureDrift", "drift_check"]
+__all__ = ["DriftReport", "FeatureDrift", "check_drift_limits", "drift_check"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,18 @@ class DriftReport:
         return {"model": self.model, "version": self.version, "psi_threshold": self.psi_threshold,
                 "alpha": self.alpha, "drifted": self.drifted,
                 "features": {f: vars(d) for f, d in self.features.items()}}
+
+
+def check_drift_limits(bins: int, psi_threshold: float, alpha: float) -> None:
+    def number(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not (number(bins) and isinstance(bins, int) and bins >= 2):
+        raise DataError(f"bins must be an integer >= 2, got {bins!r}")
+    if not (number(psi_threshold) and psi_threshold >= 0):
+        raise DataError(f"psi_threshold must be a number >= 0, got {psi_threshold!r}")
+    if not (number(alpha) and 0 <= alpha <= 1):
+        raise DataError(f"alpha must be a probability between 0 and 1, got {alpha!r}")
 
 
 def _values(column: pa.ChunkedArray) -> tuple[str, np.ndarray]:

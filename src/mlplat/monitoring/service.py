@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import DataError, NotFoundError
 from ..models.lineage import rebuild_input
 from .adoption import adoption_metrics
-from .drift import DriftReport, drift_check
+from .drift import DriftReport, check_drift_limits, drift_check
 from .skew import SkewReport, check_limits, merge_reports, skew_check
 
 __all__ = ["Monitoring"]
@@ -75,12 +75,7 @@ class Monitoring:
             report.drifted                      # e.g. ['amount']
             report.features["amount"].psi
         """
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise DataError(f"bins must be an integer >= 2, got {bins!r}")
-        if isinstance(psi_threshold, bool) or not isinstance(psi_threshold, (int, float)) or not psi_threshold >= 0:
-            raise DataError(f"psi_threshold must be a number >= 0, got {psi_threshold!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise DataError(f"alpha must be a probability between 0 and 1, got {alpha!r}")
+        check_drift_limits(bins, psi_threshold, alpha)
         info = self._p.models.resolve(model, version=version)
         run = self._p.runs.get(info.run_id)
         inp = next((i for i in run.inputs if i["feature_refs"].get("entity_rows")), None)
