@@ -292,6 +292,18 @@ def test_coalescing_clients_return_each_callers_own_rows(served, triton):
     np.testing.assert_allclose(merged, want, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(plain, want, rtol=1e-5, atol=1e-7)
 
+    # made outside any event loop (e.g. at import time), then used from two asyncio.run calls
+    shared = mp.AsyncTritonClient(triton.grpc_url, coalesce=True)
+
+    async def burst():
+        outs = await asyncio.gather(*(shared.infer("scorer", {"input__0": rows[i : i + 1]}, version=1)
+                                      for i in range(8)))
+        return np.concatenate([o["output__0"] for o in outs])
+
+    for _ in range(2):
+        np.testing.assert_allclose(asyncio.run(burst()), want[:8], rtol=1e-5, atol=1e-7)
+    asyncio.run(shared.close())
+
 
 def _request_counts(triton, model: str, version: str) -> tuple[int, int]:
     """(rows inferred, requests that succeeded) of a model version, from the server's statistics."""

@@ -399,29 +399,43 @@ class _Handoff:
 
 
 class AsyncTritonClient(_Base):
-    """The asyncio Triton client (tritonclient's aio clients), with the same shaping and coalescing."""
+    """The asyncio Triton client (tritonclient's aio clients), with the same shaping and coalescing.
+
+    It may be made anywhere (at import time too): its connection and coalescers are made in the
+    event loop that first uses them, and made again in a new loop (a later ``asyncio.run``).
+    """
 
     def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 30.0, coalesce: bool = False,
                  coalesce_wait_us: int | None = None, max_in_flight: int = 8) -> None:
         super().__init__(url, protocol, timeout_s, coalesce, coalesce_wait_us, max_in_flight, asynchronous=True)
-        self._client = self._mod.InferenceServerClient(url)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aio: Any = None
         self._batchers: dict[tuple, _AsyncCoalescer] = {}
+
+    def _connection(self) -> Any:
+        """tritonclient's aio client of the running loop (an aio channel belongs to the loop that made it)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._aio = self._mod.InferenceServerClient(self.url)
+            self._batchers = {}  # their tasks ran in the old loop
+            self._loop = loop
+        return self._aio
 
     async def is_ready(self) -> bool:
         try:
-            return bool(await self._client.is_server_ready())
+            return bool(await self._connection().is_server_ready())
         except Exception:  # noqa: BLE001
             return False
 
     async def is_model_ready(self, model: str) -> bool:
         try:
-            return bool(await self._client.is_model_ready(model))
+            return bool(await self._connection().is_model_ready(model))
         except Exception:  # noqa: BLE001
             return False
 
     async def config(self, model: str) -> dict[str, Any]:
         try:
-            cfg = await self._client.get_model_config(model, **({"as_json": True} if self.protocol == "grpc"
+            cfg = await self._connection().get_model_config(model, **({"as_json": True} if self.protocol == "grpc"
                                                                  else {}))
         except self._exc as exc:
             raise self._error(exc, model) from None
@@ -439,6 +453,7 @@ class AsyncTritonClient(_Base):
         info = await self.info(model)
         arrays = to_arrays(info, inputs)
         if self._coalesces(info, arrays, outputs, priority, timeout_us):
+            self._connection()  # the batchers belong to the running loop too
             batcher = self._batchers.get((model, version))
             if batcher is None:
                 batcher = self._batchers[(model, version)] = _AsyncCoalescer(self, info, version)
@@ -451,7 +466,7 @@ class AsyncTritonClient(_Base):
     async def _infer_once(self, info: ModelInfo, arrays, outputs=None, priority: int = 0,
                           timeout_us: int = 0, version: int | None = None) -> dict[str, np.ndarray]:
         try:
-            result = await self._client.infer(info.name, _inputs(self._types, info, arrays),
+            result = await self._connection().infer(info.name, _inputs(self._types, info, arrays),
                                               outputs=self._outputs(info, outputs),
                                               **self._request_kwargs(priority, timeout_us, version))
         except self._exc as exc:
@@ -459,9 +474,13 @@ class AsyncTritonClient(_Base):
         return {n: result.as_numpy(n) for n in (outputs or info.outputs)}
 
     async def close(self) -> None:
+        if self._aio is None:
+            return
         for b in list(self._batchers.values()):
             b.stop()
-        await self._client.close()
+        if self._loop is asyncio.get_running_loop():
+            await self._aio.close()
+        self._aio, self._loop, self._batchers = None, None, {}
 
     async def __aenter__(self) -> AsyncTritonClient:
         return self
