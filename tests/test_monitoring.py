@@ -33,6 +33,17 @@ def _profile(rng: np.random.Generator, users: np.ndarray) -> dict:
             "segment": rng.choice(["a", "b", "c"], len(users), p=[0.5, 0.3, 0.2])}
 
 
+def _in_production(p, name: str, train: pa.Table, columns: list[str]) -> None:
+    """A small model trained (as a tracked run that logs ``train`` with REFS) on ``columns``, registered
+    as ``name`` v1 by alice and promoted to production with bob's approval."""
+    with p.runs.start("scoring") as run:
+        run.log_input(train, "train", feature_refs=REFS)
+        run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid()), "model",
+                      example_input=torch.zeros(2, 2), columns=columns)
+    p.models.register(name, run.id, registered_by="alice")
+    p.models.promote(name, 1, "production", approved_by="bob")
+
+
 @pytest.fixture
 def world(tmp_path):
     root = tmp_path
@@ -53,12 +64,7 @@ def world(tmp_path):
     times = pa.array([NOW - timedelta(hours=1, seconds=int(s)) for s in rng.integers(0, 20_000, 3000)],
                      pa.timestamp("us", "UTC"))
     train = p.features.get_historical_features(pa.table({"user_id": picks, "event_timestamp": times}), REFS)
-    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid())
-    with p.runs.start("scoring") as run:
-        run.log_input(train, "train", feature_refs=REFS)
-        run.log_model(model, "model", example_input=torch.zeros(2, 2), columns=["score", "visits"])
-    p.models.register("scorer", run.id, registered_by="alice")
-    p.models.promote("scorer", 1, "production", approved_by="bob")
+    _in_production(p, "scorer", train, ["score", "visits"])
     p.features.materialize(end_date=NOW)
     p.serving.predict("scorer", {"user_id": users.tolist()})
     yield p, train
@@ -233,12 +239,7 @@ def test_a_model_trained_on_full_feature_names_is_served_checked_and_compared_un
         pa.table({"user_id": rng.integers(0, USERS, 2000), "event_timestamp": times}), REFS, full_feature_names=True)
     names = ["profile__score", "profile__visits", "profile__segment"]
     assert train.column_names[-3:] == names
-    with p.runs.start("scoring") as run:
-        run.log_input(train, "train", feature_refs=REFS)
-        run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid()), "model",
-                      example_input=torch.zeros(2, 2), columns=["profile__score", "profile__visits"])
-    p.models.register("full", run.id, registered_by="alice")
-    p.models.promote("full", 1, "production", approved_by="bob")
+    _in_production(p, "full", train, ["profile__score", "profile__visits"])
     users = list(range(USERS))
     out = p.serving.predict("full", {"user_id": users})
     assert list(out.features) == names
@@ -282,12 +283,7 @@ def test_request_time_inputs_are_logged_and_drift_is_checked_on_them(world):
     entity = pa.table({"user_id": rng.integers(0, USERS, 3000), "event_timestamp": times,
                        "amount": rng.lognormal(3.0, 0.5, 3000)})
     train = p.features.get_historical_features(entity, REFS)
-    with p.runs.start("scoring") as run:
-        run.log_input(train, "train", feature_refs=REFS)
-        run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid()), "model",
-                      example_input=torch.zeros(2, 2), columns=["score", "amount"])
-    p.models.register("spend", run.id, registered_by="alice")
-    p.models.promote("spend", 1, "production", approved_by="bob")
+    _in_production(p, "spend", train, ["score", "amount"])
     users = list(range(USERS))
     amounts = rng.lognormal(3.0, 0.5, USERS).tolist()
     p.serving.predict("spend", [{"user_id": u, "amount": a} for u, a in zip(users, amounts)])
