@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from .errors import DataError
+
 __all__ = ["as_utc", "utc_argument"]
 
 
@@ -18,7 +20,5 @@ def as_utc(value: datetime) -> datetime:
 def utc_argument(name: str, value: object) -> datetime:
     """A public function's datetime argument as aware UTC; anything else is a DataError naming it."""
     if not isinstance(value, datetime):
-        from .errors import DataError
-
         raise DataError(f"{name} must be a datetime (naive means UTC), got {value!r}")
     return as_utc(value)
