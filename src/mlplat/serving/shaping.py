@@ -90,7 +90,8 @@ def to_arrays(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
         if arr.ndim != rank:
             raise DataError(f"input {name!r} of model {info.name!r} must have {rank} dimensions "
                             f"(batch + {list(dims)}), got shape {arr.shape}")
-        if any(d not in (-1, got) for d, got in zip(dims, arr.shape[1:] if batched else arr.shape)):
+        shape = arr.shape[1:] if batched else arr.shape
+        if shape != dims and any(d not in (-1, got) for d, got in zip(dims, shape)):  # equal: the common case
             want = ", ".join(["batch"] * batched + ["any" if d == -1 else str(d) for d in dims])
             raise DataError(f"input {name!r} of model {info.name!r} must have shape ({want}), got {arr.shape}")
         out[name] = np.ascontiguousarray(arr)
