@@ -12,7 +12,6 @@ Usage::
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 from typing import Any
 
@@ -78,10 +77,6 @@ class LocalBackend:
     def info(self, model: str, version: int | None = None) -> ModelInfo:
         return self._get(model, version)[2]
 
-    def version(self, model: str) -> int:
-        """The registered version served for ``model`` when no version is asked for."""
-        return self._get(model)[0]
-
     def infer(self, model: str, inputs: Any, *, version: int | None = None, **_: Any) -> dict[str, np.ndarray]:
         import torch
 
@@ -93,9 +88,6 @@ class LocalBackend:
             outs = out if isinstance(out, (tuple, list)) else (out,)
             parts.append({name: o.numpy() for name, o in zip(info.outputs, outs)})
         return join(parts)
-
-    async def infer_async(self, model: str, inputs: Any, **kwargs: Any) -> dict[str, np.ndarray]:
-        return await asyncio.to_thread(self.infer, model, inputs, **kwargs)
 
     def close(self) -> None:
         self._loaded.clear()

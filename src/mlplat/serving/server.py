@@ -154,22 +154,6 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def load(self, model: str) -> None:
-        """Load (or reload after a new export) one model."""
-        self._control(model, "load")
-
-    def unload(self, model: str) -> None:
-        self._control(model, "unload")
-
-    def _control(self, model: str, action: str) -> None:
-        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/{action}",
-                                         data=b"{}", method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=60) as r:
-                r.read()
-        except urllib.error.HTTPError as exc:
-            raise ServingError(f"{action} {model!r}: {exc.read().decode(errors='replace')[:500]}") from None
-
     def log_tail(self, chars: int = 3000) -> str:
         if self.log_path is None or not self.log_path.exists():
             return "(no log)"
