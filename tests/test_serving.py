@@ -96,6 +96,9 @@ def repository(served, tmp_path_factory) -> Path:
     for version in (1, 2):
         served.serving.export_triton("scorer", version=version, repository=repo, max_batch_size=8,
                                      dynamic_batching=batching)
+    served.serving.export_triton("scorer", version=1, repository=repo, triton_name="scorer_quick", max_batch_size=8,
+                                 dynamic_batching=mp.DynamicBatching(preferred_batch_sizes=[4, 8],
+                                                                     max_queue_delay_us=500))
     slow = served.models.get("slow", stage="production").version
     served.serving.export_triton("slow", version=slow, repository=repo, triton_name="slow_full", max_batch_size=1,
                                  dynamic_batching=mp.DynamicBatching(queue_policy=mp.QueuePolicy(max_queue_size=1)))
@@ -303,6 +306,54 @@ def test_coalescing_clients_return_each_callers_own_rows(served, triton):
     for _ in range(2):
         np.testing.assert_allclose(asyncio.run(burst()), want[:8], rtol=1e-5, atol=1e-7)
     asyncio.run(shared.close())
+
+
+def test_coalescing_waits_as_long_as_its_callers_take_to_come_back(triton):
+    """Callers that come back one after another, the last 1.2 ms after the first (longer than the model's
+    0.5 ms queue delay), still fill their batches once the wait has adapted; with the wait fixed at
+    0.5 ms, the batches go short."""
+    row = np.zeros((1, 3), np.float32)
+
+    def rows_per_request(client) -> float:
+        before = _request_counts(triton, "scorer_quick", "1")
+
+        def caller(k: int) -> None:
+            for _ in range(60):
+                client.infer("scorer_quick", {"input__0": row}, version=1)
+                time.sleep(k * 0.0004)
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = _request_counts(triton, "scorer_quick", "1")
+        assert after[0] - before[0] == 240
+        return 240 / (after[1] - before[1])
+
+    with mp.TritonClient(triton.grpc_url, coalesce=True) as adaptive, \
+            mp.TritonClient(triton.grpc_url, coalesce=True, coalesce_wait_us=500) as fixed:
+        assert adaptive.info("scorer_quick").max_queue_delay_us == 500  # the adaptive wait starts where the fixed one is
+        assert rows_per_request(adaptive) >= 3.0
+        assert rows_per_request(fixed) <= 2.5
+
+
+def test_the_coalescing_wait_grows_while_batches_go_short_and_comes_back_when_they_fill():
+    from mlplat.serving.client import _Patience
+
+    fixed = _Patience(0.0005, adapts=False)
+    for _ in range(20):
+        fixed.ran_out()
+    assert fixed.seconds == 0.0005  # coalesce_wait_us given: kept as given
+    wait = _Patience(0.0005, adapts=True)
+    seen = []
+    for _ in range(40):
+        wait.ran_out()
+        seen.append(wait.seconds)
+    assert seen == sorted(seen) and seen[0] > 0.0005 and seen[-1] == pytest.approx(0.005)  # at most 10x
+    for _ in range(100):
+        wait.gathered(0.00002)  # callers back at once again (or fewer of them, after a short batch)
+    assert wait.seconds == 0.0005  # never below the model's queue delay
 
 
 def _request_counts(triton, model: str, version: str) -> tuple[int, int]:
