@@ -7,7 +7,8 @@ goes as soon as every caller is in it (as many as were ever seen calling at
 once), at the model's preferred size, or after ``coalesce_wait_us``, whichever
 comes first, with up to ``max_in_flight`` batches outstanding. Without
 ``coalesce_wait_us`` the wait starts at the model's ``max_queue_delay_microseconds``
-and adapts to how long the callers take to come back (up to ten times that). Server errors become mlplat errors that say which:
+and adapts to how long the callers take to come back (up to ten times that).
+Server errors become mlplat errors that say which:
 :class:`~mlplat.errors.ModelNotReadyError`, :class:`~mlplat.errors.QueueFullError`,
 :class:`~mlplat.errors.InferenceTimeoutError`, else :class:`~mlplat.errors.ServingError`.
 
