@@ -23,7 +23,8 @@ What it does:
    home (200k transactions, two feature views, a trained and registered
    "fraud" model in production, features materialized into Redis), then
    ``p.serving.export_triton("fraud", backend="python", max_batch_size=64,
-   dynamic_batching=DynamicBatching([8, 16, 32, 64], 500 us), instances=1)``.
+   dynamic_batching=DynamicBatching([8, 16, 32, 64], 500 us), instances=1)`` (the
+   delay: ``--queue-delay-us``).
    The parent then starts the Triton server on that repository.
 2. Throughput, in one fresh worker process. ``--callers`` (8) concurrent
    callers send single-row requests (float32 (1, 5)) back to back. Every
@@ -155,7 +156,7 @@ def worker_setup(args: argparse.Namespace) -> dict[str, Any]:
     p = mp.Platform(summary["home"], online_store=args.redis_url)
     export = p.serving.export_triton(
         MODEL, repository=args.repo, backend="python", max_batch_size=MAX_BATCH,
-        dynamic_batching=mp.DynamicBatching(preferred_batch_sizes=PREFERRED, max_queue_delay_us=QUEUE_DELAY_US),
+        dynamic_batching=mp.DynamicBatching(preferred_batch_sizes=PREFERRED, max_queue_delay_us=args.queue_delay_us),
         instances=1)
     lineage = p.models.lineage(MODEL, stage="production")
     refs = next((d["feature_refs"] for d in lineage["data"] if d["feature_refs"]), [])
@@ -730,6 +731,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--engines", default=",".join(ENGINES), help="throughput engines, subset of: " + ", ".join(ENGINES))
     ap.add_argument("--predict-engines", default=",".join(PREDICT_ENGINES),
                     help="predict engines, subset of: " + ", ".join(PREDICT_ENGINES))
+    ap.add_argument("--queue-delay-us", type=int, default=QUEUE_DELAY_US,
+                    help=f"the exported model's max_queue_delay_us (default {QUEUE_DELAY_US}; a lone request waits it out)")
     ap.add_argument("--skip-throughput", action="store_true", help="only the predict latency part")
     ap.add_argument("--skip-predict", action="store_true", help="only the throughput part")
     ap.add_argument("--smoke", action="store_true",
@@ -838,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         r.flushdb()
         print("  setup (demo, export) ...", file=sys.stderr, flush=True)
         reports["setup"] = setup = h.run_worker(__file__, ["--worker", "setup", "--home", tmp, "--repo", repo,
+                                                           "--queue-delay-us", str(args.queue_delay_us),
                                                            *_common(args)], timeout=args.timeout)
         t0 = time.perf_counter()
         with TritonServer(repo, python=server_python) as server:
@@ -885,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         (f"serving: demo fraud model v{setup['model_version']} (MLP 5 -> 16 -> 1) on Triton's python backend "
          f"(bundled tritonserver, CPU, 1 instance), max_batch_size {MAX_BATCH}, dynamic batching preferred "
-         f"{PREFERRED}, max queue delay {QUEUE_DELAY_US} us; client and server on this machine (loopback gRPC)"),
+         f"{PREFERRED}, max queue delay {args.queue_delay_us} us; client and server on this machine (loopback gRPC)"),
         (f"setup: demo {setup['demo_s']:.1f} s ({setup['materialized']:,} entities materialized), server start "
          f"{server_start_s:.1f} s; whole run {total_s:.0f} s; Redis {args.redis_url} (db {db}; flushed at start "
          f"({flushed:,} keys) and end)"),
