@@ -246,12 +246,7 @@ def test_dynamic_batching_shows_in_the_server_statistics(triton):
     before = counts()
     x = np.ones((1, 3), dtype=np.float32)
     with mp.TritonClient(triton.grpc_url) as client:  # no client-side merging: the server batches
-        threads = [threading.Thread(target=lambda: [client.infer("scorer", {"input__0": x}, version=1)
-                                                    for _ in range(10)]) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_threads(lambda _: [client.infer("scorer", {"input__0": x}, version=1) for _ in range(10)], 8)
     after = counts()
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == 80 and executions < inferences  # several requests per execution
@@ -268,11 +263,7 @@ def test_coalescing_clients_return_each_callers_own_rows(served, triton):
         def caller(i: int) -> None:
             got[i] = client.infer("scorer", {"input__0": rows[i : i + 1]}, version=1)["output__0"]
 
-        threads = [threading.Thread(target=caller, args=(i,)) for i in range(64)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_threads(caller, 64)
         after = _request_counts(triton, "scorer", "1")
         # merged on the client: 64 rows reached the server in fewer requests
         assert after[0] - before[0] == 64 and after[1] - before[1] < 64
@@ -322,11 +313,7 @@ def test_coalescing_waits_as_long_as_its_callers_take_to_come_back(triton):
                 client.infer("scorer_quick", {"input__0": row}, version=1)
                 time.sleep(k * 0.0004)
 
-        threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_threads(caller, 4)
         after = _request_counts(triton, "scorer_quick", "1")
         assert after[0] - before[0] == 240
         return 240 / (after[1] - before[1])
@@ -376,12 +363,17 @@ def _concurrently(fn, n: int) -> list:
         except Exception as exc:  # noqa: BLE001
             results[i] = exc
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    _in_threads(run, n)
+    return results
+
+
+def _in_threads(fn, n: int) -> None:
+    """``fn(0)`` ... ``fn(n - 1)``, each in a thread of its own, all started before any is joined."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return results
 
 
 def test_queue_full_and_timeouts_become_mlplat_errors(served, triton):
