@@ -47,6 +47,8 @@ What it does:
    * ``raw sync gRPC`` (informative): 8 threads, each its own ``tritonclient.grpc`` client, ``infer``;
    * ``mlplat coalescing wait0`` (informative): as ``mlplat coalescing`` with ``coalesce_wait_us=0`` (send
      whatever is queued at once instead of waiting up to the model's max queue delay for more);
+   * ``mlplat async coalescing`` (informative): 8 coroutines share one ``mp.AsyncTritonClient(coalesce=True)``
+     (no thread hand-offs; its one-by-one counterpart is ``raw aio gRPC``, 8 requests in flight on one channel);
    * ``batched ceiling`` (informative): one thread sends ready ``--callers``-row requests (the callers' rows,
      stacked) back to back through ``mp.TritonClient``; each row counts as a request. This is what a coalescer
      of that many callers could at most reach on this machine and server: the same batches with no callers to
@@ -110,7 +112,7 @@ SEED = 20240611
 RTOL, ATOL = 1e-5, 1e-6
 
 ENGINES = ("one-by-one", "mlplat coalescing", "raw aio gRPC", "raw async_infer", "raw sync gRPC",
-           "mlplat coalescing wait0", "batched ceiling")
+           "mlplat coalescing wait0", "mlplat async coalescing", "batched ceiling")
 RAW_PEERS = ("raw aio gRPC", "raw async_infer")
 PREDICT_ENGINES = ("predict Triton gRPC", "predict local backend", "online features only", "Triton infer only")
 PREDICT_BATCHES = (1, 100)
@@ -299,6 +301,7 @@ class Engines:
         self.plain = [mp.TritonClient(url) for _ in range(callers)]
         self.coalescing = mp.TritonClient(url, coalesce=True)
         self.coalescing0 = mp.TritonClient(url, coalesce=True, coalesce_wait_us=0)
+        self.async_coalescing = mp.AsyncTritonClient(url, coalesce=True)  # connects in self.loop on first use
         self.raw_sync = [grpcclient.InferenceServerClient(url) for _ in range(callers)]
         self.raw_cb = grpcclient.InferenceServerClient(url)
         self.loop = asyncio.new_event_loop()
@@ -306,6 +309,7 @@ class Engines:
         self.run = {"one-by-one": self.one_by_one, "mlplat coalescing": self.coalesce,
                     "raw aio gRPC": self.raw_aio, "raw async_infer": self.raw_async_infer,
                     "raw sync gRPC": self.raw_sync_grpc, "mlplat coalescing wait0": self.coalesce0,
+                    "mlplat async coalescing": self.async_coalesce,
                     "batched ceiling": self.batched_ceiling}
 
     # ---- mlplat
@@ -359,14 +363,14 @@ class Engines:
 
         return _thread_engine([make(c) for c in self.raw_sync], self.rows, t_end_ns, self.callers)
 
-    def raw_aio(self, t_end_ns: int) -> list[Records]:
-        from tritonclient.grpc import aio
-
+    def _coroutines(self, make_infer, t_end_ns: int) -> list[Records]:
+        """``callers`` coroutines in this engine's event loop, each awaiting ``infer(row)`` back to back;
+        ``make_infer()`` (called inside the loop) gives that coroutine function."""
         perf = time.perf_counter_ns
         rows, n_rows, callers = self.rows, len(self.rows), self.callers
         records = [Records() for _ in range(callers)]
 
-        async def caller(client, k: int) -> None:
+        async def caller(infer, k: int) -> None:
             rec = records[k]
             i = k
             try:
@@ -375,10 +379,7 @@ class Engines:
                     if t0 >= t_end_ns:
                         return
                     j = i % n_rows
-                    inp = aio.InferInput(INPUT, [1, WIDTH], "FP32")
-                    inp.set_data_from_numpy(rows[j])
-                    res = await client.infer(MODEL, [inp], outputs=[aio.InferRequestedOutput(OUTPUT)])
-                    out = res.as_numpy(OUTPUT)
+                    out = await infer(rows[j])
                     rec.add(t0, perf(), j, out)
                     i += callers
             except BaseException as exc:  # noqa: BLE001
@@ -387,12 +388,40 @@ class Engines:
         async def main() -> None:
             import asyncio
 
-            if self.aio_client is None:
-                self.aio_client = aio.InferenceServerClient(self.url)
-            await asyncio.gather(*(caller(self.aio_client, k) for k in range(callers)))
+            infer = make_infer()
+            await asyncio.gather(*(caller(infer, k) for k in range(callers)))
 
         self.loop.run_until_complete(main())
         return records
+
+    def raw_aio(self, t_end_ns: int) -> list[Records]:
+        from tritonclient.grpc import aio
+
+        def make_infer():
+            if self.aio_client is None:
+                self.aio_client = aio.InferenceServerClient(self.url)
+            client = self.aio_client
+
+            async def infer(x):
+                inp = aio.InferInput(INPUT, [1, WIDTH], "FP32")
+                inp.set_data_from_numpy(x)
+                res = await client.infer(MODEL, [inp], outputs=[aio.InferRequestedOutput(OUTPUT)])
+                return res.as_numpy(OUTPUT)
+
+            return infer
+
+        return self._coroutines(make_infer, t_end_ns)
+
+    def async_coalesce(self, t_end_ns: int) -> list[Records]:
+        c = self.async_coalescing
+
+        def make_infer():
+            async def infer(x):
+                return (await c.infer(MODEL, {INPUT: x}))[OUTPUT]
+
+            return infer
+
+        return self._coroutines(make_infer, t_end_ns)
 
     def raw_async_infer(self, t_end_ns: int) -> list[Records]:
         g, client = self.grpc, self.raw_cb
@@ -452,6 +481,7 @@ class Engines:
             c.close()
         if self.aio_client is not None:
             self.loop.run_until_complete(self.aio_client.close())
+        self.loop.run_until_complete(self.async_coalescing.close())
         self.loop.close()
 
 

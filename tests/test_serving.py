@@ -299,6 +299,55 @@ def test_coalescing_clients_return_each_callers_own_rows(served, triton):
     asyncio.run(shared.close())
 
 
+def test_async_coalescing_sends_short_batches_after_its_wait_and_never_sends_cancelled_callers(served, triton):
+    rows = np.random.default_rng(5).random((6, 3), dtype=np.float32)
+    want = served.serving.local_backend().infer("scorer", {"input__0": rows}, version=1)["output__0"]
+
+    def check(i: int, out) -> None:
+        np.testing.assert_allclose(out["output__0"], want[i : i + 1], rtol=1e-5, atol=1e-7)
+
+    async def main() -> float:
+        c = mp.AsyncTritonClient(triton.grpc_url, coalesce=True, coalesce_wait_us=100_000)
+        await c.info("scorer")  # read once: the callers below enter the coalescer at once
+        before = _request_counts(triton, "scorer", "1")
+
+        def call(i: int) -> asyncio.Task:
+            return asyncio.ensure_future(c.infer("scorer", {"input__0": rows[i : i + 1]}, version=1))
+
+        # two callers at once: the first goes alone (one caller seen so far), the second waits for a partner
+        first, second = call(0), call(1)
+        await asyncio.sleep(0.02)
+        check(0, await first)
+        assert not second.done()  # still waiting for a second caller
+        t0 = time.perf_counter()
+        check(1, await second)  # sent alone once its 100 ms ran out
+        waited = time.perf_counter() - t0
+        # a caller cancelled while its batch waits is never sent; the others are unaffected
+        third, fourth = call(2), call(3)
+        await asyncio.sleep(0.02)
+        fourth.cancel()
+        check(2, await third)
+        await asyncio.sleep(0.15)  # past the cancelled caller's wait
+        assert fourth.cancelled()
+        # close answers a batch still waiting instead of leaving its caller hanging
+        fifth, sixth = call(4), call(5)
+        await asyncio.sleep(0.02)
+        await c.close()
+        check(4, await fifth)
+        check(5, await sixth)
+        after = _request_counts(triton, "scorer", "1")
+        assert after[0] - before[0] == 5  # rows 0, 1, 2, 4, 5: row 3 never reached the server
+        # an error reaches every caller of a merged request
+        shared = mp.AsyncTritonClient(triton.grpc_url, coalesce=True)
+        errors = await asyncio.gather(*(shared.infer("scorer", {"input__0": rows[i : i + 1]}, version=99)
+                                        for i in range(6)), return_exceptions=True)
+        await shared.close()
+        assert all(isinstance(e, mp.ModelNotReadyError) for e in errors), errors
+        return waited
+
+    assert asyncio.run(main()) >= 0.05
+
+
 def test_coalescing_waits_as_long_as_its_callers_take_to_come_back(triton):
     """Callers that come back one after another, the last 1.2 ms after the first (longer than the model's
     0.5 ms queue delay), still fill their batches once the wait has adapted; with the wait fixed at

