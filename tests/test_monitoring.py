@@ -184,6 +184,9 @@ def test_skew_sample_and_bad_arguments(world):
         p.monitoring.skew("scorer", tolerance=-1)
     with pytest.raises(DataError, match="sample"):
         p.monitoring.skew("scorer", sample=0)
+    for bad in ({"tolerance": True}, {"threshold": float("nan")}, {"sample": True}, {"sample": 2.5}):
+        with pytest.raises(DataError, match=f"{next(iter(bad))} must be .* got {next(iter(bad.values()))!r}"):
+            p.monitoring.skew("scorer", **bad)
 
 
 # --------------------------------------------------------------------------------------------------- drift
@@ -216,6 +219,7 @@ def test_drift_needs_served_rows_and_a_logged_input(world):
     p, _ = world
     for kwargs, message in (({"bins": 1}, "bins must be an integer >= 2"), ({"alpha": 2}, "alpha must be"),
                             ({"psi_threshold": -0.1}, "psi_threshold must be"),
+                            ({"alpha": True}, "alpha must be a probability between 0 and 1, got True"),
                             ({"since": "2026-01-01"}, "since must be a datetime")):
         with pytest.raises(DataError, match=message):
             p.monitoring.drift("scorer", **kwargs)

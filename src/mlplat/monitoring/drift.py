@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.types as pat
 
 from ..errors import DataError, NotFoundError
+from ._checks import require_number
 from .stats import chi2_contingency, ks_2samp, numeric_bins, psi
 
 __all__ = ["DriftReport", "FeatureDrift", "check_drift_limits", "drift_check"]
@@ -59,15 +60,9 @@ class DriftReport:
 
 
 def check_drift_limits(bins: int, psi_threshold: float, alpha: float) -> None:
-    def number(x: object) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-    if not (number(bins) and isinstance(bins, int) and bins >= 2):
-        raise DataError(f"bins must be an integer >= 2, got {bins!r}")
-    if not (number(psi_threshold) and psi_threshold >= 0):
-        raise DataError(f"psi_threshold must be a number >= 0, got {psi_threshold!r}")
-    if not (number(alpha) and 0 <= alpha <= 1):
-        raise DataError(f"alpha must be a probability between 0 and 1, got {alpha!r}")
+    require_number("bins", bins, low=2, integer=True, meaning="an integer >= 2")
+    require_number("psi_threshold", psi_threshold, low=0, meaning="a number >= 0")
+    require_number("alpha", alpha, low=0, high=1, meaning="a probability between 0 and 1")
 
 
 def _values(column: pa.ChunkedArray) -> tuple[str, np.ndarray]:

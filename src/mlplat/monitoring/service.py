@@ -4,8 +4,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from ..errors import DataError, NotFoundError
+from ..errors import NotFoundError
 from ..models.lineage import rebuild_input
+from ._checks import require_number
 from .adoption import adoption_metrics
 from .drift import DriftReport, check_drift_limits, drift_check
 from .skew import SkewReport, check_limits, merge_reports, skew_check
@@ -30,8 +31,8 @@ class Monitoring:
             report.mismatches[:5]  # entity, request time, served, recomputed
         """
         check_limits(tolerance, threshold)
-        if sample is not None and (not isinstance(sample, int) or sample < 1):
-            raise DataError(f"sample must be a positive number of rows, got {sample!r}")
+        if sample is not None:
+            require_number("sample", sample, low=1, integer=True, meaning="a positive number of rows")
         log = self._p.serving.served_log
         log.flush()
         by_model = (model_or_view,) if (log.root / model_or_view).is_dir() else self._models_serving(model_or_view)

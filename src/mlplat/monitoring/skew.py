@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.types as pat
 
-from ..errors import DataError, NotFoundError
+from ..errors import NotFoundError
+from ._checks import require_number
 
 __all__ = ["SkewReport", "FeatureSkew", "Mismatch", "check_limits", "merge_reports", "skew_check"]
 
@@ -91,10 +92,8 @@ def _mismatched(served: pa.ChunkedArray, recomputed: pa.ChunkedArray, tolerance:
 
 
 def check_limits(tolerance: float, threshold: float) -> None:
-    if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise DataError(f"tolerance must be a number >= 0 (a relative difference), got {tolerance!r}")
-    if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        raise DataError(f"threshold must be a share between 0 and 1, got {threshold!r}")
+    require_number("tolerance", tolerance, low=0, meaning="a number >= 0 (a relative difference)")
+    require_number("threshold", threshold, low=0, high=1, meaning="a share between 0 and 1")
 
 
 def merge_reports(name: str, reports: list[SkewReport], *, prefix_model: bool = False) -> SkewReport:
