@@ -11,6 +11,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -346,6 +347,54 @@ def test_async_coalescing_sends_short_batches_after_its_wait_and_never_sends_can
         return waited
 
     assert asyncio.run(main()) >= 0.05
+
+
+def test_coalescers_follow_a_model_reloaded_with_a_smaller_batch_size(served, triton, tmp_path):
+    """After load_model, merged requests keep to the new config (the server refuses a batch above its
+    max_batch_size: a coalescer still holding the old config sent 8 rows to a model taking 4)."""
+    name = "resized"
+    x = np.random.default_rng(6).random((8, 3), dtype=np.float32)
+    want = served.serving.local_backend().infer("scorer", {"input__0": x}, version=2)["output__0"]
+
+    def folder(max_batch_size: int) -> Path:
+        return served.serving.export_triton("scorer", version=2, repository=tmp_path / str(max_batch_size),
+                                            triton_name=name, max_batch_size=max_batch_size).model_dir
+
+    got: dict[int, Any] = {}
+    with mp.TritonClient(triton.grpc_url, coalesce=True, coalesce_wait_us=50_000) as client:
+        def caller(k: int) -> None:
+            try:
+                got[k] = client.infer(name, {"input__0": x[k : k + 1]}, version=2)["output__0"]
+            except Exception as exc:  # noqa: BLE001 - asserted below
+                got[k] = exc
+
+        client.load_model(name, folder(8))
+        for max_batch_size in (8, 4):
+            if max_batch_size == 4:
+                client.load_model(name, folder(4))
+            for _ in range(3):
+                _in_threads(caller, 8)
+                assert not [g for g in got.values() if isinstance(g, Exception)], got
+                np.testing.assert_allclose(np.concatenate([got[k] for k in range(8)]), want, rtol=1e-5, atol=1e-7)
+            assert client.info(name).max_batch_size == max_batch_size
+
+    async def main() -> list:
+        async with mp.AsyncTritonClient(triton.grpc_url, coalesce=True, coalesce_wait_us=50_000) as c:
+            await c.load_model(name, folder(8))
+            assert await c.is_live() and (await c.metadata(name))["name"] == name
+            with pytest.raises(mp.ServingError, match="could not load 'not_in_the_repository'"):
+                await c.load_model("not_in_the_repository")
+            first = await asyncio.gather(*(c.infer(name, {"input__0": x[k : k + 1]}, version=2) for k in range(8)))
+            await c.load_model(name, folder(4))
+            second = await asyncio.gather(*(c.infer(name, {"input__0": x[k : k + 1]}, version=2) for k in range(8)))
+            await c.unload_model(name)
+            assert not await c.is_model_ready(name)
+        async with mp.AsyncTritonClient("127.0.0.1:1") as dead:
+            assert not await dead.is_live()
+        return [first, second]
+
+    for outs in asyncio.run(main()):
+        np.testing.assert_allclose(np.concatenate([o["output__0"] for o in outs]), want, rtol=1e-5, atol=1e-7)
 
 
 def test_coalescing_waits_as_long_as_its_callers_take_to_come_back(triton):

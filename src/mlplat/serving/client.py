@@ -95,6 +95,14 @@ class _Base:
     def _error(self, exc: Exception, model: str) -> ServingError:
         return map_error(exc, model, self.url)
 
+    @property
+    def _as_json(self) -> dict[str, Any]:
+        """tritonclient's gRPC answers protobuf messages unless asked for JSON; its HTTP client answers JSON."""
+        return {"as_json": True} if self.protocol == "grpc" else {}
+
+    def _control_error(self, exc: Exception, what: str, model: str) -> ServingError:
+        return ServingError(f"the Triton server at {self.url} could not {what} {model!r}: {exc.message()}")
+
     def _patience(self, info: ModelInfo) -> _Patience:
         if self._wait_us is not None:
             return _Patience(self._wait_us / 1e6, adapts=False)
@@ -163,14 +171,14 @@ class TritonClient(_Base):
 
     def metadata(self, model: str) -> dict[str, Any]:
         try:
-            meta = self._client.get_model_metadata(model, **({"as_json": True} if self.protocol == "grpc" else {}))
+            meta = self._client.get_model_metadata(model, **self._as_json)
         except self._exc as exc:
             raise self._error(exc, model) from None
         return dict(meta)
 
     def config(self, model: str) -> dict[str, Any]:
         try:
-            cfg = self._client.get_model_config(model, **({"as_json": True} if self.protocol == "grpc" else {}))
+            cfg = self._client.get_model_config(model, **self._as_json)
         except self._exc as exc:
             raise self._error(exc, model) from None
         return dict(cfg.get("config", cfg))
@@ -188,13 +196,11 @@ class TritonClient(_Base):
             export = p.serving.export_triton("fraud", repository="triton-repo")
             client.load_model("fraud", export.model_dir)
         """
-        kwargs: dict[str, Any] = {}
-        if folder is not None:
-            kwargs = _upload(Path(folder))
+        kwargs = _upload(Path(folder)) if folder is not None else {}
         try:
             self._client.load_model(model, **kwargs)
         except self._exc as exc:
-            raise ServingError(f"the Triton server at {self.url} could not load {model!r}: {exc.message()}") from None
+            raise self._control_error(exc, "load", model) from None
         self._infos.pop(model, None)
 
     def unload_model(self, model: str) -> None:
@@ -202,8 +208,7 @@ class TritonClient(_Base):
         try:
             self._client.unload_model(model)
         except self._exc as exc:
-            raise ServingError(f"the Triton server at {self.url} could not unload {model!r}: {exc.message()}") \
-                from None
+            raise self._control_error(exc, "unload", model) from None
         self._infos.pop(model, None)
 
     def info(self, model: str) -> ModelInfo:
@@ -259,10 +264,10 @@ class TritonClient(_Base):
     def _coalescer(self, info: ModelInfo, version: int | None) -> _Coalescer:
         key = (info.name, version)
         c = self._coalescers.get(key)
-        if c is None:
+        if c is None or c.info is not info:  # new, or the model was reloaded (its config read again)
             with self._lock:
                 c = self._coalescers.get(key)
-                if c is None:
+                if c is None or c.info is not info:  # callers inside an old one finish there
                     c = self._coalescers[key] = _Coalescer(self, info, version)
         return c
 
@@ -304,7 +309,7 @@ class _Coalescer:
 
     def __init__(self, client: TritonClient, info: ModelInfo, version: int | None) -> None:
         self._client = client
-        self._info = info
+        self.info = info
         self._version = version
         self._patience = client._patience(info)
         self._target = min(info.target_batch, info.max_batch_size)
@@ -317,13 +322,13 @@ class _Coalescer:
         self._slots = threading.BoundedSemaphore(client._max_in_flight)
 
     def submit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = rows_of(self._info, arrays)
+        n = rows_of(self.info, arrays)
         mine = _Handoff()
         with self._lock:
             self._inside += 1
             self._expect = max(self._expect, self._inside)
             full = None
-            if self._pending and self._rows + n > self._info.max_batch_size:
+            if self._pending and self._rows + n > self.info.max_batch_size:
                 full = self._take()  # no room left: it goes now, this request starts the next batch
             if not self._pending:
                 self._first_at = time.perf_counter()
@@ -357,7 +362,7 @@ class _Coalescer:
         try:
             with self._slots:
                 arrays, sizes = merge([b[0] for b in batch])
-                outputs = unmerge(self._client._infer_once(self._info, arrays, None, 0, 0, self._version), sizes)
+                outputs = unmerge(self._client._infer_once(self.info, arrays, None, 0, 0, self._version), sizes)
         except BaseException as exc:  # noqa: BLE001 - every caller of the batch gets the error
             self._answer(batch, None, exc)
             if not isinstance(exc, Exception):
@@ -373,7 +378,7 @@ class _Coalescer:
                 item[2].set(out)
             return
         if not isinstance(error, Exception):
-            error = ServingError(f"model {self._info.name!r}: the caller sending this batch was interrupted "
+            error = ServingError(f"model {self.info.name!r}: the caller sending this batch was interrupted "
                                  f"({type(error).__name__}); send the request again")
         for item in batch:
             item[2].set(error=error)
@@ -471,6 +476,12 @@ class AsyncTritonClient(_Base):
             self._loop = loop
         return self._aio
 
+    async def is_live(self) -> bool:
+        try:
+            return bool(await self._connection().is_server_live())
+        except Exception:  # noqa: BLE001 - unreachable means not live
+            return False
+
     async def is_ready(self) -> bool:
         try:
             return bool(await self._connection().is_server_ready())
@@ -483,13 +494,36 @@ class AsyncTritonClient(_Base):
         except Exception:  # noqa: BLE001
             return False
 
+    async def metadata(self, model: str) -> dict[str, Any]:
+        try:
+            meta = await self._connection().get_model_metadata(model, **self._as_json)
+        except self._exc as exc:
+            raise self._error(exc, model) from None
+        return dict(meta)
+
     async def config(self, model: str) -> dict[str, Any]:
         try:
-            cfg = await self._connection().get_model_config(model, **({"as_json": True} if self.protocol == "grpc"
-                                                                 else {}))
+            cfg = await self._connection().get_model_config(model, **self._as_json)
         except self._exc as exc:
             raise self._error(exc, model) from None
         return dict(cfg.get("config", cfg))
+
+    async def load_model(self, model: str, folder: str | os.PathLike | None = None) -> None:
+        """As :meth:`TritonClient.load_model`, awaited."""
+        kwargs = _upload(Path(folder)) if folder is not None else {}
+        try:
+            await self._connection().load_model(model, **kwargs)
+        except self._exc as exc:
+            raise self._control_error(exc, "load", model) from None
+        self._infos.pop(model, None)
+
+    async def unload_model(self, model: str) -> None:
+        """Unload ``model`` (explicit model-control mode)."""
+        try:
+            await self._connection().unload_model(model)
+        except self._exc as exc:
+            raise self._control_error(exc, "unload", model) from None
+        self._infos.pop(model, None)
 
     async def info(self, model: str) -> ModelInfo:
         info = self._infos.get(model)
@@ -505,7 +539,9 @@ class AsyncTritonClient(_Base):
         if self._coalesces(info, arrays, outputs, priority, timeout_us):
             self._connection()  # the batchers belong to the running loop too
             batcher = self._batchers.get((model, version))
-            if batcher is None:
+            if batcher is None or batcher.info is not info:  # new, or the model was reloaded
+                if batcher is not None:
+                    batcher.flush()  # what it gathered goes now, merged as its config allowed
                 batcher = self._batchers[(model, version)] = _AsyncCoalescer(self, info, version)
             return await batcher.submit(arrays)
         parts = split(info, arrays)
@@ -553,7 +589,7 @@ class _AsyncCoalescer:
 
     def __init__(self, client: AsyncTritonClient, info: ModelInfo, version: int | None) -> None:
         self._client = client
-        self._info = info
+        self.info = info
         self._version = version
         self._patience = client._patience(info)
         self._target = min(info.target_batch, info.max_batch_size)
@@ -567,13 +603,13 @@ class _AsyncCoalescer:
         self._sending: set[asyncio.Task] = set()
 
     async def submit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = rows_of(self._info, arrays)
+        n = rows_of(self.info, arrays)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._inside += 1
         self._expect = max(self._expect, self._inside)
         try:
-            if self._pending and self._rows + n > self._info.max_batch_size:
+            if self._pending and self._rows + n > self.info.max_batch_size:
                 self._go(self._take())  # no room left: it goes now, this request starts the next batch
             if not self._pending:
                 self._first_at = loop.time()
@@ -587,10 +623,14 @@ class _AsyncCoalescer:
         finally:
             self._inside -= 1
 
-    async def drain(self) -> None:
-        """Send what is pending and wait until every batch sent has its answer."""
+    def flush(self) -> None:
+        """Send what is pending now."""
         if self._pending:
             self._go(self._take())
+
+    async def drain(self) -> None:
+        """Send what is pending and wait until every batch sent has its answer."""
+        self.flush()
         while self._sending:
             await asyncio.wait(list(self._sending))
 
@@ -620,7 +660,7 @@ class _AsyncCoalescer:
                 return
             try:
                 arrays, sizes = merge([b[0] for b in batch])
-                outputs = unmerge(await self._client._infer_once(self._info, arrays, version=self._version), sizes)
+                outputs = unmerge(await self._client._infer_once(self.info, arrays, version=self._version), sizes)
             except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
                 for b in batch:
                     if b[2].done():
