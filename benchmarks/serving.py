@@ -985,21 +985,19 @@ def main(argv: list[str] | None = None) -> int:
                          f"{ceiling['rps_median']:.0f} rows/s = {ceiling['rps_median'] / one['rps_median']:.2f}x "
                          f"one-by-one; a coalescer of {args.callers} callers sends the same batches and adds the "
                          "wait for its callers and their hand-back, so it cannot go above this ratio here")
+
+        def vs_one(label: str, r: dict[str, Any]) -> list[str]:
+            ratio = r["rps_median"] / one["rps_median"]
+            share = f"; {r['rps_median'] / ceiling['rps_median']:.0%} of the batched ceiling" if ceiling else ""
+            return [label, f"{ratio:.2f}x ({r['rps_median']:.0f} / {one['rps_median']:.0f} req/s){share}",
+                    f">= {TARGET_COALESCE_VS_ONE:g}x", _verdict(ratio >= TARGET_COALESCE_VS_ONE)]
+
         if one and co:
-            ratio = co["rps_median"] / one["rps_median"]
-            target_rows.append([f"mlplat coalescing vs one-by-one throughput, {args.callers} callers",
-                                f"{ratio:.2f}x ({co['rps_median']:.0f} / {one['rps_median']:.0f} req/s)"
-                                + (f"; {co['rps_median'] / ceiling['rps_median']:.0%} of the batched ceiling"
-                                   if ceiling else ""),
-                                f">= {TARGET_COALESCE_VS_ONE:g}x", _verdict(ratio >= TARGET_COALESCE_VS_ONE)])
+            target_rows.append(vs_one(f"mlplat coalescing vs one-by-one throughput, {args.callers} callers", co))
         aco = res.get("mlplat async coalescing")
         if one and aco:  # informative: the target is for the threads above
-            ratio = aco["rps_median"] / one["rps_median"]
-            target_rows.append([f"(informative) mlplat async coalescing, {args.callers} coroutines, vs one-by-one",
-                                f"{ratio:.2f}x ({aco['rps_median']:.0f} / {one['rps_median']:.0f} req/s)"
-                                + (f"; {aco['rps_median'] / ceiling['rps_median']:.0%} of the batched ceiling"
-                                   if ceiling else ""),
-                                f">= {TARGET_COALESCE_VS_ONE:g}x", _verdict(ratio >= TARGET_COALESCE_VS_ONE)])
+            target_rows.append(vs_one(f"(informative) mlplat async coalescing, {args.callers} coroutines, "
+                                      "vs one-by-one", aco))
         if co and peer:
             ratio = co["rps_median"] / peer["rps_median"]
             target_rows.append([f"mlplat coalescing vs raw tritonclient ({peer['engine']}) throughput",
