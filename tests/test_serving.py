@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -472,6 +473,52 @@ def _in_threads(fn, n: int) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_hung_or_unreachable_server_gives_mlplat_errors_within_timeout_s(protocol):
+    """A server that accepts connections and never answers, and a port nobody listens on: every call, sync
+    and async, ends within the client's timeout_s with the mlplat error that says which (the HTTP clients let
+    socket and aiohttp errors through, and gRPC calls other than infer waited 20 s or for ever)."""
+    x = np.ones((1, 3), np.float32)
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
+    gone = socket.socket()
+    gone.bind(("127.0.0.1", 0))
+    gone_url = f"127.0.0.1:{gone.getsockname()[1]}"
+    gone.close()  # nobody listens there now: connections are refused
+    cases = ((f"127.0.0.1:{hung.getsockname()[1]}", mp.InferenceTimeoutError), (gone_url, mp.ModelNotReadyError))
+    took: list[float] = []
+
+    def timed(call, error, url) -> None:
+        t0 = time.perf_counter()
+        with pytest.raises(error, match=f"'scorer' at {url}"):
+            call()
+        took.append(time.perf_counter() - t0)
+
+    try:
+        for url, error in cases:
+            with mp.TritonClient(url, protocol=protocol, timeout_s=0.5) as client:
+                assert not client.is_live() and not client.is_model_ready("scorer")
+                for call in (lambda: client.infer("scorer", {"input__0": x}), lambda: client.metadata("scorer"),
+                             lambda: client.load_model("scorer")):
+                    timed(call, error, url)
+
+            async def main(url=url, error=error) -> None:
+                async with mp.AsyncTritonClient(url, protocol=protocol, timeout_s=0.5) as c:
+                    assert not await c.is_live()
+                    for call in (lambda: c.infer("scorer", {"input__0": x}), lambda: c.metadata("scorer"),
+                                 lambda: c.unload_model("scorer")):
+                        t0 = time.perf_counter()
+                        with pytest.raises(error, match=f"'scorer' at {url}"):
+                            await call()
+                        took.append(time.perf_counter() - t0)
+
+            asyncio.run(main())
+    finally:
+        hung.close()
+    assert len(took) == 12 and max(took) < 5, took  # bounded by timeout_s (0.5 s), not 20 s or 60 s
 
 
 def test_queue_full_and_timeouts_become_mlplat_errors(served, triton):

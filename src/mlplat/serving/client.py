@@ -36,6 +36,9 @@ from .shaping import ModelInfo, join, map_error, merge, rows_of, split, to_array
 
 __all__ = ["TritonClient", "AsyncTritonClient"]
 
+#: gRPC statuses of a call that never reached the server or got no answer in time (not a refusal)
+_UNREACHED = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+
 
 def _modules(protocol: str, asynchronous: bool):
     if protocol not in ("grpc", "http"):
@@ -50,7 +53,16 @@ def _modules(protocol: str, asynchronous: bool):
         from tritonclient.utils import InferenceServerException
     except ImportError as exc:
         raise ConfigError(f"the Triton client needs tritonclient: pip install 'mlplat[triton]' ({exc})") from None
-    return (aio if asynchronous else base), base, InferenceServerException
+    # gRPC reports every failure as an InferenceServerException; tritonclient's HTTP clients let the socket's
+    # errors through (refused, reset, timed out: OSError), the asyncio one aiohttp's too
+    errors: tuple[type[BaseException], ...] = (InferenceServerException,)
+    if protocol == "http":
+        errors += (OSError,)
+        if asynchronous:
+            import aiohttp
+
+            errors += (aiohttp.ClientError,)
+    return (aio if asynchronous else base), base, errors
 
 
 def _inputs(mod, info: ModelInfo, arrays: dict[str, np.ndarray]) -> list:
@@ -95,12 +107,16 @@ class _Base:
     def _error(self, exc: Exception, model: str) -> ServingError:
         return map_error(exc, model, self.url)
 
-    @property
-    def _as_json(self) -> dict[str, Any]:
-        """tritonclient's gRPC answers protobuf messages unless asked for JSON; its HTTP client answers JSON."""
-        return {"as_json": True} if self.protocol == "grpc" else {}
+    def _call_kwargs(self, as_json: bool = False) -> dict[str, Any]:
+        """A gRPC call's deadline (the HTTP clients carry theirs), and JSON rather than protobuf answers."""
+        if self.protocol != "grpc":
+            return {}
+        return {"client_timeout": self._timeout, **({"as_json": True} if as_json else {})}
 
     def _control_error(self, exc: Exception, what: str, model: str) -> ServingError:
+        status = str(exc.status()) if isinstance(exc, self._exc[0]) else ""
+        if not isinstance(exc, self._exc[0]) or status in _UNREACHED:  # not reached, or no answer in time
+            return self._error(exc, model)
         return ServingError(f"the Triton server at {self.url} could not {what} {model!r}: {exc.message()}")
 
     def _patience(self, info: ModelInfo) -> _Patience:
@@ -112,9 +128,7 @@ class _Base:
         kwargs: dict[str, Any] = {"priority": priority, "model_version": "" if version is None else str(version)}
         if timeout_us:
             kwargs["timeout"] = timeout_us
-        if self.protocol == "grpc":
-            kwargs["client_timeout"] = self._timeout
-        return kwargs
+        return {**kwargs, **self._call_kwargs()}
 
     def _coalesces(self, info: ModelInfo, arrays, outputs, priority: int, timeout_us: int) -> bool:
         """Small plain requests merge (with per-request outputs, priorities or time-outs they go alone)."""
@@ -153,32 +167,32 @@ class TritonClient(_Base):
 
     def is_live(self) -> bool:
         try:
-            return bool(self._client.is_server_live())
+            return bool(self._client.is_server_live(**self._call_kwargs()))
         except Exception:  # noqa: BLE001 - unreachable means not live
             return False
 
     def is_ready(self) -> bool:
         try:
-            return bool(self._client.is_server_ready())
+            return bool(self._client.is_server_ready(**self._call_kwargs()))
         except Exception:  # noqa: BLE001
             return False
 
     def is_model_ready(self, model: str) -> bool:
         try:
-            return bool(self._client.is_model_ready(model))
+            return bool(self._client.is_model_ready(model, **self._call_kwargs()))
         except Exception:  # noqa: BLE001
             return False
 
     def metadata(self, model: str) -> dict[str, Any]:
         try:
-            meta = self._client.get_model_metadata(model, **self._as_json)
+            meta = self._client.get_model_metadata(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
         return dict(meta)
 
     def config(self, model: str) -> dict[str, Any]:
         try:
-            cfg = self._client.get_model_config(model, **self._as_json)
+            cfg = self._client.get_model_config(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
         return dict(cfg.get("config", cfg))
@@ -198,7 +212,7 @@ class TritonClient(_Base):
         """
         kwargs = _upload(Path(folder)) if folder is not None else {}
         try:
-            self._client.load_model(model, **kwargs)
+            self._client.load_model(model, **kwargs, **self._call_kwargs())
         except self._exc as exc:
             raise self._control_error(exc, "load", model) from None
         self._infos.pop(model, None)
@@ -206,7 +220,7 @@ class TritonClient(_Base):
     def unload_model(self, model: str) -> None:
         """Unload ``model`` (explicit model-control mode)."""
         try:
-            self._client.unload_model(model)
+            self._client.unload_model(model, **self._call_kwargs())
         except self._exc as exc:
             raise self._control_error(exc, "unload", model) from None
         self._infos.pop(model, None)
@@ -471,39 +485,40 @@ class AsyncTritonClient(_Base):
         """tritonclient's aio client of the running loop (an aio channel belongs to the loop that made it)."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            self._aio = self._mod.InferenceServerClient(self.url)
+            self._aio = self._mod.InferenceServerClient(
+                self.url, **({} if self.protocol == "grpc" else {"conn_timeout": self._timeout}))
             self._batchers = {}  # their tasks ran in the old loop
             self._loop = loop
         return self._aio
 
     async def is_live(self) -> bool:
         try:
-            return bool(await self._connection().is_server_live())
+            return bool(await self._connection().is_server_live(**self._call_kwargs()))
         except Exception:  # noqa: BLE001 - unreachable means not live
             return False
 
     async def is_ready(self) -> bool:
         try:
-            return bool(await self._connection().is_server_ready())
+            return bool(await self._connection().is_server_ready(**self._call_kwargs()))
         except Exception:  # noqa: BLE001
             return False
 
     async def is_model_ready(self, model: str) -> bool:
         try:
-            return bool(await self._connection().is_model_ready(model))
+            return bool(await self._connection().is_model_ready(model, **self._call_kwargs()))
         except Exception:  # noqa: BLE001
             return False
 
     async def metadata(self, model: str) -> dict[str, Any]:
         try:
-            meta = await self._connection().get_model_metadata(model, **self._as_json)
+            meta = await self._connection().get_model_metadata(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
         return dict(meta)
 
     async def config(self, model: str) -> dict[str, Any]:
         try:
-            cfg = await self._connection().get_model_config(model, **self._as_json)
+            cfg = await self._connection().get_model_config(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
         return dict(cfg.get("config", cfg))
@@ -512,7 +527,7 @@ class AsyncTritonClient(_Base):
         """As :meth:`TritonClient.load_model`, awaited."""
         kwargs = _upload(Path(folder)) if folder is not None else {}
         try:
-            await self._connection().load_model(model, **kwargs)
+            await self._connection().load_model(model, **kwargs, **self._call_kwargs())
         except self._exc as exc:
             raise self._control_error(exc, "load", model) from None
         self._infos.pop(model, None)
@@ -520,7 +535,7 @@ class AsyncTritonClient(_Base):
     async def unload_model(self, model: str) -> None:
         """Unload ``model`` (explicit model-control mode)."""
         try:
-            await self._connection().unload_model(model)
+            await self._connection().unload_model(model, **self._call_kwargs())
         except self._exc as exc:
             raise self._control_error(exc, "unload", model) from None
         self._infos.pop(model, None)

@@ -122,9 +122,13 @@ def join(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def map_error(exc: Exception, model: str, url: str) -> ServingError:
     """tritonclient's exception as the mlplat error that says what happened."""
-    text = str(exc)
+    text = str(exc) or type(exc).__name__
     low = text.lower()
     where = f"model {model!r} at {url}"
+    if isinstance(exc, TimeoutError):  # a socket's or asyncio's: the server took too long to answer
+        return InferenceTimeoutError(f"{where}: no answer in time ({text}); is the server overloaded or hung?")
+    if isinstance(exc, OSError):  # refused, reset, no route (aiohttp's connection errors are OSErrors too)
+        return ModelNotReadyError(f"{where} is not ready: the server cannot be reached ({text})")
     if "exceeds maximum queue size" in low or "queue is full" in low or "queue full" in low:
         return QueueFullError(f"{where}: the server's queue is full ({text}); slow down or raise max_queue_size")
     if "timeout" in low or "timed out" in low or "deadline" in low:
