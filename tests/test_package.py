@@ -33,7 +33,7 @@ def test_error_tree_has_one_root():
     "module",
     ["mlplat.dtypes", "mlplat._time", "mlplat.settings", "mlplat.features.definitions", "mlplat._native.keys", "mlplat.db.engine",
      "mlplat.runs.search", "mlplat.runs.artifacts", "mlplat.runs.training", "mlplat.demo.data", "mlplat",
-     "mlplat.serving.client", "mlplat.serving.gateway", "mlplat.monitoring._checks", "mlplat.monitoring.stats",
+     "mlplat.serving.client", "mlplat.serving.gateway", "mlplat._checks", "mlplat.monitoring.stats",
      "mlplat.demo.model"],
 )
 def test_docstring_examples_run(module, tmp_path, monkeypatch):

@@ -633,8 +633,9 @@ def test_gateway_routes_logs_and_summarizes(served):
     assert summary["difference"]["estimate"] == 1.0 and summary["difference"]["ci95"][0] > 0
     assert served.serving.served_features("scorer").filter(pa.compute.equal(
         pa.compute.field("variant"), "challenger")).num_rows > 0
-    with pytest.raises(mp.DataError, match="challenger_fraction must be between 0 and 1"):
-        mp.ABGateway("scorer", "scorer@2", 1.5, "x", platform=served)
+    for fraction in (1.5, True, float("nan"), "0.1"):
+        with pytest.raises(mp.DataError, match="challenger_fraction must be a share between 0 and 1, got"):
+            mp.ABGateway("scorer", "scorer@2", fraction, "x", platform=served)
     with pytest.raises(mp.DataError, match="model reference"):
         mp.ABGateway("scorer@1@2", "scorer", 0.1, "x", platform=served)
     for bad in (float("nan"), float("inf"), "yes", None):

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.types as pat
 
 from ..errors import DataError, NotFoundError
-from ._checks import require_number
+from .._checks import require_number
 from .stats import chi2_contingency, ks_2samp, numeric_bins, psi
 
 __all__ = ["DriftReport", "FeatureDrift", "check_drift_limits", "drift_check"]

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import NotFoundError
 from ..models.lineage import rebuild_input
-from ._checks import require_number
+from .._checks import require_number
 from .adoption import adoption_metrics
 from .drift import DriftReport, check_drift_limits, drift_check
 from .skew import SkewReport, check_limits, merge_reports, skew_check

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.types as pat
 
 from ..errors import NotFoundError
-from ._checks import require_number
+from .._checks import require_number
 
 __all__ = ["SkewReport", "FeatureSkew", "Mismatch", "check_limits", "merge_reports", "skew_check"]
 

@@ -30,6 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import _background
+from .._checks import require_number
 from .._native import _hashing
 from ..db.models import ABDecision, ABOutcome
 from ..errors import DataError
@@ -111,8 +112,7 @@ class ABGateway:
 
     def __init__(self, champion: str, challenger: str, challenger_fraction: float, experiment_id: str,
                  salt: str = "", *, platform: Any, version_cache_seconds: float = 10.0) -> None:
-        if not isinstance(challenger_fraction, (int, float)) or not 0.0 <= challenger_fraction <= 1.0:
-            raise DataError(f"challenger_fraction must be between 0 and 1, got {challenger_fraction!r}")
+        require_number("challenger_fraction", challenger_fraction, low=0, high=1, meaning="a share between 0 and 1")
         if not isinstance(experiment_id, str) or not experiment_id.strip() or len(experiment_id) > 255:
             raise DataError(f"experiment_id must be a non-empty string, got {experiment_id!r}")
         self.champion, self.challenger = parse_model_ref(champion), parse_model_ref(challenger)

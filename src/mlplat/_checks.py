@@ -1,7 +1,7 @@
-"""Argument checks shared by the skew and drift checks."""
+"""Checks of numeric arguments that several parts share (skew, drift, the A/B gateway)."""
 from __future__ import annotations
 
-from ..errors import DataError
+from .errors import DataError
 
 
 def require_number(name: str, value: object, *, low: float, high: float | None = None, integer: bool = False,
