@@ -237,22 +237,13 @@ def test_an_export_sent_with_load_model_serves_without_shared_disk(served, trito
 
 
 def test_dynamic_batching_shows_in_the_server_statistics(triton):
-    import tritonclient.grpc as grpcclient
-
-    raw = grpcclient.InferenceServerClient(triton.grpc_url)
-
-    def counts():
-        stats = raw.get_inference_statistics("scorer", "1", as_json=True)["model_stats"][0]
-        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
-
-    before = counts()
+    before = _request_counts(triton, "scorer", "1")
     x = np.ones((1, 3), dtype=np.float32)
     with mp.TritonClient(triton.grpc_url) as client:  # no client-side merging: the server batches
         _in_threads(lambda _: [client.infer("scorer", {"input__0": x}, version=1) for _ in range(10)], 8)
-    after = counts()
-    inferences, executions = after[0] - before[0], after[1] - before[1]
+    after = _request_counts(triton, "scorer", "1", rows=before[0] + 80)
+    inferences, executions = after[0] - before[0], after[2] - before[2]
     assert inferences == 80 and executions < inferences  # several requests per execution
-    raw.close()
 
 
 def test_coalescing_clients_return_each_callers_own_rows(served, triton):
@@ -266,7 +257,7 @@ def test_coalescing_clients_return_each_callers_own_rows(served, triton):
             got[i] = client.infer("scorer", {"input__0": rows[i : i + 1]}, version=1)["output__0"]
 
         _in_threads(caller, 64)
-        after = _request_counts(triton, "scorer", "1")
+        after = _request_counts(triton, "scorer", "1", rows=before[0] + 64)
         # merged on the client: 64 rows reached the server in fewer requests
         assert after[0] - before[0] == 64 and after[1] - before[1] < 64
         # a caller alone is answered (after at most the coalescing wait), and so is the next burst
@@ -337,6 +328,8 @@ def test_async_coalescing_sends_short_batches_after_its_wait_and_never_sends_can
         await c.close()
         check(4, await fifth)
         check(5, await sixth)
+        after = _request_counts(triton, "scorer", "1", rows=before[0] + 5)
+        time.sleep(0.05)  # a sixth row, had the cancelled caller's been sent, would be counted by now
         after = _request_counts(triton, "scorer", "1")
         assert after[0] - before[0] == 5  # rows 0, 1, 2, 4, 5: row 3 never reached the server
         # an error reaches every caller of a merged request
@@ -413,7 +406,7 @@ def test_coalescing_waits_as_long_as_its_callers_take_to_come_back(triton):
                 time.sleep(k * 0.0004)
 
         _in_threads(caller, 4)
-        after = _request_counts(triton, "scorer_quick", "1")
+        after = _request_counts(triton, "scorer_quick", "1", rows=before[0] + 240)
         assert after[0] - before[0] == 240
         return 240 / (after[1] - before[1])
 
@@ -442,15 +435,23 @@ def test_the_coalescing_wait_grows_while_batches_go_short_and_comes_back_when_th
     assert wait.seconds == 0.0005  # never below the model's queue delay
 
 
-def _request_counts(triton, model: str, version: str) -> tuple[int, int]:
-    """(rows inferred, requests that succeeded) of a model version, from the server's statistics."""
+def _request_counts(triton, model: str, version: str, rows: int = 0) -> tuple[int, int, int]:
+    """(rows inferred, requests that succeeded, executions) of a model version, from the server's statistics; with
+    ``rows``, once at least that many rows are counted (the python backend reports an execution's statistics
+    after its responses went out, so a caller can hold its answer before the count moves; 5 s at most)."""
     import tritonclient.grpc as grpcclient
 
     raw = grpcclient.InferenceServerClient(triton.grpc_url)
-    stats = raw.get_inference_statistics(model, version, as_json=True)["model_stats"][0]
+    deadline = time.monotonic() + 5
+    while True:
+        stats = raw.get_inference_statistics(model, version, as_json=True)["model_stats"][0]
+        counted = int(stats.get("inference_count", 0))
+        if counted >= rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     raw.close()
     success = stats.get("inference_stats", {}).get("success", {})
-    return int(stats.get("inference_count", 0)), int(success.get("count", 0))
+    return counted, int(success.get("count", 0)), int(stats.get("execution_count", 0))
 
 
 def _concurrently(fn, n: int) -> list:

@@ -16,9 +16,9 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-
 import signal
 import socket
 import subprocess
@@ -36,10 +36,13 @@ __all__ = ["TritonServer", "build_server_venv", "server_python"]
 PYTRITON = "nvidia-pytriton==0.7.0"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free right now (all held open until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def server_python(venv: str | os.PathLike) -> Path:
@@ -123,7 +126,7 @@ class TritonServer:
     def start(self) -> TritonServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="mlplat-triton-")
         binary, backends, libdir = self._layout()
-        self.http_port, self.grpc_port, self.metrics_port = _free_port(), _free_port(), _free_port()
+        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
         self.log_path = Path(self._tmp.name) / "server.log"
         args = [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
                 "--http-address=127.0.0.1", f"--http-port={self.http_port}", "--grpc-address=127.0.0.1",
