@@ -435,8 +435,8 @@ def test_the_coalescing_wait_grows_while_batches_go_short_and_comes_back_when_th
 
 def _request_counts(triton, model: str, version: str, rows: int = 0) -> tuple[int, int, int]:
     """(rows inferred, requests that succeeded, executions) of a model version, from the server's statistics; with
-    ``rows``, once at least that many rows are counted (the python backend reports an execution's statistics
-    after its responses went out, so a caller can hold its answer before the count moves; 5 s at most)."""
+    ``rows``, once at least that many rows are counted (5 s at most): a backend may report an execution's
+    statistics after sending its responses, so a count read right after the answers must not race it."""
     import tritonclient.grpc as grpcclient
 
     raw = grpcclient.InferenceServerClient(triton.grpc_url)
