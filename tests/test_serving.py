@@ -655,6 +655,9 @@ def test_served_log_sampling(tmp_path):
     assert none.add("m", 1, "d", {"k": [1]}, {}, {}, refs=[], types={}) == 0
     with pytest.raises(ValueError, match="sample_rate"):
         ServedLog(tmp_path, sample_rate=2)
+    with pytest.raises(mp.DataError, match=r"columns \['f'\] of 'm' do not have the 2 rows"):
+        ServedLog(tmp_path / "short").add("m", 1, "d", {"k": [1, 2]}, {"f": [1.0]}, {"o": [0.5, 0.5]}, refs=[],
+                                          types={})
     log.close()
     none.close()
 
@@ -662,6 +665,61 @@ def test_served_log_sampling(tmp_path):
 def _log_rows(log, n: int, start: int = 0) -> int:
     return log.add("m", 1, "default", {"k": list(range(start, start + n))}, {"f": [1.0] * n}, {"o": [0.5] * n},
                    refs=["v@1:f"], types={"f": pa.float64()})
+
+
+def test_the_background_flusher_writes_a_served_log_when_it_is_full_or_old(tmp_path):
+    """One file per max_rows rows or per max_age_s, not one per second (a day of steady serving made
+    86,400 small files per model, each opened by every skew check)."""
+    from mlplat import _background
+    from mlplat.serving.served_log import ServedLog
+
+    def files(log) -> int:
+        return len(list((log.root / "m").glob("*.parquet")))
+
+    young = ServedLog(tmp_path / "young", max_age_s=60)
+    old = ServedLog(tmp_path / "old", max_age_s=0.2)
+    full = ServedLog(tmp_path / "full", max_rows=100)
+    for log in (young, old, full):
+        assert not log.due()
+        _log_rows(log, 50)
+    _log_rows(full, 50)  # 100 rows: full
+    assert full.due() and not old.due() and not young.due()
+    time.sleep(0.25)
+    assert old.due() and not young.due()
+    _background.wake()
+    deadline = time.monotonic() + 10
+    while (files(old) < 1 or files(full) < 1) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(2.5 * _background.interval)  # the flusher has passed more than twice: young is still buffered
+    assert (files(young), files(old), files(full)) == (0, 1, 1)
+    assert len(young) == 50 and young.read("m").num_rows == 50  # a reader flushes first: nothing is hidden
+    for log in (young, old, full):
+        log.close()
+
+
+def test_a_large_served_log_buffer_converts_in_chunks_to_the_same_table(tmp_path, monkeypatch):
+    """Chunked conversion (the GIL let go between chunks) gives the table one conversion gives, also when
+    a column's first chunk is all null or a later chunk needs a wider type."""
+    from mlplat.serving import served_log
+    from mlplat.serving.served_log import ServedLog, _Batch, _table
+
+    n = 95
+    columns = {"request_time": list(range(n)), "k": list(range(n)), "s": [f"u{i}" for i in range(n)],
+               "late": [None] * 40 + [float(i) for i in range(55)],  # first chunk all null
+               "wide": list(range(30)) + [i + 0.5 for i in range(65)],  # ints, then floats
+               "f": [None if i % 7 == 0 else i / 3 for i in range(n)]}
+    batch = _Batch(["v@1:f"], ["k"], {"f": pa.float64()}, False)
+    batch.columns, batch.rows = columns, n
+    whole = _table(batch)
+    monkeypatch.setattr(served_log, "_CHUNK", 16)
+    chunked = _table(batch)
+    assert chunked.schema == whole.schema and chunked.equals(whole)
+    assert whole.schema.field("wide").type == pa.float64() and chunked.column("k").num_chunks > 1
+    log = ServedLog(tmp_path)
+    _log_rows(log, 100)
+    log.flush()
+    assert log.read("m").column("k").to_pylist() == list(range(100))
+    log.close()
 
 
 def test_a_flush_returns_after_a_flush_already_running_in_another_thread(tmp_path):

@@ -2,7 +2,8 @@
 
 A writer registers an object with ``flush()`` and ``__len__()``; the thread
 flushes every registered object that holds something every ``interval``
-seconds, or at once after ``wake()``. At interpreter exit everything still
+seconds, or at once after ``wake()``; an object with a ``due()`` method is
+flushed only when that says so. At interpreter exit everything still
 registered is flushed once more.
 """
 from __future__ import annotations
@@ -53,7 +54,8 @@ def _loop() -> None:
         _event.wait(interval)
         _event.clear()
         for obj in list(_objects):
-            if len(obj):
+            due = getattr(obj, "due", None)
+            if len(obj) and (due is None or due()):
                 try:
                     obj.flush()
                 except Exception as exc:  # noqa: BLE001 - kept buffered; reported where the writer ends

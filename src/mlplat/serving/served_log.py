@@ -3,7 +3,9 @@
 Each ``predict`` call appends its rows (sampled at ``sample_rate``) to a
 buffer per model; the process's flusher writes each buffer as one Parquet
 file ``<root>/<model>/<UTC time>-<uuid>.parquet`` (written to a temporary
-name, then moved). A file's schema metadata records the pinned feature
+name, then moved) once it holds ``max_rows`` rows or its oldest row is
+``max_age_s`` old, so a busy service writes files of ``max_rows`` rows and a
+quiet one a file per ``max_age_s``, not one per second. A file's schema metadata records the pinned feature
 references and join keys it holds, and whether the features are named
 ``view__feature`` (as the model's training table named them), so a skew check
 can recompute exactly the same features offline at the logged request times.
@@ -53,14 +55,37 @@ class _Batch:
         self.rows = 0
 
 
+#: rows converted to Arrow at a time when a buffer is written; the GIL is let go between chunks
+_CHUNK = 8192
+
+
+def _column(values: list, type_: pa.DataType | None) -> pa.Array | pa.ChunkedArray:
+    """Python values as an Arrow column, converted a chunk at a time with the GIL let go in between.
+
+    Converting Python objects holds the GIL; done in one call for a 50,000-row buffer it held a
+    serving thread back for milliseconds whenever the flusher wrote (predict p99 at 100 entities 4.4 ms
+    with logging, 0.34 ms without). Between chunks a serving thread gets the GIL back at once.
+    """
+    if len(values) <= _CHUNK:
+        return pa.array(values, type=type_)
+    chunks = []
+    for start in range(0, len(values), _CHUNK):
+        if chunks:
+            time.sleep(0)  # let a waiting thread run
+        chunks.append(pa.array(values[start : start + _CHUNK], type=type_))
+    if type_ is None:  # each chunk inferred its type: they must agree (all-null chunks aside), else one pass
+        types = {c.type for c in chunks if not pa.types.is_null(c.type)}
+        if len(types) != 1:
+            return pa.array(values)  # e.g. ints, then floats: one pass widens to double
+        common = types.pop()
+        chunks = [c.cast(common) if pa.types.is_null(c.type) else c for c in chunks]
+    return pa.chunked_array(chunks)
+
+
 def _table(batch: _Batch) -> pa.Table:
     """A batch's rows as the Arrow table of one log file, its metadata pinning refs, keys and naming."""
-    arrays = {}
-    for name, values in batch.columns.items():
-        if name == "request_time":
-            arrays[name] = pa.array(values, pa.timestamp("us", "UTC"))
-        else:
-            arrays[name] = pa.array(values, type=batch.types.get(name))
+    arrays = {name: _column(values, pa.timestamp("us", "UTC") if name == "request_time" else batch.types.get(name))
+              for name, values in batch.columns.items()}
     return pa.table(arrays).replace_schema_metadata(
         {"mlplat.refs": json.dumps(batch.refs), "mlplat.keys": json.dumps(batch.keys),
          "mlplat.full_feature_names": json.dumps(batch.full_feature_names)})
@@ -70,12 +95,14 @@ class ServedLog:
     """Sampled feature vectors of served predictions, per model, flushed in the background."""
 
     def __init__(self, root: str | Path, *, sample_rate: float = 1.0, max_rows: int = 50_000,
-                 seed: int | None = None) -> None:
+                 max_age_s: float = 30.0, seed: int | None = None) -> None:
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be between 0 and 1, got {sample_rate}")
         self.root = Path(root)
         self.sample_rate = sample_rate
         self._max = max_rows
+        self._max_age = max_age_s
+        self._oldest = 0.0  # time.monotonic() of the oldest buffered row
         self._batches: dict[tuple[str, int], _Batch] = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time: a flush returns after one running elsewhere
@@ -96,6 +123,10 @@ class ServedLog:
             take = [i for i in range(n) if self._random.random() < self.sample_rate]
         if not take:
             return 0
+        short = [name for name, values in (*keys.items(), *features.items(), *(inputs or {}).items(),
+                                           *outputs.items()) if len(values) != n]
+        if short:  # a buffer's columns must stay aligned: refuse before touching it
+            raise DataError(f"served-log columns {short} of {model!r} do not have the {n} rows the keys have")
         now = time.time_ns() // 1000
         with self._lock:
             batch = self._batches.get((model, version))
@@ -106,13 +137,16 @@ class ServedLog:
             cols.setdefault("model", []).extend([model] * len(take))
             cols.setdefault("model_version", []).extend([version] * len(take))
             cols.setdefault("variant", []).extend([variant] * len(take))
+            every = len(take) == n  # no sampling: whole columns, without picking row by row
             for name, values in (*keys.items(), *features.items()):
-                cols.setdefault(name, []).extend([values[i] for i in take])
+                cols.setdefault(name, []).extend(values if every else [values[i] for i in take])
             for name, values in (inputs or {}).items():
-                cols.setdefault(f"input.{name}", []).extend([values[i] for i in take])
+                cols.setdefault(f"input.{name}", []).extend(values if every else [values[i] for i in take])
             for name, values in outputs.items():
                 cols.setdefault(f"prediction.{name}", []).extend([float(values[i]) for i in take])
             batch.rows += len(take)
+            if not self._count:
+                self._oldest = time.monotonic()
             self._count += len(take)
             full = self._count >= self._max
         if full:
@@ -121,6 +155,11 @@ class ServedLog:
 
     def __len__(self) -> int:
         return self._count
+
+    def due(self) -> bool:
+        """Whether the background flusher should write now: ``max_rows`` buffered, or the oldest
+        row ``max_age_s`` old."""
+        return self._count >= self._max or (self._count > 0 and time.monotonic() - self._oldest >= self._max_age)
 
     def flush(self) -> None:
         """Write every row logged so far; returns once they are on disk (also those a flush already
