@@ -722,6 +722,55 @@ def test_a_large_served_log_buffer_converts_in_chunks_to_the_same_table(tmp_path
     log.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_the_flusher_thread_runs_at_a_lower_cpu_priority(tmp_path):
+    from mlplat.serving.served_log import ServedLog
+
+    log = ServedLog(tmp_path)  # registering starts the flusher if it is not running
+    flusher = next(t for t in threading.enumerate() if t.name == "mlplat-flusher")
+    deadline = time.monotonic() + 5
+    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    while os.getpriority(os.PRIO_PROCESS, flusher.native_id) != want and time.monotonic() < deadline:
+        time.sleep(0.01)  # a flusher started just now lowers its priority first thing
+    assert os.getpriority(os.PRIO_PROCESS, flusher.native_id) == want
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == want - 10 or want == 19  # ours unchanged
+    log.close()
+
+
+def test_writers_write_their_buffer_themselves_when_the_flusher_falls_behind(served, tmp_path, monkeypatch):
+    """Back-pressure instead of memory growing without bound: a buffer holding BACKLOG times its flush size
+    is written by the call that filled it (the niced flusher can starve on a saturated machine)."""
+    from mlplat import _background
+    from mlplat.serving import gateway
+    from mlplat.serving.served_log import ServedLog
+
+    log = ServedLog(tmp_path / "log", max_rows=100)
+    _background.unregister(log)  # a flusher that never gets to it
+    _log_rows(log, 399)
+    assert len(log) == 399  # below the backlog: left to the flusher
+    _log_rows(log, 1)  # the call that reaches BACKLOG x max_rows writes before it returns
+    assert len(log) == 0 and len(list((tmp_path / "log" / "m").glob("*.parquet"))) == 1
+    log.close()
+    with served.runs.start("backlog") as run:
+        buffer = run._metrics
+        _background.unregister(buffer)
+        buffer._max = 10
+        for step in range(_background.BACKLOG * 10 - 1):
+            run.log_metric("m", float(step), step=step)
+        assert len(buffer) == 39
+        run.log_metric("m", 39.0, step=39)
+        assert len(buffer) == 0 and [pt.step for pt in served.runs.metric_history(run.id, "m")] == list(range(40))
+    monkeypatch.setattr(gateway, "_MAX_ROWS", 5)
+    ab = mp.ABGateway("scorer", "scorer@2", 0.5, "backlog", platform=served)
+    _background.unregister(ab._writes)
+    for user in range(_background.BACKLOG * 5 - 1):
+        ab.record_outcome(user, 1.0)
+    assert len(ab._writes) == 19
+    ab.record_outcome(19, 1.0)
+    assert len(ab._writes) == 0 and ab.summary()["experiment_id"] == "backlog"
+    ab.close()
+
+
 def test_a_flush_returns_after_a_flush_already_running_in_another_thread(tmp_path):
     """The background flusher may have taken the rows and be writing them: flush() must wait for it."""
     from mlplat.serving.served_log import ServedLog

@@ -121,7 +121,10 @@ class MetricBuffer:
             pts.timestamps.append(ts)
             self._count += 1
             full = self._count >= self._max
-        if full:
+            behind = self._count >= _background.BACKLOG * self._max
+        if behind:  # the background flusher is falling behind (a saturated machine): write here
+            self.flush()
+        elif full:
             _background.wake()
 
     def __len__(self) -> int:

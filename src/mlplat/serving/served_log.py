@@ -149,7 +149,10 @@ class ServedLog:
                 self._oldest = time.monotonic()
             self._count += len(take)
             full = self._count >= self._max
-        if full:
+            behind = self._count >= _background.BACKLOG * self._max
+        if behind:  # the background flusher is falling behind (a saturated machine): write here
+            self.flush()
+        elif full:
             _background.wake()
         return len(take)
 
