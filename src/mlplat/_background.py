@@ -22,7 +22,7 @@ import threading
 import weakref
 from typing import Protocol
 
-__all__ = ["Flushable", "register", "unregister", "wake", "flush_all", "errors"]
+__all__ = ["Flushable", "register", "unregister", "wake", "added", "flush_all", "errors"]
 
 
 class Flushable(Protocol):
@@ -58,6 +58,15 @@ def unregister(obj: Flushable) -> None:
 
 def wake() -> None:
     _event.set()
+
+
+def added(writer: Flushable, count: int, size: int) -> None:
+    """Call after ``writer`` buffered more, outside its lock: ``count`` rows now, ``size`` its flush size.
+    Wakes the flusher at ``size``; at ``BACKLOG`` times it, writes in the calling thread."""
+    if count >= BACKLOG * size:  # the flusher is falling behind (a saturated machine): back-pressure
+        writer.flush()
+    elif count >= size:
+        wake()
 
 
 def _loop() -> None:

@@ -120,12 +120,8 @@ class MetricBuffer:
             pts.values.append(v)
             pts.timestamps.append(ts)
             self._count += 1
-            full = self._count >= self._max
-            behind = self._count >= _background.BACKLOG * self._max
-        if behind:  # the background flusher is falling behind (a saturated machine): write here
-            self.flush()
-        elif full:
-            _background.wake()
+            count = self._count
+        _background.added(self, count, self._max)
 
     def __len__(self) -> int:
         return self._count

@@ -39,7 +39,7 @@ from ..models.registry import STAGES
 __all__ = ["ABGateway", "Decision", "parse_model_ref"]
 
 _SCALE = 2.0 ** -53
-_MAX_ROWS = 10_000  # decisions and outcomes per write, at most, unless the flusher falls behind
+_MAX_ROWS = 10_000  # decisions and outcomes waiting that wake the flusher (it also writes every second)
 
 
 def parse_model_ref(ref: str) -> tuple[str, dict[str, Any]]:
@@ -83,10 +83,7 @@ class _Writes:
         with self._lock:
             self._rows[table].append(row)
             n = len(self._rows[ABDecision]) + len(self._rows[ABOutcome])
-        if n >= _background.BACKLOG * _MAX_ROWS:  # the background flusher is falling behind: write here
-            self.flush()
-        elif n >= _MAX_ROWS:
-            _background.wake()
+        _background.added(self, n, _MAX_ROWS)
 
     def __len__(self) -> int:
         return sum(len(r) for r in self._rows.values())

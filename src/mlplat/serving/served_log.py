@@ -148,12 +148,8 @@ class ServedLog:
             if not self._count:
                 self._oldest = time.monotonic()
             self._count += len(take)
-            full = self._count >= self._max
-            behind = self._count >= _background.BACKLOG * self._max
-        if behind:  # the background flusher is falling behind (a saturated machine): write here
-            self.flush()
-        elif full:
-            _background.wake()
+            count = self._count
+        _background.added(self, count, self._max)
         return len(take)
 
     def __len__(self) -> int:
