@@ -45,12 +45,24 @@ def test_online_store_schemes(url, tmp_path):
         ({"database_url": "mysql://h/db"}, {}, "database_url 'mysql://h/db' has an unsupported scheme 'mysql'"),
         ({"online_store": "memcached://h"}, {}, "online_store .* unsupported scheme"),
         ({"online_store": "redis+foo://h"}, {}, "unsupported scheme 'redis\\+foo'"),
-        ({}, {"MLPLAT_THREADS": "many"}, "threads must be a int, got 'many'"),
+        ({}, {"MLPLAT_THREADS": "many"}, "threads must be a whole number, got 'many' \\(argument threads= or "
+                                         "\\$MLPLAT_THREADS\\)"),
+        ({}, {"MLPLAT_THREADS": "2.5"}, "threads must be a whole number, got '2.5'"),
+        ({"threads": 2.7}, {}, "threads must be a whole number, got 2.7"),
+        ({"threads": True}, {}, "threads must be a whole number, got True"),
+        ({"threads": "2"}, {}, None),
+        ({"served_sample_rate": float("nan")}, {}, "served_sample_rate must be a number, got nan"),
+        ({}, {"MLPLAT_SERVED_SAMPLE": "nan"}, "served_sample_rate must be a number, got 'nan'"),
+        ({}, {"MLPLAT_SERVED_SAMPLE": "1.5"}, "served_sample_rate must be at most 1"),
+        ({"db_pool_timeout": float("inf")}, {}, "db_pool_timeout must be a number, got inf"),
         ({"threads": 0}, {}, "threads must be at least 1"),
         ({}, {"MLPLAT_DB_POOL_TIMEOUT": "-1"}, "db_pool_timeout must be at least 0"),
     ],
 )
 def test_bad_settings_are_config_errors(tmp_path, kwargs, env, message):
+    if message is None:  # a numeric string passed as an argument is read as the environment's would be
+        assert Settings.resolve(tmp_path, environ=env, **kwargs).threads == 2
+        return
     with pytest.raises(mp.ConfigError, match=message):
         Settings.resolve(tmp_path, environ=env, **kwargs)
 

@@ -23,6 +23,7 @@ argument                   environment variable        default
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,13 +80,15 @@ class Settings:
             database_url=_check_url(db, _DB_SCHEMES, "database_url", "MLPLAT_DATABASE_URL", driver_suffix=True),
             online_store=_check_url(online, _ONLINE_SCHEMES, "online_store", "MLPLAT_ONLINE_STORE"),
             artifact_root=artifacts,
-            threads=_number(threads, env, "MLPLAT_THREADS", os.cpu_count() or 1, int, minimum=1),
-            db_pool_size=_number(db_pool_size, env, "MLPLAT_DB_POOL_SIZE", 5, int, minimum=1),
-            db_max_overflow=_number(db_max_overflow, env, "MLPLAT_DB_MAX_OVERFLOW", 10, int, minimum=0),
-            db_pool_timeout=_number(db_pool_timeout, env, "MLPLAT_DB_POOL_TIMEOUT", 30.0, float, minimum=0),
+            threads=_number("threads", threads, env, "MLPLAT_THREADS", os.cpu_count() or 1, int, minimum=1),
+            db_pool_size=_number("db_pool_size", db_pool_size, env, "MLPLAT_DB_POOL_SIZE", 5, int, minimum=1),
+            db_max_overflow=_number("db_max_overflow", db_max_overflow, env, "MLPLAT_DB_MAX_OVERFLOW", 10, int,
+                                    minimum=0),
+            db_pool_timeout=_number("db_pool_timeout", db_pool_timeout, env, "MLPLAT_DB_POOL_TIMEOUT", 30.0, float,
+                                    minimum=0),
             triton_url=triton_url or env.get("MLPLAT_TRITON_URL") or None,
-            served_sample_rate=_number(served_sample_rate, env, "MLPLAT_SERVED_SAMPLE", 1.0, float, minimum=0,
-                                       maximum=1),
+            served_sample_rate=_number("served_sample_rate", served_sample_rate, env, "MLPLAT_SERVED_SAMPLE", 1.0,
+                                       float, minimum=0, maximum=1),
         )
 
 
@@ -100,17 +103,26 @@ def _check_url(url: str, schemes: tuple[str, ...], arg: str, var: str, *, driver
     return url
 
 
-def _number(value, env: Mapping[str, str], var: str, default, kind: type, *, minimum: float,
+def _number(name: str, value, env: Mapping[str, str], var: str, default, kind: type, *, minimum: float,
             maximum: float | None = None):
+    """Argument ``name``'s ``value``, else ``$var`` parsed as ``kind``, else ``default``: a finite number in
+    range, not a bool, and a whole number where ``kind`` is int (2.7 threads is refused, not cut to 2)."""
     raw = value if value is not None else env.get(var)
     if raw is None or raw == "":
         return default
-    try:
-        number = kind(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{var.removeprefix('MLPLAT_').lower()} must be a {kind.__name__}, got {raw!r}") from None
+    where = f" (argument {name}= or ${var})"
+    wanted = "a whole number" if kind is int else "a number"
+    number = raw
+    if isinstance(raw, str):
+        try:
+            number = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be {wanted}, got {raw!r}{where}") from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+            or (kind is int and number != int(number)):
+        raise ConfigError(f"{name} must be {wanted}, got {raw!r}{where}")
     if number < minimum:
-        raise ConfigError(f"{var.removeprefix('MLPLAT_').lower()} must be at least {minimum}, got {raw!r}")
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}{where}")
     if maximum is not None and number > maximum:
-        raise ConfigError(f"{var.removeprefix('MLPLAT_').lower()} must be at most {maximum}, got {raw!r}")
-    return number
+        raise ConfigError(f"{name} must be at most {maximum}, got {raw!r}{where}")
+    return kind(number)
