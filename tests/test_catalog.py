@@ -117,6 +117,8 @@ def test_unknown_names_suggest_close_matches(platform, source):
         (lambda s: view(s, entities=[mp.Entity("user", join_keys=["uid"])]), "join key 'uid' is missing"),
         (lambda s: view(s, entities=[mp.Entity("user", join_keys=["amount"])], schema=[mp.Field("note", mp.String)]),
          "join key 'amount' is double.*integers or strings"),
+        (lambda s: view(s, ttl=timedelta(days=365 * 400)), "ttl .* longer than 36525 days .* use ttl=None"),
+        (lambda s: view(s, ttl=timedelta.max), "ttl .* longer than 36525 days"),
     ],
 )
 def test_invalid_definitions_are_refused_and_nothing_is_stored(platform, source, make, message):

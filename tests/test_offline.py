@@ -276,12 +276,25 @@ def applied(p, tmp_path):
          "must hold timestamps, found string"),
         (entities([1, 1, 1], [D(2), None, None]), REFS, {}, mp.DataError, "2 null timestamps \\(first at row 1\\)"),
         ({"user_id": [1]}, REFS, {}, mp.DataError, "pandas DataFrame, a pyarrow Table or a polars DataFrame"),
+        (pa.table([pa.array([1]), pa.array([1]), pa.array([D(2)], TS)],
+                  names=["user_id", "user_id", "event_timestamp"]), REFS, {}, mp.DataError, "entity_df: column 'user_id' appears 2 times"),
+        (pa.table({"user_id": pa.array([2**63], pa.uint64()), "event_timestamp": pa.array([D(2)], TS)}), REFS, {},
+         mp.DataError, "entity_df: join key 'user_id' holds 9223372036854775808, above the largest int64 key"),
     ],
 )
 def test_bad_requests_name_the_problem(applied, edf, refs, kwargs, error, message):
     with pytest.raises(error, match=message):
         applied.features.get_historical_features(edf, refs, **kwargs)
     assert isinstance(error("x"), mp.MlplatError)
+
+
+def test_category_and_unsigned_key_columns_match_as_plain_ints(applied):
+    want = applied.features.get_historical_features(entities([1, 2], [D(2), D(2)]), REFS).column("amount")
+    frame = entities([1, 2], [D(2), D(2)]).to_pandas()
+    frame["user_id"] = frame["user_id"].astype("category")  # arrives as dictionary<int64>
+    assert applied.features.get_historical_features(frame, REFS).column("amount").equals(want)
+    unsigned = entities([1, 2], [D(2), D(2)]).cast(pa.schema([("user_id", pa.uint64()), ("event_timestamp", TS)]))
+    assert applied.features.get_historical_features(unsigned, REFS).column("amount").equals(want)
 
 
 def test_source_that_changed_after_apply_is_reported(p, tmp_path):

@@ -236,6 +236,11 @@ def test_bad_entity_rows_name_the_problem(p, tmp_path, rows, message):
          "every row needs a 'event_timestamp' time"),
         ([{"user_id": 1, "event_timestamp": datetime(2300, 1, 1, tzinfo=UTC), "count": 1, "amount": 1.0,
            "note": "x"}], "push to 'txn': a timestamp .* is out of the nanosecond range"),
+        ([{"user_id": 1, "event_timestamp": NOW + timedelta(hours=1), "count": 1, "amount": 1.0, "note": "x"}],
+         "push to 'txn': a row's 'event_timestamp' is in the future"),
+        (pa.table({"user_id": pa.array([2**63], pa.uint64()), "event_timestamp": pa.array([NOW], TS),
+                   "count": [1], "amount": [1.0], "note": ["x"]}),
+         "join key 'user_id' holds 9223372036854775808, above the largest int64 key"),
     ],
 )
 def test_bad_pushes_are_refused_and_store_unchanged(p, tmp_path, rows, message):
@@ -270,6 +275,75 @@ def test_push_to_offline_appends_a_file_training_sees(p, tmp_path):
     assert len(pushed) == 1 and not list((tmp_path / "src" / "pushed").glob(".*"))
     assert offline_now(p, [1])["count"] == [42]
     assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [42]
+
+
+def test_a_failed_push_to_offline_leaves_the_source_as_it_was(p, tmp_path):
+    src = tmp_path / "src"
+    write(src / "a.parquet", [1], [10], [1])
+    p.features.apply([USER, txn_view(src)])
+    p.features.materialize(end_date=NOW, progress=False)
+    row = {"user_id": [1], "event_timestamp": [NOW - timedelta(hours=1)], "count": [42], "amount": [0.5],
+           "note": ["fresh"]}
+    narrow = pq.read_table(src / "a.parquet")
+    narrow = narrow.set_column(narrow.schema.get_field_index("count"), "count", narrow.column("count").cast(pa.int32()))
+    pq.write_table(narrow, src / "a.parquet")  # the files fix the type pushed rows are written as
+    with pytest.raises(mp.DataError, match="column 'count' cannot be written as the source's int32"):
+        p.features.push("txn", dict(row, count=[2**40]), to_offline=True)
+    required = pa.schema(list(narrow.schema) + [pa.field("region", pa.string(), nullable=False)])
+    pq.write_table(narrow.append_column(required.field("region"), pa.array(["eu"])).cast(required), src / "a.parquet")
+    with pytest.raises(mp.DataError, match="column 'region' that may not be null; include it"):
+        p.features.push("txn", row, to_offline=True)
+    assert sorted(f.name for f in src.rglob("*") if f.is_file()) == ["a.parquet"]  # no pushed file, no hidden leftover
+    assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [1]
+    assert p.features.push("txn", dict(row, region=["us"]), to_offline=True) == 1
+    assert offline_now(p, [1])["count"] == [42]
+
+
+def test_a_push_whose_online_write_fails_adds_nothing_offline(tmp_path):
+    src = tmp_path / "src"
+    write(src / "a.parquet", [1], [10], [1])
+    row = {"user_id": [1], "event_timestamp": [NOW - timedelta(hours=1)], "count": [42], "amount": [0.5],
+           "note": ["fresh"]}
+    with mp.Platform(tmp_path / "home", online_store="redis://127.0.0.1:1/0?timeout=0.2&retries=0") as dead:
+        dead.features.apply([USER, txn_view(src)])
+        for _ in range(2):  # the retry does not add the rows twice either
+            with pytest.raises(mp.OnlineStoreError, match="cannot connect"):
+                dead.features.push("txn", row, to_offline=True)
+        assert sorted(f.name for f in src.rglob("*") if f.is_file()) == ["a.parquet"]
+        assert offline_now(dead, [1])["count"] == [1]
+
+
+def test_files_that_differ_in_width_or_encoding_materialize_as_offline_reads_them(p, tmp_path):
+    src = tmp_path / "src"
+    write(src / "a.parquet", [1, 2], [5, 4], [10, 20])
+    b = pq.read_table(src / "a.parquet").slice(0, 0)  # a second file: int32 keys, ms times, dictionary strings
+    b = pa.table({"user_id": pa.array([2, 3], pa.int32()),
+                  "event_timestamp": pa.array([NOW - timedelta(hours=1)] * 2, pa.timestamp("ms")),
+                  "created": pa.array([NOW - timedelta(hours=1)] * 2, pa.timestamp("ms", "UTC")),
+                  "count": pa.array([21, 30], pa.int64()), "amount": pa.array([1.0, 2.0], pa.float32()),
+                  "note": pa.array(["later", "new"]).dictionary_encode()})
+    pq.write_table(b, src / "b.parquet")
+    p.features.apply([USER, txn_view(src)])
+    p.features.materialize(end_date=NOW, progress=False)
+    online = p.features.get_online_features(REFS, {"user_id": [1, 2, 3]})
+    assert {k: online[k] for k in ("count", "note")} == {"count": [10, 21, 30], "note": ["n10", "later", "new"]}
+    assert {k: v for k, v in offline_now(p, [1, 2, 3]).items() if k != "amount"} == \
+        {"count": [10, 21, 30], "note": ["n10", "later", "new"]}
+
+
+def test_a_time_feature_beyond_nanoseconds_is_refused_by_name_at_materialize(p, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    until = pa.array([datetime(9999, 12, 31, tzinfo=UTC), NOW], TS)  # a "no end" sentinel, and a time
+    pq.write_table(pa.table({"user_id": pa.array([1, 2], pa.int64()),
+                             "event_timestamp": pa.array([NOW - timedelta(hours=1)] * 2, TS),
+                             "valid_until": until}), src / "a.parquet")
+    view = mp.FeatureView("acct", entities=[USER], ttl=None, schema=[mp.Field("valid_until", mp.Timestamp)],
+                          source=mp.ParquetSource(src))
+    p.features.apply([USER, view])
+    with pytest.raises(mp.StoreError, match="feature view 'acct': feature 'valid_until' holds a time outside 1677"):
+        p.features.materialize(end_date=NOW, progress=False)
+    assert p.features.get_online_features(["acct:valid_until"], {"user_id": [2]})["valid_until"] == [None]
 
 
 # ----------------------------------------------------------- concurrency

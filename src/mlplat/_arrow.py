@@ -19,7 +19,17 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def to_table(data: Any, what: str) -> pa.Table:
-    """A pyarrow Table from a pandas DataFrame, polars DataFrame, pyarrow Table or RecordBatch."""
+    """A pyarrow Table from a pandas DataFrame, polars DataFrame, pyarrow Table or RecordBatch; a column name
+    given twice is a DataError (which one a lookup by name finds is undefined)."""
+    table = _table(data, what)
+    names = table.column_names
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"{what}: column {twice!r} appears {names.count(twice)} times; give each column its own name")
+    return table
+
+
+def _table(data: Any, what: str) -> pa.Table:
     if isinstance(data, pa.Table):
         return data
     if isinstance(data, pa.RecordBatch):
@@ -28,11 +38,12 @@ def to_table(data: Any, what: str) -> pa.Table:
     if module == "pandas":
         try:
             return pa.Table.from_pandas(data, preserve_index=False)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
             raise DataError(f"{what}: a column cannot be converted to Arrow: {exc}") from None
     if module == "polars" and hasattr(data, "to_arrow"):
         return data.to_arrow()
-    raise DataError(f"{what} must be a pandas DataFrame, a pyarrow Table or a polars DataFrame, got {type(data).__name__}")
+    raise DataError(f"{what} must be a pandas DataFrame, a pyarrow Table or a polars DataFrame, "
+                    f"got {type(data).__name__}")
 
 
 _NS_PER_UNIT = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}

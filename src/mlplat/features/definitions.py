@@ -31,6 +31,7 @@ from ..errors import DefinitionError
 __all__ = ["Entity", "Field", "ParquetSource", "FeatureView", "FeatureService", "FeatureRef", "parse_ref"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-.]*$")
+MAX_TTL = timedelta(days=36_525)  # 100 years: times are int64 nanoseconds (1677-2262), and ts - ttl must fit
 
 
 def _check_name(name: Any, what: str) -> str:
@@ -239,6 +240,9 @@ class FeatureView(_Definition):
             raise DefinitionError(f"{where}: source must be an mp.ParquetSource, got {type(source).__name__}")
         if ttl is not None and (not isinstance(ttl, timedelta) or ttl < timedelta(0)):
             raise DefinitionError(f"{where}: ttl must be a non-negative timedelta or None, got {ttl!r}")
+        if ttl is not None and ttl > MAX_TTL:
+            raise DefinitionError(f"{where}: ttl {ttl!r} is longer than {MAX_TTL.days} days (100 years), beyond "
+                                  "what times in nanoseconds can subtract; for rows that never expire use ttl=None")
         if not isinstance(online, bool):
             raise DefinitionError(f"{where}: online must be True or False")
         keys: list[str] = []

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
@@ -38,8 +39,8 @@ from .definitions import FeatureView
 from .offline import as_declared
 from .online.store import OnlineStore
 from .online_read import view_tag
-from .parquet import ParquetFiles, gather, list_files, plan_scan, read_footer
-from .validation import check_source
+from .parquet import ParquetFiles, concat, gather, list_files, plan_scan, read_footer
+from .validation import check_source, key_values
 
 __all__ = ["Materializer", "MaterializeResult"]
 
@@ -148,10 +149,9 @@ class Materializer:
         ts_cols = [src.timestamp_field] + ([src.created_timestamp_field] if src.created_timestamp_field else [])
         parts: list[tuple[int, pa.Table]] = []
         scan.read(view.join_keys + ts_cols, lambda table, start: parts.append((start, table)), self._threads)
-        table = pa.concat_tables([t for _, t in sorted(parts, key=lambda p: p[0])])
-        factorizer = KeyFactorizer([table.column(k) for k in view.join_keys])
-        codes = factorizer.codes
-        try:  # as offline retrieval's scan: a time outside int64 ns is the source's problem
+        table = concat([t for _, t in sorted(parts, key=lambda p: p[0])], src)
+        try:  # as offline retrieval's scan: a key above int64 or a time outside int64 ns is the source's problem
+            factorizer = KeyFactorizer([table.column(k) for k in view.join_keys])
             ts = _arrow.timestamps_ns(table.column(src.timestamp_field))
             created = (_arrow.timestamps_ns(table.column(src.created_timestamp_field)) if src.created_timestamp_field
                        else np.empty(0, dtype=np.int64))
@@ -159,6 +159,7 @@ class Materializer:
             raise StoreError(f"feature view {view.name!r}: {exc}") from None
         del table
         parts.clear()
+        codes = factorizer.codes
         codes[ts == _arrow.INT64_MIN] = -1  # rows without an event time never win
         n = factorizer.size
         picked = asof_backward_on_ts_by_key(
@@ -173,13 +174,17 @@ class Materializer:
 
     def _encode(self, view: FeatureView, rows: pa.Table, event_ns: np.ndarray, created_ns: np.ndarray) -> RecordBuffers:
         columns = [as_declared(rows.column(f.name), f) for f in view.schema]
+        for f, col in zip(view.schema, columns):
+            if f.dtype.kind == "timestamp":
+                _check_nanoseconds(view, f.name, col)
         data, offsets = encode_records([kind_of(f.dtype) for f in view.schema], columns, event_ns, created_ns)
         key_data, key_offsets = entity_key_buffers([rows.column(k) for k in view.join_keys],
                                                    [view.key_types[k] for k in view.join_keys])
         if view.ttl is None:
             expire = np.zeros(len(event_ns), dtype=np.int64)
         else:  # the key outlives the last instant the offline rule still sees the row, by 1 ms
-            expire = (event_ns + _arrow.timedelta_ns(view.ttl)) // 1_000_000 + 1
+            ttl_ns = _arrow.timedelta_ns(view.ttl)  # saturated: a row stamped near 2262 does not wrap to 1677
+            expire = (np.minimum(event_ns, np.iinfo(np.int64).max - ttl_ns) + ttl_ns) // 1_000_000 + 1
         return RecordBuffers(key_data, key_offsets, data, offsets, expire)
 
     # ------------------------------------------------------------------- push
@@ -199,11 +204,33 @@ class Materializer:
                           if src.created_timestamp_field else np.full(table.num_rows, _arrow.INT64_MIN))
         except pa.ArrowInvalid as exc:
             raise DataError(f"push to {view.name!r}: {exc}") from None
-        if to_offline:
-            _append_offline(view, table)
-        if view.online:
-            return self._store().write(view_tag(view), self._encode(view, table, event_ns, created_ns))
-        return 0
+        now = datetime.now(timezone.utc)
+        if int(event_ns.max()) > _arrow.datetime_ns(now + _CLOCK_SLACK):
+            latest = pc.max(table.column(src.timestamp_field)).as_py()
+            raise DataError(f"push to {view.name!r}: a row's {src.timestamp_field!r} is in the future ({latest} "
+                            f"> now, {now.isoformat()}); the online store would serve it before its time, when "
+                            "offline retrieval would not yet see it. Push rows once they have happened")
+        staged = _stage_offline(view, table) if to_offline else None
+        try:
+            written = (self._store().write(view_tag(view), self._encode(view, table, event_ns, created_ns))
+                       if view.online else 0)
+        except BaseException:
+            if staged is not None:
+                staged.discard()  # the source stays as it was: a retry does not add the rows twice
+            raise
+        if staged is not None:
+            staged.publish()
+        return written
+
+
+def _check_nanoseconds(view: FeatureView, feature: str, column: pa.Array) -> None:
+    """Online records keep times as int64 nanoseconds; a source time outside them is refused by name."""
+    try:
+        pc.cast(column, pa.timestamp("ns", "UTC"))
+    except pa.ArrowInvalid:
+        raise StoreError(f"feature view {view.name!r}: feature {feature!r} holds a time outside 1677-09-21 .. "
+                         "2262-04-11, which the online store (int64 nanoseconds) cannot keep; write such "
+                         "'no end' sentinels as null, or serve the view offline only (online=False)") from None
 
 
 def _push_table(rows: Any) -> pa.Table:
@@ -227,6 +254,7 @@ def _check_push_columns(view: FeatureView, table: pa.Table) -> pa.Table:
     for k in view.join_keys:
         if k not in table.column_names:
             raise DataError(f"{where}: rows have no join key column {k!r}")
+        table = table.set_column(table.schema.get_field_index(k), k, key_values(table.column(k), k, where))
         if table.column(k).null_count:
             raise DataError(f"{where}: join key {k!r} has nulls")
         if dtypes.key_kind(table.column(k).type) != view.key_types[k]:
@@ -260,26 +288,55 @@ def _numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
-def _append_offline(view: FeatureView, table: pa.Table) -> None:
-    """Append the rows to the view's source as ``<source>/pushed/<time>-<uuid>.parquet``."""
+class _Staged:
+    """Rows written to a hidden file in the source's ``pushed/`` folder; published (moved into place) once
+    the online write has succeeded, or discarded, so a reader never sees half a file or a failed push."""
+
+    def __init__(self, fs, tmp: str, final: str) -> None:
+        self._fs, self._tmp, self._final = fs, tmp, final
+
+    def publish(self) -> None:
+        self._fs.move(self._tmp, self._final)
+
+    def discard(self) -> None:
+        try:
+            self._fs.delete_file(self._tmp)
+        except OSError:
+            pass
+
+
+def _stage_offline(view: FeatureView, table: pa.Table) -> _Staged:
+    """The rows as a hidden file for ``<source>/pushed/<time>-<uuid>.parquet``, in the first file's schema."""
+    where = f"push to {view.name!r}"
     fs, root, paths = list_files(view.source)
     if paths == [root]:
-        raise DataError(f"push to {view.name!r}: to_offline needs a folder source, {view.source.path!r} is a file")
+        raise DataError(f"{where}: to_offline needs a folder source, {view.source.path!r} is a file")
     # the schema of the first file, as ParquetFiles.schema, but without every file's footer (each push adds one)
     schema = read_footer(fs, view.source, paths[0]).schema.to_arrow_schema()
     columns = {}
     for field in schema:
-        if field.name in table.column_names:
-            columns[field.name] = table.column(field.name).cast(field.type)
-        else:
+        if field.name not in table.column_names:
+            if not field.nullable:
+                raise DataError(f"{where}: the source's files have a column {field.name!r} that may not be null; "
+                                "include it in the rows")
             columns[field.name] = pa.nulls(table.num_rows, field.type)
+            continue
+        try:
+            columns[field.name] = table.column(field.name).cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise DataError(f"{where}: column {field.name!r} cannot be written as the source's {field.type} "
+                            f"({exc}); the source's files fix each column's type") from None
     name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}.parquet"
     folder = f"{root.rstrip('/')}/pushed"
-    fs.create_dir(folder, recursive=True)
-    tmp = f"{folder}/.{name}.tmp"
-    with fs.open_output_stream(tmp) as out:
-        pq.write_table(pa.table(columns, schema=schema), out)
-    fs.move(tmp, f"{folder}/{name}")  # a reader never sees half a file
+    staged = _Staged(fs, f"{folder}/.{name}.tmp", f"{folder}/{name}")
+    try:
+        fs.create_dir(folder, recursive=True)
+        with fs.open_output_stream(staged._tmp) as out:
+            pq.write_table(pa.table(columns, schema=schema), out)
+    except (OSError, pa.ArrowException) as exc:
+        staged.discard()
+        raise StoreError(f"{where}: could not write the rows to {folder!r}: {exc}") from None
+    return staged
 
 
 class _progress:

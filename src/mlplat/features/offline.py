@@ -23,7 +23,7 @@ from .._native import KeyFactorizer, asof_backward_on_ts_by_key
 from ..errors import DataError, StoreError
 from .definitions import FeatureView
 from .parquet import ParquetFiles, Scan, gather, plan_scan
-from .validation import check_source
+from .validation import check_source, key_values
 
 __all__ = ["ViewRequest", "historical_features", "join_view", "entity_timestamps", "as_declared"]
 
@@ -92,7 +92,7 @@ def _entity_keys(view: FeatureView, table: pa.Table) -> list[pa.Array]:
                 f"entity_df has no column {k!r}, a join key of feature view {view.name!r} "
                 f"(columns: {', '.join(table.column_names)})"
             )
-        col = table.column(k).combine_chunks()
+        col = key_values(table.column(k), k, "entity_df")
         kind = dtypes.key_kind(col.type)
         want = view.key_types.get(k)
         if pat.is_null(col.type):
@@ -160,8 +160,8 @@ def _scan_arrays(
 
     def consume(table: pa.Table, start: int) -> None:
         stop = start + table.num_rows
-        factorizer.lookup([table.column(k) for k in view.join_keys], codes[start:stop])
-        try:
+        try:  # an unsigned key above int64 or a time outside int64 ns is the source's problem
+            factorizer.lookup([table.column(k) for k in view.join_keys], codes[start:stop])
             null_ts.append(
                 _arrow.timestamps_ns_into(table.column(src.timestamp_field), ts[start:stop], _arrow.INT64_MIN)
             )

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from ..errors import StoreError
 from .definitions import ParquetSource
 
-__all__ = ["ParquetFiles", "Scan", "plan_scan", "gather"]
+__all__ = ["ParquetFiles", "Scan", "plan_scan", "gather", "concat"]
 
 _UNIT_NS = {"MILLIS": 1_000_000, "MICROS": 1_000, "NANOS": 1, "milliseconds": 1_000_000,
             "microseconds": 1_000, "nanoseconds": 1}
@@ -239,4 +239,40 @@ def gather(files: ParquetFiles, scan: Scan, selected: np.ndarray, columns: Seque
     if not pieces:
         schema = files.schema
         return pa.table({c: pa.array([], type=schema.field(c).type) for c in columns})
-    return pa.concat_tables(pieces, promote_options="permissive")
+    return concat(pieces, files.source)
+
+
+def concat(pieces: Sequence[pa.Table], source: ParquetSource) -> pa.Table:
+    """Tables read from different files of one source, as one table.
+
+    Files may differ in ways a definition allows: int32 beside int64 keys, ms beside us times, naive beside
+    UTC times, dates beside times, dictionary beside plain strings (a pandas category column). Such columns
+    are brought to one type first; pyarrow's own promotion widens numbers and units only.
+
+    >>> a = pa.table({"t": pa.array([0], pa.timestamp("ms")), "s": pa.array(["x"]).dictionary_encode()})
+    >>> b = pa.table({"t": pa.array([1], pa.timestamp("us", "UTC")), "s": pa.array(["y"])})
+    >>> concat([a, b], ParquetSource("data/")).schema
+    t: timestamp[us, tz=UTC]
+    s: string
+    """
+    if all(p.schema.equals(pieces[0].schema) for p in pieces[1:]):
+        return pa.concat_tables(pieces)
+    try:
+        return pa.concat_tables([_uniform(p) for p in pieces], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise StoreError(f"source {source.path!r}: its files hold a column as types that cannot be read as one "
+                         f"({exc}); rewrite the odd files with the type the others have") from None
+
+
+def _uniform(table: pa.Table) -> pa.Table:
+    for i, f in enumerate(table.schema):
+        t = f.type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if pa.types.is_timestamp(t):
+            t = pa.timestamp(t.unit, "UTC")  # naive times are UTC
+        elif pa.types.is_date(t):
+            t = pa.timestamp("us", "UTC")
+        if t != f.type:
+            table = table.set_column(i, f.name, table.column(i).cast(t))
+    return table

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import _arrow, dtypes
-from ..errors import MlplatError
+from ..errors import DataError, MlplatError
 from .definitions import FeatureView
 from .parquet import ParquetFiles
 
-__all__ = ["check_source"]
+__all__ = ["check_source", "key_values"]
 
 
 def check_source(
@@ -57,3 +58,23 @@ def check_source(
             if not declared.accepts(t):
                 raise error(f"{where}: field {f!r} is declared {declared.name} but the source {path} holds {t}")
     return key_types
+
+
+def key_values(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> pa.Array:
+    """A given join key column (entity rows, pushed rows) as one array: a dictionary (pandas category) column
+    decoded, and unsigned keys above the int64 range, which keys are stored as, refused with a DataError.
+
+    >>> key_values(pa.chunked_array([pa.array([7, 3]).dictionary_encode()]), "user_id", "entity_df").type
+    DataType(int64)
+    >>> key_values(pa.array([2**63], pa.uint64()), "user_id", "entity_df")
+    Traceback (most recent call last):
+    mlplat.DataError: entity_df: join key 'user_id' holds 9223372036854775808, above the largest int64 key (2**63 - 1)
+    """
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if pa.types.is_uint64(col.type) and len(col) > col.null_count:
+        top = pc.max(col).as_py()
+        if top > _arrow.INT64_MAX:
+            raise DataError(f"{where}: join key {name!r} holds {top}, above the largest int64 key (2**63 - 1)")
+    return col
