@@ -1,7 +1,13 @@
 """The online store on SQLite, one Redis node and a real Redis Cluster: consistency, CAS, ttl, errors."""
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
 import threading
+import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -396,6 +402,61 @@ def test_racing_materializations_and_pushes_end_with_the_newest_row(p, tmp_path,
             best[u] = (rank, row["count"][0])
     got = p.features.get_online_features(["txn:count"], {"user_id": sorted(best)})
     assert got["count"] == [best[u][1] for u in sorted(best)]
+
+
+@pytest.fixture
+def collating_redis(tmp_path, redis_server_url) -> Iterator[redis.Redis]:
+    """A redis-server of its own running under en_US.UTF-8, where Lua compares strings by that locale."""
+    localedef, server = shutil.which("localedef"), shutil.which("redis-server")
+    if not localedef or not server:
+        pytest.skip("needs the localedef and redis-server binaries")
+    subprocess.run([localedef, "-i", "en_US", "-f", "UTF-8", str(tmp_path / "en_US.UTF-8")], check=True,
+                   capture_output=True, timeout=120)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, LOCPATH=str(tmp_path), LC_ALL="en_US.UTF-8")
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        assert client.eval("return tostring('a' < 'B')", 0) == b"true"  # collates by locale, not by bytes
+        yield client
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_newer_rows_win_on_a_redis_whose_locale_orders_strings_otherwise(tmp_path, collating_redis):
+    def rank(t: datetime) -> bytes:  # a record's bytes 2..17: event and created ns, big-endian, sign bit flipped
+        ns = (int(t.timestamp()) * 1_000_000 + t.microsecond) * 1000 + 2**63
+        return ns.to_bytes(8, "big") * 2
+
+    older = NOW - timedelta(hours=1)
+    for step in range(1, 5000):  # a pair the server's locale orders backwards (about 4 in 10 here)
+        newer = older + timedelta(microseconds=997 * step)
+        if collating_redis.eval("return tostring(ARGV[2] < ARGV[1])", 0, rank(older), rank(newer)) == b"true":
+            break
+    else:
+        pytest.fail("no pair of times the locale orders backwards: the test would not show anything")
+    port = collating_redis.connection_pool.connection_kwargs["port"]
+    write(tmp_path / "src" / "a.parquet", [1], [30], [1])
+    with mp.Platform(tmp_path / "home", online_store=f"redis://127.0.0.1:{port}/0") as p:
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        row = {"user_id": [1], "count": [1], "amount": [1.0], "note": ["x"]}
+        assert p.features.push("txn", dict(row, event_timestamp=[older], created=[older], count=[1])) == 1
+        assert p.features.push("txn", dict(row, event_timestamp=[newer], created=[newer], count=[2])) == 1
+        assert p.features.push("txn", dict(row, event_timestamp=[older], created=[older], count=[1])) == 0
+        assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [2]
 
 
 # ---------------------------------------------------------------- errors
