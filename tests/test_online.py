@@ -283,6 +283,21 @@ def test_push_to_offline_appends_a_file_training_sees(p, tmp_path):
     assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [42]
 
 
+def test_a_pushed_row_wins_a_tie_offline_as_online(p, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    at = NOW - timedelta(hours=1)
+    pq.write_table(pa.table({"user_id": pa.array([1], pa.int64()), "event_timestamp": pa.array([at], TS),
+                             "count": pa.array([1], pa.int64())}), src / "txn.parquet")  # sorts after "pushed/"
+    view = mp.FeatureView("ties", entities=[USER], ttl=None, schema=[mp.Field("count", mp.Int64)],
+                          source=mp.ParquetSource(src))  # no created time: ties go to the row read last
+    p.features.apply([USER, view])
+    p.features.materialize(end_date=NOW, progress=False)
+    assert p.features.push("ties", {"user_id": [1], "event_timestamp": [at], "count": [2]}, to_offline=True) == 1
+    assert p.features.get_online_features(["ties:count"], {"user_id": [1]})["count"] == [2]
+    assert offline_now(p, [1], ["ties:count"]) == {"count": [2]}
+
+
 def test_a_failed_push_to_offline_leaves_the_source_as_it_was(p, tmp_path):
     src = tmp_path / "src"
     write(src / "a.parquet", [1], [10], [1])
@@ -577,3 +592,23 @@ def test_sqlite_reads_search_the_whole_primary_key(tmp_path):
         "EXPLAIN QUERY PLAN " + _SELECT.format("?,?"), ["v@1", b"a", b"b"]))
     store.close()
     assert "USING PRIMARY KEY (tag=? AND key=?)" in plan, plan
+
+
+def test_a_sqlite_store_locked_past_its_busy_timeout_is_an_online_store_error(tmp_path, monkeypatch):
+    import sqlite3
+
+    from mlplat.features.online import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "SQLITE_BUSY_TIMEOUT_MS", 50)  # wait 50 ms for the lock, not 30 s
+    path = tmp_path / "online.db"
+    store = sqlite_store.SQLiteOnlineStore(f"sqlite:///{path}")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process writing, for longer than the busy timeout
+    try:
+        with pytest.raises(mp.OnlineStoreError, match="dropping expired records of v@1: database is locked"):
+            store.delete_expired("v@1")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.delete_expired("v@1") == 0
+    store.close()

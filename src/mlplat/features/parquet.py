@@ -45,14 +45,19 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def list_files(source: ParquetSource) -> tuple[pafs.FileSystem, str, list[str]]:
-    """(filesystem, root, the source's Parquet files in path order); the root itself when it is a file."""
+    """(filesystem, root, the source's Parquet files in read order); the root itself when it is a file.
+
+    Read order is path order, except that the files ``push(to_offline=True)`` adds under ``pushed/`` come
+    last, oldest first: a pushed row then wins a tie (same event and created time) offline as it does online,
+    where it was written last."""
     fs, root = resolve(source.path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise StoreError(f"source path {source.path!r} does not exist")
     if info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and not _hidden(i.path[len(root):]))
+        paths = sorted((i.path for i in infos if i.type == pafs.FileType.File and not _hidden(i.path[len(root):])),
+                       key=lambda path: (path[len(root):].lstrip("/").startswith("pushed/"), path))
     else:
         paths = [root]
     if not paths:

@@ -120,9 +120,12 @@ class SQLiteOnlineStore(OnlineStore):
     def delete_expired(self, tag: str, now_ms: int | None = None) -> int:
         """Drop records of ``tag`` whose ttl ran out."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        cur = self._conn().execute(
-            "DELETE FROM online_records WHERE tag = ? AND expire_at > 0 AND expire_at < ?", (tag, now_ms)
-        )
+        try:
+            cur = self._conn().execute(
+                "DELETE FROM online_records WHERE tag = ? AND expire_at > 0 AND expire_at < ?", (tag, now_ms)
+            )
+        except sqlite3.Error as exc:  # e.g. locked past the busy timeout by another writer
+            raise OnlineStoreError(f"online store {self.name}: dropping expired records of {tag}: {exc}") from None
         return cur.rowcount
 
     def close(self) -> None:
