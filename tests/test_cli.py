@@ -339,6 +339,25 @@ def test_runs_list_json(home, demo):
     assert {r["params"]["lr"] for r in runs} == {"0.01", "0.02"}
 
 
+def test_json_output_is_strict_json_with_nan_metrics_as_null(scratch, demo):
+    import math
+
+    import mlplat as mp
+
+    with mp.Platform(scratch) as p:
+        with p.runs.start("nan-metrics") as run:
+            run.log_metrics({"val_loss": float("nan"), "gain": float("inf"), "ok": 0.5})
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+    [row] = strict(ok(invoke("runs", "list", "nan-metrics", "--json", home=scratch)))
+    assert row["metrics"] == {"val_loss": None, "gain": None, "ok": 0.5}
+    assert strict(ok(invoke("runs", "show", run.id, "--json", home=scratch)))["metrics"]["val_loss"] is None
+    with mp.Platform(scratch) as p:  # the stored values are untouched
+        assert math.isnan(p.runs.get(run.id).metrics["val_loss"])
+
+
 def test_runs_list_table(home, demo):
     out = ok(invoke("runs", "list", home=home))
     for text in (demo["model"]["run_id"], demo["model"]["challenger_run_id"], "fraud-demo", "val_auc="):
@@ -362,6 +381,9 @@ def test_runs_list_bad_arguments(home):
     error(invoke("runs", "list", "--filter", "nonsense.x > 1", home=home), 1, "'nonsense'")
     error(invoke("runs", "list", "--order-by", "metrics.val_auc sideways", home=home), 1, "sideways")
     error(invoke("runs", "list", "--max", "0", home=home), 2, "'--max'", "1<=x<=50000")
+    error(invoke("runs", "list", "--filter", "attributes.start_time > 1e20", home=home), 1, "1e+20 is not a time")
+    error(invoke("runs", "list", "--filter", "metrics.x > 1" + "0" * 400, home=home), 1, "too large")
+    assert ok_json(invoke("runs", "list", "--json", "--filter", "attributes.status = 1", home=home)) == []
 
 
 def test_runs_show(home, demo):

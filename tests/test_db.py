@@ -179,3 +179,22 @@ def test_postgres_statements_are_planned_every_time(pg_url):
     with db.connect() as conn:
         assert conn.connection.dbapi_connection.prepare_threshold is None
     db.dispose()
+
+
+def test_a_value_its_column_cannot_hold_is_a_data_error_and_rolls_back(pg_url):
+    db = Database(pg_url)
+    ensure_schema(db)
+    experiments = Base.metadata.tables["experiments"]
+    with pytest.raises(mp.DataError, match="refused a value: value too long.*nothing was written"):
+        with db.connect(write=True) as conn:
+            conn.execute(experiments.insert().values(name="kept"))
+            conn.execute(experiments.insert().values(name="x" * 300))
+    with db.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(experiments)) == 0
+    db.dispose()
+
+
+def test_a_search_path_schema_that_does_not_exist_is_a_store_error_saying_so(pg_admin_url, tmp_path):
+    url = f"{pg_admin_url}?options=-csearch_path%3Dmlplat_no_such_schema"
+    with pytest.raises(mp.StoreError, match="creating mlplat's tables failed: .*create that schema first"):
+        mp.Platform(tmp_path / "home", database_url=url)

@@ -90,6 +90,19 @@ def test_promoting_archives_the_previous_production_version(p):
     assert (1, "production", "archived") in moves and moves[-1] == (2, "none", "production")
 
 
+def test_lineage_approvals_are_this_versions_production_approvals(p):
+    for bias in (0.0, 1.0):
+        p.models.register("fraud", trained_run(p, bias))
+    p.models.promote("fraud", 1, "staging", approved_by="carol")  # not an approval: staging needs none
+    p.models.promote("fraud", 1, "production", approved_by="alice")
+    p.models.promote("fraud", 2, "production", approved_by="bob")  # archives v1: bob approved v2, not v1
+    archived = p.models.history("fraud", version=1)[-1]
+    assert (archived.to_stage, archived.approved_by, archived.notes) == ("archived", None, "replaced by version 2")
+    approvals = lambda v: [(a["stage"], a["approved_by"]) for a in p.models.lineage("fraud", version=v)["approvals"]]
+    assert approvals(1) == [("production", "alice")]
+    assert approvals(2) == [("production", "bob")]
+
+
 def test_resolve_means_production_for_a_bare_name(p):
     for bias in (0.0, 1.0):
         p.models.register("fraud", trained_run(p, bias))
@@ -132,6 +145,56 @@ def test_eight_concurrent_promotions_leave_exactly_one_in_production(database_ur
         assert len(promotions) == 8 and len(archived) == 7  # every step recorded
 
 
+def _race(count: int, work) -> list:
+    """Run ``work()`` in ``count`` threads released together; each one's result or exception."""
+    results, barrier = [], threading.Barrier(count)
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            results.append(work())
+        except Exception as exc:  # noqa: BLE001
+            results.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_first_registrations_of_a_new_model_each_get_a_version(p):
+    run_id = trained_run(p)
+    for attempt in range(3):  # the race is narrow: a few new models make it likely to be hit
+        versions = _race(6, lambda name=f"new{attempt}": p.models.register(name, run_id).version)
+        assert sorted(versions) == [1, 2, 3, 4, 5, 6]
+        created = _race(4, lambda name=f"made{attempt}": p.models.create(name))
+        refused = [r for r in created if r is not None]
+        assert created.count(None) == 1 and len(refused) == 3
+        assert all(isinstance(r, mp.DataError) and "already exists" in str(r) for r in refused), refused
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, run_id: m.set_alias("fraud", "a" * 59, 1), "alias 'a{59}' is invalid: .* at most 58"),
+    (lambda m, run_id: m.register("fraud", run_id, registered_by="u" * 256), "registered_by must be a user name"),
+    (lambda m, run_id: m.promote("fraud", 1, "staging", approved_by="u" * 256), "approved_by must be a user name"),
+    (lambda m, run_id: m.promote("fraud", 1, "staging", actor="u" * 256), "actor must be a user name"),
+    (lambda m, run_id: m.set_alias("fraud", "champion", 1, actor="u" * 256), "actor must be a user name"),
+    (lambda m, run_id: m.promote("fraud", "1", "staging"), "version must be a version number .*got '1'"),
+    (lambda m, run_id: m.set_alias("fraud", "champion", True), "version must be a version number"),
+    (lambda m, run_id: m.get("fraud", version="1"), "version must be a version number"),
+])
+def test_values_the_columns_cannot_hold_are_refused_on_both_backends(p, call, message):
+    run_id = trained_run(p)
+    p.models.register("fraud", run_id)
+    before = p.models.history("fraud")
+    with pytest.raises(mp.DataError, match=message):
+        call(p.models, run_id)
+    assert p.models.history("fraud") == before and [v.version for v in p.models.versions("fraud")] == [1]
+    assert p.models.get("fraud", version=1).stage == "none" and p.models.get("fraud", version=1).aliases == ()
+
+
 def test_aliases(p):
     for bias in (0.0, 1.0):
         p.models.register("fraud", trained_run(p, bias))
@@ -148,7 +211,19 @@ def test_aliases(p):
         p.models.get("fraud", alias="challenger")
     with pytest.raises(mp.DataError, match="alias 'production' is invalid"):
         p.models.set_alias("fraud", "production", 1)
-    assert [h.to_stage for h in p.models.history("fraud", version=2)][-1] == "alias:champion"
+    assert [(h.from_stage, h.to_stage) for h in p.models.history("fraud", version=2)][-2:] == [
+        ("", "alias:champion"), ("alias:challenger", "")]
+
+
+def test_deleting_an_alias_is_recorded_in_history(p):
+    p.models.register("fraud", trained_run(p))
+    p.models.set_alias("fraud", "champion", 1, actor="alice")
+    p.models.delete_alias("fraud", "champion", actor="bob", notes="retired")
+    moves = [(h.version, h.from_stage, h.to_stage, h.actor, h.notes) for h in p.models.history("fraud")][1:]
+    assert moves == [(1, "", "alias:champion", "alice", ""), (1, "alias:champion", "", "bob", "retired")]
+    with pytest.raises(mp.NotFoundError, match="has no alias 'champion'"):
+        p.models.delete_alias("fraud", "champion")
+    assert len(p.models.history("fraud")) == 3  # the refused call recorded nothing
 
 
 @pytest.fixture

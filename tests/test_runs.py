@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 import torch
@@ -62,6 +63,20 @@ def test_an_exception_marks_the_run_failed(p):
         p.runs.start("fraud").end("done")
     with pytest.raises(mp.NotFoundError, match="unknown run 'nope'"):
         p.runs.get("nope")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"params": {"lr": 0.1, "": 2}}, mp.DataError, "param name '' is invalid"),
+    ({"params": [("lr", 0.1)]}, mp.DataError, "start\\(params=...\\) takes a mapping"),
+    ({"tags": {"team": "risk", "bad\nkey": 1}}, mp.DataError, "tag name 'bad.nkey' is invalid"),
+    ({"parent": "nope"}, mp.NotFoundError, "unknown run 'nope'"),
+    ({"parent": 5}, mp.DataError, "parent run id must be a string"),
+    ({"name": "n" * 256}, mp.DataError, "run name must be a string of at most 255 characters"),
+])
+def test_a_refused_start_writes_nothing(p, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        p.runs.start("fraud", **kwargs)
+    assert p.runs.experiments() == [] and list(p.runs.search()) == []
 
 
 def test_git_commit_and_dirty_flag_of_the_calling_script(tmp_path, database_url):
@@ -153,6 +168,42 @@ def test_values_and_arguments_of_the_wrong_kind_are_refused(p):
     assert p.runs.get(run.id).metrics == {"loss": 0.5}
 
 
+def test_a_resumed_run_continues_each_keys_default_step(p):
+    with p.runs.start("fraud") as run:
+        for v in (0.9, 0.8, 0.7):
+            run.log_metric("loss", v)  # steps 0, 1, 2
+    resumed = p.runs.resume(run.id)
+    resumed.log_metric("loss", 0.1)
+    resumed.log_metric("new", 5.0)
+    resumed.end()
+    assert [(pt.step, pt.value) for pt in p.runs.metric_history(run.id, "loss")] == \
+        [(0, 0.9), (1, 0.8), (2, 0.7), (3, 0.1)]
+    assert p.runs.get(run.id).metrics == {"loss": 0.1, "new": 5.0}
+    assert [pt.step for pt in p.runs.metric_history(run.id, "new")] == [0]
+    assert [r.id for r in p.runs.search("fraud", filter="metrics.loss < 0.5")] == [run.id]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"timestamp_ms": "yesterday"}, "timestamp_ms must be whole milliseconds since the epoch"),
+    ({"timestamp_ms": 1.5e12}, "timestamp_ms must be"),
+    ({"step": 2**63}, "step must be a whole step number"),
+    ({"step": 1.5}, "step must be a whole step number"),
+    ({"step": "4"}, "step must be a whole step number"),
+    ({"step": True}, "step must be a whole step number"),
+])
+def test_bad_steps_and_times_are_refused_when_logged_not_at_flush(p, kwargs, message):
+    with p.runs.start("fraud") as run:
+        run.log_metric("good", 1.0)
+        with pytest.raises(mp.DataError, match=f"metric 'x': {message}"):
+            run.log_metric("x", 1.0, **kwargs)
+        run.log_metric("x", 2.0)
+        run.log_metric("x", 3.0, step=np.int64(5), timestamp_ms=np.int64(1_700_000_000_000))
+        run.flush()
+    info = p.runs.get(run.id)
+    assert info.status == "finished" and info.metrics == {"good": 1.0, "x": 3.0}
+    assert [(pt.step, pt.value) for pt in p.runs.metric_history(run.id, "x")] == [(0, 2.0), (5, 3.0)]
+
+
 def _log_from_process(args):
     url, home, run_id, worker = args
     with mp.Platform(home, database_url=url) as p:
@@ -240,6 +291,9 @@ def names(page):
         ("tags.team like 'r%' and metrics.loss < 0.07", None, ["b"]),
         ("tags.team ilike 'ML'", ["attributes.name"], ["c", "d"]),
         ("metrics.loss is null", ["attributes.name"], ["e", "f"]),
+        ("metrics.val_auc is not null", ["attributes.name"], ["a", "b", "c", "d", "e"]),  # e's latest is NaN
+        ("metrics.val_auc is null", None, ["f"]),
+        ("not metrics.val_auc is not null", None, ["f"]),
         ("attributes.status = 'failed'", None, ["f"]),
         ("attributes.status != 'failed' and attributes.name >= 'c'", ["attributes.name"], ["c", "d", "e"]),
         ("metrics.val_auc >= 0.91 AND params.lr <> '0.01'", None, ["a"]),
@@ -304,11 +358,26 @@ def test_injection_in_names_is_stored_verbatim(p):
         ("attributes.color = 'red'", "unknown attribute 'color'"),
         ("params.lr ~ '1'", "cannot read"),
         ("attributes.start_time > 'yesterday'", "is not a time"),
+        ("attributes.start_time > 1e20", "1e\\+20 is not a time between the years 1 and 9999"),
+        ("attributes.end_time < -1e300", "is not a time"),
+        ("metrics.val_auc > " + "9" * 400, "too large to compare with a metric"),
     ],
 )
 def test_bad_filters_name_the_problem(p, searchable, flt, message):
     with pytest.raises(mp.DataError, match=message):
         p.runs.search("fraud", filter=flt)
+
+
+@pytest.mark.parametrize("flt, expected", [
+    ("metrics.val_auc > 99999999999999999999", []),  # beyond int64: compared as a float
+    ("metrics.val_auc < 99999999999999999999", ["a", "b", "c", "d"]),
+    ("attributes.status = 1", []),  # numbers compare with string attributes as strings, on both backends
+    ("attributes.name in (1, 'b', 2)", ["b"]),
+    ("attributes.run_id like 5", []),
+    ("attributes.user != 0 and attributes.experiment = 'fraud' and attributes.name <= 'b'", ["a", "b"]),
+])
+def test_number_values_for_string_attributes_and_huge_metrics_just_compare(p, searchable, flt, expected):
+    assert names(p.runs.search("fraud", filter=flt, order_by=["attributes.name"])) == expected
 
 
 def test_compare_runs(p, searchable):
@@ -321,6 +390,18 @@ def test_compare_runs(p, searchable):
 
 
 # --------------------------------------------------------------- artifacts
+def test_names_too_long_for_their_columns_are_refused_before_anything_is_written(p, tmp_path):
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    with p.runs.start("fraud") as run:
+        with pytest.raises(mp.DataError, match="artifact name 'x+'... is 1110 characters long; use at most 1024"):
+            run.log_artifact(f, "/".join(["x" * 100] * 11))
+        with pytest.raises(mp.DataError, match="input name 'i{256}' is invalid"):
+            run.log_input(pa.table({"a": [1]}), "i" * 256)
+    info = p.runs.get(run.id)
+    assert info.artifacts == [] and info.inputs == [] and not Path(info.artifact_uri).exists()
+
+
 @pytest.mark.parametrize("name", ["../escape.txt", "/etc/passwd", "a/../../b", "a\\b", "", "a//b", "./a", "a/.",
                                   "C:/x", "a\x00b"])
 def test_artifact_names_that_escape_are_refused(p, tmp_path, name):
@@ -350,10 +431,27 @@ def test_files_and_folders_as_artifacts(p, tmp_path):
     assert (root / "notes" / "a.txt").read_text() == "hello" and (root / "report" / "sub" / "b.txt").exists()
 
 
-# ------------------------------------------------------------------ inputs
-def test_log_input_hashes_everything_and_pins_feature_versions(p, tmp_path):
-    import pyarrow.parquet as pq
+def test_relogging_a_folder_replaces_it_whole(p, tmp_path):
+    folder = tmp_path / "report"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("one")
+    (folder / "sub" / "b.txt").write_text("two")
+    with p.runs.start("fraud") as run:
+        run.log_artifact(folder)
+        (folder / "sub" / "b.txt").unlink()
+        (folder / "a.txt").write_text("three")
+        run.log_artifact(folder)
+    info = p.runs.get(run.id)
+    stored = Path(info.artifact_uri) / "report"
+    assert sorted(f.relative_to(stored).as_posix() for f in stored.rglob("*.txt")) == ["a.txt"]
+    assert (stored / "a.txt").read_text() == "three"
+    assert {a["path"]: a["size"] for a in info.artifacts}["report"] == 5
 
+
+# ------------------------------------------------------------------ inputs
+@pytest.fixture
+def feature_table(p, tmp_path):
+    """(a table retrieved with the feature ref "v:cnt", its entity rows)."""
     src = tmp_path / "src"
     src.mkdir()
     pq.write_table(pa.table({"user_id": [1, 2], "event_timestamp": pa.array([0, 0], pa.timestamp("us", "UTC")),
@@ -363,7 +461,11 @@ def test_log_input_hashes_everything_and_pins_feature_versions(p, tmp_path):
     p.features.apply([user, view])
     edf = pa.table({"user_id": [1, 2, 2], "event_timestamp": pa.array([1, 1, 2], pa.timestamp("us", "UTC")),
                     "label": [0, 1, 1]})
-    train = p.features.get_historical_features(edf, ["v:cnt"])
+    return p.features.get_historical_features(edf, ["v:cnt"]), edf
+
+
+def test_log_input_hashes_everything_and_pins_feature_versions(p, feature_table):
+    train, edf = feature_table
     with p.runs.start("fraud") as run:
         logged = run.log_input(train, "train", feature_refs=["v:cnt"])
         again = run.log_input(train.to_pandas(), "train_pandas")
@@ -376,6 +478,35 @@ def test_log_input_hashes_everything_and_pins_feature_versions(p, tmp_path):
     [inp, _] = sorted(p.runs.get(run.id).inputs, key=lambda i: i["name"])
     assert inp["schema"]["fields"][-1] == {"name": "cnt", "type": "int64", "nullable": True}
     assert inp["feature_refs"]["entity_rows"] == "inputs/train/entity_rows.parquet"
+
+
+@pytest.mark.parametrize("column", [
+    pa.array([[1], [2, 3], None, [4, 5, 6]]),
+    pa.array([{"x": 1, "y": "a"}, None, {"x": 3, "y": None}, {"x": 4, "y": "d"}]),
+    pa.array([None, None, None, None], pa.null()),
+    pa.array([{"k": [1.5]}, {"k": []}, {"k": None}, {"k": [2.0, 3.0]}]),
+], ids=["list", "struct", "null", "struct-of-list"])
+def test_nested_columns_hash_the_same_however_they_are_chunked(column):
+    whole = pa.table({"c": column, "n": [1, 2, 3, 4]})
+    pieces = pa.concat_tables([whole.slice(0, 1), whole.slice(1, 2), whole.slice(3)])
+    assert pieces.column("c").num_chunks == 3 and pieces.equals(whole)
+    assert mp.runs.table_hash(pieces) == mp.runs.table_hash(whole)
+    assert mp.runs.table_hash(whole.slice(1, 2)) == mp.runs.table_hash(pa.table({"c": column[1:3], "n": [2, 3]}))
+    assert mp.runs.table_hash(whole.slice(1, 2)) != mp.runs.table_hash(whole.slice(0, 2))
+
+
+def test_a_refused_duplicate_input_leaves_the_first_one_as_it_was(p, feature_table):
+    train, _ = feature_table
+    with p.runs.start("fraud") as run:
+        run.log_input(train, "train", feature_refs=["v:cnt"])
+        before = p.runs.get(run.id).artifacts
+        with pytest.raises(mp.DataError, match="already logged an input named 'train'; log this one under"):
+            run.log_input(train.slice(0, 1), "train", feature_refs=["v:cnt"])
+    info = p.runs.get(run.id)
+    assert info.artifacts == before and [i["row_count"] for i in info.inputs] == [3]
+    folder = Path(info.artifact_uri) / "inputs" / "train"
+    assert pq.read_table(folder / "entity_rows.parquet").num_rows == 3  # not the refused call's one row
+    assert [f.name for f in folder.iterdir()] == ["entity_rows.parquet"]  # nothing staged is left behind
 
 
 # ------------------------------------------------------------------ models
@@ -434,16 +565,29 @@ def test_runs_left_open_end_at_exit(database_url, tmp_path):
         ok = p.runs.start("exit")
         ok.log_metric("m", 1.0)
         print(ok.id, flush=True)
+
+        def dropped():  # nothing refers to this run once it returns
+            run = p.runs.start("exit")
+            for step in range(3):
+                run.log_metric("loss", 1 / (step + 1))
+            return run.id
+
+        print(dropped(), flush=True)
+        __import__("gc").collect()
         if __import__("sys").argv[1] == "fail":
             raise SystemError("boom")
     """)
     outcomes = {}
     for mode in ("ok", "fail"):
         out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True)
-        outcomes[mode] = out.stdout.split()[0]
+        outcomes[mode], outcomes[f"{mode}-dropped"] = out.stdout.split()[:2]
     with mp.Platform(tmp_path / "home", database_url=database_url) as p:
         assert p.runs.get(outcomes["ok"]).status == "finished"
         assert p.runs.get(outcomes["ok"]).metrics == {"m": 1.0}  # flushed at exit
         assert p.runs.get(outcomes["fail"]).status == "failed"
+        for mode, status in (("ok", "finished"), ("fail", "failed")):
+            dropped = outcomes[f"{mode}-dropped"]
+            assert p.runs.get(dropped).status == status
+            assert [pt.step for pt in p.runs.metric_history(dropped, "loss")] == [0, 1, 2]
 
 

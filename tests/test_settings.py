@@ -18,6 +18,13 @@ def test_defaults_live_under_home(tmp_path):
     assert s.threads >= 1
 
 
+def test_empty_variables_mean_unset_home_included(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = Settings.resolve(environ={"MLPLAT_HOME": "", "MLPLAT_DATABASE_URL": "", "MLPLAT_ARTIFACT_ROOT": ""})
+    assert s.home == (tmp_path / "mlplat-home").resolve()  # not the current directory
+    assert s.database_url == f"sqlite:///{s.home / 'mlplat.db'}" and s.artifact_root == str(s.home / "artifacts")
+
+
 def test_environment_fills_what_arguments_leave_out(tmp_path):
     env = {
         "MLPLAT_HOME": str(tmp_path / "envhome"),

@@ -19,6 +19,7 @@ Every listing takes ``--json``. Exit status: 0 on success, 1 on an mlplat error
 from __future__ import annotations
 
 import json
+import math
 import sys
 from datetime import datetime
 from typing import Any
@@ -46,7 +47,19 @@ _json_flag = click.option("--json", "as_json", is_flag=True, help="Print the res
 
 
 def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=_json_default))
+    """``data`` as strict JSON: NaN and infinities (a metric may be one) are written as null."""
+    click.echo(json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float, however deeply nested, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:

@@ -71,7 +71,7 @@ class Settings:
     ) -> Settings:
         """Fill what is not passed from ``environ`` (default ``os.environ``), then defaults; validate all."""
         env = os.environ if environ is None else environ
-        home_path = Path(home if home is not None else env.get("MLPLAT_HOME", "mlplat-home")).expanduser().resolve()
+        home_path = Path(home if home is not None else (env.get("MLPLAT_HOME") or "mlplat-home")).expanduser().resolve()
         db = database_url or env.get("MLPLAT_DATABASE_URL") or f"sqlite:///{home_path / 'mlplat.db'}"
         online = online_store or env.get("MLPLAT_ONLINE_STORE") or f"sqlite:///{home_path / 'online.db'}"
         artifacts = artifact_root or env.get("MLPLAT_ARTIFACT_ROOT") or str(home_path / "artifacts")

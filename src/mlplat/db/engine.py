@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, DataError, StoreError
 
 __all__ = ["Database", "create_engine", "enable_wal", "normalize_url", "sqlite_file"]
 
@@ -176,7 +176,13 @@ class Database:
                 with conn.begin():
                     yield conn
         except sa.exc.OperationalError as exc:
-            raise StoreError(f"database {self.engine.url.render_as_string(hide_password=True)}: {exc.orig}") from exc
+            raise StoreError(f"database {self._shown_url()}: {exc.orig}") from exc
+        except sa.exc.DataError as exc:  # a value the checks let through but its column cannot hold
+            raise DataError(f"database {self._shown_url()} refused a value: {exc.orig}".rstrip()
+                            + "; nothing was written: shorten or correct that value") from exc
+
+    def _shown_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
 
     @contextmanager
     def session(self, *, write: bool = False) -> Iterator[Session]:

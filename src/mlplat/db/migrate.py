@@ -15,7 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..errors import SchemaVersionError
+from ..errors import SchemaVersionError, StoreError
 from .engine import Database
 
 __all__ = ["ensure_schema", "upgrade", "current_revision", "head_revision", "alembic_config"]
@@ -81,4 +81,11 @@ def upgrade(db: Database, revision: str = "head") -> None:
                 ) from None
         if revision == "head" and current == head_revision():
             return
-        command.upgrade(alembic_config(conn), revision)
+        try:
+            command.upgrade(alembic_config(conn), revision)
+        except sa.exc.ProgrammingError as exc:  # e.g. a search_path schema that does not exist
+            raise StoreError(
+                f"database {db.engine.url.render_as_string(hide_password=True)}: creating mlplat's tables failed: "
+                f"{str(exc.orig).splitlines()[0]}; if the URL sets a search_path, create that schema first "
+                "(CREATE SCHEMA ...) and grant this user USAGE and CREATE on it"
+            ) from None

@@ -25,7 +25,7 @@ def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, 
     run = runs.get(info.run_id)
     history = registry.history(info.name, version=info.version)
     approvals = [{"stage": t.to_stage, "approved_by": t.approved_by, "by": t.actor, "at": t.at.isoformat(),
-                  "notes": t.notes} for t in history if t.approved_by]
+                  "notes": t.notes} for t in history if t.to_stage == "production" and t.approved_by]
     data = []
     for inp in run.inputs:
         refs = inp["feature_refs"].get("refs", [])

@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db import Database
 from ..db.models import ModelAlias, ModelTransition, ModelVersion, RegisteredModel, RunArtifact
+from .._checks import require_number
 from ..errors import DataError, NotFoundError
 from ..runs.artifacts import ArtifactStore, check_name
+from ..runs.run import check_text
 from ..runs.torch_io import load_torch_model
 from ..runs.tracking import RunStore
 
@@ -39,6 +42,7 @@ __all__ = ["ModelRegistry", "ModelVersionInfo", "Transition", "STAGES"]
 
 STAGES = ("none", "staging", "production", "archived")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-.]{0,254}$")
+_ALIAS_MAX = 58  # history records an alias move as "alias:<alias>" in a 64-character column
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,16 @@ def _check_model_name(name: Any) -> str:
     return name
 
 
+def _check_person(value: Any, what: str) -> str:
+    """A user name (registrant, approver, actor) that fits its column, or DataError."""
+    return check_text(value, what, meaning="a user name")
+
+
+def _check_version(version: Any) -> int:
+    require_number("version", version, low=1, integer=True, meaning="a version number (an int: 1, 2, ...)")
+    return version
+
+
 class ModelRegistry:
     """The model registry. Reach it as ``Platform(...).models``."""
 
@@ -90,11 +104,15 @@ class ModelRegistry:
     # ------------------------------------------------------------ writing
     def create(self, name: str, *, description: str = "", require_distinct_approver: bool = False) -> None:
         """Create a registered model with a policy (``register`` creates one with defaults on first use)."""
-        with self._db.connect(write=True) as conn:
-            if conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == _check_model_name(name))):
-                raise DataError(f"model {name!r} already exists; use set_policy to change its policy")
-            conn.execute(sa.insert(RegisteredModel).values(name=name, description=description,
-                                                           require_distinct_approver=require_distinct_approver))
+        exists = DataError(f"model {name!r} already exists; use set_policy to change its policy")
+        try:
+            with self._db.connect(write=True) as conn:
+                if conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == _check_model_name(name))):
+                    raise exists
+                conn.execute(sa.insert(RegisteredModel).values(name=name, description=description,
+                                                               require_distinct_approver=require_distinct_approver))
+        except sa.exc.IntegrityError:  # created by someone else meanwhile
+            raise exists from None
 
     def set_policy(self, name: str, *, require_distinct_approver: bool) -> None:
         """Whether production approvals must come from someone other than the version's registrant."""
@@ -111,11 +129,9 @@ class ModelRegistry:
         run = self._runs.get(run_id)
         if not any(a["path"] == artifact and a["kind"] == "model" for a in run.artifacts):
             raise NotFoundError(f"run {run_id} has no model artifact {artifact!r}; log it with run.log_model")
-        who = registered_by or _user()
+        who = _check_person(registered_by or _user(), "registered_by")
         with self._db.connect(write=True) as conn:
-            model_id = conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == name))
-            if model_id is None:
-                model_id = conn.scalar(sa.insert(RegisteredModel).values(name=name).returning(RegisteredModel.id))
+            model_id = self._model_id_created(conn, name)
             self._lock(conn, model_id)
             version = (conn.scalar(sa.select(sa.func.max(ModelVersion.version)).where(
                 ModelVersion.model_id == model_id)) or 0) + 1
@@ -131,7 +147,10 @@ class ModelRegistry:
         """Move a version to ``stage``; production needs ``approved_by`` and archives the previous one."""
         if stage not in STAGES:
             raise DataError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
-        who = actor or _user()
+        _check_version(version)
+        who = _check_person(actor or _user(), "actor")
+        if approved_by is not None:
+            _check_person(approved_by, "approved_by")
         with self._db.connect(write=True) as conn:
             model_id = self._model_id(conn, name)
             distinct = self._lock(conn, model_id)
@@ -153,7 +172,7 @@ class ModelRegistry:
                     conn.execute(sa.update(ModelVersion).where(ModelVersion.id == prev.id).values(stage="archived"))
                     conn.execute(sa.insert(ModelTransition).values(
                         version_id=prev.id, from_stage="production", to_stage="archived", actor=who,
-                        approved_by=approved_by, notes=f"replaced by version {version}"))
+                        notes=f"replaced by version {version}"))  # the approval was of that version, not this one
             if row.stage != stage:
                 conn.execute(sa.update(ModelVersion).where(ModelVersion.id == row.id).values(stage=stage))
                 conn.execute(sa.insert(ModelTransition).values(version_id=row.id, from_stage=row.stage,
@@ -163,8 +182,11 @@ class ModelRegistry:
 
     def set_alias(self, name: str, alias: str, version: int, *, actor: str | None = None, notes: str = "") -> None:
         """Point a free alias (e.g. "champion") at a version."""
-        if not isinstance(alias, str) or not _NAME.match(alias) or alias in STAGES:
-            raise DataError(f"alias {alias!r} is invalid (and may not be a stage name)")
+        if not isinstance(alias, str) or not _NAME.match(alias) or len(alias) > _ALIAS_MAX or alias in STAGES:
+            raise DataError(f"alias {alias!r} is invalid: letters, digits, '_', '-' and '.', at most {_ALIAS_MAX}, "
+                            "and not a stage name")
+        _check_version(version)
+        who = _check_person(actor or _user(), "actor")
         with self._db.connect(write=True) as conn:
             model_id = self._model_id(conn, name)
             self._lock(conn, model_id)
@@ -175,21 +197,33 @@ class ModelRegistry:
             conn.execute(sa.delete(ModelAlias).where(ModelAlias.model_id == model_id, ModelAlias.alias == alias))
             conn.execute(sa.insert(ModelAlias).values(model_id=model_id, alias=alias, version_id=vid))
             conn.execute(sa.insert(ModelTransition).values(version_id=vid, from_stage="", to_stage=f"alias:{alias}",
-                                                           actor=actor or _user(), notes=notes))
+                                                           actor=who, notes=notes))
 
-    def delete_alias(self, name: str, alias: str) -> None:
+    def delete_alias(self, name: str, alias: str, *, actor: str | None = None, notes: str = "") -> None:
+        """Remove an alias; history records it as a move from ``alias:<alias>`` to nothing."""
+        who = _check_person(actor or _user(), "actor")
         with self._db.connect(write=True) as conn:
             model_id = self._model_id(conn, name)
-            gone = conn.execute(sa.delete(ModelAlias).where(ModelAlias.model_id == model_id,
-                                                            ModelAlias.alias == alias)).rowcount
-        if not gone:
-            raise NotFoundError(f"model {name!r} has no alias {alias!r}")
+            self._lock(conn, model_id)
+            vid = conn.scalar(sa.delete(ModelAlias).where(ModelAlias.model_id == model_id, ModelAlias.alias == alias)
+                              .returning(ModelAlias.version_id))
+            if vid is None:
+                raise NotFoundError(f"model {name!r} has no alias {alias!r}")
+            conn.execute(sa.insert(ModelTransition).values(version_id=vid, from_stage=f"alias:{alias}", to_stage="",
+                                                           actor=who, notes=notes))
 
     def _model_id(self, conn, name: str) -> int:
         model_id = conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == name))
         if model_id is None:
             raise NotFoundError(f"unknown model {name!r}")
         return model_id
+
+    def _model_id_created(self, conn, name: str) -> int:
+        """The model's id, creating it with the default policy if needed; a concurrent creation of the
+        same name waits for the other transaction and then uses its row."""
+        insert = (postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert)(RegisteredModel)
+        conn.execute(insert.values(name=name).on_conflict_do_nothing(index_elements=["name"]))
+        return self._model_id(conn, name)
 
     def _lock(self, conn, model_id: int) -> bool:
         """Serialize changes to one model (row lock on PostgreSQL; SQLite's write lock is already held)."""
@@ -227,6 +261,8 @@ class ModelRegistry:
         """One version, chosen by exactly one of ``version``, ``stage`` or ``alias`` (none: the latest)."""
         if sum(x is not None for x in (version, stage, alias)) > 1:
             raise DataError("choose a model version by one of version=, stage= or alias=")
+        if version is not None:
+            _check_version(version)
         with self._db.connect() as conn:
             model_id = self._model_id(conn, name)
             q = sa.select(*ModelVersion.__table__.c).where(ModelVersion.model_id == model_id)

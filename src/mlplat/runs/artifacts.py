@@ -18,7 +18,9 @@ import pyarrow.fs as pafs
 
 from ..errors import DataError, StoreError
 
-__all__ = ["ArtifactStore", "check_name"]
+__all__ = ["ArtifactStore", "check_name", "NAME_MAX"]
+
+NAME_MAX = 1024  # the run_artifacts.path column
 
 
 def check_name(name: str) -> str:
@@ -29,6 +31,8 @@ def check_name(name: str) -> str:
     """
     if not isinstance(name, str) or not name.strip():
         raise DataError(f"artifact name {name!r} is empty")
+    if len(name) > NAME_MAX:
+        raise DataError(f"artifact name {name[:40]!r}... is {len(name)} characters long; use at most {NAME_MAX}")
     if any(ord(c) < 32 for c in name) or "\\" in name:
         raise DataError(f"artifact name {name!r} holds a control character or a backslash")
     if name.startswith("/") or posixpath.isabs(name) or (len(name) > 1 and name[1] == ":"):
@@ -78,17 +82,50 @@ class ArtifactStore:
         return size, digest.hexdigest()
 
     def put_dir(self, run_id: str, source: str | os.PathLike, name: str) -> tuple[int, str]:
-        """Copy a local folder in as ``name``; returns (total size, sha256 over the files' names and hashes)."""
+        """Copy a local folder in as ``name``; returns (total size, sha256 over the files' names and hashes).
+
+        Files a previous folder of that name held and this one does not are removed afterwards, so the
+        stored folder is exactly ``source``."""
         check_name(name)
         digest = hashlib.sha256()
         total = 0
         base = Path(source)
+        written = set()
         for file in sorted(p for p in base.rglob("*") if p.is_file()):
             rel = file.relative_to(base).as_posix()
             size, sha = self.put_file(run_id, file, f"{name}/{rel}")
+            written.add(self.path(run_id, f"{name}/{rel}"))
             digest.update(f"{rel}\0{sha}\n".encode())
             total += size
+        self._remove_stale(self.path(run_id, name), written)
         return total, digest.hexdigest()
+
+    def _remove_stale(self, folder: str, keep: set[str]) -> None:
+        """Delete every file under ``folder`` that is not in ``keep``."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+            for info in infos:
+                if info.type == pafs.FileType.File and info.path not in keep:
+                    self.fs.delete_file(info.path)
+        except OSError as exc:
+            raise StoreError(f"artifact store {self.root_uri}: clearing old files of {folder!r} failed: "
+                             f"{exc}") from None
+
+    def move(self, run_id: str, source: str, name: str) -> None:
+        """Move the run's artifact file ``source`` to ``name`` (replacing what was there)."""
+        dest = self.path(run_id, name)
+        try:
+            self.fs.create_dir(posixpath.dirname(dest), recursive=True)
+            self.fs.move(self.path(run_id, source), dest)
+        except OSError as exc:
+            raise StoreError(f"artifact store {self.root_uri}: moving {source!r} to {name!r} failed: {exc}") from None
+
+    def delete(self, run_id: str, name: str) -> None:
+        """Remove the run's artifact file ``name`` if it is there (best effort: for cleaning up)."""
+        try:
+            self.fs.delete_file(self.path(run_id, name))
+        except OSError:  # already gone, or the store is unreachable: nothing refers to it
+            pass
 
     def get_dir(self, run_id: str, name: str, dest: str | os.PathLike) -> Path:
         """Copy ``name`` (a folder) of a run to a local folder and return it."""

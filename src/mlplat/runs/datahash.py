@@ -64,6 +64,7 @@ def _fixed_width(t: pa.DataType) -> bool:
 
 
 def _feed_column(column: pa.ChunkedArray, validity: Any, values: Any, lengths: Any) -> None:
+    nested: list[pa.Array] = []
     for chunk in column.chunks:
         arr = _canonical(chunk)
         n = len(arr)
@@ -88,12 +89,19 @@ def _feed_column(column: pa.ChunkedArray, validity: Any, values: Any, lengths: A
                 raw = raw.reshape(n, width).copy()
                 raw[~valid] = 0
             values.update(memoryview(np.ascontiguousarray(raw)))
-        else:  # nested and other types: their IPC form
-            sink = pa.BufferOutputStream()
-            batch = pa.record_batch([arr], names=["c"])
-            with pa.ipc.new_stream(sink, batch.schema) as writer:
-                writer.write_batch(batch)
-            values.update(sink.getvalue())
+        else:  # nested and other types: hashed below, all chunks as one
+            nested.append(arr)
+    if nested:
+        values.update(_ipc_form(pa.concat_arrays(nested)))
+
+
+def _ipc_form(arr: pa.Array) -> pa.Buffer:
+    """The Arrow IPC stream of one array (how nested and other types are hashed)."""
+    sink = pa.BufferOutputStream()
+    batch = pa.record_batch([arr], names=["c"])
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue()
 
 
 def table_hash(data: Any) -> str:

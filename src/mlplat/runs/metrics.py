@@ -12,6 +12,7 @@ kill; values, NaN and infinities included, are stored exactly.
 """
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from ..db.models import LatestMetric, MetricChunk
 from ..errors import DataError
 
 __all__ = ["MetricBuffer", "write_chunks", "read_history"]
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -89,29 +92,54 @@ def read_history(db: Database, run_id: str, key: str) -> tuple[np.ndarray, np.nd
     return steps[order], stamps[order], values[order]
 
 
-class MetricBuffer:
-    """Points logged to one run, waiting for the flusher."""
+def _int64(key: str, what: str, value: object, meaning: str) -> int:
+    """``value`` as a whole number within int64 (numpy and torch integers too), or DataError."""
+    if not isinstance(value, bool):
+        try:
+            number = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            number = None
+        if number is not None and _INT64_MIN <= number <= _INT64_MAX:
+            return number
+    raise DataError(f"metric {key!r}: {what} must be {meaning}, an int between -2**63 and 2**63-1; got {value!r}")
 
-    def __init__(self, db: Database, run_id: str, *, max_points: int = 100_000) -> None:
+
+class MetricBuffer:
+    """Points logged to one run, waiting for the flusher.
+
+    ``resumed``: the run may already hold points, so a key's default step starts after its stored
+    greatest step (read once per key) instead of at 0.
+    """
+
+    def __init__(self, db: Database, run_id: str, *, max_points: int = 100_000, resumed: bool = False) -> None:
         self._db = db
         self.run_id = run_id
         self._pending: dict[str, _Points] = {}
         self._count = 0
         self._next_step: dict[str, int] = {}
+        self._resumed = resumed
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._max = max_points
         _background.register(self)
 
     def add(self, key: str, value: float, step: int | None, timestamp_ms: int | None) -> None:
+        """Buffer one point; a value, step or time that could not be stored is refused here, not at flush."""
         try:
             v = float(value)
         except (TypeError, ValueError):
             raise DataError(f"metric {key!r} must be a number, got {value!r}") from None
-        ts = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
+        if step is not None:
+            step = _int64(key, "step", step, "a whole step number (leave it out for the key's next step)")
+        ts = time.time_ns() // 1_000_000 if timestamp_ms is None else _int64(
+            key, "timestamp_ms", timestamp_ms, "whole milliseconds since the epoch (leave it out for now)")
+        if step is None and self._resumed and key not in self._next_step:
+            first = self._stored_next_step(key)
+            with self._lock:
+                self._next_step.setdefault(key, first)
         with self._lock:
             if step is None:
-                step = self._next_step.get(key, 0)
+                step = _int64(key, "the next default step", self._next_step.get(key, 0), "a step number (pass step=)")
             self._next_step[key] = step + 1
             pts = self._pending.get(key)
             if pts is None:
@@ -122,6 +150,13 @@ class MetricBuffer:
             self._count += 1
             count = self._count
         _background.added(self, count, self._max)
+
+    def _stored_next_step(self, key: str) -> int:
+        """One past the greatest step stored for ``key`` (0 for a key the run does not have yet)."""
+        with self._db.connect() as conn:
+            last = conn.scalar(sa.select(LatestMetric.step).where(LatestMetric.run_id == self.run_id,
+                                                                  LatestMetric.key == key))
+        return 0 if last is None else last + 1
 
     def __len__(self) -> int:
         return self._count

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -53,6 +54,20 @@ def _check_key(key: Any, what: str) -> str:
     return key
 
 
+def check_text(value: Any, what: str, *, meaning: str = "a string", limit: int = _KEY_MAX) -> str:
+    """``value`` if it is a string that fits a ``limit``-character column, else DataError naming ``what``."""
+    if not isinstance(value, str) or len(value) > limit:
+        shown = f"{value[:40]!r}... ({len(value)} characters)" if isinstance(value, str) else repr(value)
+        raise DataError(f"{what} must be {meaning} of at most {limit} characters, got {shown}")
+    return value
+
+
+def checked_values(values: Any, where: str, what: str) -> dict[str, str]:
+    """A mapping of param or tag names to values as stored (values as strings), or DataError."""
+    _check_mapping(values, where)
+    return {_check_key(k, what): str(v) for k, v in values.items()}
+
+
 @dataclass(frozen=True)
 class LoggedInput:
     """What log_input recorded."""
@@ -66,11 +81,11 @@ class LoggedInput:
 class ActiveRun:
     """A run that is being logged to. Get one from ``p.runs.start`` or ``p.runs.resume``."""
 
-    def __init__(self, store: RunStore, run_id: str, experiment: str) -> None:
+    def __init__(self, store: RunStore, run_id: str, experiment: str, *, resumed: bool = False) -> None:
         self._store = store
         self.id = run_id
         self.experiment = experiment
-        self._metrics = MetricBuffer(store._db, run_id)
+        self._metrics = MetricBuffer(store._db, run_id, resumed=resumed)
         self._metric_keys: set[str] = set()
         self._ended = False
 
@@ -84,8 +99,7 @@ class ActiveRun:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Record several parameters in one transaction (all or none)."""
-        _check_mapping(params, "log_params")
-        values = {_check_key(k, "param"): str(v) for k, v in params.items()}
+        values = checked_values(params, "log_params", "param")
         if not values:
             return
         db = self._store._db
@@ -107,8 +121,7 @@ class ActiveRun:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags (they may change later, unlike params)."""
-        _check_mapping(tags, "set_tags")
-        self._store._set_tags(self.id, {_check_key(k, "tag"): str(v) for k, v in tags.items()})
+        self._store._set_tags(self.id, checked_values(tags, "set_tags", "tag"))
 
     # ------------------------------------------------------------ metrics
     def log_metric(self, key: str, value: float, step: int | None = None, timestamp_ms: int | None = None) -> None:
@@ -138,10 +151,11 @@ class ActiveRun:
         an artifact, so ``p.models.lineage(..., verify=True)`` can rebuild the
         table from the offline store and check it still matches.
         """
-        check_name(name)
+        _check_key(check_name(name), "input")
         data = to_table(table, "log_input")
+        self._check_input_free(name)  # before anything is written: a refused call changes nothing
         refs: list[str] = []
-        entity_path = None
+        entity = None
         full_names = False
         if feature_refs is not None:
             requests, outputs = self._store._resolve_features(feature_refs, data.column_names)
@@ -151,28 +165,50 @@ class ActiveRun:
                 if timestamp_column not in entity.column_names:
                     raise DataError(f"log_input: the table has no {timestamp_column!r} column to rebuild it from; "
                                     "pass timestamp_column= or keep_entity_rows=False")
-                entity_path = self._write_table_artifact(entity, f"inputs/{name}/entity_rows.parquet")
             full_names = any("__" in o for o in outputs)
         logged = LoggedInput(name, table_hash(data), data.num_rows, refs)
+        entity_path = None if entity is None else f"inputs/{name}/entity_rows.parquet"
         info = {"refs": refs, "entity_rows": entity_path, "timestamp_column": timestamp_column,
                 "full_feature_names": full_names}
-        with self._store._db.connect(write=True) as conn:
-            exists = conn.execute(sa.select(RunInput.id).where(RunInput.run_id == self.id, RunInput.name == name))
-            if exists.first() is not None:
-                raise DataError(f"run {self.id} already logged an input named {name!r}")
-            conn.execute(sa.insert(RunInput).values(run_id=self.id, name=name, content_hash=logged.content_hash,
-                                                    row_count=logged.row_count, schema=schema_json(data),
-                                                    feature_refs=info))
+        row = {"run_id": self.id, "name": name, "content_hash": logged.content_hash, "row_count": logged.row_count,
+               "schema": schema_json(data), "feature_refs": info}
+        staged = None if entity is None else self._stage_table(entity, f"inputs/{name}")
+        try:
+            with self._store._db.connect(write=True) as conn:
+                self._check_input_free(name, conn)
+                conn.execute(sa.insert(RunInput).values(**row))
+                if staged is not None:  # into place only once the name is ours
+                    self._store.artifacts.move(self.id, staged[0], entity_path)
+                    self._record_artifact(entity_path, *staged[1:], "file", {}, conn=conn)
+                    staged = None
+        except sa.exc.IntegrityError:  # the same name, logged by another process meanwhile
+            raise self._input_taken(name) from None
+        finally:
+            if staged is not None:
+                self._store.artifacts.delete(self.id, staged[0])
         return logged
 
-    def _write_table_artifact(self, table, name: str) -> str:
+    def _check_input_free(self, name: str, conn: Any = None) -> None:
+        """DataError if this run already logged an input called ``name``."""
+        if conn is None:
+            with self._store._db.connect() as conn:
+                return self._check_input_free(name, conn)
+        exists = conn.execute(sa.select(RunInput.id).where(RunInput.run_id == self.id, RunInput.name == name))
+        if exists.first() is not None:
+            raise self._input_taken(name)
+
+    def _input_taken(self, name: str) -> DataError:
+        return DataError(f"run {self.id} already logged an input named {name!r}; log this one under another name")
+
+    def _stage_table(self, table, folder: str) -> tuple[str, int, str]:
+        """Write ``table`` as a Parquet artifact under a fresh hidden name in ``folder``: (name, size, sha256)."""
         import pyarrow.parquet as pq
 
+        staged = f"{folder}/.staged-{uuid.uuid4().hex}.parquet"
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "t.parquet"
             pq.write_table(table, local)
-            self._record_artifact(name, *self._store.artifacts.put_file(self.id, local, name), "file", {})
-        return name
+            return (staged, *self._store.artifacts.put_file(self.id, local, staged))
 
     # ---------------------------------------------------------- artifacts
     def log_artifact(self, path: str | os.PathLike, name: str | None = None) -> str:
@@ -201,13 +237,16 @@ class ActiveRun:
         self._record_artifact(name, size, sha, "model", meta)
         return meta
 
-    def _record_artifact(self, name: str, size: int, sha: str, kind: str, meta: dict) -> None:
+    def _record_artifact(self, name: str, size: int, sha: str, kind: str, meta: dict, *, conn: Any = None) -> None:
+        """Upsert the artifact's row (in ``conn``'s transaction when given)."""
         db = self._store._db
-        with db.connect(write=True) as conn:
-            insert = (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)(RunArtifact)
-            conn.execute(insert.values(run_id=self.id, path=name, kind=kind, size=size, sha256=sha,
-                                       meta=meta).on_conflict_do_update(
-                index_elements=["run_id", "path"], set_={"kind": kind, "size": size, "sha256": sha, "meta": meta}))
+        if conn is None:
+            with db.connect(write=True) as conn:
+                return self._record_artifact(name, size, sha, kind, meta, conn=conn)
+        insert = (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)(RunArtifact)
+        conn.execute(insert.values(run_id=self.id, path=name, kind=kind, size=size, sha256=sha,
+                                   meta=meta).on_conflict_do_update(
+            index_elements=["run_id", "path"], set_={"kind": kind, "size": size, "sha256": sha, "meta": meta}))
 
     # ---------------------------------------------------------------- end
     def end(self, status: str = "finished") -> None:

@@ -15,7 +15,6 @@ import base64
 import sys
 import threading
 import uuid
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +30,7 @@ from ..db.models import Experiment, LatestMetric, Run, RunArtifact, RunInput, Ru
 from ..errors import DataError, NotFoundError
 from .artifacts import ArtifactStore
 from .metrics import read_history
-from .run import ActiveRun
+from .run import ActiveRun, check_text, checked_values
 from .search import order_clauses, parse_filter, to_sql
 from .system import system_tags
 from .training import Training, flatten_config
@@ -39,6 +38,7 @@ from .training import Training, flatten_config
 __all__ = ["RunStore", "RunInfo", "RunPage", "MetricPoint"]
 
 _MAX_RESULTS = 50_000
+_NAME_MAX = 255  # the experiments.name and runs.user columns
 
 
 @dataclass(frozen=True)
@@ -96,23 +96,30 @@ class RunStore:
         parent: str | ActiveRun | None = None,
     ) -> ActiveRun:
         """Start a run in ``experiment`` (created on first use); records git commit, dirty flag, host, user,
-        python and package versions and the entry point as ``mlplat.*`` tags."""
-        exp_id = self._experiment_id(experiment)
+        python and package versions and the entry point as ``mlplat.*`` tags. Bad arguments are refused
+        before anything is written."""
+        _check_experiment(experiment)
+        name = name or ""
+        check_text(name, "run name")
+        param_values = checked_values({} if params is None else params, "start(params=...)", "param")
+        tag_values = checked_values({} if tags is None else tags, "start(tags=...)", "tag")
         parent_id = parent.id if isinstance(parent, ActiveRun) else parent
         if parent_id is not None:
+            check_text(parent_id, "parent run id")
             self.get(parent_id)  # NotFoundError for an unknown parent
+        exp_id = self._experiment_id(experiment)
         run_id = uuid.uuid4().hex
         sys_tags = system_tags()
         with self._db.connect(write=True) as conn:
             conn.execute(sa.insert(Run).values(
-                id=run_id, experiment_id=exp_id, name=name or "", status="running", parent_run_id=parent_id,
-                user=sys_tags.get("mlplat.user", ""), artifact_uri=self.artifacts.uri(run_id)))
+                id=run_id, experiment_id=exp_id, name=name, status="running", parent_run_id=parent_id,
+                user=sys_tags.get("mlplat.user", "")[:_NAME_MAX], artifact_uri=self.artifacts.uri(run_id)))
         active = ActiveRun(self, run_id, experiment)
         _OPEN_RUNS.add(active)
         try:
-            active.set_tags({**sys_tags, **(tags or {})})
-            if params:
-                active.log_params(params)
+            self._set_tags(run_id, {**sys_tags, **tag_values})
+            if param_values:
+                active.log_params(param_values)
         except BaseException:
             active.end("failed")
             raise
@@ -121,13 +128,12 @@ class RunStore:
     def resume(self, run_id: str) -> ActiveRun:
         """Log into an existing run (from another process, say). Ending it sets the run's status."""
         info = self.get(run_id)
-        active = ActiveRun(self, run_id, info.experiment)
+        active = ActiveRun(self, run_id, info.experiment, resumed=True)
         _OPEN_RUNS.add(active)
         return active
 
     def _experiment_id(self, name: str) -> int:
-        if not isinstance(name, str) or not name.strip() or len(name) > 255:
-            raise DataError(f"experiment name {name!r} is invalid: a non-empty string of at most 255 characters")
+        _check_experiment(name)
         for _ in range(3):
             with self._db.connect() as conn:
                 found = conn.scalar(sa.select(Experiment.id).where(Experiment.name == name))
@@ -318,6 +324,11 @@ class RunStore:
         return pa.table(columns)
 
 
+def _check_experiment(name: Any) -> None:
+    if not isinstance(name, str) or not name.strip() or len(name) > _NAME_MAX:
+        raise DataError(f"experiment name {name!r} is invalid: a non-empty string of at most {_NAME_MAX} characters")
+
+
 def _encode_token(offset: int) -> str:
     return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
 
@@ -338,7 +349,9 @@ def _decode_token(token: str | None) -> int:
 
 
 # ---------------------------------------------------- runs left open at exit
-_OPEN_RUNS: weakref.WeakSet[ActiveRun] = weakref.WeakSet()
+#: held strongly until a run ends: a run whose script dropped every reference to it (and its buffered
+#: metrics) is still flushed and closed at exit
+_OPEN_RUNS: set[ActiveRun] = set()
 _HOOKS = threading.Lock()
 _failed = threading.Event()
 _hooked = False
