@@ -171,6 +171,26 @@ def test_categorical_and_missing_values_count_as_mismatches(world):
     assert {(m.entity["user_id"], m.served) for m in report.mismatches} == {(3, "z"), (4, "z")}
 
 
+def test_an_infinity_served_for_a_finite_value_is_a_mismatch(world):
+    p, _ = world
+    since = _since()
+    _push(p, [3], score=lambda v: math.inf)
+    _push(p, [4], score=lambda v: -math.inf)
+    p.serving.predict("scorer", {"user_id": [3, 4, 5]})
+    report = p.monitoring.skew("scorer", since=since)
+    assert report.features["score"].mismatched == 2
+    assert sorted((m.entity["user_id"], m.served) for m in report.mismatches) == [(3, math.inf), (4, -math.inf)]
+
+
+def test_the_skew_rule_on_infinities():
+    from mlplat.monitoring.skew import _mismatched
+
+    inf = math.inf
+    served = pa.chunked_array([[inf, inf, -inf, 5.0, inf, -inf, 5.0]])
+    recomputed = pa.chunked_array([[5.0, -inf, inf, inf, inf, -inf, 5.0]])
+    assert _mismatched(served, recomputed, 0.01).tolist() == [0, 1, 2, 3]  # the same infinity: equal
+
+
 def test_skew_sample_and_bad_arguments(world):
     p, _ = world
     assert p.monitoring.skew("scorer", sample=50).rows == 50
@@ -277,6 +297,35 @@ def test_compare_column_unit():
     # nulls and NaNs are left out, not counted as values
     holes = compare_column("x", ref, pa.chunked_array([pa.array([None, float("nan"), 0.1, -0.2])]))
     assert holes.served_rows == 2
+
+
+def test_a_feature_with_values_on_one_side_only_has_drifted():
+    values = pa.chunked_array([[1.0, 2.0, 3.0, None]])
+    nothing = pa.chunked_array([pa.array([None, None], pa.float64())])
+    served_nulls = compare_column("x", values, nothing)
+    assert served_nulls.drifted and served_nulls.served_rows == 0 and served_nulls.served_nulls == 2
+    assert served_nulls.training_rows == 3 and served_nulls.training_nulls == 1
+    assert compare_column("x", nothing, values).drifted
+    assert not compare_column("x", nothing, nothing).drifted  # nothing on either side: nothing moved
+
+
+def test_unknown_entities_served_as_nulls_drift(world):
+    p, _ = world
+    since = _since()
+    p.serving.predict("scorer", {"user_id": list(range(10_000, 10_050))})  # not in the online store
+    report = p.monitoring.drift("scorer", since=since)
+    assert report.drifted == ["score", "visits", "segment"]
+    assert all(d.served_rows == 0 and d.served_nulls == 50 for d in report.features.values())
+
+
+def test_served_numbers_of_another_width_than_training_compare_as_numbers():
+    ints = pa.chunked_array([pa.array(np.arange(100) % 5, pa.int64())])
+    fractions = pa.chunked_array([pa.array((np.arange(100) % 5) + 0.5, pa.float32())])
+    moved = compare_column("basket", ints, fractions)  # was pyarrow's ArrowInvalid: 0.5 truncated
+    assert moved.kind == "numeric" and moved.served_rows == 100 and moved.drifted
+    assert not compare_column("basket", ints, pa.chunked_array([pa.array(np.arange(100) % 5, pa.float32())])).drifted
+    with pytest.raises(DataError, match="feature 'basket' was served as string but trained as int64"):
+        compare_column("basket", ints, pa.chunked_array([["1", "two"]]))
 
 
 def test_request_time_inputs_are_logged_and_drift_is_checked_on_them(world):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import socket
 import subprocess
@@ -160,11 +161,86 @@ def test_config_is_a_valid_triton_model_config_with_batching_and_lineage(served,
         (dict(dynamic_batching=mp.DynamicBatching(queue_policy=mp.QueuePolicy(timeout_action="drop"))),
          "timeout_action must be 'reject' or 'delay'"),
         (dict(max_batch_size=-1), "max_batch_size must be an integer >= 0"),
+        # what Triton's config parser rejects (bools, fractions, strings) is refused before it is written
+        (dict(max_batch_size=True), "max_batch_size must be an integer >= 0, got True"),
+        (dict(max_batch_size=2**31), "max_batch_size must be an integer <= 2147483647"),
+        (dict(instances=True), "instances must be an integer >= 1, got True"),
+        (dict(dynamic_batching=mp.DynamicBatching(preferred_batch_sizes=[True])),
+         "a preferred batch size must be an integer >= 1, got True"),
+        (dict(dynamic_batching=mp.DynamicBatching(max_queue_delay_us=250.5)),
+         "max_queue_delay_us must be an integer >= 0, got 250.5"),
+        (dict(dynamic_batching=mp.DynamicBatching(max_queue_delay_us="500")),
+         "max_queue_delay_us must be an integer >= 0, got '500'"),
+        (dict(dynamic_batching=mp.DynamicBatching(priority_levels=2.5, default_priority_level=1)),
+         "priority_levels must be an integer >= 0, got 2.5"),
+        (dict(dynamic_batching=mp.DynamicBatching(preserve_ordering="yes")), "preserve_ordering must be True or"),
+        (dict(dynamic_batching=mp.DynamicBatching(queue_policy=mp.QueuePolicy(default_timeout_us=1.5))),
+         "queue_policy.default_timeout_us must be an integer >= 0, got 1.5"),
+        (dict(dynamic_batching=mp.DynamicBatching(queue_policy=mp.QueuePolicy(max_queue_size=10.0))),
+         "queue_policy.max_queue_size must be an integer >= 0, got 10.0"),
+        (dict(dynamic_batching=mp.DynamicBatching(queue_policy=mp.QueuePolicy(allow_timeout_override="no"))),
+         "queue_policy.allow_timeout_override must be True or False, got 'no'"),
+        # a Triton model name is a folder of the repository, and the config's name must equal it
+        (dict(triton_name="../escaped"), "Triton model name '../escaped' is invalid: it names a folder"),
+        (dict(triton_name="team/fraud"), "Triton model name 'team/fraud' is invalid"),
+        (dict(triton_name='a"b'), "Triton model name 'a\"b' is invalid"),
+        (dict(triton_name=".."), "Triton model name '..' is invalid"),
     ],
 )
 def test_invalid_settings_are_refused_before_anything_is_written(served, tmp_path, kwargs, message):
     with pytest.raises(mp.DataError, match=message):
         served.serving.export_triton("scorer", repository=tmp_path / "repo", **kwargs)
+    assert list(tmp_path.iterdir()) == []  # nothing, in the repository or beside it
+
+
+def test_a_version_exported_beside_others_must_keep_the_config_they_are_served_by(served, tmp_path):
+    served.serving.export_triton("scorer", version=1, repository=tmp_path, backend="python", max_batch_size=8)
+    config = tmp_path / "scorer" / "config.pbtxt"
+    before = config.read_text()
+    for kwargs in (dict(backend="pytorch_libtorch", max_batch_size=8), dict(max_batch_size=2),
+                   dict(max_batch_size=8, dynamic_batching=mp.DynamicBatching(max_queue_delay_us=100))):
+        with pytest.raises(mp.DataError, match=r"scorer already serves versions 1 with another config .* "
+                                               r"export 'scorer' v2 with the same settings, or under another "
+                                               r"triton_name="):
+            served.serving.export_triton("scorer", version=2, repository=tmp_path, **kwargs)
+        assert config.read_text() == before and sorted(p.name for p in (tmp_path / "scorer").iterdir()) == [
+            "1", "config.pbtxt"]
+    served.serving.export_triton("scorer", version=2, repository=tmp_path, backend="python", max_batch_size=8)
+    cfg = _parse_config(config.read_text())
+    runs = {str(v): served.models.get("scorer", version=v).run_id for v in (1, 2)}
+    assert json.loads(cfg.parameters["mlplat.versions"].string_value) == runs  # each version's lineage
+    assert cfg.parameters["mlplat.version"].string_value == "2"
+    # the only version exported may change its settings: nothing else is served by the config
+    served.serving.export_triton("scorer", version=1, repository=tmp_path / "alone", max_batch_size=8)
+    served.serving.export_triton("scorer", version=1, repository=tmp_path / "alone", max_batch_size=2)
+    assert _parse_config((tmp_path / "alone" / "scorer" / "config.pbtxt").read_text()).max_batch_size == 2
+
+
+def test_an_exported_version_folder_is_readable_like_the_other_folders(served, tmp_path):
+    old = os.umask(0o022)
+    try:
+        export = served.serving.export_triton("scorer", version=1, repository=tmp_path, max_batch_size=8)
+    finally:
+        os.umask(old)
+    assert (export.model_dir / "1").stat().st_mode & 0o777 == 0o755  # was mkdtemp's 0700
+    assert export.model_dir.stat().st_mode & 0o777 == 0o755
+
+
+class Doubler(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def test_a_tensor_without_a_dimension_besides_the_batch_is_refused_at_export(served, tmp_path):
+    """Triton would feed (batch, 1) to a model taking (batch,), which the local backend serves as (batch,)."""
+    with served.runs.start("rank1") as run:
+        run.log_model(Doubler(), "model", example_input=torch.zeros(4))
+    v = served.models.register("rank1", run.id).version
+    local = served.serving.local_backend().infer("rank1", {"input__0": np.array([1.0, 2.0], np.float32)}, version=v)
+    assert local["output__0"].tolist() == [2.0, 4.0]
+    with pytest.raises(mp.DataError, match=r"rank1 v1: tensor 'input__0' has shape \[-1\], with no dimension "
+                                           r"besides the batch.*unsqueeze"):
+        served.serving.export_triton("rank1", version=v, repository=tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
 
 
@@ -576,6 +652,20 @@ def test_predict_uses_online_features_and_logs_what_it_served(served, triton):
     assert served.serving.served_features("scorer").num_rows == logged
 
 
+def test_predict_refuses_a_request_time_column_of_another_length_than_the_entity_rows(served):
+    backend = served.serving.local_backend()
+    logged = served.serving.served_features("scorer").num_rows
+    for rows, message in (({"user_id": [1, 2, 3], "basket": [1.0]}, "has 1 values for 3 entity rows"),
+                          ({"user_id": [1, 2], "basket": [1.0, 2.0, 3.0]}, "has 3 values for 2 entity rows"),
+                          ({"user_id": [1, 2], "basket": 1.0}, "of the entity rows must be a list with one value")):
+        for log in (True, False):  # refused before inference, whether logged or not
+            with pytest.raises(mp.DataError, match=f"column 'basket' {message}"):
+                served.serving.predict("scorer", rows, backend=backend, log=log)
+    assert served.serving.served_features("scorer").num_rows == logged
+    ok = served.serving.predict("scorer", {"user_id": [1, 2], "basket": [1.0, 2.0]}, backend=backend, log=False)
+    assert len(ok["output__0"]) == 2
+
+
 def test_predict_refuses_features_never_materialized_at_the_trained_version(served, tmp_path):
     view = served.features.get_feature_view("txn")
     changed = mp.FeatureView("txn", entities=view.entities, ttl=timedelta(days=8), schema=view.schema,
@@ -643,6 +733,37 @@ def test_gateway_routes_logs_and_summarizes(served):
     gateway.close()
 
 
+def test_gateway_summary_keeps_the_spread_of_large_outcomes_and_refuses_a_bad_time(served):
+    import statistics
+
+    import sqlalchemy as sa
+
+    from mlplat.db.models import ABOutcome
+
+    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "large-outcomes", salt="s2", platform=served)
+    outcomes: dict[str, list[float]] = {"champion": [], "challenger": []}
+    for user in range(100):
+        variant = gateway.route(user).variant
+        value = 1e9 + user % 5 + (1.0 if variant == "challenger" else 0.0)
+        gateway.record_outcome(user, value, at=datetime(2026, 1, 1))  # naive: UTC
+        outcomes[variant].append(value)
+    for bad in ("2026-01-01T00:00:00", 1767225600, datetime(2026, 1, 1).date()):
+        with pytest.raises(mp.DataError, match="at must be a datetime"):
+            gateway.record_outcome(1, 1.0, at=bad)  # refused, not buffered to fail every later flush
+    summary = gateway.summary()
+    for variant, values in outcomes.items():
+        got = summary["variants"][variant]
+        assert got["outcomes"] == len(values) and got["mean"] == pytest.approx(statistics.fmean(values))
+        assert got["std"] == pytest.approx(statistics.stdev(values), rel=1e-6)  # was 0.0: cancellation
+    se = math.sqrt(sum(statistics.variance(v) / len(v) for v in outcomes.values()))
+    low, high = summary["difference"]["ci95"]
+    assert summary["difference"]["std_error"] == pytest.approx(se, rel=1e-6) and low < 1.0 < high and high - low > 1
+    with served.db.connect() as conn:
+        times = conn.execute(sa.select(ABOutcome.at).where(ABOutcome.experiment_id == "large-outcomes")).scalars()
+        assert {t.replace(tzinfo=None) for t in times} == {datetime(2026, 1, 1)}
+    gateway.close()
+
+
 def test_served_log_sampling(tmp_path):
     from mlplat.serving.served_log import ServedLog
 
@@ -660,6 +781,27 @@ def test_served_log_sampling(tmp_path):
                                           types={})
     log.close()
     none.close()
+
+
+def test_versions_sharing_feature_refs_keep_every_logged_column(tmp_path):
+    from mlplat.serving.served_log import ServedLog
+
+    log = ServedLog(tmp_path)
+    refs, types = ["txn@1:count"], {"count": pa.int64(), "model_version": pa.int64(), "input.basket": pa.float32()}
+    log.add("m", 1, "default", {"user_id": [1, 2]}, {"count": [3, 7]}, {"output__0": [0.1, 0.2]}, refs=refs,
+            types=types)
+    log.flush()  # the first file holds no input.basket and no prediction.score
+    log.add("m", 2, "default", {"user_id": [3, 4]}, {"count": [1, 2]}, {"output__0": [0.3, 0.4], "score": [1, 2]},
+            refs=refs, types=types, inputs={"basket": [5.0, 6.0]})
+    log.flush()
+    table = log.read("m").sort_by("user_id")
+    assert table.column("input.basket").to_pylist() == [None, None, 5.0, 6.0]
+    assert table.column("prediction.score").to_pylist() == [None, None, 1.0, 2.0]
+    assert table.column("prediction.output__0").to_pylist() == [0.1, 0.2, 0.3, 0.4]
+    [group] = log.groups("m", features_only=True)
+    assert sorted(group.rows.column_names) == ["count", "model_version", "request_time", "user_id"]
+    assert group.rows.num_rows == 4
+    log.close()
 
 
 def _log_rows(log, n: int, start: int = 0) -> int:
@@ -735,6 +877,49 @@ def test_the_flusher_thread_runs_at_a_lower_cpu_priority(tmp_path):
     assert os.getpriority(os.PRIO_PROCESS, flusher.native_id) == want
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == want - 10 or want == 19  # ours unchanged
     log.close()
+
+
+def test_rows_of_a_writer_dropped_without_close_are_still_written(served, tmp_path):
+    """A gateway built per request and never closed, a served log whose owner is gone: nothing is lost."""
+    import gc
+
+    import sqlalchemy as sa
+
+    from mlplat import _background
+    from mlplat.db.models import ABDecision
+    from mlplat.serving.served_log import ServedLog
+
+    def route_and_drop() -> None:
+        gateway = mp.ABGateway("scorer", "scorer@2", 0.5, "dropped", platform=served)
+        for user in range(50):
+            gateway.route(user)
+
+    def log_and_drop() -> None:
+        _log_rows(ServedLog(tmp_path / "young", max_age_s=0), 7)
+
+    route_and_drop()
+    log_and_drop()
+    gc.collect()
+    _background.wake()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not list((tmp_path / "young").glob("*/*.parquet")):
+        time.sleep(0.05)
+    with served.db.connect() as conn:
+        stored = conn.execute(sa.select(sa.func.count()).select_from(ABDecision)
+                              .where(ABDecision.experiment_id == "dropped")).scalar()
+    assert stored == 50 and ServedLog(tmp_path / "young").read("m").num_rows == 7
+    # rows not yet due (max_age_s 30 s) of a log dropped before interpreter exit are written at exit
+    script = textwrap.dedent(f"""
+        import gc, pyarrow as pa
+        from mlplat.serving.served_log import ServedLog
+        log = ServedLog({str(tmp_path / "old")!r})
+        log.add("m", 1, "d", {{"k": [1, 2, 3]}}, {{"f": [1.0, 2.0, 3.0]}}, {{"o": [0.1, 0.2, 0.3]}}, refs=["v@1:f"],
+                types={{"f": pa.float64()}})
+        del log
+        gc.collect()
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert ServedLog(tmp_path / "old").read("m").num_rows == 3
 
 
 def test_writers_write_their_buffer_themselves_when_the_flusher_falls_behind(served, tmp_path, monkeypatch):
@@ -852,6 +1037,40 @@ def test_gateway_flush_returns_after_a_flush_already_running_in_another_thread(t
     writes.close()
     blocker.close()
     p.close()
+
+
+def test_the_local_backend_serves_a_promotion_once_its_stage_look_up_is_old(served):
+    first = _register(served, "flipped", Scorer(0.0))
+    backend = served.serving.local_backend(version_cache_seconds=0)
+    cached = served.serving.local_backend(version_cache_seconds=3600)
+    x = {"input__0": np.array([[1.0, 2.0, 3.0]], np.float32)}
+    v1 = backend.infer("flipped", x, version=first)["output__0"]
+    np.testing.assert_array_equal(backend.infer("flipped", x)["output__0"], v1)
+    np.testing.assert_array_equal(cached.infer("flipped", x)["output__0"], v1)
+    second = _register(served, "flipped", torch.nn.Linear(3, 2))  # promoted to production
+    v2 = backend.infer("flipped", x, version=second)["output__0"]
+    assert not np.allclose(v1, v2)
+    np.testing.assert_array_equal(backend.infer("flipped", x)["output__0"], v2)
+    np.testing.assert_array_equal(cached.infer("flipped", x)["output__0"], v1)  # until its look-up is old
+
+
+def test_inputs_that_would_change_on_the_way_to_the_model_are_refused():
+    from mlplat.serving.shaping import ModelInfo, to_arrays
+
+    ints = ModelInfo("m", (("x", "INT64", (2,)),), ("y",), 8, (), 0)
+    with pytest.raises(mp.DataError, match=r"model 'm' hold nulls in columns 'a' \(1\): .*fill them"):
+        to_arrays(ints, pa.table({"a": pa.array([1, None], pa.int64()), "b": pa.array([3, 4], pa.int64())}))
+    with pytest.raises(mp.DataError, match=r"hold nulls in columns 'x' \(1\)"):  # a float input too: no NaN
+        to_arrays(ModelInfo("m", (("x", "FP32", ()),), ("y",), 8, (), 0), pa.table({"x": [1.5, None], "z": [1, 2]}))
+    for values, message in (([[2.7, 1.0]], r"is INT64 but holds fractions \(e.g. 2.7\)"),
+                            ([[np.nan, 1.0]], "is INT64 but holds NaN or infinity")):
+        with pytest.raises(mp.DataError, match=f"input 'x' of model 'm' {message}"):
+            to_arrays(ints, {"x": np.array(values)})
+    with pytest.raises(mp.DataError, match=r"is INT8: its values must lie in \[-128, 127\], got 1 to 300"):
+        to_arrays(ModelInfo("m", (("x", "INT8", (2,)),), ("y",), 8, (), 0), {"x": np.array([[300, 1]])})
+    whole = to_arrays(ints, {"x": np.array([[2.0, 1.0]])})["x"]  # whole numbers convert as they are
+    assert whole.dtype == np.int64 and whole.tolist() == [[2, 1]]
+    assert to_arrays(ints, pa.table({"a": [1, 2], "b": [3, 4]}))["x"].tolist() == [[1, 3], [2, 4]]
 
 
 def test_local_backend_and_server_errors(served, tmp_path):

@@ -41,7 +41,8 @@ from ..runs.tracking import RunStore
 __all__ = ["ModelRegistry", "ModelVersionInfo", "Transition", "STAGES"]
 
 STAGES = ("none", "staging", "production", "archived")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-.]{0,254}$")
+#: model names and aliases (and Triton model folder names)
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-.]{0,254}$")
 _ALIAS_MAX = 58  # history records an alias move as "alias:<alias>" in a 64-character column
 
 
@@ -77,7 +78,7 @@ def _user() -> str:
 
 
 def _check_model_name(name: Any) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise DataError(f"model name {name!r} is invalid: letters, digits, '_', '-' and '.', at most 255")
     return name
 
@@ -182,7 +183,7 @@ class ModelRegistry:
 
     def set_alias(self, name: str, alias: str, version: int, *, actor: str | None = None, notes: str = "") -> None:
         """Point a free alias (e.g. "champion") at a version."""
-        if not isinstance(alias, str) or not _NAME.match(alias) or len(alias) > _ALIAS_MAX or alias in STAGES:
+        if not isinstance(alias, str) or not NAME_PATTERN.match(alias) or len(alias) > _ALIAS_MAX or alias in STAGES:
             raise DataError(f"alias {alias!r} is invalid: letters, digits, '_', '-' and '.', at most {_ALIAS_MAX}, "
                             "and not a stage name")
         _check_version(version)

@@ -10,7 +10,8 @@ references); the current data is the served-feature log. Per feature:
   test of homogeneity.
 
 A feature drifted when its PSI exceeds ``psi_threshold`` (0.2 is the usual
-"significant shift") or its test's p-value is below ``alpha``.
+"significant shift") or its test's p-value is below ``alpha``, or when one side
+has values and the other none (nulls and NaNs are left out, and counted).
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class FeatureDrift:
     drifted: bool
     training_rows: int
     served_rows: int
+    training_nulls: int = 0  # rows left out as null or NaN
+    served_nulls: int = 0
 
 
 @dataclass
@@ -66,17 +69,34 @@ def check_drift_limits(bins: int, psi_threshold: float, alpha: float) -> None:
 
 
 def _values(column: pa.ChunkedArray) -> tuple[str, np.ndarray]:
-    t = column.type
-    if pat.is_integer(t) or pat.is_floating(t):
+    if _numeric(column.type):
         arr = column.cast(pa.float64()).drop_null().to_numpy()
         return "numeric", arr[~np.isnan(arr)]
     return "categorical", np.asarray([str(v) for v in column.drop_null().to_pylist()], dtype=object)
 
 
+def _numeric(t: pa.DataType) -> bool:
+    return pat.is_integer(t) or pat.is_floating(t)
+
+
+def _comparable(name: str, training: pa.ChunkedArray, served: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The served values as the training column's kind: numbers compare as float64 (an int64 training
+    column against float32 served inputs), anything else is cast to the training type."""
+    if served.type == training.type or (_numeric(training.type) and _numeric(served.type)):
+        return served
+    try:
+        return served.cast(training.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"feature {name!r} was served as {served.type} but trained as {training.type}, and the "
+                        f"served values do not convert ({exc}): log and train it as one type") from None
+
+
 def compare_column(name: str, training: pa.ChunkedArray, served: pa.ChunkedArray, *, bins: int = 10,
                    psi_threshold: float = 0.2, alpha: float = 0.01) -> FeatureDrift:
+    """One feature's drift. A side with no values at all (every one null or NaN) while the other has
+    some has drifted: an online store serving nothing but nulls is not calm."""
     kind, ref = _values(training)
-    _, cur = _values(served.cast(training.type) if served.type != training.type else served)
+    _, cur = _values(_comparable(name, training, served))
     if kind == "numeric":
         edges = numeric_bins(ref, bins)
         expected = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1)
@@ -91,8 +111,12 @@ def compare_column(name: str, training: pa.ChunkedArray, served: pa.ChunkedArray
         stat, p = chi2_contingency(expected, actual)
         test = "chi2"
     value = psi(expected, actual)
-    drifted = bool(len(ref) and len(cur) and (value > psi_threshold or p < alpha))
-    return FeatureDrift(name, kind, value, test, stat, p, drifted, len(ref), len(cur))
+    if len(ref) and len(cur):
+        drifted = bool(value > psi_threshold or p < alpha)
+    else:
+        drifted = bool(len(ref) or len(cur))  # values on one side only
+    return FeatureDrift(name, kind, value, test, stat, p, drifted, len(ref), len(cur),
+                        len(training) - len(ref), len(served) - len(cur))
 
 
 def drift_check(training: pa.Table, served: pa.Table, features: list[str], *, model: str, version: int,

@@ -22,7 +22,8 @@ class Monitoring:
 
     def skew(self, model_or_view: str, *, since: datetime | None = None, sample: int | None = None,
              tolerance: float = 0.01, threshold: float = 0.05) -> SkewReport:
-        """Served vs recomputed feature values for a model's served-feature log (or every model serving a view).
+        """Served vs recomputed feature values for a model's served-feature log (or every model serving a view,
+        its features named ``model:feature`` even when one model serves it).
 
         Usage::
 

@@ -68,7 +68,8 @@ class SkewReport:
 
 
 def _mismatched(served: pa.ChunkedArray, recomputed: pa.ChunkedArray, tolerance: float) -> np.ndarray:
-    """Indices where served and recomputed values differ (null vs value, NaN vs number, or beyond tolerance)."""
+    """Indices where served and recomputed values differ (null vs value, NaN vs number, an infinity vs
+    anything but the same infinity, or beyond tolerance)."""
     if served.type != recomputed.type:
         try:
             served = served.cast(recomputed.type)
@@ -83,6 +84,7 @@ def _mismatched(served: pa.ChunkedArray, recomputed: pa.ChunkedArray, tolerance:
         a_nan, b_nan = np.isnan(a), np.isnan(b)
         with np.errstate(invalid="ignore"):
             far = np.abs(a - b) > tolerance * np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-12)
+        far |= (np.isinf(a) | np.isinf(b)) & (a != b)  # inf against anything else: no tolerance covers it
         value_differs = (a_nan != b_nan) | (~a_nan & ~b_nan & far)
     else:
         equal = pc.equal(served, recomputed).fill_null(False).to_numpy(zero_copy_only=False)

@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from .. import _background
 from .._checks import require_number
 from .._native import _hashing
+from .._time import utc_argument
 from ..db.models import ABDecision, ABOutcome
 from ..errors import DataError
 from ..models.registry import STAGES
@@ -170,8 +171,9 @@ class ABGateway:
             raise DataError(f"an outcome must be a number, got {outcome!r}") from None
         if not math.isfinite(value):
             raise DataError(f"an outcome must be a finite number, not NaN or infinity, got {value}")
+        when = datetime.now(timezone.utc) if at is None else utc_argument("at", at)
         self._writes.add(ABOutcome, {"experiment_id": self.experiment_id, "user_id": str(user_id),
-                                     "outcome": value, "at": at or datetime.now(timezone.utc)})
+                                     "outcome": value, "at": when})
 
     def flush(self) -> None:
         """Write every decision and outcome logged so far."""
@@ -190,19 +192,14 @@ class ABGateway:
             counts = conn.execute(sa.select(ABDecision.variant, sa.func.count(),
                                             sa.func.count(sa.distinct(ABDecision.user_id)))
                                   .where(ABDecision.experiment_id == e).group_by(ABDecision.variant)).all()
-            assigned = (sa.select(ABDecision.user_id, ABDecision.variant).where(ABDecision.experiment_id == e)
-                        .distinct().subquery())
-            stats = conn.execute(sa.select(assigned.c.variant, sa.func.count(), sa.func.avg(ABOutcome.outcome),
-                                           sa.func.avg(ABOutcome.outcome * ABOutcome.outcome))
-                                 .join(assigned, assigned.c.user_id == ABOutcome.user_id)
-                                 .where(ABOutcome.experiment_id == e).group_by(assigned.c.variant)).all()
+            stats = conn.execute(_outcome_stats(e)).all()
         variants: dict[str, dict[str, Any]] = {
             v: {"model": (self.champion if v == "champion" else self.challenger)[0], "decisions": 0, "users": 0,
                 "outcomes": 0, "mean": None, "std": None} for v in ("champion", "challenger")}
         for v, n, users in counts:
             variants[v].update(decisions=n, users=users)
-        for v, n, mean, mean_sq in stats:
-            var = max(0.0, (mean_sq - mean * mean)) * n / (n - 1) if n > 1 else None
+        for v, n, mean, squares in stats:
+            var = squares / (n - 1) if n > 1 else None
             variants[v].update(outcomes=n, mean=mean, std=math.sqrt(var) if var is not None else None)
         a, b = variants["champion"], variants["challenger"]
         difference = None
@@ -212,3 +209,22 @@ class ABGateway:
             difference = {"estimate": est, "ci95": [est - 1.96 * se, est + 1.96 * se], "std_error": se}
         return {"experiment_id": e, "challenger_fraction": self.challenger_fraction, "variants": variants,
                 "difference": difference}
+
+
+def _outcome_stats(experiment_id: str) -> sa.Select:
+    """Per variant: outcomes, their mean and their squared deviations from it, summed.
+
+    Two passes (the mean, then the deviations from it) instead of ``avg(x*x) - avg(x)^2``, which
+    cancels to nothing for large outcomes (1e9 + a few: a standard deviation of 0).
+    """
+    assigned = (sa.select(ABDecision.user_id, ABDecision.variant).where(ABDecision.experiment_id == experiment_id)
+                .distinct().subquery())
+    outcomes = (sa.select(assigned.c.variant, ABOutcome.outcome.label("x"))
+                .join(assigned, assigned.c.user_id == ABOutcome.user_id)
+                .where(ABOutcome.experiment_id == experiment_id).subquery())
+    means = (sa.select(outcomes.c.variant, sa.func.count().label("n"), sa.func.avg(outcomes.c.x).label("mean"))
+             .group_by(outcomes.c.variant).subquery())
+    deviation = outcomes.c.x - means.c.mean
+    return (sa.select(means.c.variant, means.c.n, means.c.mean, sa.func.sum(deviation * deviation))
+            .join(means, means.c.variant == outcomes.c.variant)
+            .group_by(means.c.variant, means.c.n, means.c.mean))

@@ -3,7 +3,8 @@
 For notebooks and tests without a server. ``infer(model, inputs, version=...)``
 takes and returns what :class:`~mlplat.TritonClient` does; the model name is a
 registered model, and without a version the one at ``stage`` (default
-production) is served.
+production) is served: the stage is looked up again once the last look-up is
+``version_cache_seconds`` old, so a promotion is served from then on.
 
 Usage::
 
@@ -13,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -31,14 +33,19 @@ class LocalBackend:
 
     url = "local"
 
-    def __init__(self, models, *, stage: str = "production", max_batch_size: int = 1024) -> None:
+    def __init__(self, models, *, stage: str = "production", max_batch_size: int = 1024,
+                 version_cache_seconds: float = 10.0) -> None:
         self._models = models
         self._stage = stage
         self._max_batch_size = max_batch_size
-        self._loaded: dict[tuple[str, int | None], tuple[int, Any, ModelInfo]] = {}
+        self._cache_seconds = version_cache_seconds
+        self._loaded: dict[tuple[str, int], tuple[int, Any, ModelInfo]] = {}
+        self._at_stage: dict[str, tuple[int, float]] = {}  # model -> (version at the stage, when looked up)
         self._lock = threading.Lock()
 
     def _get(self, model: str, version: int | None = None) -> tuple[int, Any, ModelInfo]:
+        if version is None:
+            version = self._stage_version(model)
         hit = self._loaded.get((model, version))
         if hit is not None:
             return hit
@@ -47,8 +54,7 @@ class LocalBackend:
             if hit is not None:
                 return hit
             try:
-                info = (self._models.get(model, version=version) if version is not None
-                        else self._models.get(model, stage=self._stage))
+                info = self._models.get(model, version=version)
                 module = self._models.load(model, version=info.version)
                 meta = self._models.artifact_meta(info)
             except MlplatError as exc:
@@ -63,6 +69,18 @@ class LocalBackend:
                 max_batch_size=self._max_batch_size, preferred_batch_sizes=(), max_queue_delay_us=0)
             hit = self._loaded[(model, version)] = (info.version, module, spec)
             return hit
+
+    def _stage_version(self, model: str) -> int:
+        """The version at this backend's stage, looked up again once ``version_cache_seconds`` old."""
+        hit = self._at_stage.get(model)
+        if hit is not None and time.monotonic() - hit[1] < self._cache_seconds:
+            return hit[0]
+        try:
+            version = self._models.get(model, stage=self._stage).version
+        except MlplatError as exc:
+            raise ModelNotReadyError(f"model {model!r} is not ready in the local backend: {exc}") from None
+        self._at_stage[model] = (version, time.monotonic())
+        return version
 
     def is_ready(self) -> bool:
         return True
@@ -91,3 +109,4 @@ class LocalBackend:
 
     def close(self) -> None:
         self._loaded.clear()
+        self._at_stage.clear()

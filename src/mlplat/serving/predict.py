@@ -136,7 +136,7 @@ class Predictor:
         for j, col in enumerate(plan.columns):
             values = online.get(col)
             if values is None:
-                values = given[col] = _request_column(rows, col)
+                values = given[col] = _request_column(rows, col, n)
             try:
                 matrix[:, j] = [0 if v is None else v for v in values]  # the demo and helper train with nulls as 0
             except (TypeError, ValueError):
@@ -155,11 +155,18 @@ class Predictor:
         return Prediction({**keys, **flat}, model=model, version=plan.version, variant=variant, features=features)
 
 
-def _request_column(rows: dict | list | pa.Table, name: str) -> list:
-    """A request-time input (not a feature) from the entity rows."""
+def _request_column(rows: dict | list | pa.Table, name: str, n: int) -> list:
+    """A request-time input (not a feature) from the entity rows: one value per entity row."""
     if isinstance(rows, dict):
         if name in rows:
-            return list(rows[name])
+            values = rows[name]
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+                raise DataError(f"column {name!r} of the entity rows must be a list with one value per entity row, "
+                                f"got {values!r}")
+            if len(values) != n:
+                raise DataError(f"column {name!r} has {len(values)} values for {n} entity rows: give one value per "
+                                "entity row")
+            return list(values)
     elif isinstance(rows, list):
         if all(isinstance(r, dict) and name in r for r in rows):
             return [r[name] for r in rows]

@@ -205,26 +205,34 @@ class ServedLog:
         pq.write_table(table, tmp)
         tmp.replace(folder / name)
 
-    def _files_by_refs(self, model: str) -> dict[tuple[str, str, str], list[Path]]:
-        """The model's files, grouped by the (feature references, join keys, naming) their metadata pins."""
+    def _files_by_refs(self, model: str) -> dict[tuple[str, str, str], list[tuple[Path, pa.Schema]]]:
+        """The model's files and their schemas, grouped by the (feature references, join keys, naming)
+        their metadata pins."""
         folder = self.root / model
-        groups: dict[tuple[str, str, str], list[Path]] = {}
+        groups: dict[tuple[str, str, str], list[tuple[Path, pa.Schema]]] = {}
         for f in sorted(folder.glob("*.parquet")) if folder.exists() else []:
-            meta = pq.read_schema(f).metadata or {}
+            schema = pq.read_schema(f)
+            meta = schema.metadata or {}
             key = (meta.get(b"mlplat.refs", b"[]").decode(), meta.get(b"mlplat.keys", b"[]").decode(),
                    meta.get(b"mlplat.full_feature_names", b"false").decode())
-            groups.setdefault(key, []).append(f)
+            groups.setdefault(key, []).append((f, schema))
         return groups
 
     @staticmethod
-    def _read_files(files: list[Path], since: Any, columns: list[str] | None = None, ordered: bool = True
-                    ) -> pa.Table:
+    def _read_files(files: list[tuple[Path, pa.Schema]], since: Any, features_only: bool = False) -> pa.Table:
+        """The files' rows under the union of their columns: versions sharing feature references may log
+        other request-time inputs and outputs, which are null in the files without them."""
         import pyarrow.dataset as pads  # here, not at import: it loads pandas (0.2 s of every `import mlplat`)
 
-        data = pads.dataset([str(f) for f in files], format="parquet")
+        schema = pa.unify_schemas([s for _, s in files], promote_options="permissive")
+        columns = None
+        if features_only:
+            columns = [n for n in schema.names
+                       if n not in ("model", "variant") and not n.startswith(("prediction.", "input."))]
+        data = pads.dataset([str(f) for f, _ in files], schema=schema, format="parquet")
         where = None if since is None else pads.field("request_time") >= pa.scalar(since, pa.timestamp("us", "UTC"))
         table = data.to_table(columns=columns, filter=where)
-        return table.sort_by("request_time") if ordered else table  # files are not in time order
+        return table if features_only else table.sort_by("request_time")  # files are not in time order
 
     def groups(self, model: str, since: datetime | None = None, *, features_only: bool = False
                ) -> list[LogGroup]:
@@ -238,12 +246,8 @@ class ServedLog:
         self.flush()
         out = []
         for (refs_json, keys_json, full_json), files in self._files_by_refs(model).items():
-            columns = None
-            if features_only:
-                columns = [n for n in pq.read_schema(files[0]).names
-                           if n not in ("model", "variant") and not n.startswith(("prediction.", "input."))]
             out.append(LogGroup(json.loads(refs_json), json.loads(keys_json), json.loads(full_json),
-                                self._read_files(files, since, columns, ordered=not features_only)))
+                                self._read_files(files, since, features_only)))
         return out
 
     def read(self, model: str, since: datetime | None = None) -> pa.Table:

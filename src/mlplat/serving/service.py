@@ -73,9 +73,10 @@ class ServingService:
             )
 
     # ------------------------------------------------------------ backends
-    def local_backend(self, *, stage: str = "production") -> LocalBackend:
-        """Registered torch models served in this process, behind the Triton client's ``infer``."""
-        return LocalBackend(self._p.models, stage=stage)
+    def local_backend(self, *, stage: str = "production", version_cache_seconds: float = 10.0) -> LocalBackend:
+        """Registered torch models served in this process, behind the Triton client's ``infer``; without a
+        version, the one at ``stage``, looked up again every ``version_cache_seconds``."""
+        return LocalBackend(self._p.models, stage=stage, version_cache_seconds=version_cache_seconds)
 
     @property
     def backend(self) -> Any:

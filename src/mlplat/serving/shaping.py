@@ -64,12 +64,14 @@ def to_arrays(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
         table = to_table(inputs, "inputs")
         names = [n for n, _, _ in info.inputs]
         if all(n in table.column_names for n in names):
+            _refuse_nulls(info, table, names)
             arrays = {n: table.column(n).to_numpy(zero_copy_only=False) for n in names}
         elif len(info.inputs) == 1 and len(info.inputs[0][2]) == 1:
             width = info.inputs[0][2][0]
             if width not in (-1, table.num_columns):
                 raise DataError(f"model {info.name!r} takes {width} columns in {names[0]!r}; the table has "
                                 f"{table.num_columns}")
+            _refuse_nulls(info, table, table.column_names)
             arrays = {names[0]: np.column_stack([c.to_numpy(zero_copy_only=False) for c in table.columns])}
         else:
             raise DataError(f"model {info.name!r} takes inputs {names}; name the table's columns after them")
@@ -84,6 +86,7 @@ def to_arrays(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
         if arr.dtype != want:
             if arr.dtype.kind not in "biuf":
                 raise DataError(f"input {name!r} must be numbers ({dtype}), got {arr.dtype}")
+            _check_cast(info, name, dtype, arr, np.dtype(want))
             arr = arr.astype(want)
         batched = info.max_batch_size > 0
         rank = len(dims) + (1 if batched else 0)
@@ -99,6 +102,30 @@ def to_arrays(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
     if len(rows) > 1:
         raise DataError(f"inputs of model {info.name!r} differ in rows: {sorted(rows)}")
     return out
+
+
+def _refuse_nulls(info: ModelInfo, table: Any, columns: Sequence[str]) -> None:
+    """Nulls in the table's ``columns`` would reach the model as NaN, or as INT64_MIN in an integer input."""
+    nulls = [f"{c!r} ({table.column(c).null_count})" for c in columns if table.column(c).null_count]
+    if nulls:
+        raise DataError(f"the inputs of model {info.name!r} hold nulls in columns {', '.join(nulls)}: a model "
+                        "takes no nulls; fill them (e.g. with 0) or drop those rows first")
+
+
+def _check_cast(info: ModelInfo, name: str, dtype: str, arr: np.ndarray, want: np.dtype) -> None:
+    """Refuse a conversion to an integer or bool input that would change values (fractions, NaN, overflow)."""
+    if want.kind not in "biu" or arr.size == 0:
+        return
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise DataError(f"input {name!r} of model {info.name!r} is {dtype} but holds NaN or infinity")
+        if (arr != np.trunc(arr)).any():
+            raise DataError(f"input {name!r} of model {info.name!r} is {dtype} but holds fractions (e.g. "
+                            f"{arr[arr != np.trunc(arr)][0]}); round them first if that is what you mean")
+    low, high = (0, 1) if want.kind == "b" else (np.iinfo(want).min, np.iinfo(want).max)
+    if arr.min() < low or arr.max() > high:
+        raise DataError(f"input {name!r} of model {info.name!r} is {dtype}: its values must lie in [{low}, {high}], "
+                        f"got {arr.min()} to {arr.max()}")
 
 
 def rows_of(info: ModelInfo, arrays: Mapping[str, np.ndarray]) -> int:

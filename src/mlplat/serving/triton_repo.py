@@ -10,9 +10,11 @@
 * ``onnxruntime``: ``model.onnx`` exported with ``torch.onnx``.
 
 Inputs and outputs come from the version's signature; the version's lineage
-(model, version, run id) goes into the config's ``parameters``. Every exported
+(model, version, run id) goes into the config's ``parameters``, and
+``mlplat.versions`` maps every exported version to its run id. Every exported
 version of a model stays loaded (``version_policy: all``), and mlplat's
-clients ask for the exact version they mean. Every setting
+clients ask for the exact version they mean, so the one config serves them all:
+an export that would change it under other versions is refused. Every setting
 is checked before anything is written, and the version folder is written to
 a temporary name and moved into place.
 """
@@ -20,14 +22,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._checks import require_number
 from ..errors import ConfigError, DataError
+from ..models.registry import NAME_PATTERN
 
 __all__ = ["DynamicBatching", "QueuePolicy", "TritonExport", "render_config", "BACKENDS", "TRITON_TYPES"]
 
@@ -89,26 +94,50 @@ class TritonExport:
         return self.repository / self.model
 
 
+_INT32, _UINT64 = 2**31 - 1, 2**64 - 1  # the widths of Triton's ModelConfig fields
+
+
+def _int(name: str, value: object, low: int, high: int) -> None:
+    """An integer setting (not a bool, not a float: Triton's config parser takes neither) in [low, high]."""
+    above = isinstance(value, int) and value > high
+    require_number(name, value, low=low, high=high, integer=True,
+                   meaning=f"an integer <= {high}" if above else f"an integer >= {low}")
+
+
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise DataError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_name(name: object) -> None:
+    """A Triton model name is its folder's name in the repository: a plain name, as the registry's."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise DataError(f"Triton model name {name!r} is invalid: it names a folder of the repository, so use "
+                        "letters, digits, '_', '-' and '.' (not first), at most 255; no '/' or quotes")
+
+
 def _check(max_batch_size: int, batching: DynamicBatching | None, instances: int, backend: str) -> None:
     if backend not in BACKENDS:
         raise DataError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if not isinstance(max_batch_size, int) or max_batch_size < 0:
-        raise DataError(f"max_batch_size must be an integer >= 0, got {max_batch_size!r}")
-    if not isinstance(instances, int) or instances < 1:
-        raise DataError(f"instances must be an integer >= 1, got {instances!r}")
+    _int("max_batch_size", max_batch_size, 0, _INT32)
+    _int("instances", instances, 1, _INT32)
     if batching is None:
         return
+    if not isinstance(batching, DynamicBatching):
+        raise DataError(f"dynamic_batching must be an mp.DynamicBatching, got {batching!r}")
     if max_batch_size == 0:
         raise DataError("dynamic batching needs max_batch_size > 0 (with 0 the model takes no batch dimension)")
+    if isinstance(batching.preferred_batch_sizes, (str, bytes)) or not hasattr(batching.preferred_batch_sizes,
+                                                                                "__iter__"):
+        raise DataError(f"preferred_batch_sizes must be a list of integers, got {batching.preferred_batch_sizes!r}")
     for size in batching.preferred_batch_sizes:
-        if not isinstance(size, int) or size < 1:
-            raise DataError(f"preferred batch size {size!r} must be an integer >= 1")
+        _int("a preferred batch size", size, 1, _INT32)
         if size > max_batch_size:
             raise DataError(f"preferred batch size {size} is above max_batch_size {max_batch_size}")
-    if batching.max_queue_delay_us < 0:
-        raise DataError("max_queue_delay_us must be >= 0")
-    if batching.priority_levels < 0:
-        raise DataError("priority_levels must be >= 0")
+    _int("max_queue_delay_us", batching.max_queue_delay_us, 0, _UINT64)
+    _int("priority_levels", batching.priority_levels, 0, _UINT64)
+    _int("default_priority_level", batching.default_priority_level, 0, _UINT64)
+    _flag("preserve_ordering", batching.preserve_ordering)
     if batching.preserve_ordering and batching.priority_levels > 1:
         raise DataError("preserve_ordering cannot be combined with several priority levels: Triton would "
                         "reorder requests by priority")
@@ -117,17 +146,36 @@ def _check(max_batch_size: int, batching: DynamicBatching | None, instances: int
                         f"({batching.priority_levels})")
     if not batching.priority_levels and batching.default_priority_level:
         raise DataError("default_priority_level needs priority_levels")
-    policy = batching.queue_policy
-    if policy is not None:
-        if policy.timeout_action not in ("reject", "delay"):
-            raise DataError(f"queue_policy.timeout_action must be 'reject' or 'delay', got {policy.timeout_action!r}")
-        if policy.default_timeout_us < 0 or policy.max_queue_size < 0:
-            raise DataError("queue_policy timeouts and sizes must be >= 0")
+    if batching.queue_policy is not None:
+        _check_policy(batching.queue_policy)
+
+
+def _check_policy(policy: QueuePolicy) -> None:
+    if not isinstance(policy, QueuePolicy):
+        raise DataError(f"queue_policy must be an mp.QueuePolicy, got {policy!r}")
+    if policy.timeout_action not in ("reject", "delay"):
+        raise DataError(f"queue_policy.timeout_action must be 'reject' or 'delay', got {policy.timeout_action!r}")
+    _int("queue_policy.default_timeout_us", policy.default_timeout_us, 0, _UINT64)
+    _int("queue_policy.max_queue_size", policy.max_queue_size, 0, _INT32)
+    _flag("queue_policy.allow_timeout_override", policy.allow_timeout_override)
+
+
+def _check_ranks(model_name: str, version: int, signature: dict[str, Any], batched: bool) -> None:
+    """Refuse tensors with no dimension besides the batch: Triton's config needs one, so the model would get
+    ``(batch, 1)`` where it takes ``(batch,)`` (the local backend serves ``(batch,)``: they would differ)."""
+    for t in [*signature["inputs"], *signature["outputs"]]:
+        if not _dims_of(t["shape"], batched):
+            raise DataError(f"{model_name} v{version}: tensor {t['name']!r} has shape {t['shape']}, with no dimension "
+                            f"{'besides the batch' if batched else 'at all'}, which a Triton config cannot describe "
+                            "as it is: log the model with one more dimension (e.g. x.unsqueeze(-1), shape (batch, 1))")
+
+
+def _dims_of(shape: list[int], batched: bool) -> list[int]:
+    return list(shape[1:]) if batched else list(shape)
 
 
 def _dims(shape: list[int], batched: bool) -> list[int]:
-    dims = list(shape[1:]) if batched else list(shape)
-    return dims or [1]
+    return _dims_of(shape, batched) or [1]
 
 
 def _tensor(spec: dict[str, Any], batched: bool, name: str) -> str:
@@ -226,11 +274,13 @@ def write_repository(repository: Path, model_name: str, version: int, backend: s
                      meta: dict[str, Any], *, max_batch_size: int, batching: DynamicBatching | None,
                      instances: int, parameters: dict[str, str]) -> TritonExport:
     """Write the model's config and version folder (validated first; the folder moved into place)."""
+    _check_name(model_name)
     _check(max_batch_size, batching, instances, backend)
     signature = meta.get("signature")
     if not signature or not signature.get("inputs") or not signature.get("outputs"):
         raise DataError(f"{model_name} v{version} has no signature: log the model with example_input= or "
                         "signature= so its inputs and outputs are known")
+    _check_ranks(model_name, version, signature, max_batch_size > 0)
     if "torchscript" not in meta.get("files", {}) and backend in ("python", "pytorch_libtorch"):
         raise DataError(f"{model_name} v{version} has no TorchScript file (the module was neither scriptable nor "
                         "traceable): log it with example_input= so it can be traced")
@@ -239,14 +289,26 @@ def write_repository(repository: Path, model_name: str, version: int, backend: s
                  [f"OUTPUT__{i}" for i in range(len(signature["outputs"]))])
     else:
         names = ([t["name"] for t in signature["inputs"]], [t["name"] for t in signature["outputs"]])
+    model_dir = repository / model_name
+    config_path = model_dir / "config.pbtxt"
+    old = config_path.read_text() if config_path.is_file() else None
+    others = _other_versions(model_dir, version)
+    lineage = {**(_lineage(old) if old else {}), str(version): parameters["mlplat.run_id"]}
+    parameters = {**parameters, "mlplat.versions": json.dumps({v: lineage[v] for v in sorted(lineage, key=int)
+                                                                if v in others or v == str(version)})}
     config = render_config(model_name, backend, signature, max_batch_size=max_batch_size, batching=batching,
                            instances=instances, parameters=parameters, names=names)
-    model_dir = repository / model_name
+    if old is not None and others and _serving_part(old) != _serving_part(config):
+        raise DataError(f"{model_dir} already serves versions {', '.join(others)} with another config (backend, "
+                        f"inputs, outputs, batching or instances): one config.pbtxt serves every version of a Triton "
+                        f"model, so export {model_name!r} v{version} with the same settings, or under another "
+                        "triton_name=, or remove the other version folders first")
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot write the Triton repository folder {model_dir}: {exc.strerror}") from None
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+    staging = model_dir / f".{version}-{uuid.uuid4().hex}"
+    staging.mkdir()  # the umask's mode, as the other folders: mkdtemp's 0700 hid it from a server run as another user
     try:
         files = _write_version(staging, backend, model_folder, meta, signature, names, parameters)
         target = model_dir / str(version)
@@ -256,11 +318,32 @@ def write_repository(repository: Path, model_name: str, version: int, backend: s
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    config_path = model_dir / "config.pbtxt"
     tmp = model_dir / ".config.pbtxt.tmp"
     tmp.write_text(config)
     os.replace(tmp, config_path)
     return TritonExport(repository, model_name, version, backend, config_path, files)
+
+
+def _other_versions(model_dir: Path, version: int) -> list[str]:
+    """The version folders of the model other than ``version``'s, in version order."""
+    if not model_dir.is_dir():
+        return []
+    return sorted((d.name for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit() and d.name != str(version)),
+                  key=int)
+
+
+def _serving_part(config: str) -> str:
+    """What Triton serves every version by: the config without mlplat's lineage parameters (written last)."""
+    return config.split("\nparameters {", 1)[0]
+
+
+def _lineage(config: str) -> dict[str, str]:
+    """``mlplat.versions`` of a config this module wrote: each exported version's run id."""
+    found = re.search(r'key: "mlplat\.versions"\n  value: \{ string_value: (".*") \}', config)
+    try:
+        return json.loads(json.loads(found.group(1))) if found else {}
+    except ValueError:
+        return {}
 
 
 def _write_version(folder: Path, backend: str, model_folder: Path, meta: dict[str, Any],
