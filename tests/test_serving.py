@@ -266,6 +266,8 @@ def test_a_model_without_a_signature_is_refused(served, tmp_path):
     v = served.models.register("nosig", run.id)
     with pytest.raises(mp.DataError, match="has no signature"):
         served.serving.export_triton("nosig", version=v.version, repository=tmp_path)
+    with pytest.raises(mp.ServingError, match="nosig v1 was logged without a signature.*example_input= and columns="):
+        served.serving.predict("nosig", [{"user_id": 1}], version=v.version)  # it said "nosig v1 has 0"
 
 
 # ---------------------------------------------------------- a real server
@@ -730,6 +732,10 @@ def test_gateway_routes_logs_and_summarizes(served):
     for bad in (float("nan"), float("inf"), "yes", None):
         with pytest.raises(mp.DataError, match="an outcome must be a (finite )?number"):
             gateway.record_outcome(1, bad)
+    with pytest.raises(mp.DataError):  # refused before serving: not a decision the summary counts
+        gateway.predict(999, [{"user_id": 1}], backend=served.serving.local_backend())
+    after = gateway.summary()["variants"]
+    assert sum(after[k]["decisions"] for k in after) == sum(v[k]["decisions"] for k in v)
     gateway.close()
 
 

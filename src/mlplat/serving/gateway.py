@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -36,6 +36,9 @@ from .._time import utc_argument
 from ..db.models import ABDecision, ABOutcome
 from ..errors import DataError
 from ..models.registry import STAGES
+
+if TYPE_CHECKING:
+    from .predict import Prediction
 
 __all__ = ["ABGateway", "Decision", "parse_model_ref"]
 
@@ -149,19 +152,29 @@ class ABGateway:
 
     def route(self, user_id: Any) -> Decision:
         """Decide and log (in the background) which variant serves this user."""
+        decision = self._decide(user_id)
+        self._log(decision)
+        return decision
+
+    def predict(self, user_id: Any, entity_rows: Any, **kwargs: Any) -> Prediction:
+        """Route the user, then ``p.serving.predict`` with the chosen model version. The decision is logged
+        once the prediction is made: a request refused (bad entity rows, say) is not counted as served."""
+        decision = self._decide(user_id)
+        result = self._platform.serving.predict(decision.model, entity_rows, version=decision.version,
+                                                variant=decision.variant, **kwargs)
+        self._log(decision)
+        return result
+
+    def _decide(self, user_id: Any) -> Decision:
         bucket = self.bucket(user_id)
         variant = "challenger" if bucket < self.challenger_fraction else "champion"
         model, version = self._version(variant)
-        self._writes.add(ABDecision, {"experiment_id": self.experiment_id, "user_id": str(user_id),
-                                      "variant": variant, "model": model, "model_version": version,
-                                      "at": datetime.now(timezone.utc)})
         return Decision(str(user_id), variant, model, version, bucket)
 
-    def predict(self, user_id: Any, entity_rows: Any, **kwargs: Any):
-        """Route the user, then ``p.serving.predict`` with the chosen model version."""
-        decision = self.route(user_id)
-        return self._platform.serving.predict(decision.model, entity_rows, version=decision.version,
-                                              variant=decision.variant, **kwargs)
+    def _log(self, d: Decision) -> None:
+        self._writes.add(ABDecision, {"experiment_id": self.experiment_id, "user_id": d.user_id,
+                                      "variant": d.variant, "model": d.model, "model_version": d.version,
+                                      "at": datetime.now(timezone.utc)})
 
     def record_outcome(self, user_id: Any, outcome: float, at: datetime | None = None) -> None:
         """An observed outcome (e.g. 1.0 for fraud caught) for a user of this experiment."""

@@ -77,6 +77,10 @@ class Predictor:
         info = self._models.resolve(model, version=version, stage=stage, alias=alias)
         meta = self._models.artifact_meta(info)
         sig = (meta.get("signature") or {})
+        if not sig.get("inputs"):
+            raise ServingError(f"{model} v{info.version} was logged without a signature, so predict cannot shape "
+                               "its input: log it with example_input= and columns= (run.log_model or "
+                               "p.runs.training) so its input tensor and the features' order are known")
         if len(sig.get("inputs", [])) != 1:
             raise ServingError(f"predict serves models with one input tensor; {model} v{info.version} has "
                                f"{len(sig.get('inputs', []))}")
