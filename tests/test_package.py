@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,46 @@ def test_public_names_are_exported_and_documented():
             assert obj.__module__ == "mlplat", name
         assert obj.__doc__, f"mlplat.{name} has no docstring"
     assert (Path(mp.__file__).parent / "py.typed").exists()
+
+
+def _public_classes() -> list[type]:
+    """The exported classes, the services a Platform hands out, and the objects their methods return."""
+    from mlplat.features.online_read import OnlineResponse
+    from mlplat.features.store import FeatureStore
+    from mlplat.models.registry import ModelRegistry
+    from mlplat.monitoring.service import Monitoring
+    from mlplat.runs.artifacts import ArtifactStore
+    from mlplat.runs.run import ActiveRun
+    from mlplat.runs.tracking import RunStore
+    from mlplat.runs.training import Training
+    from mlplat.serving.local import LocalBackend
+    from mlplat.serving.predict import Prediction
+    from mlplat.serving.service import ServingService
+
+    exported = [obj for obj in map(mp.__dict__.get, mp.__all__) if isinstance(obj, type)
+                and not issubclass(obj, BaseException)]
+    return exported + [FeatureStore, RunStore, ModelRegistry, ServingService, Monitoring, ActiveRun, Training,
+                       ArtifactStore, LocalBackend, Prediction, OnlineResponse]
+
+
+def test_public_methods_have_docstrings_and_type_hints():
+    missing = []
+    for cls in _public_classes():
+        for name, member in vars(cls).items():
+            if name.startswith("_"):
+                continue
+            fn = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+            if not inspect.isfunction(fn):
+                continue
+            where = f"{cls.__qualname__}.{name}"
+            if not (fn.__doc__ or "").strip():
+                missing.append(f"{where}: no docstring")
+            sig = inspect.signature(fn)
+            unhinted = [p for p in sig.parameters if p not in ("self", "cls")
+                        and sig.parameters[p].annotation is inspect.Parameter.empty]
+            if unhinted or sig.return_annotation is inspect.Signature.empty:
+                missing.append(f"{where}: no type hint for {unhinted or 'the return value'}")
+    assert not missing, "\n".join(missing)
 
 
 def test_error_tree_has_one_root():

@@ -119,10 +119,12 @@ class Entity(_Definition):
         self.join_keys = keys
 
     def to_spec(self) -> dict[str, Any]:
+        """The definition as a JSON-able dict (what the catalog stores)."""
         return {**self._common_spec(), "join_keys": list(self.join_keys)}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> Entity:
+        """The entity a :meth:`to_spec` dict describes."""
         return cls(spec["name"], spec["join_keys"], description=spec.get("description", ""),
                    tags=spec.get("tags"), owner=spec.get("owner"))
 
@@ -144,10 +146,12 @@ class Field:
         self.description = description
 
     def to_spec(self) -> dict[str, Any]:
+        """The field as a JSON-able dict."""
         return {"name": self.name, "dtype": self.dtype.name, "description": self.description}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> Field:
+        """The field a :meth:`to_spec` dict describes."""
         return cls(spec["name"], spec["dtype"], description=spec.get("description", ""))
 
     def __eq__(self, other: object) -> bool:
@@ -187,11 +191,13 @@ class ParquetSource:
             raise DefinitionError("created_timestamp_field must differ from timestamp_field")
 
     def to_spec(self) -> dict[str, Any]:
+        """The source as a JSON-able dict."""
         return {"type": "parquet", "path": self.path, "timestamp_field": self.timestamp_field,
                 "created_timestamp_field": self.created_timestamp_field}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> ParquetSource:
+        """The source a :meth:`to_spec` dict describes."""
         if spec.get("type") != "parquet":
             raise DefinitionError(f"unknown source type {spec.get('type')!r}")
         return cls(spec["path"], timestamp_field=spec["timestamp_field"],
@@ -273,9 +279,11 @@ class FeatureView(_Definition):
 
     @property
     def feature_names(self) -> list[str]:
+        """The names of the view's features, in schema order."""
         return [f.name for f in self.schema]
 
     def field(self, name: str) -> Field:
+        """The field called ``name``; NotFoundError names the view's features otherwise."""
         for f in self.schema:
             if f.name == name:
                 return f
@@ -286,6 +294,7 @@ class FeatureView(_Definition):
         )
 
     def to_spec(self) -> dict[str, Any]:
+        """The definition as a JSON-able dict (what the catalog stores)."""
         return {
             **self._common_spec(),
             "entities": [{"name": e.name, "join_keys": list(e.join_keys)} for e in self.entities],
@@ -298,6 +307,7 @@ class FeatureView(_Definition):
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> FeatureView:
+        """The view a :meth:`to_spec` dict describes."""
         ttl = spec.get("ttl_seconds")
         view = cls(
             spec["name"],
@@ -346,10 +356,12 @@ class FeatureService(_Definition):
         self.features = refs
 
     def to_spec(self) -> dict[str, Any]:
+        """The definition as a JSON-able dict (what the catalog stores)."""
         return {**self._common_spec(), "features": list(self.features)}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> FeatureService:
+        """The service a :meth:`to_spec` dict describes."""
         return cls(spec["name"], features=spec["features"], description=spec.get("description", ""),
                    tags=spec.get("tags"), owner=spec.get("owner"))
 

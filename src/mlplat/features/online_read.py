@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,9 @@ from ..errors import DataError, DefinitionError, OnlineStoreError
 from .definitions import FeatureService, FeatureView
 from .offline import ViewRequest
 from .online.store import OnlineStore
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["OnlineReader", "OnlineResponse", "view_tag"]
 
@@ -51,7 +54,7 @@ class OnlineResponse(dict):
         """The columns as a pyarrow Table, features typed as declared."""
         return pa.table({k: pa.array(v, type=self._types.get(k)) for k, v in self.items()})
 
-    def to_pandas(self):
+    def to_pandas(self) -> pd.DataFrame:
         """The columns as a pandas DataFrame (via Arrow)."""
         return self.to_arrow().to_pandas()
 

@@ -320,6 +320,8 @@ class ModelRegistry:
             return load_torch_model(folder)
 
     def artifact_meta(self, info: ModelVersionInfo) -> dict[str, Any]:
+        """A version's model artifact metadata: its sha256 and size, and what log_model recorded (files,
+        signature, torch version); empty if the artifact row is gone."""
         with self._db.connect() as conn:
             row = conn.execute(sa.select(RunArtifact.sha256, RunArtifact.size, RunArtifact.meta).where(
                 RunArtifact.run_id == info.run_id, RunArtifact.path == info.artifact)).first()

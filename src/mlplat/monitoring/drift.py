@@ -54,9 +54,11 @@ class DriftReport:
 
     @property
     def drifted(self) -> list[str]:
+        """The names of the features that drifted."""
         return [f for f, d in self.features.items() if d.drifted]
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain data (what ``--json`` prints)."""
         return {"model": self.model, "version": self.version, "psi_threshold": self.psi_threshold,
                 "alpha": self.alpha, "drifted": self.drifted,
                 "features": {f: vars(d) for f, d in self.features.items()}}

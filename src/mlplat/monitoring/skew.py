@@ -56,9 +56,11 @@ class SkewReport:
 
     @property
     def skewed(self) -> list[str]:
+        """The names of the features whose mismatch share is above the threshold."""
         return [f for f, s in self.features.items() if s.skewed]
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain data (what ``--json`` prints)."""
         return {
             "model": self.model, "rows": self.rows, "tolerance": self.tolerance, "threshold": self.threshold,
             "skewed": self.skewed,

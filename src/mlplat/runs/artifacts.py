@@ -58,9 +58,11 @@ class ArtifactStore:
         self.root = self.root.rstrip("/")
 
     def path(self, run_id: str, name: str = "") -> str:
+        """The store path of a run's artifact ``name``."""
         return f"{self.root}/{run_id}" + (f"/{check_name(name)}" if name else "")
 
     def uri(self, run_id: str, name: str = "") -> str:
+        """The URI of a run's artifact folder (recorded as the run's artifact_uri)."""
         return f"{self.root_uri.rstrip('/')}/{run_id}" + (f"/{name}" if name else "")
 
     def put_file(self, run_id: str, source: str | os.PathLike, name: str) -> tuple[int, str]:
@@ -145,7 +147,7 @@ class ArtifactStore:
                     out.write(chunk)
         return dest
 
-    def open(self, run_id: str, name: str):
+    def open(self, run_id: str, name: str) -> pa.NativeFile:
         """A readable stream of one artifact file."""
         try:
             return self.fs.open_input_file(self.path(run_id, name))

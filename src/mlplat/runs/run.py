@@ -117,6 +117,7 @@ class ActiveRun:
 
     # --------------------------------------------------------------- tags
     def set_tag(self, key: str, value: Any) -> None:
+        """Set one tag (``set_tags`` for several in one transaction)."""
         self.set_tags({key: value})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:

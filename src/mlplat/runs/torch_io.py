@@ -45,6 +45,7 @@ class Signature:
     outputs: list[TensorSpec] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The signature as a JSON-able dict (stored in the model's metadata)."""
         def spec(t: TensorSpec) -> dict[str, Any]:
             return {**asdict(t), "shape": list(t.shape)}
 
@@ -52,6 +53,7 @@ class Signature:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Signature:
+        """The signature a :meth:`to_json` dict describes."""
         def specs(items):
             return [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items]
 

@@ -60,6 +60,7 @@ class Training:
 
     @property
     def id(self) -> str:
+        """The run's id."""
         return self.run.id
 
     def epoch(self, **metrics: float) -> int:

@@ -165,24 +165,28 @@ class TritonClient(_Base):
         return client
 
     def is_live(self) -> bool:
+        """Whether the server answers (its liveness)."""
         try:
             return bool(self._client.is_server_live(**self._call_kwargs()))
         except Exception:  # noqa: BLE001 - unreachable means not live
             return False
 
     def is_ready(self) -> bool:
+        """Whether the server is ready to take requests."""
         try:
             return bool(self._client.is_server_ready(**self._call_kwargs()))
         except Exception:  # noqa: BLE001
             return False
 
     def is_model_ready(self, model: str) -> bool:
+        """Whether ``model`` is loaded and ready to infer."""
         try:
             return bool(self._client.is_model_ready(model, **self._call_kwargs()))
         except Exception:  # noqa: BLE001
             return False
 
     def metadata(self, model: str) -> dict[str, Any]:
+        """The model's metadata (versions, inputs and outputs with types and shapes)."""
         try:
             meta = self._client.get_model_metadata(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -190,6 +194,7 @@ class TritonClient(_Base):
         return dict(meta)
 
     def config(self, model: str) -> dict[str, Any]:
+        """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
         try:
             cfg = self._client.get_model_config(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -292,6 +297,7 @@ class TritonClient(_Base):
 
     def close(self) -> None:
         # coalescers run nothing in the background: requests still pending are sent by their callers
+        """Close the connections (pending coalesced requests are sent by their callers first)."""
         if self._http_pool is not None:
             self._http_pool.shutdown(wait=True)
         for client in [self._grpc, *self._http_clients]:
@@ -513,24 +519,28 @@ class AsyncTritonClient(_Base):
         return self._aio
 
     async def is_live(self) -> bool:
+        """Whether the server answers (its liveness)."""
         try:
             return bool(await self._connection().is_server_live(**self._call_kwargs()))
         except Exception:  # noqa: BLE001 - unreachable means not live
             return False
 
     async def is_ready(self) -> bool:
+        """Whether the server is ready to take requests."""
         try:
             return bool(await self._connection().is_server_ready(**self._call_kwargs()))
         except Exception:  # noqa: BLE001
             return False
 
     async def is_model_ready(self, model: str) -> bool:
+        """Whether ``model`` is loaded and ready to infer."""
         try:
             return bool(await self._connection().is_model_ready(model, **self._call_kwargs()))
         except Exception:  # noqa: BLE001
             return False
 
     async def metadata(self, model: str) -> dict[str, Any]:
+        """The model's metadata (versions, inputs and outputs with types and shapes)."""
         try:
             meta = await self._connection().get_model_metadata(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -538,6 +548,7 @@ class AsyncTritonClient(_Base):
         return dict(meta)
 
     async def config(self, model: str) -> dict[str, Any]:
+        """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
         try:
             cfg = await self._connection().get_model_config(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -562,6 +573,7 @@ class AsyncTritonClient(_Base):
         self._infos.pop(model, None)
 
     async def info(self, model: str) -> ModelInfo:
+        """The model's inputs, outputs and batching hints (read once, then cached)."""
         info = self._infos.get(model)
         if info is None:
             info = self._infos[model] = ModelInfo.from_config(await self.config(model))
@@ -596,6 +608,7 @@ class AsyncTritonClient(_Base):
         return {n: result.as_numpy(n) for n in (outputs or info.outputs)}
 
     async def close(self) -> None:
+        """Send what the coalescers gathered, wait for every batch in flight, close the channel."""
         if self._aio is None:
             return
         if self._loop is asyncio.get_running_loop():  # batches still pending or in flight get their answers first

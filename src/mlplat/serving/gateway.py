@@ -193,6 +193,7 @@ class ABGateway:
         self._writes.flush()
 
     def close(self) -> None:
+        """Write what is buffered (decisions, outcomes) and stop logging."""
         self._writes.close()
 
     # ------------------------------------------------------------ summary

@@ -83,9 +83,11 @@ class LocalBackend:
         return version
 
     def is_ready(self) -> bool:
+        """Always True: the models run in this process."""
         return True
 
     def is_model_ready(self, model: str) -> bool:
+        """Whether the model (at the backend's stage) can be loaded."""
         try:
             self._get(model)
             return True
@@ -93,9 +95,12 @@ class LocalBackend:
             return False
 
     def info(self, model: str, version: int | None = None) -> ModelInfo:
+        """The model's inputs, outputs and batch size, as a Triton client reports them."""
         return self._get(model, version)[2]
 
     def infer(self, model: str, inputs: Any, *, version: int | None = None, **_: Any) -> dict[str, np.ndarray]:
+        """Run the registered model (``version``, else the one at the backend's stage) on ``inputs``; returns its
+        outputs by name, as :meth:`TritonClient.infer` does."""
         import torch
 
         _, module, info = self._get(model, version)
@@ -108,5 +113,6 @@ class LocalBackend:
         return join(parts)
 
     def close(self) -> None:
+        """Drop the loaded models."""
         self._loaded.clear()
         self._at_stage.clear()

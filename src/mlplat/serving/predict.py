@@ -37,6 +37,7 @@ class Prediction(dict):
         self.features = features
 
     def to_arrow(self) -> pa.Table:
+        """The outputs (and entity keys) as a pyarrow Table."""
         return pa.table(dict(self))
 
 

@@ -96,10 +96,12 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
+        """``host:port`` of the server's HTTP endpoint."""
         return f"127.0.0.1:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
+        """``host:port`` of the server's gRPC endpoint."""
         return f"127.0.0.1:{self.grpc_port}"
 
     def _layout(self) -> tuple[Path, Path, str]:
@@ -124,6 +126,8 @@ class TritonServer:
         return root / "bin" / "tritonserver", backends.parent, data["libdir"]
 
     def start(self) -> TritonServer:
+        """Start the server and wait until it is ready; a ServingError with its log tail if it exits or is not
+        ready within ``startup_timeout``."""
         self._tmp = tempfile.TemporaryDirectory(prefix="mlplat-triton-")
         binary, backends, libdir = self._layout()
         self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
@@ -158,11 +162,13 @@ class TritonServer:
             return False
 
     def log_tail(self, chars: int = 3000) -> str:
+        """The last ``chars`` characters of the server's log (for error messages)."""
         if self.log_path is None or not self.log_path.exists():
             return "(no log)"
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def stop(self, timeout: float = 20.0) -> None:
+        """Stop the server (SIGINT, then SIGKILL after ``timeout`` seconds) and remove its temporary folder."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGINT)
             try:

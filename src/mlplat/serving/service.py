@@ -122,6 +122,7 @@ class ServingService:
         return ABGateway(champion, challenger, challenger_fraction, experiment_id, salt, platform=self._p)
 
     def close(self) -> None:
+        """Write the served-feature log and close the backend predict opened (a Triton client or local models)."""
         self.served_log.close()
         if self._backend is not None and hasattr(self._backend, "close"):
             self._backend.close()
