@@ -198,3 +198,25 @@ def test_a_search_path_schema_that_does_not_exist_is_a_store_error_saying_so(pg_
     url = f"{pg_admin_url}?options=-csearch_path%3Dmlplat_no_such_schema"
     with pytest.raises(mp.StoreError, match="creating mlplat's tables failed: .*create that schema first"):
         mp.Platform(tmp_path / "home", database_url=url)
+
+
+def test_an_in_memory_database_takes_threads_in_turn(tmp_path):
+    import threading
+
+    errors: list[BaseException] = []
+    with mp.Platform(tmp_path / "home", database_url="sqlite://") as p:
+        def start_runs() -> None:
+            try:
+                for _ in range(40):
+                    with p.runs.start("memory") as run:
+                        run.log_param("x", 1)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start_runs) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]  # was: "cannot start a transaction within a transaction"
+        assert len(p.runs.search("memory", max_results=1000)) == 120

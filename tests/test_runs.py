@@ -305,6 +305,15 @@ def test_filter_language(p, searchable, flt, order, expected):
     assert names(p.runs.search("fraud", filter=flt, order_by=order)) == expected
 
 
+def test_metric_names_with_dots_and_digits_are_read_whole(p):
+    with p.runs.start("layers", name="deep") as run:
+        run.log_metrics({"layer.0.norm": 2.5, "layer.0": 1.0, "grad/layer-1:max": 3.0})
+    for flt in ("metrics.layer.0.norm > 2", "metrics.layer.0 = 1 and metrics.grad/layer-1:max >= 3",
+                'metrics."layer.0.norm" > 2'):  # unquoted, "layer.0" was read as "layer" then the number .0
+        assert names(p.runs.search("layers", filter=flt, order_by=["metrics.layer.0.norm desc"])) == ["deep"]
+    assert names(p.runs.search("layers", filter="metrics.layer.0.norm > 3")) == []
+
+
 def test_search_across_experiments_and_pages(p, searchable):
     assert set(names(p.runs.search(filter="params.lr = '0.001' and metrics.val_auc > 0.9"))) == {"a", "z"}
     assert names(p.runs.search(["fraud", "other"], filter="metrics.val_auc > 0.94")) in (["z", "b"], ["b", "z"])

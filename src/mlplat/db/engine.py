@@ -9,9 +9,10 @@ psycopg 3 with a connection pool whose size is configurable.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,10 @@ class Database:
         self.url = url
         self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout)
         self.dialect = self.engine.dialect.name
+        # an in-memory SQLite database is one connection (StaticPool) that threads must take in turn: two
+        # transactions on it at once fail ("cannot start a transaction within a transaction")
+        memory = self.dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")
+        self._turns = threading.RLock() if memory else nullcontext()
 
     @contextmanager
     def connect(self, *, write: bool = False) -> Iterator[Connection]:
@@ -170,7 +175,7 @@ class Database:
         ``write=True`` takes SQLite's write lock at BEGIN (no effect on PostgreSQL).
         """
         try:
-            with self.engine.connect() as conn:
+            with self._turns, self.engine.connect() as conn:
                 if write and self.dialect == "sqlite":
                     conn = conn.execution_options(sqlite_begin="IMMEDIATE")
                 with conn.begin():

@@ -42,7 +42,9 @@ __all__ = ["parse_filter", "to_sql", "parse_order", "order_clauses"]
 
 _TOKEN = re.compile(
     r"""\s*(?:
-        (?P<num>[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|inf|infinity)(?![\w.]))
+        (?P<field>(?:metrics|metric|params|param|tags|tag|attributes|attribute|attr|run)
+                  \.[A-Za-z0-9_][A-Za-z0-9_\-./:]*)
+      | (?P<num>[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|inf|infinity)(?![\w.]))
       | (?P<str>'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.|"")*")
       | (?P<op>==|!=|<>|<=|>=|=|<|>|\(|\)|,|\.)
       | (?P<word>[A-Za-z_][A-Za-z0-9_\-/:]*)
@@ -176,6 +178,10 @@ class _Parser:
 
     def field(self) -> tuple[str, str]:
         t = self.peek()
+        if t and t[0] == "field":  # an unquoted name, read whole: metrics.layer.0 is not metrics.layer then .0
+            self.i += 1
+            prefix, name = t[1].split(".", 1)
+            return self._named(_PREFIXES[prefix.lower()], name)
         if not t or t[0] != "word" or t[1].lower() not in _PREFIXES:
             raise self.fail("a field such as metrics.x, params.x, tags.x or attributes.x")
         self.i += 1
@@ -195,7 +201,9 @@ class _Parser:
                 t = self.peek()
                 continue
             break
-        name = "".join(parts)
+        return self._named(kind, "".join(parts))
+
+    def _named(self, kind: str, name: str) -> tuple[str, str]:
         if not name or name.endswith("."):
             raise self.fail(f"a name after {kind}.")
         if kind == "attributes" and name.lower() not in _ATTRIBUTES:
