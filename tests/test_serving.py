@@ -707,6 +707,18 @@ def test_a_users_variant_is_the_same_in_every_process(tmp_path):
         assert [other_salt.variant(u) for u in range(2000)] != runs[0][:2000]
 
 
+def test_a_user_is_one_user_whatever_type_the_id_arrives_as(served):
+    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "id-types", salt="s3", platform=served)
+    for user in range(50):  # pandas turns an int id column with a missing value into floats
+        forms = {user, float(user), np.int64(user), np.float32(user), str(user)}
+        assert len({gateway.bucket(u) for u in forms}) == 1, user
+    assert gateway.route(7.0).user_id == "7"
+    for bad in (None, True, float("nan"), object()):
+        with pytest.raises(mp.DataError, match="a user id must be a string or a number"):
+            gateway.route(bad)
+    gateway.close()
+
+
 def test_gateway_routes_logs_and_summarizes(served):
     gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "scorer-exp", salt="s1", platform=served)
     seen = {}

@@ -21,12 +21,15 @@ Usage::
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import sqlalchemy as sa
 
 from .. import _background
@@ -40,7 +43,7 @@ from ..models.registry import STAGES
 if TYPE_CHECKING:
     from .predict import Prediction
 
-__all__ = ["ABGateway", "Decision", "parse_model_ref"]
+__all__ = ["ABGateway", "Decision", "parse_model_ref", "user_key"]
 
 _SCALE = 2.0 ** -53
 _MAX_ROWS = 10_000  # decisions and outcomes waiting that wake the flusher (it also writes every second)
@@ -71,6 +74,27 @@ class Decision:
     model: str
     version: int
     bucket: float
+
+
+def user_key(user_id: Any) -> str:
+    """A user id as the gateway hashes and logs it: a string as it is, an integer in decimal, and a float
+    that holds a whole number as that integer (an id column with a missing value arrives from pandas as
+    floats: 42.0 is user 42), a UUID as its string. Bools, None, NaN and other types are refused (their
+    strings may hold a memory address, different in every process).
+
+    >>> user_key(42), user_key(42.0), user_key("u-42")
+    ('42', '42', 'u-42')
+    """
+    if isinstance(user_id, (str, uuid.UUID)):
+        return str(user_id)
+    if not isinstance(user_id, bool):
+        try:
+            return str(operator.index(user_id))  # int, numpy integers
+        except TypeError:
+            pass
+        if isinstance(user_id, (float, np.floating)) and math.isfinite(user_id):
+            return str(int(user_id)) if float(user_id).is_integer() else repr(float(user_id))
+    raise DataError(f"a user id must be a string or a number, got {user_id!r}")
 
 
 class _Writes:
@@ -133,8 +157,9 @@ class ABGateway:
 
     # ------------------------------------------------------------ routing
     def bucket(self, user_id: Any) -> float:
-        """The user's place in [0, 1): XXH64 of salt and user id, the same everywhere."""
-        h = _hashing.xxh64(f"{self.salt}\x00{user_id}".encode())
+        """The user's place in [0, 1): XXH64 of salt and user id (as :func:`user_key` writes it), the same
+        everywhere."""
+        h = _hashing.xxh64(f"{self.salt}\x00{user_key(user_id)}".encode())
         return (h >> 11) * _SCALE
 
     def variant(self, user_id: Any) -> str:
@@ -169,7 +194,7 @@ class ABGateway:
         bucket = self.bucket(user_id)
         variant = "challenger" if bucket < self.challenger_fraction else "champion"
         model, version = self._version(variant)
-        return Decision(str(user_id), variant, model, version, bucket)
+        return Decision(user_key(user_id), variant, model, version, bucket)
 
     def _log(self, d: Decision) -> None:
         self._writes.add(ABDecision, {"experiment_id": self.experiment_id, "user_id": d.user_id,
@@ -185,7 +210,7 @@ class ABGateway:
         if not math.isfinite(value):
             raise DataError(f"an outcome must be a finite number, not NaN or infinity, got {value}")
         when = datetime.now(timezone.utc) if at is None else utc_argument("at", at)
-        self._writes.add(ABOutcome, {"experiment_id": self.experiment_id, "user_id": str(user_id),
+        self._writes.add(ABOutcome, {"experiment_id": self.experiment_id, "user_id": user_key(user_id),
                                      "outcome": value, "at": when})
 
     def flush(self) -> None:
