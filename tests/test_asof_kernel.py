@@ -1,6 +1,9 @@
 """The Cython as-of kernel against the pure-Python and NumPy references."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -74,6 +77,20 @@ def test_large_groups_and_adversarial_orders(layout, threads):
     np.testing.assert_array_equal(got, asof_numpy(rk, rt, rc, lk, lo, hi))
 
 
+def test_right_rows_split_in_chunks_across_threads_keep_read_order():
+    """Past 131,072 right rows two threads count and scatter the right side in two chunks; ties on
+    (ts, created) must still go to the row read last, as with one chunk."""
+    rng = np.random.default_rng(11)
+    n, n_keys = 200_000, 300
+    rk, rt, rc = rng.integers(0, n_keys, n), rng.integers(0, 50, n), rng.integers(0, 2, n)  # many exact ties
+    lk = rng.integers(-1, n_keys, 5_000)
+    hi = rng.integers(0, 60, 5_000)
+    lo = hi - rng.integers(0, 30, 5_000)
+    got = asof_backward_on_ts_by_key(rk, rt, rc, lk, lo, hi, n_keys, 2)
+    np.testing.assert_array_equal(got, asof_numpy(rk, rt, rc, lk, lo, hi))
+    np.testing.assert_array_equal(got, asof_backward_on_ts_by_key(rk, rt, rc, lk, lo, hi, n_keys, 1))
+
+
 def test_sort_helper_orders_by_ts_created_position():
     rng = np.random.default_rng(1)
     for n in (0, 1, 2, 15, 16, 17, 1000, 100_000):
@@ -122,6 +139,19 @@ def test_bad_input_is_refused(change, message):
     change(arrays)
     with pytest.raises(ValueError, match=message):
         asof_backward_on_ts_by_key(*arrays, 1)
+
+
+def test_more_threads_than_cpus_give_the_same_answer_and_do_not_end_the_process():
+    done = subprocess.run([sys.executable, "-c", (
+        "import numpy as np\n"
+        "from mlplat._native import asof_backward_on_ts_by_key as k\n"
+        "n = 40000\n"
+        "key = np.arange(n, dtype=np.int64) % 7; ts = np.arange(n, dtype=np.int64)\n"
+        "args = (key, ts, np.empty(0, np.int64), np.arange(7, dtype=np.int64), np.full(7, -1, np.int64), "
+        "np.full(7, n, np.int64), 7)\n"
+        "print(k(*args, 50000).tolist() == k(*args, 1).tolist())\n")],
+        capture_output=True, text=True, timeout=120)  # OpenMP ended the process at 50,000 threads
+    assert done.returncode == 0 and done.stdout.strip() == "True", done
 
 
 def test_bad_arguments_are_refused():

@@ -1,6 +1,10 @@
 """The C++ online-record codec against the pure-Python reference in reference.py."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -87,6 +91,63 @@ def test_decode_applies_ttl_duplicates_and_missing_rows():
 def test_malformed_records_are_refused(record, message):
     with pytest.raises(ValueError, match=message):
         _codec.decode_records([record], 0, 1, [4], -(2**63))
+
+
+def _in_a_subprocess(code: str) -> subprocess.CompletedProcess:
+    """Run code that overran a buffer before the fix: a crash must fail the test, not end the run."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
+
+
+def test_string_offsets_that_go_backwards_are_refused_not_overrun():
+    done = _in_a_subprocess("""
+        import numpy as np, pyarrow as pa
+        from mlplat._native.codec import STRING, encode_records
+        # passes pyarrow's cheap validation (first and last offset), as arrays from the C data interface do
+        bad = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(np.array([0, 4096, 3], np.int32).tobytes()),
+                                                     pa.py_buffer(b"abc")])
+        try:
+            encode_records([STRING], [bad], np.zeros(2, np.int64), np.empty(0, np.int64))
+        except ValueError as exc:
+            print(exc)
+    """)
+    assert done.returncode == 0 and "string offsets go backwards" in done.stdout, done
+
+
+@pytest.mark.parametrize("call", [
+    "_codec.buckets(np.frombuffer(b'abc', np.uint8), np.array([0, 1 << 20, 3], np.int64))",
+    "_codec.pack_evalsha('s', 'p:', 't', np.frombuffer(b'abc', np.uint8), np.array([0, 1 << 20, 3], np.int64), "
+    "np.frombuffer(b'xyz', np.uint8), np.array([0, 1, 3], np.int64), np.zeros(2, np.int64), np.array([0, 1]))",
+    "_codec.pack_evalsha('s', 'p:', 't', np.frombuffer(b'abc', np.uint8), np.array([-4096, 1, 3], np.int64), "
+    "np.frombuffer(b'xyz', np.uint8), np.array([0, 1, 3], np.int64), np.zeros(2, np.int64), np.array([0, 1]))",
+])
+def test_key_and_record_offsets_are_checked_whole(call):
+    done = _in_a_subprocess(f"""
+        import numpy as np
+        from mlplat._native import _codec
+        try:
+            {call}
+        except ValueError as exc:
+            print(exc)
+    """)
+    assert done.returncode == 0 and "offsets" in done.stdout, done  # buckets crashed, pack_evalsha sent heap
+
+
+def test_an_offset_past_the_records_is_refused_however_large():
+    for offset in (1, 2, 2**62):  # offset + count wrapped to a negative number and passed the check
+        with pytest.raises(ValueError, match="outside the records"):
+            _codec.decode_records([None], offset, 2**62, [0], 0)
+
+
+def test_a_stored_string_that_is_not_utf8_is_a_malformed_record():
+    record = bytearray(encode_record([4], ["ab"], 1, 1))
+    record[-1] = 0xFF
+    with pytest.raises(ValueError, match="record 0 is malformed: string feature 0 is not UTF-8"):
+        _codec.decode_records([bytes(record)], 0, 1, [4], -(2**63))
+
+
+def test_mget_keys_given_as_a_tuple_are_packed_as_given():
+    keys = tuple(f"key-{i:02d}-".encode() + b"x" * 30 for i in range(50))
+    assert _codec.pack_mget("p:", [(["t"], keys)]) == _codec.pack_mget("p:", [(["t"], list(keys))])
 
 
 def test_wrong_reply_types_are_refused():

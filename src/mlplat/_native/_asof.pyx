@@ -27,9 +27,16 @@ from cython.parallel cimport prange
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t
 from libc.stdlib cimport free, malloc
 
+import os
+
 import numpy as np
 
 ctypedef Py_ssize_t intp_t
+
+#: CPUs this process may run on: the most threads the kernel starts
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+#: below this many rows (left + right) the kernel runs on one thread
+_SMALL = 16384
 
 
 cdef struct _Row:
@@ -215,6 +222,9 @@ def asof_backward_on_ts_by_key(
         raise ValueError("n_keys must be >= 0")
     if n_threads < 1:
         raise ValueError("n_threads must be >= 1")
+    # no more threads than CPUs (OpenMP ends the process when it cannot start thousands), and one for
+    # small joins, where starting threads costs more than the join (3 rows: 0.016 ms on 1, 22 ms on 512)
+    n_threads = 1 if n_left + n_right < _SMALL else min(n_threads, _CPUS)
 
     out = np.full(n_left, -1, dtype=np.intp)
     cdef intp_t[::1] out_v = out
@@ -246,7 +256,7 @@ def asof_backward_on_ts_by_key(
     cdef intp_t n_chunks = max(1, min(n_threads, n_right // 65536, (1 << 25) // (n_keys + 1)))
     cdef intp_t[:, ::1] fill = np.zeros((n_chunks, n_keys + 1), dtype=np.intp)
     cdef intp_t[::1] bad = np.full(n_chunks, -1, dtype=np.intp)
-    _count_right(right_key, right_ts, key_lo, key_hi, fill, bad, n_threads)
+    _count_right(right_key, right_ts, key_lo, key_hi, fill, bad, min(n_threads, n_chunks))
     for c in range(n_chunks):
         if bad[c] >= 0:
             raise ValueError(f"key code {bad[c]} is not below n_keys={n_keys}")
@@ -268,7 +278,7 @@ def asof_backward_on_ts_by_key(
     cdef unsigned char[::1] rows_bytes = rows_arr
     if total:
         rows = <_Row*> &rows_bytes[0]
-    _scatter_right(right_key, right_ts, key_lo, key_hi, fill, rows, n_threads)
+    _scatter_right(right_key, right_ts, key_lo, key_hi, fill, rows, min(n_threads, n_chunks))
 
     cdef intp_t[::1] l_order = np.empty(l_start[n_keys], dtype=np.intp)
     cdef intp_t[::1] l_fill = np.array(l_start[:n_keys], dtype=np.intp)

@@ -122,6 +122,17 @@ void check_len(const py::array& a, py::ssize_t n, const char* what) {
         throw std::invalid_argument(std::string(what) + " has the wrong length");
 }
 
+// Every one of the n + 1 offsets inside [0, data_len] and none below the one before: checking the
+// first and the last only let a negative length in between wrap a size and overrun a buffer.
+template <typename T>
+void check_offsets(const T* o, py::ssize_t n, size_t data_len, const char* what) {
+    if (n < 0) return;
+    if (o[0] < 0 || uint64_t(o[n]) > data_len)
+        throw std::invalid_argument(std::string(what) + " offsets point outside the data");
+    for (py::ssize_t i = 0; i < n; ++i)
+        if (o[i + 1] < o[i]) throw std::invalid_argument(std::string(what) + " offsets go backwards");
+}
+
 // Captures the buffers of one column description (see encode_records' docstring).
 Column capture(int kind, const py::tuple& spec, py::ssize_t n, std::vector<py::object>& keep) {
     Column c;
@@ -153,10 +164,10 @@ Column capture(int kind, const py::tuple& spec, py::ssize_t n, std::vector<py::o
             c.offsets = o.data();
         }
         c.valid = valid_of(spec[2]);
-        int64_t first = c.offsets64 ? static_cast<const int64_t*>(c.offsets)[0] : static_cast<const int32_t*>(c.offsets)[0];
-        int64_t last = c.offsets64 ? static_cast<const int64_t*>(c.offsets)[n] : static_cast<const int32_t*>(c.offsets)[n];
-        if (first < 0 || last < first || size_t(last) > c.data_len)
-            throw std::invalid_argument("string offsets point outside the data");
+        if (c.offsets64)
+            check_offsets(static_cast<const int64_t*>(c.offsets), n, c.data_len, "string");
+        else
+            check_offsets(static_cast<const int32_t*>(c.offsets), n, c.data_len, "string");
         return c;
     }
     if (spec.size() != 2) throw std::invalid_argument("a fixed-width column is (values, valid)");
@@ -300,7 +311,7 @@ struct Parsed {
 // Returns (columns, event_ts array of the records).
 py::tuple decode_records(const py::list& records, py::ssize_t offset, py::ssize_t count, const std::vector<int>& kinds,
                          int64_t min_event_ts, const std::optional<I64>& rows) {
-    if (offset < 0 || count < 0 || offset + count > py::ssize_t(records.size()))
+    if (offset < 0 || count < 0 || offset > py::ssize_t(records.size()) || count > py::ssize_t(records.size()) - offset)
         throw std::invalid_argument("offset and count fall outside the records");
     py::ssize_t n_out = rows ? rows->shape(0) : count;
     const int64_t* row_of = rows ? rows->data() : nullptr;
@@ -392,6 +403,11 @@ py::tuple decode_records(const py::list& records, py::ssize_t offset, py::ssize_
             }
             if (o == nullptr) {
                 for (PyObject* x : obj) Py_XDECREF(x);
+                if (kinds[f] == STRING && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                    PyErr_Clear();
+                    throw std::invalid_argument("record " + std::to_string(i) + " is malformed: string feature " +
+                                                std::to_string(f) + " is not UTF-8");
+                }
                 throw py::error_already_set();
             }
             obj[i] = o;
@@ -543,7 +559,7 @@ I64 buckets(const U8& data, const I64& offsets) {
     const uint8_t* d = data.data();
     const int64_t* o = offsets.data();
     int64_t* b = out.mutable_data();
-    if (n > 0 && (o[0] < 0 || o[n] > data.size())) throw std::invalid_argument("offsets point outside the data");
+    check_offsets(o, n, size_t(data.size()), "key");
     py::gil_scoped_release nogil;
     for (py::ssize_t i = 0; i < n; ++i) b[i] = bucket_of(d + o[i], size_t(o[i + 1] - o[i]));
     return out;
@@ -618,13 +634,15 @@ py::list redis_keys(const std::string& prefix, const std::string& tag, const py:
 // tag-major inside a group (all keys of tags[0] first).
 py::bytes pack_mget(const std::string& prefix, const py::list& groups) {
     std::vector<std::pair<std::vector<std::string>, std::vector<std::string_view>>> gs;
+    std::vector<py::list> keep;  // the views below point into these lists' bytes: they must outlive them
     size_t total = 0;
     for (auto g : groups) {
         auto pair = py::cast<py::tuple>(g);
         if (pair.size() != 2) throw std::invalid_argument("a group is (tags, keys)");
         auto tags = py::cast<std::vector<std::string>>(pair[0]);
         std::vector<std::string_view> ks;
-        for (auto k : py::cast<py::list>(pair[1])) ks.push_back(py::cast<std::string_view>(k));
+        keep.push_back(py::cast<py::list>(pair[1]));  // a new list when the keys came as another iterable
+        for (auto k : keep.back()) ks.push_back(py::cast<std::string_view>(k));
         total += tags.size() * ks.size();
         gs.emplace_back(std::move(tags), std::move(ks));
     }
@@ -662,8 +680,8 @@ py::bytes pack_evalsha(const std::string& sha, const std::string& prefix, const 
     const int64_t* ro = rec_offsets.data();
     const int64_t* ex = expire_at_ms.data();
     const int64_t* rw = rows.data();
-    if (n_keys > 0 && (ko[n_keys] > key_data.size() || ro[n_keys] > rec_data.size()))
-        throw std::invalid_argument("offsets point outside the data");
+    check_offsets(ko, n_keys, size_t(key_data.size()), "key");
+    check_offsets(ro, n_keys, size_t(rec_data.size()), "record");
     for (py::ssize_t i = 0; i < n; ++i)
         if (rw[i] < 0 || rw[i] >= n_keys) throw std::invalid_argument("row index past the keys");
     const uint8_t* kd = key_data.data();
