@@ -1,13 +1,16 @@
 """The feature catalog on SQLite and PostgreSQL: apply, versions, discovery, invalid definitions."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -147,6 +150,31 @@ def test_invalid_definitions_are_refused_and_nothing_is_stored(platform, source,
         (lambda s: mp.FeatureService("svc", features=["v:a", "v:a"]), "twice"),
         (lambda s: mp.FeatureService("svc", features=["v"]), "'view:feature'"),
         (lambda s: mp.ParquetSource(s, timestamp_field="t", created_timestamp_field="t"), "must differ"),
+        # a trailing newline is not part of a valid name ("$" matched before it)
+        (lambda s: mp.Entity("user\n", join_keys=["user_id"]), r"entity name 'user\\n' is invalid"),
+        (lambda s: mp.Field("x\n", mp.Int64), r"field name 'x\\n' is invalid"),
+        (lambda s: mp.FeatureService("svc", features=["v:a\n"]), "'view:feature'"),
+        # descriptions are text, on fields as on definitions
+        (lambda s: mp.Field("x", mp.Int64, description=7), "field 'x': description must be a string, got int"),
+        (lambda s: mp.Field("x", mp.Int64, description=None), "field 'x': description must be a string"),
+        (lambda s: mp.Field("x", mp.Int64, description=b"x"), "field 'x': description must be a string"),
+        (lambda s: mp.Entity("user", join_keys=["user_id"], description=None), "entity 'user': description"),
+        (lambda s: view(s, description=3), "feature view 'user_txn': description must be a string"),
+        (lambda s: mp.FeatureService("svc", features=["v:a"], description=None), "feature service 'svc': descr"),
+        # one-shot iterables are read once: an empty one is empty, a non-iterable is refused
+        (lambda s: view(s, schema=(f for f in [])), "non-empty list of mp.Field"),
+        (lambda s: view(s, schema=mp.Field("amount", mp.Float64)), "non-empty list of mp.Field"),
+        (lambda s: view(s, entities=(e for e in [])), "non-empty list of mp.Entity"),
+        (lambda s: mp.Entity("user", join_keys=(k for k in [])), "non-empty list"),
+        (lambda s: mp.Entity("user", join_keys=5), "non-empty list"),
+        # lengths the database columns hold, checked when built and naming the definition
+        (lambda s: view(s, owner="o" * 256), "feature view 'user_txn': owner is 256 characters long; at most 255"),
+        (lambda s: mp.Entity("user", join_keys=["user_id"], tags={"k" * 256: "v"}),
+         "entity 'user': tag key 'kkk.*' is 256 characters long; at most 255"),
+        (lambda s: mp.FeatureService("svc", features=["v:a"], tags={"team": "v" * 1025}),
+         "feature service 'svc': the value of tag 'team' is 1025 characters long; at most 1024"),
+        # sub-microsecond ttl cannot be stored: refused, not rounded
+        (lambda s: view(s, ttl=pd.Timedelta("7 days 1500ns")), "ttl .* below one microsecond.*round"),
     ],
 )
 def test_malformed_definitions_fail_when_built(source, build, message):
@@ -207,3 +235,128 @@ def test_concurrent_applies_give_one_version_per_change(database_url, tmp_path, 
         # consecutive versions always differ: no duplicate rows for the same spec in a row
         assert all(a.spec != b.spec for a, b in zip(versions, versions[1:]))
         assert [e.version for e in p.features.versions("entity", "user")] == [1]
+
+
+def test_generators_as_schema_and_entities_are_read_once(platform, source):
+    fields = [mp.Field("txn_count", mp.Int64), mp.Field("amount", mp.Float64, description="sum of amounts")]
+    v = view(source, schema=(f for f in fields), entities=(e for e in [USER]))
+    assert v.feature_names == ["txn_count", "amount"] and v.join_keys == ["user_id"]
+    assert mp.Entity("user", join_keys=(k for k in ["user_id"])).join_keys == ["user_id"]
+    platform.features.apply([USER, v])
+    assert platform.features.get_feature_view("user_txn") == v and v.key_types == {"user_id": "int"}
+
+
+def test_a_failed_apply_leaves_the_callers_objects_as_they_were(platform, source):
+    user, v = mp.Entity("user", join_keys=["user_id"]), view(source)
+    with pytest.raises(mp.DefinitionError, match="has no feature 'nope'"):
+        platform.features.apply([user, v, mp.FeatureService("svc", features=["user_txn:nope"])])
+    assert (user.version, v.version, v.created_at, v.key_types) == (None, None, None, {})
+    # a failure inside the transaction (here: a service changed after it was built, so that it cannot be
+    # stored) rolls back the entity and the view stored before it, and leaves their objects alone too
+    bad = mp.FeatureService("svc", features=["user_txn:amount"])
+    bad.tags = {"team": object()}
+    with pytest.raises(TypeError):
+        platform.features.apply([user, v, bad])
+    assert platform.features.list() == []
+    assert (user.version, v.version, v.created_at, v.key_types) == (None, None, None, {})
+    platform.features.apply([user, v])  # a committed apply tells the objects what they became
+    assert (user.version, v.version, v.key_types) == (1, 1, {"user_id": "int"}) and v.created_at is not None
+
+
+def test_search_reads_rows_stored_with_descriptions_that_are_not_text(platform, source):
+    from mlplat.db.models import FeatureDefinition
+    from mlplat.features.catalog import spec_hash
+
+    spec = view(source).to_spec()  # as older mlplat stored it: field descriptions were not checked
+    spec["schema"][0]["description"], spec["schema"][1]["description"] = None, 7
+    with platform.db.session(write=True) as s:
+        s.add(FeatureDefinition(kind="feature_view", name="user_txn", version=1, spec=spec, spec_hash=spec_hash(spec),
+                                description="old", owner=None))
+    assert [e.name for e in platform.features.search("txn")] == ["user_txn"]
+    assert [e.name for e in platform.features.search("7")] == ["user_txn"]
+    got = platform.features.get_feature_view("user_txn")
+    assert [f.description for f in got.schema] == ["", "7"]
+
+
+def test_lengths_at_the_database_columns_limits_are_stored(platform, source):
+    v = view(source, owner="o" * 255, tags={"k" * 255: "v" * 1024})
+    platform.features.apply([USER, v])
+    entry = platform.features.list("feature_view")[0]
+    assert entry.owner == "o" * 255 and entry.tags == {"k" * 255: "v" * 1024}
+
+
+def test_a_pandas_timedelta_ttl_becomes_a_timedelta_and_round_trips(platform, source):
+    v = view(source, ttl=pd.Timedelta("7 days 2us"))
+    assert type(v.ttl) is timedelta and v.ttl == timedelta(days=7, microseconds=2)
+    platform.features.apply([USER, v])
+    got = platform.features.get_feature_view("user_txn")
+    assert got == v
+    assert [(r.version, r.changed) for r in platform.features.apply([got])] == [(1, False)]
+
+
+def _open_files(folder: Path, *names: str) -> list[str]:
+    """Files under ``folder`` called one of ``names`` (or their -wal/-shm) that this process holds open."""
+    fds = Path("/proc/self/fd")
+    paths = []
+    for fd in fds.iterdir():
+        try:
+            paths.append(os.readlink(fd))
+        except OSError:
+            pass
+    return [p for p in paths if p.startswith(str(folder)) and Path(p).name.split("-")[0] in names]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open files through /proc")
+def test_threads_racing_on_first_use_share_one_online_store_and_backend(tmp_path, monkeypatch):
+    import mlplat.features.store as store_module
+    from mlplat.serving.service import ServingService
+
+    opened, backends = [], []
+    real_open, real_backend = store_module.open_online_store, ServingService.local_backend
+
+    def slow_open(url):  # the real store, opened slowly: every thread arrives while the first is opening
+        time.sleep(0.05)
+        opened.append(real_open(url))
+        return opened[-1]
+
+    def slow_backend(self, **kwargs):
+        time.sleep(0.05)
+        backends.append(real_backend(self, **kwargs))
+        return backends[-1]
+
+    monkeypatch.setattr(store_module, "open_online_store", slow_open)
+    monkeypatch.setattr(ServingService, "local_backend", slow_backend)
+    p = mp.Platform(tmp_path / "home")
+    barrier, got = threading.Barrier(8), []
+
+    def first_use() -> None:
+        barrier.wait()
+        got.append((p.features.online_store, p.serving.backend))
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(opened) == 1 and len(backends) == 1
+    assert all(store is opened[0] and backend is backends[0] for store, backend in got)
+    p.close()
+    assert _open_files(tmp_path / "home", "online.db") == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open files through /proc")
+def test_close_closes_every_part_when_one_fails(tmp_path):
+    home = tmp_path / "home"
+    p = mp.Platform(home)
+    p.features.list()
+    assert p.features.online_store is not None  # opened
+    assert _open_files(home, "mlplat.db", "online.db")
+    (home / "served").write_text("a file where the served-feature log's folder belongs")
+    p.serving.served_log.add("fraud", 1, "default", {"user_id": [1]}, {"amount": [1.0]}, {"output__0": [0.5]},
+                             refs=["user_txn:amount"], types={"user_id": pa.int64(), "amount": pa.float64()})
+    with pytest.raises(mp.StoreError, match="closing the served-feature log.*served.*call close\\(\\) again"):
+        p.close()
+    assert _open_files(home, "mlplat.db", "online.db") == []  # the database and online store were closed anyway
+    (home / "served").unlink()
+    p.close()  # the buffered rows are written now
+    assert len(list((home / "served" / "fraud").glob("*.parquet"))) == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -213,6 +214,16 @@ def test_features_list_filters(home):
     assert names("--search", "card holder") == ["user", "user_txn_7d"]
 
 
+def test_features_list_requires_every_repeated_tag(home):
+    def names(*args):
+        return sorted(e["name"] for e in ok_json(invoke("features", "list", "--json", *args, home=home)))
+
+    # one tag holds one value: a key required with two values matches nothing, whichever comes last
+    assert names("--tag", "team=nobody", "--tag", "team=risk") == []
+    assert names("--tag", "team=risk", "--tag", "team=nobody") == []
+    assert names("--tag", "team=risk", "--tag", "team=risk") == ["merchant_30d", "user_txn_7d"]
+
+
 def test_features_list_bad_arguments(home):
     error(invoke("features", "list", "--tag", "badtag", home=home), 2, "--tag 'badtag'", "key=value")
     error(invoke("features", "list", "--kind", "bogus", home=home), 2, "'bogus' is not one of")
@@ -292,6 +303,26 @@ def test_features_apply_a_view_missing_from_its_source(scratch, home, tmp_path):
     error(invoke("features", "apply", path, home=scratch), 1, "'no_such_column' is missing from the source")
     names = [e["name"] for e in ok_json(invoke("features", "list", "--json", home=scratch))]
     assert "user_spend_7d" not in names
+
+
+def test_features_apply_imports_modules_next_to_the_file(scratch, home, tmp_path):
+    folder = tmp_path / "defs"
+    folder.mkdir()
+    module = f"mlplat_test_entities_{tmp_path.name.replace('-', '_')}"  # a name no other test imports
+    (folder / f"{module}.py").write_text("import mlplat as mp\nuser = mp.Entity('user', join_keys=['user_id'])\n")
+    source = str(Path(home) / "data" / "user_txn_7d")
+    (folder / "views.py").write_text(
+        f"from datetime import timedelta\nimport mlplat as mp\nfrom {module} import user\n"
+        f"spend = mp.FeatureView('user_spend_7d', entities=[user], ttl=timedelta(days=7),\n"
+        f"                       schema=[mp.Field('amount_sum_7d', mp.Float64)],\n"
+        f"                       source=mp.ParquetSource({source!r}))\n")
+    path_before = list(sys.path)
+    try:
+        rows = ok_json(invoke("features", "apply", folder / "views.py", "--json", home=scratch))
+    finally:
+        sys.modules.pop(module, None)
+    assert [(r["kind"], r["name"]) for r in rows] == [("entity", "user"), ("feature_view", "user_spend_7d")]
+    assert sys.path == path_before  # the file's folder is on sys.path only while it runs
 
 
 def test_features_apply_bad_paths(scratch, tmp_path):

@@ -192,14 +192,11 @@ def features() -> None:
 @click.pass_context
 def features_list(ctx: click.Context, kind: str | None, tags: tuple[str, ...], text: str | None, as_json: bool) -> None:
     """The latest version of every definition."""
-    wanted = {}
-    for tag in tags:
-        key, sep, value = tag.partition("=")
-        if not sep:
-            raise click.BadParameter(f"--tag {tag!r}: write key=value")
-        wanted[key] = value
+    wanted = _tag_filters(tags)
     with _platform(ctx) as p:
-        entries = p.features.search(text, tags=wanted or None, kind=kind)
+        entries = p.features.search(text, tags={k: v[0] for k, v in wanted.items()} or None, kind=kind)
+    # every --tag is required: a key given with two values matches nothing, as one tag holds one value
+    entries = [e for e in entries if all(e.tags.get(k) == v for k, values in wanted.items() for v in values)]
     if as_json:
         _echo_json([{"kind": e.kind, "name": e.name, "version": e.version, "description": e.description,
                      "tags": e.tags, "owner": e.owner, "created_at": e.created_at} for e in entries])
@@ -207,6 +204,17 @@ def features_list(ctx: click.Context, kind: str | None, tags: tuple[str, ...], t
     _table("feature definitions", ["kind", "name", "version", "owner", "tags", "description"],
            [[e.kind, e.name, e.version, e.owner, ", ".join(f"{k}={v}" for k, v in e.tags.items()), e.description]
             for e in entries])
+
+
+def _tag_filters(tags: tuple[str, ...]) -> dict[str, list[str]]:
+    """``--tag key=value`` options as the values each key must have (a repeated key collects them all)."""
+    wanted: dict[str, list[str]] = {}
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        if not sep:
+            raise click.BadParameter(f"--tag {tag!r}: write key=value")
+        wanted.setdefault(key, []).append(value)
+    return wanted
 
 
 @features.command("describe")
@@ -240,13 +248,14 @@ def features_describe(ctx: click.Context, name: str, kind: str, version: int | N
 @_json_flag
 @click.pass_context
 def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
-    """Apply the Entity, FeatureView and FeatureService objects a Python file defines."""
-    import runpy
+    """Apply the Entity, FeatureView and FeatureService objects a Python file defines.
 
+    The file runs as ``python FILE`` would run it: modules next to it can be imported.
+    """
     from .features.definitions import _Definition
 
     try:
-        namespace = runpy.run_path(path)
+        namespace = _run_file(path)
     except MlplatError:
         raise
     except SystemExit as exc:
@@ -263,6 +272,22 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
         _echo_json(rows)
         return
     _table("applied", ["kind", "name", "version", "changed"], [list(r.values()) for r in rows])
+
+
+def _run_file(path: str) -> dict[str, Any]:
+    """Run a Python file with its folder first on ``sys.path`` (as ``python FILE`` does); its globals."""
+    import os
+    import runpy
+
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)
+    try:
+        return runpy.run_path(path)
+    finally:
+        try:
+            sys.path.remove(folder)  # the first entry equal to it: ours, unless the file moved it
+        except ValueError:
+            pass
 
 
 # ------------------------------------------------------------ materialize

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from .db import Database
 from .db.migrate import ensure_schema
-from .errors import ConfigError
+from .errors import ConfigError, MlplatError, StoreError
 from .features.store import FeatureStore
 from .models.registry import ModelRegistry
 from .monitoring.service import Monitoring
@@ -70,10 +71,19 @@ class Platform:
         self.monitoring = Monitoring(self)
 
     def close(self) -> None:
-        """Write what is buffered (served features) and release database, online store and server connections."""
-        self.serving.close()
-        self.features.close()
-        self.db.dispose()
+        """Write what is buffered (served features) and release database, online store and server connections.
+
+        Every part is closed even when one fails; then the first failure is raised as an mlplat error
+        (an :class:`~mlplat.errors.StoreError` when it was not one already). Closing again is harmless.
+        """
+        parts: list[tuple[str, Callable[[], None]]] = [
+            ("the served-feature log and serving backend", self.serving.close),
+            ("the online store", self.features.close),
+            ("the database connections", self.db.dispose),
+        ]
+        failures = [failure for failure in map(_close_part, parts) if failure is not None]
+        if failures:
+            raise failures[0]
 
     def __enter__(self) -> Platform:
         return self
@@ -83,3 +93,19 @@ class Platform:
 
     def __repr__(self) -> str:
         return f"Platform(home={str(self.settings.home)!r})"
+
+
+def _close_part(part: tuple[str, Callable[[], None]]) -> MlplatError | None:
+    """Close one part of a Platform; the failure as an mlplat error, or None."""
+    what, close = part
+    try:
+        close()
+    except MlplatError as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - any failure: the other parts must still be closed
+        detail = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else str(exc)
+        error = StoreError(f"closing {what} failed ({type(exc).__name__}: {detail}); the platform's other "
+                           "connections were released; fix the cause and call close() again to retry")
+        error.__cause__ = exc
+        return error
+    return None

@@ -4,9 +4,12 @@
 catalog, then stores each one whose spec changed as a new version (1, 2, ...)
 in one transaction; applying the same definitions again changes nothing.
 Reads return definition objects with ``version`` and ``created_at`` set.
+``apply`` sets them (and a view's ``key_types``) on the caller's objects only
+after its transaction commits: a failed apply leaves them as they were.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -21,7 +24,7 @@ from sqlalchemy.orm import aliased
 from ..db import Database
 from ..db.models import FeatureDefinition, FeatureDefinitionTag
 from ..errors import DefinitionError, NotFoundError, StoreError
-from .definitions import Entity, FeatureService, FeatureView, _Definition, parse_ref
+from .definitions import Entity, FeatureService, FeatureView, _Definition, _stored_text, parse_ref
 from .parquet import ParquetFiles
 from .validation import check_source
 
@@ -63,6 +66,13 @@ class CatalogEntry:
         return obj
 
 
+def _adopt(original: _Definition, stored: _Definition) -> None:
+    """Give the caller's object what its committed copy learned: version, creation time, key types."""
+    original.version, original.created_at = stored.version, stored.created_at
+    if isinstance(original, FeatureView) and isinstance(stored, FeatureView):
+        original.key_types = dict(stored.key_types)
+
+
 def spec_hash(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -76,19 +86,27 @@ class Catalog:
 
     # ------------------------------------------------------------------ apply
     def apply(self, objects: Iterable[_Definition]) -> list[ApplyResult]:
+        """Check and store ``objects`` in one transaction; see the module docstring."""
         batch = self._batch(objects)
-        views = [o for o in batch.values() if isinstance(o, FeatureView)]
-        for view in views:
-            self._resolve_source(view)
-        self._check_references(batch)
-        results = []
+        staged = {key: self._staged(obj) for key, obj in batch.items()}  # copies: the caller's stay untouched
+        self._check_references(staged)
+        stored: list[tuple[_Definition, _Definition, ApplyResult]] = []
         with self._db.session(write=True) as s:
             if self._db.dialect == "postgresql":
                 s.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
             for kind in _APPLY_ORDER:
-                for obj in (o for (k, _), o in batch.items() if k == kind):
-                    results.append(self._store(s, obj))
-        return results
+                for key in (key for key in staged if key[0] == kind):
+                    stored.append((batch[key], staged[key], self._store(s, staged[key])))
+        for original, copied, _ in stored:  # committed: now the caller's objects learn their versions
+            _adopt(original, copied)
+        return [result for _, _, result in stored]
+
+    def _staged(self, obj: _Definition) -> _Definition:
+        """A copy of ``obj`` to check and store; a view's copy gets its source's join key types."""
+        staged = copy.copy(obj)
+        if isinstance(staged, FeatureView):
+            staged.key_types = self._resolve_source(staged)
+        return staged
 
     def _batch(self, objects: Iterable[_Definition]) -> dict[tuple[str, str], _Definition]:
         if isinstance(objects, _Definition):
@@ -105,13 +123,13 @@ class Catalog:
             batch[key] = obj
         return batch
 
-    def _resolve_source(self, view: FeatureView) -> None:
-        """Check the view against its source's files and record its join key types."""
+    def _resolve_source(self, view: FeatureView) -> dict[str, str]:
+        """Check the view against its source's files; its join key types ("int" or "string" per key)."""
         try:
             files = ParquetFiles(view.source, self._threads)
         except StoreError as exc:
             raise DefinitionError(f"feature view {view.name!r}: {exc}") from None
-        view.key_types = check_source(view, files, view.feature_names, error=DefinitionError)
+        return check_source(view, files, view.feature_names, error=DefinitionError)
 
     def _check_references(self, batch: dict[tuple[str, str], _Definition]) -> None:
         def entity(name: str) -> Entity | None:
@@ -265,8 +283,8 @@ class Catalog:
         def haystack(e: CatalogEntry) -> str:
             parts = [e.name, e.description, *e.tags.keys(), *e.tags.values()]
             for f in e.spec.get("schema", []):
-                parts += [f["name"], f.get("description", "")]
+                parts += [f["name"], f.get("description")]
             parts += e.spec.get("features", [])
-            return "\n".join(parts).lower()
+            return "\n".join(map(_stored_text, parts)).lower()  # rows stored long ago may hold None or numbers
 
         return [e for e in entries if needle in haystack(e)]

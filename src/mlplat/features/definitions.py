@@ -30,12 +30,14 @@ from ..errors import DefinitionError
 
 __all__ = ["Entity", "Field", "ParquetSource", "FeatureView", "FeatureService", "FeatureRef", "parse_ref"]
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-.]*$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-.]*")  # always fullmatch: "$" would let a trailing newline through
+MAX_NAME = 255  # the database's name, owner and tag key columns
+MAX_TAG_VALUE = 1024  # the database's tag value column
 MAX_TTL = timedelta(days=36_525)  # 100 years: times are int64 nanoseconds (1677-2262), and ts - ttl must fit
 
 
 def _check_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 255:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > MAX_NAME:
         raise DefinitionError(
             f"{what} name {name!r} is invalid: use letters, digits, '_', '-' and '.', starting with a letter or '_'"
         )
@@ -47,7 +49,60 @@ def _check_tags(tags: Mapping[str, str] | None, owner: str) -> dict[str, str]:
         return {}
     if not isinstance(tags, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
         raise DefinitionError(f"{owner}: tags must be a dict of str to str, got {tags!r}")
+    for key, value in tags.items():
+        _check_length(key, MAX_NAME, f"{owner}: tag key {_preview(key)}")
+        _check_length(value, MAX_TAG_VALUE, f"{owner}: the value of tag {_preview(key)}")
     return dict(tags)
+
+
+def _check_length(text: str, limit: int, what: str) -> None:
+    """Refuse ``text`` longer than the database column that stores it (PostgreSQL would refuse it at apply)."""
+    if len(text) > limit:
+        raise DefinitionError(f"{what} is {len(text)} characters long; at most {limit} are allowed, shorten it")
+
+
+def _preview(text: str, limit: int = 40) -> str:
+    """``text`` quoted, cut to ``limit`` characters: long values make unreadable messages."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _check_description(description: Any, what: str) -> str:
+    if not isinstance(description, str):
+        raise DefinitionError(
+            f"{what}: description must be a string, got {type(description).__name__} {description!r}"
+        )
+    return description
+
+
+def _stored_text(value: Any) -> str:
+    """A description read back from the catalog as text: rows stored before descriptions were checked
+    may hold None or a number."""
+    return "" if value is None else str(value)
+
+
+def _as_list(items: Any, what: str) -> list[Any]:
+    """``items`` (a list, tuple, generator or other iterable) as a list, read exactly once."""
+    if isinstance(items, (str, bytes, Mapping)):
+        raise DefinitionError(f"{what}, got {type(items).__name__} {items!r}")
+    try:
+        return list(items)
+    except TypeError:
+        raise DefinitionError(f"{what}, got {type(items).__name__} {items!r}") from None
+
+
+def _check_ttl(ttl: Any, where: str) -> timedelta | None:
+    """``ttl`` as a plain ``datetime.timedelta`` (a ``pandas.Timedelta`` is converted), or None."""
+    if ttl is None:
+        return None
+    if not isinstance(ttl, timedelta) or ttl < timedelta(0):
+        raise DefinitionError(f"{where}: ttl must be a non-negative timedelta or None, got {ttl!r}")
+    if getattr(ttl, "nanoseconds", 0):  # pandas.Timedelta: datetime.timedelta holds whole microseconds only
+        raise DefinitionError(f"{where}: ttl {ttl!r} has a part below one microsecond, which mlplat cannot store; "
+                              "round it first, e.g. ttl.round('us')")
+    if ttl > MAX_TTL:
+        raise DefinitionError(f"{where}: ttl {ttl!r} is longer than {MAX_TTL.days} days (100 years), beyond "
+                              "what times in nanoseconds can subtract; for rows that never expire use ttl=None")
+    return timedelta(days=ttl.days, seconds=ttl.seconds, microseconds=ttl.microseconds)
 
 
 class _Definition:
@@ -64,12 +119,13 @@ class _Definition:
 
     def _init_common(self, name: str, description: str, tags: Mapping[str, str] | None, owner: str | None) -> None:
         self.name = _check_name(name, self.kind.replace("_", " "))
-        if not isinstance(description, str):
-            raise DefinitionError(f"{self.kind} {name!r}: description must be a string")
+        where = f"{self.kind.replace('_', ' ')} {name!r}"
+        self.description = _check_description(description, where)
         if owner is not None and not isinstance(owner, str):
-            raise DefinitionError(f"{self.kind} {name!r}: owner must be a string")
-        self.description = description
-        self.tags = _check_tags(tags, f"{self.kind} {name!r}")
+            raise DefinitionError(f"{where}: owner must be a string")
+        if owner is not None:
+            _check_length(owner, MAX_NAME, f"{where}: owner")
+        self.tags = _check_tags(tags, where)
         self.owner = owner
         self.version = None
         self.created_at = None
@@ -111,7 +167,8 @@ class Entity(_Definition):
         owner: str | None = None,
     ) -> None:
         self._init_common(name, description, tags, owner)
-        if isinstance(join_keys, str) or not join_keys:
+        join_keys = _as_list(join_keys, f"entity {name!r}: join_keys must be a non-empty list of column names")
+        if not join_keys:
             raise DefinitionError(f"entity {name!r}: join_keys must be a non-empty list of column names")
         keys = [_check_name(k, f"entity {name!r} join key") for k in join_keys]
         if len(set(keys)) != len(keys):
@@ -143,7 +200,7 @@ class Field:
         if not isinstance(dtype, dtypes.DType):
             raise DefinitionError(f"field {name!r}: dtype must be an mlplat dtype such as mp.Int64, got {dtype!r}")
         self.dtype = dtype
-        self.description = description
+        self.description = _check_description(description, f"field {name!r}")
 
     def to_spec(self) -> dict[str, Any]:
         """The field as a JSON-able dict."""
@@ -152,7 +209,7 @@ class Field:
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> Field:
         """The field a :meth:`to_spec` dict describes."""
-        return cls(spec["name"], spec["dtype"], description=spec.get("description", ""))
+        return cls(spec["name"], spec["dtype"], description=_stored_text(spec.get("description")))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Field) and other.to_spec() == self.to_spec()
@@ -238,17 +295,18 @@ class FeatureView(_Definition):
     ) -> None:
         self._init_common(name, description, tags, owner)
         where = f"feature view {name!r}"
-        if isinstance(entities, Entity) or not entities or not all(isinstance(e, Entity) for e in entities):
-            raise DefinitionError(f"{where}: entities must be a non-empty list of mp.Entity")
+        entities_wanted = f"{where}: entities must be a non-empty list of mp.Entity"
+        if isinstance(entities, Entity):
+            raise DefinitionError(entities_wanted)
+        entities = _as_list(entities, entities_wanted)  # a generator is read once, here
+        if not entities or not all(isinstance(e, Entity) for e in entities):
+            raise DefinitionError(entities_wanted)
+        schema = _as_list(schema, f"{where}: schema must be a non-empty list of mp.Field")
         if not schema or not all(isinstance(f, Field) for f in schema):
             raise DefinitionError(f"{where}: schema must be a non-empty list of mp.Field")
         if not isinstance(source, ParquetSource):
             raise DefinitionError(f"{where}: source must be an mp.ParquetSource, got {type(source).__name__}")
-        if ttl is not None and (not isinstance(ttl, timedelta) or ttl < timedelta(0)):
-            raise DefinitionError(f"{where}: ttl must be a non-negative timedelta or None, got {ttl!r}")
-        if ttl is not None and ttl > MAX_TTL:
-            raise DefinitionError(f"{where}: ttl {ttl!r} is longer than {MAX_TTL.days} days (100 years), beyond "
-                                  "what times in nanoseconds can subtract; for rows that never expire use ttl=None")
+        ttl = _check_ttl(ttl, where)
         if not isinstance(online, bool):
             raise DefinitionError(f"{where}: online must be True or False")
         keys: list[str] = []
@@ -265,8 +323,8 @@ class FeatureView(_Definition):
         clash = [n for n in names if n in reserved]
         if clash:
             raise DefinitionError(f"{where}: field {clash[0]!r} is also a join key or timestamp column")
-        self.entities = list(entities)
-        self.schema = list(schema)
+        self.entities = entities
+        self.schema = schema
         self.source = source
         self.ttl = ttl
         self.online = online
@@ -388,7 +446,7 @@ class FeatureRef:
         return hash(str(self))
 
 
-_REF = re.compile(r"^([A-Za-z_][A-Za-z0-9_\-.]*)(?:@([0-9]+))?:([A-Za-z_][A-Za-z0-9_\-.]*)$")
+_REF = re.compile(r"([A-Za-z_][A-Za-z0-9_\-.]*)(?:@([0-9]+))?:([A-Za-z_][A-Za-z0-9_\-.]*)")  # fullmatch only
 
 
 def parse_ref(ref: str) -> FeatureRef:
@@ -397,7 +455,7 @@ def parse_ref(ref: str) -> FeatureRef:
     >>> parse_ref("user_txn@2:txn_count_7d").version
     2
     """
-    m = _REF.match(ref) if isinstance(ref, str) else None
+    m = _REF.fullmatch(ref) if isinstance(ref, str) else None
     if m is None:
         raise DefinitionError(f"feature reference {ref!r} is invalid: write 'view:feature' or 'view@version:feature'")
     return FeatureRef(m.group(1), m.group(3), int(m.group(2)) if m.group(2) else None)

@@ -5,6 +5,7 @@ point-in-time retrieval to :mod:`mlplat.features.offline`.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -32,13 +33,18 @@ class FeatureStore:
         self._settings = settings
         self.catalog = Catalog(db, settings.threads)
         self._online: OnlineStore | None = None
+        self._online_lock = threading.Lock()  # threads racing on first use open one store, not one each
         self._reader = OnlineReader(self._online_store, self.resolve)
         self._materializer = Materializer(db, self.catalog, self._online_store, settings.threads)
 
     def _online_store(self) -> OnlineStore:
-        if self._online is None:
-            self._online = open_online_store(self._settings.online_store)
-        return self._online
+        store = self._online
+        if store is None:
+            with self._online_lock:
+                if self._online is None:
+                    self._online = open_online_store(self._settings.online_store)
+                store = self._online
+        return store
 
     @property
     def online_store(self) -> OnlineStore:
@@ -46,10 +52,11 @@ class FeatureStore:
         return self._online_store()
 
     def close(self) -> None:
-        """Close the online store's connections."""
-        if self._online is not None:
-            self._online.close()
-            self._online = None
+        """Close the online store's connections (a later use opens it again)."""
+        with self._online_lock:
+            store, self._online = self._online, None
+        if store is not None:
+            store.close()
 
     # ------------------------------------------------------------ definitions
     def apply(self, objects: Iterable[_Definition] | _Definition) -> list[ApplyResult]:

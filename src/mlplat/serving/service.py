@@ -11,6 +11,7 @@ Usage::
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ class ServingService:
         self.served_log = ServedLog(s.home / "served", sample_rate=s.served_sample_rate)
         self._predictor = Predictor(platform.features, platform.models, self.served_log)
         self._backend: Any = None
+        self._backend_lock = threading.Lock()  # threads racing on first use share one backend
 
     # ------------------------------------------------------------- export
     def export_triton(
@@ -81,15 +83,22 @@ class ServingService:
     @property
     def backend(self) -> Any:
         """The default backend: a TritonClient for ``triton_url`` / MLPLAT_TRITON_URL, else the local one."""
-        if self._backend is None:
-            url = self._p.settings.triton_url
-            if url:
-                from .client import TritonClient
+        backend = self._backend
+        if backend is None:
+            with self._backend_lock:
+                if self._backend is None:
+                    self._backend = self._open_backend()
+                backend = self._backend
+        return backend
 
-                self._backend = TritonClient(url)
-            else:
-                self._backend = self.local_backend()
-        return self._backend
+    def _open_backend(self) -> Any:
+        """A TritonClient for the configured Triton URL, else a local backend (called once, under the lock)."""
+        url = self._p.settings.triton_url
+        if url:
+            from .client import TritonClient
+
+            return TritonClient(url)
+        return self.local_backend()
 
     # ------------------------------------------------------------- predict
     def predict(self, model: str, entity_rows: Any, *, version: int | None = None, stage: str | None = None,
@@ -122,8 +131,14 @@ class ServingService:
         return ABGateway(champion, challenger, challenger_fraction, experiment_id, salt, platform=self._p)
 
     def close(self) -> None:
-        """Write the served-feature log and close the backend predict opened (a Triton client or local models)."""
-        self.served_log.close()
-        if self._backend is not None and hasattr(self._backend, "close"):
-            self._backend.close()
-        self._backend = None
+        """Write the served-feature log and close the backend predict opened (a Triton client or local models).
+
+        The backend is closed even when writing the log fails; then the log's error is raised.
+        """
+        with self._backend_lock:
+            backend, self._backend = self._backend, None
+        try:
+            self.served_log.close()
+        finally:
+            if backend is not None and hasattr(backend, "close"):
+                backend.close()
