@@ -287,10 +287,74 @@ def test_served_numbers_equal_the_local_backend(served, triton, protocol):
         np.testing.assert_allclose(client.infer("scorer", table, version=1)["output__0"],
                                    local.infer("scorer", {"input__0": x}, version=1)["output__0"], rtol=1e-5)
         assert client.metadata("scorer")["name"] == "scorer"
-        if protocol == "http":  # split requests reuse pooled threads and their connections, not one per chunk
+        if protocol == "http":  # split requests reuse the client's worker threads and their connections
             for _ in range(10):
                 client.infer("scorer", {"input__0": x}, version=1)
-            assert len(client._http_clients) <= 1 + 3  # the caller's, and one per chunk running at once (19 / 8)
+            assert len(client._http._threads) <= client._max_in_flight
+        for backend in (client, local):  # no rows: answered as the local backend does, nothing sent to the server
+            empty = backend.infer("scorer", {"input__0": x[:0]}, version=1)["output__0"]
+            assert empty.shape == (0, 2) and empty.dtype == np.float32
+        assert asyncio.run(_async_infer(url, protocol, {"input__0": x[:0]}))["output__0"].shape == (0, 2)
+        for kwargs, name in (({"priority": -1}, "priority"), ({"timeout_us": -1}, "timeout_us"),
+                             ({"version": "abc"}, "version"), ({"version": -1}, "version")):
+            for backend in (client, local):  # refused before sending: not a time-out, not an unknown model
+                with pytest.raises(mp.DataError, match=f"^{name} must be"):
+                    backend.infer("scorer", {"input__0": x}, **kwargs)
+
+
+async def _async_infer(url: str, protocol: str, inputs) -> dict[str, np.ndarray]:
+    async with mp.AsyncTritonClient(url, protocol=protocol) as c:
+        return await c.infer("scorer", inputs, version=1)
+
+
+class Difference(torch.nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a - b
+
+
+def test_table_columns_named_after_two_inputs_fill_them_in_any_order(served, triton, tmp_path):
+    """Inputs of dims [1] take 1-D columns named after them (the named path always failed the rank check)."""
+    with served.runs.start("difference") as run:
+        run.log_model(Difference(), "model", example_input=(torch.zeros(2, 1), torch.zeros(2, 1)))
+    v = served.models.register("difference", run.id).version
+    export = served.serving.export_triton("difference", version=v, repository=tmp_path, max_batch_size=8)
+    table = pa.table({"input__1": pa.array([1.0, 2.0, 3.0], pa.float32()), "input__0": [10.0, 20.0, 30.0]})
+    want = [[9.0], [18.0], [27.0]]
+    local = served.serving.local_backend()
+    assert local.infer("difference", table.to_pandas(), version=v)["output__0"].tolist() == want
+    with mp.TritonClient(triton.grpc_url) as client:
+        client.load_model("difference", export.model_dir)
+        try:
+            assert client.infer("difference", table, version=v)["output__0"].tolist() == want
+            listed = pa.table({"input__0": pa.array([[0.5, 1.0, 1.5]] * 2, pa.list_(pa.float32(), 3))})
+            np.testing.assert_allclose(client.infer("scorer", listed, version=1)["output__0"],
+                                       local.infer("scorer", {"input__0": np.array([[0.5, 1.0, 1.5]] * 2,
+                                                                                   np.float32)}, version=1)[
+                                           "output__0"], rtol=1e-5)
+        finally:
+            client.unload_model("difference")
+
+
+def test_the_http_client_keeps_a_few_connections_for_any_number_of_threads_and_close_releases_them(triton):
+    """A thread per request (a web server's) kept a tritonclient client, socket and gevent hub per thread
+    for good, and close() left the dead threads' pipes open; a split request after close() raised."""
+    x = np.ones((2, 3), np.float32)
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    client = mp.TritonClient(triton.http_url, protocol="http", max_in_flight=2)
+    before = fds()
+    for _ in range(20):
+        t = threading.Thread(target=client.infer, args=("scorer", {"input__0": x}), kwargs={"version": 1})
+        t.start()
+        t.join()
+    assert fds() - before <= 2 * 4  # two workers: a socket and the gevent hub's pipes each (3 per thread before)
+    client.close()
+    assert fds() <= before
+    assert client.infer("scorer", {"input__0": np.ones((19, 3), np.float32)}, version=1)["output__0"].shape == (19, 2)
+    client.close()
+    assert fds() <= before
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -596,6 +660,62 @@ def test_a_hung_or_unreachable_server_gives_mlplat_errors_within_timeout_s(proto
     finally:
         hung.close()
     assert len(took) == 12 and max(took) < 5, took  # bounded by timeout_s (0.5 s), not 20 s or 60 s
+
+
+def _misbehaving_peer(answer: bytes | None) -> socket.socket:
+    """A localhost peer that reads a request, then sends ``answer`` (None: nothing) and closes the connection."""
+    peer = socket.socket()
+    peer.bind(("127.0.0.1", 0))
+    peer.listen(64)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = peer.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(65536)
+                    if answer is not None:
+                        conn.sendall(answer)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return peer
+
+
+def test_a_peer_that_closes_the_connection_or_is_not_triton_gives_mlplat_errors():
+    """geventhttpclient's HTTPConnectionClosed / HTTPParseError and rapidjson's JSONDecodeError escaped raw."""
+    html = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 15\r\n\r\n<html>hi</html>"
+    x = {"input__0": np.ones((1, 3), np.float32)}
+    for answer, error in ((None, mp.ModelNotReadyError), (b"HELLO THERE\r\n\r\n", mp.ServingError),
+                          (html, mp.ServingError)):
+        peer = _misbehaving_peer(answer)
+        url = f"127.0.0.1:{peer.getsockname()[1]}"
+        try:
+            with mp.TritonClient(url, protocol="http", timeout_s=2) as client:
+                calls = [lambda: client.config("scorer"), lambda: client.infer("scorer", x),
+                         lambda: client.metadata("scorer")]
+                if answer is not html:  # a 200 answer to a load is all Triton sends too: nothing to tell it by
+                    calls.append(lambda: client.load_model("scorer"))
+                for call in calls:
+                    with pytest.raises(error):
+                        call()
+
+            async def main(url=url, error=error) -> None:
+                async with mp.AsyncTritonClient(url, protocol="http", timeout_s=2) as c:
+                    for call in (lambda: c.config("scorer"), lambda: c.infer("scorer", x)):
+                        with pytest.raises(error):
+                            await call()
+
+            asyncio.run(main())
+        finally:
+            peer.close()
+    with pytest.raises(mp.ConfigError, match="must be host:port"):
+        mp.TritonClient("not a url::", protocol="http")
 
 
 def test_queue_full_and_timeouts_become_mlplat_errors(served, triton):
@@ -1089,6 +1209,46 @@ def test_inputs_that_would_change_on_the_way_to_the_model_are_refused():
     whole = to_arrays(ints, {"x": np.array([[2.0, 1.0]])})["x"]  # whole numbers convert as they are
     assert whole.dtype == np.int64 and whole.tolist() == [[2, 1]]
     assert to_arrays(ints, pa.table({"a": [1, 2], "b": [3, 4]}))["x"].tolist() == [[1, 3], [2, 4]]
+
+
+def test_table_columns_fill_inputs_exactly_and_ragged_lists_are_refused():
+    from mlplat.serving.shaping import ModelInfo, to_arrays
+
+    ints = ModelInfo("m", (("x", "INT64", (2,)),), ("y",), 8, (), 0)
+    big = 2**53 + 1  # stacking int64 with float64 columns made float64 first: it came out as 2**53
+    mixed = pa.table({"user_id": pa.array([big], pa.int64()), "flag": [1.0]})
+    assert to_arrays(ints, mixed)["x"].tolist() == [[big, 1]]
+    with pytest.raises(mp.DataError, match="input 'x' of model 'm' is INT64 but holds fractions"):
+        to_arrays(ints, pa.table({"a": [1, 2], "b": [0.5, 1.0]}))
+    with pytest.raises(mp.DataError, match="input 'x' of model 'm' is not a rectangular array"):
+        to_arrays(ints, {"x": [[1, 2], [3]]})
+    wide = ModelInfo("m", (("x", "FP32", (3,)),), ("y",), 8, (), 0)
+    listed = pa.chunked_array([pa.array([[1, 2, 3]], pa.list_(pa.float32(), 3)),
+                               pa.array([[4, 5, 6]], pa.list_(pa.float32(), 3))])
+    assert to_arrays(wide, pa.table({"x": listed}))["x"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert to_arrays(wide, pa.table({"x": [[1.0, 2.0, 3.0]]}))["x"].tolist() == [[1, 2, 3]]
+    with pytest.raises(mp.DataError, match="'x' of model 'm' takes 3 values per row: .*a list or fixed_size_list"):
+        to_arrays(wide, pa.table({"x": [1.0, 2.0]}))
+    with pytest.raises(mp.DataError, match="holds lists of 1 to 3 values"):
+        to_arrays(wide, pa.table({"x": [[1.0, 2.0, 3.0], [1.0]]}))
+
+
+class Half(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def test_a_bfloat16_model_is_refused_at_export_and_by_the_local_backend(served, tmp_path):
+    """No backend here serves bfloat16 and no mlplat client carries it (numpy has none): it loaded and failed."""
+    with served.runs.start("half") as run:
+        run.log_model(Half(), "model", example_input=torch.zeros(2, 3, dtype=torch.bfloat16))
+    v = served.models.register("half", run.id).version
+    for backend in ("python", "pytorch_libtorch"):
+        with pytest.raises(mp.DataError, match=r"tensor 'input__0' is bfloat16.*log the model in float32"):
+            served.serving.export_triton("half", version=v, repository=tmp_path, backend=backend, max_batch_size=4)
+    assert not (tmp_path / "half").exists()
+    with pytest.raises(mp.ModelNotReadyError, match="'input__0' is bfloat16"):
+        served.serving.local_backend().infer("half", {"input__0": np.ones((1, 3), np.float32)}, version=v)
 
 
 def test_local_backend_and_server_errors(served, tmp_path):

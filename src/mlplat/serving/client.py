@@ -22,17 +22,22 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, ServingError
-from .shaping import ModelInfo, join, map_error, merge, rows_of, split, to_arrays, unmerge
+from .shaping import (ModelInfo, check_request, empty_outputs, join, map_error, merge, rows_of, split, to_arrays,
+                      unmerge)
 
 __all__ = ["TritonClient", "AsyncTritonClient"]
 
@@ -55,14 +60,29 @@ def _modules(protocol: str, asynchronous: bool):
         raise ConfigError(f"the Triton client needs tritonclient: pip install 'mlplat[triton]' ({exc})") from None
     # gRPC reports every failure as an InferenceServerException; tritonclient's HTTP clients let the socket's
     # errors through (refused, reset, timed out: OSError), the asyncio one aiohttp's too
+    # (and geventhttpclient's, for a peer that closes the connection or does not answer HTTP), and rapidjson's
+    # for an answer that is not JSON
     errors: tuple[type[BaseException], ...] = (InferenceServerException,)
     if protocol == "http":
-        errors += (OSError,)
+        import http.client
+
+        import rapidjson
+
+        errors += (OSError, rapidjson.JSONDecodeError)
         if asynchronous:
             import aiohttp
 
             errors += (aiohttp.ClientError,)
+        else:
+            errors += (http.client.HTTPException,)  # geventhttpclient's HTTPParseError, HTTPConnectionClosed
     return (aio if asynchronous else base), base, errors
+
+
+def _check_http_url(url: object) -> None:
+    """An HTTP client's ``host:port`` (tritonclient's would fail only on the first call, with a ValueError)."""
+    host, _, port = url.rpartition(":") if isinstance(url, str) else ("", "", "")
+    if not host or "/" in url or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"the Triton HTTP url must be host:port (e.g. 127.0.0.1:8000, no scheme), got {url!r}")
 
 
 def _inputs(mod, info: ModelInfo, arrays: dict[str, np.ndarray]) -> list:
@@ -98,6 +118,8 @@ class _Base:
         self.url = url
         self.protocol = protocol
         self._mod, self._types, self._exc = _modules(protocol, asynchronous)
+        if protocol == "http":
+            _check_http_url(url)
         self._timeout = timeout_s
         self._coalesce = coalesce
         self._wait_us = coalesce_wait_us
@@ -138,57 +160,161 @@ class _Base:
         return [self._types.InferRequestedOutput(n) for n in (outputs or info.outputs)]
 
 
+class _HttpWorkers:
+    """The sync HTTP client's threads: at most ``size``, each with the one tritonclient HTTP client it uses.
+
+    tritonclient's HTTP client runs on gevent, whose hub (and its pipes) belongs to the thread that used it:
+    a client per calling thread kept a connection and a hub for every thread that ever called (a web server's
+    request threads, short-lived ones included) until the process ran out of file descriptors. Every HTTP
+    call runs here instead, so the connections are bounded, and :meth:`close` closes each client and its hub
+    in its own thread. A call made on one of these threads (a split request's part) runs there directly.
+    """
+
+    def __init__(self, connect: Callable[[], Any], size: int) -> None:
+        self._connect = connect
+        self._size = size
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._mine = threading.local()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(client, *args)`` on a worker thread, waited for; its exception is raised here."""
+        client = getattr(self._mine, "client", None)
+        if client is not None:  # already on a worker (a split request's part): no second hop
+            return fn(client, *args)
+        done = _Handoff()
+        self._put((fn, args, lambda value=None, error=None: done.set((value,), error)))  # (value,): None is one too
+        done.wait()
+        return done.result()[0]
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """``fn(client, *args)`` on a worker thread, not waited for."""
+        fut: Future = Future()
+
+        def settle(value: Any = None, error: BaseException | None = None) -> None:
+            fut.set_result(value) if error is None else fut.set_exception(error)
+
+        self._put((fn, args, settle))
+        return fut
+
+    def _put(self, job: tuple) -> None:
+        with self._lock:
+            if self._closed:
+                raise ServingError("the Triton client was closed while this call was being made; call again")
+            self._jobs.put(job)
+            if self._idle.acquire(blocking=False):  # a worker is waiting for it
+                return
+            if len(self._threads) < self._size:
+                t = threading.Thread(target=self._work, name=f"mlplat-triton-http-{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    def _work(self) -> None:
+        client = self._mine.client = self._connect()
+        try:
+            while (job := self._jobs.get()) is not None:
+                fn, args, settle = job
+                try:
+                    value = fn(client, *args)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised in its thread
+                    settle(error=exc)
+                else:
+                    settle(value)
+                del job, fn, args, settle
+                self._idle.release()
+        finally:
+            _close_in_thread(client)
+
+    def close(self, wait: bool = True) -> None:
+        """Let the jobs queued finish, then close every worker's client and gevent hub, and end the threads."""
+        with self._lock:
+            self._closed = True
+            threads, self._threads = self._threads, []
+            for _ in threads:
+                self._jobs.put(None)
+        for t in threads if wait else ():
+            if t is not threading.current_thread():
+                t.join()
+
+
+def _close_in_thread(client: Any) -> None:
+    """Close a tritonclient HTTP client and the gevent hub of this thread (its loop's pipes)."""
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - closing what is already broken
+        pass
+    from gevent._hub_local import get_hub_if_exists
+
+    hub = get_hub_if_exists()
+    if hub is not None:
+        hub.destroy(destroy_loop=True)
+
+
 class TritonClient(_Base):
-    """A synchronous Triton client (thread-safe), shaping requests to each model's batching hints."""
+    """A synchronous Triton client (thread-safe), shaping requests to each model's batching hints.
+
+    Over HTTP every call runs on one of ``max_in_flight`` threads of the client, each with its own connection
+    (tritonclient's HTTP client is bound to its thread), so any number of calling threads share that many.
+    """
 
     def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 30.0, coalesce: bool = False,
                  coalesce_wait_us: int | None = None, max_in_flight: int = 8) -> None:
         super().__init__(url, protocol, timeout_s, coalesce, coalesce_wait_us, max_in_flight, asynchronous=False)
-        # tritonclient's HTTP client runs on gevent, whose hub belongs to one thread: one client per thread
         self._grpc = self._mod.InferenceServerClient(url) if protocol == "grpc" else None
-        self._local = threading.local()
-        self._http_clients: list = []
         self._coalescers: dict[tuple, _Coalescer] = {}
         self._lock = threading.Lock()
-        self._http_pool: ThreadPoolExecutor | None = None  # split HTTP requests: threads and their clients reused
+        self._http: _HttpWorkers | None = None  # made on first use, again after close()
 
-    @property
-    def _client(self):
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(client, *args)`` with the gRPC client, or on an HTTP worker thread with its client."""
         if self._grpc is not None:
-            return self._grpc
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = self._mod.InferenceServerClient(
-                self.url, connection_timeout=self._timeout, network_timeout=self._timeout)
+            return fn(self._grpc, *args)
+        return self._http_workers().call(fn, *args)
+
+    def _http_workers(self) -> _HttpWorkers:
+        workers = self._http
+        if workers is None:
             with self._lock:
-                self._http_clients.append(client)
-        return client
+                if self._http is None:
+                    connect = functools.partial(self._mod.InferenceServerClient, self.url,
+                                                connection_timeout=self._timeout, network_timeout=self._timeout)
+                    self._http = _HttpWorkers(connect, self._max_in_flight)
+                    weakref.finalize(self, self._http.close, wait=False)  # a client dropped without close()
+                workers = self._http
+        return workers
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """tritonclient's ``method`` (a health, metadata or model-control call)."""
+        return self._run(lambda client: getattr(client, method)(*args, **kwargs))
 
     def is_live(self) -> bool:
         """Whether the server answers (its liveness)."""
         try:
-            return bool(self._client.is_server_live(**self._call_kwargs()))
+            return bool(self._call("is_server_live", **self._call_kwargs()))
         except Exception:  # noqa: BLE001 - unreachable means not live
             return False
 
     def is_ready(self) -> bool:
         """Whether the server is ready to take requests."""
         try:
-            return bool(self._client.is_server_ready(**self._call_kwargs()))
+            return bool(self._call("is_server_ready", **self._call_kwargs()))
         except Exception:  # noqa: BLE001
             return False
 
     def is_model_ready(self, model: str) -> bool:
         """Whether ``model`` is loaded and ready to infer."""
         try:
-            return bool(self._client.is_model_ready(model, **self._call_kwargs()))
+            return bool(self._call("is_model_ready", model, **self._call_kwargs()))
         except Exception:  # noqa: BLE001
             return False
 
     def metadata(self, model: str) -> dict[str, Any]:
         """The model's metadata (versions, inputs and outputs with types and shapes)."""
         try:
-            meta = self._client.get_model_metadata(model, **self._call_kwargs(as_json=True))
+            meta = self._call("get_model_metadata", model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
         return dict(meta)
@@ -196,7 +322,7 @@ class TritonClient(_Base):
     def config(self, model: str) -> dict[str, Any]:
         """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
         try:
-            cfg = self._client.get_model_config(model, **self._call_kwargs(as_json=True))
+            cfg = self._call("get_model_config", model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
         return dict(cfg.get("config", cfg))
@@ -216,7 +342,7 @@ class TritonClient(_Base):
         """
         kwargs = _upload(Path(folder)) if folder is not None else {}
         try:
-            self._client.load_model(model, **kwargs, **self._call_kwargs())
+            self._call("load_model", model, **kwargs, **self._call_kwargs())
         except self._exc as exc:
             raise self._control_error(exc, "load", model) from None
         self._infos.pop(model, None)
@@ -224,7 +350,7 @@ class TritonClient(_Base):
     def unload_model(self, model: str) -> None:
         """Unload ``model`` (explicit model-control mode)."""
         try:
-            self._client.unload_model(model, **self._call_kwargs())
+            self._call("unload_model", model, **self._call_kwargs())
         except self._exc as exc:
             raise self._control_error(exc, "unload", model) from None
         self._infos.pop(model, None)
@@ -239,9 +365,13 @@ class TritonClient(_Base):
     def infer(self, model: str, inputs: Any, *, version: int | None = None, outputs: list[str] | None = None,
               priority: int = 0, timeout_us: int = 0) -> dict[str, np.ndarray]:
         """Run the model (``version``: a registered version it serves; default: the newest) on ``inputs``
-        (dict of arrays, pandas or Arrow table); returns its outputs by name."""
+        (dict of arrays, pandas or Arrow table); returns its outputs by name. A request of no rows is answered
+        here, with no rows of each output, as the local backend answers it."""
+        check_request(priority, timeout_us, version)
         info = self.info(model)
         arrays = to_arrays(info, inputs)
+        if not rows_of(info, arrays):
+            return empty_outputs(info, outputs)
         if self._coalesces(info, arrays, outputs, priority, timeout_us):
             return self._coalescer(info, version).submit(arrays)
         parts = split(info, arrays)
@@ -252,19 +382,24 @@ class TritonClient(_Base):
 
     def _infer_once(self, info: ModelInfo, arrays, outputs, priority: int, timeout_us: int,
                     version: int | None = None) -> dict[str, np.ndarray]:
+        return self._run(self._infer_with, info, arrays, outputs, self._request_kwargs(priority, timeout_us, version))
+
+    def _infer_with(self, client: Any, info: ModelInfo, arrays, outputs,
+                    kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """One request sent with ``client`` (the gRPC client, or this HTTP worker's), its outputs by name."""
         try:
-            result = self._client.infer(info.name, _inputs(self._mod, info, arrays),
-                                        outputs=self._outputs(info, outputs),
-                                        **self._request_kwargs(priority, timeout_us, version))
+            result = client.infer(info.name, _inputs(self._mod, info, arrays), outputs=self._outputs(info, outputs),
+                                  **kwargs)
         except self._exc as exc:
             raise self._error(exc, info.name) from None
         return {n: result.as_numpy(n) for n in (outputs or info.outputs)}
 
     def _infer_async(self, info: ModelInfo, arrays, outputs=None, priority: int = 0,
                      timeout_us: int = 0, version: int | None = None) -> Future:
-        """One request in flight; gRPC sends without blocking, HTTP runs on a pooled thread."""
-        if self.protocol != "grpc":  # tritonclient.http.async_infer sleeps 10 ms per call: a thread (own client)
-            return self._http_workers().submit(self._infer_once, info, arrays, outputs, priority, timeout_us, version)
+        """One request in flight; gRPC sends without blocking, HTTP runs on a worker thread."""
+        kwargs = self._request_kwargs(priority, timeout_us, version)
+        if self._grpc is None:  # tritonclient.http.async_infer sleeps 10 ms per call: a worker thread instead
+            return self._http_workers().submit(self._infer_with, info, arrays, outputs, kwargs)
         fut: Future = Future()
         names = outputs or info.outputs
 
@@ -274,9 +409,8 @@ class TritonClient(_Base):
             else:
                 fut.set_result({n: result.as_numpy(n) for n in names})
 
-        self._client.async_infer(info.name, _inputs(self._mod, info, arrays), done,
-                                 outputs=self._outputs(info, outputs),
-                                 **self._request_kwargs(priority, timeout_us, version))
+        self._grpc.async_infer(info.name, _inputs(self._mod, info, arrays), done,
+                               outputs=self._outputs(info, outputs), **kwargs)
         return fut
 
     def _coalescer(self, info: ModelInfo, version: int | None) -> _Coalescer:
@@ -289,23 +423,16 @@ class TritonClient(_Base):
                     c = self._coalescers[key] = _Coalescer(self, info, version)
         return c
 
-    def _http_workers(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._http_pool is None:
-                self._http_pool = ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="mlplat-triton-http")
-            return self._http_pool
-
     def close(self) -> None:
+        """Close the connections (pending coalesced requests are sent by their callers first); a later call
+        opens them again."""
         # coalescers run nothing in the background: requests still pending are sent by their callers
-        """Close the connections (pending coalesced requests are sent by their callers first)."""
-        if self._http_pool is not None:
-            self._http_pool.shutdown(wait=True)
-        for client in [self._grpc, *self._http_clients]:
-            if client is not None:
-                try:
-                    client.close()
-                except Exception:  # noqa: BLE001 - a client owned by a finished thread
-                    pass
+        with self._lock:
+            workers, self._http = self._http, None
+        if workers is not None:
+            workers.close()
+        if self._grpc is not None:
+            self._grpc.close()
 
     def __enter__(self) -> TritonClient:
         return self
@@ -582,8 +709,11 @@ class AsyncTritonClient(_Base):
     async def infer(self, model: str, inputs: Any, *, version: int | None = None,
                     outputs: list[str] | None = None, priority: int = 0, timeout_us: int = 0) -> dict[str, np.ndarray]:
         """As :meth:`TritonClient.infer`, awaited."""
+        check_request(priority, timeout_us, version)
         info = await self.info(model)
         arrays = to_arrays(info, inputs)
+        if not rows_of(info, arrays):
+            return empty_outputs(info, outputs)
         if self._coalesces(info, arrays, outputs, priority, timeout_us):
             self._connection()  # the batchers belong to the running loop too
             batcher = self._batchers.get((model, version))

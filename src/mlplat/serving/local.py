@@ -20,12 +20,26 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelNotReadyError, MlplatError
-from .shaping import ModelInfo, join, split, to_arrays
+from .shaping import ModelInfo, check_request, join, split, to_arrays
 
 __all__ = ["LocalBackend"]
 
 _TRITON = {"float32": "FP32", "float64": "FP64", "float16": "FP16", "int64": "INT64", "int32": "INT32",
            "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+
+
+def _tensor(torch: Any, arr: np.ndarray) -> Any:
+    """A tensor sharing ``arr``'s memory; a copy of a read-only one (an Arrow column's), which torch warns about."""
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
+def _triton_type(model: str, version: int, tensor: dict[str, Any]) -> str:
+    """The Triton type of a signature tensor, as a served model's config would give it."""
+    dtype = _TRITON.get(tensor["dtype"])
+    if dtype is None:
+        raise ModelNotReadyError(f"model {model!r} v{version}: tensor {tensor['name']!r} is {tensor['dtype']}, which "
+                                 "mlplat cannot serve (numpy has no such type); log the model in float32")
+    return dtype
 
 
 class LocalBackend:
@@ -64,7 +78,8 @@ class LocalBackend:
                 raise ModelNotReadyError(f"model {model!r} v{info.version} has no signature to serve it by")
             spec = ModelInfo(
                 name=model,
-                inputs=tuple((t["name"], _TRITON[t["dtype"]], tuple(t["shape"][1:])) for t in sig["inputs"]),
+                inputs=tuple((t["name"], _triton_type(model, info.version, t), tuple(t["shape"][1:]))
+                             for t in sig["inputs"]),
                 outputs=tuple(t["name"] for t in sig["outputs"]),
                 max_batch_size=self._max_batch_size, preferred_batch_sizes=(), max_queue_delay_us=0)
             hit = self._loaded[(model, version)] = (info.version, module, spec)
@@ -103,11 +118,12 @@ class LocalBackend:
         outputs by name, as :meth:`TritonClient.infer` does."""
         import torch
 
+        check_request(_.get("priority", 0), _.get("timeout_us", 0), version)
         _, module, info = self._get(model, version)
         parts = []
         for arrays in split(info, to_arrays(info, inputs)):
             with torch.inference_mode():
-                out = module(*[torch.from_numpy(arrays[n]) for n, _, _ in info.inputs])
+                out = module(*[_tensor(torch, arrays[n]) for n, _, _ in info.inputs])
             outs = out if isinstance(out, (tuple, list)) else (out,)
             parts.append({name: o.numpy() for name, o in zip(info.outputs, outs)})
         return join(parts)

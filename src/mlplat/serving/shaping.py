@@ -3,19 +3,22 @@
 A request larger than the model's ``max_batch_size`` is split into chunks
 and the outputs are concatenated back in order; a pandas or Arrow table is
 turned into the model's input arrays (one input of width k takes k columns,
-in order; inputs named like columns take those columns).
+in order; inputs named like columns take those columns: a column of numbers for an
+input of one value per row, a list column for a wider one).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .._checks import require_number
 from ..errors import DataError, InferenceTimeoutError, ModelNotReadyError, QueueFullError, ServingError
 
-__all__ = ["ModelInfo", "to_arrays", "split", "join", "map_error", "NUMPY_TYPES"]
+__all__ = ["ModelInfo", "to_arrays", "split", "join", "map_error", "check_request", "empty_outputs", "NUMPY_TYPES"]
 
 #: Triton data type (without TYPE_) -> numpy dtype
 NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
@@ -32,6 +35,7 @@ class ModelInfo:
     max_batch_size: int
     preferred_batch_sizes: tuple[int, ...]
     max_queue_delay_us: int
+    output_types: tuple[tuple[str, tuple[int, ...]], ...] = ()  # per output: (Triton dtype without TYPE_, dims)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelInfo:
@@ -46,6 +50,7 @@ class ModelInfo:
             max_batch_size=int(config.get("max_batch_size", 0)),
             preferred_batch_sizes=tuple(int(s) for s in batching.get("preferred_batch_size", [])),
             max_queue_delay_us=int(batching.get("max_queue_delay_microseconds", 0)),
+            output_types=tuple((dtype(t), tuple(int(d) for d in t.get("dims", []))) for t in config["output"]),
         )
 
     @property
@@ -57,37 +62,14 @@ class ModelInfo:
 def to_arrays(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
     """The model's input arrays from a dict of arrays, a pandas DataFrame or an Arrow table."""
     if isinstance(inputs, Mapping):
-        arrays = {k: np.asarray(v) for k, v in inputs.items()}
+        arrays = {k: _asarray(info, k, v) for k, v in inputs.items()}
     else:
-        from .._arrow import to_table
-
-        table = to_table(inputs, "inputs")
-        names = [n for n, _, _ in info.inputs]
-        if all(n in table.column_names for n in names):
-            _refuse_nulls(info, table, names)
-            arrays = {n: table.column(n).to_numpy(zero_copy_only=False) for n in names}
-        elif len(info.inputs) == 1 and len(info.inputs[0][2]) == 1:
-            width = info.inputs[0][2][0]
-            if width not in (-1, table.num_columns):
-                raise DataError(f"model {info.name!r} takes {width} columns in {names[0]!r}; the table has "
-                                f"{table.num_columns}")
-            _refuse_nulls(info, table, table.column_names)
-            arrays = {names[0]: np.column_stack([c.to_numpy(zero_copy_only=False) for c in table.columns])}
-        else:
-            raise DataError(f"model {info.name!r} takes inputs {names}; name the table's columns after them")
+        arrays = _table_arrays(info, inputs)
     out = {}
     for name, dtype, dims in info.inputs:
         if name not in arrays:
             raise DataError(f"model {info.name!r} needs an input {name!r}; got {sorted(arrays)}")
-        arr = arrays[name]
-        want = NUMPY_TYPES.get(dtype)
-        if want is None:
-            raise DataError(f"input {name!r} of model {info.name!r} has type {dtype}, which mlplat cannot send")
-        if arr.dtype != want:
-            if arr.dtype.kind not in "biuf":
-                raise DataError(f"input {name!r} must be numbers ({dtype}), got {arr.dtype}")
-            _check_cast(info, name, dtype, arr, np.dtype(want))
-            arr = arr.astype(want)
+        arr = _typed(info, name, dtype, arrays[name])
         batched = info.max_batch_size > 0
         rank = len(dims) + (1 if batched else 0)
         if arr.ndim != rank:
@@ -102,6 +84,89 @@ def to_arrays(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
     if len(rows) > 1:
         raise DataError(f"inputs of model {info.name!r} differ in rows: {sorted(rows)}")
     return out
+
+
+def _asarray(info: ModelInfo, name: str, value: Any) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged lists: [[1, 2], [3]]
+        raise DataError(f"input {name!r} of model {info.name!r} is not a rectangular array ({exc}); give every "
+                        "row the same number of values") from None
+
+
+def _typed(info: ModelInfo, name: str, dtype: str, arr: np.ndarray) -> np.ndarray:
+    """``arr`` as the input's numpy type, refused where that would change its values."""
+    want = NUMPY_TYPES.get(dtype)
+    if want is None:
+        raise DataError(f"input {name!r} of model {info.name!r} has type {dtype}, which mlplat cannot send")
+    if arr.dtype == want:
+        return arr
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"input {name!r} must be numbers ({dtype}), got {arr.dtype}")
+    _check_cast(info, name, dtype, arr, np.dtype(want))
+    return arr.astype(want)
+
+
+def _table_arrays(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
+    """A table's columns as the model's inputs: named after them, or all in order for one input of width k."""
+    from .._arrow import to_table
+
+    table = to_table(inputs, "inputs")
+    names = [n for n, _, _ in info.inputs]
+    if all(n in table.column_names for n in names):
+        _refuse_nulls(info, table, names)
+        return {n: _named_column(info, n, dims, table.column(n)) for n, _, dims in info.inputs}
+    if len(info.inputs) == 1 and len(info.inputs[0][2]) == 1:
+        name, dtype, (width,) = info.inputs[0]
+        if width not in (-1, table.num_columns):
+            raise DataError(f"model {info.name!r} takes {width} columns in {name!r}; the table has "
+                            f"{table.num_columns}")
+        _refuse_nulls(info, table, table.column_names)
+        # each column as the input's type first: stacking int64 with float64 would round 2**53 + 1 first
+        return {name: np.column_stack([_typed(info, name, dtype, c.to_numpy(zero_copy_only=False))
+                                       for c in table.columns])}
+    raise DataError(f"model {info.name!r} takes inputs {names}; name the table's columns after them")
+
+
+def _named_column(info: ModelInfo, name: str, dims: tuple[int, ...], column: Any) -> np.ndarray:
+    """A column named after an input: numbers for an input of one value per row (dims ``[1]``, read as
+    ``(rows, 1)``), a list (or fixed-size list) of the input's values per row for a wider one."""
+    import pyarrow.types as pat
+
+    listed = pat.is_fixed_size_list(column.type) or pat.is_list(column.type) or pat.is_large_list(column.type)
+    arr = _list_values(info, name, column) if listed else column.to_numpy(zero_copy_only=False)
+    if info.max_batch_size <= 0 or not dims:  # no batch dimension: the column is the input as it is
+        return arr
+    if len(arr) == 0 and all(d > 0 for d in dims):
+        return arr.reshape(0, *dims)
+    if arr.ndim == 1 and all(d == 1 for d in dims):
+        return arr.reshape(len(arr), *dims)
+    if arr.ndim == 2 and len(dims) > 1 and all(d > 0 for d in dims) and arr.shape[1] == math.prod(dims):
+        return arr.reshape(len(arr), *dims)
+    if arr.ndim == 1:
+        shape = " x ".join("any" if d == -1 else str(d) for d in dims)
+        raise DataError(f"input {name!r} of model {info.name!r} takes {shape} values per row: a table column "
+                        f"named after it must hold a list of them per row (a list or fixed_size_list column), "
+                        "or pass a dict of arrays")
+    return arr
+
+
+def _list_values(info: ModelInfo, name: str, column: Any) -> np.ndarray:
+    """A list column whose rows are all as long as each other, as a ``(rows, length)`` array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if len(lengths) and lengths.min() != lengths.max():
+        raise DataError(f"column {name!r} for model {info.name!r} holds lists of {lengths.min()} to "
+                        f"{lengths.max()} values; every row needs as many")
+    values = col.flatten()
+    if values.null_count:
+        raise DataError(f"column {name!r} for model {info.name!r} holds nulls inside its lists: a model takes no "
+                        "nulls; fill them (e.g. with 0) or drop those rows first")
+    width = int(lengths[0]) if len(lengths) else 0
+    return values.to_numpy(zero_copy_only=False).reshape(len(col), width)
 
 
 def _refuse_nulls(info: ModelInfo, table: Any, columns: Sequence[str]) -> None:
@@ -128,6 +193,36 @@ def _check_cast(info: ModelInfo, name: str, dtype: str, arr: np.ndarray, want: n
                         f"got {arr.min()} to {arr.max()}")
 
 
+def check_request(priority: Any, timeout_us: Any, version: Any) -> None:
+    """Refuse a ``priority``, ``timeout_us`` or ``version`` that is not a whole number in range, before anything
+    is sent (the server would refuse it as something else: a time-out, an unknown model)."""
+    if (priority.__class__ is int and timeout_us.__class__ is int and priority >= 0 and timeout_us >= 0
+            and (version is None or (version.__class__ is int and version >= 1))):
+        return  # the common case, checked without the messages
+    require_number("priority", priority, low=0, high=_UINT64, integer=True,
+                   meaning="a priority level, an integer >= 0 (0: the model's default level)")
+    require_number("timeout_us", timeout_us, low=0, high=_UINT64, integer=True,
+                   meaning="a time-out in microseconds, an integer >= 0 (0: none)")
+    if version is not None:
+        require_number("version", version, low=1, high=2**63 - 1, integer=True,
+                       meaning="a model version, an integer >= 1 (None: the newest)")
+
+
+_UINT64 = 2**64 - 1
+
+
+def empty_outputs(info: ModelInfo, outputs: Sequence[str] | None) -> dict[str, np.ndarray]:
+    """The outputs of a request of no rows, as the model would give them: no rows, its types and dimensions."""
+    specs = dict(zip(info.outputs, info.output_types))
+    out = {}
+    for name in outputs or info.outputs:
+        if name not in specs:
+            raise DataError(f"model {info.name!r} has no output {name!r}; it has {list(info.outputs)}")
+        dtype, dims = specs[name]
+        out[name] = np.empty((0, *(max(d, 0) for d in dims)), NUMPY_TYPES.get(dtype, np.object_))
+    return out
+
+
 def rows_of(info: ModelInfo, arrays: Mapping[str, np.ndarray]) -> int:
     return next(iter(arrays.values())).shape[0] if info.max_batch_size > 0 else 1
 
@@ -147,6 +242,12 @@ def join(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+#: a peer that closed the connection without an answer: geventhttpclient's, aiohttp's
+_CLOSED = frozenset({"HTTPConnectionClosed", "ServerDisconnectedError"})
+#: an answer that is not HTTP, or not JSON where Triton answers JSON
+_NOT_TRITON = frozenset({"HTTPParseError", "JSONDecodeError", "ContentTypeError"})
+
+
 def map_error(exc: Exception, model: str, url: str) -> ServingError:
     """tritonclient's exception as the mlplat error that says what happened."""
     text = str(exc) or type(exc).__name__
@@ -154,8 +255,11 @@ def map_error(exc: Exception, model: str, url: str) -> ServingError:
     where = f"model {model!r} at {url}"
     if isinstance(exc, TimeoutError):  # a socket's or asyncio's: the server took too long to answer
         return InferenceTimeoutError(f"{where}: no answer in time ({text}); is the server overloaded or hung?")
-    if isinstance(exc, OSError):  # refused, reset, no route (aiohttp's connection errors are OSErrors too)
+    if isinstance(exc, OSError) or type(exc).__name__ in _CLOSED:  # refused, reset, closed, no route
         return ModelNotReadyError(f"{where} is not ready: the server cannot be reached ({text})")
+    if type(exc).__name__ in _NOT_TRITON:
+        return ServingError(f"{where}: the answer is not Triton's ({type(exc).__name__}: {text}); is that the "
+                            "Triton server's port for this protocol?")
     if "exceeds maximum queue size" in low or "queue is full" in low or "queue full" in low:
         return QueueFullError(f"{where}: the server's queue is full ({text}); slow down or raise max_queue_size")
     if "timeout" in low or "timed out" in low or "deadline" in low:

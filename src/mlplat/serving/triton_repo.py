@@ -170,6 +170,16 @@ def _check_ranks(model_name: str, version: int, signature: dict[str, Any], batch
                             "as it is: log the model with one more dimension (e.g. x.unsqueeze(-1), shape (batch, 1))")
 
 
+def _check_types(model_name: str, version: int, signature: dict[str, Any]) -> None:
+    """Refuse tensor types that no backend here can serve and no mlplat client can send or read (bfloat16:
+    numpy has no such type, so neither the generated model.py nor the clients can carry it)."""
+    for t in [*signature["inputs"], *signature["outputs"]]:
+        if t["dtype"] == "bfloat16":
+            raise DataError(f"{model_name} v{version}: tensor {t['name']!r} is bfloat16, which the python backend's "
+                            "model.py and mlplat's clients cannot carry (numpy has no bfloat16): log the model in "
+                            "float32 (model.float(), with a float32 example_input) to serve it")
+
+
 def _dims_of(shape: list[int], batched: bool) -> list[int]:
     return list(shape[1:]) if batched else list(shape)
 
@@ -281,6 +291,7 @@ def write_repository(repository: Path, model_name: str, version: int, backend: s
         raise DataError(f"{model_name} v{version} has no signature: log the model with example_input= or "
                         "signature= so its inputs and outputs are known")
     _check_ranks(model_name, version, signature, max_batch_size > 0)
+    _check_types(model_name, version, signature)
     if "torchscript" not in meta.get("files", {}) and backend in ("python", "pytorch_libtorch"):
         raise DataError(f"{model_name} v{version} has no TorchScript file (the module was neither scriptable nor "
                         "traceable): log it with example_input= so it can be traced")
