@@ -146,6 +146,18 @@ def test_config_is_a_valid_triton_model_config_with_batching_and_lineage(served,
     assert sorted(p.name for p in (tmp_path / "scorer" / "1").iterdir()) == ["model.py", "model.ts"]
 
 
+def test_a_batched_model_gets_the_dynamic_batcher_unless_told_otherwise(served, tmp_path):
+    for kwargs, batched in [({}, True), ({"dynamic_batching": False}, False), ({"max_batch_size": 0}, False),
+                            ({"dynamic_batching": True}, True)]:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        export = served.serving.export_triton("scorer", repository=folder, **kwargs)
+        cfg = _parse_config(export.config_path.read_text())
+        assert cfg.HasField("dynamic_batching") == batched, kwargs
+        if batched:  # no wait and no preferred size: whatever is queued together runs together
+            assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
+            assert list(cfg.dynamic_batching.preferred_batch_size) == []
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -871,6 +883,23 @@ def test_gateway_routes_logs_and_summarizes(served):
     gateway.close()
 
 
+def test_a_user_routed_to_both_variants_counts_once_for_the_first(served):
+    before = mp.ABGateway("scorer", "scorer@staging", 0.0, "ramp-up", salt="r", platform=served)  # all champion
+    after = mp.ABGateway("scorer", "scorer@staging", 1.0, "ramp-up", salt="r", platform=served)  # the split moved
+    for user in range(40):
+        before.route(user)
+    before.flush()
+    for user in range(40):
+        after.route(user)
+        after.record_outcome(user, 1.0)
+    after.flush()
+    v = after.summary()["variants"]
+    assert v["champion"]["users"] == v["challenger"]["users"] == 40  # decisions: both, as they were made
+    assert (v["champion"]["outcomes"], v["challenger"]["outcomes"]) == (40, 0)  # outcomes: once, first variant
+    before.close()
+    after.close()
+
+
 def test_gateway_summary_keeps_the_spread_of_large_outcomes_and_refuses_a_bad_time(served):
     import statistics
 
@@ -1258,3 +1287,80 @@ def test_local_backend_and_server_errors(served, tmp_path):
     assert not backend.is_model_ready("ghost") and backend.is_model_ready("scorer")
     with pytest.raises(mp.ConfigError, match="cannot import pytriton"):
         TritonServer(tmp_path, python=sys.executable).start()
+
+
+# ------------------------------------------------------------------ fork (a pre-fork server's workers)
+def _in_forked_child(child, timeout: float = 10.0) -> int:
+    """Run ``child()`` in a forked process (exit 0 when it returns, 1 when it raises); its exit code,
+    or a failure when it hangs past ``timeout``."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            child()
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported by the exit code
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail(f"the forked child hung for {timeout} s")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_served_log_used_before_a_fork_writes_each_row_once_and_the_child_flushes_on_its_own(tmp_path):
+    """Rows buffered at the fork were written by the parent and again by the child; the child had no
+    flusher (its rows waited for its exit), and a flush running at the fork left its lock held forever."""
+    from mlplat.serving.served_log import ServedLog
+
+    log = ServedLog(tmp_path, max_age_s=0.1)
+    _log_rows(log, 10)  # buffered in the parent when it forks
+
+    def child():
+        _log_rows(log, 10, start=100)
+        deadline = time.monotonic() + 4
+        while len(log) and time.monotonic() < deadline:  # the child's own flusher writes them
+            time.sleep(0.02)
+        assert len(log) == 0, f"{len(log)} rows still buffered in the child"
+        _log_rows(log, 10, start=200)
+        log.flush()  # returns: the lock a flush held at the fork is not the child's
+
+    with log._flush_lock:  # a flush running (the flusher thread's, say) when the process forks
+        code = _in_forked_child(child)
+    assert code == 0
+    log.flush()
+    keys = sorted(log.read("m").column("k").to_pylist())
+    assert keys == [*range(10), *range(100, 110), *range(200, 210)]
+    log.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_gateway_decisions_buffered_at_a_fork_are_written_once(tmp_path, monkeypatch):
+    p = mp.Platform(tmp_path / "home")
+    gateway = mp.ABGateway("m", "m@staging", 0.5, "fork-exp", salt="s", platform=p)
+    monkeypatch.setattr(gateway, "_version", lambda variant: ("m", 1))  # no registered model needed
+    for user in range(5):
+        gateway.route(user)  # buffered in the parent when it forks
+
+    def child():
+        for user in range(100, 103):
+            gateway.route(user)
+        gateway.flush()
+
+    with gateway._writes._flush_lock:  # a flush running when the process forks
+        code = _in_forked_child(child)
+    assert code == 0
+    variants = gateway.summary()["variants"]
+    assert sum(v["decisions"] for v in variants.values()) == 8  # 5 + 3: none written twice
+    assert sum(v["users"] for v in variants.values()) == 8
+    gateway.close()
+    p.close()

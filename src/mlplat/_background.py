@@ -51,12 +51,42 @@ errors: list[BaseException] = []
 
 
 def register(obj: Flushable) -> None:
-    global _thread
     with _lock:
         _objects.add(obj)
-        if _thread is None or not _thread.is_alive():
-            _thread = threading.Thread(target=_loop, name="mlplat-flusher", daemon=True)
-            _thread.start()
+        _start()
+
+
+def _start() -> None:
+    """Start the flusher thread unless it runs (call with ``_lock`` held)."""
+    global _thread
+    if _thread is None or not _thread.is_alive():
+        _thread = threading.Thread(target=_loop, name="mlplat-flusher", daemon=True)
+        _thread.start()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a pre-fork server's worker, a platform made before ``os.fork()``) starts afresh.
+
+    Only the forking thread lives on in the child: no flusher ran there (rows waited for the child's
+    exit), and a lock some thread held at the fork stayed locked for ever. Each registered writer with
+    a ``forked()`` method empties its buffer (the parent writes what was buffered at the fork; the child
+    wrote it a second time) and takes fresh locks; then a flusher of the child's own starts.
+    """
+    global _lock, _event, _thread
+    _lock, _event, _thread = threading.Lock(), threading.Event(), None
+    _holding.clear()  # the parent's rows
+    writers = list(_objects)
+    for obj in writers:
+        forked = getattr(obj, "forked", None)
+        if forked is not None:
+            forked()
+    if writers:
+        with _lock:
+            _start()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def unregister(obj: Flushable) -> None:

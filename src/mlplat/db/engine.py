@@ -8,9 +8,11 @@ psycopg 3 with a connection pool whose size is configurable.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -95,6 +97,23 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+#: every engine made here, so that a forked child drops the pooled connections it inherited
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a pre-fork server's worker) opens connections of its own: a connection shared
+    with the parent across ``fork()`` is one socket or SQLite handle used by two processes (a child's
+    writes through it were lost once the parent closed it). SQLAlchemy's recipe: drop the pool without
+    closing the parent's connections."""
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
     memory = url.database in (None, "", ":memory:")
     if not memory:
@@ -163,6 +182,7 @@ class Database:
         self.url = url
         self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout)
         self.dialect = self.engine.dialect.name
+        _ENGINES.add(self.engine)
         # an in-memory SQLite database is one connection (StaticPool) that threads must take in turn: two
         # transactions on it at once fail ("cannot start a transaction within a transaction")
         memory = self.dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")

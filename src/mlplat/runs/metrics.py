@@ -123,6 +123,12 @@ class MetricBuffer:
         self._max = max_points
         _background.register(self)
 
+    def forked(self) -> None:
+        """In a forked child: nothing pending (the parent writes the points logged before the fork) and
+        fresh locks (one held by a thread at the fork is never released in the child)."""
+        self._lock, self._flush_lock = threading.Lock(), threading.Lock()
+        self._pending, self._count = {}, 0
+
     def add(self, key: str, value: float, step: int | None, timestamp_ms: int | None) -> None:
         """Buffer one point; a value, step or time that could not be stored is refused here, not at flush."""
         try:

@@ -88,6 +88,7 @@ class ActiveRun:
         self._metrics = MetricBuffer(store._db, run_id, resumed=resumed)
         self._metric_keys: set[str] = set()
         self._ended = False
+        self._pid = os.getpid()  # the process that started or resumed it: the one that ends it
 
     def __repr__(self) -> str:
         return f"ActiveRun(id={self.id!r}, experiment={self.experiment!r})"
@@ -256,6 +257,9 @@ class ActiveRun:
             raise DataError(f"a run ends as one of {', '.join(RUN_STATUSES[1:])}, not {status!r}")
         if self._ended:
             return
+        if os.getpid() != self._pid:  # a forked child's copy (its exit ended the parent's running run)
+            self._metrics.flush()  # the points the child logged; the run's status is its owner's to set
+            return
         try:
             self._metrics.close()
         except BaseException as exc:  # metrics could not be written: the run did not end well
@@ -273,7 +277,7 @@ class ActiveRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is None:
+        if exc is None or os.getpid() != self._pid:  # a forked child leaving the block: see end()
             self.end("finished")
             return
         try:

@@ -107,6 +107,12 @@ class _Writes:
         self._flush_lock = threading.Lock()  # one flush at a time: a flush returns after one running elsewhere
         _background.register(self)
 
+    def forked(self) -> None:
+        """In a forked child: nothing buffered (the parent writes what was buffered at the fork) and fresh
+        locks (one held by a thread at the fork is never released in the child)."""
+        self._lock, self._flush_lock = threading.Lock(), threading.Lock()
+        self._rows = {ABDecision: [], ABOutcome: []}
+
     def add(self, table, row: dict) -> None:
         with self._lock:
             self._rows[table].append(row)
@@ -254,10 +260,16 @@ def _outcome_stats(experiment_id: str) -> sa.Select:
     """Per variant: outcomes, their mean and their squared deviations from it, summed.
 
     Two passes (the mean, then the deviations from it) instead of ``avg(x*x) - avg(x)^2``, which
-    cancels to nothing for large outcomes (1e9 + a few: a standard deviation of 0).
+    cancels to nothing for large outcomes (1e9 + a few: a standard deviation of 0). A user's outcomes
+    count for the variant of the user's first decision: one routed to both (the split changed during
+    a ramp-up, two gateways with different fractions) was counted in both.
     """
-    assigned = (sa.select(ABDecision.user_id, ABDecision.variant).where(ABDecision.experiment_id == experiment_id)
-                .distinct().subquery())
+    d = ABDecision
+    first = (sa.select(d.user_id, sa.func.min(d.at).label("at")).where(d.experiment_id == experiment_id)
+             .group_by(d.user_id).subquery())
+    assigned = (sa.select(d.user_id, sa.func.min(d.variant).label("variant"))  # min: one variant on a tie
+                .join(first, sa.and_(first.c.user_id == d.user_id, first.c.at == d.at))
+                .where(d.experiment_id == experiment_id).group_by(d.user_id).subquery())
     outcomes = (sa.select(assigned.c.variant, ABOutcome.outcome.label("x"))
                 .join(assigned, assigned.c.user_id == ABOutcome.user_id)
                 .where(ABOutcome.experiment_id == experiment_id).subquery())

@@ -92,7 +92,8 @@ def _table(batch: _Batch) -> pa.Table:
 
 
 class ServedLog:
-    """Sampled feature vectors of served predictions, per model, flushed in the background."""
+    """Sampled feature vectors of served predictions, per model, flushed in the background (and in a
+    forked child process by its own flusher: the rows buffered at the fork stay the parent's)."""
 
     def __init__(self, root: str | Path, *, sample_rate: float = 1.0, max_rows: int = 50_000,
                  max_age_s: float = 30.0, seed: int | None = None) -> None:
@@ -106,9 +107,19 @@ class ServedLog:
         self._batches: dict[tuple[str, int], _Batch] = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time: a flush returns after one running elsewhere
+        self._seed = seed
         self._random = random.Random(seed)
         self._count = 0
         _background.register(self)
+
+    def forked(self) -> None:
+        """In a forked child (a pre-fork server's worker): empty buffers and fresh locks. The rows buffered
+        at the fork are the parent's to write (the child wrote them again), and a lock a thread held at the
+        fork (the flusher, mid-write) is never released in the child: its flushes hung."""
+        self._lock, self._flush_lock = threading.Lock(), threading.Lock()
+        self._batches, self._count = {}, 0
+        if self._seed is None:
+            self._random = random.Random()  # workers sample independently
 
     def add(self, model: str, version: int, variant: str, keys: Mapping[str, list], features: Mapping[str, list],
             outputs: Mapping[str, Sequence], *, refs: Sequence[str], types: Mapping[str, pa.DataType],

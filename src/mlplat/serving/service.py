@@ -49,7 +49,7 @@ class ServingService:
         alias: str | None = None,
         backend: str = "python",
         max_batch_size: int = 64,
-        dynamic_batching: DynamicBatching | None = None,
+        dynamic_batching: DynamicBatching | bool | None = None,
         instances: int = 1,
         triton_name: str | None = None,
     ) -> TritonExport:
@@ -57,7 +57,10 @@ class ServingService:
 
         Writes ``<repository>/<triton_name or name>/config.pbtxt`` (inputs and outputs from the
         signature, ``max_batch_size``, ``dynamic_batching``, ``instances`` CPU instances, and the
-        version's lineage as parameters) and ``<repository>/<model>/<version>/`` with the model
+        version's lineage as parameters). By default a model that takes a batch (``max_batch_size`` > 0)
+        gets Triton's dynamic batcher with no wait (``mp.DynamicBatching()``: concurrent requests already
+        queued are run together, none is held back); pass ``mp.DynamicBatching(...)`` to tune it, or
+        ``dynamic_batching=False`` for a config without it and ``<repository>/<model>/<version>/`` with the model
         for ``backend``: ``python`` (generated model.py + TorchScript), ``pytorch_libtorch``
         (model.pt) or ``onnxruntime`` (model.onnx). Invalid settings are refused before anything
         is written.
@@ -69,7 +72,8 @@ class ServingService:
             folder = self._p.artifacts.get_dir(info.run_id, info.artifact, Path(tmp) / "model")
             return write_repository(
                 Path(repository), triton_name or name, info.version, backend, folder, meta,
-                max_batch_size=max_batch_size, batching=dynamic_batching, instances=instances,
+                max_batch_size=max_batch_size, batching=_batching(dynamic_batching, max_batch_size),
+                instances=instances,
                 parameters={"mlplat.model": name, "mlplat.version": str(info.version), "mlplat.run_id": info.run_id,
                             "mlplat.stage": info.stage},
             )
@@ -142,3 +146,13 @@ class ServingService:
         finally:
             if backend is not None and hasattr(backend, "close"):
                 backend.close()
+
+
+def _batching(value: DynamicBatching | bool | None, max_batch_size: Any) -> Any:
+    """The dynamic batching an export writes: the default (None) batches whatever is queued for a model
+    that takes a batch; False writes none; True the defaults; anything else is checked by the export."""
+    if value is None:
+        return DynamicBatching() if isinstance(max_batch_size, int) and max_batch_size > 0 else None
+    if value is True:
+        return DynamicBatching()
+    return None if value is False else value

@@ -7,9 +7,11 @@ wins inside SQLite, also against a concurrent writer.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,9 +45,35 @@ _SELECT = "SELECT key, record FROM online_records WHERE tag = ? AND key IN ({})"
 _CHUNK = 900  # keys per SELECT, below SQLite's parameter limit
 _TRANSACTION = 20_000  # records per write transaction
 
+#: open stores, so that a forked child process drops the connections it inherited
+_STORES: weakref.WeakSet = weakref.WeakSet()
+#: connections inherited over a fork: kept referenced, never used or closed, in the child
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a pre-fork server's worker) opens connections of its own.
+
+    SQLite forbids using a connection across ``fork()``: the child's copy shares the parent's WAL file
+    handle and lock bookkeeping, so once the parent closed its connection (and so checkpointed and
+    deleted the WAL) the child's writes went to the deleted file and were lost to every other process.
+    The inherited connections are kept referenced, not closed (closing one in the child could touch
+    the parent's files), and never used again.
+    """
+    for store in list(_STORES):
+        _INHERITED.extend(store._all)
+        store._all = []
+        store._local = threading.local()
+        store._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class SQLiteOnlineStore(OnlineStore):
-    """Feature records in a local SQLite file; one connection per thread."""
+    """Feature records in a local SQLite file; one connection per thread (and per process: a forked
+    child opens its own)."""
 
     def __init__(self, url: str) -> None:
         self.name = url
@@ -57,6 +85,7 @@ class SQLiteOnlineStore(OnlineStore):
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        _STORES.add(self)
         self._conn().execute(_SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
