@@ -14,6 +14,7 @@ import mlplat as mp
 from mlplat.db import Database, normalize_url
 from mlplat.db.engine import sqlite_file
 from mlplat.db.migrate import current_revision, ensure_schema, head_revision
+from forking import fork, wait
 from mlplat.db.models import Base
 from mlplat.features.online.sqlite import SQLiteOnlineStore
 
@@ -227,33 +228,21 @@ def test_an_in_memory_database_takes_threads_in_turn(tmp_path):
 def test_a_database_used_before_a_fork_keeps_what_the_child_writes_after_the_parent_closed(tmp_path):
     """The child's pool held the parent's SQLite connection: once the parent closed it (checkpointing and
     deleting the WAL), what the child wrote through it went to the deleted file, lost to every process."""
-    import time
-
     p = mp.Platform(tmp_path / "home")
     run = p.runs.start("before-fork")  # the parent's pooled connection is open
     run.end()
     go_read, go_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(go_write)
-            os.read(go_read, 1)  # the parent has closed its platform
-            p.runs.resume(run.id).set_tag("written", "by the child")
-            code = 0
-        finally:
-            os._exit(code)
+
+    def child() -> None:
+        os.close(go_write)
+        os.read(go_read, 1)  # the parent has closed its platform
+        p.runs.resume(run.id).set_tag("written", "by the child")
+
+    pid = fork(child)
     os.close(go_read)
     p.close()
     os.write(go_write, b"x")
     os.close(go_write)
-    deadline = time.monotonic() + 10
-    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not done[0]:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert wait(pid) == 0
     with mp.Platform(tmp_path / "home") as other:
         assert other.runs.get(run.id).tags.get("written") == "by the child"

@@ -19,6 +19,7 @@ import torch
 
 import mlplat as mp
 from mlplat.db.models import MetricChunk
+from forking import fork, wait
 
 
 class TinyNet(torch.nn.Module):
@@ -605,30 +606,18 @@ def test_runs_left_open_end_at_exit(database_url, tmp_path):
 def test_a_run_used_before_a_fork_gets_each_point_once_and_stays_running_when_the_child_ends(tmp_path):
     """The child's copy of the run wrote the points pending at the fork a second time, and its exit
     (atexit ends open runs) marked the parent's run finished while the parent still logged to it."""
-    import time
-
     p = mp.Platform(tmp_path / "home")
     run = p.runs.start("forked")
     for step in range(5):
         run.log_metric("loss", float(step), step=step)  # pending in the parent when it forks
+
+    def child() -> None:
+        run.log_metric("loss", 100.0, step=100)
+        run.end()  # as the child's exit does for every open run
+
     with run._metrics._flush_lock:  # a flush running (the flusher thread's, say) when the process forks
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 1
-            try:
-                run.log_metric("loss", 100.0, step=100)
-                run.end()  # as the child's exit does for every open run
-                code = 0
-            finally:
-                os._exit(code)
-    deadline = time.monotonic() + 10
-    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not done[0]:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+        pid = fork(child)
+    assert wait(pid) == 0
     assert p.runs.get(run.id).status == "running"
     run.log_metric("loss", 5.0, step=5)
     run.end()

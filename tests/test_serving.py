@@ -23,6 +23,7 @@ import torch
 
 import mlplat as mp
 from mlplat.serving import TritonServer
+from forking import in_forked_child
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
@@ -1290,32 +1291,6 @@ def test_local_backend_and_server_errors(served, tmp_path):
 
 
 # ------------------------------------------------------------------ fork (a pre-fork server's workers)
-def _in_forked_child(child, timeout: float = 10.0) -> int:
-    """Run ``child()`` in a forked process (exit 0 when it returns, 1 when it raises); its exit code,
-    or a failure when it hangs past ``timeout``."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            child()
-            code = 0
-        except BaseException:  # noqa: BLE001 - reported by the exit code
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.02)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    pytest.fail(f"the forked child hung for {timeout} s")
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_served_log_used_before_a_fork_writes_each_row_once_and_the_child_flushes_on_its_own(tmp_path):
     """Rows buffered at the fork were written by the parent and again by the child; the child had no
@@ -1335,7 +1310,7 @@ def test_a_served_log_used_before_a_fork_writes_each_row_once_and_the_child_flus
         log.flush()  # returns: the lock a flush held at the fork is not the child's
 
     with log._flush_lock:  # a flush running (the flusher thread's, say) when the process forks
-        code = _in_forked_child(child)
+        code = in_forked_child(child)
     assert code == 0
     log.flush()
     keys = sorted(log.read("m").column("k").to_pylist())
@@ -1357,7 +1332,7 @@ def test_gateway_decisions_buffered_at_a_fork_are_written_once(tmp_path, monkeyp
         gateway.flush()
 
     with gateway._writes._flush_lock:  # a flush running when the process forks
-        code = _in_forked_child(child)
+        code = in_forked_child(child)
     assert code == 0
     variants = gateway.summary()["variants"]
     assert sum(v["decisions"] for v in variants.values()) == 8  # 5 + 3: none written twice
