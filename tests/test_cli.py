@@ -533,8 +533,13 @@ def test_serve_export(home, demo, tmp_path):
     for text in ('name: "fraud"', 'backend: "python"', "max_batch_size: 64", 'string_value: "production"',
                  f'string_value: "{demo["model"]["run_id"]}"'):
         assert text in config
-    assert "dynamic_batching" not in config
+    assert "dynamic_batching {" in config  # on by default for a batched model, with no wait
     assert sorted(p.name for p in (repo / "fraud" / "1").iterdir()) == sorted(data["files"])
+    plain = tmp_path / "plain"
+    ok(invoke("serve", "export", "fraud", "--repository", plain, "--no-dynamic-batching", home=home))
+    assert "dynamic_batching" not in (plain / "fraud" / "config.pbtxt").read_text()
+    error(invoke("serve", "export", "fraud", "--repository", plain, "--no-dynamic-batching",
+                 "--max-queue-delay-us", "10", home=home), 2, "cannot be combined")
 
 
 def test_serve_export_with_options(home, tmp_path):

@@ -463,16 +463,19 @@ def serve() -> None:
 @click.option("--backend", default="python", show_default=True,
               type=click.Choice(["python", "pytorch_libtorch", "onnxruntime"]))
 @click.option("--max-batch-size", type=click.IntRange(min=0), default=64, show_default=True)
-@click.option("--preferred-batch-sizes", default="", help="Comma-separated, e.g. 16,64 (enables dynamic batching).")
+@click.option("--preferred-batch-sizes", default="", help="Comma-separated, e.g. 16,64: the dynamic batcher's aims.")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=None,
-              help="Dynamic batching's wait for more requests.")
+              help="Dynamic batching's wait for more requests (default 0).")
+@click.option("--no-dynamic-batching", is_flag=True,
+              help="A config without Triton's dynamic batcher (on by default when --max-batch-size > 0).")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--triton-name", default=None, help="Model name in the repository (default: NAME).")
 @_json_flag
 @click.pass_context
 def serve_export(ctx: click.Context, name: str, repository: str, version: int | None, stage: str | None,
                  alias: str | None, backend: str, max_batch_size: int, preferred_batch_sizes: str,
-                 max_queue_delay_us: int | None, instances: int, triton_name: str | None, as_json: bool) -> None:
+                 max_queue_delay_us: int | None, no_dynamic_batching: bool, instances: int, triton_name: str | None,
+                 as_json: bool) -> None:
     """Write NAME's version (default: production) into a Triton model repository."""
     from .serving.triton_repo import DynamicBatching
 
@@ -481,8 +484,13 @@ def serve_export(ctx: click.Context, name: str, repository: str, version: int | 
     except ValueError:
         raise click.BadParameter(f"--preferred-batch-sizes {preferred_batch_sizes!r}: integers, comma-separated") \
             from None
-    batching = (DynamicBatching(preferred_batch_sizes=sizes, max_queue_delay_us=max_queue_delay_us or 0)
-                if sizes or max_queue_delay_us is not None else None)
+    tuned = bool(sizes) or max_queue_delay_us is not None
+    if no_dynamic_batching and tuned:
+        raise click.UsageError("--no-dynamic-batching cannot be combined with --preferred-batch-sizes or "
+                               "--max-queue-delay-us")
+    batching: DynamicBatching | bool | None = (
+        False if no_dynamic_batching else
+        DynamicBatching(preferred_batch_sizes=sizes, max_queue_delay_us=max_queue_delay_us or 0) if tuned else None)
     with _platform(ctx) as p:
         export = p.serving.export_triton(name, repository=repository, version=version, stage=stage, alias=alias,
                                          backend=backend, max_batch_size=max_batch_size, dynamic_batching=batching,
