@@ -625,7 +625,8 @@ class AsyncTritonClient(_Base):
     """The asyncio Triton client (tritonclient's aio clients), with the same shaping and coalescing.
 
     It may be made anywhere (at import time too): its connection and coalescers are made in the
-    event loop that first uses them, and made again in a new loop (a later ``asyncio.run``).
+    event loop that first uses them, and made again in a new loop (a later ``asyncio.run``). Close it
+    before its loop ends (``async with``): a connection left open then cannot be closed afterwards.
     """
 
     def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 30.0, coalesce: bool = False,
