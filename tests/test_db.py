@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import multiprocessing as mpr
 import os
-import threading
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +13,7 @@ import mlplat as mp
 from mlplat.db import Database, normalize_url
 from mlplat.db.engine import sqlite_file
 from mlplat.db.migrate import current_revision, ensure_schema, head_revision
-from forking import fork, wait
+from workers import after_parent_closes, in_threads
 from mlplat.db.models import Base
 from mlplat.features.online.sqlite import SQLiteOnlineStore
 
@@ -104,17 +103,13 @@ def test_threads_opening_a_new_sqlite_file_together_all_succeed(tmp_path, opener
         path = tmp_path / f"new-{round_}.db"
         errors: list[BaseException] = []
 
-        def open_it(path=path, errors=errors) -> None:
+        def open_it(_: int, path=path, errors=errors) -> None:
             try:
                 opener(path)
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 
-        threads = [threading.Thread(target=open_it) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_threads(open_it, 6)
         assert errors == [], f"round {round_}"
         probe = Database(f"sqlite:///{path}")
         with probe.connect() as conn:
@@ -203,11 +198,9 @@ def test_a_search_path_schema_that_does_not_exist_is_a_store_error_saying_so(pg_
 
 
 def test_an_in_memory_database_takes_threads_in_turn(tmp_path):
-    import threading
-
     errors: list[BaseException] = []
     with mp.Platform(tmp_path / "home", database_url="sqlite://") as p:
-        def start_runs() -> None:
+        def start_runs(_: int) -> None:
             try:
                 for _ in range(40):
                     with p.runs.start("memory") as run:
@@ -215,11 +208,7 @@ def test_an_in_memory_database_takes_threads_in_turn(tmp_path):
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=start_runs) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_threads(start_runs, 3)
         assert not errors, errors[0]  # was: "cannot start a transaction within a transaction"
         assert len(p.runs.search("memory", max_results=1000)) == 120
 
@@ -231,18 +220,6 @@ def test_a_database_used_before_a_fork_keeps_what_the_child_writes_after_the_par
     p = mp.Platform(tmp_path / "home")
     run = p.runs.start("before-fork")  # the parent's pooled connection is open
     run.end()
-    go_read, go_write = os.pipe()
-
-    def child() -> None:
-        os.close(go_write)
-        os.read(go_read, 1)  # the parent has closed its platform
-        p.runs.resume(run.id).set_tag("written", "by the child")
-
-    pid = fork(child)
-    os.close(go_read)
-    p.close()
-    os.write(go_write, b"x")
-    os.close(go_write)
-    assert wait(pid) == 0
+    after_parent_closes(p, lambda: p.runs.resume(run.id).set_tag("written", "by the child"))
     with mp.Platform(tmp_path / "home") as other:
         assert other.runs.get(run.id).tags.get("written") == "by the child"

@@ -20,7 +20,7 @@ import redis
 
 import mlplat as mp
 from mlplat.features.online import redis as redis_store
-from forking import fork, wait
+from workers import after_parent_closes
 
 UTC = timezone.utc
 TS = pa.timestamp("us", tz="UTC")
@@ -625,20 +625,9 @@ def test_a_sqlite_store_opened_before_a_fork_keeps_what_the_child_writes_after_t
     p.features.apply([USER, txn_view(tmp_path / "src")])
     p.features.push("txn", [{"user_id": 1, "event_timestamp": NOW - timedelta(hours=1), "created": NOW,
                              "count": 1, "amount": 1.0, "note": "parent"}])  # the parent's connection is open
-    go_read, go_write = os.pipe()
-
-    def child() -> None:
-        os.close(go_write)
-        os.read(go_read, 1)  # the parent has closed its platform
-        p.features.push("txn", [{"user_id": u, "event_timestamp": NOW - timedelta(hours=1), "created": NOW,
-                                 "count": u * 10, "amount": 2.0, "note": "child"} for u in range(2, 12)])
-
-    pid = fork(child)
-    os.close(go_read)
-    p.close()
-    os.write(go_write, b"x")
-    os.close(go_write)
-    assert wait(pid) == 0
+    after_parent_closes(p, lambda: p.features.push("txn", [
+        {"user_id": u, "event_timestamp": NOW - timedelta(hours=1), "created": NOW, "count": u * 10, "amount": 2.0,
+         "note": "child"} for u in range(2, 12)]))
     with mp.Platform(tmp_path / "home", threads=2) as again:
         got = again.features.get_online_features(["txn:count"], [{"user_id": u} for u in range(1, 12)])
     assert got["count"] == [1, *(u * 10 for u in range(2, 12))]

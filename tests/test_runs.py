@@ -19,7 +19,7 @@ import torch
 
 import mlplat as mp
 from mlplat.db.models import MetricChunk
-from forking import fork, wait
+from workers import fork, wait
 
 
 class TinyNet(torch.nn.Module):

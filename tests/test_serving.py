@@ -23,7 +23,7 @@ import torch
 
 import mlplat as mp
 from mlplat.serving import TritonServer
-from forking import in_forked_child
+from workers import in_forked_child, in_threads
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
@@ -395,7 +395,7 @@ def test_dynamic_batching_shows_in_the_server_statistics(triton):
     before = _request_counts(triton, "scorer", "1")
     x = np.ones((1, 3), dtype=np.float32)
     with mp.TritonClient(triton.grpc_url) as client:  # no client-side merging: the server batches
-        _in_threads(lambda _: [client.infer("scorer", {"input__0": x}, version=1) for _ in range(10)], 8)
+        in_threads(lambda _: [client.infer("scorer", {"input__0": x}, version=1) for _ in range(10)], 8)
     after = _request_counts(triton, "scorer", "1", rows=before[0] + 80)
     inferences, executions = after[0] - before[0], after[2] - before[2]
     assert inferences == 80 and executions < inferences  # several requests per execution
@@ -411,7 +411,7 @@ def test_coalescing_clients_return_each_callers_own_rows(served, triton):
         def caller(i: int) -> None:
             got[i] = client.infer("scorer", {"input__0": rows[i : i + 1]}, version=1)["output__0"]
 
-        _in_threads(caller, 64)
+        in_threads(caller, 64)
         after = _request_counts(triton, "scorer", "1", rows=before[0] + 64)
         # merged on the client: 64 rows reached the server in fewer requests
         assert after[0] - before[0] == 64 and after[1] - before[1] < 64
@@ -520,7 +520,7 @@ def test_coalescers_follow_a_model_reloaded_with_a_smaller_batch_size(served, tr
             if max_batch_size == 4:
                 client.load_model(name, folder(4))
             for _ in range(3):
-                _in_threads(caller, 8)
+                in_threads(caller, 8)
                 assert not [g for g in got.values() if isinstance(g, Exception)], got
                 np.testing.assert_allclose(np.concatenate([got[k] for k in range(8)]), want, rtol=1e-5, atol=1e-7)
             assert client.info(name).max_batch_size == max_batch_size
@@ -558,7 +558,7 @@ def test_coalescing_waits_as_long_as_its_callers_take_to_come_back(triton):
                 client.infer("scorer_quick", {"input__0": row}, version=1)
                 time.sleep(k * 0.0004)
 
-        _in_threads(caller, 4)
+        in_threads(caller, 4)
         after = _request_counts(triton, "scorer_quick", "1", rows=before[0] + 240)
         assert after[0] - before[0] == 240
         return 240 / (after[1] - before[1])
@@ -616,17 +616,8 @@ def _concurrently(fn, n: int) -> list:
         except Exception as exc:  # noqa: BLE001
             results[i] = exc
 
-    _in_threads(run, n)
+    in_threads(run, n)
     return results
-
-
-def _in_threads(fn, n: int) -> None:
-    """``fn(0)`` ... ``fn(n - 1)``, each in a thread of its own, all started before any is joined."""
-    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -1,7 +1,8 @@
-"""Forked child processes for the tests of a platform used across ``os.fork()`` (a pre-fork server)."""
+"""Threads and forked child processes for the tests of concurrent use (a pre-fork server's workers too)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -40,3 +41,30 @@ def wait(pid: int, timeout: float = 10.0) -> int:
 def in_forked_child(child: Callable[[], None], timeout: float = 10.0) -> int:
     """Run ``child()`` in a forked process and wait for it: its exit code."""
     return wait(fork(child), timeout)
+
+
+def after_parent_closes(platform, work: Callable[[], None]) -> None:
+    """Fork a child that runs ``work()`` once the parent has closed ``platform`` (the child still holds
+    the parent's objects, as a pre-fork worker does); the child must exit 0."""
+    go_read, go_write = os.pipe()
+
+    def child() -> None:
+        os.close(go_write)
+        os.read(go_read, 1)  # the parent has closed its platform
+        work()
+
+    pid = fork(child)
+    os.close(go_read)
+    platform.close()
+    os.write(go_write, b"x")
+    os.close(go_write)
+    assert wait(pid) == 0
+
+
+def in_threads(fn: Callable[[int], None], n: int) -> None:
+    """``fn(0)`` ... ``fn(n - 1)``, each in a thread of its own, all started before any is joined."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
