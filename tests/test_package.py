@@ -72,7 +72,7 @@ def test_error_tree_has_one_root():
 
 @pytest.mark.parametrize(
     "module",
-    ["mlplat.dtypes", "mlplat._time", "mlplat.settings", "mlplat.features.definitions", "mlplat._native.keys", "mlplat.db.engine",
+    ["mlplat.dtypes", "mlplat._time", "mlplat._expiring", "mlplat.settings", "mlplat.features.definitions", "mlplat._native.keys", "mlplat.db.engine",
      "mlplat.runs.search", "mlplat.runs.artifacts", "mlplat.runs.training", "mlplat.demo.data", "mlplat",
      "mlplat.serving.client", "mlplat.serving.gateway", "mlplat._checks", "mlplat.monitoring.stats",
      "mlplat.demo.model"],

@@ -8,7 +8,6 @@ the records straight into one Python list per feature.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import _arrow
+from .._expiring import Expiring
 from .._native import _codec
 from .._native.codec import kind_of
 from ..dtypes import DType
@@ -76,7 +76,6 @@ class _Plan:
     key_kinds: dict[str, str]
     order: list[str]
     types: dict[str, pa.DataType]
-    made: float
 
 
 class OnlineReader:
@@ -90,21 +89,17 @@ class OnlineReader:
     ) -> None:
         self._store = store
         self._resolve = resolve
-        self._cache_seconds = cache_seconds
-        self._plans: dict[tuple, _Plan] = {}
-        self._lock = threading.Lock()
+        self._plans: Expiring[_Plan] = Expiring(cache_seconds)
 
     def invalidate(self) -> None:
         """Forget cached plans (after ``apply`` in this process)."""
-        with self._lock:
-            self._plans.clear()
+        self._plans.clear()
 
     def _plan(self, features: Sequence[str] | FeatureService, full_feature_names: bool) -> _Plan:
         refs = tuple(features.features if isinstance(features, FeatureService) else features)
-        key = (refs, full_feature_names)
-        plan = self._plans.get(key)
-        if plan is not None and time.monotonic() - plan.made < self._cache_seconds:
-            return plan
+        return self._plans.get((refs, full_feature_names), lambda: self._make_plan(refs, full_feature_names))
+
+    def _make_plan(self, refs: tuple[str, ...], full_feature_names: bool) -> _Plan:
         requests, order = self._resolve(list(refs), full_feature_names=full_feature_names)
         groups: dict[tuple[str, ...], list[_ViewPlan]] = {}
         key_kinds: dict[str, str] = {}
@@ -126,10 +121,7 @@ class OnlineReader:
                                           f"{view.key_types[k]} in {view.name!r}")
             for pos, out in vp.picks:
                 types[out] = _arrow_type(view.schema[pos].dtype)
-        plan = _Plan(list(groups.items()), list(key_kinds), key_kinds, order, types, time.monotonic())
-        with self._lock:
-            self._plans[key] = plan
-        return plan
+        return _Plan(list(groups.items()), list(key_kinds), key_kinds, order, types)
 
     def read(self, features, entity_rows: Any, *, full_feature_names: bool = False,
              now: datetime | None = None) -> OnlineResponse:

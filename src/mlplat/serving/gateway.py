@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import operator
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,6 +33,7 @@ import sqlalchemy as sa
 
 from .. import _background
 from .._checks import require_number
+from .._expiring import Expiring
 from .._native import _hashing
 from .._time import utc_argument
 from ..db.models import ABDecision, ABOutcome
@@ -158,8 +158,7 @@ class ABGateway:
         self.salt = str(salt)
         self._platform = platform
         self._writes = _Writes(platform.db)
-        self._versions: dict[str, tuple[int, float]] = {}
-        self._cache_seconds = version_cache_seconds
+        self._versions: Expiring[int] = Expiring(version_cache_seconds)  # variant -> its version
 
     # ------------------------------------------------------------ routing
     def bucket(self, user_id: Any) -> float:
@@ -174,12 +173,7 @@ class ABGateway:
 
     def _version(self, variant: str) -> tuple[str, int]:
         name, sel = self.champion if variant == "champion" else self.challenger
-        hit = self._versions.get(variant)
-        if hit is not None and time.monotonic() - hit[1] < self._cache_seconds:
-            return name, hit[0]
-        version = self._platform.models.get(name, **sel).version
-        self._versions[variant] = (version, time.monotonic())
-        return name, version
+        return name, self._versions.get(variant, lambda: self._platform.models.get(name, **sel).version)
 
     def route(self, user_id: Any) -> Decision:
         """Decide and log (in the background) which variant serves this user."""

@@ -14,11 +14,11 @@ Usage::
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import numpy as np
 
+from .._expiring import Expiring
 from ..errors import ModelNotReadyError, MlplatError
 from .shaping import ModelInfo, check_request, join, split, to_arrays
 
@@ -52,9 +52,8 @@ class LocalBackend:
         self._models = models
         self._stage = stage
         self._max_batch_size = max_batch_size
-        self._cache_seconds = version_cache_seconds
         self._loaded: dict[tuple[str, int], tuple[int, Any, ModelInfo]] = {}
-        self._at_stage: dict[str, tuple[int, float]] = {}  # model -> (version at the stage, when looked up)
+        self._at_stage: Expiring[int] = Expiring(version_cache_seconds)  # model -> its version at the stage
         self._lock = threading.Lock()
 
     def _get(self, model: str, version: int | None = None) -> tuple[int, Any, ModelInfo]:
@@ -87,15 +86,13 @@ class LocalBackend:
 
     def _stage_version(self, model: str) -> int:
         """The version at this backend's stage, looked up again once ``version_cache_seconds`` old."""
-        hit = self._at_stage.get(model)
-        if hit is not None and time.monotonic() - hit[1] < self._cache_seconds:
-            return hit[0]
+        return self._at_stage.get(model, lambda: self._lookup(model))
+
+    def _lookup(self, model: str) -> int:
         try:
-            version = self._models.get(model, stage=self._stage).version
+            return self._models.get(model, stage=self._stage).version
         except MlplatError as exc:
             raise ModelNotReadyError(f"model {model!r} is not ready in the local backend: {exc}") from None
-        self._at_stage[model] = (version, time.monotonic())
-        return version
 
     def is_ready(self) -> bool:
         """Always True: the models run in this process."""

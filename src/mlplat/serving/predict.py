@@ -11,8 +11,6 @@ into this online store: otherwise predict refuses instead of serving nulls.
 """
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from .._arrow import to_table
+from .._expiring import Expiring
 from ..errors import DataError, ServingError
 from .served_log import ServedLog
 from .shaping import NUMPY_TYPES
@@ -55,7 +54,6 @@ class _Plan:
     input_dtype: Any
     outputs: tuple[str, ...]
     types: dict[str, pa.DataType]
-    made: float
 
 
 class Predictor:
@@ -65,16 +63,13 @@ class Predictor:
         self._features = features
         self._models = models
         self._log = served_log
-        self._cache_seconds = cache_seconds
-        self._plans: dict[tuple, _Plan] = {}
-        self._lock = threading.Lock()
+        self._plans: Expiring[_Plan] = Expiring(cache_seconds)
 
     def plan(self, model: str, *, version: int | None = None, stage: str | None = None,
              alias: str | None = None) -> _Plan:
-        key = (model, version, stage, alias)
-        plan = self._plans.get(key)
-        if plan is not None and time.monotonic() - plan.made < self._cache_seconds:
-            return plan
+        return self._plans.get((model, version, stage, alias), lambda: self._make_plan(model, version, stage, alias))
+
+    def _make_plan(self, model: str, version: int | None, stage: str | None, alias: str | None) -> _Plan:
         info = self._models.resolve(model, version=version, stage=stage, alias=alias)
         meta = self._models.artifact_meta(info)
         sig = (meta.get("signature") or {})
@@ -109,11 +104,8 @@ class Predictor:
         for c in columns:  # request-time inputs (what the entity rows give) are logged as input.<name>
             if c not in names and c not in keys:
                 types[f"input.{c}"] = pa.from_numpy_dtype(dtype)
-        plan = _Plan(model, info.version, info.run_id, tuple(refs), full, tuple(names), tuple(keys), columns,
-                     spec["name"], dtype, tuple(t["name"] for t in sig["outputs"]), types, time.monotonic())
-        with self._lock:
-            self._plans[key] = plan
-        return plan
+        return _Plan(model, info.version, info.run_id, tuple(refs), full, tuple(names), tuple(keys), columns,
+                     spec["name"], dtype, tuple(t["name"] for t in sig["outputs"]), types)
 
     def _check_materialized(self, model: str, version: int, requests) -> None:
         for req in requests:
