@@ -53,11 +53,26 @@ class Slow(torch.nn.Module):
         return y[:, :2]
 
 
-def _register(p, name: str, module: torch.nn.Module, *, refs=None, train=None, columns=None, stage="production"):
+class RowSum(torch.nn.Module):
+    """Sums each row, whatever its width (its input has a dimension of any size)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=1, keepdim=True)
+
+
+ANY_WIDTH = {"inputs": [{"name": "input__0", "dtype": "float32", "shape": [-1, -1]}],
+             "outputs": [{"name": "output__0", "dtype": "float32", "shape": [-1, 1]}]}
+
+
+def _register(p, name: str, module: torch.nn.Module, *, refs=None, train=None, columns=None, stage="production",
+              signature=None):
     with p.runs.start(name) as run:
         if train is not None:
             run.log_input(train, "train", feature_refs=refs)
-        run.log_model(module, "model", example_input=torch.zeros(2, 3), columns=columns)
+        if signature is not None:
+            run.log_model(module, "model", signature=signature)
+        else:
+            run.log_model(module, "model", example_input=torch.zeros(2, 3), columns=columns)
     v = p.models.register(name, run.id)
     if stage:
         p.models.promote(name, v.version, stage, approved_by="reviewer")
@@ -89,6 +104,7 @@ def served(tmp_path_factory):
     _register(p, "scorer", Scorer(3.0), refs=["txn:count", "txn:amount"], train=train, columns=cols,
               stage="staging")
     _register(p, "slow", Slow())
+    _register(p, "rowsum", RowSum(), signature=ANY_WIDTH)
     yield p
     p.close()
 
@@ -103,6 +119,7 @@ def repository(served, tmp_path_factory) -> Path:
     served.serving.export_triton("scorer", version=1, repository=repo, triton_name="scorer_quick", max_batch_size=8,
                                  dynamic_batching=mp.DynamicBatching(preferred_batch_sizes=[4, 8],
                                                                      max_queue_delay_us=500))
+    served.serving.export_triton("rowsum", repository=repo, max_batch_size=8, dynamic_batching=batching)
     slow = served.models.get("slow", stage="production").version
     served.serving.export_triton("slow", version=slow, repository=repo, triton_name="slow_full", max_batch_size=1,
                                  dynamic_batching=mp.DynamicBatching(queue_policy=mp.QueuePolicy(max_queue_size=1)))
@@ -447,6 +464,81 @@ def test_coalescing_clients_return_each_callers_own_rows(served, triton):
     asyncio.run(shared.close())
 
 
+def test_coalesced_requests_of_other_widths_go_in_batches_of_their_own(triton):
+    """A model with an input of any width: concurrent requests of 3 and of 5 values per row each get their own
+    row sums (a width-5 request coalesced with width-3 ones failed every caller of the batch with numpy's
+    ValueError), from threads and coroutines, over gRPC and HTTP."""
+    def request(i: int) -> tuple[np.ndarray, float]:
+        width = 5 if i % 3 == 0 else 3
+        return np.full((1, width), float(i), np.float32), float(i * width)
+
+    for protocol, url in (("grpc", triton.grpc_url), ("http", triton.http_url)):
+        got: dict[int, Any] = {}
+        with mp.TritonClient(url, protocol=protocol, coalesce=True, coalesce_wait_us=20_000) as client:
+            def caller(k: int, client=client, got=got) -> None:
+                for i in range(k, 120, 8):
+                    try:
+                        got[i] = float(client.infer("rowsum", {"input__0": request(i)[0]})["output__0"][0, 0])
+                    except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                        got[i] = exc
+
+            in_threads(caller, 8)
+        assert got == {i: request(i)[1] for i in range(120)}, protocol
+
+        async def main(url=url, protocol=protocol) -> list:
+            async with mp.AsyncTritonClient(url, protocol=protocol, coalesce=True, coalesce_wait_us=20_000) as c:
+                outs = await asyncio.gather(*(c.infer("rowsum", {"input__0": request(i)[0]}) for i in range(24)),
+                                            return_exceptions=True)
+            return [o if isinstance(o, BaseException) else float(o["output__0"][0, 0]) for o in outs]
+
+        assert asyncio.run(main()) == [request(i)[1] for i in range(24)], protocol
+
+
+def test_clients_serve_again_after_close_and_reconnect_within_a_second_of_a_server_coming_back(triton):
+    """close() then a call: the gRPC client raised "Cannot invoke RPC on closed channel!" (a ValueError) for
+    good and said the server was not live; HTTP opened its connections again. And a gRPC channel that failed to
+    connect for a while backed off for seconds (gRPC's default back-off grows to minutes) before it tried a
+    server that had come back: callers kept getting errors after it was ready."""
+    x = np.ones((1, 3), np.float32)
+    for protocol, url in (("grpc", triton.grpc_url), ("http", triton.http_url)):
+        client = mp.TritonClient(url, protocol=protocol)
+        first = client.infer("scorer", {"input__0": x}, version=1)["output__0"]
+        for _ in range(2):
+            client.close()
+            assert client.is_live()
+            np.testing.assert_array_equal(client.infer("scorer", {"input__0": x}, version=1)["output__0"], first)
+        client.close()
+
+    import grpc
+    from concurrent.futures import ThreadPoolExecutor
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    class Live(service_pb2_grpc.GRPCInferenceServiceServicer):
+        def ServerLive(self, request, context):  # noqa: N802 - the service's name for it
+            return service_pb2.ServerLiveResponse(live=True)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"127.0.0.1:{s.getsockname()[1]}"  # nobody listens there yet
+    client = mp.TritonClient(url, timeout_s=1.0)
+    t_end = time.monotonic() + 6.0
+    while time.monotonic() < t_end:  # six seconds of failed connects: gRPC's own back-off would reach 4 s
+        assert not client.is_live()
+        time.sleep(0.05)
+    server = grpc.server(ThreadPoolExecutor(2))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Live(), server)
+    server.add_insecure_port(url)
+    server.start()
+    try:
+        t0 = time.monotonic()
+        while not client.is_live() and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+        assert time.monotonic() - t0 < 2.0  # back-off capped at 1 s (it took 3 s and more)
+    finally:
+        client.close()
+        server.stop(None)
+
+
 def test_async_coalescing_sends_short_batches_after_its_wait_and_never_sends_cancelled_callers(served, triton):
     rows = np.random.default_rng(5).random((6, 3), dtype=np.float32)
     want = served.serving.local_backend().infer("scorer", {"input__0": rows}, version=1)["output__0"]
@@ -664,6 +756,33 @@ def test_a_hung_or_unreachable_server_gives_mlplat_errors_within_timeout_s(proto
     finally:
         hung.close()
     assert len(took) == 12 and max(took) < 5, took  # bounded by timeout_s (0.5 s), not 20 s or 60 s
+
+
+def test_http_calls_waiting_for_a_busy_connection_still_end_within_timeout_s():
+    """12 threads calling a hung server through 2 HTTP connections: a call's timeout_s started only once a
+    connection took it, so calls ended 0.5, 1, 1.5 ... 3 s after they were made; now each ends within
+    timeout_s of being made, and one still queued then is not sent."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
+    client = mp.TritonClient(f"127.0.0.1:{hung.getsockname()[1]}", protocol="http", timeout_s=0.5, max_in_flight=2)
+    ended: list[tuple[float, str]] = []
+
+    def call(i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            client.infer("scorer", {"input__0": np.ones((1, 3), np.float32)})
+        except mp.InferenceTimeoutError as exc:
+            ended.append((time.perf_counter() - t0, str(exc)))
+
+    try:
+        in_threads(call, 12)
+    finally:
+        client.close()
+        hung.close()
+    assert len(ended) == 12 and max(t for t, _ in ended) < 1.5, ended
+    assert any("none of the client's 2 HTTP connections came free" in msg for _, msg in ended), ended
+    assert all("'scorer'" in msg for _, msg in ended)
 
 
 def _misbehaving_peer(answer: bytes | None) -> socket.socket:

@@ -30,12 +30,13 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, ServingError
+from ..errors import ConfigError, InferenceTimeoutError, ServingError
 from .shaping import (ModelInfo, check_request, empty_outputs, join, map_error, merge, rows_of, split, to_arrays,
                       unmerge)
 
@@ -76,6 +77,25 @@ def _modules(protocol: str, asynchronous: bool):
         else:
             errors += (http.client.HTTPException,)  # geventhttpclient's HTTPParseError, HTTPConnectionClosed
     return (aio if asynchronous else base), base, errors
+
+
+def _grpc_channel_args() -> list[tuple[str, int]]:
+    """tritonclient's gRPC channel options, and reconnect back-off capped at 1 s.
+
+    gRPC's default back-off grows to minutes: after a server restart a client kept failing fast
+    (UNAVAILABLE) for about 10 s after the server was ready again. With these, it reconnects within a second.
+    """
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    keep = KeepAliveOptions()
+    return [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keep.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keep.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keep.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keep.http2_max_pings_without_data),
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def _check_http_url(url: object) -> None:
@@ -168,11 +188,17 @@ class _HttpWorkers:
     request threads, short-lived ones included) until the process ran out of file descriptors. Every HTTP
     call runs here instead, so the connections are bounded, and :meth:`close` closes each client and its hub
     in its own thread. A call made on one of these threads (a split request's part) runs there directly.
+
+    A call's ``timeout_s`` counts from when it is made, the wait for a free worker included: a call still
+    queued at its deadline is not sent, and :meth:`call` gives up at the deadline (it waited 2, 4, 6 and
+    8 s for a 2 s time-out when 32 threads called a hung server through 8 workers).
     """
 
-    def __init__(self, connect: Callable[[], Any], size: int) -> None:
+    def __init__(self, connect: Callable[[], Any], size: int, timeout_s: float, url: str) -> None:
         self._connect = connect
         self._size = size
+        self._timeout = timeout_s
+        self._url = url
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)
         self._threads: list[threading.Thread] = []
@@ -180,31 +206,42 @@ class _HttpWorkers:
         self._closed = False
         self._mine = threading.local()
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(client, *args)`` on a worker thread, waited for; its exception is raised here."""
+    def call(self, fn: Callable[..., Any], *args: Any, model: str | None = None) -> Any:
+        """``fn(client, *args)`` on a worker thread, waited for; its exception is raised here (``model``: the
+        model it is about, for the error of a call with no answer in time)."""
         client = getattr(self._mine, "client", None)
         if client is not None:  # already on a worker (a split request's part): no second hop
             return fn(client, *args)
         done = _Handoff()
-        self._put((fn, args, lambda value=None, error=None: done.set((value,), error)))  # (value,): None is one too
-        done.wait()
+        started: list[float] = []
+        settle = lambda value=None, error=None: done.set((value,), error)  # (value,): None is a value too
+        self._put((fn, args, settle, started, model))
+        if not done.wait(self._timeout):
+            raise self._late(started, model)
         return done.result()[0]
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+    def _late(self, started: list[float], model: str | None) -> InferenceTimeoutError:
+        """The error of a call that had no answer ``timeout_s`` after it was made."""
+        why = ("the server did not answer in time" if started else
+               f"none of the client's {self._size} HTTP connections came free in time (raise max_in_flight)")
+        where = f"model {model!r} at {self._url}" if model else f"the Triton server at {self._url}"
+        return InferenceTimeoutError(f"{where}: no answer within timeout_s={self._timeout:g} s: {why}")
+
+    def submit(self, fn: Callable[..., Any], *args: Any, model: str | None = None) -> Future:
         """``fn(client, *args)`` on a worker thread, not waited for."""
         fut: Future = Future()
 
         def settle(value: Any = None, error: BaseException | None = None) -> None:
             fut.set_result(value) if error is None else fut.set_exception(error)
 
-        self._put((fn, args, settle))
+        self._put((fn, args, settle, [], model))
         return fut
 
     def _put(self, job: tuple) -> None:
         with self._lock:
             if self._closed:
                 raise ServingError("the Triton client was closed while this call was being made; call again")
-            self._jobs.put(job)
+            self._jobs.put((*job, time.monotonic() + self._timeout))
             if self._idle.acquire(blocking=False):  # a worker is waiting for it
                 return
             if len(self._threads) < self._size:
@@ -216,14 +253,18 @@ class _HttpWorkers:
         client = self._mine.client = self._connect()
         try:
             while (job := self._jobs.get()) is not None:
-                fn, args, settle = job
-                try:
-                    value = fn(client, *args)
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised in its thread
-                    settle(error=exc)
+                fn, args, settle, started, model, deadline = job
+                if time.monotonic() >= deadline:  # its caller gave up (or will now): not sent
+                    settle(error=self._late(started, model))
                 else:
-                    settle(value)
-                del job, fn, args, settle
+                    started.append(time.monotonic())
+                    try:
+                        value = fn(client, *args)
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised in its thread
+                        settle(error=exc)
+                    else:
+                        settle(value)
+                del job, fn, args, settle, started
                 self._idle.release()
         finally:
             _close_in_thread(client)
@@ -263,16 +304,25 @@ class TritonClient(_Base):
     def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 30.0, coalesce: bool = False,
                  coalesce_wait_us: int | None = None, max_in_flight: int = 8) -> None:
         super().__init__(url, protocol, timeout_s, coalesce, coalesce_wait_us, max_in_flight, asynchronous=False)
-        self._grpc = self._mod.InferenceServerClient(url) if protocol == "grpc" else None
+        self._grpc: Any = None  # gRPC: made on first use, again after close()
         self._coalescers: dict[tuple, _Coalescer] = {}
         self._lock = threading.Lock()
         self._http: _HttpWorkers | None = None  # made on first use, again after close()
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _run(self, fn: Callable[..., Any], *args: Any, model: str | None = None) -> Any:
         """``fn(client, *args)`` with the gRPC client, or on an HTTP worker thread with its client."""
-        if self._grpc is not None:
-            return fn(self._grpc, *args)
-        return self._http_workers().call(fn, *args)
+        if self.protocol == "grpc":
+            return fn(self._grpc_client(), *args)
+        return self._http_workers().call(fn, *args, model=model)
+
+    def _grpc_client(self) -> Any:
+        client = self._grpc
+        if client is None:
+            with self._lock:
+                if self._grpc is None:
+                    self._grpc = self._mod.InferenceServerClient(self.url, channel_args=_grpc_channel_args())
+                client = self._grpc
+        return client
 
     def _http_workers(self) -> _HttpWorkers:
         workers = self._http
@@ -281,14 +331,14 @@ class TritonClient(_Base):
                 if self._http is None:
                     connect = functools.partial(self._mod.InferenceServerClient, self.url,
                                                 connection_timeout=self._timeout, network_timeout=self._timeout)
-                    self._http = _HttpWorkers(connect, self._max_in_flight)
+                    self._http = _HttpWorkers(connect, self._max_in_flight, self._timeout, self.url)
                     weakref.finalize(self, self._http.close, wait=False)  # a client dropped without close()
                 workers = self._http
         return workers
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """tritonclient's ``method`` (a health, metadata or model-control call)."""
-        return self._run(lambda client: getattr(client, method)(*args, **kwargs))
+        return self._run(lambda client: getattr(client, method)(*args, **kwargs), model=args[0] if args else None)
 
     def is_live(self) -> bool:
         """Whether the server answers (its liveness)."""
@@ -377,12 +427,19 @@ class TritonClient(_Base):
         parts = split(info, arrays)
         if len(parts) == 1:
             return self._infer_once(info, parts[0], outputs, priority, timeout_us, version)
+        deadline = time.monotonic() + self._timeout
         futures = [self._infer_async(info, p, outputs, priority, timeout_us, version) for p in parts]
-        return join([f.result() for f in futures])
+        try:
+            return join([f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures])
+        except FutureTimeout:  # parts waiting for a free HTTP connection, or a server that does not answer
+            raise InferenceTimeoutError(f"model {model!r} at {self.url}: no answer to all {len(parts)} parts of a "
+                                        f"{rows_of(info, arrays)}-row request within timeout_s={self._timeout:g} "
+                                        "s") from None
 
     def _infer_once(self, info: ModelInfo, arrays, outputs, priority: int, timeout_us: int,
                     version: int | None = None) -> dict[str, np.ndarray]:
-        return self._run(self._infer_with, info, arrays, outputs, self._request_kwargs(priority, timeout_us, version))
+        return self._run(self._infer_with, info, arrays, outputs, self._request_kwargs(priority, timeout_us, version),
+                         model=info.name)
 
     def _infer_with(self, client: Any, info: ModelInfo, arrays, outputs,
                     kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -398,8 +455,8 @@ class TritonClient(_Base):
                      timeout_us: int = 0, version: int | None = None) -> Future:
         """One request in flight; gRPC sends without blocking, HTTP runs on a worker thread."""
         kwargs = self._request_kwargs(priority, timeout_us, version)
-        if self._grpc is None:  # tritonclient.http.async_infer sleeps 10 ms per call: a worker thread instead
-            return self._http_workers().submit(self._infer_with, info, arrays, outputs, kwargs)
+        if self.protocol != "grpc":  # tritonclient.http.async_infer sleeps 10 ms per call: a worker thread instead
+            return self._http_workers().submit(self._infer_with, info, arrays, outputs, kwargs, model=info.name)
         fut: Future = Future()
         names = outputs or info.outputs
 
@@ -409,7 +466,7 @@ class TritonClient(_Base):
             else:
                 fut.set_result({n: result.as_numpy(n) for n in names})
 
-        self._grpc.async_infer(info.name, _inputs(self._mod, info, arrays), done,
+        self._grpc_client().async_infer(info.name, _inputs(self._mod, info, arrays), done,
                                outputs=self._outputs(info, outputs), **kwargs)
         return fut
 
@@ -425,14 +482,15 @@ class TritonClient(_Base):
 
     def close(self) -> None:
         """Close the connections (pending coalesced requests are sent by their callers first); a later call
-        opens them again."""
+        opens them again. HTTP calls in flight finish first; gRPC calls in flight fail (ServingError)."""
         # coalescers run nothing in the background: requests still pending are sent by their callers
         with self._lock:
             workers, self._http = self._http, None
+            grpc_client, self._grpc = self._grpc, None
         if workers is not None:
             workers.close()
-        if self._grpc is not None:
-            self._grpc.close()
+        if grpc_client is not None:
+            grpc_client.close()
 
     def __enter__(self) -> TritonClient:
         return self
@@ -445,8 +503,9 @@ class _Gathering:
     """The pending batch of a coalescer (threads or coroutines) and when it is complete.
 
     A batch is complete when it holds as many requests as there are callers (the most seen inside
-    ``submit`` at once), or the model's preferred rows; a request with no room left sends the batch
-    before it. When a batch's wait runs out it goes with what it has, and the coalescer expects fewer.
+    ``submit`` at once), or the model's preferred rows; a request with no room left, or (for a model with
+    a dimension of any size) with other dimensions than the batch's, sends the batch before it. When a
+    batch's wait runs out it goes with what it has, and the coalescer expects fewer.
     """
 
     def __init__(self, client: _Base, info: ModelInfo, version: int | None) -> None:
@@ -458,6 +517,8 @@ class _Gathering:
         self._pending: list = []
         self._first_at = 0.0  # when the pending batch's first request came
         self._rows = 0
+        self._varies = any(-1 in dims for _, _, dims in info.inputs)  # requests may differ beyond the batch
+        self._shape: tuple = ()  # the pending batch's dimensions besides the batch (where they may differ)
         self._inside = 0  # callers inside submit (the caller's own count is added before _gather)
         self._expect = 1
 
@@ -465,10 +526,12 @@ class _Gathering:
         """Add one request of ``n`` rows at time ``now``: (the batch it had no room in, the batch it completed)."""
         self._expect = max(self._expect, self._inside)
         full = None
-        if self._pending and self._rows + n > self.info.max_batch_size:
-            full = self._take()  # no room left: it goes now, this request starts the next batch
+        shape = tuple(a.shape[1:] for a in item[0].values()) if self._varies else ()
+        if self._pending and (self._rows + n > self.info.max_batch_size or shape != self._shape):
+            full = self._take()  # no room left (or other dimensions): it goes now, this request starts the next
         if not self._pending:
             self._first_at = now
+            self._shape = shape
             self._started(now)
         self._pending.append(item)
         self._rows += n
@@ -640,8 +703,8 @@ class AsyncTritonClient(_Base):
         """tritonclient's aio client of the running loop (an aio channel belongs to the loop that made it)."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            self._aio = self._mod.InferenceServerClient(
-                self.url, **({} if self.protocol == "grpc" else {"conn_timeout": self._timeout}))
+            self._aio = self._mod.InferenceServerClient(self.url, **(
+                {"channel_args": _grpc_channel_args()} if self.protocol == "grpc" else {"conn_timeout": self._timeout}))
             self._batchers = {}  # their tasks ran in the old loop
             self._loop = loop
         return self._aio
