@@ -299,6 +299,49 @@ def test_a_pushed_row_wins_a_tie_offline_as_online(p, tmp_path):
     assert offline_now(p, [1], ["ties:count"]) == {"count": [2]}
 
 
+def test_a_push_to_offline_fills_its_created_time_in_the_unit_the_source_stores(p, tmp_path):
+    """Rows pushed without a created time get now: stored in a source of millisecond created times, it was
+    refused ("column 'created' cannot be written ... would lose data"), naming a column the user never gave."""
+    src = tmp_path / "src"
+    src.mkdir()
+    at = NOW - timedelta(hours=1)
+    pq.write_table(pa.table({"user_id": pa.array([1], pa.int64()), "event_timestamp": pa.array([at], TS),
+                             "created": pa.array([at], pa.timestamp("ms", "UTC")),
+                             "count": pa.array([1], pa.int64())}), src / "a.parquet")
+    view = mp.FeatureView("ms", entities=[USER], ttl=None, schema=[mp.Field("count", mp.Int64)],
+                          source=mp.ParquetSource(src, created_timestamp_field="created"))
+    p.features.apply([USER, view])
+    p.features.materialize(end_date=NOW, progress=False)
+    assert p.features.push("ms", {"user_id": [1], "event_timestamp": [at], "count": [2]}, to_offline=True) == 1
+    (pushed,) = (src / "pushed").glob("*.parquet")
+    created = pq.read_table(pushed).column("created")
+    assert created.type == pa.timestamp("ms", "UTC") and created[0].as_py() > at
+    assert p.features.get_online_features(["ms:count"], {"user_id": [1]})["count"] == [2]
+    assert offline_now(p, [1], ["ms:count"]) == {"count": [2]}
+
+
+def test_timestamp_features_keep_their_nanoseconds_online(p, tmp_path):
+    """Online values are datetimes (microseconds); to_arrow() gave the column cut to microseconds while
+    offline retrieval, and the store, hold nanoseconds."""
+    src = tmp_path / "src"
+    src.mkdir()
+    stamps = [1_700_000_000_123_456_789, -1]
+    pq.write_table(pa.table({"user_id": pa.array([1, 2], pa.int64()),
+                             "event_timestamp": pa.array([NOW - timedelta(hours=1)] * 2, TS),
+                             "seen": pa.array(stamps, pa.timestamp("ns", "UTC"))}), src / "a.parquet")
+    view = mp.FeatureView("acct", entities=[USER], ttl=None, schema=[mp.Field("seen", mp.Timestamp)],
+                          source=mp.ParquetSource(src))
+    p.features.apply([USER, view])
+    p.features.materialize(end_date=NOW, progress=False)
+    online = p.features.get_online_features(["acct:seen"], {"user_id": [1, 2, 3]})
+    assert online["seen"][:2] == [datetime(2023, 11, 14, 22, 13, 20, 123456, UTC),
+                                  datetime(1969, 12, 31, 23, 59, 59, 999999, UTC)] and online["seen"][2] is None
+    assert online.to_arrow().column("seen").cast(pa.int64()).to_pylist() == stamps + [None]
+    assert offline_now(p, [1, 2], ["acct:seen"])["seen"] == pa.array(stamps, pa.timestamp("ns", "UTC")).to_pylist()
+    online["seen"] = [None, None, None]  # a column the caller replaced is taken as it is now
+    assert online.to_arrow().column("seen").to_pylist() == [None, None, None]
+
+
 def test_a_failed_push_to_offline_leaves_the_source_as_it_was(p, tmp_path):
     src = tmp_path / "src"
     write(src / "a.parquet", [1], [10], [1])

@@ -194,10 +194,10 @@ class Materializer:
         table = _check_push_columns(view, _push_table(rows))
         if table.num_rows == 0:
             return 0
+        target = _offline_target(view) if to_offline else None
         if src.created_timestamp_field and src.created_timestamp_field not in table.column_names:
-            now = pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", "UTC"))
-            table = table.append_column(src.created_timestamp_field, pa.array([now.as_py()] * table.num_rows,
-                                                                               pa.timestamp("us", "UTC")))
+            table = table.append_column(src.created_timestamp_field,
+                                        _created_now(table.num_rows, target and target[2], src.created_timestamp_field))
         try:
             event_ns = _arrow.timestamps_ns(table.column(src.timestamp_field))
             created_ns = (_arrow.timestamps_ns(table.column(src.created_timestamp_field))
@@ -210,7 +210,7 @@ class Materializer:
             raise DataError(f"push to {view.name!r}: a row's {src.timestamp_field!r} is in the future ({latest} "
                             f"> now, {now.isoformat()}); the online store would serve it before its time, when "
                             "offline retrieval would not yet see it. Push rows once they have happened")
-        staged = _stage_offline(view, table) if to_offline else None
+        staged = _stage_offline(view, table, target) if target else None
         try:
             written = (self._store().write(view_tag(view), self._encode(view, table, event_ns, created_ns))
                        if view.online else 0)
@@ -305,14 +305,30 @@ class _Staged:
             pass
 
 
-def _stage_offline(view: FeatureView, table: pa.Table) -> _Staged:
-    """The rows as a hidden file for ``<source>/pushed/<time>-<uuid>.parquet``, in the first file's schema."""
-    where = f"push to {view.name!r}"
+def _created_now(rows: int, schema: pa.Schema | None, name: str) -> pa.Array:
+    """A pushed row's created time when the rows have none: now, to the unit the source's files store it in
+    (microseconds for online-only pushes), so the offline file holds what the online store compares."""
+    unit = "us"
+    if schema is not None and name in schema.names and pa.types.is_timestamp(schema.field(name).type):
+        unit = schema.field(name).type.unit
+    now = time.time_ns()
+    now -= now % {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[unit]
+    return pa.array(np.full(rows, now, np.int64)).cast(pa.timestamp("ns", "UTC"))
+
+
+def _offline_target(view: FeatureView) -> tuple[Any, str, pa.Schema]:
+    """Where a push to offline goes: the source's filesystem, its folder and its first file's schema."""
     fs, root, paths = list_files(view.source)
     if paths == [root]:
-        raise DataError(f"{where}: to_offline needs a folder source, {view.source.path!r} is a file")
+        raise DataError(f"push to {view.name!r}: to_offline needs a folder source, {view.source.path!r} is a file")
     # the schema of the first file, as ParquetFiles.schema, but without every file's footer (each push adds one)
-    schema = read_footer(fs, view.source, paths[0]).schema.to_arrow_schema()
+    return fs, root, read_footer(fs, view.source, paths[0]).schema.to_arrow_schema()
+
+
+def _stage_offline(view: FeatureView, table: pa.Table, target: tuple[Any, str, pa.Schema]) -> _Staged:
+    """The rows as a hidden file for ``<source>/pushed/<time>-<uuid>.parquet``, in the first file's schema."""
+    where = f"push to {view.name!r}"
+    fs, root, schema = target
     columns = {}
     for field in schema:
         if field.name not in table.column_names:

@@ -43,16 +43,26 @@ def view_tag(view: FeatureView) -> str:
 class OnlineResponse(dict):
     """Feature values as column lists (join keys first, then features in the order asked for).
 
-    A plain ``dict[str, list]``, plus :meth:`to_arrow` and :meth:`to_pandas`.
+    A plain ``dict[str, list]``, plus :meth:`to_arrow` and :meth:`to_pandas`. Timestamp features are
+    ``datetime`` values, which hold microseconds: :meth:`to_arrow` gives them to the nanosecond, as stored.
     """
 
-    def __init__(self, columns: dict[str, list], types: Mapping[str, pa.DataType]) -> None:
+    def __init__(self, columns: dict[str, list], types: Mapping[str, pa.DataType],
+                 nanoseconds: Mapping[str, list] | None = None) -> None:
         super().__init__(columns)
         self._types = dict(types)
+        # timestamp columns as stored (ns since the epoch), used while the column is the list handed out
+        self._ns = {k: (columns[k], v) for k, v in (nanoseconds or {}).items()}
 
     def to_arrow(self) -> pa.Table:
         """The columns as a pyarrow Table, features typed as declared."""
-        return pa.table({k: pa.array(v, type=self._types.get(k)) for k, v in self.items()})
+        def column(name: str, values: list) -> pa.Array:
+            exact = self._ns.get(name)
+            if exact is not None and exact[0] is values:
+                return pa.array(exact[1], pa.int64()).cast(self._types[name])
+            return pa.array(values, type=self._types.get(name))
+
+        return pa.table({k: column(k, v) for k, v in self.items()})
 
     def to_pandas(self) -> pd.DataFrame:
         """The columns as a pandas DataFrame (via Arrow)."""
@@ -143,6 +153,7 @@ class OnlineReader:
             rows_of.append(rows)
         records = self._store().read(read_groups)
         values: dict[str, list] = {}
+        nanoseconds: dict[str, list] = {}
         offset = 0
         for (_, views), (_, unique), rows in zip(plan.groups, read_groups, rows_of):
             for vp in views:
@@ -153,11 +164,14 @@ class OnlineReader:
                     raise OnlineStoreError(f"online store {self._store().name}: {vp.tag} holds a record mlplat "
                                            f"cannot read ({exc}); re-materialize the view") from None
                 for i, (pos, out) in enumerate(vp.picks):
-                    values[out] = _timestamps(decoded[pos]) if i in vp.timestamps else decoded[pos]
+                    if i in vp.timestamps:
+                        values[out], nanoseconds[out] = _timestamps(decoded[pos]), decoded[pos]
+                    else:
+                        values[out] = decoded[pos]
                 offset += len(unique)
         result = {k: columns[k] for k in plan.join_keys}
         result.update((name, values[name]) for name in plan.order)
-        return OnlineResponse(result, plan.types)
+        return OnlineResponse(result, plan.types, nanoseconds)
 
 
 def _arrow_type(dtype: DType) -> pa.DataType:
