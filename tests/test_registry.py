@@ -103,6 +103,63 @@ def test_lineage_approvals_are_this_versions_production_approvals(p):
     assert approvals(2) == [("production", "bob")]
 
 
+def test_re_approving_the_version_in_production_is_recorded_as_an_approval(p):
+    for bias in (0.0, 1.0):
+        p.models.register("fraud", trained_run(p, bias), registered_by="bob")
+    p.models.promote("fraud", 1, "production", approved_by="alice", notes="Q1 review")
+    again = p.models.promote("fraud", 1, "production", approved_by="carol", actor="dan", notes="Q2 re-review")
+    assert again.stage == "production" and p.models.resolve("fraud").version == 1  # nothing moved
+    last = p.models.history("fraud", version=1)[-1]
+    assert (last.from_stage, last.to_stage, last.approved_by, last.actor, last.notes) == (
+        "production", "production", "carol", "dan", "Q2 re-review")
+    approvals = lambda v: [(a["stage"], a["approved_by"], a["notes"])
+                           for a in p.models.lineage("fraud", version=v)["approvals"]]
+    assert approvals(1) == [("production", "alice", "Q1 review"), ("production", "carol", "Q2 re-review")]
+    # a re-approval obeys the policy like any promotion, and a refused one records nothing
+    p.models.set_policy("fraud", require_distinct_approver=True)
+    before = p.models.history("fraud")
+    with pytest.raises(mp.DataError, match="approver other than the registrant"):
+        p.models.promote("fraud", 1, "production", approved_by="bob")
+    with pytest.raises(mp.DataError, match="needs an approver"):
+        p.models.promote("fraud", 1, "production")
+    assert p.models.history("fraud") == before
+    # the next version's approval still does not count as one of v1's
+    p.models.promote("fraud", 2, "production", approved_by="erin")
+    assert approvals(1) == [("production", "alice", "Q1 review"), ("production", "carol", "Q2 re-review")]
+    assert approvals(2) == [("production", "erin", "")]
+    # below production too: a repeated promotion moves nothing and is recorded with its notes
+    p.models.promote("fraud", 1, "staging")
+    p.models.promote("fraud", 1, "staging", notes="retested")
+    assert [(h.from_stage, h.to_stage, h.notes) for h in p.models.history("fraud", version=1)][-2:] == [
+        ("archived", "staging", ""), ("staging", "staging", "retested")]
+    assert p.models.get("fraud", version=1).stage == "staging"
+
+
+@pytest.mark.parametrize("registrant, approver", [
+    ("bob", "bob "), ("bob", "Bob"), ("bob", "\tbob"), ("bob", " BOB\n"), ("bob", "\uff42\uff4f\uff42"),  # fullwidth
+    ("Bob ", "bob"), ("ann marie", "Ann  Marie"),
+])
+def test_distinct_approver_policy_ignores_case_and_whitespace(p, registrant, approver):
+    p.models.create("fraud", require_distinct_approver=True)
+    p.models.register("fraud", trained_run(p), registered_by=registrant)
+    before = p.models.history("fraud")
+    with pytest.raises(mp.DataError, match="approver other than the registrant .* names the same person"):
+        p.models.promote("fraud", 1, "production", approved_by=approver)
+    assert p.models.history("fraud") == before and p.models.get("fraud", version=1).stage == "none"
+
+
+def test_user_names_are_stored_without_surrounding_whitespace(p):
+    v = p.models.register("fraud", trained_run(p), registered_by=" dana\t")
+    assert v.registered_by == "dana"
+    p.models.promote("fraud", 1, "production", approved_by="  alice ", actor=" carol\n")
+    p.models.set_alias("fraud", "champion", 1, actor=" erin ")
+    assert [(h.actor, h.approved_by) for h in p.models.history("fraud")] == [
+        ("dana", None), ("carol", "alice"), ("erin", None)]
+    assert p.models.lineage("fraud")["approvals"][0]["approved_by"] == "alice"
+    p.models.promote("fraud", 1, "staging", approved_by="  ")  # a blank approver is no approver
+    assert p.models.history("fraud")[-1].approved_by is None
+
+
 def test_resolve_means_production_for_a_bare_name(p):
     for bias in (0.0, 1.0):
         p.models.register("fraud", trained_run(p, bias))
@@ -184,6 +241,28 @@ def test_concurrent_first_registrations_of_a_new_model_each_get_a_version(p):
     (lambda m, run_id: m.promote("fraud", "1", "staging"), "version must be a version number .*got '1'"),
     (lambda m, run_id: m.set_alias("fraud", "champion", True), "version must be a version number"),
     (lambda m, run_id: m.get("fraud", version="1"), "version must be a version number"),
+    # beyond the 32-bit version column: an mlplat error on both backends, not OverflowError or a driver error
+    (lambda m, run_id: m.promote("fraud", 2**70, "staging"), "version must be a version number .*at most 2147483647"),
+    (lambda m, run_id: m.set_alias("fraud", "champion", 2**31), "version must be a version number"),
+    (lambda m, run_id: m.get("fraud", version=2**63), "version must be a version number"),
+    (lambda m, run_id: m.history("fraud", version=2**70), "version must be a version number"),
+    (lambda m, run_id: m.history("fraud", version="1"), "version must be a version number"),
+    (lambda m, run_id: m.get("fraud", alias=5), "alias must be a string such as 'champion', got 5"),
+    (lambda m, run_id: m.delete_alias("fraud", None), "alias must be a string"),
+    (lambda m, run_id: m.get("fraud", stage=["production"]), "stage \\['production'\\] is not one of"),
+    (lambda m, run_id: m.promote("fraud", 1, "staging", notes=5), "notes must be a string .*got 5"),
+    (lambda m, run_id: m.set_alias("fraud", "champion", 1, notes=b"x"), "notes must be a string"),
+    (lambda m, run_id: m.delete_alias("fraud", "champion", notes=5), "notes must be a string"),
+    (lambda m, run_id: m.register("fraud", run_id, description=5), "description must be a string .*got 5"),
+    (lambda m, run_id: m.create("other", description=None), "description must be a string .*got None"),
+    (lambda m, run_id: m.create("other", require_distinct_approver="no"), "require_distinct_approver must be True"),
+    (lambda m, run_id: m.set_policy("fraud", require_distinct_approver="yes"), "require_distinct_approver must be"),
+    (lambda m, run_id: m.promote(None, 1, "staging"), "model name None is invalid"),
+    (lambda m, run_id: m.get(5), "model name 5 is invalid"),
+    (lambda m, run_id: m.history(["fraud"]), "model name \\['fraud'\\] is invalid"),
+    (lambda m, run_id: m.register("fraud", run_id, registered_by="   "), "registered_by must be a user name, got"),
+    (lambda m, run_id: m.promote("fraud", 1, "staging", actor=""), "actor must be a user name, got the blank"),
+    (lambda m, run_id: m.promote("fraud", 1, "production", approved_by=" \t"), "needs an approver"),
 ])
 def test_values_the_columns_cannot_hold_are_refused_on_both_backends(p, call, message):
     run_id = trained_run(p)
@@ -193,6 +272,7 @@ def test_values_the_columns_cannot_hold_are_refused_on_both_backends(p, call, me
         call(p.models, run_id)
     assert p.models.history("fraud") == before and [v.version for v in p.models.versions("fraud")] == [1]
     assert p.models.get("fraud", version=1).stage == "none" and p.models.get("fraud", version=1).aliases == ()
+    assert [m["name"] for m in p.models.list()] == ["fraud"]  # no model created either
 
 
 def test_aliases(p):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import getpass
 import re
 import tempfile
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +45,7 @@ STAGES = ("none", "staging", "production", "archived")
 #: model names and aliases (and Triton model folder names)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-.]{0,254}$")
 _ALIAS_MAX = 58  # history records an alias move as "alias:<alias>" in a 64-character column
+_VERSION_MAX = 2**31 - 1  # model_versions.version is a 32-bit INTEGER on PostgreSQL
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,51 @@ def _check_model_name(name: Any) -> str:
 
 
 def _check_person(value: Any, what: str) -> str:
-    """A user name (registrant, approver, actor) that fits its column, or DataError."""
-    return check_text(value, what, meaning="a user name")
+    """A user name (registrant, approver, actor) that fits its column, stripped of surrounding
+    whitespace, or DataError (a blank name is refused)."""
+    name = check_text(value.strip() if isinstance(value, str) else value, what, meaning="a user name")
+    if not name:
+        raise DataError(f"{what} must be a user name, got the blank {value!r}; give a name "
+                        "(or leave it out to record the operating-system user)")
+    return name
+
+
+def _person_key(name: str) -> str:
+    """A user name as the distinct-approver policy compares it: Unicode-normalized (NFKC), runs of
+    whitespace collapsed and stripped, case-folded ("Bob ", "bob" and "BOB" are one person)."""
+    return unicodedata.normalize("NFKC", " ".join(name.split())).casefold()
 
 
 def _check_version(version: Any) -> int:
-    require_number("version", version, low=1, integer=True, meaning="a version number (an int: 1, 2, ...)")
+    require_number("version", version, low=1, high=_VERSION_MAX, integer=True,
+                   meaning=f"a version number (an int: 1, 2, ..., at most {_VERSION_MAX})")
     return version
+
+
+def _check_stage(stage: Any) -> str:
+    if not isinstance(stage, str) or stage not in STAGES:
+        raise DataError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    return stage
+
+
+def _check_alias_lookup(alias: Any) -> str:
+    """An alias to look up: a string (one that was never set is NotFoundError later), else DataError."""
+    if not isinstance(alias, str):
+        raise DataError(f"alias must be a string such as 'champion', got {alias!r}")
+    return alias
+
+
+def _check_flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise DataError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def _check_free_text(value: Any, what: str) -> str:
+    """``notes`` and ``description``: any string (stored as TEXT), else DataError."""
+    if not isinstance(value, str):
+        raise DataError(f"{what} must be a string (use '' for none), got {value!r}")
+    return value
 
 
 class ModelRegistry:
@@ -105,10 +145,13 @@ class ModelRegistry:
     # ------------------------------------------------------------ writing
     def create(self, name: str, *, description: str = "", require_distinct_approver: bool = False) -> None:
         """Create a registered model with a policy (``register`` creates one with defaults on first use)."""
+        _check_model_name(name)
+        _check_free_text(description, "description")
+        _check_flag(require_distinct_approver, "require_distinct_approver")
         exists = DataError(f"model {name!r} already exists; use set_policy to change its policy")
         try:
             with self._db.connect(write=True) as conn:
-                if conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == _check_model_name(name))):
+                if conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == name)):
                     raise exists
                 conn.execute(sa.insert(RegisteredModel).values(name=name, description=description,
                                                                require_distinct_approver=require_distinct_approver))
@@ -117,6 +160,7 @@ class ModelRegistry:
 
     def set_policy(self, name: str, *, require_distinct_approver: bool) -> None:
         """Whether production approvals must come from someone other than the version's registrant."""
+        _check_flag(require_distinct_approver, "require_distinct_approver")
         with self._db.connect(write=True) as conn:
             model_id = self._model_id(conn, name)
             conn.execute(sa.update(RegisteredModel).where(RegisteredModel.id == model_id).values(
@@ -127,10 +171,11 @@ class ModelRegistry:
         """A new version of ``name`` from a run's model artifact (the model is created on first use)."""
         _check_model_name(name)
         check_name(artifact)
+        _check_free_text(description, "description")
         run = self._runs.get(run_id)
         if not any(a["path"] == artifact and a["kind"] == "model" for a in run.artifacts):
             raise NotFoundError(f"run {run_id} has no model artifact {artifact!r}; log it with run.log_model")
-        who = _check_person(registered_by or _user(), "registered_by")
+        who = _check_person(_user() if registered_by is None else registered_by, "registered_by")
         with self._db.connect(write=True) as conn:
             model_id = self._model_id_created(conn, name)
             self._lock(conn, model_id)
@@ -145,13 +190,22 @@ class ModelRegistry:
 
     def promote(self, name: str, version: int, stage: str, *, approved_by: str | None = None, notes: str = "",
                 actor: str | None = None) -> ModelVersionInfo:
-        """Move a version to ``stage``; production needs ``approved_by`` and archives the previous one."""
-        if stage not in STAGES:
-            raise DataError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+        """Move a version to ``stage``; production needs ``approved_by`` and archives the previous one.
+
+        Promoting a version to the stage it is already in moves nothing but is still recorded in its
+        history (``stage -> stage``): for production that is a re-approval, and it shows in lineage's
+        approvals. The policy checks apply to it as to any other promotion.
+        """
+        _check_model_name(name)
+        _check_stage(stage)
         _check_version(version)
-        who = _check_person(actor or _user(), "actor")
+        _check_free_text(notes, "notes")
+        who = _check_person(_user() if actor is None else actor, "actor")
+        given_approver = approved_by
+        if isinstance(approved_by, str) and not approved_by.strip():
+            approved_by = None  # blank: no approver (production refuses it below)
         if approved_by is not None:
-            _check_person(approved_by, "approved_by")
+            approved_by = _check_person(approved_by, "approved_by")  # stored stripped
         with self._db.connect(write=True) as conn:
             model_id = self._model_id(conn, name)
             distinct = self._lock(conn, model_id)
@@ -160,12 +214,13 @@ class ModelRegistry:
             if row is None:
                 raise NotFoundError(f"model {name!r} has no version {version}")
             if stage == "production":
-                if not approved_by or not str(approved_by).strip():
+                if approved_by is None:
                     raise DataError(f"promoting {name!r} v{version} to production needs an approver: "
                                     "approved_by= (on the command line, --approved-by)")
-                if distinct and approved_by == row.registered_by:
+                if distinct and _person_key(approved_by) == _person_key(row.registered_by):
                     raise DataError(f"model {name!r} requires an approver other than the registrant "
-                                    f"({row.registered_by!r}) for production")
+                                    f"({row.registered_by!r}) for production; approved_by={given_approver!r} names "
+                                    "the same person (names are compared ignoring case and whitespace)")
                 previous = conn.execute(sa.select(ModelVersion.id, ModelVersion.version).where(
                     ModelVersion.model_id == model_id, ModelVersion.stage == "production",
                     ModelVersion.id != row.id)).all()
@@ -176,18 +231,20 @@ class ModelRegistry:
                         notes=f"replaced by version {version}"))  # the approval was of that version, not this one
             if row.stage != stage:
                 conn.execute(sa.update(ModelVersion).where(ModelVersion.id == row.id).values(stage=stage))
-                conn.execute(sa.insert(ModelTransition).values(version_id=row.id, from_stage=row.stage,
-                                                               to_stage=stage, actor=who, approved_by=approved_by,
-                                                               notes=notes))
+            # recorded even when the stage does not change: a re-approval (or a re-review's notes) is an event
+            conn.execute(sa.insert(ModelTransition).values(version_id=row.id, from_stage=row.stage, to_stage=stage,
+                                                           actor=who, approved_by=approved_by, notes=notes))
         return self.get(name, version=version)
 
     def set_alias(self, name: str, alias: str, version: int, *, actor: str | None = None, notes: str = "") -> None:
         """Point a free alias (e.g. "champion") at a version."""
+        _check_model_name(name)
         if not isinstance(alias, str) or not NAME_PATTERN.match(alias) or len(alias) > _ALIAS_MAX or alias in STAGES:
             raise DataError(f"alias {alias!r} is invalid: letters, digits, '_', '-' and '.', at most {_ALIAS_MAX}, "
                             "and not a stage name")
         _check_version(version)
-        who = _check_person(actor or _user(), "actor")
+        _check_free_text(notes, "notes")
+        who = _check_person(_user() if actor is None else actor, "actor")
         with self._db.connect(write=True) as conn:
             model_id = self._model_id(conn, name)
             self._lock(conn, model_id)
@@ -202,7 +259,10 @@ class ModelRegistry:
 
     def delete_alias(self, name: str, alias: str, *, actor: str | None = None, notes: str = "") -> None:
         """Remove an alias; history records it as a move from ``alias:<alias>`` to nothing."""
-        who = _check_person(actor or _user(), "actor")
+        _check_model_name(name)
+        _check_alias_lookup(alias)
+        _check_free_text(notes, "notes")
+        who = _check_person(_user() if actor is None else actor, "actor")
         with self._db.connect(write=True) as conn:
             model_id = self._model_id(conn, name)
             self._lock(conn, model_id)
@@ -214,6 +274,7 @@ class ModelRegistry:
                                                            actor=who, notes=notes))
 
     def _model_id(self, conn, name: str) -> int:
+        _check_model_name(name)
         model_id = conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == name))
         if model_id is None:
             raise NotFoundError(f"unknown model {name!r}")
@@ -264,14 +325,16 @@ class ModelRegistry:
             raise DataError("choose a model version by one of version=, stage= or alias=")
         if version is not None:
             _check_version(version)
+        if stage is not None:
+            _check_stage(stage)
+        if alias is not None:
+            _check_alias_lookup(alias)
         with self._db.connect() as conn:
             model_id = self._model_id(conn, name)
             q = sa.select(*ModelVersion.__table__.c).where(ModelVersion.model_id == model_id)
             if version is not None:
                 q = q.where(ModelVersion.version == version)
             elif stage is not None:
-                if stage not in STAGES:
-                    raise DataError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
                 q = q.where(ModelVersion.stage == stage)
             elif alias is not None:
                 q = q.join(ModelAlias, ModelAlias.version_id == ModelVersion.id).where(ModelAlias.alias == alias)
@@ -286,6 +349,8 @@ class ModelRegistry:
 
     def history(self, name: str, *, version: int | None = None) -> list[Transition]:
         """Every recorded transition of the model (or of one version), oldest first."""
+        if version is not None:
+            _check_version(version)
         with self._db.connect() as conn:
             model_id = self._model_id(conn, name)
             q = (sa.select(ModelVersion.version, ModelTransition.from_stage, ModelTransition.to_stage,
