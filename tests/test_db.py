@@ -223,3 +223,76 @@ def test_a_database_used_before_a_fork_keeps_what_the_child_writes_after_the_par
     after_parent_closes(p, lambda: p.runs.resume(run.id).set_tag("written", "by the child"))
     with mp.Platform(tmp_path / "home") as other:
         assert other.runs.get(run.id).tags.get("written") == "by the child"
+
+
+def test_sqlite_like_is_case_sensitive_and_lower_folds_every_letter_as_on_postgresql(database_url):
+    db = Database(database_url)
+    with db.connect() as conn:
+        row = conn.execute(sa.text(
+            "SELECT 'A' LIKE 'a', lower('ÄRGER É') = 'ärger é', 'a_b' LIKE 'a\\_b' ESCAPE '\\', "
+            "'axb' LIKE 'a\\_b' ESCAPE '\\', 'a%b' LIKE 'a\\%b' ESCAPE '\\', 'xyz' LIKE 'x%'")).one()
+    assert [bool(v) for v in row] == [False, True, True, False, True, True]
+    db.dispose()
+
+
+def test_the_like_function_used_where_sqlite_ignores_case_sensitive_like():
+    """A SQLite built without the deprecated pragma gets mlplat's LIKE: the same answers."""
+    import sqlite3
+
+    from mlplat.db.engine import _like
+
+    conn = sqlite3.connect(":memory:")
+    conn.create_function("like", 2, _like, deterministic=True)
+    conn.create_function("like", 3, _like, deterministic=True)
+    cases = [("'A' LIKE 'a'", 0), ("'abc' LIKE 'a%'", 1), ("'abc' LIKE 'a_'", 0), ("'a.c' LIKE 'a_c'", 1),
+             ("'a_b' LIKE 'a\\_b' ESCAPE '\\'", 1), ("'axb' LIKE 'a\\_b' ESCAPE '\\'", 0),
+             ("'a\\b' LIKE 'a\\\\b' ESCAPE '\\'", 1), ("'(a*)' LIKE '(a*)'", 1), ("'a\nb' LIKE 'a%'", 1),
+             ("NULL LIKE 'a'", None)]
+    for expr, expected in cases:
+        assert conn.execute(f"SELECT {expr}").fetchone()[0] == expected, expr
+    conn.close()
+
+
+def _hide_mlplat_tables(db: Database, url: str, hidden: bool) -> None:
+    """Make mlplat's tables disappear (and come back), as a dropped schema or a reset database would."""
+    if db.dialect == "postgresql":
+        schema = url.split("search_path%3D", 1)[1]
+        old, new = (schema, f"{schema}_gone") if hidden else (f"{schema}_gone", schema)
+        with db.connect(write=True) as conn:
+            conn.exec_driver_sql(f'ALTER SCHEMA "{old}" RENAME TO "{new}"')
+        return
+    with db.connect(write=True) as conn:
+        for table in ("runs", "run_params", "run_tags", "run_metric_chunks"):
+            old, new = (table, f"{table}_gone") if hidden else (f"{table}_gone", table)
+            conn.exec_driver_sql(f'ALTER TABLE "{old}" RENAME TO "{new}"')
+
+
+def test_tables_gone_mid_run_are_a_store_error_saying_so_and_buffered_points_wait(database_url, tmp_path):
+    p = mp.Platform(tmp_path / "home", database_url=database_url)
+    try:
+        run = p.runs.start("gone")
+        run.log_metric("loss", 1.0)
+        run.flush()
+        _hide_mlplat_tables(p.db, database_url, hidden=True)
+        run.log_metric("loss", 2.0)
+        message = r"(does not exist|no such table).*mlplat's tables are gone \(was the schema dropped or the " \
+                  r"database reset\?\); nothing was written: re-open the platform"
+        for call in (run.flush, lambda: run.log_param("a", 1), lambda: run.set_tag("a", 1),
+                     lambda: p.runs.search("gone", filter="tags.a = '1'"), lambda: p.runs.get(run.id)):
+            with pytest.raises(mp.StoreError, match=message):
+                call()
+        _hide_mlplat_tables(p.db, database_url, hidden=False)
+        run.end()
+        assert [pt.value for pt in p.runs.metric_history(run.id, "loss")] == [1.0, 2.0]
+        assert p.runs.get(run.id).status == "finished"
+    finally:
+        p.close()
+
+
+@pytest.mark.postgres
+def test_a_genuine_programming_error_keeps_its_sqlalchemy_error(pg_url):
+    db = Database(pg_url)
+    with pytest.raises(sa.exc.ProgrammingError, match="syntax error"):
+        with db.connect() as conn:
+            conn.execute(sa.text("SELEC 1"))
+    db.dispose()

@@ -184,6 +184,16 @@ def test_a_resumed_run_continues_each_keys_default_step(p):
     assert [r.id for r in p.runs.search("fraud", filter="metrics.loss < 0.5")] == [run.id]
 
 
+def test_a_value_too_large_for_a_float_is_refused_when_logged(p):
+    with p.runs.start("fraud") as run:
+        with pytest.raises(mp.DataError, match=r"metric 'k': 1000.*\.\.\. \(401 characters\) is too large for a float"):
+            run.log_metric("k", 10**400)
+        with pytest.raises(mp.DataError, match="metric 'k': step must be .* got <int too large to show>"):
+            run.log_metric("k", 1.0, step=10**5000)
+        run.log_metric("k", 2.0)
+    assert p.runs.get(run.id).metrics == {"k": 2.0}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"timestamp_ms": "yesterday"}, "timestamp_ms must be whole milliseconds since the epoch"),
     ({"timestamp_ms": 1.5e12}, "timestamp_ms must be"),
@@ -232,6 +242,75 @@ def test_eight_processes_log_to_one_run_and_nothing_is_lost(database_url, tmp_pa
         info = p.runs.get(run.id)
         assert all(info.metrics[f"w{w}"] == 1999.0 for w in range(8))
         assert info.metrics["shared"] == 71500.0  # the greatest step wins, whatever order the writes landed in
+
+
+_SHARED_KEYS = [f"k{i:02d}" for i in range(30)]
+
+
+def _write_one_run_in_key_order(args):
+    """Params, tags and metrics of one resumed run, the keys in this worker's order (every other one reversed)."""
+    url, home, run_id, worker = args
+    keys = _SHARED_KEYS if worker % 2 == 0 else _SHARED_KEYS[::-1]
+    with mp.Platform(home, database_url=url) as p:
+        with p.runs.resume(run_id) as run:
+            run.log_params({k: "same" for k in keys})
+            for i in range(25):
+                run.set_tags({k: f"{worker}-{i}" for k in keys})
+                for k in keys:
+                    run.log_metric(k, float(i), step=worker * 100 + i)
+                run.flush()
+    return worker
+
+
+def test_processes_writing_one_runs_keys_in_different_orders_do_not_deadlock(database_url, tmp_path):
+    """Each upsert takes the run's rows in sorted key order: in the order given, PostgreSQL deadlocked
+    (a failed set_tags, a flush whose points were lost at the block's end)."""
+    home = str(tmp_path / "home")
+    with mp.Platform(home, database_url=database_url) as p:
+        run = p.runs.start("deadlock")
+        with mpr.get_context("spawn").Pool(4) as pool:  # a worker's error fails the map
+            assert sorted(pool.map(_write_one_run_in_key_order,
+                                   [(database_url, home, run.id, w) for w in range(4)])) == list(range(4))
+        info = p.runs.get(run.id)
+        assert "mlplat.error" not in info.tags and info.status == "finished"  # the last block ended it
+        assert {info.params[k] for k in _SHARED_KEYS} == {"same"}
+        assert all(info.tags[k].endswith("-24") for k in _SHARED_KEYS)  # each worker's last set_tags
+        for k in _SHARED_KEYS:
+            assert sorted(pt.step for pt in p.runs.metric_history(run.id, k)) == \
+                [w * 100 + i for w in range(4) for i in range(25)]
+            assert info.metrics[k] == 24.0  # worker 3's step 324, the greatest
+
+
+def _log_then_close_platform(args):
+    """A multiprocessing worker as docs/operations.md has it: log to a resumed run, p.close(), return."""
+    import mlplat._background as background
+
+    url, home, run_id = args
+    background.interval = 3600  # the flusher would not write them before the pool ends this process
+    p = mp.Platform(home, database_url=url)
+    run = p.runs.resume(run_id)
+    for step in range(100):
+        run.log_metric("loss", float(step), step=step)
+    p.close()
+    return "closed"
+
+
+@pytest.mark.parametrize("context", ["spawn", "fork"])
+def test_closing_the_platform_writes_what_its_runs_buffered_and_leaves_them_open(database_url, tmp_path, context):
+    home = str(tmp_path / "home")
+    with mp.Platform(home, database_url=database_url) as p:
+        run = p.runs.start("pool")
+        with mpr.get_context(context).Pool(1) as pool:
+            assert pool.map(_log_then_close_platform, [(database_url, home, run.id)]) == ["closed"]
+        assert [pt.step for pt in p.runs.metric_history(run.id, "loss")] == list(range(100))
+        assert p.runs.get(run.id).status == "running"  # flushed, not ended: the parent's run goes on
+        run.log_metric("acc", 0.5)
+    with mp.Platform(home, database_url=database_url) as again:  # the parent's close flushed its run too
+        info = again.runs.get(run.id)
+        assert info.metrics == {"loss": 99.0, "acc": 0.5} and info.status == "running"
+    run.end()
+    with mp.Platform(home, database_url=database_url) as again:
+        assert again.runs.get(run.id).status == "finished"
 
 
 def test_a_killed_process_loses_nothing_before_its_last_flush(database_url, tmp_path):
@@ -376,6 +455,53 @@ def test_injection_in_names_is_stored_verbatim(p):
 def test_bad_filters_name_the_problem(p, searchable, flt, message):
     with pytest.raises(mp.DataError, match=message):
         p.runs.search("fraud", filter=flt)
+
+
+@pytest.mark.parametrize("flt, expected", [
+    ("tags.team like 'risk'", ["r1"]),  # case-sensitive on SQLite too (its own LIKE ignores ASCII case)
+    ("tags.team like 'r%'", ["r1"]),
+    ("tags.team like 'RI_K'", ["r2"]),
+    ("tags.team ilike 'RISK'", ["r1", "r2"]),
+    ("tags.u ilike 'ÄRGER'", ["r1", "r2"]),  # every letter folds, not only ASCII ones (SQLite's lower())
+    ("tags.u like 'Ä%'", ["r1"]),
+    ("tags.path like 'a_b'", ["r1", "r2", "r3"]),
+    ("tags.path like 'a\\\\_b'", ["r1"]),  # filter text 'a\\_b' is the pattern a\_b: a literal _
+    ("tags.path like 'a\\\\%b'", ["r3"]),
+    ("tags.path ilike 'A\\\\%%'", ["r3"]),
+    ("tags.bs like '%\\\\\\\\%'", ["r1"]),  # a literal backslash
+    ("attributes.name like 'R%'", []),
+    ("attributes.name ilike 'R%'", ["r1", "r2", "r3"]),
+])
+def test_like_and_ilike_match_the_same_on_every_backend(p, flt, expected):
+    for name, tags in [("r1", {"team": "risk", "path": "a_b", "u": "Ärger", "bs": "a\\b"}),
+                       ("r2", {"team": "RISK", "path": "axb", "u": "ärger"}),
+                       ("r3", {"team": "ml", "path": "a%b", "u": "zebra"})]:
+        p.runs.start("like", name=name, tags=tags).end()
+    assert names(p.runs.search("like", filter=flt, order_by=["attributes.name"])) == expected
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_results": "5"}, "search: max_results must be an int between 1 and 50000, got '5'"),
+    ({"max_results": True}, "max_results must be an int between 1 and 50000, got True"),
+    ({"max_results": 2.0}, "max_results must be an int"),
+    ({"filter": 123}, "search: filter must be a string .* got int 123"),
+    ({"filter": ["tags.team = 'ml'"]}, "search: filter must be a string"),
+    ({"order_by": [1]}, "search: order_by must be a list of strings"),
+    ({"order_by": 5}, "search: order_by must be a list of strings"),
+    ({"page_token": 4}, "page_token must be the next_page_token of a page"),
+    ({"filter": "tags.team = 'a\x00b'"}, "holds a NUL character"),
+    ({"filter": "tags.team like 'ml\\\\'"}, "ends with the escape character"),
+])
+def test_bad_search_arguments_are_data_errors_naming_them(p, searchable, kwargs, message):
+    with pytest.raises(mp.DataError, match=message):
+        p.runs.search("fraud", **kwargs)
+
+
+def test_search_takes_one_order_by_string_and_any_iterable_of_experiments(p, searchable):
+    assert names(p.runs.search("fraud", order_by="attributes.name desc", max_results=np.int64(2))) == ["f", "e"]
+    assert len(p.runs.search(iter(["fraud", "other"]))) == 7
+    with pytest.raises(mp.DataError, match="search: experiments must be an experiment name or a list"):
+        p.runs.search(5)
 
 
 @pytest.mark.parametrize("flt, expected", [

@@ -71,12 +71,16 @@ class Platform:
         self.monitoring = Monitoring(self)
 
     def close(self) -> None:
-        """Write what is buffered (served features) and release database, online store and server connections.
+        """Write what is buffered (metrics of runs opened through it, served features) and release database,
+        online store and server connections.
 
-        Every part is closed even when one fails; then the first failure is raised as an mlplat error
-        (an :class:`~mlplat.errors.StoreError` when it was not one already). Closing again is harmless.
+        Runs are flushed, not ended: a run ends when its ``with`` block ends, at ``run.end()``, or at
+        interpreter exit in the process that started or resumed it. Every part is closed even when one
+        fails; then the first failure is raised as an mlplat error (an :class:`~mlplat.errors.StoreError`
+        when it was not one already). Closing again is harmless.
         """
         parts: list[tuple[str, Callable[[], None]]] = [
+            ("the metrics buffered by open runs", self.runs.flush),
             ("the served-feature log and serving backend", self.serving.close),
             ("the online store", self.features.close),
             ("the database connections", self.db.dispose),

@@ -8,7 +8,9 @@ psycopg 3 with a connection pool whose size is configurable.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -132,6 +134,7 @@ def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
             enable_wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
+        _like_as_postgresql(dbapi_conn, cur)
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -140,6 +143,48 @@ def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _unicode_lower(value: Any) -> Any:
+    """SQLite's ``lower()`` as PostgreSQL's: every letter, not only ASCII ones ('Ä' -> 'ä')."""
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace").lower()
+    return value if value is None else str(value).lower()
+
+
+@functools.lru_cache(maxsize=256)
+def _like_regex(pattern: str, escape: str | None) -> re.Pattern[str]:
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if escape is not None and c == escape and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        out.append(".*" if c == "%" else "." if c == "_" else re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.S)
+
+
+def _like(pattern: Any, value: Any, escape: Any = None) -> int | None:
+    """A case-sensitive ``value LIKE pattern [ESCAPE escape]`` (SQLite calls like(pattern, value, escape))."""
+    if pattern is None or value is None:
+        return None
+    return int(_like_regex(str(pattern), escape).fullmatch(str(value)) is not None)
+
+
+def _like_as_postgresql(dbapi_conn: sqlite3.Connection, cur: sqlite3.Cursor) -> None:
+    """LIKE and ``lower()`` (hence ILIKE, which SQLAlchemy writes as ``lower(x) LIKE lower(y)`` on SQLite) as on
+    PostgreSQL: LIKE is case-sensitive (SQLite's ignores ASCII case) and lower() folds every letter
+    (SQLite's only ASCII ones). A SQLite built without the (deprecated) case_sensitive_like pragma gets a
+    LIKE function of mlplat's instead."""
+    dbapi_conn.create_function("lower", 1, _unicode_lower, deterministic=True)
+    cur.execute("PRAGMA case_sensitive_like=ON")
+    if cur.execute("SELECT 'A' LIKE 'a'").fetchone()[0]:
+        dbapi_conn.create_function("like", 2, _like, deterministic=True)
+        dbapi_conn.create_function("like", 3, _like, deterministic=True)
 
 
 def enable_wal(conn: sqlite3.Connection | sqlite3.Cursor) -> None:
@@ -166,6 +211,22 @@ def enable_wal(conn: sqlite3.Connection | sqlite3.Cursor) -> None:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+
+#: PostgreSQL's "undefined_table" and "invalid_schema_name" (the search path's schema is gone)
+_MISSING_TABLE_STATES = {"42P01", "3F000"}
+
+
+def _missing_table(exc: sa.exc.DBAPIError) -> bool:
+    """Whether ``exc`` says a table (or the schema holding them) does not exist."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _MISSING_TABLE_STATES:
+        return True
+    return isinstance(orig, sqlite3.OperationalError) and str(orig).startswith("no such table")
+
+
+def _first_line(error: BaseException | None) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 class Database:
@@ -200,7 +261,13 @@ class Database:
                     conn = conn.execution_options(sqlite_begin="IMMEDIATE")
                 with conn.begin():
                     yield conn
-        except sa.exc.OperationalError as exc:
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
+            if _missing_table(exc):
+                raise StoreError(f"database {self._shown_url()}: {_first_line(exc.orig)}: mlplat's tables are gone "
+                                 "(was the schema dropped or the database reset?); nothing was written: re-open "
+                                 "the platform (mp.Platform(...)) to create them again") from exc
+            if isinstance(exc, sa.exc.ProgrammingError):
+                raise  # a bug in the statement itself: keep SQLAlchemy's error with its SQL and parameters
             raise StoreError(f"database {self._shown_url()}: {exc.orig}") from exc
         except sa.exc.DataError as exc:  # a value the checks let through but its column cannot hold
             raise DataError(f"database {self._shown_url()} refused a value: {exc.orig}".rstrip()

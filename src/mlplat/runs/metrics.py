@@ -46,9 +46,14 @@ class _Points:
 
 
 def write_chunks(db: Database, run_id: str, batch: dict[str, _Points]) -> None:
-    """Write one flush of a run (a chunk per key and the latest values) in one transaction."""
+    """Write one flush of a run (a chunk per key and the latest values) in one transaction.
+
+    Keys are written in sorted order: the upsert of the latest values locks one row per key, and two
+    processes flushing one run (a resumed run) that locked them in different orders deadlocked on
+    PostgreSQL. Every upsert of one run's rows (params, tags, latest metrics) takes them sorted by key.
+    """
     chunks, latest = [], []
-    for key, pts in batch.items():
+    for key, pts in sorted(batch.items()):
         if not pts.steps:
             continue
         steps = np.asarray(pts.steps, dtype="<i8")
@@ -101,7 +106,17 @@ def _int64(key: str, what: str, value: object, meaning: str) -> int:
             number = None
         if number is not None and _INT64_MIN <= number <= _INT64_MAX:
             return number
-    raise DataError(f"metric {key!r}: {what} must be {meaning}, an int between -2**63 and 2**63-1; got {value!r}")
+    raise DataError(f"metric {key!r}: {what} must be {meaning}, an int between -2**63 and 2**63-1; "
+                    f"got {_shown(value)}")
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """``repr(value)``, shortened (a huge int's repr is long, or refused past 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class MetricBuffer:
@@ -134,7 +149,10 @@ class MetricBuffer:
         try:
             v = float(value)
         except (TypeError, ValueError):
-            raise DataError(f"metric {key!r} must be a number, got {value!r}") from None
+            raise DataError(f"metric {key!r} must be a number, got {_shown(value)}") from None
+        except OverflowError:  # an int past a double's range (10**400): refused, not stored as inf
+            raise DataError(f"metric {key!r}: {_shown(value)} is too large for a float (a 64-bit double, at most "
+                            "about 1.8e308); scale it, or log float('inf') if infinity is meant") from None
         # a plain int in range passes with one type test and a comparison (the checks cost 25 % of a
         # log_metric call as a function call per point)
         if step is not None and not (type(step) is int and _INT64_MIN <= step <= _INT64_MAX):

@@ -106,8 +106,9 @@ class ActiveRun:
         db = self._store._db
         with db.connect(write=True) as conn:
             insert = (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)(RunParam)
-            conn.execute(insert.on_conflict_do_nothing(), [{"run_id": self.id, "key": k, "value": v}
-                                                         for k, v in values.items()])
+            # sorted by key: every process takes the rows' locks in one order (no deadlock on PostgreSQL)
+            conn.execute(insert.on_conflict_do_nothing(), [{"run_id": self.id, "key": k, "value": values[k]}
+                                                         for k in sorted(values)])
             stored = dict(conn.execute(sa.select(RunParam.key, RunParam.value).where(
                 RunParam.run_id == self.id, RunParam.key.in_(list(values)))).all())
             clash = {k: (stored[k], v) for k, v in values.items() if stored.get(k) != v}

@@ -18,7 +18,10 @@ Grammar (keywords in any case)::
 and tags compare as strings; attributes are ``status``, ``name``, ``run_id``,
 ``user``, ``start_time`` and ``end_time`` (milliseconds since the epoch or an
 ISO date string), ``experiment``. Values always travel as bound parameters:
-nothing from a filter string is ever pasted into SQL.
+nothing from a filter string is ever pasted into SQL. ``like`` is case-sensitive
+and ``ilike`` folds every letter's case, on SQLite as on PostgreSQL; in their
+patterns a backslash makes the next character literal (``a\\_b`` matches
+only ``a_b``).
 
 Usage::
 
@@ -56,6 +59,8 @@ _PREFIXES = {"metrics": "metrics", "metric": "metrics", "params": "params", "par
              "run": "attributes"}
 _ATTRIBUTES = {"status", "name", "run_name", "run_id", "id", "user", "start_time", "end_time", "experiment"}
 _OPS = {"=", "==", "!=", "<>", "<", "<=", ">", ">=", "like", "ilike"}
+#: in a like/ilike pattern, a backslash makes the next character literal (``\%``, ``\_``, ``\\``)
+LIKE_ESCAPE = "\\"
 
 
 @dataclass(frozen=True)
@@ -264,10 +269,10 @@ def _compare(column, op: str, value: Any):
     if op in ("in", "not in"):
         clause = column.in_(list(value))
         return ~clause if op == "not in" else clause
-    if op == "like":
-        return column.like(value)
-    if op == "ilike":
-        return column.ilike(value)
+    if op == "like":  # case-sensitive on both backends (see db/engine.py for SQLite)
+        return column.like(value, escape=LIKE_ESCAPE)
+    if op == "ilike":  # lower() on both sides, Unicode-aware on both backends
+        return column.ilike(value, escape=LIKE_ESCAPE)
     return {"=": column.__eq__, "!=": column.__ne__, "<": column.__lt__, "<=": column.__le__,
             ">": column.__gt__, ">=": column.__ge__}[op](value)
 
@@ -301,10 +306,22 @@ def _check_value(node: Cmp) -> None:
     values = node.value if isinstance(node.value, tuple) else (node.value,)
     if node.op.endswith("null"):
         return
+    if any(isinstance(v, str) and "\x00" in v for v in values):  # PostgreSQL's text cannot hold one
+        raise DataError(f"filter: the value {node.value!r} compared with {node.kind}.{node.name} holds a NUL "
+                        "character (\\x00), which PostgreSQL cannot store, so no database takes it: remove it")
+    if node.op in ("like", "ilike") and isinstance(node.value, str) and _ends_with_escape(node.value):
+        raise DataError(f"filter: the {node.op} pattern {node.value!r} ends with the escape character, a "
+                        "backslash that escapes nothing: a literal backslash is two backslashes in the pattern")
     if node.kind == "metrics" and node.op in ("like", "ilike"):
         raise DataError(f"filter: metrics.{node.name} is a number; 'like' compares strings")
     if node.kind == "metrics" and not all(isinstance(v, (int, float)) for v in values):
         raise DataError(f"filter: metrics.{node.name} compares with numbers, got {node.value!r}")
+
+
+def _ends_with_escape(pattern: str) -> bool:
+    """Whether a LIKE pattern ends with an escape character that escapes nothing."""
+    trailing = len(pattern) - len(pattern.rstrip(LIKE_ESCAPE))
+    return trailing % 2 == 1
 
 
 def to_sql(node: Node):

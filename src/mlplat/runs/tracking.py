@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import atexit
 import base64
+import operator
 import sys
 import threading
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -83,6 +85,8 @@ class RunStore:
         self._db = db
         self.artifacts = artifacts
         self._features = features  # FeatureStore, to pin feature definition versions in log_input
+        #: runs started or resumed through this store that have not ended (flushed by ``flush()``)
+        self._active: weakref.WeakSet[ActiveRun] = weakref.WeakSet()
         _open_runs_register_hooks()
 
     # ------------------------------------------------------------- start
@@ -116,6 +120,7 @@ class RunStore:
                 user=sys_tags.get("mlplat.user", "")[:_NAME_MAX], artifact_uri=self.artifacts.uri(run_id)))
         active = ActiveRun(self, run_id, experiment)
         _OPEN_RUNS.add(active)
+        self._active.add(active)
         try:
             self._set_tags(run_id, {**sys_tags, **tag_values})
             if param_values:
@@ -130,7 +135,28 @@ class RunStore:
         info = self.get(run_id)
         active = ActiveRun(self, run_id, info.experiment, resumed=True)
         _OPEN_RUNS.add(active)
+        self._active.add(active)
         return active
+
+    def flush(self) -> None:
+        """Write the metrics buffered by every run started or resumed through this store that has not
+        ended (``Platform.close()`` calls it). The runs stay open: a run ends when its ``with`` block
+        ends, at ``run.end()``, or at interpreter exit in the process that started or resumed it. Every
+        run is flushed even when one fails; then the first failure is raised (its points stay buffered)."""
+        while True:
+            try:
+                runs = list(self._active)
+                break
+            except RuntimeError:  # another thread started a run meanwhile: copy again
+                continue
+        failure: BaseException | None = None
+        for run in runs:
+            try:
+                run.flush()
+            except Exception as exc:  # noqa: BLE001 - the other runs must still be written
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def _experiment_id(self, name: str) -> int:
         _check_experiment(name)
@@ -147,16 +173,19 @@ class RunStore:
         raise DataError(f"experiment {name!r} could not be created")
 
     def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Upsert tags in one transaction, sorted by key: rows locked in one order by every process (two
+        processes setting the same tags in different orders deadlocked on PostgreSQL)."""
         if not tags:
             return
         insert = (postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert)(RunTag)
         with self._db.connect(write=True) as conn:
             conn.execute(insert.on_conflict_do_update(index_elements=["run_id", "key"],
                                                       set_={"value": insert.excluded.value}),
-                         [{"run_id": run_id, "key": k, "value": v} for k, v in tags.items()])
+                         [{"run_id": run_id, "key": k, "value": tags[k]} for k in sorted(tags)])
 
     def _forget(self, run: ActiveRun) -> None:
         _OPEN_RUNS.discard(run)
+        self._active.discard(run)
 
     def _resolve_features(self, refs: Any, columns: Sequence[str]):
         if self._features is None:
@@ -289,16 +318,19 @@ class RunStore:
             p.runs.search("fraud", filter="metrics.val_auc > 0.9 and (params.lr = '0.001' or tags.team = 'risk')",
                           order_by=["metrics.val_auc desc"], max_results=20)
         """
-        if not 1 <= max_results <= _MAX_RESULTS:
-            raise DataError(f"max_results must be between 1 and {_MAX_RESULTS}, got {max_results}")
+        max_results = _count(max_results)
+        if filter is not None and not isinstance(filter, str):
+            raise DataError(f"search: filter must be a string such as \"metrics.val_auc > 0.9\" (or None), "
+                            f"got {type(filter).__name__} {filter!r}")
+        order = _strings(order_by, "order_by", "a list of strings such as ['metrics.val_auc desc']")
         offset = _decode_token(page_token)
         q = sa.select(Run.id).join(Experiment)
         if experiments is not None:
-            names = [experiments] if isinstance(experiments, str) else list(experiments)
+            names = _strings(experiments, "experiments", "an experiment name or a list of names")
             q = q.where(Experiment.name.in_(names))
         if filter:
             q = q.where(to_sql(parse_filter(filter)))
-        q = order_clauses(q, list(order_by or [])).limit(max_results + 1).offset(offset)
+        q = order_clauses(q, order).limit(max_results + 1).offset(offset)
         with self._db.connect() as conn:  # ids and their page in one transaction: one consistent answer
             ids = conn.scalars(q).all()
             more = len(ids) > max_results
@@ -329,6 +361,32 @@ def _check_experiment(name: Any) -> None:
         raise DataError(f"experiment name {name!r} is invalid: a non-empty string of at most {_NAME_MAX} characters")
 
 
+def _count(value: Any) -> int:
+    """``max_results`` as an int (numpy ints too; not a bool, float or string), or DataError."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or not 1 <= number <= _MAX_RESULTS:
+        raise DataError(f"search: max_results must be an int between 1 and {_MAX_RESULTS}, got {value!r}")
+    return number
+
+
+def _strings(value: Any, what: str, meaning: str) -> list[str]:
+    """A string or a list (tuple, ...) of strings as a list; None as []; else DataError naming ``what``."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise DataError(f"search: {what} must be {meaning}, got {value!r}")
+    return items
+
+
 def _encode_token(offset: int) -> str:
     return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
 
@@ -336,6 +394,8 @@ def _encode_token(offset: int) -> str:
 def _decode_token(token: str | None) -> int:
     if token is None:
         return 0
+    if not isinstance(token, str):
+        raise DataError(f"page_token must be the next_page_token of a page (a string), got {token!r}")
     try:
         text = base64.urlsafe_b64decode(token.encode()).decode()
         if not text.startswith("o:"):
