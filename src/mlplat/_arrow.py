@@ -11,7 +11,8 @@ import pyarrow.types as pat
 from ._time import as_utc
 from .errors import DataError
 
-__all__ = ["to_table", "timestamps_ns_into", "timestamps_ns", "datetime_ns", "timedelta_ns", "INT64_MIN", "INT64_MAX"]
+__all__ = ["to_table", "timestamps_ns_into", "timestamps_ns", "datetime_ns", "timedelta_ns", "is_numeric",
+           "INT64_MIN", "INT64_MAX", "NS_PER_UNIT"]
 
 INT64_MIN = np.iinfo(np.int64).min
 INT64_MAX = np.iinfo(np.int64).max
@@ -46,7 +47,13 @@ def _table(data: Any, what: str) -> pa.Table:
                     f"got {type(data).__name__}")
 
 
-_NS_PER_UNIT = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+#: nanoseconds in one tick of each Arrow timestamp unit
+NS_PER_UNIT = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+
+
+def is_numeric(t: pa.DataType) -> bool:
+    """Whether an Arrow type holds numbers (integers or floats)."""
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
 def _timestamp_values(arr: pa.Array) -> tuple[np.ndarray, int]:
@@ -60,7 +67,7 @@ def _timestamp_values(arr: pa.Array) -> tuple[np.ndarray, int]:
     buf = arr.buffers()[1]
     if buf is None:
         return np.zeros(len(arr), dtype=np.int64), 1
-    return np.frombuffer(buf, dtype=np.int64, count=len(arr), offset=arr.offset * 8), _NS_PER_UNIT[arr.type.unit]
+    return np.frombuffer(buf, dtype=np.int64, count=len(arr), offset=arr.offset * 8), NS_PER_UNIT[arr.type.unit]
 
 
 def timestamps_ns_into(column: pa.Array | pa.ChunkedArray, out: np.ndarray, null_value: int) -> int:

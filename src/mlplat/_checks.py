@@ -1,7 +1,35 @@
-"""Checks of numeric arguments that several parts share (skew, drift, the A/B gateway)."""
+"""Checks of arguments that several parts share (skew, drift, the A/B gateway, the registry, exports, runs)."""
 from __future__ import annotations
 
+import operator
+
 from .errors import DataError
+
+
+def as_int(value: object) -> int | None:
+    """``value`` as a Python int when it is an integer (numpy and torch integers too), not a bool; else None.
+
+    >>> as_int(7), as_int(True), as_int(7.0)
+    (7, None, None)
+    """
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def require_bool(name: str, value: object) -> bool:
+    """Refuse ``value`` unless it is True or False (1, "yes" and None are refused: say which is meant).
+
+    >>> require_bool("preserve_ordering", 1)
+    Traceback (most recent call last):
+    mlplat.DataError: preserve_ordering must be True or False, got 1
+    """
+    if not isinstance(value, bool):
+        raise DataError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def require_number(name: str, value: object, *, low: float, high: float | None = None, integer: bool = False,

@@ -270,7 +270,7 @@ def _check_push_columns(view: FeatureView, table: pa.Table) -> pa.Table:
         if f.name not in table.column_names:
             raise DataError(f"{where}: rows have no feature {f.name!r} (push every feature of the view)")
         col = table.column(f.name)
-        numeric = _numeric(col.type)
+        numeric = _arrow.is_numeric(col.type)
         if not (f.dtype.accepts(col.type) or pa.types.is_null(col.type) or
                 (numeric and f.dtype.kind in ("int", "float"))):
             raise DataError(f"{where}: feature {f.name!r} is {col.type}, which cannot be read as {f.dtype.name}")
@@ -282,10 +282,6 @@ def _check_push_columns(view: FeatureView, table: pa.Table) -> pa.Table:
                 raise DataError(f"{where}: feature {f.name!r} cannot be stored as {f.dtype.name}: {exc}") from None
             table = table.set_column(table.schema.get_field_index(f.name), f.name, col)
     return table
-
-
-def _numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
 class _Staged:
@@ -312,7 +308,7 @@ def _created_now(rows: int, schema: pa.Schema | None, name: str) -> pa.Array:
     if schema is not None and name in schema.names and pa.types.is_timestamp(schema.field(name).type):
         unit = schema.field(name).type.unit
     now = time.time_ns()
-    now -= now % {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[unit]
+    now -= now % _arrow.NS_PER_UNIT[unit]
     return pa.array(np.full(rows, now, np.int64)).cast(pa.timestamp("ns", "UTC"))
 
 

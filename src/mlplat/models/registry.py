@@ -32,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db import Database
 from ..db.models import ModelAlias, ModelTransition, ModelVersion, RegisteredModel, RunArtifact
-from .._checks import require_number
+from .._checks import require_bool, require_number
 from ..errors import DataError, NotFoundError
 from ..runs.artifacts import ArtifactStore, check_name
 from ..runs.run import check_text
@@ -120,12 +120,6 @@ def _check_alias_lookup(alias: Any) -> str:
     return alias
 
 
-def _check_flag(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise DataError(f"{what} must be True or False, got {value!r}")
-    return value
-
-
 def _check_free_text(value: Any, what: str) -> str:
     """``notes`` and ``description``: any string (stored as TEXT), else DataError."""
     if not isinstance(value, str):
@@ -147,7 +141,7 @@ class ModelRegistry:
         """Create a registered model with a policy (``register`` creates one with defaults on first use)."""
         _check_model_name(name)
         _check_free_text(description, "description")
-        _check_flag(require_distinct_approver, "require_distinct_approver")
+        require_bool("require_distinct_approver", require_distinct_approver)
         exists = DataError(f"model {name!r} already exists; use set_policy to change its policy")
         try:
             with self._db.connect(write=True) as conn:
@@ -160,7 +154,7 @@ class ModelRegistry:
 
     def set_policy(self, name: str, *, require_distinct_approver: bool) -> None:
         """Whether production approvals must come from someone other than the version's registrant."""
-        _check_flag(require_distinct_approver, "require_distinct_approver")
+        require_bool("require_distinct_approver", require_distinct_approver)
         with self._db.connect(write=True) as conn:
             model_id = self._model_id(conn, name)
             conn.execute(sa.update(RegisteredModel).where(RegisteredModel.id == model_id).values(

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.types as pat
 
 from ..errors import DataError, NotFoundError
+from .._arrow import is_numeric
 from .._checks import require_number
 from .stats import chi2_contingency, ks_2samp, numeric_bins, psi
 
@@ -71,20 +71,16 @@ def check_drift_limits(bins: int, psi_threshold: float, alpha: float) -> None:
 
 
 def _values(column: pa.ChunkedArray) -> tuple[str, np.ndarray]:
-    if _numeric(column.type):
+    if is_numeric(column.type):
         arr = column.cast(pa.float64()).drop_null().to_numpy()
         return "numeric", arr[~np.isnan(arr)]
     return "categorical", np.asarray([str(v) for v in column.drop_null().to_pylist()], dtype=object)
 
 
-def _numeric(t: pa.DataType) -> bool:
-    return pat.is_integer(t) or pat.is_floating(t)
-
-
 def _comparable(name: str, training: pa.ChunkedArray, served: pa.ChunkedArray) -> pa.ChunkedArray:
     """The served values as the training column's kind: numbers compare as float64 (an int64 training
     column against float32 served inputs), anything else is cast to the training type."""
-    if served.type == training.type or (_numeric(training.type) and _numeric(served.type)):
+    if served.type == training.type or (is_numeric(training.type) and is_numeric(served.type)):
         return served
     try:
         return served.cast(training.type)

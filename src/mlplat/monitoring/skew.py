@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.types as pat
 
 from ..errors import NotFoundError
+from .._arrow import is_numeric
 from .._checks import require_number
 
 __all__ = ["SkewReport", "FeatureSkew", "Mismatch", "check_limits", "merge_reports", "skew_check"]
@@ -80,7 +80,7 @@ def _mismatched(served: pa.ChunkedArray, recomputed: pa.ChunkedArray, tolerance:
     s_null = served.is_null().to_numpy(zero_copy_only=False)
     r_null = recomputed.is_null().to_numpy(zero_copy_only=False)
     t = recomputed.type
-    if pat.is_integer(t) or pat.is_floating(t):
+    if is_numeric(t):
         a = served.cast(pa.float64()).fill_null(0.0).to_numpy()
         b = recomputed.cast(pa.float64()).fill_null(0.0).to_numpy()
         a_nan, b_nan = np.isnan(a), np.isnan(b)

@@ -12,7 +12,6 @@ kill; values, NaN and infinities included, are stored exactly.
 """
 from __future__ import annotations
 
-import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,13 +21,15 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .. import _background
+from .._arrow import INT64_MAX, INT64_MIN
+from .._checks import as_int
 from ..db import Database
 from ..db.models import LatestMetric, MetricChunk
 from ..errors import DataError
 
 __all__ = ["MetricBuffer", "write_chunks", "read_history"]
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT64_MIN, _INT64_MAX = INT64_MIN, INT64_MAX  # module names: log_metric's inline checks read them per call
 
 
 @dataclass
@@ -99,13 +100,9 @@ def read_history(db: Database, run_id: str, key: str) -> tuple[np.ndarray, np.nd
 
 def _int64(key: str, what: str, value: object, meaning: str) -> int:
     """``value`` as a whole number within int64 (numpy and torch integers too), or DataError."""
-    if not isinstance(value, bool):
-        try:
-            number = operator.index(value)  # type: ignore[arg-type]
-        except TypeError:
-            number = None
-        if number is not None and _INT64_MIN <= number <= _INT64_MAX:
-            return number
+    number = as_int(value)
+    if number is not None and _INT64_MIN <= number <= _INT64_MAX:
+        return number
     raise DataError(f"metric {key!r}: {what} must be {meaning}, an int between -2**63 and 2**63-1; "
                     f"got {_shown(value)}")
 

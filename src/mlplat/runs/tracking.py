@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import operator
 import sys
 import threading
 import uuid
@@ -27,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY as PG_ARRAY
 
+from .._checks import as_int
 from ..db import Database
 from ..db.models import Experiment, LatestMetric, Run, RunArtifact, RunInput, RunParam, RunTag
 from ..errors import DataError, NotFoundError
@@ -363,10 +363,7 @@ def _check_experiment(name: Any) -> None:
 
 def _count(value: Any) -> int:
     """``max_results`` as an int (numpy ints too; not a bool, float or string), or DataError."""
-    try:
-        number = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        number = None
+    number = as_int(value)
     if number is None or not 1 <= number <= _MAX_RESULTS:
         raise DataError(f"search: max_results must be an int between 1 and {_MAX_RESULTS}, got {value!r}")
     return number

@@ -467,7 +467,7 @@ class TritonClient(_Base):
                 fut.set_result({n: result.as_numpy(n) for n in names})
 
         self._grpc_client().async_infer(info.name, _inputs(self._mod, info, arrays), done,
-                               outputs=self._outputs(info, outputs), **kwargs)
+                                        outputs=self._outputs(info, outputs), **kwargs)
         return fut
 
     def _coalescer(self, info: ModelInfo, version: int | None) -> _Coalescer:

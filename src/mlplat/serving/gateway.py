@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import math
-import operator
 import threading
 import uuid
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from .. import _background
-from .._checks import require_number
+from .._checks import as_int, require_number
 from .._expiring import Expiring
 from .._native import _hashing
 from .._time import utc_argument
@@ -87,13 +86,11 @@ def user_key(user_id: Any) -> str:
     """
     if isinstance(user_id, (str, uuid.UUID)):
         return str(user_id)
-    if not isinstance(user_id, bool):
-        try:
-            return str(operator.index(user_id))  # int, numpy integers
-        except TypeError:
-            pass
-        if isinstance(user_id, (float, np.floating)) and math.isfinite(user_id):
-            return str(int(user_id)) if float(user_id).is_integer() else repr(float(user_id))
+    number = as_int(user_id)  # int, numpy integers
+    if number is not None:
+        return str(number)
+    if isinstance(user_id, (float, np.floating)) and math.isfinite(user_id):
+        return str(int(user_id)) if float(user_id).is_integer() else repr(float(user_id))
     raise DataError(f"a user id must be a string or a number, got {user_id!r}")
 
 

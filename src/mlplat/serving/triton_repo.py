@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._checks import require_number
+from .._checks import require_bool, require_number
 from ..errors import ConfigError, DataError
 from ..models.registry import NAME_PATTERN
 
@@ -104,11 +104,6 @@ def _int(name: str, value: object, low: int, high: int) -> None:
                    meaning=f"an integer <= {high}" if above else f"an integer >= {low}")
 
 
-def _flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise DataError(f"{name} must be True or False, got {value!r}")
-
-
 def _check_name(name: object) -> None:
     """A Triton model name is its folder's name in the repository: a plain name, as the registry's."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -137,7 +132,7 @@ def _check(max_batch_size: int, batching: DynamicBatching | None, instances: int
     _int("max_queue_delay_us", batching.max_queue_delay_us, 0, _UINT64)
     _int("priority_levels", batching.priority_levels, 0, _UINT64)
     _int("default_priority_level", batching.default_priority_level, 0, _UINT64)
-    _flag("preserve_ordering", batching.preserve_ordering)
+    require_bool("preserve_ordering", batching.preserve_ordering)
     if batching.preserve_ordering and batching.priority_levels > 1:
         raise DataError("preserve_ordering cannot be combined with several priority levels: Triton would "
                         "reorder requests by priority")
@@ -157,7 +152,7 @@ def _check_policy(policy: QueuePolicy) -> None:
         raise DataError(f"queue_policy.timeout_action must be 'reject' or 'delay', got {policy.timeout_action!r}")
     _int("queue_policy.default_timeout_us", policy.default_timeout_us, 0, _UINT64)
     _int("queue_policy.max_queue_size", policy.max_queue_size, 0, _INT32)
-    _flag("queue_policy.allow_timeout_override", policy.allow_timeout_override)
+    require_bool("queue_policy.allow_timeout_override", policy.allow_timeout_override)
 
 
 def _check_ranks(model_name: str, version: int, signature: dict[str, Any], batched: bool) -> None:
