@@ -727,6 +727,41 @@ def test_runs_left_open_end_at_exit(database_url, tmp_path):
             assert [pt.step for pt in p.runs.metric_history(dropped, "loss")] == [0, 1, 2]
 
 
+def test_a_resumed_run_is_written_but_not_ended_when_the_resuming_process_exits(database_url, tmp_path):
+    """A spawned pool worker that resumed its parent's run ended it at exit (when the pool's sentinel beat
+    its terminate): the run's status flipped to finished, or failed, while its owner still logged."""
+    home = str(tmp_path / "home")
+    with mp.Platform(home, database_url=database_url) as p:
+        owner = p.runs.start("resumed")
+    script = textwrap.dedent(f"""
+        import sys
+        import mlplat as mp
+        p = mp.Platform({home!r}, database_url={database_url!r})
+
+        def log():  # nothing refers to the resumed run once it returns
+            run = p.runs.resume({owner.id!r})
+            for step in range(3):
+                run.log_metric(sys.argv[1], float(step), step=step)
+
+        log()
+        if sys.argv[1] == "fail":
+            raise SystemError("boom")
+    """)
+    for mode in ("ok", "fail"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True)
+        assert out.returncode == (0 if mode == "ok" else 1), out.stderr
+    with mp.Platform(home, database_url=database_url) as p:
+        info = p.runs.get(owner.id)
+        assert info.status == "running" and info.end_time is None  # its owner's to end
+        for mode in ("ok", "fail"):
+            assert [pt.step for pt in p.runs.metric_history(owner.id, mode)] == [0, 1, 2]  # flushed at exit
+        owner.log_metric("ok", 9.0, step=3)
+    owner.end()
+    with mp.Platform(home, database_url=database_url) as p:
+        info = p.runs.get(owner.id)
+        assert info.status == "finished" and info.metrics == {"ok": 9.0, "fail": 2.0}
+
+
 # --------------------------------------------------------------- fork
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_run_used_before_a_fork_gets_each_point_once_and_stays_running_when_the_child_ends(tmp_path):

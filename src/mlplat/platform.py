@@ -75,7 +75,7 @@ class Platform:
         online store and server connections.
 
         Runs are flushed, not ended: a run ends when its ``with`` block ends, at ``run.end()``, or at
-        interpreter exit in the process that started or resumed it. Every part is closed even when one
+        interpreter exit in the process that started it (not one that resumed it). Every part is closed even when one
         fails; then the first failure is raised as an mlplat error (an :class:`~mlplat.errors.StoreError`
         when it was not one already). Closing again is harmless.
         """

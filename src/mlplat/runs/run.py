@@ -88,7 +88,7 @@ class ActiveRun:
         self._metrics = MetricBuffer(store._db, run_id, resumed=resumed)
         self._metric_keys: set[str] = set()
         self._ended = False
-        self._pid = os.getpid()  # the process that started or resumed it: the one that ends it
+        self._pid = os.getpid()  # the process that started or resumed it: only it ends it
 
     def __repr__(self) -> str:
         return f"ActiveRun(id={self.id!r}, experiment={self.experiment!r})"

@@ -131,17 +131,27 @@ class RunStore:
         return active
 
     def resume(self, run_id: str) -> ActiveRun:
-        """Log into an existing run (from another process, say). Ending it sets the run's status."""
+        """Log into an existing run (from another process, say).
+
+        Ending it (``run.end()`` or its ``with`` block) sets the run's status. Interpreter exit writes what
+        it buffered but does not end it: the status stays its owner's, so a pool worker that resumes its
+        parent's run never ends it, however the worker exits (spawn, fork, terminated or not).
+
+        Example::
+
+            with mp.Platform() as p:
+                run = p.runs.resume(run_id)
+                run.log_metric("loss", 0.1)
+        """
         info = self.get(run_id)
         active = ActiveRun(self, run_id, info.experiment, resumed=True)
-        _OPEN_RUNS.add(active)
         self._active.add(active)
         return active
 
     def flush(self) -> None:
         """Write the metrics buffered by every run started or resumed through this store that has not
         ended (``Platform.close()`` calls it). The runs stay open: a run ends when its ``with`` block
-        ends, at ``run.end()``, or at interpreter exit in the process that started or resumed it. Every
+        ends, at ``run.end()``, or at interpreter exit in the process that started it. Every
         run is flushed even when one fails; then the first failure is raised (its points stay buffered)."""
         while True:
             try:
@@ -406,8 +416,9 @@ def _decode_token(token: str | None) -> int:
 
 
 # ---------------------------------------------------- runs left open at exit
-#: held strongly until a run ends: a run whose script dropped every reference to it (and its buffered
-#: metrics) is still flushed and closed at exit
+#: runs this process started, held strongly until they end: a run whose script dropped every reference
+#: to it (and its buffered metrics) is still flushed and closed at exit. Resumed runs are not here: their
+#: status is their owner's (their buffered points are written at exit by the background flusher's hook)
 _OPEN_RUNS: set[ActiveRun] = set()
 _HOOKS = threading.Lock()
 _failed = threading.Event()
