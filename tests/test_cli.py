@@ -523,6 +523,46 @@ def test_models_promote_without_a_stage(scratch):
     error(invoke("models", "promote", "fraud", "2", home=scratch), 2, "Missing argument")
 
 
+def _history(home: str, version: int) -> list:
+    return ok_json(invoke("models", "lineage", "fraud", "--version", version, "--json", home=home))["history"]
+
+
+def test_models_promote_records_the_actor(scratch):
+    assert "--actor" in ok(invoke("models", "promote", "--help"))
+    ok(invoke("models", "promote", "fraud", "2", "staging", "--actor", "ci-bot", "--notes", "retest", home=scratch))
+    assert [(h["to"], h["by"], h["notes"]) for h in _history(scratch, 2)][-1] == ("staging", "ci-bot", "retest")
+    before = _history(scratch, 2)
+    error(invoke("models", "promote", "fraud", "2", "staging", "--actor", " ", home=scratch), 1,
+          "actor must be a user name, got the blank ' '")
+    assert _history(scratch, 2) == before
+
+
+def test_models_promote_distinct_approver_policy(scratch):
+    import mlplat as mp
+
+    with mp.Platform(scratch) as p:  # v2 was registered by 'data-scientist'
+        p.models.set_policy("fraud", require_distinct_approver=True)
+    before = _history(scratch, 2)
+    error(invoke("models", "promote", "fraud", "2", "production", "--approved-by", "Data-Scientist ", "--actor",
+                 "risk-lead", home=scratch), 1, "approver other than the registrant ('data-scientist')")
+    assert _history(scratch, 2) == before  # refused: nothing recorded, nothing moved
+    assert ok_json(invoke("models", "list", "--json", home=scratch))[0]["production"] == 1
+    done = ok_json(invoke("models", "promote", "fraud", "2", "production", "--approved-by", "risk-lead",
+                          "--actor", "data-scientist", "--json", home=scratch))
+    assert done == {"model": "fraud", "version": 2, "stage": "production"}
+    assert (_history(scratch, 2)[-1]["by"], _history(scratch, 2)[-1]["approved_by"]) == ("data-scientist", "risk-lead")
+
+
+def test_models_promote_refuses_notes_past_the_limit(scratch):
+    before = _history(scratch, 2)
+    error(invoke("models", "promote", "fraud", "2", "production", "--approved-by", "x", "--notes", "n" * 10_001,
+                 home=scratch), 1, "notes is 10001 characters long, more than the 10000 allowed")
+    assert _history(scratch, 2) == before
+    assert ok_json(invoke("models", "list", "--json", home=scratch))[0]["production"] == 1
+    ok(invoke("models", "promote", "fraud", "2", "staging", "--notes", "n" * 10_000, home=scratch))
+    assert _history(scratch, 2)[-1]["notes"] == "n" * 10_000
+
+
 # ------------------------------------------------------------------ serve
 def test_serve_export(home, demo, tmp_path):
     repo = tmp_path / "repo"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import threading
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -138,6 +139,8 @@ def test_re_approving_the_version_in_production_is_recorded_as_an_approval(p):
 @pytest.mark.parametrize("registrant, approver", [
     ("bob", "bob "), ("bob", "Bob"), ("bob", "\tbob"), ("bob", " BOB\n"), ("bob", "\uff42\uff4f\uff42"),  # fullwidth
     ("Bob ", "bob"), ("ann marie", "Ann  Marie"),
+    # invisible format characters: zero-width space, zero-width joiner, word joiner, soft hyphen, bidi mark
+    ("bob", "b\u200bob"), ("bob", "bo\u200db"), ("bob", "\u2060bob"), ("bob", "b\u00adob"), ("bob", "\u200ebob"),
 ])
 def test_distinct_approver_policy_ignores_case_and_whitespace(p, registrant, approver):
     p.models.create("fraud", require_distinct_approver=True)
@@ -146,6 +149,45 @@ def test_distinct_approver_policy_ignores_case_and_whitespace(p, registrant, app
     with pytest.raises(mp.DataError, match="approver other than the registrant .* names the same person"):
         p.models.promote("fraud", 1, "production", approved_by=approver)
     assert p.models.history("fraud") == before and p.models.get("fraud", version=1).stage == "none"
+
+
+def _refused_without_a_trace(p, message: str, **promote) -> None:
+    """promote("fraud", 1, "production", **promote) is a DataError matching ``message`` that changes nothing."""
+    before, stages = p.models.history("fraud"), [v.stage for v in p.models.versions("fraud")]
+    with pytest.raises(mp.DataError, match=message):
+        p.models.promote("fraud", 1, "production", **promote)
+    assert p.models.history("fraud") == before and [v.stage for v in p.models.versions("fraud")] == stages
+
+
+@pytest.mark.parametrize("approver, actor", [("alice", "bob"), ("ALICE ", None), ("al\u200bice", "bob")])
+def test_distinct_approver_policy_refuses_the_registrant_as_approver_whoever_promotes(p, approver, actor):
+    p.models.create("fraud", require_distinct_approver=True)
+    p.models.register("fraud", trained_run(p), registered_by="alice")
+    _refused_without_a_trace(p, "approver other than the registrant \\('alice'\\).* names the same person.*"
+                                "have someone else review and approve v1", approved_by=approver, actor=actor)
+
+
+def test_distinct_approver_policy_lets_the_registrant_carry_out_an_approved_promotion(p, monkeypatch):
+    monkeypatch.setattr("mlplat.models.registry._user", lambda: "alice")  # the registrant's own shell
+    p.models.create("fraud", require_distinct_approver=True)
+    p.models.register("fraud", trained_run(p))
+    # as a pull request's author merges once reviewed: the approver is the second pair of eyes
+    assert p.models.promote("fraud", 1, "production", approved_by="bob").stage == "production"
+    p.models.promote("fraud", 1, "production", approved_by="carol", actor="dan", notes="Q2 re-review")
+    _refused_without_a_trace(p, "approver other than the registrant", approved_by="Alice", actor="dan")  # re-approval
+    assert [(a["approved_by"], a["by"]) for a in p.models.lineage("fraud")["approvals"]] == [
+        ("bob", "alice"), ("carol", "dan")]
+
+
+def test_notes_and_descriptions_up_to_the_limit_are_stored_as_given(p):
+    longest = "\u00e9\U0001f642 line\n" * 1250  # 10000 characters, multi-byte in UTF-8
+    assert len(longest) == 10_000
+    v = p.models.register("fraud", trained_run(p), description=longest)
+    p.models.create("other", description=longest)
+    p.models.promote("fraud", 1, "staging", notes=longest)
+    assert p.models.get("fraud", version=1).description == longest == v.description
+    assert p.models.history("fraud")[-1].notes == longest
+    assert [m["description"] for m in p.models.list()] == ["", longest]
 
 
 def test_user_names_are_stored_without_surrounding_whitespace(p):
@@ -263,6 +305,35 @@ def test_concurrent_first_registrations_of_a_new_model_each_get_a_version(p):
     (lambda m, run_id: m.register("fraud", run_id, registered_by="   "), "registered_by must be a user name, got"),
     (lambda m, run_id: m.promote("fraud", 1, "staging", actor=""), "actor must be a user name, got the blank"),
     (lambda m, run_id: m.promote("fraud", 1, "production", approved_by=" \t"), "needs an approver"),
+    # a run id is a string such as run.id: anything else is a DataError naming run_id, not "unknown run"
+    (lambda m, run_id: m.register("fraud", 5), "run_id must be a run id, the string run.id .*got 5 of type int"),
+    (lambda m, run_id: m.register("fraud", None), "run_id must be a run id, .*got None"),
+    (lambda m, run_id: m.register("fraud", SimpleNamespace(id=run_id)), "run_id must be .*pass run.id, not the run"),
+    (lambda m, run_id: m.register("fraud", [run_id]), "run_id must be a run id"),
+    (lambda m, run_id: m.register("fraud", run_id + "0"), "run_id '[0-9a-f]{33}' is not a run id: .*at most 32"),
+    (lambda m, run_id: m.register("fraud", run_id[:8] + "\x00"), "run_id .* is not a run id"),
+    (lambda m, run_id: m.register("fraud", " "), "run_id ' ' is not a run id"),
+    (lambda m, run_id: m.lineage("fraud", version=1, verify="yes"), "verify must be True or False, got 'yes'"),
+    (lambda m, run_id: m.lineage("fraud", version=1, verify=None), "verify must be True or False, got None"),
+    (lambda m, run_id: m.lineage("fraud", version=1, verify=1), "verify must be True or False, got 1"),
+    # notes and descriptions: at most 10000 characters, and no NUL (PostgreSQL cannot store one)
+    (lambda m, run_id: m.promote("fraud", 1, "staging", notes="n" * 10_001),
+     "notes is 10001 characters long, more than the 10000 allowed: shorten it"),
+    (lambda m, run_id: m.promote("fraud", 1, "production", approved_by="alice", notes="n" * 10**6),
+     "notes is 1000000 characters long"),
+    (lambda m, run_id: m.set_alias("fraud", "champion", 1, notes="n" * 10_001), "notes is 10001 characters long"),
+    (lambda m, run_id: m.delete_alias("fraud", "champion", notes="n" * 10_001), "notes is 10001 characters long"),
+    (lambda m, run_id: m.register("fraud", run_id, description="d" * 10_001),
+     "description is 10001 characters long, more than the 10000 allowed"),
+    (lambda m, run_id: m.create("other", description="d" * 10_001), "description is 10001 characters long"),
+    (lambda m, run_id: m.promote("fraud", 1, "staging", notes="a\x00b"), "notes holds a NUL character"),
+    (lambda m, run_id: m.register("fraud", run_id, description="\x00"), "description holds a NUL character"),
+    (lambda m, run_id: m.promote("fraud", 1, "staging", notes=b"x" * 10**6), "notes must be a string .*got b'xx"),
+    # user names with control characters (a NUL, an escape, DEL) would also slip past the approver comparison
+    (lambda m, run_id: m.promote("fraud", 1, "production", approved_by="ali\x00ce"),
+     "approved_by 'ali\\\\x00ce' holds a control character"),
+    (lambda m, run_id: m.register("fraud", run_id, registered_by="bob\x1b"), "registered_by .* holds a control"),
+    (lambda m, run_id: m.promote("fraud", 1, "staging", actor="\x7fbob"), "actor .* holds a control character"),
 ])
 def test_values_the_columns_cannot_hold_are_refused_on_both_backends(p, call, message):
     run_id = trained_run(p)

@@ -433,14 +433,17 @@ def lineage(ctx: click.Context, name: str, version: int | None, stage: str | Non
 @click.argument("version", type=int)
 @click.argument("stage", metavar="STAGE", type=click.Choice(["none", "staging", "production", "archived"]))
 @click.option("--approved-by", default=None, help="Who approved (required for production).")
-@click.option("--notes", default="", help="Why.")
+@click.option("--actor", default=None,
+              help="Who promotes, as recorded in the history (default: the operating-system user); under a "
+                   "distinct-approver policy, not the version's registrant.")
+@click.option("--notes", default="", help="Why (at most 10000 characters).")
 @_json_flag
 @click.pass_context
-def models_promote(ctx: click.Context, name: str, version: int, stage: str, approved_by: str | None, notes: str,
-                   as_json: bool) -> None:
+def models_promote(ctx: click.Context, name: str, version: int, stage: str, approved_by: str | None,
+                   actor: str | None, notes: str, as_json: bool) -> None:
     """Move VERSION of NAME to STAGE (production archives the previous one)."""
     with _platform(ctx) as p:
-        info = p.models.promote(name, version, stage, approved_by=approved_by, notes=notes)
+        info = p.models.promote(name, version, stage, approved_by=approved_by, notes=notes, actor=actor)
     data = {"model": info.name, "version": info.version, "stage": info.stage}
     if as_json:
         _echo_json(data)

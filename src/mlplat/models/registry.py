@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import getpass
 import re
+import reprlib
 import tempfile
 import unicodedata
 from collections.abc import Sequence
@@ -46,6 +47,12 @@ STAGES = ("none", "staging", "production", "archived")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-.]{0,254}$")
 _ALIAS_MAX = 58  # history records an alias move as "alias:<alias>" in a 64-character column
 _VERSION_MAX = 2**31 - 1  # model_versions.version is a 32-bit INTEGER on PostgreSQL
+_RUN_ID_MAX = 32  # the runs.id column (run ids are uuid4().hex)
+#: ``notes`` and ``description`` (TEXT columns): a paragraph or a review, not a document; a longer write-up
+#: belongs in a run artifact or a linked document
+_TEXT_MAX = 10_000
+_SHORT = reprlib.Repr()  # values quoted in error messages: a megabyte of notes is not echoed back
+_SHORT.maxstring = _SHORT.maxother = 60
 
 
 @dataclass(frozen=True)
@@ -87,18 +94,47 @@ def _check_model_name(name: Any) -> str:
 
 def _check_person(value: Any, what: str) -> str:
     """A user name (registrant, approver, actor) that fits its column, stripped of surrounding
-    whitespace, or DataError (a blank name is refused)."""
+    whitespace, or DataError (a blank name, or one holding a control character other than
+    whitespace, is refused)."""
     name = check_text(value.strip() if isinstance(value, str) else value, what, meaning="a user name")
     if not name:
         raise DataError(f"{what} must be a user name, got the blank {value!r}; give a name "
                         "(or leave it out to record the operating-system user)")
+    if any(unicodedata.category(c) == "Cc" and not c.isspace() for c in name):
+        raise DataError(f"{what} {_SHORT.repr(name)} holds a control character; give the user name as printable "
+                        "text")
     return name
 
 
 def _person_key(name: str) -> str:
-    """A user name as the distinct-approver policy compares it: Unicode-normalized (NFKC), runs of
-    whitespace collapsed and stripped, case-folded ("Bob ", "bob" and "BOB" are one person)."""
-    return unicodedata.normalize("NFKC", " ".join(name.split())).casefold()
+    """A user name as the distinct-approver policy compares it: Unicode-normalized (NFKC), invisible
+    format characters (zero-width space and joiners, soft hyphen, bidi marks) dropped, runs of
+    whitespace collapsed and stripped, case-folded ("Bob ", "bob", "BOB" and "b\\u200bob" are one person)."""
+    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+    return " ".join(visible.split()).casefold()
+
+
+def _check_distinct_approver(name: str, version: int, registrant: str, approver: str, given: Any) -> None:
+    """The distinct-approver policy for a promotion to production: the approver may not be the version's
+    registrant (names compared as :func:`_person_key` does), else DataError. Whoever carries the
+    promotion out (``actor``) may be the registrant, as a pull request's author merges once reviewed."""
+    if _person_key(approver) == _person_key(registrant):
+        raise DataError(f"model {name!r} requires an approver other than the registrant ({registrant!r}) for "
+                        f"production; approved_by={given!r} names the same person (names are compared ignoring "
+                        f"case, Unicode width, invisible characters and whitespace): have someone else review and "
+                        f"approve v{version}")
+
+
+def _check_run_id(run_id: Any) -> str:
+    """A run id to look up: a string that could be one (an unknown one is NotFoundError later), else DataError."""
+    if not isinstance(run_id, str):
+        hint = "; pass run.id, not the run" if hasattr(run_id, "id") else ""
+        raise DataError(f"run_id must be a run id, the string run.id of the run that logged the model, got "
+                        f"{_SHORT.repr(run_id)} of type {type(run_id).__name__}{hint}")
+    if not run_id.strip() or len(run_id) > _RUN_ID_MAX or not run_id.isprintable():
+        raise DataError(f"run_id {_SHORT.repr(run_id)} is not a run id: run ids are at most {_RUN_ID_MAX} "
+                        "printable characters; pass run.id of the run that logged the model")
+    return run_id
 
 
 def _check_version(version: Any) -> int:
@@ -121,9 +157,15 @@ def _check_alias_lookup(alias: Any) -> str:
 
 
 def _check_free_text(value: Any, what: str) -> str:
-    """``notes`` and ``description``: any string (stored as TEXT), else DataError."""
+    """``notes`` and ``description``: a string of at most ``_TEXT_MAX`` characters without NUL (which
+    PostgreSQL cannot store), else DataError."""
     if not isinstance(value, str):
-        raise DataError(f"{what} must be a string (use '' for none), got {value!r}")
+        raise DataError(f"{what} must be a string (use '' for none), got {_SHORT.repr(value)}")
+    if len(value) > _TEXT_MAX:
+        raise DataError(f"{what} is {len(value)} characters long, more than the {_TEXT_MAX} allowed: shorten it "
+                        "(keep a longer write-up elsewhere, e.g. as a run artifact, and link to it)")
+    if "\x00" in value:
+        raise DataError(f"{what} holds a NUL character ('\\x00'), which the database cannot store; remove it")
     return value
 
 
@@ -164,12 +206,13 @@ class ModelRegistry:
                  registered_by: str | None = None) -> ModelVersionInfo:
         """A new version of ``name`` from a run's model artifact (the model is created on first use)."""
         _check_model_name(name)
+        _check_run_id(run_id)
         check_name(artifact)
         _check_free_text(description, "description")
+        who = _check_person(_user() if registered_by is None else registered_by, "registered_by")
         run = self._runs.get(run_id)
         if not any(a["path"] == artifact and a["kind"] == "model" for a in run.artifacts):
             raise NotFoundError(f"run {run_id} has no model artifact {artifact!r}; log it with run.log_model")
-        who = _check_person(_user() if registered_by is None else registered_by, "registered_by")
         with self._db.connect(write=True) as conn:
             model_id = self._model_id_created(conn, name)
             self._lock(conn, model_id)
@@ -189,6 +232,9 @@ class ModelRegistry:
         Promoting a version to the stage it is already in moves nothing but is still recorded in its
         history (``stage -> stage``): for production that is a re-approval, and it shows in lineage's
         approvals. The policy checks apply to it as to any other promotion.
+
+        ``actor`` is who promotes (default: the operating-system user); it may be the registrant even
+        under the model's distinct-approver policy, which holds the approver to be someone else.
         """
         _check_model_name(name)
         _check_stage(stage)
@@ -211,10 +257,8 @@ class ModelRegistry:
                 if approved_by is None:
                     raise DataError(f"promoting {name!r} v{version} to production needs an approver: "
                                     "approved_by= (on the command line, --approved-by)")
-                if distinct and _person_key(approved_by) == _person_key(row.registered_by):
-                    raise DataError(f"model {name!r} requires an approver other than the registrant "
-                                    f"({row.registered_by!r}) for production; approved_by={given_approver!r} names "
-                                    "the same person (names are compared ignoring case and whitespace)")
+                if distinct:
+                    _check_distinct_approver(name, version, row.registered_by, approved_by, given_approver)
                 previous = conn.execute(sa.select(ModelVersion.id, ModelVersion.version).where(
                     ModelVersion.model_id == model_id, ModelVersion.stage == "production",
                     ModelVersion.id != row.id)).all()
@@ -399,6 +443,7 @@ class ModelRegistry:
         """Which version, trained by which run on what data: everything in one dict (see ``lineage.py``)."""
         from .lineage import build_lineage
 
+        require_bool("verify", verify)
         return build_lineage(self, self._runs, self._features, self._artifacts,
                              self.resolve(name, version=version, stage=stage, alias=alias), verify=verify)
 
