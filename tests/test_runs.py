@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -64,6 +65,55 @@ def test_an_exception_marks_the_run_failed(p):
         p.runs.start("fraud").end("done")
     with pytest.raises(mp.NotFoundError, match="unknown run 'nope'"):
         p.runs.get("nope")
+
+
+@contextmanager
+def _tables_gone(database_url: str, *tables: str):
+    """``tables`` renamed away (as a database reset or a dropped schema leaves them) until the block ends."""
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for table in tables:
+                conn.execute(sa.text(f"ALTER TABLE {table} RENAME TO {table}_gone"))
+        yield
+    finally:
+        with engine.begin() as conn:
+            for table in tables:
+                conn.execute(sa.text(f"ALTER TABLE {table}_gone RENAME TO {table}"))
+        engine.dispose()
+
+
+def test_end_raises_the_metrics_failure_and_notes_the_failed_tag_when_the_database_is_gone(p, database_url):
+    """Setting the mlplat.error tag failed too, and its error replaced the metrics failure (the cause)."""
+    run = p.runs.start("fraud")
+    with _tables_gone(database_url, "run_metric_chunks", "run_tags"):
+        run.log_metric("loss", 0.5)
+        with pytest.raises(mp.StoreError, match="run_metric_chunks") as failed:
+            run.end()
+    notes = getattr(failed.value, "__notes__", [])
+    assert len(notes) == 1 and "setting the mlplat.error tag" in notes[0] and "run_tags" in notes[0]
+    info = p.runs.get(run.id)
+    assert info.status == "failed" and "mlplat.error" not in info.tags  # the status it could write
+    run.end()  # ended: nothing more to do
+
+
+def test_a_run_whose_end_cannot_write_anything_stays_open_and_ends_on_a_later_try(p, database_url):
+    """The status update failed too: its error hid both others; the run must not count as ended while
+    its row says running."""
+    run = p.runs.start("fraud")
+    with _tables_gone(database_url, "run_metric_chunks", "run_tags", "runs"):
+        run.log_metric("loss", 0.5)
+        with pytest.raises(mp.StoreError, match="run_metric_chunks") as failed:
+            run.end()
+    notes = getattr(failed.value, "__notes__", [])
+    assert [n.split(" ")[0] for n in notes] == ["setting", "marking"]
+    assert "marking run" in notes[1] and "still open (running): call run.end() again" in notes[1]
+    info = p.runs.get(run.id)
+    assert (info.status, info.end_time, info.metrics) == ("running", None, {})  # as its row was
+    assert "mlplat.error" not in info.tags
+    run.end()  # the database is back: the buffered point is written and the run ends
+    info = p.runs.get(run.id)
+    assert info.status == "finished" and info.metrics == {"loss": 0.5} and info.end_time is not None
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -127,6 +177,52 @@ def test_params_are_write_once_and_all_or_nothing(p):
         with pytest.raises(mp.DataError, match="param name '' is invalid"):
             run.log_param("", 1)
     assert p.runs.get(run.id).params == {"lr": "0.001"}  # 'epochs' was rolled back with the clash
+
+
+class _Shifty:
+    """An object whose text changes from one call to the next (as a default repr's address does per process)."""
+
+    calls = 0
+
+    def __str__(self) -> str:
+        _Shifty.calls += 1
+        return f"<shifty {_Shifty.calls}>"
+
+
+@pytest.mark.parametrize("value, shown, hint", [
+    ({"name": "sgd"}, "dict", r"params of their own \('opt.<name>'\), or pass json.dumps"),
+    ({"relu", "tanh"}, "set", r"pass sorted\(value\)"),
+    (b"adam", "bytes", r"value.decode\(\)"),
+    (np.arange(3), "ndarray", r"value.tolist\(\)"),
+    (_Shifty(), "_Shifty", r"pass str\(value\) if its text is the same in every process, or json.dumps"),
+    (torch.tensor(0.1), "Tensor", "pass str"),
+    ([64, {"a": 1}], r"list \(holding a dict\)", "json.dumps"),
+])
+def test_params_of_a_kind_whose_text_is_not_stable_are_refused_and_nothing_is_written(p, value, shown, hint):
+    """Every value became str(value): a set's order, an object's address or a large array's '...' was stored,
+    and a resumed run logging the same value again clashed with it (params are write-once)."""
+    message = f"param 'opt' is of type {shown}, which a param cannot hold: it takes .*{hint}"
+    with p.runs.start("fraud", params={"lr": 0.1}) as run:
+        with pytest.raises(mp.DataError, match=message):
+            run.log_param("opt", value)
+        with pytest.raises(mp.DataError, match=message):
+            run.log_params({"epochs": 5, "opt": value})  # refused whole: 'epochs' is not written either
+    assert p.runs.get(run.id).params == {"lr": "0.1"}
+    with pytest.raises(mp.DataError, match=message):
+        p.runs.start("fraud", params={"opt": value})
+    assert [r.id for r in p.runs.search("fraud")] == [run.id]  # the refused start wrote no run
+
+
+def test_params_take_numbers_strings_none_paths_and_lists_of_them_as_text(p):
+    values = {"lr": 1e-3, "epochs": np.int64(5), "dropout": np.float32(0.25), "amp": np.bool_(True), "bn": False,
+              "name": "baseline", "scheduler": None, "out": PurePosixPath("runs/a"), "hidden": [64, 32],
+              "betas": (0.9, 0.999), "acts": ["relu", ("tanh", None)]}
+    with p.runs.start("fraud", params=values) as run:
+        run.log_params(values)  # the same values again: the same text, no clash
+    assert p.runs.get(run.id).params == {
+        "lr": "0.001", "epochs": "5", "dropout": "0.25", "amp": "True", "bn": "False", "name": "baseline",
+        "scheduler": "None", "out": "runs/a", "hidden": "[64, 32]", "betas": "(0.9, 0.999)",
+        "acts": "['relu', ('tanh', None)]"}
 
 
 # ----------------------------------------------------------------- metrics

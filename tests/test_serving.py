@@ -821,9 +821,7 @@ def test_a_peer_that_closes_the_connection_or_is_not_triton_gives_mlplat_errors(
         try:
             with mp.TritonClient(url, protocol="http", timeout_s=2) as client:
                 calls = [lambda: client.config("scorer"), lambda: client.infer("scorer", x),
-                         lambda: client.metadata("scorer")]
-                if answer is not html:  # a 200 answer to a load is all Triton sends too: nothing to tell it by
-                    calls.append(lambda: client.load_model("scorer"))
+                         lambda: client.metadata("scorer"), lambda: client.load_model("scorer")]
                 for call in calls:
                     with pytest.raises(error):
                         call()
@@ -839,6 +837,97 @@ def test_a_peer_that_closes_the_connection_or_is_not_triton_gives_mlplat_errors(
             peer.close()
     with pytest.raises(mp.ConfigError, match="must be host:port"):
         mp.TritonClient("not a url::", protocol="http")
+
+
+class _WebServer:
+    """A plain HTTP server on a free localhost port that answers every GET and POST with 200 and
+    ``answers[path]`` (else ``default``): a web server, not Triton, at the URL a client was given."""
+
+    def __init__(self, default: bytes, answers: dict[str, bytes] | None = None) -> None:
+        import http.server
+
+        answers = answers or {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = answers.get(self.path.partition("?")[0], default)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> _WebServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("body", [b"", b"hello", b"{}", b"[1, 2]", b'"ok"', b'{"name": 3}'])
+def test_a_web_server_that_answers_200_is_not_taken_for_triton(body):
+    """load_model and unload_model "succeeded" and is_live / is_ready / is_model_ready said True against any
+    server answering 200; metadata and config returned {} or raised a bare TypeError or KeyError."""
+    x = {"input__0": np.ones((1, 3), np.float32)}
+    not_triton = (r"127\.0\.0\.1:\d+ is not a Triton server: it answered .*Triton server's HTTP port|"
+                  r"at 127\.0\.0\.1:\d+: the answer is not Triton's \(JSONDecodeError")  # the second: not JSON
+    with _WebServer(body) as web:
+        with mp.TritonClient(web.url, protocol="http", timeout_s=5) as client:
+            for call in (lambda: client.load_model("scorer"), lambda: client.unload_model("scorer"),
+                         client.is_live, client.is_ready, lambda: client.is_model_ready("scorer"),
+                         lambda: client.metadata("scorer"), lambda: client.config("scorer"),
+                         lambda: client.info("scorer"), lambda: client.infer("scorer", x)):
+                with pytest.raises(mp.ServingError, match=not_triton) as raised:
+                    call()
+                assert not isinstance(raised.value, mp.ModelNotReadyError)  # the server is there: not Triton
+
+        async def main() -> None:
+            async with mp.AsyncTritonClient(web.url, protocol="http", timeout_s=5) as c:
+                for call in (lambda: c.load_model("scorer"), lambda: c.unload_model("scorer"), c.is_live, c.is_ready,
+                             lambda: c.is_model_ready("scorer"), lambda: c.metadata("scorer"),
+                             lambda: c.config("scorer"), lambda: c.infer("scorer", x)):
+                    with pytest.raises(mp.ServingError, match=not_triton):
+                        await call()
+
+        asyncio.run(main())
+
+
+def test_an_inference_answer_without_the_outputs_asked_for_is_a_serving_error():
+    """A server that answers the metadata and config requests as Triton does, but not the inference: the
+    outputs came back as None."""
+    config = {"name": "m", "max_batch_size": 8, "input": [{"name": "input__0", "data_type": "TYPE_FP32", "dims": [3]}],
+              "output": [{"name": "output__0", "data_type": "TYPE_FP32", "dims": [1]}]}
+    answers = {"/v2": json.dumps({"name": "triton", "version": "2.50.0", "extensions": []}).encode(),
+               "/v2/models/m/config": json.dumps(config).encode()}
+    x = {"input__0": np.ones((2, 3), np.float32)}
+    for infer_answer in (b"{}", b'{"model_name": "m", "outputs": []}'):
+        with _WebServer(infer_answer, answers) as web:
+            with mp.TritonClient(web.url, protocol="http", timeout_s=5) as client:
+                assert client.is_live() and client.info("m").max_batch_size == 8  # Triton, as far as it shows
+                with pytest.raises(mp.ServingError, match=r"is not a Triton server: it answered an inference "
+                                                          r"request for model 'm'"):
+                    client.infer("m", x)
+
+            async def main(url=web.url) -> None:
+                async with mp.AsyncTritonClient(url, protocol="http", timeout_s=5) as c:
+                    assert await c.is_live()
+                    with pytest.raises(mp.ServingError, match="is not a Triton server: it answered an inference"):
+                        await c.infer("m", x)
+
+            asyncio.run(main())
 
 
 def test_queue_full_and_timeouts_become_mlplat_errors(served, triton):
@@ -1448,4 +1537,27 @@ def test_gateway_decisions_buffered_at_a_fork_are_written_once(tmp_path, monkeyp
     assert sum(v["decisions"] for v in variants.values()) == 8  # 5 + 3: none written twice
     assert sum(v["users"] for v in variants.values()) == 8
     gateway.close()
+    p.close()
+
+
+def test_a_closed_gateway_refuses_to_log_and_what_it_wrote_stays(tmp_path, monkeypatch):
+    """route, predict and record_outcome after close() were accepted, and their rows buffered by a writer the
+    flusher no longer knew: written by a later flush() if someone called it, else lost without a word."""
+    p = mp.Platform(tmp_path / "home")
+    gateway = mp.ABGateway("m", "m@staging", 0.5, "closed-exp", salt="s", platform=p)
+    monkeypatch.setattr(gateway, "_version", lambda variant: ("m", 1))  # no registered model needed
+    variant = gateway.route(1).variant
+    gateway.record_outcome(1, 1.0)
+    gateway.close()
+    before = gateway.summary()
+    assert before["variants"][variant]["decisions"] == before["variants"][variant]["outcomes"] == 1
+    for call in (lambda: gateway.route(2), lambda: gateway.record_outcome(1, 0.0),
+                 lambda: gateway.predict(2, [{"user_id": 2}])):
+        with pytest.raises(mp.ServingError, match="ABGateway of experiment 'closed-exp' is closed: it logs no "
+                                                  "more .*make a new mp.ABGateway"):
+            call()
+    gateway.flush()
+    assert gateway.summary() == before and len(gateway._writes) == 0  # nothing buffered, nothing written
+    assert gateway.variant(1) == variant  # routing questions that log nothing still answer
+    gateway.close()  # closing again is fine
     p.close()

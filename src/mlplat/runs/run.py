@@ -19,9 +19,10 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -62,9 +63,58 @@ def check_text(value: Any, what: str, *, meaning: str = "a string", limit: int =
     return value
 
 
+#: what a param value may be: its text is the same in every process and on every machine
+_PARAM_SCALARS = (str, int, float, np.number, np.bool_, PurePath, type(None))
+#: how to pass a value of a refused kind instead
+_PARAM_HINTS = ((Mapping, "log its entries as params of their own ('{key}.<name>'), or pass "
+                          "json.dumps(value, sort_keys=True)"),
+                ((set, frozenset), "pass sorted(value): a set's order changes from one process to the next"),
+                ((bytes, bytearray, memoryview), "pass value.decode() or value.hex()"),
+                (np.ndarray, "pass value.tolist() (str() of a large array leaves values out)"))
+
+
+def _param_text(key: str, value: Any) -> str:
+    """``str(value)`` for a param value whose text is stable, else DataError naming the key and the type.
+
+    Params are write-once text: a value whose text may differ between processes (a set's order, an
+    object's address) or leaves something out (a large array) would be stored wrong, or clash when a
+    resumed run logs it again."""
+    bad = _refused_param(value)
+    if bad is not None:
+        hint = next((h for types, h in _PARAM_HINTS if isinstance(bad, types)),
+                    "pass str(value) if its text is the same in every process, or json.dumps(value)")
+        inside = "" if bad is value else f" (holding a {type(bad).__name__})"
+        raise DataError(f"param {key!r} is of type {type(value).__name__}{inside}, which a param cannot hold: it "
+                        "takes str, int, float, bool, None, a numpy number, a path, or a list or tuple of those; "
+                        + hint.format(key=key))
+    return str(value)
+
+
+def _refused_param(value: Any) -> Any:
+    """The first part of ``value`` a param cannot hold (``value`` itself, or an item of its list), or None."""
+    if isinstance(value, _PARAM_SCALARS):
+        return None
+    if isinstance(value, (list, tuple)):
+        return next((bad for bad in map(_refused_param, value) if bad is not None), None)
+    return value
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` (Python 3.11+); on 3.10, ``__notes__`` as 3.11 keeps it (shown from 3.11 on)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+
+
 def checked_values(values: Any, where: str, what: str) -> dict[str, str]:
-    """A mapping of param or tag names to values as stored (values as strings), or DataError."""
+    """A mapping of param or tag names to values as stored (values as strings), or DataError.
+
+    A tag takes any value's text (tags may change later); a param only a value whose text is stable
+    (see :func:`_param_text`)."""
     _check_mapping(values, where)
+    if what == "param":
+        return {_check_key(k, what): _param_text(k, v) for k, v in values.items()}
     return {_check_key(k, what): str(v) for k, v in values.items()}
 
 
@@ -261,18 +311,29 @@ class ActiveRun:
         if os.getpid() != self._pid:  # a forked child's copy (its exit ended the parent's running run)
             self._metrics.flush()  # the points the child logged; the run's status is its owner's to set
             return
+        failure: BaseException | None = None  # the root cause, raised once the run's status is settled
         try:
             self._metrics.close()
         except BaseException as exc:  # metrics could not be written: the run did not end well
-            self._store._set_tags(self.id, {"mlplat.error": f"writing metrics failed: {exc}"[:4000]})
-            status = "failed"
-            raise
-        finally:
+            failure, status = exc, "failed"
+            try:
+                self._store._set_tags(self.id, {"mlplat.error": f"writing metrics failed: {exc}"[:4000]})
+            except Exception as tag_exc:  # noqa: BLE001 - the database is likely gone: keep the first error
+                _add_note(exc, f"setting the mlplat.error tag of run {self.id} failed too: {tag_exc}")
+        try:
             with self._store._db.connect(write=True) as conn:
                 conn.execute(sa.update(Run).where(Run.id == self.id).values(
                     status=status, end_time=datetime.now(timezone.utc)))
+        except BaseException as exc:  # the run stays open, as its row says: end() may be called again
+            if failure is None:
+                raise
+            _add_note(failure, f"marking run {self.id} {status} failed too: {exc}; the run is still open "
+                               "(running): call run.end() again once the database answers")
+        else:
             self._ended = True
             self._store._forget(self)
+        if failure is not None:  # raised here, not in the handler above: its context stays its own
+            raise failure
 
     def __enter__(self) -> ActiveRun:
         return self

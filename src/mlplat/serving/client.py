@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, InferenceTimeoutError, ServingError
+from ..errors import ConfigError, InferenceTimeoutError, ModelNotReadyError, ServingError
 from .shaping import (ModelInfo, check_request, empty_outputs, join, map_error, merge, rows_of, split, to_arrays,
                       unmerge)
 
@@ -145,9 +145,61 @@ class _Base:
         self._wait_us = coalesce_wait_us
         self._max_in_flight = max_in_flight
         self._infos: dict[str, ModelInfo] = {}
+        # gRPC answers are Triton's protobuf messages, or an error; over HTTP any server answers 200 to a load
+        # or a health check (all Triton sends too), so the server's metadata is checked once first
+        self._triton = protocol == "grpc"
 
     def _error(self, exc: Exception, model: str) -> ServingError:
         return map_error(exc, model, self.url)
+
+    def _not_triton(self, what: str, answer: object) -> ServingError:
+        shown = repr(answer) if not isinstance(answer, BaseException) else f"{type(answer).__name__}: {answer}"
+        shown = shown if len(shown) <= 200 else f"{shown[:200]}..."
+        return ServingError(f"{self.url} is not a Triton server: it answered {what} with {shown}, not as Triton "
+                            f"does; is that the Triton server's {self.protocol.upper()} port (Triton's defaults: "
+                            "HTTP 8000, gRPC 8001)?")
+
+    def _answer(self, answer: Any, what: str) -> dict[str, Any]:
+        """A metadata or config answer as a dict, or ServingError: Triton's always is an object with a name."""
+        if not isinstance(answer, Mapping) or not isinstance(answer.get("name"), str):
+            raise self._not_triton(what, answer)
+        return dict(answer)
+
+    def _server_checked(self, meta: Any) -> None:
+        """Remember that the server is Triton, or raise ServingError: its metadata names it and its version."""
+        if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str) or "version" not in meta:
+            raise self._not_triton("a request for its metadata (GET /v2)", meta)
+        self._triton = True
+
+    def _server_error(self, exc: Exception, model: str) -> ServingError:
+        """A failed server-metadata request: the server cannot be reached (or took too long), or it is not
+        Triton (Triton answers that request whatever its models)."""
+        mapped = self._error(exc, model)
+        if isinstance(exc, self._exc[0]):  # an HTTP error status: 5xx from a proxy whose Triton is away
+            if str(exc.status()).startswith("5"):
+                return ModelNotReadyError(f"the Triton server at {self.url} is not ready: its metadata request "
+                                          f"(GET /v2) failed ({exc})")
+        elif isinstance(mapped, (ModelNotReadyError, InferenceTimeoutError)):  # not reached, or no answer
+            return mapped
+        return self._not_triton("a request for its metadata (GET /v2)", exc)
+
+    def _config_info(self, config: dict[str, Any]) -> ModelInfo:
+        try:
+            return ModelInfo.from_config(config)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise self._not_triton(f"a request for a model config ({type(exc).__name__}: {exc})", config) from None
+
+    def _outputs_of(self, result: Any, names: list[str] | tuple[str, ...], model: str) -> dict[str, np.ndarray]:
+        """The outputs ``names`` of an inference answer, or ServingError for an answer without one of them."""
+        try:
+            out = {n: result.as_numpy(n) for n in names}
+        except (KeyError, TypeError, AttributeError) as exc:  # JSON of another shape than Triton's
+            raise self._not_triton(f"an inference request for model {model!r}", exc) from None
+        missing = [n for n, v in out.items() if v is None]
+        if missing:
+            raise self._not_triton(f"an inference request for model {model!r} (no output {missing[0]!r})",
+                                   result.get_response() if hasattr(result, "get_response") else result)
+        return out
 
     def _call_kwargs(self, as_json: bool = False) -> dict[str, Any]:
         """A gRPC call's deadline (the HTTP clients carry theirs), and JSON rather than protobuf answers."""
@@ -340,26 +392,41 @@ class TritonClient(_Base):
         """tritonclient's ``method`` (a health, metadata or model-control call)."""
         return self._run(lambda client: getattr(client, method)(*args, **kwargs), model=args[0] if args else None)
 
-    def is_live(self) -> bool:
-        """Whether the server answers (its liveness)."""
+    def _check_server(self, model: str = "") -> None:
+        """ServingError unless the server is Triton (over HTTP its metadata is read once per client)."""
+        if self._triton:
+            return
+        kwargs = self._call_kwargs(as_json=True)
+        try:  # a time-out names the model the check was made for
+            meta = self._run(lambda client: client.get_server_metadata(**kwargs), model=model or None)
+        except self._exc as exc:
+            raise self._server_error(exc, model) from None
+        self._server_checked(meta)
+
+    def _health(self, method: str, *args: Any) -> bool:
+        """A health answer (200 or not, over HTTP), once the server is known to be Triton."""
         try:
-            return bool(self._call("is_server_live", **self._call_kwargs()))
+            if not self._call(method, *args, **self._call_kwargs()):
+                return False
         except Exception:  # noqa: BLE001 - unreachable means not live
             return False
+        try:
+            self._check_server(*args)  # ServingError for a server that is not Triton: its 200 says nothing
+        except (ModelNotReadyError, InferenceTimeoutError):  # gone meanwhile
+            return False
+        return True
+
+    def is_live(self) -> bool:
+        """Whether the server answers (its liveness); ServingError if the server there is not Triton."""
+        return self._health("is_server_live")
 
     def is_ready(self) -> bool:
-        """Whether the server is ready to take requests."""
-        try:
-            return bool(self._call("is_server_ready", **self._call_kwargs()))
-        except Exception:  # noqa: BLE001
-            return False
+        """Whether the server is ready to take requests; ServingError if the server there is not Triton."""
+        return self._health("is_server_ready")
 
     def is_model_ready(self, model: str) -> bool:
-        """Whether ``model`` is loaded and ready to infer."""
-        try:
-            return bool(self._call("is_model_ready", model, **self._call_kwargs()))
-        except Exception:  # noqa: BLE001
-            return False
+        """Whether ``model`` is loaded and ready to infer; ServingError if the server there is not Triton."""
+        return self._health("is_model_ready", model)
 
     def metadata(self, model: str) -> dict[str, Any]:
         """The model's metadata (versions, inputs and outputs with types and shapes)."""
@@ -367,7 +434,7 @@ class TritonClient(_Base):
             meta = self._call("get_model_metadata", model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
-        return dict(meta)
+        return self._answer(meta, f"a request for the metadata of model {model!r}")
 
     def config(self, model: str) -> dict[str, Any]:
         """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
@@ -375,7 +442,8 @@ class TritonClient(_Base):
             cfg = self._call("get_model_config", model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
-        return dict(cfg.get("config", cfg))
+        cfg = cfg.get("config", cfg) if isinstance(cfg, Mapping) else cfg  # gRPC wraps it, HTTP does not
+        return self._answer(cfg, f"a request for the config of model {model!r}")
 
     def load_model(self, model: str, folder: str | os.PathLike | None = None) -> None:
         """Ask a server in explicit model-control mode to (re)load ``model``.
@@ -391,6 +459,7 @@ class TritonClient(_Base):
             client.load_model("fraud", export.model_dir)
         """
         kwargs = _upload(Path(folder)) if folder is not None else {}
+        self._check_server(model)  # Triton answers a load with 200 and nothing else: so would any web server
         try:
             self._call("load_model", model, **kwargs, **self._call_kwargs())
         except self._exc as exc:
@@ -399,6 +468,7 @@ class TritonClient(_Base):
 
     def unload_model(self, model: str) -> None:
         """Unload ``model`` (explicit model-control mode)."""
+        self._check_server(model)
         try:
             self._call("unload_model", model, **self._call_kwargs())
         except self._exc as exc:
@@ -409,7 +479,7 @@ class TritonClient(_Base):
         """The model's inputs, outputs and batching hints (read once, then cached)."""
         info = self._infos.get(model)
         if info is None:
-            info = self._infos[model] = ModelInfo.from_config(self.config(model))
+            info = self._infos[model] = self._config_info(self.config(model))
         return info
 
     def infer(self, model: str, inputs: Any, *, version: int | None = None, outputs: list[str] | None = None,
@@ -449,7 +519,7 @@ class TritonClient(_Base):
                                   **kwargs)
         except self._exc as exc:
             raise self._error(exc, info.name) from None
-        return {n: result.as_numpy(n) for n in (outputs or info.outputs)}
+        return self._outputs_of(result, outputs or info.outputs, info.name)
 
     def _infer_async(self, info: ModelInfo, arrays, outputs=None, priority: int = 0,
                      timeout_us: int = 0, version: int | None = None) -> Future:
@@ -463,8 +533,11 @@ class TritonClient(_Base):
         def done(result=None, error=None) -> None:
             if error is not None:
                 fut.set_exception(self._error(error, info.name))
-            else:
-                fut.set_result({n: result.as_numpy(n) for n in names})
+                return
+            try:
+                fut.set_result(self._outputs_of(result, names, info.name))
+            except ServingError as exc:
+                fut.set_exception(exc)
 
         self._grpc_client().async_infer(info.name, _inputs(self._mod, info, arrays), done,
                                         outputs=self._outputs(info, outputs), **kwargs)
@@ -709,26 +782,40 @@ class AsyncTritonClient(_Base):
             self._loop = loop
         return self._aio
 
-    async def is_live(self) -> bool:
-        """Whether the server answers (its liveness)."""
+    async def _check_server(self, model: str = "") -> None:
+        """As :meth:`TritonClient._check_server`, awaited."""
+        if self._triton:
+            return
         try:
-            return bool(await self._connection().is_server_live(**self._call_kwargs()))
+            meta = await self._connection().get_server_metadata(**self._call_kwargs(as_json=True))
+        except self._exc as exc:
+            raise self._server_error(exc, model) from None
+        self._server_checked(meta)
+
+    async def _health(self, method: str, *args: Any) -> bool:
+        """As :meth:`TritonClient._health`, awaited."""
+        try:
+            if not await getattr(self._connection(), method)(*args, **self._call_kwargs()):
+                return False
         except Exception:  # noqa: BLE001 - unreachable means not live
             return False
+        try:
+            await self._check_server(*args)
+        except (ModelNotReadyError, InferenceTimeoutError):  # gone meanwhile
+            return False
+        return True
+
+    async def is_live(self) -> bool:
+        """Whether the server answers (its liveness); ServingError if the server there is not Triton."""
+        return await self._health("is_server_live")
 
     async def is_ready(self) -> bool:
-        """Whether the server is ready to take requests."""
-        try:
-            return bool(await self._connection().is_server_ready(**self._call_kwargs()))
-        except Exception:  # noqa: BLE001
-            return False
+        """Whether the server is ready to take requests; ServingError if the server there is not Triton."""
+        return await self._health("is_server_ready")
 
     async def is_model_ready(self, model: str) -> bool:
-        """Whether ``model`` is loaded and ready to infer."""
-        try:
-            return bool(await self._connection().is_model_ready(model, **self._call_kwargs()))
-        except Exception:  # noqa: BLE001
-            return False
+        """Whether ``model`` is loaded and ready to infer; ServingError if the server there is not Triton."""
+        return await self._health("is_model_ready", model)
 
     async def metadata(self, model: str) -> dict[str, Any]:
         """The model's metadata (versions, inputs and outputs with types and shapes)."""
@@ -736,7 +823,7 @@ class AsyncTritonClient(_Base):
             meta = await self._connection().get_model_metadata(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
-        return dict(meta)
+        return self._answer(meta, f"a request for the metadata of model {model!r}")
 
     async def config(self, model: str) -> dict[str, Any]:
         """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
@@ -744,11 +831,13 @@ class AsyncTritonClient(_Base):
             cfg = await self._connection().get_model_config(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
-        return dict(cfg.get("config", cfg))
+        cfg = cfg.get("config", cfg) if isinstance(cfg, Mapping) else cfg  # gRPC wraps it, HTTP does not
+        return self._answer(cfg, f"a request for the config of model {model!r}")
 
     async def load_model(self, model: str, folder: str | os.PathLike | None = None) -> None:
         """As :meth:`TritonClient.load_model`, awaited."""
         kwargs = _upload(Path(folder)) if folder is not None else {}
+        await self._check_server(model)
         try:
             await self._connection().load_model(model, **kwargs, **self._call_kwargs())
         except self._exc as exc:
@@ -757,6 +846,7 @@ class AsyncTritonClient(_Base):
 
     async def unload_model(self, model: str) -> None:
         """Unload ``model`` (explicit model-control mode)."""
+        await self._check_server(model)
         try:
             await self._connection().unload_model(model, **self._call_kwargs())
         except self._exc as exc:
@@ -767,7 +857,7 @@ class AsyncTritonClient(_Base):
         """The model's inputs, outputs and batching hints (read once, then cached)."""
         info = self._infos.get(model)
         if info is None:
-            info = self._infos[model] = ModelInfo.from_config(await self.config(model))
+            info = self._infos[model] = self._config_info(await self.config(model))
         return info
 
     async def infer(self, model: str, inputs: Any, *, version: int | None = None,
@@ -799,7 +889,7 @@ class AsyncTritonClient(_Base):
                                               **self._request_kwargs(priority, timeout_us, version))
         except self._exc as exc:
             raise self._error(exc, info.name) from None
-        return {n: result.as_numpy(n) for n in (outputs or info.outputs)}
+        return self._outputs_of(result, outputs or info.outputs, info.name)
 
     async def close(self) -> None:
         """Send what the coalescers gathered, wait for every batch in flight, close the channel."""

@@ -36,7 +36,7 @@ from .._expiring import Expiring
 from .._native import _hashing
 from .._time import utc_argument
 from ..db.models import ABDecision, ABOutcome
-from ..errors import DataError
+from ..errors import DataError, ServingError
 from ..models.registry import STAGES
 
 if TYPE_CHECKING:
@@ -95,13 +95,15 @@ def user_key(user_id: Any) -> str:
 
 
 class _Writes:
-    """Rows waiting for one INSERT per table, flushed by the background thread."""
+    """Rows waiting for one INSERT per table, flushed by the background thread; ``owner`` names them in errors."""
 
-    def __init__(self, db) -> None:
+    def __init__(self, db, owner: str = "the A/B gateway") -> None:
         self._db = db
+        self._owner = owner
         self._rows: dict[Any, list[dict]] = {ABDecision: [], ABOutcome: []}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time: a flush returns after one running elsewhere
+        self._closed = False
         _background.register(self)
 
     def forked(self) -> None:
@@ -111,7 +113,9 @@ class _Writes:
         self._rows = {ABDecision: [], ABOutcome: []}
 
     def add(self, table, row: dict) -> None:
-        with self._lock:
+        with self._lock:  # closed under the same lock: a row added here is in close()'s flush, or refused
+            if self._closed:
+                raise self.closed_error()
             self._rows[table].append(row)
             n = len(self._rows[ABDecision]) + len(self._rows[ABOutcome])
         _background.added(self, n, _MAX_ROWS)
@@ -136,8 +140,18 @@ class _Writes:
                         self._rows[table][:0] = rows
                 raise
 
+    def closed_error(self) -> ServingError:
+        return ServingError(f"{self._owner} is closed: it logs no more decisions or outcomes (nothing was "
+                            "logged or served); make a new mp.ABGateway to go on with the experiment")
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise self.closed_error()
+
     def close(self) -> None:
-        self.flush()
+        with self._lock:
+            self._closed = True
+        self.flush()  # a failure leaves the rows buffered (and registered): a later flush() or close() retries
         _background.unregister(self)
 
 
@@ -154,7 +168,7 @@ class ABGateway:
         self.experiment_id = experiment_id
         self.salt = str(salt)
         self._platform = platform
-        self._writes = _Writes(platform.db)
+        self._writes = _Writes(platform.db, f"ABGateway of experiment {experiment_id!r}")
         self._versions: Expiring[int] = Expiring(version_cache_seconds)  # variant -> its version
 
     # ------------------------------------------------------------ routing
@@ -173,7 +187,8 @@ class ABGateway:
         return name, self._versions.get(variant, lambda: self._platform.models.get(name, **sel).version)
 
     def route(self, user_id: Any) -> Decision:
-        """Decide and log (in the background) which variant serves this user."""
+        """Decide and log (in the background) which variant serves this user; ServingError once closed."""
+        self._writes.check_open()
         decision = self._decide(user_id)
         self._log(decision)
         return decision
@@ -181,6 +196,7 @@ class ABGateway:
     def predict(self, user_id: Any, entity_rows: Any, **kwargs: Any) -> Prediction:
         """Route the user, then ``p.serving.predict`` with the chosen model version. The decision is logged
         once the prediction is made: a request refused (bad entity rows, say) is not counted as served."""
+        self._writes.check_open()  # not served when its decision could not be logged
         decision = self._decide(user_id)
         result = self._platform.serving.predict(decision.model, entity_rows, version=decision.version,
                                                 variant=decision.variant, **kwargs)
@@ -199,7 +215,9 @@ class ABGateway:
                                       "at": datetime.now(timezone.utc)})
 
     def record_outcome(self, user_id: Any, outcome: float, at: datetime | None = None) -> None:
-        """An observed outcome (e.g. 1.0 for fraud caught) for a user of this experiment."""
+        """An observed outcome (e.g. 1.0 for fraud caught) for a user of this experiment; ServingError once
+        the gateway is closed."""
+        self._writes.check_open()
         try:
             value = float(outcome)
         except (TypeError, ValueError):
@@ -215,7 +233,9 @@ class ABGateway:
         self._writes.flush()
 
     def close(self) -> None:
-        """Write what is buffered (decisions, outcomes) and stop logging."""
+        """Write what is buffered (decisions, outcomes) and stop logging: ``route``, ``predict`` and
+        ``record_outcome`` raise ServingError from then on (``bucket``, ``variant`` and ``summary`` still
+        answer). Closing again writes what a failed close left buffered."""
         self._writes.close()
 
     # ------------------------------------------------------------ summary
