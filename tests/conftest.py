@@ -11,7 +11,8 @@
 * ``triton_python`` is the python of a virtualenv holding the Triton server
   bundled in ``nvidia-pytriton`` (built once into ~/.cache/mlplat, or
   MLPLAT_TEST_TRITON_PYTHON); the serving tests start a real server with it.
-* With CI=true a PostgreSQL, Redis or Triton test that would be skipped fails instead.
+* With CI=true a PostgreSQL, Redis or Triton test that would be skipped fails instead, and the
+  hypothesis tests draw the same examples every run.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 PG_HOST = os.environ.get("MLPLAT_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("MLPLAT_TEST_PG_PORT", "5432"))
@@ -32,6 +35,13 @@ PG_DB = os.environ.get("MLPLAT_TEST_PG_DB", "test")
 REDIS_URL = os.environ.get("MLPLAT_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("MLPLAT_TEST_REDIS_DB", "13"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# In CI the property tests draw the same examples every run (a red CI should come from the change, not
+# from a new random draw) and a loaded machine generating data slowly is no failure; elsewhere each
+# run draws afresh, so new counterexamples keep turning up where someone can look at them.
+hypothesis_settings.register_profile("ci", derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+if IN_CI:
+    hypothesis_settings.load_profile("ci")
 
 
 def _unavailable(what: str, why: object) -> None:

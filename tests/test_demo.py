@@ -94,8 +94,11 @@ def test_demo_ignores_mlplat_environment_variables(tmp_path, monkeypatch):
     assert skew["found_users"] == sorted(skew["planted_users"]) and len(skew["planted_users"]) == 40
 
 
-def test_demo_stays_under_a_minute(demo):
-    assert demo["timings"]["total"] < 60
+def test_demo_reports_the_time_of_each_step(demo):
+    """The closing table's numbers (how long they are is the machine's: timings are not asserted here)."""
+    timings = demo["timings"]
+    assert list(timings) == ["data", "apply", "training_set", "models", "materialize", "serve", "skew", "total"]
+    assert all(t > 0 for t in timings.values()) and timings["total"] >= sum(timings.values()) - timings["total"]
 
 
 def test_demo_on_redis(tmp_path, redis_url):
@@ -110,7 +113,6 @@ def test_demo_on_a_real_triton_server(tmp_path, triton_python):
         summary = run_demo(tmp_path / "demo", triton_url=server.grpc_url)
     assert summary["served"]["backend"] == f"Triton at {server.grpc_url}"
     assert summary["skew"]["skewed"] == ["amount_sum_7d"]
-    assert summary["timings"]["total"] < 60
 
 
 def test_demo_command_reruns_in_its_own_folder(tmp_path):

@@ -1186,15 +1186,15 @@ def test_the_background_flusher_writes_a_served_log_when_it_is_full_or_old(tmp_p
         return len(list((log.root / "m").glob("*.parquet")))
 
     young = ServedLog(tmp_path / "young", max_age_s=60)
-    old = ServedLog(tmp_path / "old", max_age_s=0.2)
+    old = ServedLog(tmp_path / "old", max_age_s=2)  # roomy: a stalled test must not see it due too soon
     full = ServedLog(tmp_path / "full", max_rows=100)
     for log in (young, old, full):
         assert not log.due()
         _log_rows(log, 50)
-    _log_rows(full, 50)  # 100 rows: full
-    assert full.due() and not old.due() and not young.due()
-    time.sleep(0.25)
-    assert old.due() and not young.due()
+    _log_rows(full, 50)  # 100 rows: full, which wakes the flusher (it may have written it already)
+    assert (full.due() or files(full) == 1) and not old.due() and not young.due()
+    time.sleep(2.1)
+    assert (old.due() or files(old) == 1) and not young.due()  # the flusher's pass may have written it
     _background.wake()
     deadline = time.monotonic() + 10
     while (files(old) < 1 or files(full) < 1) and time.monotonic() < deadline:
@@ -1268,13 +1268,17 @@ def test_rows_of_a_writer_dropped_without_close_are_still_written(served, tmp_pa
     log_and_drop()
     gc.collect()
     _background.wake()
+
+    def stored() -> int:
+        with served.db.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(ABDecision)
+                                .where(ABDecision.experiment_id == "dropped")).scalar()
+
+    # one background pass writes both, in no set order: wait for both (the file first was a flaky count of 0)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not list((tmp_path / "young").glob("*/*.parquet")):
+    while time.monotonic() < deadline and not (stored() == 50 and list((tmp_path / "young").glob("*/*.parquet"))):
         time.sleep(0.05)
-    with served.db.connect() as conn:
-        stored = conn.execute(sa.select(sa.func.count()).select_from(ABDecision)
-                              .where(ABDecision.experiment_id == "dropped")).scalar()
-    assert stored == 50 and ServedLog(tmp_path / "young").read("m").num_rows == 7
+    assert stored() == 50 and ServedLog(tmp_path / "young").read("m").num_rows == 7
     # rows not yet due (max_age_s 30 s) of a log dropped before interpreter exit are written at exit
     script = textwrap.dedent(f"""
         import gc, pyarrow as pa
