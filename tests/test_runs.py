@@ -116,6 +116,25 @@ def test_a_run_whose_end_cannot_write_anything_stays_open_and_ends_on_a_later_tr
     assert info.status == "finished" and info.metrics == {"loss": 0.5} and info.end_time is not None
 
 
+def test_a_failing_block_raises_its_own_error_when_the_run_cannot_be_recorded(p, database_url):
+    """The block raised and the database was gone: the StoreError of recording the failure replaced the
+    block's own exception, so a training crash showed up as a database error."""
+    run = p.runs.start("fraud")
+    with _tables_gone(database_url, "run_metric_chunks", "run_tags", "runs"):
+        with pytest.raises(ValueError, match="diverged") as failed:
+            with run:
+                run.log_metric("loss", 0.5)
+                raise ValueError("diverged")
+    notes = getattr(failed.value, "__notes__", [])
+    assert [n.split(" (run")[0] for n in notes] == ["mlplat could not tag it with the error",
+                                                    "mlplat could not end it as failed"]
+    assert all("StoreError" in n for n in notes)
+    assert p.runs.get(run.id).status == "running"  # nothing could be written: a later end() finishes it
+    run.end("failed")
+    info = p.runs.get(run.id)
+    assert info.status == "failed" and info.metrics == {"loss": 0.5}
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"params": {"lr": 0.1, "": 2}}, mp.DataError, "param name '' is invalid"),
     ({"params": [("lr", 0.1)]}, mp.DataError, "start\\(params=...\\) takes a mapping"),

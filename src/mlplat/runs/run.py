@@ -342,8 +342,15 @@ class ActiveRun:
         if exc is None or os.getpid() != self._pid:  # a forked child leaving the block: see end()
             self.end("finished")
             return
-        try:
-            self._store._set_tags(self.id, {"mlplat.error": f"{exc_type.__name__}: {exc}"[:4000]})
-        finally:
-            self.end("killed" if isinstance(exc, KeyboardInterrupt) else "failed")
+        # the block's own exception goes on: failing to record it (the database gone, say) is added to it as
+        # a note, not raised in its place (which would hide why the block failed)
+        status = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
+        steps = (("tag it with the error", lambda: self._store._set_tags(
+                     self.id, {"mlplat.error": f"{exc_type.__name__}: {exc}"[:4000]})),
+                 (f"end it as {status}", lambda: self.end(status)))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as failure:  # noqa: BLE001 - reported on the block's exception
+                _add_note(exc, f"mlplat could not {what} (run {self.id}): {type(failure).__name__}: {failure}")
 
