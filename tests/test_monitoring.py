@@ -8,8 +8,12 @@ exactly that.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
+import warnings
 from datetime import datetime, timedelta, timezone
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
@@ -18,9 +22,10 @@ import pytest
 import torch
 
 import mlplat as mp
-from mlplat.errors import DataError, NotFoundError
+from mlplat.errors import DataError, NotFoundError, StoreError
 from mlplat.monitoring.drift import compare_column, drift_check
-from mlplat.monitoring.stats import chi2_contingency, chi2_sf, kolmogorov_sf, ks_2samp, psi
+from mlplat.monitoring.skew import _mismatched
+from mlplat.monitoring.stats import chi2_contingency, chi2_sf, kolmogorov_sf, ks_2samp, numeric_bins, psi
 
 USERS = 400
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -183,12 +188,43 @@ def test_an_infinity_served_for_a_finite_value_is_a_mismatch(world):
 
 
 def test_the_skew_rule_on_infinities():
-    from mlplat.monitoring.skew import _mismatched
-
     inf = math.inf
     served = pa.chunked_array([[inf, inf, -inf, 5.0, inf, -inf, 5.0]])
     recomputed = pa.chunked_array([[5.0, -inf, inf, inf, inf, -inf, 5.0]])
     assert _mismatched(served, recomputed, 0.01).tolist() == [0, 1, 2, 3]  # the same infinity: equal
+
+
+def _rule(served, recomputed, tolerance: float) -> bool:
+    """The documented skew rule, brute force: exact arithmetic (Fraction) for finite numbers."""
+    if served is None or recomputed is None:
+        return (served is None) != (recomputed is None)
+    if isinstance(served, str) or isinstance(recomputed, str):
+        return served != recomputed
+    s_nan, r_nan = math.isnan(served), math.isnan(recomputed)
+    if s_nan or r_nan:
+        return s_nan != r_nan
+    if math.isinf(served) or math.isinf(recomputed):
+        return served != recomputed
+    diff = abs(Fraction(served) - Fraction(recomputed))
+    scale = max(abs(Fraction(served)), abs(Fraction(recomputed)), Fraction(1e-12))  # the floor near zero
+    return diff > Fraction(tolerance) * scale
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.01])
+def test_the_skew_rule_against_a_brute_force_reference(tolerance):
+    """Integers past 2**53 raised pyarrow's ArrowInvalid; a float served for an integer feature made every row a mismatch."""
+    floats = [0.0, -0.0, 1.0, 1.005, 1.02, -1.0, 1e-13, 3e-13, 1e-300, 5e-324, 1e308, math.nan, math.inf, -math.inf,
+              None]
+    ints = [0, 1, -1, 100, 101, 2**53, 2**53 + 1, 2**62, -2**63, 2**63 - 1, None]
+    for values, type_ in ((floats, pa.float64()), (ints, pa.int64())):
+        pairs = [(a, b) for a in values for b in values]
+        served = pa.chunked_array([pa.array([a for a, _ in pairs], type_)])
+        recomputed = pa.chunked_array([pa.array([b for _, b in pairs], type_)])
+        want = [i for i, (a, b) in enumerate(pairs) if _rule(a, b, tolerance)]
+        assert _mismatched(served, recomputed, tolerance).tolist() == want
+    # numbers of another type than the recomputed ones compare as numbers, row by row
+    as_floats = pa.chunked_array([pa.array([5.0, 5.5, 7.0, None])])
+    assert _mismatched(as_floats, pa.chunked_array([pa.array([5, 5, 7, None], pa.int64())]), tolerance).tolist() == [1]
 
 
 def test_skew_sample_and_bad_arguments(world):
@@ -207,6 +243,66 @@ def test_skew_sample_and_bad_arguments(world):
     for bad in ({"tolerance": True}, {"threshold": float("nan")}, {"sample": True}, {"sample": 2.5}):
         with pytest.raises(DataError, match=f"{next(iter(bad))} must be .* got {next(iter(bad.values()))!r}"):
             p.monitoring.skew("scorer", **bad)
+
+
+def _log_folder(p):
+    p.serving.served_log.flush()
+    return p.serving.served_log.root / "scorer"
+
+
+def test_files_in_the_log_folder_that_predict_did_not_write_are_named(world):
+    """A corrupt or foreign Parquet file raised pyarrow's ArrowInvalid (no file named), or made skew say that
+    nothing was logged; a leftover hidden temporary file is no log file and is skipped."""
+    p, _ = world
+    folder = _log_folder(p)
+    good = next(folder.glob("*.parquet"))
+    (folder / f".{good.name}.tmp").write_bytes(good.read_bytes()[:100])  # a write that crashed half-way
+    assert p.monitoring.skew("scorer").rows == USERS
+    since = datetime.now(timezone.utc) - timedelta(hours=1)
+    rows = pq.read_table(good)
+    for name, write in (("truncated", lambda f: f.write_bytes(good.read_bytes()[:-30])),
+                        ("foreign", lambda f: pq.write_table(pa.table({"a": [1, 2]}), f)),
+                        ("rewritten", lambda f: pq.write_table(rows.replace_schema_metadata(None), f))):
+        bad = folder / f"20260101T000000-{name}.parquet"
+        write(bad)
+        for check in (lambda: p.monitoring.skew("scorer"), lambda: p.monitoring.skew("scorer", since=since),
+                      lambda: p.monitoring.skew("profile"), lambda: p.monitoring.drift("scorer")):
+            with pytest.raises(StoreError, match=f"log of 'scorer' holds files .*{bad.name} .*move them out of"):
+                check()
+        bad.unlink()
+    assert p.monitoring.skew("scorer").rows == USERS
+
+
+def test_a_log_without_the_features_its_references_name_is_refused(world):
+    """Was an empty report: no features, nothing skewed, read as a pass."""
+    p, _ = world
+    folder = _log_folder(p)
+    good = next(folder.glob("*.parquet"))
+    pq.write_table(pq.read_table(good).drop_columns(["score", "visits", "segment"]), good)
+    with pytest.raises(DataError, match=r"log of 'scorer' has no column for features \['score', 'visits', 'segment'\]"):
+        p.monitoring.skew("scorer")
+
+
+def test_skew_refuses_a_name_that_is_no_model_or_view_name(world):
+    """None and 123 raised TypeError; '..' and 'scorer/' were paths read as the log folder."""
+    p, _ = world
+    for bad in (None, 123, "", "..", "scorer/", "../served/scorer"):
+        with pytest.raises(DataError, match=f"model_or_view must be the name of a model or feature view.*got {bad!r}"):
+            p.monitoring.skew(bad)
+
+
+def test_skew_checks_at_most_sample_rows_over_several_groups(world):
+    """Each group of pinned references got at least one row, rounded: 3 over two groups checked 4."""
+    p, _ = world
+    folder = _log_folder(p)
+    good = next(folder.glob("*.parquet"))
+    rows = pq.read_table(good)
+    meta = {**rows.schema.metadata, b"mlplat.refs": json.dumps(["profile@1:visits", "profile@1:score",
+                                                                "profile@1:segment"]).encode()}
+    pq.write_table(rows.replace_schema_metadata(meta), folder / "20260101T000000-other.parquet")  # a second group
+    assert p.monitoring.skew("scorer").rows == 2 * USERS
+    for sample in (1, 3, 5, 2 * USERS - 1):
+        assert p.monitoring.skew("scorer", sample=sample).rows == sample
 
 
 # --------------------------------------------------------------------------------------------------- drift
@@ -237,7 +333,7 @@ def test_drift_of_a_categorical_feature(world):
 
 def test_drift_needs_served_rows_and_a_logged_input(world):
     p, _ = world
-    for kwargs, message in (({"bins": 1}, "bins must be an integer >= 2"), ({"alpha": 2}, "alpha must be"),
+    for kwargs, message in (({"bins": 1}, "bins must be an integer from 2 to 1,000"), ({"alpha": 2}, "alpha must be"),
                             ({"psi_threshold": -0.1}, "psi_threshold must be"),
                             ({"alpha": True}, "alpha must be a probability between 0 and 1, got True"),
                             ({"since": "2026-01-01"}, "since must be a datetime")):
@@ -245,8 +341,11 @@ def test_drift_needs_served_rows_and_a_logged_input(world):
             p.monitoring.drift("scorer", **kwargs)
     with pytest.raises(DataError, match=r"since must be a datetime \(naive means UTC\), got .2026-01-01."):
         p.monitoring.skew("scorer", since="2026-01-01")
-    with pytest.raises(NotFoundError, match="no served features"):
-        p.monitoring.drift("scorer", since=datetime.now(timezone.utc) + timedelta(days=1))
+    later = datetime.now(timezone.utc) + timedelta(days=1)
+    with pytest.raises(NotFoundError, match=re.escape(f"logged for 'scorer' v1 since {later.isoformat()}:")):
+        p.monitoring.drift("scorer", since=later)
+    with pytest.raises(DataError, match="bins must be an integer from 2 to 1,000, got 1000000000000"):
+        p.monitoring.drift("scorer", bins=10**12)  # was numpy's MemoryError (7 TB of bin levels)
     with p.runs.start("scoring") as run:  # a model whose training data was never logged
         run.log_model(torch.nn.Linear(2, 1), "model", example_input=torch.zeros(2, 2))
     version = p.models.register("blind", run.id, registered_by="alice").version
@@ -297,6 +396,58 @@ def test_compare_column_unit():
     # nulls and NaNs are left out, not counted as values
     holes = compare_column("x", ref, pa.chunked_array([pa.array([None, float("nan"), 0.1, -0.2])]))
     assert holes.served_rows == 2
+
+
+def _psi_reference(training: list[float], served: list[float], bins: int = 10) -> float:
+    """PSI brute force: bins (q[i-1], q[i]] between the training quantiles (linear interpolation by hand,
+    an infinity where both neighbours are that infinity), shares floored at 1e-6."""
+    ordered = sorted(training)
+    edges = []
+    for k in range(1, bins):
+        pos = k / bins * (len(ordered) - 1)
+        lo, hi = ordered[math.floor(pos)], ordered[math.ceil(pos)]
+        edges.append(lo if lo == hi or pos == math.floor(pos) else lo + (hi - lo) * (pos - math.floor(pos)))
+    edges = sorted(set(edges))
+
+    def shares(values: list[float]) -> list[float]:
+        counts = [0] * (len(edges) + 1)
+        for v in values:
+            counts[sum(1 for e in edges if v > e)] += 1
+        return [max(c / len(values), 1e-6) for c in counts]
+
+    return sum((a - e) * math.log(a / e) for e, a in zip(shares(training), shares(served)))
+
+
+@pytest.mark.parametrize("case", ["constant", "zero-inflated", "single row", "poisson", "normal", "infinities"])
+def test_numeric_psi_against_a_brute_force_reference(case):
+    """Bins were closed on the left: a value the quantile edges repeat was pooled with everything above it, so a
+    constant training column 5 against served 100s, or 95 % zeros against 10 %, had PSI 0."""
+    rng = np.random.default_rng(3)
+    training, served = {
+        "constant": ([5.0] * 200, [100.0] * 50),
+        "zero-inflated": ([0.0] * 950 + rng.uniform(1, 100, 50).tolist(),
+                          [0.0] * 100 + rng.uniform(1, 100, 900).tolist()),
+        "single row": ([1.0], [2.0]),
+        "poisson": (rng.poisson(5, 3000).astype(float).tolist(), rng.poisson(5.5, 1000).astype(float).tolist()),
+        "normal": (rng.normal(0, 1, 3000).tolist(), rng.normal(0.2, 1, 1000).tolist()),
+        "infinities": ([1.0, 2.0] * 30 + [math.inf] * 40, [1.0, 2.0] * 45 + [math.inf] * 10),
+    }[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inf - inf between two infinite quantiles: no RuntimeWarning, no NaN edge
+        got = compare_column("x", pa.chunked_array([training]), pa.chunked_array([served]))
+        assert not np.isnan(numeric_bins(np.asarray(training))).any()
+    assert got.psi == pytest.approx(_psi_reference(training, served), rel=1e-9, abs=1e-12)
+    if case in ("constant", "zero-inflated", "single row"):
+        assert got.psi > 1
+    same = compare_column("x", pa.chunked_array([training]), pa.chunked_array([training]))
+    assert same.psi == 0.0 and not same.drifted
+
+
+def test_integers_past_two_to_the_53_are_compared_not_refused():
+    """pyarrow's ArrowInvalid (int64 to float64 would lose precision) came out of drift and skew."""
+    big = pa.chunked_array([pa.array([2**62 + i for i in range(100)], pa.int64())])
+    assert not compare_column("id_hash", big, big).drifted
+    assert compare_column("id_hash", big, pa.chunked_array([pa.array([1] * 50, pa.int64())])).drifted
 
 
 def test_a_feature_with_values_on_one_side_only_has_drifted():

@@ -24,9 +24,12 @@ import pyarrow as pa
 from ..errors import DataError, NotFoundError
 from .._arrow import is_numeric
 from .._checks import require_number
-from .stats import chi2_contingency, ks_2samp, numeric_bins, psi
+from .stats import bin_counts, chi2_contingency, ks_2samp, numeric_bins, psi
 
 __all__ = ["DriftReport", "FeatureDrift", "check_drift_limits", "drift_check"]
+
+#: more quantile bins than this leaves most of them a few training rows (and 10**10 did not fit in memory)
+MAX_BINS = 1_000
 
 
 @dataclass(frozen=True)
@@ -65,14 +68,14 @@ class DriftReport:
 
 
 def check_drift_limits(bins: int, psi_threshold: float, alpha: float) -> None:
-    require_number("bins", bins, low=2, integer=True, meaning="an integer >= 2")
+    require_number("bins", bins, low=2, high=MAX_BINS, integer=True, meaning=f"an integer from 2 to {MAX_BINS:,}")
     require_number("psi_threshold", psi_threshold, low=0, meaning="a number >= 0")
     require_number("alpha", alpha, low=0, high=1, meaning="a probability between 0 and 1")
 
 
 def _values(column: pa.ChunkedArray) -> tuple[str, np.ndarray]:
     if is_numeric(column.type):
-        arr = column.cast(pa.float64()).drop_null().to_numpy()
+        arr = column.cast(pa.float64(), safe=False).drop_null().to_numpy()  # integers past 2**53 round
         return "numeric", arr[~np.isnan(arr)]
     return "categorical", np.asarray([str(v) for v in column.drop_null().to_pylist()], dtype=object)
 
@@ -97,8 +100,7 @@ def compare_column(name: str, training: pa.ChunkedArray, served: pa.ChunkedArray
     _, cur = _values(_comparable(name, training, served))
     if kind == "numeric":
         edges = numeric_bins(ref, bins)
-        expected = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1)
-        actual = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=len(edges) + 1)
+        expected, actual = bin_counts(edges, ref), bin_counts(edges, cur)
         stat, p = ks_2samp(ref, cur)
         test = "ks"
     else:

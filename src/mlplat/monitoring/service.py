@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from ..errors import NotFoundError
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import DataError, NotFoundError, StoreError
 from ..models.lineage import rebuild_input
+from ..models.registry import NAME_PATTERN
+from ..serving.served_log import LogGroup, ServedLog
 from .._checks import require_number
+from .._time import as_utc
 from .adoption import adoption_metrics
 from .drift import DriftReport, check_drift_limits, drift_check
 from .skew import SkewReport, check_limits, merge_reports, skew_check
@@ -34,6 +41,7 @@ class Monitoring:
         check_limits(tolerance, threshold)
         if sample is not None:
             require_number("sample", sample, low=1, integer=True, meaning="a positive number of rows")
+        _check_name(model_or_view)
         log = self._p.serving.served_log
         log.flush()
         by_model = (model_or_view,) if (log.root / model_or_view).is_dir() else self._models_serving(model_or_view)
@@ -43,19 +51,18 @@ class Monitoring:
         work = []
         for model in by_model:
             view = None if model == model_or_view else model_or_view  # by view: only that view's features
-            for group in log.groups(model, since, features_only=True):
+            for group in _log_groups(log, model, since, features_only=True):
                 if group.rows.num_rows and (view is None or any(r.partition("@")[0] == view for r in group.refs)):
                     work.append((model, group, view))
         total = sum(g.rows.num_rows for _, g, _ in work)
         if not total:
-            when = f" since {since.isoformat()}" if since is not None else ""
+            when = f" since {as_utc(since).isoformat()}" if since is not None else ""
             raise NotFoundError(f"no served rows of {model_or_view!r}{when}: nothing to check")
-        reports = []
-        for model, g, view in work:
-            share = None if sample is None or sample >= total else max(1, round(sample * g.rows.num_rows / total))
-            reports.append(skew_check(self._p.features, g.rows, g.refs, g.keys, model=model,
-                                      full_feature_names=g.full_feature_names, sample=share,
-                                      tolerance=tolerance, threshold=threshold, view=view))
+        shares = [None] * len(work) if sample is None else _apportion(sample, [g.rows.num_rows for _, g, _ in work])
+        reports = [skew_check(self._p.features, g.rows, g.refs, g.keys, model=model,
+                              full_feature_names=g.full_feature_names, sample=share, tolerance=tolerance,
+                              threshold=threshold, view=view)
+                   for (model, g, view), share in zip(work, shares) if share != 0]
         return merge_reports(model_or_view, reports, prefix_model=model_or_view not in by_model)
 
     def _models_serving(self, view: str) -> tuple[str, ...]:
@@ -63,7 +70,7 @@ class Monitoring:
         if not log.root.exists():
             return ()
         return tuple(d.name for d in sorted(log.root.iterdir())
-                     if d.is_dir() and any(r.partition("@")[0] == view for refs, _ in log.ref_sets(d.name)
+                     if d.is_dir() and any(r.partition("@")[0] == view for refs, _ in _ref_sets(log, d.name)
                                            for r in refs))
 
     def drift(self, model: str, *, version: int | None = None, since: datetime | None = None, bins: int = 10,
@@ -85,9 +92,13 @@ class Monitoring:
         if training is None:
             raise NotFoundError(f"{model} v{info.version} was trained on no input logged with feature_refs: "
                                 "nothing to compare the served features with")
-        served = self._p.serving.served_features(model, since)
+        served = _read_log(self._p.serving.served_log, model, since)
         if served.num_rows:
             served = served.filter(served.column("model_version").to_numpy() == info.version)
+        if not served.num_rows:  # an empty window is not calm
+            when = f" since {as_utc(since).isoformat()}" if since is not None else ""
+            raise NotFoundError(f"no served features are logged for {model!r} v{info.version}{when}: nothing to "
+                                "compare its training data with")
         # the features as the training table named them, which is how predict serves and logs them
         _, names = self._p.features.resolve(inp["feature_refs"]["refs"],
                                             full_feature_names=bool(inp["feature_refs"].get("full_feature_names")))
@@ -104,3 +115,74 @@ class Monitoring:
     def adoption(self) -> dict[str, Any]:
         """Runs per week, tracking and lineage coverage, time to production, reused feature views."""
         return adoption_metrics(self._p.db)
+
+
+def _check_name(name: object) -> None:
+    """A model or view name, before it becomes a folder of the served-feature log (``..`` would leave it)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise DataError(f"model_or_view must be the name of a model or feature view (letters, digits, '_', '-' "
+                        f"and '.'), got {name!r}")
+
+
+def _apportion(sample: int, sizes: list[int]) -> list[int]:
+    """``sample`` rows split over groups of ``sizes`` rows in proportion (largest remainders), at most each
+    group's size and ``sample`` in all.
+
+    >>> _apportion(3, [200, 200]), _apportion(5, [1, 999]), _apportion(10, [3, 4])
+    ([2, 1], [0, 5], [3, 4])
+    """
+    total = sum(sizes)
+    if sample >= total:
+        return list(sizes)
+    shares = [sample * n // total for n in sizes]  # integers: float rounding could give more than sample
+    by_remainder = sorted(range(len(sizes)), key=lambda i: -(sample * sizes[i] % total))
+    for i in by_remainder[: sample - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def _unwritten_files(log: ServedLog, model: str, cause: BaseException | None) -> StoreError:
+    """The error for a log folder holding Parquet files predict did not write (unreadable, or without the
+    metadata that pins their feature references), naming them; they would be read as served rows."""
+    folder = Path(log.root) / model
+    bad = []
+    for f in sorted(folder.glob("*.parquet")):
+        try:
+            schema = pq.read_schema(f)
+        except (pa.ArrowException, OSError) as exc:
+            bad.append(f"{f.name} (unreadable: {str(exc).rstrip('.')})")
+            continue
+        if b"mlplat.refs" not in (schema.metadata or {}) or "request_time" not in schema.names:
+            bad.append(f"{f.name} (not written by predict: no served-log metadata or request_time)")
+    if not bad:
+        return StoreError(f"the served-feature log of {model!r} in {folder} could not be read ({cause})")
+    return StoreError(f"the served-feature log of {model!r} holds files that are no served-log files: "
+                      f"{'; '.join(bad)}; move them out of {folder} and check again")
+
+
+def _log_groups(log: ServedLog, model: str, since: datetime | None, *, features_only: bool = False
+                ) -> list[LogGroup]:
+    """``log.groups``, with a file predict did not write a StoreError naming it (it raised pyarrow's error
+    without the file, or was read as a group with no features)."""
+    try:
+        groups = log.groups(model, since, features_only=features_only)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unwritten_files(log, model, exc) from exc
+    if any(not g.refs for g in groups):  # predict always pins references
+        raise _unwritten_files(log, model, None)
+    return groups
+
+
+def _ref_sets(log: ServedLog, model: str) -> list[tuple[list[str], list[str]]]:
+    try:
+        return log.ref_sets(model)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unwritten_files(log, model, exc) from exc
+
+
+def _read_log(log: ServedLog, model: str, since: datetime | None) -> pa.Table:
+    """Every row logged for ``model`` (from ``since``), in no particular order: what drift compares."""
+    tables = [g.rows for g in _log_groups(log, model, since)]
+    if not tables:
+        return pa.table({})
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import NotFoundError
+from ..errors import DataError, NotFoundError
 from .._arrow import is_numeric
 from .._checks import require_number
 
@@ -69,10 +69,16 @@ class SkewReport:
         }
 
 
+#: magnitudes below this compare as if they were this: float noise around zero (a sum of +x and -x giving
+#: 1e-13 online and 0.0 offline) is no mismatch, as numpy's isclose has an absolute tolerance
+_TINY = 1e-12
+
 def _mismatched(served: pa.ChunkedArray, recomputed: pa.ChunkedArray, tolerance: float) -> np.ndarray:
     """Indices where served and recomputed values differ (null vs value, NaN vs number, an infinity vs
-    anything but the same infinity, or beyond tolerance)."""
-    if served.type != recomputed.type:
+    anything but the same infinity, or beyond tolerance). Numbers compare as numbers whatever their
+    types (a float served for an integer feature too); two columns of one integer type compare exactly
+    where they are equal, so integers past 2**53 (where float64 rounds) are no mismatch of themselves."""
+    if served.type != recomputed.type and not (is_numeric(served.type) and is_numeric(recomputed.type)):
         try:
             served = served.cast(recomputed.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -81,13 +87,16 @@ def _mismatched(served: pa.ChunkedArray, recomputed: pa.ChunkedArray, tolerance:
     r_null = recomputed.is_null().to_numpy(zero_copy_only=False)
     t = recomputed.type
     if is_numeric(t):
-        a = served.cast(pa.float64()).fill_null(0.0).to_numpy()
-        b = recomputed.cast(pa.float64()).fill_null(0.0).to_numpy()
+        a = served.cast(pa.float64(), safe=False).fill_null(0.0).to_numpy()
+        b = recomputed.cast(pa.float64(), safe=False).fill_null(0.0).to_numpy()
         a_nan, b_nan = np.isnan(a), np.isnan(b)
         with np.errstate(invalid="ignore"):
-            far = np.abs(a - b) > tolerance * np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-12)
+            far = np.abs(a - b) > tolerance * np.maximum(np.maximum(np.abs(a), np.abs(b)), _TINY)
         far |= (np.isinf(a) | np.isinf(b)) & (a != b)  # inf against anything else: no tolerance covers it
         value_differs = (a_nan != b_nan) | (~a_nan & ~b_nan & far)
+        if pa.types.is_integer(t) and served.type == t:  # exact where float64 rounds
+            unequal = pc.not_equal(served, recomputed).fill_null(False).to_numpy(zero_copy_only=False)
+            value_differs = unequal & (value_differs | (tolerance == 0))
     else:
         equal = pc.equal(served, recomputed).fill_null(False).to_numpy(zero_copy_only=False)
         value_differs = ~equal
@@ -146,8 +155,12 @@ def skew_check(features, log: pa.Table, refs: list[str], keys: list[str], *, mod
     recomputed = features.get_historical_features(entity, refs, full_feature_names=full_feature_names)
     requests, _ = features.resolve(refs, full_feature_names=full_feature_names)
     view_keys = {name: req.view.join_keys for req in requests for name in req.output_names}
-    names = [n for req in requests if view is None or req.view.name == view for n in req.output_names
-             if n in log.column_names]
+    names = [n for req in requests if view is None or req.view.name == view for n in req.output_names]
+    missing = [n for n in names if n not in log.column_names]
+    if missing:  # an empty (or short) report would read as "no skew"
+        raise DataError(f"the served-feature log of {model!r} has no column for features {missing} that its "
+                        f"references {refs} name; it has {log.column_names}: were its files written by "
+                        "predict? Move the others out of its folder")
     for name in names:
         bad = _mismatched(log.column(name), recomputed.column(name), tolerance)
         share = len(bad) / log.num_rows

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["psi", "ks_2samp", "chi2_contingency", "chi2_sf", "kolmogorov_sf"]
+__all__ = ["psi", "ks_2samp", "chi2_contingency", "chi2_sf", "kolmogorov_sf", "numeric_bins", "bin_counts"]
 
 _EPS = 1e-6
 
@@ -31,9 +31,32 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 def numeric_bins(reference: np.ndarray, bins: int = 10) -> np.ndarray:
-    """Quantile edges of the reference (deduplicated), open at both ends."""
-    qs = np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]) if len(reference) else np.array([])
+    """Quantile edges of the reference (deduplicated), open at both ends; :func:`bin_counts` puts a value
+    in the bin ``(edge[i-1], edge[i]]``.
+
+    An edge between two equal infinities is that infinity (linear interpolation gave NaN: inf - inf).
+    """
+    if not len(reference):
+        return np.array([])
+    levels = np.linspace(0, 1, bins + 1)[1:-1]
+    with np.errstate(invalid="ignore"):
+        qs = np.quantile(reference, levels)
+    holes = np.isnan(qs)
+    if holes.any():  # only with infinities in the reference
+        qs[holes] = np.quantile(reference, levels[holes], method="lower")
     return np.unique(qs)
+
+
+def bin_counts(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """How many ``values`` fall in each bin of :func:`numeric_bins` edges: ``(-inf, e0], (e0, e1], ...,
+    (e_last, inf)``. Closed on the right, as a quantile is (P(X <= q) >= level), so a value the edges
+    repeat keeps a bin of its own: a constant training column 5 puts served 100s in another bin, and
+    the zeros of a 95 %-zero column are not pooled with every positive value.
+
+    >>> bin_counts(np.array([5.0]), np.array([5.0, 5.0, 100.0])).tolist()
+    [2, 1]
+    """
+    return np.bincount(np.searchsorted(edges, values, side="left"), minlength=len(edges) + 1)
 
 
 def kolmogorov_sf(x: float) -> float:
