@@ -164,6 +164,53 @@ def test_features_apply_starts_a_new_home(home, tmp_path):
     assert ok_json(invoke("models", "list", "--json", home=str(new))) == []
 
 
+@pytest.mark.parametrize("option, url", [
+    ("--database-url", "postgresql+psycopg://a:b@[::1"),  # urllib: Invalid IPv6 URL
+    ("--online-store", "redis://127.0.0.1:99999/0"),  # urllib: Port out of range
+], ids=["open-bracket", "port-past-65535"])
+def test_a_malformed_url_is_one_line(home, option, url):
+    error(invoke(option, url, "materialize", home=home), 1, f"{option} {url!r} is not a valid URL")
+
+
+def test_a_malformed_url_from_the_environment_is_one_line(home):
+    result = CliRunner().invoke(cli, ["--home", home, "models", "list"], prog_name="mlplat",
+                                env={"COLUMNS": "250", "MLPLAT_ONLINE_STORE": "redis://[::1"})
+    error(result, 1, "'redis://[::1' is not a valid URL", "$MLPLAT_ONLINE_STORE")
+
+
+def test_an_unexpected_error_is_one_line_not_a_traceback(tmp_path, home):
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_text("not a database\n" * 100)
+    args = ["--database-url", f"sqlite:///{not_a_database}", "models", "list"]
+    error(invoke(*args, home=home), 1, "unexpected", "file is not a database", "MLPLAT_DEBUG=1")
+    error(invoke("runs", "list", "--filter", " and ".join(["params.a = '1'"] * 3000), home=home), 1,
+          "unexpected RecursionError")
+    debug = CliRunner().invoke(cli, ["--home", home, *args], prog_name="mlplat", env={"MLPLAT_DEBUG": "1"})
+    assert debug.exit_code == 1 and not isinstance(debug.exception, SystemExit)  # the traceback, for a bug report
+
+
+def _closed_pipe(*args: str) -> tuple[int, str]:
+    """Run ``python -m mlplat ARGS`` with its stdout a pipe whose reader is gone (``| head`` that exited)."""
+    import os
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "mlplat", *args], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("args", [["runs", "list", "--json"], ["runs", "list"], ["models", "lineage", "fraud"]],
+                         ids=["json", "table", "lineage"])
+def test_output_into_a_closed_pipe_is_silent(home, args):
+    # `mlplat runs list --json | head -1`: no 'mlplat: error: Broken pipe', no traceback; 141 as a shell reports it
+    assert _closed_pipe("--home", home, *args) == (141, "")
+
+
 # ------------------------------------------------------------------ main()
 def test_main_returns_the_exit_status(home, capsys):
     assert main(["--version"]) == 0
@@ -175,6 +222,34 @@ def test_main_returns_the_exit_status(home, capsys):
     assert main(["--home", home, "monitor", "skew", "fraud", "--check", "--json"]) == 3
     assert json.loads(capsys.readouterr().out)["skewed"] == ["amount_sum_7d"]
     assert main(["--home", home, "monitor", "skew", "fraud", "--check", "--json", "--threshold", "0.5"]) == 0
+
+
+def test_help_agrees_with_behaviour():
+    promote = " ".join(ok(invoke("models", "promote", "--help")).split())  # help wraps at 80 columns
+    # under a distinct-approver policy the approver may not be the registrant; the actor may
+    assert "--actor TEXT" in promote and "it may be the version's registrant" in promote
+    assert "approver policy, not the version's registrant" in promote.split("--actor")[0]
+    assert "answer at --end (default: now)" in " ".join(ok(invoke("materialize", "--help")).split())
+    apply = ok(invoke("features", "apply", "--help"))
+    assert apply.startswith("Usage: mlplat features apply [OPTIONS] FILE") and "``" not in apply
+    assert "--home DIR" in ok(invoke("--help"))
+
+
+@pytest.mark.parametrize("args", [
+    ["features", "describe", "user_txn_7d", "--version", "99999999999999999999999"],  # overflowed the query
+    ["models", "lineage", "fraud", "--version", "0"],
+    ["models", "promote", "fraud", "99999999999999999999999", "staging"],
+    ["monitor", "drift", "fraud", "--version", "-1"],
+    ["serve", "export", "fraud", "--repository", "repo", "--version", "2147483648"],
+], ids=["describe", "lineage", "promote", "drift", "export"])
+def test_a_version_out_of_range_is_a_bad_argument(home, args):
+    error(invoke(*args, home=home), 2, "1<=x<=2147483647")
+
+
+@pytest.mark.parametrize("args", [["materialize", "--end"], ["monitor", "skew", "fraud", "--since"],
+                                  ["monitor", "drift", "fraud", "--since"]], ids=" ".join)
+def test_a_time_past_year_9999_in_utc_is_a_bad_argument(home, args):
+    error(invoke(*args, "9999-12-31T23:59:59-12:00", home=home), 2, "out of range", "years 1 to 9999")
 
 
 # -------------------------------------------------------------------- demo
@@ -336,6 +411,15 @@ def test_features_apply_error_stays_on_one_line(scratch, tmp_path):
     error(invoke("features", "apply", path, home=scratch), 1, "line one")
 
 
+def test_features_apply_sends_what_the_file_prints_to_stderr(scratch, home, tmp_path):
+    path = tmp_path / "defs.py"
+    source = str(Path(home) / "data" / "user_txn_7d")
+    path.write_text("print('loading definitions')\n" + DEFINITIONS.format(source=source))
+    result = invoke("features", "apply", path, "--json", home=scratch)
+    assert [r["name"] for r in ok_json(result)] == ["user", "user_spend_7d"]  # stdout: one JSON document
+    assert result.stderr == "loading definitions\n"
+
+
 # ------------------------------------------------------------ materialize
 def test_materialize_json_and_incremental(scratch):
     first = ok_json(invoke("materialize", "--json", "--start", "2000-01-01", home=scratch))
@@ -446,6 +530,19 @@ def test_runs_compare(home, demo):
 def test_runs_compare_errors(home, demo):
     error(invoke("runs", "compare", demo["model"]["run_id"], "deadbeef", home=home), 1, "'deadbeef'")
     error(invoke("runs", "compare", home=home), 2, "Missing argument 'RUN_IDS...'")
+
+
+def test_user_text_is_shown_as_written_not_as_rich_markup(scratch):
+    import mlplat as mp
+
+    with mp.Platform(scratch) as p:
+        with p.runs.start("markup", params={"note": "[/oops]", "style": "[bold red]x"}, tags={"t": "[/]"}) as run:
+            run.log_metric("m", 1.0)
+        p.models.promote("fraud", 2, "staging", notes="see [/oops] and [red]this")
+    for args in (["runs", "show", run.id], ["runs", "compare", run.id]):
+        out = ok(invoke(*args, home=scratch))  # '[/oops]' was a MarkupError traceback
+        assert "[/oops]" in out and "[bold red]x" in out
+    assert "see [/oops] and [red]this" in ok(invoke("models", "lineage", "fraud", "--version", "2", home=scratch))
 
 
 # ----------------------------------------------------------------- models
@@ -675,6 +772,10 @@ def test_monitor_drift_errors(home):
     error(invoke("monitor", "drift", "fraud", "--since", "2099-01-01", home=home), 1, "no served features")
     error(invoke("monitor", "drift", "fraud", "--since", "bad", home=home), 2, "'bad' is not an ISO date")
     error(invoke("monitor", "drift", "fraud", "--alpha", "2", home=home), 2, "'--alpha'")
+
+
+def test_monitor_drift_bins_past_the_limit_is_a_bad_argument(home):
+    error(invoke("monitor", "drift", "fraud", "--bins", "1001", home=home), 2, "'--bins'", "2<=x<=1000")
 
 
 def test_monitor_adoption(home):

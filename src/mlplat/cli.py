@@ -14,12 +14,14 @@ Usage::
 the platform, like MLPLAT_HOME, MLPLAT_DATABASE_URL and MLPLAT_ONLINE_STORE.
 Every listing takes ``--json``. Exit status: 0 on success, 1 on an mlplat error
 (one line on stderr), 2 on bad arguments, 3 when ``--check`` finds skew or drift,
-130 when interrupted.
+130 when interrupted, 141 when the reader of the output went away (``| head``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import sys
 from datetime import datetime
 from typing import Any
@@ -30,10 +32,15 @@ from . import __version__
 from ._console import print_lineage, print_skew, table
 from ._time import as_utc
 from .errors import ConfigError, MlplatError
+from .monitoring.drift import MAX_BINS
 
 __all__ = ["main", "cli"]
 
 CHECK_FAILED = 3
+#: the exit status when the output's reader went away (``mlplat ... | head``): 128 + SIGPIPE, as a shell reports it
+BROKEN_PIPE = 141
+#: a version number as the registry and catalog store it (a larger one overflowed the database query)
+_VERSION = click.IntRange(1, 2**31 - 1)
 
 
 def _json_default(value: Any) -> Any:
@@ -70,19 +77,46 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> date
         t = datetime.fromisoformat(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not an ISO date or time (e.g. 2026-11-26T12:00)") from None
-    return as_utc(t)
+    try:
+        return as_utc(t)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last UTC time Python holds
+        raise click.BadParameter(f"{value!r} is out of range: in UTC it falls outside years 1 to 9999") from None
 
 
 def _console():
     from rich.console import Console
 
-    return Console()
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # rich exits 1 on its own; leave it to _Group.main (silent, 141)
+            raise BrokenPipeError
+
+    return _Console()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every string (dict keys included, dataclass fields too) escaped from rich markup.
+
+    A param, tag, note or description is the user's text: '[/x]' in it broke the table (a traceback)
+    and '[red]x' was shown as a red 'x'.
+    """
+    from rich.markup import escape
+
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _plain(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     out = table(*columns, title=title)
     for row in rows:
-        out.add_row(*["-" if v is None else str(v) for v in row])
+        out.add_row(*["-" if v is None else _plain(str(v)) for v in row])
     _console().print(out)
 
 
@@ -100,11 +134,22 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except BrokenPipeError:  # `mlplat ... | head`: the reader has what it wanted; no message, no traceback
+            _silence_stdout()
+            raise click.exceptions.Exit(BROKEN_PIPE) from None
         except MlplatError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:  # the environment, not mlplat: a full disk, a path that is a file, no permission
             where = f": {exc.filename}" if exc.filename else ""
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
+        except Exception as exc:  # a bug below the CLI: still one line; MLPLAT_DEBUG=1 shows where
+            if os.environ.get("MLPLAT_DEBUG"):
+                raise
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: {exc} (a bug in mlplat: please report it with the command; "
+                "MLPLAT_DEBUG=1 shows the traceback)") from None
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
@@ -128,11 +173,21 @@ class _Group(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not raise BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (an in-process caller's buffer)
+        pass
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlplat")
-@click.option("--home", default=None, help="Platform home folder (default: $MLPLAT_HOME or ./mlplat-home).")
-@click.option("--database-url", default=None, help="SQL database URL (default: SQLite under the home).")
-@click.option("--online-store", default=None, help="Online store URL (default: SQLite under the home).")
+@click.option("--home", default=None, metavar="DIR",
+              help="Platform home folder (default: $MLPLAT_HOME or ./mlplat-home).")
+@click.option("--database-url", default=None, metavar="URL", help="SQL database URL (default: SQLite under the home).")
+@click.option("--online-store", default=None, metavar="URL", help="Online store URL (default: SQLite under the home).")
 @click.pass_context
 def cli(ctx: click.Context, home: str | None, database_url: str | None, online_store: str | None) -> None:
     """mlplat: features, runs, models, serving and monitoring in one library."""
@@ -145,6 +200,9 @@ def _platform(ctx: click.Context, *, create: bool = False):
     from .platform import Platform
     from .settings import Settings
 
+    for key, option, var in (("database_url", "--database-url", "MLPLAT_DATABASE_URL"),
+                             ("online_store", "--online-store", "MLPLAT_ONLINE_STORE")):
+        _check_url(ctx.obj[key] or os.environ.get(var), option, var)
     settings = Settings.resolve(ctx.obj["home"], database_url=ctx.obj["database_url"],
                                 online_store=ctx.obj["online_store"])
     database = sqlite_file(settings.database_url)
@@ -153,6 +211,19 @@ def _platform(ctx: click.Context, *, create: bool = False):
             f"{settings.home} is not an mlplat home (it has no database {database}): give --home or MLPLAT_HOME "
             "of an existing home, or start one with 'mlplat features apply FILE' or 'mlplat demo'")
     return Platform(settings=settings)
+
+
+def _check_url(url: str | None, option: str, var: str) -> None:
+    """A URL urllib cannot split (a bracket left open, a port past 65535) as a ConfigError naming where it came from."""
+    from urllib.parse import urlsplit
+
+    if not url:
+        return
+    try:
+        urlsplit(url).port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise ConfigError(f"{option} {url!r} is not a valid URL ({exc}); give {option} or ${var} as "
+                          "scheme://host:port/...") from None
 
 
 # ------------------------------------------------------------------- demo
@@ -221,7 +292,7 @@ def _tag_filters(tags: tuple[str, ...]) -> dict[str, list[str]]:
 @click.argument("name")
 @click.option("--kind", type=click.Choice(["entity", "feature_view", "feature_service"]), default="feature_view",
               show_default=True)
-@click.option("--version", type=int, default=None)
+@click.option("--version", type=_VERSION, default=None, help="A version number (default: the latest).")
 @_json_flag
 @click.pass_context
 def features_describe(ctx: click.Context, name: str, kind: str, version: int | None, as_json: bool) -> None:
@@ -234,23 +305,24 @@ def features_describe(ctx: click.Context, name: str, kind: str, version: int | N
         _echo_json(spec)
         return
     console = _console()
-    console.rule(f"[bold]{kind} {name} v{obj.version}")
+    console.rule(f"[bold]{kind} {_plain(name)} v{obj.version}")
     for key, value in spec.items():
         if key not in ("schema", "name"):
-            console.print(f"[bold]{key}[/]: {value}")
+            console.print(f"[bold]{key}[/]: {_plain(str(value))}")
     if "schema" in spec:
         _table("features", ["name", "dtype", "description"],
                [[f["name"], f["dtype"], f["description"]] for f in spec["schema"]])
 
 
 @features.command("apply")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
 @_json_flag
 @click.pass_context
 def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
     """Apply the Entity, FeatureView and FeatureService objects a Python file defines.
 
-    The file runs as ``python FILE`` would run it: modules next to it can be imported.
+    The file runs as 'python FILE' would run it: modules next to it can be imported. What it
+    prints goes to stderr, so that stdout holds only the result (one JSON document with --json).
     """
     from .features.definitions import _Definition
 
@@ -276,13 +348,14 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
 
 def _run_file(path: str) -> dict[str, Any]:
     """Run a Python file with its folder first on ``sys.path`` (as ``python FILE`` does); its globals."""
-    import os
+    import contextlib
     import runpy
 
     folder = os.path.dirname(os.path.abspath(path))
     sys.path.insert(0, folder)
     try:
-        return runpy.run_path(path)
+        with contextlib.redirect_stdout(sys.stderr):  # the file's prints must not break the result on stdout
+            return runpy.run_path(path)
     finally:
         try:
             sys.path.remove(folder)  # the first entry equal to it: ours, unless the file moved it
@@ -300,7 +373,7 @@ def _run_file(path: str) -> dict[str, Any]:
 @click.pass_context
 def materialize(ctx: click.Context, end: datetime | None, start: datetime | None, views: tuple[str, ...], as_json: bool,
                 progress: bool | None) -> None:
-    """Write the offline rule's answer at END into the online store."""
+    """Write the offline rule's answer at --end (default: now) into the online store."""
     with _platform(ctx) as p:
         results = p.features.materialize(end_date=end, start_date=start, views=list(views) or None,
                                          progress=False if as_json else progress)
@@ -364,7 +437,7 @@ def runs_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
     console = _console()
     console.rule(f"[bold]run {r.id}")
     for key in ("experiment", "name", "status", "user", "start_time", "end_time", "artifact_uri"):
-        console.print(f"[bold]{key}[/]: {data[key]}")
+        console.print(f"[bold]{key}[/]: {_plain(str(data[key]))}")
     _table("params", ["key", "value"], [[k, v] for k, v in sorted(r.params.items())])
     _table("metrics (latest)", ["key", "value"], [[k, v] for k, v in sorted(r.metrics.items())])
     _table("inputs", ["name", "rows", "content hash", "feature refs"],
@@ -410,7 +483,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 
 @models.command("lineage")
 @click.argument("name")
-@click.option("--version", "version", type=int, default=None, help="A version number.")
+@click.option("--version", "version", type=_VERSION, default=None, help="A version number.")
 @click.option("--stage", default=None, type=click.Choice(["none", "staging", "production", "archived"]),
               help="The version in this stage (default: production).")
 @click.option("--alias", default=None, help="The version an alias points at.")
@@ -425,17 +498,19 @@ def lineage(ctx: click.Context, name: str, version: int | None, stage: str | Non
     if as_json:
         _echo_json(info)
         return
-    print_lineage(_console(), info)
+    print_lineage(_console(), _plain(info))
 
 
 @models.command("promote")
 @click.argument("name")
-@click.argument("version", type=int)
+@click.argument("version", type=_VERSION)
 @click.argument("stage", metavar="STAGE", type=click.Choice(["none", "staging", "production", "archived"]))
-@click.option("--approved-by", default=None, help="Who approved (required for production).")
+@click.option("--approved-by", default=None,
+              help="Who approved (required for production); under a distinct-approver policy, not the version's "
+                   "registrant.")
 @click.option("--actor", default=None,
-              help="Who promotes, as recorded in the history (default: the operating-system user); under a "
-                   "distinct-approver policy, not the version's registrant.")
+              help="Who promotes, as recorded in the history (default: the operating-system user); it may be "
+                   "the version's registrant.")
 @click.option("--notes", default="", help="Why (at most 10000 characters).")
 @_json_flag
 @click.pass_context
@@ -460,9 +535,10 @@ def serve() -> None:
 @serve.command("export")
 @click.argument("name")
 @click.option("--repository", required=True, type=click.Path(file_okay=False), help="Triton model repository.")
-@click.option("--version", "version", type=int, default=None)
-@click.option("--stage", default=None, type=click.Choice(["none", "staging", "production", "archived"]))
-@click.option("--alias", default=None)
+@click.option("--version", "version", type=_VERSION, default=None, help="A version number.")
+@click.option("--stage", default=None, type=click.Choice(["none", "staging", "production", "archived"]),
+              help="The version in this stage (default: production).")
+@click.option("--alias", default=None, help="The version an alias points at.")
 @click.option("--backend", default="python", show_default=True,
               type=click.Choice(["python", "pytorch_libtorch", "onnxruntime"]))
 @click.option("--max-batch-size", type=click.IntRange(min=0), default=64, show_default=True)
@@ -532,16 +608,16 @@ def monitor_skew(ctx: click.Context, model_or_view: str, since: datetime | None,
     if as_json:
         _echo_json(report.to_dict())
     else:
-        print_skew(_console(), report)
+        print_skew(_console(), _plain(report))
     if check and report.skewed:
         ctx.exit(CHECK_FAILED)
 
 
 @monitor.command("drift")
 @click.argument("model")
-@click.option("--version", "version", type=int, default=None, help="Default: the production version.")
+@click.option("--version", "version", type=_VERSION, default=None, help="Default: the production version.")
 @click.option("--since", default=None, callback=_time, help="Only requests from this time on (ISO).")
-@click.option("--bins", type=click.IntRange(min=2), default=10, show_default=True,
+@click.option("--bins", type=click.IntRange(2, MAX_BINS), default=10, show_default=True,
               help="Quantile bins of the training values for a numeric feature's PSI.")
 @click.option("--psi-threshold", type=click.FloatRange(min=0), default=0.2, show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.01, show_default=True)
