@@ -212,7 +212,8 @@ def _rule(served, recomputed, tolerance: float) -> bool:
 
 @pytest.mark.parametrize("tolerance", [0.0, 0.01])
 def test_the_skew_rule_against_a_brute_force_reference(tolerance):
-    """Integers past 2**53 raised pyarrow's ArrowInvalid; a float served for an integer feature made every row a mismatch."""
+    """Integers past 2**53 raised pyarrow's ArrowInvalid; a float served for an integer feature made every row a
+    mismatch."""
     floats = [0.0, -0.0, 1.0, 1.005, 1.02, -1.0, 1e-13, 3e-13, 1e-300, 5e-324, 1e308, math.nan, math.inf, -math.inf,
               None]
     ints = [0, 1, -1, 100, 101, 2**53, 2**53 + 1, 2**62, -2**63, 2**63 - 1, None]
@@ -252,7 +253,8 @@ def _log_folder(p):
 
 def test_files_in_the_log_folder_that_predict_did_not_write_are_named(world):
     """A corrupt or foreign Parquet file raised pyarrow's ArrowInvalid (no file named), or made skew say that
-    nothing was logged; a leftover hidden temporary file is no log file and is skipped."""
+    nothing was logged, and served_features read a foreign file as rows; a leftover hidden temporary file is no
+    log file and is skipped."""
     p, _ = world
     folder = _log_folder(p)
     good = next(folder.glob("*.parquet"))
@@ -261,26 +263,39 @@ def test_files_in_the_log_folder_that_predict_did_not_write_are_named(world):
     since = datetime.now(timezone.utc) - timedelta(hours=1)
     rows = pq.read_table(good)
     for name, write in (("truncated", lambda f: f.write_bytes(good.read_bytes()[:-30])),
+                        ("damaged", lambda f: f.write_bytes(  # the first page header, not the footer
+                            good.read_bytes()[:4] + b"\xff" * 400 + good.read_bytes()[404:])),
                         ("foreign", lambda f: pq.write_table(pa.table({"a": [1, 2]}), f)),
                         ("rewritten", lambda f: pq.write_table(rows.replace_schema_metadata(None), f))):
         bad = folder / f"20260101T000000-{name}.parquet"
         write(bad)
         for check in (lambda: p.monitoring.skew("scorer"), lambda: p.monitoring.skew("scorer", since=since),
-                      lambda: p.monitoring.skew("profile"), lambda: p.monitoring.drift("scorer")):
+                      lambda: p.monitoring.skew("profile"), lambda: p.monitoring.drift("scorer"),
+                      lambda: p.serving.served_features("scorer")):
             with pytest.raises(StoreError, match=f"log of 'scorer' holds files .*{bad.name} .*move them out of"):
                 check()
         bad.unlink()
     assert p.monitoring.skew("scorer").rows == USERS
 
 
-def test_a_log_without_the_features_its_references_name_is_refused(world):
-    """Was an empty report: no features, nothing skewed, read as a pass."""
+def test_a_log_file_without_a_column_its_metadata_names_is_refused(world):
+    """A file lacking all its features was an empty report (read as a pass); one lacking one feature beside a
+    file that has it was read as nulls: skew scored the feature 50 % mismatched, drift counted served nulls."""
     p, _ = world
     folder = _log_folder(p)
-    good = next(folder.glob("*.parquet"))
-    pq.write_table(pq.read_table(good).drop_columns(["score", "visits", "segment"]), good)
-    with pytest.raises(DataError, match=r"log of 'scorer' has no column for features \['score', 'visits', 'segment'\]"):
-        p.monitoring.skew("scorer")
+    p.serving.predict("scorer", {"user_id": list(range(USERS))})
+    p.serving.served_log.flush()
+    first, second = sorted(folder.glob("*.parquet"))
+    full = pq.read_table(second)
+    for drop in (["score"], ["score", "visits", "segment"], ["user_id"]):
+        pq.write_table(full.drop_columns(drop), second)  # the metadata still names them
+        for check in (lambda: p.monitoring.skew("scorer"), lambda: p.monitoring.skew("profile"),
+                      lambda: p.monitoring.drift("scorer"), lambda: p.serving.served_features("scorer")):
+            with pytest.raises(StoreError, match=rf"log of 'scorer' holds files .*{second.name} \(no column for "
+                                                 rf"{re.escape(str(drop))}, which its metadata names\).*move them"):
+                check()
+    pq.write_table(full, second)
+    assert p.monitoring.skew("scorer").rows == 2 * USERS and not p.monitoring.skew("scorer").skewed
 
 
 def test_skew_refuses_a_name_that_is_no_model_or_view_name(world):

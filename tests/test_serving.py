@@ -5,6 +5,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -1168,6 +1169,77 @@ def test_versions_sharing_feature_refs_keep_every_logged_column(tmp_path):
     [group] = log.groups("m", features_only=True)
     assert sorted(group.rows.column_names) == ["count", "model_version", "request_time", "user_id"]
     assert group.rows.num_rows == 4
+    log.close()
+
+
+def test_served_log_files_predict_did_not_write_are_a_store_error_naming_them(tmp_path):
+    """served_features raised pyarrow's ArrowInvalid naming no file for a corrupt file, and read a foreign file
+    (no served-log metadata) as rows of its own group."""
+    p = mp.Platform(tmp_path / "home")
+    log = p.serving.served_log
+    _log_rows(log, 10)
+    log.flush()
+    folder = log.root / "m"
+    [good] = folder.glob("*.parquet")
+    rows = pq.read_table(good)
+    for name, write in (("truncated", lambda f: f.write_bytes(good.read_bytes()[:-30])),
+                        ("foreign", lambda f: pq.write_table(pa.table({"a": [1, 2]}), f)),
+                        ("no-metadata", lambda f: pq.write_table(rows.replace_schema_metadata(None), f)),
+                        ("bad-metadata", lambda f: pq.write_table(rows.replace_schema_metadata(
+                            {**rows.schema.metadata, b"mlplat.refs": b"v@1:f"}), f))):
+        bad = folder / f"20260101T000000-{name}.parquet"
+        write(bad)
+        for read in (lambda: p.serving.served_features("m"), lambda: log.groups("m", features_only=True),
+                     lambda: log.ref_sets("m")):
+            with pytest.raises(mp.StoreError, match=rf"log of 'm' holds files .*{bad.name} \(.*\); move them out "
+                                                    rf"of {re.escape(str(folder))}"):
+                read()
+        bad.unlink()
+    assert p.serving.served_features("m").num_rows == 10
+    p.close()
+
+
+def test_a_served_log_file_without_a_column_its_metadata_names_is_refused(tmp_path):
+    """Read as nulls beside the files that have it: skew scored a feature not logged as mismatched, drift
+    counted nulls that were never served."""
+    from mlplat.serving.served_log import ServedLog
+
+    log = ServedLog(tmp_path)
+    for start in (0, 10):
+        _log_rows(log, 10, start)
+        log.flush()
+    first, second = sorted((tmp_path / "m").glob("*.parquet"))
+    full = pq.read_table(second)
+    for drop in ("f", "k"):  # a feature, a join key
+        pq.write_table(full.drop_columns([drop]), second)
+        for read in (lambda: log.read("m"), lambda: log.groups("m", features_only=True)):
+            with pytest.raises(mp.StoreError, match=rf"{second.name} \(no column for \['{drop}'\], which its "
+                                                    r"metadata names\)"):
+                read()
+    pq.write_table(full, second)
+    assert log.read("m").column("f").null_count == 0
+    log.close()
+
+
+def test_a_served_log_writer_removes_temporary_files_of_crashed_writes_once_an_hour_old(tmp_path):
+    """A killed process leaves its hidden .<name>.parquet.tmp behind: readers skip it, and they piled up."""
+    from mlplat.serving.served_log import ServedLog
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    old, young = folder / ".20260101T000000-a.parquet.tmp", folder / ".20260101T000000-b.parquet.tmp"
+    other = folder / ".someone-elses.tmp"  # not a temporary file of the log: not touched
+    for f in (old, young, other):
+        f.write_bytes(b"PAR1 half a file")
+    two_hours_ago = time.time() - 7200
+    for f in (old, other):
+        os.utime(f, (two_hours_ago, two_hours_ago))
+    os.utime(young, (time.time() - 3000, time.time() - 3000))  # another process's write may still be going
+    log = ServedLog(tmp_path)
+    _log_rows(log, 10)
+    log.flush()
+    assert not old.exists() and young.exists() and other.exists()
+    assert log.read("m").num_rows == 10  # readers skip the young one
     log.close()
 
 

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ..errors import DataError, NotFoundError, StoreError
+from ..errors import DataError, NotFoundError
 from ..models.lineage import rebuild_input
 from ..models.registry import NAME_PATTERN
-from ..serving.served_log import LogGroup, ServedLog
+from ..serving.served_log import ServedLog
 from .._checks import require_number
 from .._time import as_utc
 from .adoption import adoption_metrics
@@ -51,7 +49,7 @@ class Monitoring:
         work = []
         for model in by_model:
             view = None if model == model_or_view else model_or_view  # by view: only that view's features
-            for group in _log_groups(log, model, since, features_only=True):
+            for group in log.groups(model, since, features_only=True):  # a file predict did not write: StoreError
                 if group.rows.num_rows and (view is None or any(r.partition("@")[0] == view for r in group.refs)):
                     work.append((model, group, view))
         total = sum(g.rows.num_rows for _, g, _ in work)
@@ -70,7 +68,7 @@ class Monitoring:
         if not log.root.exists():
             return ()
         return tuple(d.name for d in sorted(log.root.iterdir())
-                     if d.is_dir() and any(r.partition("@")[0] == view for refs, _ in _ref_sets(log, d.name)
+                     if d.is_dir() and any(r.partition("@")[0] == view for refs, _ in log.ref_sets(d.name)
                                            for r in refs))
 
     def drift(self, model: str, *, version: int | None = None, since: datetime | None = None, bins: int = 10,
@@ -141,48 +139,9 @@ def _apportion(sample: int, sizes: list[int]) -> list[int]:
     return shares
 
 
-def _unwritten_files(log: ServedLog, model: str, cause: BaseException | None) -> StoreError:
-    """The error for a log folder holding Parquet files predict did not write (unreadable, or without the
-    metadata that pins their feature references), naming them; they would be read as served rows."""
-    folder = Path(log.root) / model
-    bad = []
-    for f in sorted(folder.glob("*.parquet")):
-        try:
-            schema = pq.read_schema(f)
-        except (pa.ArrowException, OSError) as exc:
-            bad.append(f"{f.name} (unreadable: {str(exc).rstrip('.')})")
-            continue
-        if b"mlplat.refs" not in (schema.metadata or {}) or "request_time" not in schema.names:
-            bad.append(f"{f.name} (not written by predict: no served-log metadata or request_time)")
-    if not bad:
-        return StoreError(f"the served-feature log of {model!r} in {folder} could not be read ({cause})")
-    return StoreError(f"the served-feature log of {model!r} holds files that are no served-log files: "
-                      f"{'; '.join(bad)}; move them out of {folder} and check again")
-
-
-def _log_groups(log: ServedLog, model: str, since: datetime | None, *, features_only: bool = False
-                ) -> list[LogGroup]:
-    """``log.groups``, with a file predict did not write a StoreError naming it (it raised pyarrow's error
-    without the file, or was read as a group with no features)."""
-    try:
-        groups = log.groups(model, since, features_only=features_only)
-    except (pa.ArrowException, OSError) as exc:
-        raise _unwritten_files(log, model, exc) from exc
-    if any(not g.refs for g in groups):  # predict always pins references
-        raise _unwritten_files(log, model, None)
-    return groups
-
-
-def _ref_sets(log: ServedLog, model: str) -> list[tuple[list[str], list[str]]]:
-    try:
-        return log.ref_sets(model)
-    except (pa.ArrowException, OSError) as exc:
-        raise _unwritten_files(log, model, exc) from exc
-
-
 def _read_log(log: ServedLog, model: str, since: datetime | None) -> pa.Table:
     """Every row logged for ``model`` (from ``since``), in no particular order: what drift compares."""
-    tables = [g.rows for g in _log_groups(log, model, since)]
+    tables = [g.rows for g in log.groups(model, since)]
     if not tables:
         return pa.table({})
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")

@@ -10,6 +10,14 @@ references and join keys it holds, and whether the features are named
 ``view__feature`` (as the model's training table named them), so a skew check
 can recompute exactly the same features offline at the logged request times.
 
+Every file read is checked against that metadata, from the schema the read
+opens anyway: a file that is unreadable, lacks the metadata or
+``request_time`` (another tool wrote it), or lacks a column for a join key or
+feature its own metadata names (it would read as nulls: served nulls, skew on
+every row) is a ``StoreError`` naming it. A writer removes the hidden
+``.<name>.parquet.tmp`` files of writes that crashed once they are an hour old
+(never a young one: another process may be writing it); readers skip them.
+
 Columns: ``request_time`` (UTC), ``model``, ``model_version``, ``variant``,
 the join keys, the features as served (nulls included), the model's
 request-time inputs (columns of the entity rows that are not features)
@@ -17,6 +25,7 @@ prefixed ``input.``, then the outputs prefixed ``prediction.``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -32,7 +41,8 @@ import pyarrow.parquet as pq
 
 from .. import _background
 from .._time import utc_argument
-from ..errors import DataError
+from ..errors import DataError, DefinitionError, StoreError
+from ..features.definitions import parse_ref
 
 __all__ = ["ServedLog", "LogGroup"]
 
@@ -54,6 +64,9 @@ class _Batch:
         self.columns: dict[str, list] = {}
         self.rows = 0
 
+
+#: a hidden temporary file of a write older than this (seconds) is a crashed write's leftover: a writer removes it
+_STALE_TMP_S = 3600.0
 
 #: rows converted to Arrow at a time when a buffer is written; the GIL is let go between chunks
 _CHUNK = 8192
@@ -110,6 +123,7 @@ class ServedLog:
         self._seed = seed
         self._random = random.Random(seed)
         self._count = 0
+        self._swept: dict[Path, float] = {}  # folder -> time.monotonic() of its last sweep for stale temp files
         _background.register(self)
 
     def forked(self) -> None:
@@ -213,36 +227,68 @@ class ServedLog:
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}.parquet"
         tmp = folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(folder / name)
+        try:
+            pq.write_table(table, tmp)
+            tmp.replace(folder / name)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk: no half-written file left behind
+                tmp.unlink(missing_ok=True)
+            raise
+        self._sweep(folder)
 
-    def _files_by_refs(self, model: str) -> dict[tuple[str, str, str], list[tuple[Path, pa.Schema]]]:
+    def _sweep(self, folder: Path) -> None:
+        """Remove the temporary files of crashed writes (a killed process) in ``folder`` once they are
+        ``_STALE_TMP_S`` old; at most once an hour per folder. A young one may be another process's write
+        in progress and is never touched; nothing here fails a write."""
+        now = time.monotonic()
+        if now - self._swept.get(folder, -_STALE_TMP_S) < _STALE_TMP_S:
+            return
+        self._swept[folder] = now
+        cutoff = time.time() - _STALE_TMP_S
+        try:
+            leftovers = list(folder.glob(".*.parquet.tmp"))
+        except OSError:
+            return
+        for f in leftovers:
+            with contextlib.suppress(OSError):  # gone already (another sweeper), or not ours to remove
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+
+    def _files_by_refs(self, model: str) -> dict[tuple[tuple[str, ...], tuple[str, ...], bool],
+                                                  list[tuple[Path, pa.Schema]]]:
         """The model's files and their schemas, grouped by the (feature references, join keys, naming)
-        their metadata pins."""
+        their metadata pins; a file that fails its check is a StoreError naming it."""
         folder = self.root / model
-        groups: dict[tuple[str, str, str], list[tuple[Path, pa.Schema]]] = {}
+        groups: dict[tuple[tuple[str, ...], tuple[str, ...], bool], list[tuple[Path, pa.Schema]]] = {}
+        bad = []
         for f in sorted(folder.glob("*.parquet")) if folder.exists() else []:
-            schema = pq.read_schema(f)
-            meta = schema.metadata or {}
-            key = (meta.get(b"mlplat.refs", b"[]").decode(), meta.get(b"mlplat.keys", b"[]").decode(),
-                   meta.get(b"mlplat.full_feature_names", b"false").decode())
-            groups.setdefault(key, []).append((f, schema))
+            pinned, schema, problem = _checked(f)
+            if problem:
+                bad.append(f"{f.name} ({problem})")
+            else:
+                groups.setdefault(pinned, []).append((f, schema))
+        if bad:
+            raise _not_log_files(model, folder, bad)
         return groups
 
-    @staticmethod
-    def _read_files(files: list[tuple[Path, pa.Schema]], since: Any, features_only: bool = False) -> pa.Table:
+    def _read_files(self, model: str, files: list[tuple[Path, pa.Schema]], since: Any,
+                    features_only: bool = False) -> pa.Table:
         """The files' rows under the union of their columns: versions sharing feature references may log
         other request-time inputs and outputs, which are null in the files without them."""
         import pyarrow.dataset as pads  # here, not at import: it loads pandas (0.2 s of every `import mlplat`)
 
-        schema = pa.unify_schemas([s for _, s in files], promote_options="permissive")
-        columns = None
-        if features_only:
-            columns = [n for n in schema.names
-                       if n not in ("model", "variant") and not n.startswith(("prediction.", "input."))]
-        data = pads.dataset([str(f) for f, _ in files], schema=schema, format="parquet")
-        where = None if since is None else pads.field("request_time") >= pa.scalar(since, pa.timestamp("us", "UTC"))
-        table = data.to_table(columns=columns, filter=where)
+        try:
+            schema = pa.unify_schemas([s for _, s in files], promote_options="permissive")
+            columns = None
+            if features_only:
+                columns = [n for n in schema.names
+                           if n not in ("model", "variant") and not n.startswith(("prediction.", "input."))]
+            data = pads.dataset([str(f) for f, _ in files], schema=schema, format="parquet")
+            where = None if since is None else pads.field("request_time") >= pa.scalar(since,
+                                                                                        pa.timestamp("us", "UTC"))
+            table = data.to_table(columns=columns, filter=where)
+        except (pa.ArrowException, OSError) as exc:  # a file damaged past its footer, or types that do not merge
+            raise _unreadable(model, self.root / model, [f for f, _ in files], exc) from exc
         return table if features_only else table.sort_by("request_time")  # files are not in time order
 
     def groups(self, model: str, since: datetime | None = None, *, features_only: bool = False
@@ -255,11 +301,8 @@ class ServedLog:
         if since is not None:
             since = utc_argument("since", since)
         self.flush()
-        out = []
-        for (refs_json, keys_json, full_json), files in self._files_by_refs(model).items():
-            out.append(LogGroup(json.loads(refs_json), json.loads(keys_json), json.loads(full_json),
-                                self._read_files(files, since, features_only)))
-        return out
+        return [LogGroup(list(refs), list(keys), full, self._read_files(model, files, since, features_only))
+                for (refs, keys, full), files in self._files_by_refs(model).items()]
 
     def read(self, model: str, since: datetime | None = None) -> pa.Table:
         """Everything logged for ``model`` (after ``since``, a datetime), oldest first; columns a group
@@ -272,20 +315,76 @@ class ServedLog:
         return pa.concat_tables(tables, promote_options="permissive").sort_by("request_time")
 
     def refs(self, model: str) -> tuple[list[str], list[str]]:
-        """The pinned feature references and join keys of the newest file of ``model``."""
+        """The pinned feature references and join keys of the newest file of ``model`` (checked as every
+        file read is)."""
         self.flush()
-        files = sorted((self.root / model).glob("*.parquet"))
+        folder = self.root / model
+        files = sorted(folder.glob("*.parquet")) if folder.exists() else []
         if not files:
             return [], []
-        meta = pq.read_schema(files[-1]).metadata or {}
-        return json.loads(meta.get(b"mlplat.refs", b"[]")), json.loads(meta.get(b"mlplat.keys", b"[]"))
+        pinned, _, problem = _checked(files[-1])
+        if problem:
+            raise _not_log_files(model, folder, [f"{files[-1].name} ({problem})"])
+        return list(pinned[0]), list(pinned[1])
 
     def ref_sets(self, model: str) -> list[tuple[list[str], list[str]]]:
         """Every distinct (pinned feature references, join keys) in the log of ``model``."""
         self.flush()
-        return [(json.loads(r), json.loads(k)) for r, k in dict.fromkeys((r, k) for r, k, _ in
-                                                                         self._files_by_refs(model))]
+        return [(list(r), list(k)) for r, k in dict.fromkeys((r, k) for r, k, _ in self._files_by_refs(model))]
 
     def close(self) -> None:
         self.flush()
         _background.unregister(self)
+
+
+_NOT_PREDICTS = "not written by predict: no served-log metadata or request_time"
+
+
+def _checked(f: Path) -> tuple[Any, pa.Schema | None, str | None]:
+    """One log file's schema (its footer, read once: the read that follows reuses it) checked against the
+    served log's metadata: ``((refs, keys, full_feature_names), schema, None)``, or what is wrong with it."""
+    try:
+        schema = pq.read_schema(f)
+    except (pa.ArrowException, OSError) as exc:
+        return None, None, f"unreadable: {_one_line(exc)}"
+    meta = schema.metadata or {}
+    if b"mlplat.refs" not in meta or "request_time" not in schema.names:
+        return None, schema, _NOT_PREDICTS
+    try:
+        refs, keys = json.loads(meta[b"mlplat.refs"]), json.loads(meta.get(b"mlplat.keys", b"[]"))
+        full = json.loads(meta.get(b"mlplat.full_feature_names", b"false"))
+        if not (isinstance(refs, list) and isinstance(keys, list) and isinstance(full, bool)
+                and all(isinstance(k, str) for k in keys)):
+            raise ValueError("not lists of names")
+        names = [f"{r.view}__{r.feature}" if full else r.feature for r in map(parse_ref, refs)]
+    except (ValueError, DefinitionError):  # json's errors are ValueErrors
+        return None, schema, "its served-log metadata is not what predict writes"
+    missing = [n for n in dict.fromkeys((*keys, *names)) if n not in schema.names]
+    if missing:  # read as nulls, they were served nulls: skew on every row, drift on nothing
+        return None, schema, f"no column for {missing}, which its metadata names"
+    return (tuple(refs), tuple(keys), full), schema, None
+
+
+def _not_log_files(model: str, folder: Path, bad: list[str]) -> StoreError:
+    return StoreError(f"the served-feature log of {model!r} holds files that are no served-log files: "
+                      f"{'; '.join(bad)}; move them out of {folder} and read it again")
+
+
+def _unreadable(model: str, folder: Path, files: list[Path], cause: BaseException) -> StoreError:
+    """The error for files whose footers read but whose rows do not (damaged mid-file), naming them: each
+    file is read alone to find them (the error path only)."""
+    bad = []
+    for f in files:
+        try:
+            pq.read_table(f)
+        except (pa.ArrowException, OSError) as exc:
+            bad.append(f"{f.name} (unreadable: {_one_line(exc)})")
+    if bad:
+        return _not_log_files(model, folder, bad)
+    return StoreError(f"the served-feature log of {model!r} in {folder} could not be read ({_one_line(cause)}); "
+                      "its files do not read together: move out the ones predict did not write")
+
+
+def _one_line(exc: BaseException) -> str:
+    """pyarrow's message on one line (a thrift error spans several), without its closing period."""
+    return " ".join(str(exc).split()).rstrip(".")
