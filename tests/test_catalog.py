@@ -108,6 +108,25 @@ def test_unknown_names_suggest_close_matches(platform, source):
         platform.features.list("tables")
 
 
+@pytest.mark.parametrize("version", [10**30, 2**31, 0, -1, "2", 2.0, True])
+def test_a_version_that_is_not_1_to_2_31_minus_1_is_a_data_error(platform, source, version):
+    # 10**30 overflowed the database query (sqlite's OverflowError, PostgreSQL's NumericValueOutOfRange)
+    platform.features.apply([USER, view(source)])
+    with pytest.raises(mp.DataError, match=r"version must be a version number \(an int: 1, 2, ..., at most "
+                                           r"2147483647\), got "):
+        platform.features.get_feature_view("user_txn", version=version)
+    with pytest.raises(mp.DataError, match="version must be a version number"):
+        platform.features.catalog.get("feature_view", "user_txn", version)
+    assert platform.features.get_feature_view("user_txn", version=1).version == 1
+
+
+def test_a_feature_reference_past_the_last_version_is_a_data_error(platform, source):
+    platform.features.apply([USER, view(source)])
+    service = mp.FeatureService("svc", features=[f"user_txn@{10**30}:amount"])
+    with pytest.raises(mp.DataError, match="version must be a version number"):
+        platform.features.apply([service])
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

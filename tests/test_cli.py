@@ -169,7 +169,9 @@ def test_features_apply_starts_a_new_home(home, tmp_path):
     ("--online-store", "redis://127.0.0.1:99999/0"),  # urllib: Port out of range
 ], ids=["open-bracket", "port-past-65535"])
 def test_a_malformed_url_is_one_line(home, option, url):
-    error(invoke(option, url, "materialize", home=home), 1, f"{option} {url!r} is not a valid URL")
+    setting = option[2:].replace("-", "_")
+    error(invoke(option, url, "materialize", home=home), 1, f"{setting} {url!r} is not a valid URL",
+          f"argument {setting}=")
 
 
 def test_a_malformed_url_from_the_environment_is_one_line(home):
@@ -178,15 +180,31 @@ def test_a_malformed_url_from_the_environment_is_one_line(home):
     error(result, 1, "'redis://[::1' is not a valid URL", "$MLPLAT_ONLINE_STORE")
 
 
-def test_an_unexpected_error_is_one_line_not_a_traceback(tmp_path, home):
+def test_an_in_memory_database_is_refused(home):
+    # each command is a process of its own: an in-memory database answered every command from an empty platform
+    error(invoke("--database-url", "sqlite://", "models", "list", home=home), 1, "'sqlite://' is an in-memory SQLite",
+          "every command would see an empty platform")
+
+
+def test_library_errors_once_unexpected_name_the_problem(tmp_path, home):
     not_a_database = tmp_path / "notes.db"
     not_a_database.write_text("not a database\n" * 100)
-    args = ["--database-url", f"sqlite:///{not_a_database}", "models", "list"]
-    error(invoke(*args, home=home), 1, "unexpected", "file is not a database", "MLPLAT_DEBUG=1")
+    error(invoke("--database-url", f"sqlite:///{not_a_database}", "models", "list", home=home), 1,
+          f"database {not_a_database}: the file is not a SQLite database")
     error(invoke("runs", "list", "--filter", " and ".join(["params.a = '1'"] * 3000), home=home), 1,
-          "unexpected RecursionError")
-    debug = CliRunner().invoke(cli, ["--home", home, *args], prog_name="mlplat", env={"MLPLAT_DEBUG": "1"})
-    assert debug.exit_code == 1 and not isinstance(debug.exception, SystemExit)  # the traceback, for a bug report
+          "filter: holds more than 200 comparisons")
+
+
+def test_an_unexpected_error_is_one_line_not_a_traceback(home, monkeypatch):
+    from mlplat.models.registry import ModelRegistry
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(ModelRegistry, "list", broken)
+    error(invoke("models", "list", home=home), 1, "unexpected ZeroDivisionError: division by zero", "MLPLAT_DEBUG=1")
+    debug = CliRunner().invoke(cli, ["--home", home, "models", "list"], prog_name="mlplat", env={"MLPLAT_DEBUG": "1"})
+    assert debug.exit_code == 1 and isinstance(debug.exception, ZeroDivisionError)  # the traceback, for a bug report
 
 
 def _closed_pipe(*args: str) -> tuple[int, str]:
@@ -543,6 +561,33 @@ def test_user_text_is_shown_as_written_not_as_rich_markup(scratch):
         out = ok(invoke(*args, home=scratch))  # '[/oops]' was a MarkupError traceback
         assert "[/oops]" in out and "[bold red]x" in out
     assert "see [/oops] and [red]this" in ok(invoke("models", "lineage", "fraud", "--version", "2", home=scratch))
+
+
+def test_lineage_and_skew_printers_show_user_text_as_written(scratch):
+    # the demo calls them directly: '[/oops]' crashed them (MarkupError) and '[red]x' printed a red 'x'
+    import io
+    from types import SimpleNamespace
+
+    import mlplat as mp
+    from mlplat._console import print_lineage, print_skew
+
+    with mp.Platform(scratch) as p:
+        p.models.promote("fraud", 2, "staging", notes="see [/oops] and [red]this")
+        info = p.models.lineage("fraud", version=2)
+    info["params"]["[/p]"] = "[bold]v"
+    out = io.StringIO()
+    console = Console(file=out, width=400, color_system=None)
+    print_lineage(console, info)
+    assert "see [/oops] and [red]this" in out.getvalue() and "[/p]=[bold]v" in out.getvalue()
+    feature = SimpleNamespace(feature="[red]f", compared=2, mismatched=1, share=0.5, skewed=True)
+    mismatch = SimpleNamespace(feature="[red]f", entity={"user": "[/u]"}, request_time=datetime(2024, 1, 1),
+                               served="[b]s", recomputed=1.5)
+    report = SimpleNamespace(model="[/m]", rows=2, tolerance=0.01, threshold=0.1, features={"[red]f": feature},
+                             mismatches=[mismatch])
+    out = io.StringIO()
+    print_skew(Console(file=out, width=400, color_system=None), report)
+    for text in ("training-serving skew of [/m]", "[red]f", "user=[/u]", "[b]s", "YES"):
+        assert text in out.getvalue()
 
 
 # ----------------------------------------------------------------- models

@@ -296,3 +296,13 @@ def test_a_genuine_programming_error_keeps_its_sqlalchemy_error(pg_url):
         with db.connect() as conn:
             conn.execute(sa.text("SELEC 1"))
     db.dispose()
+
+
+def test_a_file_that_is_not_a_sqlite_database_is_a_store_error_naming_it(tmp_path):
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_text("not a database\n" * 100)
+    with pytest.raises(mp.StoreError, match=f"database {not_a_database}: the file is not a SQLite database, so "
+                                            "not an mlplat database .*nothing was read or written"):
+        mp.Platform(tmp_path / "home", database_url=f"sqlite:///{not_a_database}")  # was sqlalchemy's DatabaseError
+    assert not_a_database.read_text() == "not a database\n" * 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "notes.db"]  # no -wal or -shm beside it

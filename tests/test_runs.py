@@ -1,6 +1,7 @@
 """Experiment tracking on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import base64
 import math
 import multiprocessing as mpr
 import os
@@ -570,6 +571,41 @@ def test_injection_in_names_is_stored_verbatim(p):
 def test_bad_filters_name_the_problem(p, searchable, flt, message):
     with pytest.raises(mp.DataError, match=message):
         p.runs.search("fraud", filter=flt)
+
+
+@pytest.mark.parametrize("flt, message", [
+    (" and ".join(["params.lr = '0.001'"] * 5000), "filter: holds more than 200 comparisons"),
+    (" or ".join(["params.lr = '0.001'"] * 201), "filter: holds more than 200 comparisons"),
+    ("(" * 51 + "params.lr = '0.001'" + ")" * 51, "filter: nests parentheses and 'not' more than 50 deep"),
+    ("not " * 5000 + "params.lr = '0.001'", "filter: nests parentheses and 'not' more than 50 deep"),
+    ("(" * 5000, "nests parentheses and 'not' more than 50 deep"),
+])
+def test_a_filter_too_long_or_too_deep_is_a_data_error_stating_the_limits(p, searchable, flt, message):
+    # 5,000 'and' clauses (or 500 nested parentheses) raised RecursionError
+    with pytest.raises(mp.DataError, match=message + "; a filter may hold at most 200 comparisons and nest "
+                                                     "parentheses and 'not' at most 50 deep"):
+        p.runs.search("fraud", filter=flt)
+
+
+def test_a_filter_at_the_limits_is_searched(p, searchable):
+    term = "params.lr = '0.001'"
+    nested = term
+    for i in range(25):  # 50 levels of parentheses, alternating 'and' and 'or'
+        nested = f"(({nested}) {'and' if i % 2 else 'or'} {term})"
+    flt = " and ".join([nested] + [term] * (200 - 26))
+    assert flt.count("params.") == 200
+    assert names(p.runs.search("fraud", filter=flt, order_by=["attributes.name"])) == ["a", "c", "e", "f"]
+    by_name = ["attributes.name"]
+    assert names(p.runs.search("fraud", filter="not " * 50 + term, order_by=by_name)) == ["a", "c", "e", "f"]
+    assert names(p.runs.search("fraud", filter="not " * 49 + term, order_by=by_name)) == ["b", "d"]
+
+
+@pytest.mark.parametrize("text", [b"o:99999999999999999999999", b"o:9223372036854775808", b"o:-1", b"x:1"])
+def test_a_page_token_past_any_offset_is_a_data_error(p, searchable, text):
+    # an offset past 64 bits overflowed the query (OverflowError on SQLite, a database error on PostgreSQL)
+    token = base64.urlsafe_b64encode(text).decode()
+    with pytest.raises(mp.DataError, match=f"page_token {token!r} is not one mlplat gave"):
+        p.runs.search("fraud", page_token=token)
 
 
 @pytest.mark.parametrize("flt, expected", [

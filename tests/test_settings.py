@@ -79,3 +79,33 @@ def test_platform_reads_the_environment(tmp_path, monkeypatch):
     with mp.Platform() as p:
         assert p.settings.home == tmp_path / "from-env"
         assert (tmp_path / "from-env" / "mlplat.db").exists()
+
+
+@pytest.mark.parametrize("kwargs, env, message", [
+    ({"database_url": "postgresql+psycopg://a:b@[::1"}, {},
+     r"database_url 'postgresql\+psycopg://a:b@\[::1' is not a valid URL \(Invalid IPv6 URL\)"
+     r".*\(argument database_url=\)"),
+    ({}, {"MLPLAT_ONLINE_STORE": "redis://127.0.0.1:99999/0"},
+     r"online_store 'redis://127.0.0.1:99999/0' is not a valid URL \(Port out of range.*\(\$MLPLAT_ONLINE_STORE\)"),
+    ({"online_store": "redis://[::1"}, {"MLPLAT_ONLINE_STORE": "redis://h:1/0"},
+     r"online_store 'redis://\[::1' is not a valid URL.*\(argument online_store=\)"),
+    ({}, {"MLPLAT_ONLINE_STORE": "redis://127.0.0.1:6379/abc"},
+     r"the Redis database 'abc' is not a number; write redis://host:port/0 .*\(\$MLPLAT_ONLINE_STORE\)"),
+    ({"online_store": "rediss://h:1/0/1"}, {}, "the Redis database '0/1' is not a number"),
+    ({}, {"MLPLAT_DATABASE_URL": "mysql://h/db"}, r"unsupported scheme 'mysql'.*\(\$MLPLAT_DATABASE_URL\)"),
+], ids=["open-bracket", "port-past-65535-env", "argument-over-env", "redis-db-not-a-number", "redis-db-path",
+        "scheme-env"])
+def test_a_malformed_url_is_a_config_error_naming_the_setting_and_where_it_came_from(tmp_path, kwargs, env, message):
+    # urllib's ValueError reached the caller raw; a Redis path that is not a number silently meant database 0
+    with pytest.raises(mp.ConfigError, match=message):
+        Settings.resolve(tmp_path, environ=env, **kwargs)
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379", "redis://h:6379/", "redis://h:6379/15", "redis+cluster://h:7000/0"])
+def test_redis_urls_with_or_without_a_database_number_are_taken(tmp_path, url):
+    assert Settings.resolve(tmp_path, online_store=url, environ={}).online_store == url
+
+
+def test_an_in_memory_database_is_a_library_setting(tmp_path):
+    # one process's platform (tests, notebooks); the command line refuses it (each command is a process)
+    assert Settings.resolve(tmp_path, database_url="sqlite://", environ={}).database_url == "sqlite://"

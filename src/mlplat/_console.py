@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["print_lineage", "print_skew", "table"]
@@ -20,10 +21,18 @@ def table(*columns: str, title: str | None = None, **kwargs: Any) -> Table:
     return out
 
 
+def _text(value: Any) -> str:
+    """``value`` as text shown as written: a name, param, tag, note or entity value is the user's, and rich read
+    '[/x]' in it as markup (an error, a crashed table) and '[red]x' as a red 'x'."""
+    return escape(str(value))
+
+
 def print_lineage(console: Any, info: dict[str, Any]) -> None:
-    """``p.models.lineage(...)`` as a header, training data, approvals, params and metrics, stage history."""
+    """``p.models.lineage(...)`` as a header, training data, approvals, params and metrics, stage history.
+
+    Every value is the user's text, printed as written (never as rich markup)."""
     run, git = info["run"], info["git"]
-    console.rule(f"[bold]{info['model']} v{info['version']} ({info['stage']})")
+    console.rule(f"[bold]{_text(info['model'])} v{info['version']} ({_text(info['stage'])})")
     head = table("key", "value", show_header=False, box=None)
     dirty = {"true": " (uncommitted changes)", "false": " (clean)"}.get(git["dirty"], "")
     rows = [
@@ -36,46 +45,48 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
                      f"{info['artifact'].get('torch_version', '?')}"),
     ]
     for key, value in rows:
-        head.add_row(f"[bold]{key}", str(value))
+        head.add_row(f"[bold]{key}", _text(value))
     console.print(head)
     data = table("input", "rows", "content hash", "feature refs", "verified", title="training data")
     for d in info["data"]:
         check = d.get("verification")
         verified = "-" if not check else ("matches" if check.get("matches") else
                                           f"MISMATCH {check.get('reason', '')}".strip()) if check["checked"] else "n/a"
-        data.add_row(d["name"], f"{d['row_count']:,}", d["content_hash"], "\n".join(d["feature_refs"]) or "-",
-                     verified)
+        data.add_row(_text(d["name"]), f"{d['row_count']:,}", _text(d["content_hash"]),
+                     _text("\n".join(d["feature_refs"]) or "-"), _text(verified))
     console.print(data)
     approvals = table("stage", "approved by", "by", "at", "notes", title="approvals")
     for a in info["approvals"]:
-        approvals.add_row(a["stage"], a["approved_by"], a["by"], a["at"], a["notes"])
+        approvals.add_row(*(_text(a[k]) for k in ("stage", "approved_by", "by", "at", "notes")))
     console.print(approvals)
-    params = ", ".join(f"{k}={v}" for k, v in sorted(info["params"].items()))
-    metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(info["metrics"].items()))
+    params = _text(", ".join(f"{k}={v}" for k, v in sorted(info["params"].items())))
+    metrics = _text(", ".join(f"{k}={v:.4g}" for k, v in sorted(info["metrics"].items())))
     console.print(f"[bold]params[/]: {params or '-'}\n[bold]final metrics[/]: {metrics or '-'}")
     history = table("version", "from", "to", "by", "approved by", "at", "notes", title="stage history")
     for h in info["history"]:
-        history.add_row(str(h["version"]), h["from"] or "-", h["to"], h["by"], h["approved_by"] or "-", h["at"],
-                        h["notes"])
+        history.add_row(str(h["version"]), _text(h["from"] or "-"), _text(h["to"]), _text(h["by"]),
+                        _text(h["approved_by"] or "-"), _text(h["at"]), _text(h["notes"]))
     console.print(history)
 
 
 def _value(v: Any) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+    return f"{v:.6g}" if isinstance(v, float) else _text(v)
 
 
 def print_skew(console: Any, report: Any, mismatches: int = 10) -> None:
-    """A ``SkewReport``: per feature compared, mismatched, share, skewed; then the first mismatches."""
+    """A ``SkewReport``: per feature compared, mismatched, share, skewed; then the first mismatches.
+
+    Names and entity values are the user's text, printed as written (never as rich markup)."""
     out = table("feature", "compared", "mismatched", "share", "skewed",
-                title=f"training-serving skew of {report.model} ({report.rows:,} served rows; tolerance "
+                title=f"training-serving skew of {_text(report.model)} ({report.rows:,} served rows; tolerance "
                       f"{report.tolerance:.0%}, threshold {report.threshold:.0%})")
     for s in report.features.values():
-        out.add_row(s.feature, f"{s.compared:,}", f"{s.mismatched:,}", f"{s.share:.1%}",
+        out.add_row(_text(s.feature), f"{s.compared:,}", f"{s.mismatched:,}", f"{s.share:.1%}",
                     "[red]YES" if s.skewed else "no")
     console.print(out)
     if report.mismatches and mismatches:
         first = table("feature", "entity", "request time", "served", "recomputed offline", title="first mismatches")
         for m in report.mismatches[:mismatches]:
-            first.add_row(m.feature, ", ".join(f"{k}={v}" for k, v in m.entity.items()),
+            first.add_row(_text(m.feature), _text(", ".join(f"{k}={v}" for k, v in m.entity.items())),
                           m.request_time.strftime("%Y-%m-%d %H:%M:%S"), _value(m.served), _value(m.recomputed))
         console.print(first)

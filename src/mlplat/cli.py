@@ -18,7 +18,6 @@ Every listing takes ``--json``. Exit status: 0 on success, 1 on an mlplat error
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -93,24 +92,12 @@ def _console():
     return _Console()
 
 
-def _plain(value: Any) -> Any:
-    """``value`` with every string (dict keys included, dataclass fields too) escaped from rich markup.
-
-    A param, tag, note or description is the user's text: '[/x]' in it broke the table (a traceback)
-    and '[red]x' was shown as a red 'x'.
-    """
+def _plain(text: str) -> str:
+    """``text`` escaped from rich markup: a param, tag, note or description is the user's text, and '[/x]' in
+    it broke the table (a traceback) while '[red]x' was shown as a red 'x'."""
     from rich.markup import escape
 
-    if isinstance(value, str):
-        return escape(value)
-    if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _plain(getattr(value, f.name))
-                                             for f in dataclasses.fields(value) if f.init})
-    return value
+    return escape(text)
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -200,30 +187,20 @@ def _platform(ctx: click.Context, *, create: bool = False):
     from .platform import Platform
     from .settings import Settings
 
-    for key, option, var in (("database_url", "--database-url", "MLPLAT_DATABASE_URL"),
-                             ("online_store", "--online-store", "MLPLAT_ONLINE_STORE")):
-        _check_url(ctx.obj[key] or os.environ.get(var), option, var)
     settings = Settings.resolve(ctx.obj["home"], database_url=ctx.obj["database_url"],
                                 online_store=ctx.obj["online_store"])
     database = sqlite_file(settings.database_url)
+    if database is None and settings.database_url.lower().startswith("sqlite"):
+        raise ConfigError(
+            f"--database-url (or $MLPLAT_DATABASE_URL) {settings.database_url!r} is an in-memory SQLite database: it "
+            "lives only as long as "
+            "this one command, so every command would see an empty platform; give a file "
+            "(sqlite:////path/mlplat.db) or a PostgreSQL URL")
     if not create and database is not None and not database.exists():
         raise ConfigError(
             f"{settings.home} is not an mlplat home (it has no database {database}): give --home or MLPLAT_HOME "
             "of an existing home, or start one with 'mlplat features apply FILE' or 'mlplat demo'")
     return Platform(settings=settings)
-
-
-def _check_url(url: str | None, option: str, var: str) -> None:
-    """A URL urllib cannot split (a bracket left open, a port past 65535) as a ConfigError naming where it came from."""
-    from urllib.parse import urlsplit
-
-    if not url:
-        return
-    try:
-        urlsplit(url).port  # noqa: B018 - parsing the port is the check
-    except ValueError as exc:
-        raise ConfigError(f"{option} {url!r} is not a valid URL ({exc}); give {option} or ${var} as "
-                          "scheme://host:port/...") from None
 
 
 # ------------------------------------------------------------------- demo
@@ -498,7 +475,7 @@ def lineage(ctx: click.Context, name: str, version: int | None, stage: str | Non
     if as_json:
         _echo_json(info)
         return
-    print_lineage(_console(), _plain(info))
+    print_lineage(_console(), info)
 
 
 @models.command("promote")
@@ -608,7 +585,7 @@ def monitor_skew(ctx: click.Context, model_or_view: str, since: datetime | None,
     if as_json:
         _echo_json(report.to_dict())
     else:
-        print_skew(_console(), _plain(report))
+        print_skew(_console(), report)
     if check and report.skewed:
         ctx.exit(CHECK_FAILED)
 

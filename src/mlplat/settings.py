@@ -28,7 +28,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError
 
@@ -72,13 +72,15 @@ class Settings:
         """Fill what is not passed from ``environ`` (default ``os.environ``), then defaults; validate all."""
         env = os.environ if environ is None else environ
         home_path = Path(home if home is not None else (env.get("MLPLAT_HOME") or "mlplat-home")).expanduser().resolve()
-        db = database_url or env.get("MLPLAT_DATABASE_URL") or f"sqlite:///{home_path / 'mlplat.db'}"
-        online = online_store or env.get("MLPLAT_ONLINE_STORE") or f"sqlite:///{home_path / 'online.db'}"
+        db = _url("database_url", database_url, env, "MLPLAT_DATABASE_URL", f"sqlite:///{home_path / 'mlplat.db'}",
+                  _DB_SCHEMES, driver_suffix=True)
+        online = _url("online_store", online_store, env, "MLPLAT_ONLINE_STORE", f"sqlite:///{home_path / 'online.db'}",
+                      _ONLINE_SCHEMES)
         artifacts = artifact_root or env.get("MLPLAT_ARTIFACT_ROOT") or str(home_path / "artifacts")
         return cls(
             home=home_path,
-            database_url=_check_url(db, _DB_SCHEMES, "database_url", "MLPLAT_DATABASE_URL", driver_suffix=True),
-            online_store=_check_url(online, _ONLINE_SCHEMES, "online_store", "MLPLAT_ONLINE_STORE"),
+            database_url=db,
+            online_store=online,
             artifact_root=artifacts,
             threads=_number("threads", threads, env, "MLPLAT_THREADS", os.cpu_count() or 1, int, minimum=1),
             db_pool_size=_number("db_pool_size", db_pool_size, env, "MLPLAT_DB_POOL_SIZE", 5, int, minimum=1),
@@ -92,14 +94,31 @@ class Settings:
         )
 
 
-def _check_url(url: str, schemes: tuple[str, ...], arg: str, var: str, *, driver_suffix: bool = False) -> str:
-    scheme = urlsplit(url).scheme.lower()
+def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default: str, schemes: tuple[str, ...], *,
+         driver_suffix: bool = False) -> str:
+    """Argument ``name``'s ``value``, else ``$var``, else ``default``: a URL urllib can split, of one of
+    ``schemes`` (``driver_suffix``: ``postgresql+psycopg`` counts as ``postgresql``), and for Redis with a
+    database number (``/0``) or none. The error names the argument or the variable the URL came from."""
+    url = value or env.get(var) or default
+    where = f"argument {name}=" if value else f"${var}" if env.get(var) else "the default"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port past 65535 (or not a number) raises here
+    except ValueError as exc:
+        raise ConfigError(f"{name} {url!r} is not a valid URL ({exc}); write it as scheme://host:port/... "
+                          f"({where})") from None
+    scheme = parts.scheme.lower()
     base = scheme.split("+")[0] if driver_suffix else scheme  # postgresql+psycopg -> postgresql
     if base not in schemes:
         raise ConfigError(
-            f"{arg} {url!r} has an unsupported scheme {scheme!r}; use one of "
-            f"{', '.join(s + '://' for s in schemes)} (argument {arg}= or ${var})"
+            f"{name} {url!r} has an unsupported scheme {scheme!r}; use one of "
+            f"{', '.join(s + '://' for s in schemes)} ({where})"
         )
+    database = unquote(parts.path).strip("/")
+    if scheme.startswith("redis") and database and not (database.isascii() and database.isdigit()):
+        # redis-py ignores a path it cannot read as a number and uses database 0: another store than meant
+        raise ConfigError(f"{name} {url!r}: the Redis database {database!r} is not a number; write "
+                          f"redis://host:port/0 (a database number from 0) ({where})")
     return url
 
 

@@ -225,6 +225,13 @@ def _missing_table(exc: sa.exc.DBAPIError) -> bool:
     return isinstance(orig, sqlite3.OperationalError) and str(orig).startswith("no such table")
 
 
+def _not_a_database(exc: sa.exc.DBAPIError) -> bool:
+    """Whether ``exc`` is SQLite's SQLITE_NOTADB: the file at the database's path is not a SQLite database."""
+    orig = exc.orig
+    return isinstance(orig, sqlite3.DatabaseError) and (
+        getattr(orig, "sqlite_errorcode", None) == 26 or str(orig) == "file is not a database")
+
+
 def _first_line(error: BaseException | None) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -272,6 +279,13 @@ class Database:
         except sa.exc.DataError as exc:  # a value the checks let through but its column cannot hold
             raise DataError(f"database {self._shown_url()} refused a value: {exc.orig}".rstrip()
                             + "; nothing was written: shorten or correct that value") from exc
+        except sa.exc.DatabaseError as exc:  # SQLite's "file is not a database": some other file at that path
+            if not _not_a_database(exc):
+                raise
+            raise StoreError(
+                f"database {self.engine.url.database}: the file is not a SQLite database, so not an mlplat database "
+                f"({exc.orig}); nothing was read or written: point database_url (or $MLPLAT_DATABASE_URL) at an "
+                "mlplat database, or at a path where a new one may be created") from exc
 
     def _shown_url(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)

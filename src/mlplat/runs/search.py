@@ -61,6 +61,10 @@ _ATTRIBUTES = {"status", "name", "run_name", "run_id", "id", "user", "start_time
 _OPS = {"=", "==", "!=", "<>", "<", "<=", ">", ">=", "like", "ilike"}
 #: in a like/ilike pattern, a backslash makes the next character literal (``\%``, ``\_``, ``\\``)
 LIKE_ESCAPE = "\\"
+#: the most comparisons one filter may hold, and the deepest it may nest parentheses and ``not``: each
+#: comparison is a subquery, and a longer or deeper filter overflowed Python's stack (RecursionError)
+MAX_FILTER_TERMS = 200
+MAX_FILTER_DEPTH = 50
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class _Parser:
         self.text = text
         self.toks = _tokens(text)
         self.i = 0
+        self.terms = self.depth = 0
 
     def peek(self, offset: int = 0) -> tuple[str, str, int] | None:
         j = self.i + offset
@@ -172,14 +177,28 @@ class _Parser:
         return node
 
     def not_(self) -> Node:
+        if self.peek() and self.peek()[1].lower() in ("not", "("):
+            self.depth += 1
+            if self.depth > MAX_FILTER_DEPTH:
+                raise self.too_long(f"nests parentheses and 'not' more than {MAX_FILTER_DEPTH} deep")
         if self.word("not"):
-            return Not(self.not_())
-        if self.sym("("):
+            node: Node = Not(self.not_())
+        elif self.sym("("):
             node = self.or_()
             if not self.sym(")"):
                 raise self.fail("')'")
-            return node
-        return self.comparison()
+        else:
+            self.terms += 1
+            if self.terms > MAX_FILTER_TERMS:
+                raise self.too_long(f"holds more than {MAX_FILTER_TERMS} comparisons")
+            return self.comparison()
+        self.depth -= 1
+        return node
+
+    def too_long(self, what: str) -> DataError:
+        return DataError(f"filter: {what}; a filter may hold at most {MAX_FILTER_TERMS} comparisons and nest "
+                         f"parentheses and 'not' at most {MAX_FILTER_DEPTH} deep: compare one field with many "
+                         "values with 'in (...)', or split the search")
 
     def field(self) -> tuple[str, str]:
         t = self.peek()

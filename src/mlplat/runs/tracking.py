@@ -408,7 +408,7 @@ def _decode_token(token: str | None) -> int:
         if not text.startswith("o:"):
             raise ValueError(text)
         offset = int(text[2:])
-        if offset < 0:
+        if not 0 <= offset < 2**63:  # past a 64-bit OFFSET the query overflowed; mlplat never gives such a token
             raise ValueError(offset)
         return offset
     except (ValueError, UnicodeDecodeError):
