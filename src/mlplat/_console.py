@@ -6,7 +6,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-__all__ = ["print_lineage", "print_skew", "table"]
+__all__ = ["as_text", "print_lineage", "print_skew", "table"]
 
 
 #: columns whose values must be shown whole (ids, hashes, references), folded across lines when narrow
@@ -21,7 +21,7 @@ def table(*columns: str, title: str | None = None, **kwargs: Any) -> Table:
     return out
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     """``value`` as text shown as written: a name, param, tag, note or entity value is the user's, and rich read
     '[/x]' in it as markup (an error, a crashed table) and '[red]x' as a red 'x'."""
     return escape(str(value))
@@ -32,7 +32,7 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
 
     Every value is the user's text, printed as written (never as rich markup)."""
     run, git = info["run"], info["git"]
-    console.rule(f"[bold]{_text(info['model'])} v{info['version']} ({_text(info['stage'])})")
+    console.rule(f"[bold]{as_text(info['model'])} v{info['version']} ({as_text(info['stage'])})")
     head = table("key", "value", show_header=False, box=None)
     dirty = {"true": " (uncommitted changes)", "false": " (clean)"}.get(git["dirty"], "")
     rows = [
@@ -45,32 +45,32 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
                      f"{info['artifact'].get('torch_version', '?')}"),
     ]
     for key, value in rows:
-        head.add_row(f"[bold]{key}", _text(value))
+        head.add_row(f"[bold]{key}", as_text(value))
     console.print(head)
     data = table("input", "rows", "content hash", "feature refs", "verified", title="training data")
     for d in info["data"]:
         check = d.get("verification")
         verified = "-" if not check else ("matches" if check.get("matches") else
                                           f"MISMATCH {check.get('reason', '')}".strip()) if check["checked"] else "n/a"
-        data.add_row(_text(d["name"]), f"{d['row_count']:,}", _text(d["content_hash"]),
-                     _text("\n".join(d["feature_refs"]) or "-"), _text(verified))
+        data.add_row(as_text(d["name"]), f"{d['row_count']:,}", as_text(d["content_hash"]),
+                     as_text("\n".join(d["feature_refs"]) or "-"), as_text(verified))
     console.print(data)
     approvals = table("stage", "approved by", "by", "at", "notes", title="approvals")
     for a in info["approvals"]:
-        approvals.add_row(*(_text(a[k]) for k in ("stage", "approved_by", "by", "at", "notes")))
+        approvals.add_row(*(as_text(a[k]) for k in ("stage", "approved_by", "by", "at", "notes")))
     console.print(approvals)
-    params = _text(", ".join(f"{k}={v}" for k, v in sorted(info["params"].items())))
-    metrics = _text(", ".join(f"{k}={v:.4g}" for k, v in sorted(info["metrics"].items())))
+    params = as_text(", ".join(f"{k}={v}" for k, v in sorted(info["params"].items())))
+    metrics = as_text(", ".join(f"{k}={v:.4g}" for k, v in sorted(info["metrics"].items())))
     console.print(f"[bold]params[/]: {params or '-'}\n[bold]final metrics[/]: {metrics or '-'}")
     history = table("version", "from", "to", "by", "approved by", "at", "notes", title="stage history")
     for h in info["history"]:
-        history.add_row(str(h["version"]), _text(h["from"] or "-"), _text(h["to"]), _text(h["by"]),
-                        _text(h["approved_by"] or "-"), _text(h["at"]), _text(h["notes"]))
+        history.add_row(str(h["version"]), as_text(h["from"] or "-"), as_text(h["to"]), as_text(h["by"]),
+                        as_text(h["approved_by"] or "-"), as_text(h["at"]), as_text(h["notes"]))
     console.print(history)
 
 
 def _value(v: Any) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else _text(v)
+    return f"{v:.6g}" if isinstance(v, float) else as_text(v)
 
 
 def print_skew(console: Any, report: Any, mismatches: int = 10) -> None:
@@ -78,15 +78,15 @@ def print_skew(console: Any, report: Any, mismatches: int = 10) -> None:
 
     Names and entity values are the user's text, printed as written (never as rich markup)."""
     out = table("feature", "compared", "mismatched", "share", "skewed",
-                title=f"training-serving skew of {_text(report.model)} ({report.rows:,} served rows; tolerance "
+                title=f"training-serving skew of {as_text(report.model)} ({report.rows:,} served rows; tolerance "
                       f"{report.tolerance:.0%}, threshold {report.threshold:.0%})")
     for s in report.features.values():
-        out.add_row(_text(s.feature), f"{s.compared:,}", f"{s.mismatched:,}", f"{s.share:.1%}",
+        out.add_row(as_text(s.feature), f"{s.compared:,}", f"{s.mismatched:,}", f"{s.share:.1%}",
                     "[red]YES" if s.skewed else "no")
     console.print(out)
     if report.mismatches and mismatches:
         first = table("feature", "entity", "request time", "served", "recomputed offline", title="first mismatches")
         for m in report.mismatches[:mismatches]:
-            first.add_row(_text(m.feature), _text(", ".join(f"{k}={v}" for k, v in m.entity.items())),
+            first.add_row(as_text(m.feature), as_text(", ".join(f"{k}={v}" for k, v in m.entity.items())),
                           m.request_time.strftime("%Y-%m-%d %H:%M:%S"), _value(m.served), _value(m.recomputed))
         console.print(first)

@@ -28,7 +28,7 @@ from typing import Any
 import click
 
 from . import __version__
-from ._console import print_lineage, print_skew, table
+from ._console import as_text, print_lineage, print_skew, table
 from ._time import as_utc
 from .errors import ConfigError, MlplatError
 from .monitoring.drift import MAX_BINS
@@ -92,18 +92,10 @@ def _console():
     return _Console()
 
 
-def _plain(text: str) -> str:
-    """``text`` escaped from rich markup: a param, tag, note or description is the user's text, and '[/x]' in
-    it broke the table (a traceback) while '[red]x' was shown as a red 'x'."""
-    from rich.markup import escape
-
-    return escape(text)
-
-
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     out = table(*columns, title=title)
     for row in rows:
-        out.add_row(*["-" if v is None else _plain(str(v)) for v in row])
+        out.add_row(*["-" if v is None else as_text(v) for v in row])
     _console().print(out)
 
 
@@ -282,10 +274,10 @@ def features_describe(ctx: click.Context, name: str, kind: str, version: int | N
         _echo_json(spec)
         return
     console = _console()
-    console.rule(f"[bold]{kind} {_plain(name)} v{obj.version}")
+    console.rule(f"[bold]{kind} {as_text(name)} v{obj.version}")
     for key, value in spec.items():
         if key not in ("schema", "name"):
-            console.print(f"[bold]{key}[/]: {_plain(str(value))}")
+            console.print(f"[bold]{key}[/]: {as_text(value)}")
     if "schema" in spec:
         _table("features", ["name", "dtype", "description"],
                [[f["name"], f["dtype"], f["description"]] for f in spec["schema"]])
@@ -414,7 +406,7 @@ def runs_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
     console = _console()
     console.rule(f"[bold]run {r.id}")
     for key in ("experiment", "name", "status", "user", "start_time", "end_time", "artifact_uri"):
-        console.print(f"[bold]{key}[/]: {_plain(str(data[key]))}")
+        console.print(f"[bold]{key}[/]: {as_text(data[key])}")
     _table("params", ["key", "value"], [[k, v] for k, v in sorted(r.params.items())])
     _table("metrics (latest)", ["key", "value"], [[k, v] for k, v in sorted(r.metrics.items())])
     _table("inputs", ["name", "rows", "content hash", "feature refs"],
