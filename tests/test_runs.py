@@ -813,6 +813,26 @@ def test_log_model_and_load_it_back(p):
 
 
 # ---------------------------------------------------------------- training
+def test_training_config_values_with_stable_text_become_params(p):
+    """A config's Enum member or torch device was refused by the params rule (its kind is not a param's)."""
+    import enum
+
+    class Optim(enum.Enum):
+        ADAM = "adam"
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    cfg = {"optim": Optim.ADAM, "level": Level.HIGH, "device": torch.device("cpu"), "dtype": torch.float32}
+    with p.runs.training("fraud", config=cfg) as t:
+        pass
+    assert p.runs.get(t.id).params == {"optim": "Optim.ADAM", "level": "Level.HIGH", "device": "cpu",
+                                       "dtype": "torch.float32"}
+    with pytest.raises(mp.DataError, match="param 'fn' is of type function"):  # an address in its text
+        with p.runs.training("fraud", config={"fn": lambda x: x}):
+            pass
+
+
 def test_training_helper_tracks_a_real_loop(p):
     torch.manual_seed(0)
     x = torch.randn(256, 4)

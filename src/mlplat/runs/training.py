@@ -16,6 +16,7 @@ when the block ends without an error (or call ``t.model(...)`` yourself).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,9 @@ __all__ = ["Training", "flatten_config"]
 
 
 def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
-    """A config as flat params: nested keys joined with dots.
+    """A config as flat params: nested keys joined with dots. Values of kinds a config commonly holds
+    whose text is the same in every process (an Enum member, a torch device or dtype) become that text;
+    other values are left as they are (a param refuses kinds whose text is not stable).
 
     >>> flatten_config({"lr": 0.001, "net": {"hidden": 64}})
     {'lr': 0.001, 'net.hidden': 64}
@@ -42,8 +45,17 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(value, Mapping) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
             out.update(flatten_config(value, f"{name}."))
         else:
-            out[name] = value
+            out[name] = _stable_text(value)
     return out
+
+
+def _stable_text(value: Any) -> Any:
+    """An Enum member as ``Class.NAME`` (``str()`` of an IntEnum changed in Python 3.11), a torch device or
+    dtype as its text; anything else as it is."""
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    kind = type(value)
+    return str(value) if kind.__module__ == "torch" and kind.__name__ in ("device", "dtype") else value
 
 
 class Training:
