@@ -176,25 +176,34 @@ def redis_cluster_session(tmp_path_factory):
         _unavailable("Redis Cluster (redis-server and redis-cli binaries)", "not on PATH")
     folder = tmp_path_factory.mktemp("redis-cluster")
     ports, procs = [], []
-    try:
+
+    def start_node() -> None:
+        """One node on a free port pair, answering PING; a pair taken before the node bound it (another
+        process's connection) is tried again on another, up to three times."""
         for _ in range(3):
             port = _free_port_pair()
-            ports.append(port)
-            procs.append(subprocess.Popen(
+            proc = subprocess.Popen(
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "5000",
                  "--save", "", "--appendonly", "no", "--dir", str(folder), "--logfile", f"{port}.log"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 20
-        for port in ports:
-            while True:
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(proc)
+            deadline = time.monotonic() + 20
+            while proc.poll() is None:
                 try:
                     redis.Redis(port=port, socket_timeout=1).ping()
-                    break
+                    ports.append(port)
+                    return
                 except redis.RedisError:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
+        raise RuntimeError(f"redis-server exited on three port pairs; see {folder}")
+
+    try:
+        for _ in range(3):
+            start_node()
+        deadline = time.monotonic() + 20
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
                         "--cluster-yes"], check=True, capture_output=True, timeout=60)
         for port in ports:

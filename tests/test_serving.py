@@ -1565,6 +1565,29 @@ def test_local_backend_and_server_errors(served, tmp_path):
         TritonServer(tmp_path, python=sys.executable).start()
 
 
+def test_a_server_whose_chosen_port_was_taken_starts_on_other_ports(triton_python, tmp_path, monkeypatch):
+    """A port chosen free and taken before Triton bound it (another process's connection) failed the start."""
+    from mlplat.serving import server as server_module
+
+    real, calls = server_module._free_ports, []
+
+    def first_taken(n: int) -> list[int]:
+        calls.append(n)
+        ports = real(n)
+        return [taken, *ports[1:]] if len(calls) == 1 else ports
+
+    monkeypatch.setattr(server_module, "_free_ports", first_taken)
+    (tmp_path / "repo").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        with TritonServer(tmp_path / "repo", python=triton_python) as server:
+            client = mp.TritonClient(server.grpc_url)
+            assert server.http_port != taken and client.is_live() and len(calls) == 2
+            client.close()
+
+
 # ------------------------------------------------------------------ fork (a pre-fork server's workers)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_served_log_used_before_a_fork_writes_each_row_once_and_the_child_flushes_on_its_own(tmp_path):

@@ -36,6 +36,10 @@ __all__ = ["TritonServer", "build_server_venv", "server_python"]
 PYTRITON = "nvidia-pytriton==0.7.0"
 
 
+#: starts tried when a chosen port is taken before the server binds it
+_PORT_TRIES = 3
+
+
 def _free_ports(n: int) -> list[int]:
     """``n`` distinct loopback ports free right now (all held open until all are chosen)."""
     with contextlib.ExitStack() as stack:
@@ -127,7 +131,16 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         """Start the server and wait until it is ready; a ServingError with its log tail if it exits or is not
-        ready within ``startup_timeout``."""
+        ready within ``startup_timeout``. A port taken between choosing it and the server binding it (another
+        process's connection, say) is tried again on other ports, up to three times in all."""
+        for tries_left in reversed(range(_PORT_TRIES)):
+            if self._start_once(retry_if_port_taken=tries_left > 0):
+                return self
+        raise AssertionError("unreachable: the last try raises")
+
+    def _start_once(self, *, retry_if_port_taken: bool) -> bool:
+        """One start on newly chosen ports: True once ready, False when a port was taken (and
+        ``retry_if_port_taken``), else ServingError."""
         self._tmp = tempfile.TemporaryDirectory(prefix="mlplat-triton-")
         binary, backends, libdir = self._layout()
         self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
@@ -146,9 +159,11 @@ class TritonServer:
             if self._proc.poll() is not None:
                 tail, code = self.log_tail(), self._proc.returncode
                 self.stop()
+                if retry_if_port_taken and "already in use" in tail:
+                    return False
                 raise ServingError(f"the Triton server exited ({code}): {tail}")
             if self._ready():
-                return self
+                return True
             time.sleep(0.1)
         tail = self.log_tail()
         self.stop()
