@@ -20,6 +20,20 @@ def as_int(value: object) -> int | None:
         return None
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` as an error message quotes it: shortened past ``limit`` characters (a megabyte of notes
+    is not echoed back), and a huge int, whose repr Python refuses past 4300 digits, named by its type.
+
+    >>> shown("n" * 100, limit=10)
+    "'nnnnnnnnn... (102 characters)"
+    """
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def require_bool(name: str, value: object) -> bool:
     """Refuse ``value`` unless it is True or False (1, "yes" and None are refused: say which is meant).
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import getpass
 import re
-import reprlib
 import tempfile
 import unicodedata
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db import Database
 from ..db.models import ModelAlias, ModelTransition, ModelVersion, RegisteredModel, RunArtifact
-from .._checks import require_bool, require_number
+from .._checks import require_bool, require_number, shown
 from ..errors import DataError, NotFoundError
 from ..runs.artifacts import ArtifactStore, check_name
 from ..runs.run import check_text
@@ -51,8 +50,6 @@ _RUN_ID_MAX = 32  # the runs.id column (run ids are uuid4().hex)
 #: ``notes`` and ``description`` (TEXT columns): a paragraph or a review, not a document; a longer write-up
 #: belongs in a run artifact or a linked document
 _TEXT_MAX = 10_000
-_SHORT = reprlib.Repr()  # values quoted in error messages: a megabyte of notes is not echoed back
-_SHORT.maxstring = _SHORT.maxother = 60
 
 
 @dataclass(frozen=True)
@@ -101,7 +98,7 @@ def _check_person(value: Any, what: str) -> str:
         raise DataError(f"{what} must be a user name, got the blank {value!r}; give a name "
                         "(or leave it out to record the operating-system user)")
     if any(unicodedata.category(c) == "Cc" and not c.isspace() for c in name):
-        raise DataError(f"{what} {_SHORT.repr(name)} holds a control character; give the user name as printable "
+        raise DataError(f"{what} {shown(name)} holds a control character; give the user name as printable "
                         "text")
     return name
 
@@ -130,9 +127,9 @@ def _check_run_id(run_id: Any) -> str:
     if not isinstance(run_id, str):
         hint = "; pass run.id, not the run" if hasattr(run_id, "id") else ""
         raise DataError(f"run_id must be a run id, the string run.id of the run that logged the model, got "
-                        f"{_SHORT.repr(run_id)} of type {type(run_id).__name__}{hint}")
+                        f"{shown(run_id)} of type {type(run_id).__name__}{hint}")
     if not run_id.strip() or len(run_id) > _RUN_ID_MAX or not run_id.isprintable():
-        raise DataError(f"run_id {_SHORT.repr(run_id)} is not a run id: run ids are at most {_RUN_ID_MAX} "
+        raise DataError(f"run_id {shown(run_id)} is not a run id: run ids are at most {_RUN_ID_MAX} "
                         "printable characters; pass run.id of the run that logged the model")
     return run_id
 
@@ -160,7 +157,7 @@ def _check_free_text(value: Any, what: str) -> str:
     """``notes`` and ``description``: a string of at most ``_TEXT_MAX`` characters without NUL (which
     PostgreSQL cannot store), else DataError."""
     if not isinstance(value, str):
-        raise DataError(f"{what} must be a string (use '' for none), got {_SHORT.repr(value)}")
+        raise DataError(f"{what} must be a string (use '' for none), got {shown(value)}")
     if len(value) > _TEXT_MAX:
         raise DataError(f"{what} is {len(value)} characters long, more than the {_TEXT_MAX} allowed: shorten it "
                         "(keep a longer write-up elsewhere, e.g. as a run artifact, and link to it)")

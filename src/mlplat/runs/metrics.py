@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from .. import _background
 from .._arrow import INT64_MAX, INT64_MIN
-from .._checks import as_int
+from .._checks import as_int, shown
 from ..db import Database
 from ..db.models import LatestMetric, MetricChunk
 from ..errors import DataError
@@ -104,16 +104,7 @@ def _int64(key: str, what: str, value: object, meaning: str) -> int:
     if number is not None and _INT64_MIN <= number <= _INT64_MAX:
         return number
     raise DataError(f"metric {key!r}: {what} must be {meaning}, an int between -2**63 and 2**63-1; "
-                    f"got {_shown(value)}")
-
-
-def _shown(value: object, limit: int = 60) -> str:
-    """``repr(value)``, shortened (a huge int's repr is long, or refused past 4300 digits)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+                    f"got {shown(value)}")
 
 
 class MetricBuffer:
@@ -146,9 +137,9 @@ class MetricBuffer:
         try:
             v = float(value)
         except (TypeError, ValueError):
-            raise DataError(f"metric {key!r} must be a number, got {_shown(value)}") from None
+            raise DataError(f"metric {key!r} must be a number, got {shown(value)}") from None
         except OverflowError:  # an int past a double's range (10**400): refused, not stored as inf
-            raise DataError(f"metric {key!r}: {_shown(value)} is too large for a float (a 64-bit double, at most "
+            raise DataError(f"metric {key!r}: {shown(value)} is too large for a float (a 64-bit double, at most "
                             "about 1.8e308); scale it, or log float('inf') if infinity is meant") from None
         # a plain int in range passes with one type test and a comparison (the checks cost 25 % of a
         # log_metric call as a function call per point)
