@@ -20,6 +20,18 @@ def as_int(value: object) -> int | None:
         return None
 
 
+#: the largest version number of a model or a feature definition (their version columns are 32-bit INTEGERs
+#: on PostgreSQL: a larger one overflowed the query)
+VERSION_MAX = 2**31 - 1
+
+
+def check_version(version: object) -> int:
+    """A model or feature-definition version number: an int from 1 to :data:`VERSION_MAX`, else DataError."""
+    require_number("version", version, low=1, high=VERSION_MAX, integer=True,
+                   meaning=f"a version number (an int: 1, 2, ..., at most {VERSION_MAX})")
+    return version  # type: ignore[return-value]
+
+
 def shown(value: object, limit: int = 60) -> str:
     """``repr(value)`` as an error message quotes it: shortened past ``limit`` characters (a megabyte of notes
     is not echoed back), and a huge int, whose repr Python refuses past 4300 digits, named by its type.

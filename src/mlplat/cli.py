@@ -28,6 +28,7 @@ from typing import Any
 import click
 
 from . import __version__
+from ._checks import VERSION_MAX
 from ._console import as_text, print_lineage, print_skew, table
 from ._time import as_utc
 from .errors import ConfigError, MlplatError
@@ -38,8 +39,8 @@ __all__ = ["main", "cli"]
 CHECK_FAILED = 3
 #: the exit status when the output's reader went away (``mlplat ... | head``): 128 + SIGPIPE, as a shell reports it
 BROKEN_PIPE = 141
-#: a version number as the registry and catalog store it (a larger one overflowed the database query)
-_VERSION = click.IntRange(1, 2**31 - 1)
+#: a version number as the registry and catalog store it (_checks.VERSION_MAX)
+_VERSION = click.IntRange(1, VERSION_MAX)
 
 
 def _json_default(value: Any) -> Any:

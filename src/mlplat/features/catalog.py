@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 
-from .._checks import require_number
+from .._checks import check_version
 from ..db import Database
 from ..db.models import FeatureDefinition, FeatureDefinitionTag
 from ..errors import DefinitionError, NotFoundError, StoreError
@@ -35,7 +35,6 @@ _KINDS: dict[str, type[_Definition]] = {"entity": Entity, "feature_view": Featur
                                          "feature_service": FeatureService}
 _APPLY_ORDER = ("entity", "feature_view", "feature_service")
 _PG_LOCK_KEY = 0x6D6C63617461  # serializes apply on PostgreSQL
-_VERSION_MAX = 2**31 - 1  # feature_definitions.version is a 32-bit INTEGER on PostgreSQL
 
 
 @dataclass(frozen=True)
@@ -214,8 +213,7 @@ class Catalog:
 
     def _get_or_none(self, kind: str, name: str, version: int | None):
         if version is not None:  # 10**30 overflowed the query (a raw database error), 'x' or 2.0 reached it
-            require_number("version", version, low=1, high=_VERSION_MAX, integer=True,
-                           meaning=f"a version number (an int: 1, 2, ..., at most {_VERSION_MAX})")
+            check_version(version)
         q = sa.select(FeatureDefinition).where(FeatureDefinition.kind == kind, FeatureDefinition.name == name)
         q = q.where(FeatureDefinition.version == version) if version is not None else q.order_by(
             FeatureDefinition.version.desc()

@@ -32,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db import Database
 from ..db.models import ModelAlias, ModelTransition, ModelVersion, RegisteredModel, RunArtifact
-from .._checks import require_bool, require_number, shown
+from .._checks import check_version, require_bool, shown
 from ..errors import DataError, NotFoundError
 from ..runs.artifacts import ArtifactStore, check_name
 from ..runs.run import check_text
@@ -45,7 +45,6 @@ STAGES = ("none", "staging", "production", "archived")
 #: model names and aliases (and Triton model folder names)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-.]{0,254}$")
 _ALIAS_MAX = 58  # history records an alias move as "alias:<alias>" in a 64-character column
-_VERSION_MAX = 2**31 - 1  # model_versions.version is a 32-bit INTEGER on PostgreSQL
 _RUN_ID_MAX = 32  # the runs.id column (run ids are uuid4().hex)
 #: ``notes`` and ``description`` (TEXT columns): a paragraph or a review, not a document; a longer write-up
 #: belongs in a run artifact or a linked document
@@ -132,12 +131,6 @@ def _check_run_id(run_id: Any) -> str:
         raise DataError(f"run_id {shown(run_id)} is not a run id: run ids are at most {_RUN_ID_MAX} "
                         "printable characters; pass run.id of the run that logged the model")
     return run_id
-
-
-def _check_version(version: Any) -> int:
-    require_number("version", version, low=1, high=_VERSION_MAX, integer=True,
-                   meaning=f"a version number (an int: 1, 2, ..., at most {_VERSION_MAX})")
-    return version
 
 
 def _check_stage(stage: Any) -> str:
@@ -235,7 +228,7 @@ class ModelRegistry:
         """
         _check_model_name(name)
         _check_stage(stage)
-        _check_version(version)
+        check_version(version)
         _check_free_text(notes, "notes")
         who = _check_person(_user() if actor is None else actor, "actor")
         given_approver = approved_by
@@ -277,7 +270,7 @@ class ModelRegistry:
         if not isinstance(alias, str) or not NAME_PATTERN.match(alias) or len(alias) > _ALIAS_MAX or alias in STAGES:
             raise DataError(f"alias {alias!r} is invalid: letters, digits, '_', '-' and '.', at most {_ALIAS_MAX}, "
                             "and not a stage name")
-        _check_version(version)
+        check_version(version)
         _check_free_text(notes, "notes")
         who = _check_person(_user() if actor is None else actor, "actor")
         with self._db.connect(write=True) as conn:
@@ -359,7 +352,7 @@ class ModelRegistry:
         if sum(x is not None for x in (version, stage, alias)) > 1:
             raise DataError("choose a model version by one of version=, stage= or alias=")
         if version is not None:
-            _check_version(version)
+            check_version(version)
         if stage is not None:
             _check_stage(stage)
         if alias is not None:
@@ -385,7 +378,7 @@ class ModelRegistry:
     def history(self, name: str, *, version: int | None = None) -> list[Transition]:
         """Every recorded transition of the model (or of one version), oldest first."""
         if version is not None:
-            _check_version(version)
+            check_version(version)
         with self._db.connect() as conn:
             model_id = self._model_id(conn, name)
             q = (sa.select(ModelVersion.version, ModelTransition.from_stage, ModelTransition.to_stage,
