@@ -4,12 +4,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-import pyarrow as pa
-
 from ..errors import DataError, NotFoundError
 from ..models.lineage import rebuild_input
 from ..models.registry import NAME_PATTERN
-from ..serving.served_log import ServedLog
 from .._checks import require_number
 from .._time import as_utc
 from .adoption import adoption_metrics
@@ -90,7 +87,7 @@ class Monitoring:
         if training is None:
             raise NotFoundError(f"{model} v{info.version} was trained on no input logged with feature_refs: "
                                 "nothing to compare the served features with")
-        served = _read_log(self._p.serving.served_log, model, since)
+        served = self._p.serving.served_features(model, since)
         if served.num_rows:
             served = served.filter(served.column("model_version").to_numpy() == info.version)
         if not served.num_rows:  # an empty window is not calm
@@ -137,11 +134,3 @@ def _apportion(sample: int, sizes: list[int]) -> list[int]:
     for i in by_remainder[: sample - sum(shares)]:
         shares[i] += 1
     return shares
-
-
-def _read_log(log: ServedLog, model: str, since: datetime | None) -> pa.Table:
-    """Every row logged for ``model`` (from ``since``), in no particular order: what drift compares."""
-    tables = [g.rows for g in log.groups(model, since)]
-    if not tables:
-        return pa.table({})
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
