@@ -436,6 +436,14 @@ class FeatureRef:
         at = f"@{self.version}" if self.version is not None else ""
         return f"{self.view}{at}:{self.feature}"
 
+    def column(self, full_feature_names: bool) -> str:
+        """The feature's column in a retrieved table: ``view__feature`` with ``full_feature_names``, else ``feature``.
+
+        >>> parse_ref("user_txn@2:txn_count_7d").column(True)
+        'user_txn__txn_count_7d'
+        """
+        return f"{self.view}__{self.feature}" if full_feature_names else self.feature
+
     def __repr__(self) -> str:
         return f"FeatureRef({str(self)!r})"
 

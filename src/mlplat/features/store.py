@@ -215,7 +215,7 @@ class FeatureStore:
                 by_view[key] = ViewRequest(self.catalog.get("feature_view", ref.view, ref.version), [], [])
             req = by_view[key]
             req.view.field(ref.feature)  # NotFoundError names an unknown feature
-            name = f"{ref.view}__{ref.feature}" if full_feature_names else ref.feature
+            name = ref.column(full_feature_names)
             if name in origin:
                 if origin[name] == str(ref):
                     raise DataError(f"feature {str(ref)!r} is asked for twice")

@@ -356,7 +356,7 @@ def _checked(f: Path) -> tuple[Any, pa.Schema | None, str | None]:
         if not (isinstance(refs, list) and isinstance(keys, list) and isinstance(full, bool)
                 and all(isinstance(k, str) for k in keys)):
             raise ValueError("not lists of names")
-        names = [f"{r.view}__{r.feature}" if full else r.feature for r in map(parse_ref, refs)]
+        names = [parse_ref(r).column(full) for r in refs]
     except (ValueError, DefinitionError):  # json's errors are ValueErrors
         return None, schema, "its served-log metadata is not what predict writes"
     missing = [n for n in dict.fromkeys((*keys, *names)) if n not in schema.names]
