@@ -102,21 +102,22 @@ def test_a_run_whose_end_cannot_write_anything_stays_open_and_ends_on_a_later_tr
     """The status update failed too: its error hid both others; the run must not count as ended while
     its row says running."""
     run = p.runs.start("fraud")
-    with _tables_gone(database_url, "run_metric_chunks", "run_tags", "runs"):
-        run.log_metric("loss", 0.5)
-        with pytest.raises(mp.StoreError, match="run_metric_chunks") as failed:
-            run.end()
-        # the point is still buffered and the background flusher retries it once the tables are back (as it
-        # should): held off until the rows are read, else the check below raced it
-        held = run._metrics._flush_lock
-        held.acquire()
+    # the point stays buffered and the background flusher retries it once the tables are back (as it should):
+    # held off until the rows are read, else the check below raced it
+    flush_lock, held = run._metrics._flush_lock, False
+    try:
+        with _tables_gone(database_url, "run_metric_chunks", "run_tags", "runs"):
+            run.log_metric("loss", 0.5)
+            with pytest.raises(mp.StoreError, match="run_metric_chunks") as failed:
+                run.end()
+            held = flush_lock.acquire()
+        info = p.runs.get(run.id)
+    finally:
+        if held:
+            flush_lock.release()
     notes = getattr(failed.value, "__notes__", [])
     assert [n.split(" ")[0] for n in notes] == ["setting", "marking"]
     assert "marking run" in notes[1] and "still open (running): call run.end() again" in notes[1]
-    try:
-        info = p.runs.get(run.id)
-    finally:
-        held.release()
     assert (info.status, info.end_time, info.metrics) == ("running", None, {})  # as its row was
     assert "mlplat.error" not in info.tags
     run.end()  # the database is back: the buffered point is written and the run ends
