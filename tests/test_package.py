@@ -37,7 +37,7 @@ def _public_classes() -> list[type]:
     from mlplat.serving.predict import Prediction
     from mlplat.serving.service import ServingService
 
-    exported = [obj for obj in map(mp.__dict__.get, mp.__all__) if isinstance(obj, type)
+    exported = [obj for obj in (getattr(mp, n) for n in mp.__all__) if isinstance(obj, type)
                 and not issubclass(obj, BaseException)]
     return exported + [FeatureStore, RunStore, ModelRegistry, ServingService, Monitoring, ActiveRun, Training,
                        ArtifactStore, LocalBackend, Prediction, OnlineResponse]
@@ -109,3 +109,24 @@ def test_import_mlplat_does_not_load_pandas_or_torch():
     script = "import sys, mlplat; print(sorted(m for m in ('pandas', 'torch', 'polars') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_import_mlplat_and_the_cli_load_the_rest_on_first_use():
+    # `import mlplat` loads the native code (failing loudly) and the errors; the stores, SQLAlchemy and the serving
+    # clients load when a name needs them, so `mlplat --help` answers at once and Ctrl-C finds the CLI listening
+    heavy = ("sqlalchemy", "redis", "tritonclient", "grpc", "mlplat.platform", "mlplat.features", "mlplat.serving")
+    script = textwrap.dedent(f"""
+        import sys, mlplat, mlplat.cli
+        print(sorted(m for m in {heavy!r} if m in sys.modules))
+        mlplat.Platform, mlplat.FeatureView
+        print(sorted(m for m in ('sqlalchemy', 'mlplat.platform', 'mlplat.features') if m in sys.modules))
+        print(mlplat.FeatureView.__module__, mlplat.Int64.__module__, mlplat.runs.table_hash.__name__)
+        print(set(mlplat.__all__) <= set(dir(mlplat)))
+        from mlplat import *
+        print(TritonClient.__module__)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:5] == ["[]", "['mlplat.features', 'mlplat.platform', 'sqlalchemy']",
+                                   "mlplat mlplat table_hash", "True", "mlplat"]
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        mp.Nope  # noqa: B018

@@ -377,6 +377,21 @@ def test_deleting_an_alias_is_recorded_in_history(p):
     assert len(p.models.history("fraud")) == 3  # the refused call recorded nothing
 
 
+def test_a_lookup_by_an_alias_holding_nul_is_a_data_error_on_every_backend(p):
+    p.models.register("fraud", trained_run(p))
+    with pytest.raises(mp.DataError, match="NUL"):  # PostgreSQL refused the query; SQLite said "no alias"
+        p.models.get("fraud", alias="champ\x00ion")
+    with pytest.raises(mp.DataError, match="NUL"):
+        p.models.delete_alias("fraud", "champ\x00ion")
+
+
+@pytest.mark.parametrize("info", ["fraud", 1, None, {"run_id": "x", "artifact": "model"}])
+def test_artifact_meta_and_training_features_name_a_wrong_argument(p, info):
+    for call in (p.models.artifact_meta, p.models.training_features):
+        with pytest.raises(mp.DataError, match="ModelVersionInfo"):  # was AttributeError: no attribute 'run_id'
+            call(info)
+
+
 @pytest.fixture
 def lineage_setup(p, tmp_path):
     src = tmp_path / "src"

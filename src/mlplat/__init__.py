@@ -10,17 +10,19 @@ Usage::
 """
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from . import _native  # noqa: F401  (fails loudly if the extensions were not built)
-from . import dtypes, errors
-from .dtypes import Bool, Bytes, DType, Float32, Float64, Int8, Int16, Int32, Int64, String, Timestamp
+from . import errors
 from .errors import (
     ConfigError,
     DataError,
     DefinitionError,
-    MlplatError,
-    NativeExtensionError,
     InferenceTimeoutError,
+    MlplatError,
     ModelNotReadyError,
+    NativeExtensionError,
     NotFoundError,
     OnlineStoreError,
     QueueFullError,
@@ -28,32 +30,36 @@ from .errors import (
     ServingError,
     StoreError,
 )
-from .features import (
-    ApplyResult,
-    CatalogEntry,
-    Entity,
-    FeatureService,
-    FeatureView,
-    Field,
-    MaterializeResult,
-    OnlineResponse,
-    ParquetSource,
-)
-from .models import ModelVersionInfo
-from .monitoring import DriftReport, SkewReport
-from .platform import Platform
-from .runs import RunInfo, Signature, TensorSpec, table_hash
-from .serving import (
-    ABGateway,
-    AsyncTritonClient,
-    DynamicBatching,
-    LocalBackend,
-    Prediction,
-    QueuePolicy,
-    TritonClient,
-    TritonServer,
-)
-from .settings import Settings
+
+if TYPE_CHECKING:  # what the names below load when first used, for type checkers and editors
+    from . import dtypes
+    from .dtypes import Bool, Bytes, DType, Float32, Float64, Int8, Int16, Int32, Int64, String, Timestamp
+    from .features import (
+        ApplyResult,
+        CatalogEntry,
+        Entity,
+        FeatureService,
+        FeatureView,
+        Field,
+        MaterializeResult,
+        OnlineResponse,
+        ParquetSource,
+    )
+    from .models import ModelVersionInfo
+    from .monitoring import DriftReport, SkewReport
+    from .platform import Platform
+    from .runs import RunInfo, Signature, TensorSpec, table_hash
+    from .serving import (
+        ABGateway,
+        AsyncTritonClient,
+        DynamicBatching,
+        LocalBackend,
+        Prediction,
+        QueuePolicy,
+        TritonClient,
+        TritonServer,
+    )
+    from .settings import Settings
 
 __version__ = "0.1.0"
 
@@ -118,8 +124,48 @@ __all__ = [
     "errors",
 ]
 
-for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type) or callable(_obj):
-        _obj.__module__ = "mlplat"
-del _name, _obj
+#: public name -> the module that defines it, imported when the name is first used: ``import mlplat`` loads
+#: the native extensions and the errors only, so the CLI starts (and answers --help or Ctrl-C) at once
+_LAZY = {
+    **dict.fromkeys(["Bool", "Bytes", "DType", "Float32", "Float64", "Int8", "Int16", "Int32", "Int64", "String",
+                     "Timestamp"], "dtypes"),
+    **dict.fromkeys(["ApplyResult", "CatalogEntry", "Entity", "FeatureService", "FeatureView", "Field",
+                     "MaterializeResult", "OnlineResponse", "ParquetSource"], "features"),
+    "ModelVersionInfo": "models",
+    **dict.fromkeys(["DriftReport", "SkewReport"], "monitoring"),
+    "Platform": "platform",
+    **dict.fromkeys(["RunInfo", "Signature", "TensorSpec", "table_hash"], "runs"),
+    **dict.fromkeys(["ABGateway", "AsyncTritonClient", "DynamicBatching", "LocalBackend", "Prediction", "QueuePolicy",
+                     "TritonClient", "TritonServer"], "serving"),
+    "Settings": "settings",
+}
+_SUBPACKAGES = frozenset({"cli", "db", "demo", "dtypes", "features", "models", "monitoring", "platform", "runs",
+                          "serving", "settings"})
+
+
+def _export(names: list[str]) -> None:
+    """Bind ``names`` here, shown as ``mlplat.<name>`` (as users import them)."""
+    for name in names:
+        obj = globals()[name] if name in globals() else getattr(
+            importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        if isinstance(obj, type) or callable(obj):
+            obj.__module__ = "mlplat"
+        globals()[name] = obj
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name's module on first use (PEP 562); every name of that module is bound then."""
+    module = _LAZY.get(name)
+    if module is not None:
+        _export([n for n, m in _LAZY.items() if m == module])
+        return globals()[name]
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mlplat' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+_export([n for n in __all__ if n not in _LAZY and n not in ("dtypes", "errors")])

@@ -25,6 +25,11 @@ def as_int(value: object) -> int | None:
 VERSION_MAX = 2**31 - 1
 
 
+#: the most bins a drift check takes per feature (the library and the CLI's --bins): more leaves most of
+#: them a few training rows (and 10**10 did not fit in memory)
+BINS_MAX = 1_000
+
+
 def check_version(version: object) -> int:
     """A model or feature-definition version number: an int from 1 to :data:`VERSION_MAX`, else DataError."""
     require_number("version", version, low=1, high=VERSION_MAX, integer=True,

@@ -28,11 +28,10 @@ from typing import Any
 import click
 
 from . import __version__
-from ._checks import VERSION_MAX
+from ._checks import BINS_MAX, VERSION_MAX
 from ._console import as_text, print_lineage, print_skew, table
 from ._time import as_utc
 from .errors import ConfigError, MlplatError
-from .monitoring.drift import MAX_BINS
 
 __all__ = ["main", "cli"]
 
@@ -587,7 +586,7 @@ def monitor_skew(ctx: click.Context, model_or_view: str, since: datetime | None,
 @click.argument("model")
 @click.option("--version", "version", type=_VERSION, default=None, help="Default: the production version.")
 @click.option("--since", default=None, callback=_time, help="Only requests from this time on (ISO).")
-@click.option("--bins", type=click.IntRange(2, MAX_BINS), default=10, show_default=True,
+@click.option("--bins", type=click.IntRange(2, BINS_MAX), default=10, show_default=True,
               help="Quantile bins of the training values for a numeric feature's PSI.")
 @click.option("--psi-threshold", type=click.FloatRange(min=0), default=0.2, show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.01, show_default=True)

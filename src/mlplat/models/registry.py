@@ -139,10 +139,19 @@ def _check_stage(stage: Any) -> str:
     return stage
 
 
+def _check_version_info(info: Any) -> None:
+    """``info`` is a version as ``p.models.get`` returns it, else DataError (not an AttributeError later)."""
+    if not isinstance(info, ModelVersionInfo):
+        raise DataError(f"pass a model version as p.models.get(name, ...) returns it (a ModelVersionInfo), got "
+                        f"{shown(info)}")
+
+
 def _check_alias_lookup(alias: Any) -> str:
     """An alias to look up: a string (one that was never set is NotFoundError later), else DataError."""
     if not isinstance(alias, str):
         raise DataError(f"alias must be a string such as 'champion', got {alias!r}")
+    if "\x00" in alias:  # never set (set_alias refuses it); PostgreSQL would refuse the query itself
+        raise DataError(f"alias {alias!r} holds a NUL character ('\\x00'), which no alias has; remove it")
     return alias
 
 
@@ -415,6 +424,7 @@ class ModelRegistry:
     def artifact_meta(self, info: ModelVersionInfo) -> dict[str, Any]:
         """A version's model artifact metadata: its sha256 and size, and what log_model recorded (files,
         signature, torch version); empty if the artifact row is gone."""
+        _check_version_info(info)
         with self._db.connect() as conn:
             row = conn.execute(sa.select(RunArtifact.sha256, RunArtifact.size, RunArtifact.meta).where(
                 RunArtifact.run_id == info.run_id, RunArtifact.path == info.artifact)).first()
@@ -424,6 +434,7 @@ class ModelRegistry:
         """The feature refs ("view@version:feature") the version was trained on, from its run's first input
         logged with feature refs, and whether that table named them ``view__feature``; ([], False) when
         no input was logged with refs."""
+        _check_version_info(info)
         run = self._runs.get(info.run_id)
         inp = next((i["feature_refs"] for i in run.inputs if i["feature_refs"].get("refs")), None)
         return (inp["refs"], bool(inp.get("full_feature_names"))) if inp else ([], False)

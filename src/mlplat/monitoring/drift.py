@@ -23,13 +23,10 @@ import pyarrow as pa
 
 from ..errors import DataError, NotFoundError
 from .._arrow import is_numeric
-from .._checks import require_number
+from .._checks import BINS_MAX, require_number
 from .stats import bin_counts, chi2_contingency, ks_2samp, numeric_bins, psi
 
 __all__ = ["DriftReport", "FeatureDrift", "check_drift_limits", "drift_check"]
-
-#: more quantile bins than this leaves most of them a few training rows (and 10**10 did not fit in memory)
-MAX_BINS = 1_000
 
 
 @dataclass(frozen=True)
@@ -68,7 +65,7 @@ class DriftReport:
 
 
 def check_drift_limits(bins: int, psi_threshold: float, alpha: float) -> None:
-    require_number("bins", bins, low=2, high=MAX_BINS, integer=True, meaning=f"an integer from 2 to {MAX_BINS:,}")
+    require_number("bins", bins, low=2, high=BINS_MAX, integer=True, meaning=f"an integer from 2 to {BINS_MAX:,}")
     require_number("psi_threshold", psi_threshold, low=0, meaning="a number >= 0")
     require_number("alpha", alpha, low=0, high=1, meaning="a probability between 0 and 1")
 

@@ -51,8 +51,7 @@ class Monitoring:
                     work.append((model, group, view))
         total = sum(g.rows.num_rows for _, g, _ in work)
         if not total:
-            when = f" since {as_utc(since).isoformat()}" if since is not None else ""
-            raise NotFoundError(f"no served rows of {model_or_view!r}{when}: nothing to check")
+            raise NotFoundError(f"no served rows of {model_or_view!r}{_since(since)}: nothing to check")
         shares = [None] * len(work) if sample is None else _apportion(sample, [g.rows.num_rows for _, g, _ in work])
         reports = [skew_check(self._p.features, g.rows, g.refs, g.keys, model=model,
                               full_feature_names=g.full_feature_names, sample=share, tolerance=tolerance,
@@ -91,9 +90,8 @@ class Monitoring:
         if served.num_rows:
             served = served.filter(served.column("model_version").to_numpy() == info.version)
         if not served.num_rows:  # an empty window is not calm
-            when = f" since {as_utc(since).isoformat()}" if since is not None else ""
-            raise NotFoundError(f"no served features are logged for {model!r} v{info.version}{when}: nothing to "
-                                "compare its training data with")
+            raise NotFoundError(f"no served features are logged for {model!r} v{info.version}{_since(since)}: "
+                                "nothing to compare its training data with")
         # the features as the training table named them, which is how predict serves and logs them
         _, names = self._p.features.resolve(inp["feature_refs"]["refs"],
                                             full_feature_names=bool(inp["feature_refs"].get("full_feature_names")))
@@ -110,6 +108,11 @@ class Monitoring:
     def adoption(self) -> dict[str, Any]:
         """Runs per week, tracking and lineage coverage, time to production, reused feature views."""
         return adoption_metrics(self._p.db)
+
+
+def _since(since: Any) -> str:
+    """`` since <UTC time>`` for a message about rows read since then; empty without ``since``."""
+    return f" since {as_utc(since).isoformat()}" if since is not None else ""
 
 
 def _check_name(name: object) -> None:
