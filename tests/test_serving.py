@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -970,11 +971,15 @@ def test_predict_uses_online_features_and_logs_what_it_served(served, triton):
     np.testing.assert_allclose(remote["output__0"], local["output__0"], rtol=1e-5)
     assert remote.features == {"count": [3, 7, None], "amount": [10.0, 99.5, None]}
     x = np.array([[3, 10.0, 2.0], [7, 99.5, 0.0], [0, 0, 1.0]], dtype=np.float32)  # nulls serve as 0
-    want = served.serving.local_backend().infer("scorer", {"input__0": x}, version=1)["output__0"][:, 0]
+    want = served.serving.local_backend().infer("scorer", {"input__0": x}, version=1)["output__0"]
+    assert np.asarray(local["output__0"]).shape == (3, 2)  # both classes' scores per row (it kept the first only)
     np.testing.assert_allclose(local["output__0"], want, rtol=1e-6)
     log = served.serving.served_features("scorer")
     assert {"request_time", "model_version", "variant", "user_id", "count", "amount",
-            "prediction.output__0"} <= set(log.column_names)
+            "prediction.output__0[0]", "prediction.output__0[1]"} <= set(log.column_names)
+    v2 = log.filter(pc.equal(log.column("model_version"), 2))  # the staged call's rows, in order
+    logged = np.column_stack([v2.column(f"prediction.output__0[{j}]").to_numpy() for j in (0, 1)])
+    np.testing.assert_allclose(logged, staged["output__0"], rtol=1e-6)
     assert set(log.column("model_version").to_pylist()) == {1, 2}
     refs, keys = served.serving.served_log.refs("scorer")
     assert refs == ["txn@1:count", "txn@1:amount"] and keys == ["user_id"]
@@ -1166,9 +1171,16 @@ def test_versions_sharing_feature_refs_keep_every_logged_column(tmp_path):
     assert table.column("input.basket").to_pylist() == [None, None, 5.0, 6.0]
     assert table.column("prediction.score").to_pylist() == [None, None, 1.0, 2.0]
     assert table.column("prediction.output__0").to_pylist() == [0.1, 0.2, 0.3, 0.4]
+    # a version whose output is wider logs one column per value: each column keeps one type across versions
+    log.add("m", 3, "default", {"user_id": [5, 6]}, {"count": [4, 5]}, {"output__0": [[0.9, 0.1], [0.2, 0.8]]},
+            refs=refs, types=types)
+    table = log.read("m").sort_by("user_id")
+    assert table.column("prediction.output__0").to_pylist() == [0.1, 0.2, 0.3, 0.4, None, None]
+    assert table.column("prediction.output__0[0]").to_pylist() == [None] * 4 + [0.9, 0.2]
+    assert table.column("prediction.output__0[1]").to_pylist() == [None] * 4 + [0.1, 0.8]
     [group] = log.groups("m", features_only=True)
     assert sorted(group.rows.column_names) == ["count", "model_version", "request_time", "user_id"]
-    assert group.rows.num_rows == 4
+    assert group.rows.num_rows == 6
     log.close()
 
 

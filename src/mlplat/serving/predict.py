@@ -27,7 +27,10 @@ __all__ = ["Predictor", "Prediction"]
 
 
 class Prediction(dict):
-    """Column lists: the join keys, then each model output; plus ``model``, ``version`` and ``variant``."""
+    """Column lists: the join keys, then each model output; plus ``model``, ``version`` and ``variant``.
+
+    An output of one value per row gives a number per entity row; a wider one gives each row's values as
+    a list (e.g. ``[p_legit, p_fraud]`` from a 2-class softmax)."""
 
     def __init__(self, columns: dict[str, list], *, model: str, version: int, variant: str,
                  features: dict[str, list]) -> None:
@@ -143,13 +146,22 @@ class Predictor:
             if col in given:  # as the model got them (numbers of its type), so the log file's column converts
                 given[col] = [None if g is None else v for g, v in zip(given[col], matrix[:, j].tolist())]
         outputs = backend.infer(triton_model or model, {plan.input_name: matrix}, version=plan.version)
-        flat = {name: np.asarray(outputs[name]).reshape(n, -1)[:, 0].tolist() for name in plan.outputs}
+        flat = {name: _per_row(model, name, outputs[name], n) for name in plan.outputs}
         keys = {k: online[k] for k in plan.join_keys}
         features = {name: online[name] for name in plan.feature_names}
         if log:
             self._log.add(model, plan.version, variant, keys, features, flat, refs=plan.refs, types=plan.types,
                           full_feature_names=plan.full_feature_names, inputs=given)
         return Prediction({**keys, **flat}, model=model, version=plan.version, variant=variant, features=features)
+
+
+def _per_row(model: str, name: str, values: Any, n: int) -> list:
+    """An output as one entry per entity row: a number where the model gives one value per row, else the
+    row's values as a list (nested as the output's shape: a 2-class softmax gives ``[p0, p1]`` per row)."""
+    arr = np.asarray(values)
+    if arr.ndim == 0 or arr.shape[0] != n:
+        raise ServingError(f"{model}'s output {name!r} has shape {arr.shape}: not one row per entity row ({n})")
+    return arr.reshape(n).tolist() if arr.size == n else arr.tolist()
 
 
 def _request_column(rows: dict | list | pa.Table, name: str, n: int) -> list:

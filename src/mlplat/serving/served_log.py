@@ -21,7 +21,10 @@ every row) is a ``StoreError`` naming it. A writer removes the hidden
 Columns: ``request_time`` (UTC), ``model``, ``model_version``, ``variant``,
 the join keys, the features as served (nulls included), the model's
 request-time inputs (columns of the entity rows that are not features)
-prefixed ``input.``, then the outputs prefixed ``prediction.``.
+prefixed ``input.``, then the outputs prefixed ``prediction.``: an output of one
+value per row as ``prediction.<name>``, a wider one as one column per value,
+``prediction.<name>[0]``, ``prediction.<name>[1]``, ... (row-major), so each
+column keeps one type whatever the versions logged.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -167,8 +171,8 @@ class ServedLog:
                 cols.setdefault(name, []).extend(values if every else [values[i] for i in take])
             for name, values in (inputs or {}).items():
                 cols.setdefault(f"input.{name}", []).extend(values if every else [values[i] for i in take])
-            for name, values in outputs.items():
-                cols.setdefault(f"prediction.{name}", []).extend([float(values[i]) for i in take])
+            for name, values in _prediction_columns(outputs, n).items():
+                cols.setdefault(name, []).extend(values if every else [values[i] for i in take])
             batch.rows += len(take)
             if not self._count:
                 self._oldest = time.monotonic()
@@ -388,3 +392,21 @@ def _unreadable(model: str, folder: Path, files: list[Path], cause: BaseExceptio
 def _one_line(exc: BaseException) -> str:
     """pyarrow's message on one line (a thrift error spans several), without its closing period."""
     return " ".join(str(exc).split()).rstrip(".")
+
+
+def _prediction_columns(outputs: Mapping[str, Sequence], n: int) -> dict[str, list[float]]:
+    """The logged columns of ``n`` rows of outputs: ``prediction.<name>`` for one number per row, else
+    ``prediction.<name>[j]`` per value of a row (rows of lists, flattened row-major).
+
+    >>> _prediction_columns({"p": [0.5, 1], "q": [[0.1, 0.9], [0.7, 0.3]]}, 2)
+    {'prediction.p': [0.5, 1.0], 'prediction.q[0]': [0.1, 0.7], 'prediction.q[1]': [0.9, 0.3]}
+    """
+    cols: dict[str, list[float]] = {}
+    for name, values in outputs.items():
+        matrix = np.asarray(values, dtype=np.float64).reshape(n, -1)
+        if n and not isinstance(values[0], (list, tuple, np.ndarray)):
+            cols[f"prediction.{name}"] = matrix[:, 0].tolist()
+            continue
+        for j in range(matrix.shape[1]):
+            cols[f"prediction.{name}[{j}]"] = matrix[:, j].tolist()
+    return cols
