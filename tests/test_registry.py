@@ -299,6 +299,8 @@ def test_concurrent_first_registrations_of_a_new_model_each_get_a_version(p):
     (lambda m, run_id: m.create("other", description=None), "description must be a string .*got None"),
     (lambda m, run_id: m.create("other", require_distinct_approver="no"), "require_distinct_approver must be True"),
     (lambda m, run_id: m.set_policy("fraud", require_distinct_approver="yes"), "require_distinct_approver must be"),
+    (lambda m, run_id: m.set_policy("fraud", require_distinct_approver=True, actor=" "), "actor must be a user name"),
+    (lambda m, run_id: m.set_policy("fraud", require_distinct_approver=True, notes=5), "notes must be a string"),
     (lambda m, run_id: m.promote(None, 1, "staging"), "model name None is invalid"),
     (lambda m, run_id: m.get(5), "model name 5 is invalid"),
     (lambda m, run_id: m.history(["fraud"]), "model name \\['fraud'\\] is invalid"),
@@ -344,6 +346,7 @@ def test_values_the_columns_cannot_hold_are_refused_on_both_backends(p, call, me
     assert p.models.history("fraud") == before and [v.version for v in p.models.versions("fraud")] == [1]
     assert p.models.get("fraud", version=1).stage == "none" and p.models.get("fraud", version=1).aliases == ()
     assert [m["name"] for m in p.models.list()] == ["fraud"]  # no model created either
+    assert p.models.policy("fraud") == {"require_distinct_approver": False, "changes": []}
 
 
 def test_aliases(p):
@@ -375,6 +378,25 @@ def test_deleting_an_alias_is_recorded_in_history(p):
     with pytest.raises(mp.NotFoundError, match="has no alias 'champion'"):
         p.models.delete_alias("fraud", "champion")
     assert len(p.models.history("fraud")) == 3  # the refused call recorded nothing
+
+
+def test_policy_changes_are_recorded_who_when_why_and_shown_in_lineage(p):
+    # turning the distinct-approver rule off left no trace: anyone could, unseen, before approving their own model
+    p.models.create("fraud", require_distinct_approver=True)
+    v = p.models.register("fraud", trained_run(p), registered_by="bob")
+    p.models.set_policy("fraud", require_distinct_approver=True, actor="carol")  # already so: nothing recorded
+    p.models.set_policy("fraud", require_distinct_approver=False, actor="bob", notes="hotfix")
+    p.models.promote("fraud", v.version, "production", approved_by="bob")  # allowed now, and visibly why
+    policy = p.models.policy("fraud")
+    assert policy["require_distinct_approver"] is False
+    assert [(c["require_distinct_approver"], c["by"], c["notes"]) for c in policy["changes"]] == [
+        (True, policy["changes"][0]["by"], "created"), (False, "bob", "hotfix")]
+    assert policy["changes"][0]["at"] <= policy["changes"][1]["at"]
+    assert p.models.lineage("fraud")["policy"] == policy
+    with pytest.raises(mp.NotFoundError):
+        p.models.policy("nope")
+    p.models.register("plain", trained_run(p))  # created by register: the default, no change recorded
+    assert p.models.policy("plain") == {"require_distinct_approver": False, "changes": []}
 
 
 def test_a_lookup_by_an_alias_holding_nul_is_a_data_error_on_every_backend(p):

@@ -36,7 +36,8 @@ from .._time import as_utc
 __all__ = [
     "Base", "UTCDateTime", "utcnow", "FeatureDefinition", "FeatureDefinitionTag", "Materialization",
     "Experiment", "Run", "RunParam", "RunTag", "MetricChunk", "LatestMetric", "RunInput", "RunArtifact",
-    "RegisteredModel", "ModelVersion", "ModelAlias", "ModelTransition", "ABDecision", "ABOutcome",
+    "RegisteredModel", "ModelVersion", "ModelAlias", "ModelTransition", "ModelPolicyChange", "ABDecision",
+    "ABOutcome",
 ]
 
 
@@ -316,6 +317,21 @@ class ModelTransition(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index(None, "version_id", "at"),)
+
+
+class ModelPolicyChange(Base):
+    """Every change of a model's approval policy: to what, who, when, why."""
+
+    __tablename__ = "model_policy_changes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id", ondelete="CASCADE"))
+    require_distinct_approver: Mapped[bool]
+    actor: Mapped[str] = mapped_column(String(255))
+    notes: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index(None, "model_id", "at"),)
 
 
 # ------------------------------------------------------------------ serving

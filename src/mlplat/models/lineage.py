@@ -56,6 +56,7 @@ def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, 
         "metrics": run.metrics,
         "data": data,
         "approvals": approvals,
+        "policy": registry.policy(info.name),
         "history": [{"version": t.version, "from": t.from_stage, "to": t.to_stage, "by": t.actor,
                      "approved_by": t.approved_by, "notes": t.notes, "at": t.at.isoformat()} for t in history],
     }

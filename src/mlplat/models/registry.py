@@ -31,7 +31,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db import Database
-from ..db.models import ModelAlias, ModelTransition, ModelVersion, RegisteredModel, RunArtifact
+from ..db.models import (
+    ModelAlias,
+    ModelPolicyChange,
+    ModelTransition,
+    ModelVersion,
+    RegisteredModel,
+    RunArtifact,
+)
 from .._checks import check_version, require_bool, shown
 from ..errors import DataError, NotFoundError
 from ..runs.artifacts import ArtifactStore, check_name
@@ -188,18 +195,37 @@ class ModelRegistry:
             with self._db.connect(write=True) as conn:
                 if conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == name)):
                     raise exists
-                conn.execute(sa.insert(RegisteredModel).values(name=name, description=description,
-                                                               require_distinct_approver=require_distinct_approver))
+                model_id = conn.scalar(sa.insert(RegisteredModel).values(
+                    name=name, description=description, require_distinct_approver=require_distinct_approver)
+                    .returning(RegisteredModel.id))
+                if require_distinct_approver:  # off is the default every model starts from
+                    conn.execute(sa.insert(ModelPolicyChange).values(
+                        model_id=model_id, require_distinct_approver=True, actor=_user(), notes="created"))
         except sa.exc.IntegrityError:  # created by someone else meanwhile
             raise exists from None
 
-    def set_policy(self, name: str, *, require_distinct_approver: bool) -> None:
-        """Whether production approvals must come from someone other than the version's registrant."""
+    def set_policy(self, name: str, *, require_distinct_approver: bool, actor: str | None = None,
+                   notes: str = "") -> None:
+        """Whether production approvals must come from someone other than the version's registrant. A
+        change is recorded (to what, who, when, why: :meth:`policy`); setting what is already set records
+        nothing.
+
+        Usage::
+
+            p.models.set_policy("fraud", require_distinct_approver=True, actor="carol", notes="SOX review")
+            p.models.policy("fraud")["changes"][-1]["by"]   # 'carol'
+        """
         require_bool("require_distinct_approver", require_distinct_approver)
+        who = _check_person(_user() if actor is None else actor, "actor")
+        _check_free_text(notes, "notes")
         with self._db.connect(write=True) as conn:
             model_id = self._model_id(conn, name)
+            if self._lock(conn, model_id) == require_distinct_approver:
+                return
             conn.execute(sa.update(RegisteredModel).where(RegisteredModel.id == model_id).values(
                 require_distinct_approver=require_distinct_approver))
+            conn.execute(sa.insert(ModelPolicyChange).values(
+                model_id=model_id, require_distinct_approver=require_distinct_approver, actor=who, notes=notes))
 
     def register(self, name: str, run_id: str, artifact: str = "model", *, description: str = "",
                  registered_by: str | None = None) -> ModelVersionInfo:
@@ -398,6 +424,23 @@ class ModelRegistry:
             if version is not None:
                 q = q.where(ModelVersion.version == version)
             return [Transition(*r) for r in conn.execute(q)]
+
+    def policy(self, name: str) -> dict[str, Any]:
+        """The model's approval policy now, and every change of it, oldest first.
+
+        >>> p.models.policy("fraud")  # doctest: +SKIP
+        {'require_distinct_approver': True, 'changes': [{'require_distinct_approver': True, 'by': 'carol',
+         'at': '2026-11-27T02:00:00+00:00', 'notes': 'SOX review'}]}
+        """
+        with self._db.connect() as conn:
+            model_id = self._model_id(conn, name)
+            now = bool(conn.scalar(sa.select(RegisteredModel.require_distinct_approver)
+                                   .where(RegisteredModel.id == model_id)))
+            rows = conn.execute(sa.select(ModelPolicyChange).where(ModelPolicyChange.model_id == model_id)
+                                .order_by(ModelPolicyChange.at, ModelPolicyChange.id)).all()
+        return {"require_distinct_approver": now,
+                "changes": [{"require_distinct_approver": r.require_distinct_approver, "by": r.actor,
+                             "at": r.at.isoformat(), "notes": r.notes} for r in rows]}
 
     def resolve(self, name: str, *, version: int | None = None, stage: str | None = None,
                 alias: str | None = None) -> ModelVersionInfo:
