@@ -356,6 +356,11 @@ def test_drift_needs_served_rows_and_a_logged_input(world):
             p.monitoring.drift("scorer", **kwargs)
     with pytest.raises(DataError, match=r"since must be a datetime \(naive means UTC\), got .2026-01-01."):
         p.monitoring.skew("scorer", since="2026-01-01")
+    for name in ("nobody", "scorer"):  # checked first: an unknown name said NotFoundError, drift rebuilt its data first
+        with pytest.raises(DataError, match="since must be a datetime"):
+            p.monitoring.skew(name, since="2026-01-01")
+        with pytest.raises(DataError, match="since must be a datetime"):
+            p.monitoring.drift(name, since=5)
     later = datetime.now(timezone.utc) + timedelta(days=1)
     with pytest.raises(NotFoundError, match=re.escape(f"logged for 'scorer' v1 since {later.isoformat()}:")):
         p.monitoring.drift("scorer", since=later)
@@ -385,7 +390,7 @@ def test_a_model_trained_on_full_feature_names_is_served_checked_and_compared_un
     assert out.features["profile__score"] == online["score"]  # the same values, under the training names
     local = p.serving.local_backend().infer("full", {"input__0": np.column_stack(
         [online["score"], online["visits"]]).astype(np.float32)})
-    assert np.allclose(np.asarray(out["output__0"]), local["output__0"][:, 0])
+    assert np.allclose(np.asarray(out["output__0"]), local["output__0"][:, 0])  # one value per row: numbers
     calm = p.monitoring.skew("full")
     assert set(calm.features) == set(names) and calm.mismatches == []
     assert set(p.monitoring.drift("full").features) == set(names)

@@ -52,10 +52,9 @@ def test_online_store_schemes(url, tmp_path):
         ({"database_url": "mysql://h/db"}, {}, "database_url 'mysql://h/db' has an unsupported scheme 'mysql'"),
         ({"online_store": "memcached://h"}, {}, "online_store .* unsupported scheme"),
         ({"online_store": "redis+foo://h"}, {}, "unsupported scheme 'redis\\+foo'"),
-        ({}, {"MLPLAT_THREADS": "many"}, "threads must be a whole number, got 'many' \\(argument threads= or "
-                                         "\\$MLPLAT_THREADS\\)"),
-        ({}, {"MLPLAT_THREADS": "2.5"}, "threads must be a whole number, got '2.5'"),
-        ({"threads": 2.7}, {}, "threads must be a whole number, got 2.7"),
+        ({}, {"MLPLAT_THREADS": "many"}, "threads must be a whole number, got 'many' \\(\\$MLPLAT_THREADS\\)$"),
+        ({}, {"MLPLAT_THREADS": "2.5"}, "threads must be a whole number, got '2.5' \\(\\$MLPLAT_THREADS\\)$"),
+        ({"threads": 2.7}, {"MLPLAT_THREADS": "4"}, "threads must be a whole number, got 2.7 \\(argument threads=\\)$"),
         ({"threads": True}, {}, "threads must be a whole number, got True"),
         ({"threads": "2"}, {}, None),
         ({"served_sample_rate": float("nan")}, {}, "served_sample_rate must be a number, got nan"),

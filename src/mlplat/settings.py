@@ -129,7 +129,7 @@ def _number(name: str, value, env: Mapping[str, str], var: str, default, kind: t
     raw = value if value is not None else env.get(var)
     if raw is None or raw == "":
         return default
-    where = f" (argument {name}= or ${var})"
+    where = f" (argument {name}=)" if value is not None else f" (${var})"  # where to correct it
     wanted = "a whole number" if kind is int else "a number"
     number = raw
     if isinstance(raw, str):

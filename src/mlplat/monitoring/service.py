@@ -8,7 +8,7 @@ from ..errors import DataError, NotFoundError
 from ..models.lineage import rebuild_input
 from ..models.registry import NAME_PATTERN
 from .._checks import require_number
-from .._time import as_utc
+from .._time import as_utc, utc_argument
 from .adoption import adoption_metrics
 from .drift import DriftReport, check_drift_limits, drift_check
 from .skew import SkewReport, check_limits, merge_reports, skew_check
@@ -34,6 +34,7 @@ class Monitoring:
             report.mismatches[:5]  # entity, request time, served, recomputed
         """
         check_limits(tolerance, threshold)
+        since = None if since is None else utc_argument("since", since)  # before any work, whatever the name
         if sample is not None:
             require_number("sample", sample, low=1, integer=True, meaning="a positive number of rows")
         _check_name(model_or_view)
@@ -79,6 +80,7 @@ class Monitoring:
             report.features["amount"].psi
         """
         check_drift_limits(bins, psi_threshold, alpha)
+        since = None if since is None else utc_argument("since", since)  # before the training data is rebuilt
         info = self._p.models.resolve(model, version=version)
         run = self._p.runs.get(info.run_id)
         inp = next((i for i in run.inputs if i["feature_refs"].get("entity_rows")), None)
