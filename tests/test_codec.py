@@ -1,6 +1,7 @@
 """The C++ online-record codec against the pure-Python reference in reference.py."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -203,3 +204,56 @@ def test_commands_are_valid_resp():
         _codec.pack_evalsha("abc", "p:", "t@1", kd, ko, rd, ro, np.zeros(2, np.int64), np.array([5], np.int64))
     rb = RecordBuffers(kd, ko, rd, ro, np.zeros(2, np.int64))
     assert len(rb) == 2 and rb.record(1) == recs[1] and rb.key(0) == keys[0]
+
+
+def test_records_emptied_by_another_thread_during_a_decode_stay_alive_until_it_ends():
+    """The parse ran without the GIL on pointers into the caller's list; another thread clearing the list freed
+    the records under it (a segfault)."""
+    done = _in_a_subprocess(f"""
+        import sys, threading
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from reference import encode_record
+        from mlplat._native import _codec
+        kinds = [0] * 20_000 + [4]
+        records = [encode_record(kinds, [i] * 20_000 + ["x" * 300_000], i, None) for i in range(30)]
+        sys.setswitchinterval(10.0)  # this thread keeps the GIL until the decode releases it
+        go = threading.Event()
+        def other():
+            go.wait()  # wakes now, but gets the GIL only once the decode releases it
+            records.clear()
+        t = threading.Thread(target=other)
+        t.start()
+        go.set()
+        columns, events = _codec.decode_records(records, 0, 30, kinds, -(2**63))
+        t.join()
+        print(len(records), events.tolist() == list(range(30)), columns[0] == list(range(30)),
+              columns[-1] == ["x" * 300_000] * 30)
+    """)
+    assert done.returncode == 0 and done.stdout.split() == ["0", "True", "True", "True"], done
+
+
+def test_a_key_whose_index_raises_gives_that_error():
+    class Broken:
+        def __index__(self):
+            raise RuntimeError("no index today")
+
+    with pytest.raises(RuntimeError, match="no index today"):  # was SystemError: "returned a result with an
+        _codec.entity_keys([[Broken()]], [0])                   # exception set"
+
+
+def test_a_column_of_arrows_null_type_encodes_as_nulls_for_every_kind():
+    """pa.nulls / an all-None list: int and timestamp columns encoded, the others raised ArrowInvalid or
+    'not enough values to unpack'."""
+    kinds = list(range(7))
+    data, offsets = encode_records(kinds, [pa.nulls(2)] * 7, np.array([5, 6], np.int64), np.empty(0, np.int64))
+    for i in range(2):
+        assert bytes(data[offsets[i] : offsets[i + 1]]) == encode_record(kinds, [None] * 7, 5 + i, None)
+    for key_kind in ("int", "string"):
+        data, offsets = entity_key_buffers([pa.nulls(2)], [key_kind])
+        assert offsets.tolist() == [0, 0, 0]  # a null key gives an empty key
+
+
+def test_a_negative_row_count_is_refused():
+    empty_string_column = (np.zeros(0, np.int64), np.zeros(0, np.uint8), None)
+    with pytest.raises(ValueError, match="n must be >= 0"):  # returned 0 offsets for -1 rows
+        _codec.entity_keys_buffers([empty_string_column], [1], -1)

@@ -1,6 +1,10 @@
 """The C++ key factorizer against a dictionary reference."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -152,3 +156,87 @@ def test_many_keys_dense_and_hashed_agree():
     np.testing.assert_array_equal(a, b)
     _, first = np.unique(build, return_index=True)
     assert dense.size == len(first)
+
+
+def _in_a_subprocess(code: str) -> subprocess.CompletedProcess:
+    """Run code that crashed the interpreter before the fix: a crash must fail the test, not end the run."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["int", "binary"])
+def test_a_build_from_another_thread_while_one_runs_is_refused_not_run_at_the_same_time(kind):
+    """Both builds passed the 'already built' check, released the GIL and wrote the same tables: a segfault,
+    or 3,081,080 codes for 3,000,000 distinct keys."""
+    done = _in_a_subprocess(f"""
+        import sys, threading
+        import numpy as np
+        from mlplat._native import _keys
+        kind = {kind!r}
+        n = 3_000_000 if kind == "int" else 1_000_000
+        if kind == "int":
+            f, args = _keys.Int64Factorizer(), (np.arange(n, dtype=np.int64) * 1_000_003,)  # the hash table path
+        else:
+            data = np.frombuffer(b"".join(b"%08d" % i for i in range(n)), np.uint8)
+            f, args = _keys.BinaryFactorizer(), (np.arange(0, 8 * n + 1, 8, dtype=np.int64), data)
+        sys.setswitchinterval(10.0)  # this thread keeps the GIL until the build releases it
+        go, result = threading.Event(), {{}}
+        def other():
+            go.wait()  # wakes now, but gets the GIL only once the main thread's build releases it
+            try:
+                result["other"] = f.build(*args).max()
+            except ValueError as exc:
+                result["other"] = str(exc)
+        t = threading.Thread(target=other)
+        t.start()
+        go.set()
+        codes = f.build(*args)
+        t.join()
+        print(result["other"], "|", f.size == n and codes.tolist() == list(range(n)))
+    """)
+    assert done.returncode == 0, done
+    assert done.stdout.strip() == "factorizer is already being built (in another thread) | True", done
+
+
+def test_keys_must_be_one_dimensional():
+    with pytest.raises(ValueError, match="keys must be a 1-d array"):
+        _keys.Int64Factorizer().build(np.zeros((2, 3), dtype=np.int64))  # took 2 codes of 6 keys
+    f = _keys.Int64Factorizer()
+    f.build(np.arange(3, dtype=np.int64))
+    with pytest.raises(ValueError, match="keys must be a 1-d array"):
+        f.lookup(np.zeros((2, 1), dtype=np.int64), None, np.empty(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="1-d"):
+        _keys.combine_codes(np.zeros((1, 2), dtype=np.int64), np.zeros(1, dtype=np.int64), 2)
+
+
+def test_a_probe_column_of_another_kind_is_refused_not_cast():
+    ints = KeyFactorizer([pa.array([7, 3])])
+    out = np.full(2, -7, dtype=np.int64)
+    with pytest.raises(TypeError, match="built from int keys, this key column is string"):
+        ints.lookup([pa.array(["7", "3"])], out)  # the cast matched the string "7" to the integer 7: [0, 1]
+    with pytest.raises(TypeError, match="integers or strings, got double"):
+        ints.lookup([pa.array([7.0, 3.0])], out)
+    strings = KeyFactorizer([pa.array(["a"])])
+    with pytest.raises(TypeError, match="built from string keys, this key column is int64"):
+        strings.lookup([pa.array([1, 2])], out)  # was "not enough values to unpack (expected 3, got 2)"
+    for f in (ints, strings):  # an all-null column of Arrow's null type: no key, as any null
+        f.lookup([pa.nulls(2)], out)
+        assert out.tolist() == [-1, -1]
+        f.lookup([pa.chunked_array([pa.nulls(1), pa.nulls(1)])], out)
+        assert out.tolist() == [-1, -1]
+    composite = KeyFactorizer([pa.array([1, 2]), pa.array(["x", "y"])])
+    composite.lookup([pa.array([2, 1]), pa.nulls(2)], out)
+    assert out.tolist() == [-1, -1]
+
+
+def test_out_of_the_wrong_type_is_refused_with_a_clear_error():
+    f = KeyFactorizer([pa.array(["a", "b"])])
+    with pytest.raises(TypeError, match="out must be a 1-d contiguous int64 numpy array, got a 1-d int32 array"):
+        f.lookup([pa.array(["b", "a"])], np.empty(2, dtype=np.int32))
+    with pytest.raises(TypeError, match="got a 1-d int64 array, not contiguous"):
+        f.lookup([pa.array(["b", "a"])], np.empty(4, dtype=np.int64)[::2])
+    with pytest.raises(TypeError, match="got list"):
+        f.lookup([pa.array(["b", "a"])], [0, 0])
+    read_only = np.empty(2, dtype=np.int64)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        f.lookup([pa.array(["b", "a"])], read_only)

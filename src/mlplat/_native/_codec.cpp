@@ -315,10 +315,16 @@ py::tuple decode_records(const py::list& records, py::ssize_t offset, py::ssize_
         throw std::invalid_argument("offset and count fall outside the records");
     py::ssize_t n_out = rows ? rows->shape(0) : count;
     const int64_t* row_of = rows ? rows->data() : nullptr;
+    // Our own references to the records: the parse below runs without the GIL and the objects built after
+    // it read the records' bytes, so another thread emptying the caller's list must not free them meanwhile.
+    py::list held = py::reinterpret_steal<py::list>(PyList_GetSlice(records.ptr(), offset, offset + count));
+    if (!held) throw py::error_already_set();
+    if (py::ssize_t(held.size()) != count)
+        throw std::invalid_argument("offset and count fall outside the records");  // the list shrank meanwhile
     std::vector<const uint8_t*> rec(count, nullptr);
     std::vector<size_t> rec_len(count, 0);
     for (py::ssize_t i = 0; i < count; ++i) {
-        PyObject* item = PyList_GET_ITEM(records.ptr(), offset + i);
+        PyObject* item = PyList_GET_ITEM(held.ptr(), i);
         if (item == Py_None) continue;
         if (!PyBytes_Check(item))
             throw py::type_error("record " + std::to_string(i) + " is " + Py_TYPE(item)->tp_name + ", not bytes");
@@ -494,7 +500,9 @@ py::list entity_keys(const py::list& columns, const std::vector<int>& kinds) {
                                          ": expected an integer, got " + std::string(py::str(py::type::of(v).attr("__name__"))));
                 int overflow = 0;
                 py::object idx = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
+                if (!idx) throw py::error_already_set();  // its __index__ raised
                 long long x = PyLong_AsLongLongAndOverflow(idx.ptr(), &overflow);
+                if (x == -1 && !overflow && PyErr_Occurred()) throw py::error_already_set();
                 if (overflow) throw py::value_error("key column " + std::to_string(j) + " row " + std::to_string(i) +
                                                     ": integer does not fit in int64");
                 append_int_key(key, x);
@@ -519,6 +527,7 @@ py::list entity_keys(const py::list& columns, const std::vector<int>& kinds) {
 py::tuple entity_keys_buffers(const py::list& columns, const std::vector<int>& kinds, py::ssize_t n) {
     if (py::ssize_t(kinds.size()) != py::ssize_t(columns.size()) || kinds.empty())
         throw std::invalid_argument("one kind per key column is needed");
+    if (n < 0) throw std::invalid_argument("n must be >= 0");
     std::vector<py::object> keep;
     std::vector<Column> cols;
     for (size_t j = 0; j < kinds.size(); ++j)

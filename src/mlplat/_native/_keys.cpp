@@ -7,6 +7,9 @@
 //
 // The Python objects are only touched with the GIL held; every loop over the
 // data runs with the GIL released and writes into arrays allocated beforehand.
+// A factorizer is built once: the build claims it (under the GIL) before it
+// releases the GIL, so a second build from another thread is refused instead of
+// writing the same tables at the same time; lookups only read and may run at once.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -67,6 +70,23 @@ const bool* mask_ptr(const OptMask& mask, py::ssize_t n, const char* what) {
 
 Int64Array new_codes(py::ssize_t n) { return Int64Array(n); }
 
+void check_1d(const py::array& a, const char* what) {
+    if (a.ndim() != 1) throw std::invalid_argument(std::string(what) + " must be a 1-d array");
+}
+
+// The build state of a factorizer. Checked and changed with the GIL held only.
+enum class State { empty, building, built };
+
+void claim_for_build(State& state) {
+    if (state == State::built) throw std::invalid_argument("factorizer is already built");
+    if (state == State::building) throw std::invalid_argument("factorizer is already being built (in another thread)");
+    state = State::building;
+}
+
+void check_built(State state) {
+    if (state != State::built) throw std::invalid_argument("factorizer is not built yet");
+}
+
 void check_out(const Int64Array& out, py::ssize_t n) {
     if (out.ndim() != 1 || out.shape(0) != n)
         throw std::invalid_argument("out must be a 1-d int64 array as long as the keys");
@@ -79,23 +99,29 @@ class Int64Factorizer {
   public:
     // Builds from the entity side and returns its codes.
     Int64Array build(const Int64Array& keys, const OptMask& valid) {
-        if (built_) throw std::invalid_argument("factorizer is already built");
+        if (state_ != State::empty) claim_for_build(state_);  // throws
+        check_1d(keys, "keys");
         py::ssize_t n = keys.shape(0);
         const int64_t* k = keys.data();
         const bool* v = mask_ptr(valid, n, "build");
         Int64Array codes = new_codes(n);
         int64_t* c = codes.mutable_data();
-        {
+        claim_for_build(state_);
+        try {
             py::gil_scoped_release nogil;
             build_impl(k, v, n, c);
+        } catch (...) {  // e.g. std::bad_alloc: back to empty, so that the error is not a half-built table
+            *this = Int64Factorizer();
+            throw;
         }
-        built_ = true;
+        state_ = State::built;
         return codes;
     }
 
     // Writes the code of each key (or -1) into out.
     void lookup(const Int64Array& keys, const OptMask& valid, Int64Array& out) const {
-        if (!built_) throw std::invalid_argument("factorizer is not built yet");
+        check_built(state_);
+        check_1d(keys, "keys");
         py::ssize_t n = keys.shape(0);
         check_out(out, n);
         const int64_t* k = keys.data();
@@ -165,7 +191,7 @@ class Int64Factorizer {
         return -1;
     }
 
-    bool built_ = false;
+    State state_ = State::empty;
     int64_t n_unique_ = 0;
     int64_t lo_ = 0, hi_ = -1;
     std::vector<int64_t> direct_;
@@ -204,12 +230,13 @@ class BinaryFactorizer {
     template <typename Off>
     Int64Array build(const py::array_t<Off, py::array::c_style>& offsets, const ByteArray& data,
                      const OptMask& valid) {
-        if (built_) throw std::invalid_argument("factorizer is already built");
+        if (state_ != State::empty) claim_for_build(state_);  // throws
         BinaryView<Off> b = view_of(offsets, data, "build");
         const bool* v = mask_ptr(valid, b.n, "build");
         Int64Array codes = new_codes(b.n);
         int64_t* c = codes.mutable_data();
-        {
+        claim_for_build(state_);
+        try {
             py::gil_scoped_release nogil;
             size_t cap = table_size_for(size_t(b.n));
             mask_ = cap - 1;
@@ -226,15 +253,18 @@ class BinaryFactorizer {
                 }
                 c[i] = slots_[s].code;
             }
+        } catch (...) {
+            *this = BinaryFactorizer();
+            throw;
         }
-        built_ = true;
+        state_ = State::built;
         return codes;
     }
 
     template <typename Off>
     void lookup(const py::array_t<Off, py::array::c_style>& offsets, const ByteArray& data, const OptMask& valid,
                 Int64Array& out) const {
-        if (!built_) throw std::invalid_argument("factorizer is not built yet");
+        check_built(state_);
         BinaryView<Off> b = view_of(offsets, data, "lookup");
         check_out(out, b.n);
         const bool* v = mask_ptr(valid, b.n, "lookup");
@@ -269,7 +299,7 @@ class BinaryFactorizer {
         return s;
     }
 
-    bool built_ = false;
+    State state_ = State::empty;
     int64_t n_unique_ = 0;
     size_t mask_ = 0;
     std::vector<Slot> slots_;
@@ -278,6 +308,8 @@ class BinaryFactorizer {
 
 // Combines two code columns into one: (a, b) -> a * n_b + b, -1 if either is -1.
 Int64Array combine_codes(const Int64Array& a, const Int64Array& b, int64_t n_b) {
+    check_1d(a, "a");
+    check_1d(b, "b");
     py::ssize_t n = a.shape(0);
     if (b.shape(0) != n) throw std::invalid_argument("code columns differ in length");
     if (n_b < 0) throw std::invalid_argument("n_b must be >= 0");

@@ -19,6 +19,8 @@ __all__ = ["KEY_KINDS", "kind_of", "encode_records", "entity_key_buffers", "colu
 
 INT, FLOAT32, FLOAT64, BOOL, STRING, BYTES, TIMESTAMP = range(7)
 KEY_KINDS = {"int": 0, "string": 1}
+_NULL_AS = {INT: pa.int64(), FLOAT32: pa.float32(), FLOAT64: pa.float64(), BOOL: pa.bool_(), STRING: pa.string(),
+            BYTES: pa.binary(), TIMESTAMP: pa.timestamp("ns")}
 
 
 def kind_of(dtype) -> int:
@@ -37,6 +39,8 @@ def column_spec(arr: pa.Array | pa.ChunkedArray, kind: int) -> tuple:
         arr = arr.combine_chunks()
     if pat.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
+    if pat.is_null(arr.type):  # nothing but nulls (pa.nulls, an all-None list): the kind's own type
+        arr = pa.nulls(len(arr), _NULL_AS[kind])
     valid = valid_mask(arr)
     if kind in (STRING, BYTES):
         return (*binary_buffers(arr), valid)

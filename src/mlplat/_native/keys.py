@@ -49,9 +49,19 @@ class KeyFactorizer:
         self.size: int = (self._pairs[-1] if self._pairs else self._columns[0]).size
 
     def lookup(self, columns: Sequence[pa.Array], out: np.ndarray) -> None:
-        """Write the code of each row's key, or -1 (unknown or null key), into ``out``."""
+        """Write the code of each row's key, or -1 (unknown or null key), into ``out``.
+
+        Each column must be of the kind (integer or string) its build column was: a ``TypeError`` otherwise;
+        a column of Arrow's null type (all null) gives -1 everywhere."""
         if len(columns) != len(self._columns):
             raise ValueError(f"expected {len(self._columns)} key columns, got {len(columns)}")
+        if not (isinstance(out, np.ndarray) and out.dtype == np.int64 and out.ndim == 1
+                and out.flags.c_contiguous):
+            got = (f"a {out.ndim}-d {out.dtype} array{'' if out.flags.c_contiguous else ', not contiguous'}"
+                   if isinstance(out, np.ndarray) else type(out).__name__)
+            raise TypeError(f"out must be a 1-d contiguous int64 numpy array, got {got}")
+        if not out.flags.writeable:
+            raise ValueError("out must be writeable")
         if not self._pairs:
             _lookup(self._columns[0], self._kinds[0], columns[0], out)
             return
@@ -143,6 +153,12 @@ def _lookup(f, kind: str, column, out: np.ndarray) -> None:
     start = 0
     for arr in _chunks(column):
         part = out[start : start + len(arr)]
+        if pat.is_null(arr.type):  # nothing but nulls: no key
+            part[:] = -1
+            start += len(arr)
+            continue
+        if _kind(arr.type) != kind:  # a cast would match the string "7" to the integer 7
+            raise TypeError(f"the factorizer was built from {kind} keys, this key column is {arr.type}")
         if kind == "int":
             arr = _as_int64(arr)
             f.lookup(_int_values(arr), valid_mask(arr), part)
