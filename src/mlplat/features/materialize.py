@@ -190,6 +190,9 @@ class Materializer:
     # ------------------------------------------------------------------- push
     def push(self, view_name: str, rows: Any, *, to_offline: bool = False) -> int:
         view = self._catalog.get("feature_view", view_name)
+        if not view.online and not to_offline:  # the rows would go nowhere
+            raise DefinitionError(f"feature view {view.name!r} is not served online (online=False): push it "
+                                  "with to_offline=True to append the rows to its source")
         src = view.source
         table = _check_push_columns(view, _push_table(rows))
         if table.num_rows == 0:
@@ -234,14 +237,11 @@ def _check_nanoseconds(view: FeatureView, feature: str, column: pa.Array) -> Non
 
 
 def _push_table(rows: Any) -> pa.Table:
-    if isinstance(rows, list):
+    if isinstance(rows, (list, dict)):
         try:
-            return pa.Table.from_pylist(rows)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
-            raise DataError(f"push: rows cannot be read as a table: {exc}") from None
-    if isinstance(rows, dict):
-        try:
-            return pa.table(rows)
+            return pa.Table.from_pylist(rows) if isinstance(rows, list) else pa.table(rows)
+        except OverflowError as exc:  # an int past 64 bits, which no column type holds
+            raise DataError(f"push: rows hold an integer that does not fit in 64 bits ({exc})") from None
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
             raise DataError(f"push: rows cannot be read as a table: {exc}") from None
     return _arrow.to_table(rows, "push rows")
@@ -280,6 +280,12 @@ def _check_push_columns(view: FeatureView, table: pa.Table) -> pa.Table:
                 col = col.cast(target, safe=f.dtype.kind != "float")
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise DataError(f"{where}: feature {f.name!r} cannot be stored as {f.dtype.name}: {exc}") from None
+            if f.dtype.kind == "float" and pa.types.is_floating(table.column(f.name).type):
+                overflow = pc.and_(pc.is_finite(table.column(f.name)), pc.invert(pc.is_finite(col)))
+                if pc.any(overflow).as_py():
+                    at = pc.index(overflow, True).as_py()
+                    raise DataError(f"{where}: feature {f.name!r} holds {table.column(f.name)[at].as_py()!r} "
+                                    f"(row {at}), beyond the range of {f.dtype.name}")
             table = table.set_column(table.schema.get_field_index(f.name), f.name, col)
     return table
 

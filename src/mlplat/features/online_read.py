@@ -106,6 +106,8 @@ class OnlineReader:
         self._plans.clear()
 
     def _plan(self, features: Sequence[str] | FeatureService, full_feature_names: bool) -> _Plan:
+        if isinstance(features, str):  # tuple("v:f") would be its characters, each a bad reference
+            raise DefinitionError("features must be a list of 'view:feature' references or a FeatureService")
         refs = tuple(features.features if isinstance(features, FeatureService) else features)
         return self._plans.get((refs, full_feature_names), lambda: self._make_plan(refs, full_feature_names))
 
@@ -192,6 +194,19 @@ def _key_error(message: str, keys: Sequence[str], kinds: Mapping[str, str]) -> s
     return message
 
 
+def _column_values(values: Any, key: str) -> list:
+    """One column of entity rows given as a dict of columns, as a list (numpy ints and strs are read as ints
+    and strs); a single value (a str would otherwise be read as one row per character) is a DataError."""
+    if not isinstance(values, (str, bytes, bytearray, Mapping)):
+        try:
+            return list(values)
+        except TypeError:
+            pass
+    raise DataError(f"entity rows given as a dict of columns: column {key!r} must be a list of values, one per "
+                    f"entity row, got {type(values).__name__} {values!r:.60}; write {{{key!r}: [...]}} or a list "
+                    "of dicts")
+
+
 def _key_columns(entity_rows: Any, join_keys: Sequence[str]) -> dict[str, list]:
     """Join key columns of the entity rows as Python lists."""
     if isinstance(entity_rows, Mapping):
@@ -199,7 +214,7 @@ def _key_columns(entity_rows: Any, join_keys: Sequence[str]) -> dict[str, list]:
         if missing:
             raise DataError(f"entity rows have no column {missing[0]!r}, a join key of the features asked for "
                             f"(columns: {', '.join(map(str, entity_rows))})")
-        cols = {k: list(entity_rows[k]) for k in join_keys}  # numpy ints and strs are read as ints and strs
+        cols = {k: _column_values(entity_rows[k], k) for k in join_keys}
         lengths = {len(v) for v in cols.values()}
         if len(lengths) > 1:
             raise DataError(f"entity row columns differ in length: {sorted(lengths)}")

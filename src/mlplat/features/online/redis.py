@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 from redis.connection import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AskError, RedisClusterException, RedisError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._native import _codec
@@ -74,6 +74,9 @@ return applied
 """
 _IN_FLIGHT = 8  # write batches sent before their replies are read
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+#: what redis-py raises for a store it cannot use: RedisClusterException (no reachable node, cluster mode off,
+#: a slot no node serves) is not a RedisError
+_FAILURES = (RedisError, RedisClusterException)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ def _describe(exc: BaseException, timeout: float) -> str:
         return f"cannot connect ({exc})"
     if isinstance(exc, ResponseError):
         return f"answered with an error: {exc}"
+    if isinstance(exc, RedisClusterException):
+        return f"cannot use the cluster ({exc})"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -174,7 +179,7 @@ class RedisOnlineStore(OnlineStore):
 
             try:
                 self._cluster = RedisCluster.from_url(base, **timeouts)
-            except RedisError as exc:
+            except _FAILURES as exc:
                 raise OnlineStoreError(f"online store {self.name}: {_describe(exc, self._opts.timeout)}") from None
         else:
             self._pool = ConnectionPool.from_url(base, **timeouts)
@@ -183,6 +188,11 @@ class RedisOnlineStore(OnlineStore):
     # ---------------------------------------------------------------- helpers
     def _fail(self, exc: BaseException, doing: str) -> OnlineStoreError:
         return OnlineStoreError(f"online store {self.name}: {doing} {_describe(exc, self._opts.timeout)}")
+
+    def _moving(self, exc: _Moved, doing: str) -> OnlineStoreError:
+        return OnlineStoreError(f"online store {self.name}: {doing} a node redirected the request ({exc}) again "
+                                "after the cluster's slot layout was read anew: slots are being moved (resharding); "
+                                "try again once the move is done")
 
     def _pools(self) -> dict[str, ConnectionPool]:
         """Every primary node's pool, by node name."""
@@ -215,8 +225,10 @@ class RedisOnlineStore(OnlineStore):
             except _Moved:
                 self._cluster.nodes_manager.initialize()  # slots moved: learn the new layout, try once more
                 return self._cluster_read(groups)
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, "reading:") from None
+        except _Moved as exc:
+            raise self._moving(exc, "reading:") from None
 
     def _cluster_read(self, groups: list[tuple[list[str], list[bytes]]]) -> list[bytes | None]:
         slot_table = _slot_of_bucket()
@@ -244,8 +256,8 @@ class RedisOnlineStore(OnlineStore):
             replies = _roundtrip(pools[node], cmds, self._opts.retries)
             for reply, positions in zip(replies, where):
                 if isinstance(reply, ResponseError):
-                    if str(reply).startswith(("MOVED", "ASK")):
-                        raise _Moved(str(reply))
+                    if _redirected(reply):
+                        raise _Moved(_redirect_text(reply))
                     raise reply
                 for pos, value in zip(positions, reply):
                     out[pos] = value
@@ -274,8 +286,10 @@ class RedisOnlineStore(OnlineStore):
                 self._cluster.nodes_manager.initialize()
                 self._shas.clear()
                 return self._cluster_write(tag, records, progress)
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, f"writing {tag}:") from None
+        except _Moved as exc:
+            raise self._moving(exc, f"writing {tag}:") from None
 
     def _cluster_write(self, tag: str, records: RecordBuffers, progress: Progress | None) -> int:
         slots = _slot_of_bucket()[records.buckets()]
@@ -307,8 +321,8 @@ class RedisOnlineStore(OnlineStore):
                     continue
                 for r in replies:
                     if isinstance(r, ResponseError):
-                        if str(r).startswith(("MOVED", "ASK")):
-                            raise _Moved(str(r))
+                        if _redirected(r):
+                            raise _Moved(_redirect_text(r))
                         raise r
                 break
             applied += sum(int(r) for r in replies)
@@ -325,6 +339,19 @@ class RedisOnlineStore(OnlineStore):
 
 class _Moved(Exception):
     """A cluster node answered MOVED/ASK: the slot layout changed."""
+
+
+def _redirected(reply: ResponseError) -> bool:
+    """Whether an error reply says the slot is (being) served elsewhere. redis-py's parsers turn MOVED and ASK
+    replies into MovedError / AskError whose text drops the word (\"3999 127.0.0.1:7001\"), so the class tells;
+    TRYAGAIN is a multi-key command in a slot half-way through a move."""
+    return isinstance(reply, (AskError, TryAgainError)) or str(reply).startswith(("MOVED", "ASK", "TRYAGAIN"))
+
+
+def _redirect_text(reply: ResponseError) -> str:
+    word = {"MovedError": "MOVED", "AskError": "ASK", "TryAgainError": "TRYAGAIN"}.get(type(reply).__name__, "")
+    text = str(reply)
+    return text if not word or text.startswith(word) else f"{word} {text}"
 
 
 def _batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
