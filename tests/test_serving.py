@@ -1106,6 +1106,47 @@ def test_a_user_routed_to_both_variants_counts_once_for_the_first(served):
     after.close()
 
 
+def test_gateway_summary_takes_the_user_as_the_unit_on_every_database(database_url, tmp_path):
+    # users reporting several like outcomes are fewer observations than their rows: the old per-row Welch error
+    # was far too narrow; and the gateway's SQL had never run on PostgreSQL
+    rng = np.random.default_rng(7)
+    with mp.Platform(tmp_path / "home", database_url=database_url) as p:
+        _register(p, "m", Scorer(0.0))
+        _register(p, "m", Scorer(1.0), stage="staging")
+        gateway = mp.ABGateway("m", "m@staging", 0.5, "clustered", salt="c", platform=p)
+        sums: dict[str, list[float]] = {"champion": [], "challenger": []}
+        counts: dict[str, list[int]] = {"champion": [], "challenger": []}
+        rows: dict[str, list[float]] = {"champion": [], "challenger": []}
+        for user in range(60):
+            variant = gateway.route(user).variant
+            level = rng.normal(10.0, 3.0) + (0.5 if variant == "challenger" else 0.0)
+            values = level + rng.normal(0.0, 0.1, size=1 + user % 7)  # alike within a user
+            for value in values:
+                gateway.record_outcome(user, float(value))
+            sums[variant].append(float(values.sum()))
+            counts[variant].append(len(values))
+            rows[variant].extend(values.tolist())
+        summary = gateway.summary()
+        gateway.close()
+
+    def delta_variance(s: list[float], n: list[int]) -> float:  # brute force, numpy
+        s_, n_ = np.asarray(s), np.asarray(n, dtype=float)
+        r = s_.sum() / n_.sum()
+        cov = np.cov(np.vstack([s_, n_]), ddof=1)
+        return float((cov[0, 0] - 2 * r * cov[0, 1] + r * r * cov[1, 1]) / (len(s_) * n_.mean() ** 2))
+
+    want = math.sqrt(sum(delta_variance(sums[v], counts[v]) for v in sums))
+    got = summary["difference"]
+    assert got["std_error"] == pytest.approx(want, rel=1e-9)
+    assert got["estimate"] == pytest.approx(np.mean(rows["challenger"]) - np.mean(rows["champion"]), rel=1e-9)
+    per_row = math.sqrt(sum(np.var(rows[v], ddof=1) / len(rows[v]) for v in rows))
+    assert got["std_error"] > 1.5 * per_row  # what the old summary reported
+    for v in sums:
+        assert summary["variants"][v]["outcome_users"] == len(sums[v])
+        assert summary["variants"][v]["outcomes"] == len(rows[v])
+        assert summary["variants"][v]["mean"] == pytest.approx(np.mean(rows[v]), rel=1e-9)
+
+
 def test_gateway_summary_keeps_the_spread_of_large_outcomes_and_refuses_a_bad_time(served):
     import statistics
 

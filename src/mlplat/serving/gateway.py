@@ -241,52 +241,92 @@ class ABGateway:
     # ------------------------------------------------------------ summary
     def summary(self) -> dict[str, Any]:
         """Per variant: decisions, users, outcomes, mean and standard deviation; and challenger minus champion
-        with a 95 % confidence interval (Welch's standard error, normal approximation)."""
+        with a 95 % confidence interval (normal approximation) whose standard error takes the user as the
+        unit, as the split randomizes users: the delta method for the mean outcome of clustered rows, which
+        is Welch's standard error when every user has one outcome. (Counting each outcome as independent
+        understates the error when users report several: ten users with a hundred like outcomes each are
+        ten observations, not a thousand.)"""
         self.flush()
         e = self.experiment_id
         with self._platform.db.connect() as conn:
             counts = conn.execute(sa.select(ABDecision.variant, sa.func.count(),
                                             sa.func.count(sa.distinct(ABDecision.user_id)))
                                   .where(ABDecision.experiment_id == e).group_by(ABDecision.variant)).all()
-            stats = conn.execute(_outcome_stats(e)).all()
+            stats = {row[0]: row[1:] for row in conn.execute(_outcome_stats(e))}
+            by_user = {row[0]: (row[1], *map(float, row[2:])) for row in conn.execute(_user_stats(e))}  # PG: numeric
         variants: dict[str, dict[str, Any]] = {
             v: {"model": (self.champion if v == "champion" else self.challenger)[0], "decisions": 0, "users": 0,
-                "outcomes": 0, "mean": None, "std": None} for v in ("champion", "challenger")}
+                "outcomes": 0, "outcome_users": 0, "mean": None, "std": None} for v in ("champion", "challenger")}
         for v, n, users in counts:
             variants[v].update(decisions=n, users=users)
-        for v, n, mean, squares in stats:
+        for v, (n, mean, squares) in stats.items():
             var = squares / (n - 1) if n > 1 else None
-            variants[v].update(outcomes=n, mean=mean, std=math.sqrt(var) if var is not None else None)
+            variants[v].update(outcomes=n, outcome_users=by_user[v][0], mean=mean,
+                               std=math.sqrt(var) if var is not None else None)
         a, b = variants["champion"], variants["challenger"]
         difference = None
-        if a["outcomes"] > 1 and b["outcomes"] > 1:
+        if a["outcome_users"] > 1 and b["outcome_users"] > 1:
             est = b["mean"] - a["mean"]
-            se = math.sqrt(a["std"] ** 2 / a["outcomes"] + b["std"] ** 2 / b["outcomes"])
+            se = math.sqrt(sum(_clustered_variance(*by_user[v]) for v in ("champion", "challenger")))
             difference = {"estimate": est, "ci95": [est - 1.96 * se, est + 1.96 * se], "std_error": se}
         return {"experiment_id": e, "challenger_fraction": self.challenger_fraction, "variants": variants,
                 "difference": difference}
 
 
-def _outcome_stats(experiment_id: str) -> sa.Select:
-    """Per variant: outcomes, their mean and their squared deviations from it, summed.
+def _clustered_variance(users: int, mean_sum: float, mean_count: float, ss: float, nn: float, sn: float) -> float:
+    """The variance of a variant's mean outcome (sum over count of the users' outcomes) by the delta method,
+    from the users' outcome sums S and counts N: their number, means, and summed squared deviations
+    (S, N) and cross products. With one outcome per user it is the outcomes' variance over their number.
 
-    Two passes (the mean, then the deviations from it) instead of ``avg(x*x) - avg(x)^2``, which
-    cancels to nothing for large outcomes (1e9 + a few: a standard deviation of 0). A user's outcomes
-    count for the variant of the user's first decision: one routed to both (the split changed during
-    a ramp-up, two gateways with different fractions) was counted in both.
+    >>> _clustered_variance(4, 2.5, 1.0, 5.0, 0.0, 0.0)  # one outcome each: 1, 2, 3, 4
+    0.4166666666666667
     """
+    ratio = mean_sum / mean_count
+    spread = (ss - 2 * ratio * sn + ratio * ratio * nn) / (users - 1)
+    return max(spread, 0.0) / (users * mean_count * mean_count)
+
+
+def _assigned_outcomes(experiment_id: str) -> sa.Subquery:
+    """Each outcome with its user and the variant of that user's first decision: a user routed to both (the
+    split changed during a ramp-up, two gateways with different fractions) counts once, for the first."""
     d = ABDecision
     first = (sa.select(d.user_id, sa.func.min(d.at).label("at")).where(d.experiment_id == experiment_id)
              .group_by(d.user_id).subquery())
     assigned = (sa.select(d.user_id, sa.func.min(d.variant).label("variant"))  # min: one variant on a tie
                 .join(first, sa.and_(first.c.user_id == d.user_id, first.c.at == d.at))
                 .where(d.experiment_id == experiment_id).group_by(d.user_id).subquery())
-    outcomes = (sa.select(assigned.c.variant, ABOutcome.outcome.label("x"))
-                .join(assigned, assigned.c.user_id == ABOutcome.user_id)
-                .where(ABOutcome.experiment_id == experiment_id).subquery())
+    return (sa.select(assigned.c.variant, assigned.c.user_id, ABOutcome.outcome.label("x"))
+            .join(assigned, assigned.c.user_id == ABOutcome.user_id)
+            .where(ABOutcome.experiment_id == experiment_id).subquery())
+
+
+def _outcome_stats(experiment_id: str) -> sa.Select:
+    """Per variant: outcomes, their mean and their squared deviations from it, summed.
+
+    Two passes (the mean, then the deviations from it) instead of ``avg(x*x) - avg(x)^2``, which
+    cancels to nothing for large outcomes (1e9 + a few: a standard deviation of 0).
+    """
+    outcomes = _assigned_outcomes(experiment_id)
     means = (sa.select(outcomes.c.variant, sa.func.count().label("n"), sa.func.avg(outcomes.c.x).label("mean"))
              .group_by(outcomes.c.variant).subquery())
     deviation = outcomes.c.x - means.c.mean
     return (sa.select(means.c.variant, means.c.n, means.c.mean, sa.func.sum(deviation * deviation))
             .join(means, means.c.variant == outcomes.c.variant)
             .group_by(means.c.variant, means.c.n, means.c.mean))
+
+
+def _user_stats(experiment_id: str) -> sa.Select:
+    """Per variant, over its users with outcomes: their number, the mean of their outcome sums S and counts N,
+    and the summed squared deviations of S and of N and their cross products (two passes, as above)."""
+    outcomes = _assigned_outcomes(experiment_id)
+    per_user = (sa.select(outcomes.c.variant, sa.func.sum(outcomes.c.x).label("s"),
+                          sa.func.count().label("n"))
+                .group_by(outcomes.c.variant, outcomes.c.user_id).subquery())
+    means = (sa.select(per_user.c.variant, sa.func.count().label("users"), sa.func.avg(per_user.c.s).label("ms"),
+                       sa.func.avg(per_user.c.n).label("mn"))
+             .group_by(per_user.c.variant).subquery())
+    ds, dn = per_user.c.s - means.c.ms, per_user.c.n - means.c.mn
+    return (sa.select(means.c.variant, means.c.users, means.c.ms, means.c.mn, sa.func.sum(ds * ds),
+                      sa.func.sum(dn * dn), sa.func.sum(ds * dn))
+            .join(means, means.c.variant == per_user.c.variant)
+            .group_by(means.c.variant, means.c.users, means.c.ms, means.c.mn))
