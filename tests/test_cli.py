@@ -11,6 +11,7 @@ no traceback.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from datetime import datetime, timedelta, timezone
@@ -573,12 +574,15 @@ def test_lineage_and_skew_printers_show_user_text_as_written(scratch):
 
     with mp.Platform(scratch) as p:
         p.models.promote("fraud", 2, "staging", notes="see [/oops] and [red]this")
+        p.models.set_policy("fraud", require_distinct_approver=True, actor="carol", notes="[red]audit")
         info = p.models.lineage("fraud", version=2)
     info["params"]["[/p]"] = "[bold]v"
     out = io.StringIO()
     console = Console(file=out, width=400, color_system=None)
     print_lineage(console, info)
     assert "see [/oops] and [red]this" in out.getvalue() and "[/p]=[bold]v" in out.getvalue()
+    assert "approval policy: an approver other than the registrant" in out.getvalue()  # and who set it, why
+    assert re.search(r"required[ │]+carol[ │]+\S+[ │]+\[red\]audit", out.getvalue())
     feature = SimpleNamespace(feature="[red]f", compared=2, mismatched=1, share=0.5, skewed=True)
     mismatch = SimpleNamespace(feature="[red]f", entity={"user": "[/u]"}, request_time=datetime(2024, 1, 1),
                                served="[b]s", recomputed=1.5)

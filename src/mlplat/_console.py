@@ -59,6 +59,15 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
     for a in info["approvals"]:
         approvals.add_row(*(as_text(a[k]) for k in ("stage", "approved_by", "by", "at", "notes")))
     console.print(approvals)
+    policy = info.get("policy") or {"require_distinct_approver": False, "changes": []}
+    rule = "an approver other than the registrant" if policy["require_distinct_approver"] else "any approver"
+    console.print(f"[bold]approval policy[/]: {rule}")
+    if policy["changes"]:
+        changes = table("distinct approver", "by", "at", "notes", title="policy changes")
+        for c in policy["changes"]:
+            changes.add_row("required" if c["require_distinct_approver"] else "not required",
+                            *(as_text(c[k]) for k in ("by", "at", "notes")))
+        console.print(changes)
     params = as_text(", ".join(f"{k}={v}" for k, v in sorted(info["params"].items())))
     metrics = as_text(", ".join(f"{k}={v:.4g}" for k, v in sorted(info["metrics"].items())))
     console.print(f"[bold]params[/]: {params or '-'}\n[bold]final metrics[/]: {metrics or '-'}")
