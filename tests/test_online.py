@@ -508,36 +508,86 @@ def test_racing_materializations_and_pushes_end_with_the_newest_row(p, tmp_path,
     assert got["count"] == [best[u][1] for u in sorted(best)]
 
 
+def _free_port(bus: bool = False) -> int:
+    """A port free on 127.0.0.1 now; with ``bus``, port + 10000 (a cluster node's bus) is free too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not bus:
+            return port
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
 @pytest.fixture
-def collating_redis(tmp_path, redis_server_url) -> Iterator[redis.Redis]:
+def private_redis(tmp_path) -> Iterator:
+    """``start(*args, port=None, bus=False, env=None, password=None) -> (process, port)``: a redis-server of the
+    test's own on 127.0.0.1 (no persistence; files under tmp_path/redis), answering, killed after the test. Without
+    ``port`` it takes a free one (``bus``: a cluster node's too); a port taken between being found free and being
+    bound (the server exits saying the address is in use) is tried again on another, up to five times."""
+    server = shutil.which("redis-server")
+    if not server:
+        pytest.skip("needs the redis-server binary")
+    folder = tmp_path / "redis"
+    folder.mkdir(exist_ok=True)
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str, port: int | None = None, bus: bool = False, env=None,
+              password: str | None = None) -> tuple[subprocess.Popen, int]:
+        for _ in range(5 if port is None else 1):
+            at = _free_port(bus) if port is None else port
+            log = folder / f"{at}-{len(procs)}.log"
+            proc = subprocess.Popen([server, "--port", str(at), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                     "no", "--dir", str(folder), "--logfile", str(log), *args],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(proc)
+            client = redis.Redis(port=at, password=password, socket_timeout=5)
+            deadline = time.monotonic() + 20
+            try:
+                while proc.poll() is None:
+                    try:
+                        if client.info("server")["process_id"] == proc.pid:  # ours, not another on the port
+                            return proc, at
+                    except redis.RedisError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server on port {at} did not answer within 20 s; see {log}")
+                    time.sleep(0.02)
+            finally:
+                client.close()
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if "Address already in use" not in text:
+                raise RuntimeError(f"redis-server on port {at} exited ({proc.returncode}): {text[-2000:]}")
+        raise RuntimeError(f"redis-server found its port taken {'once' if port else 'five times'}; see {folder}")
+
+    yield start
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def collating_redis(tmp_path, redis_server_url, private_redis) -> Iterator[redis.Redis]:
     """A redis-server of its own running under en_US.UTF-8, where Lua compares strings by that locale."""
-    localedef, server = shutil.which("localedef"), shutil.which("redis-server")
-    if not localedef or not server:
-        pytest.skip("needs the localedef and redis-server binaries")
+    localedef = shutil.which("localedef")
+    if not localedef:
+        pytest.skip("needs the localedef binary")
     subprocess.run([localedef, "-i", "en_US", "-f", "UTF-8", str(tmp_path / "en_US.UTF-8")], check=True,
                    capture_output=True, timeout=120)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, LOCPATH=str(tmp_path), LC_ALL="en_US.UTF-8")
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, port = private_redis(env=dict(os.environ, LOCPATH=str(tmp_path), LC_ALL="en_US.UTF-8"))
     client = redis.Redis(port=port, socket_timeout=5)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        assert client.eval("return tostring('a' < 'B')", 0) == b"true"  # collates by locale, not by bytes
-        yield client
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+    assert client.eval("return tostring('a' < 'B')", 0) == b"true"  # collates by locale, not by bytes
+    yield client
+    client.close()
 
 
 def test_newer_rows_win_on_a_redis_whose_locale_orders_strings_otherwise(tmp_path, collating_redis):
@@ -593,6 +643,146 @@ def test_an_unusable_redis_cluster_is_an_online_store_error(tmp_path, redis_serv
             p.features.get_online_features(["txn:count"], {"user_id": [1]})
         with pytest.raises(mp.OnlineStoreError, match="cannot use the cluster"):
             p.features.materialize(end_date=NOW, progress=False)
+
+
+def _in_threads(calls: dict) -> dict:
+    """Start each call in a thread of its own and return once every thread is about to make its call: a dict that
+    gets each call's result (or exception) by name when it ends, and the threads as ``_threads``."""
+    out: dict = {}
+    ready = threading.Barrier(len(calls) + 1)
+    threads = []
+
+    def run(name, fn) -> None:
+        ready.wait()
+        try:
+            out[name] = fn()
+        except Exception as exc:  # noqa: BLE001
+            out[name] = exc
+
+    for name, fn in calls.items():
+        threads.append(threading.Thread(target=run, args=(name, fn), daemon=True))
+        threads[-1].start()
+    ready.wait()
+    out["_threads"] = threads
+    return out
+
+
+@pytest.mark.redis
+def test_reads_and_writes_wait_out_a_redis_restart_within_their_retries(tmp_path, private_redis):
+    # the connection was taken from the pool outside the retry loop: a refused connection (a server restarting,
+    # a failover under way) failed at once whatever retries= said; only a connection lost once made was retried
+    args = ("--requirepass", "s3cret", "--dbfilename", "restart.rdb")
+    proc, port = private_redis(*args, password="s3cret")
+    base = f"redis://:s3cret@127.0.0.1:{port}/0?timeout=0.5"
+    write(tmp_path / "src" / "a.parquet", [1, 2], [2, 2], [1, 2])
+    row = {"user_id": [3], "event_timestamp": [NOW - timedelta(hours=1)], "count": [30], "amount": [1.0],
+           "note": ["x"]}
+    with mp.Platform(tmp_path / "home", online_store=base + "&retries=0") as impatient, \
+            mp.Platform(tmp_path / "home", online_store=base + "&retries=30") as reader, \
+            mp.Platform(tmp_path / "home", online_store=base + "&retries=30") as pusher:
+        reader.features.apply([USER, txn_view(tmp_path / "src")])
+        reader.features.materialize(end_date=NOW, progress=False)
+        assert pusher.features.push("txn", dict(row, user_id=[2], count=[20])) == 1  # the write script is loaded
+        assert reader.features.get_online_features(["txn:count"], {"user_id": [1, 2]})["count"] == [1, 20]
+        redis.Redis(port=port, password="s3cret").shutdown(save=True)  # pooled connections go stale
+        proc.wait(timeout=10)
+        with pytest.raises(mp.OnlineStoreError, match=rf"^online store redis://:\*\*\*@127\.0\.0\.1:{port}/0"
+                                                      r"\?timeout=0\.5&retries=0: reading: cannot connect \(.*refused"):
+            impatient.features.get_online_features(["txn:count"], {"user_id": [1]})
+        read = lambda: reader.features.get_online_features(["txn:count"], {"user_id": [1, 2]})
+        out = _in_threads({"read": read, "push": lambda: pusher.features.push("txn", row)})
+        time.sleep(0.3)
+        assert all(t.is_alive() for t in out["_threads"]), out  # retrying: refused 30 times, 0.05 .. 0.5 s apart
+        private_redis(*args, port=port, password="s3cret")  # the same port, the data saved at shutdown
+        for t in out["_threads"]:
+            t.join(timeout=30)
+        assert out["read"] == {"user_id": [1, 2], "count": [1, 20]}
+        assert out["push"] == 1  # the server lost the loaded script at restart: loaded again
+        assert impatient.features.get_online_features(["txn:count"], {"user_id": [1, 2, 3]})["count"] == [1, 20, 30]
+
+
+@pytest.mark.redis
+def test_a_cluster_store_follows_a_failover_it_learns_of_from_a_connection_error(tmp_path, private_redis):
+    # the slot layout was read anew only after a MOVED reply; a node that died answers nothing, so once a replica
+    # took its slots over every read and write of them failed (connection refused) until the process restarted
+    from mlplat._native import _codec
+
+    node_args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "5000", "--repl-diskless-sync-delay", "0")
+    procs, ports, clients = {}, {}, {}
+    for name in ("a", "b", "replica"):
+        procs[name], ports[name] = private_redis(*node_args, "--cluster-config-file", f"nodes-{name}.conf",
+                                                 "--dbfilename", f"{name}.rdb", bus=True)
+        clients[name] = redis.Redis(port=ports[name], socket_timeout=5)
+    a, b, replica = clients["a"], clients["b"], clients["replica"]
+    for epoch, client in enumerate(clients.values(), 1):  # distinct epochs: the replica's take-over must outrank b's
+        client.execute_command("CLUSTER SET-CONFIG-EPOCH", epoch)  # (equal ones are only told apart between primaries)
+    a.execute_command("CLUSTER ADDSLOTSRANGE", 0, 8191)
+    b.execute_command("CLUSTER ADDSLOTSRANGE", 8192, 16383)
+    for name in ("b", "replica"):
+        a.execute_command("CLUSTER MEET", "127.0.0.1", ports[name])
+    b_id = b.execute_command("CLUSTER MYID").decode()
+
+    def until(what: str, ok, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while not ok():
+            assert time.monotonic() < deadline, f"the test cluster: {what} within {seconds} s"
+            time.sleep(0.05)
+
+    until("the replica knows b", lambda: b_id in str(replica.execute_command("CLUSTER NODES")))
+    replica.execute_command("CLUSTER REPLICATE", b_id)
+    until("cluster_state:ok and the replica in sync",
+          lambda: all(c.cluster("info")["cluster_state"] == "ok" for c in clients.values())
+          and replica.info("replication")["master_link_status"] == "up")
+
+    def owner(user: int) -> int:
+        [key] = _codec.redis_keys("mlplat:", "txn@1", _codec.entity_keys([[user]], [0]))
+        return ports["a"] if a.cluster("keyslot", key) <= 8191 else ports["b"]
+
+    users = list(range(40))
+    on_b = [u for u in users if owner(u) == ports["b"]]
+    assert 5 <= len(on_b) <= 35
+    write(tmp_path / "src" / "a.parquet", users, [2] * 40, users)
+    url = f"redis+cluster://127.0.0.1:{ports['a']}?timeout=0.5&retries=5"
+    with mp.Platform(tmp_path / "home", online_store=url) as p:
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        p.features.materialize(end_date=NOW, progress=False)
+        assert p.features.get_online_features(["txn:count"], {"user_id": users})["count"] == users  # layout read
+        assert b.execute_command("WAIT", 1, 5000) == 1  # the replica holds b's records
+        procs["b"].kill()
+        procs["b"].wait(timeout=10)
+        replica.execute_command("CLUSTER FAILOVER", "TAKEOVER")
+        until("a sees the replica serve b's slots", lambda: any(
+            int(node[1]) == ports["replica"] for lo, hi, node, *_ in a.cluster("slots") if lo <= 8192 <= hi))
+        until("the replica is ok as a primary", lambda: replica.cluster("info")["cluster_state"] == "ok")
+        assert p.features.get_online_features(["txn:count"], {"user_id": users})["count"] == users
+        row = {"user_id": [on_b[0]], "event_timestamp": [NOW - timedelta(hours=1)], "count": [-1], "amount": [1.0],
+               "note": ["x"]}
+        assert p.features.push("txn", row) == 1
+        assert replica.dbsize() == len(on_b)
+        assert p.features.get_online_features(["txn:count"], {"user_id": on_b[:1]})["count"] == [-1]
+        procs["replica"].kill()  # b's slots now have no node at all: still unusable after the retries
+        procs["replica"].wait(timeout=10)
+        with pytest.raises(mp.OnlineStoreError, match=rf"^online store redis\+cluster://127\.0\.0\.1:{ports['a']}"
+                                                      r"\?timeout=0\.5&retries=5: reading: cannot connect \(.*"
+                                                      r"refused.*; tried 6 times$"):
+            p.features.get_online_features(["txn:count"], {"user_id": on_b})
+        with pytest.raises(mp.OnlineStoreError, match="writing txn@1: cannot connect"):
+            p.features.push("txn", row)
+
+
+@pytest.mark.redis
+def test_a_write_after_the_server_lost_its_scripts_loads_the_script_again(tmp_path, redis_url):
+    # redis-py reads a NOSCRIPT reply as NoScriptError whose text lacks the word: the reload never happened, and
+    # every write after a restart or SCRIPT FLUSH failed with "answered with an error: No matching script"
+    with mp.Platform(tmp_path / "h", online_store=redis_url) as p:
+        write(tmp_path / "src" / "a.parquet", [1], [2], [1])
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        assert p.features.materialize(end_date=NOW, progress=False)[0].written == 1
+        redis.Redis.from_url(redis_url).script_flush()
+        row = {"user_id": [1], "event_timestamp": [NOW - timedelta(hours=1)], "count": [5], "amount": [1.0],
+               "note": ["x"]}
+        assert p.features.push("txn", row) == 1
+        assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [5]
 
 
 @pytest.mark.redis

@@ -13,7 +13,10 @@ mlplat's own query parameters:
 ``prefix``      mlplat:  prefix of every key (several platforms can share a db)
 ``timeout``     1.0      seconds to connect and to wait for a reply
 ``retries``     2        retries of a read or write batch after a connection
-                         error or time-out (writes are idempotent)
+                         error (refused, reset) or time-out, 0.05 s, 0.1 s,
+                         0.2 s ... at most 0.5 s apart (writes are
+                         idempotent); on a cluster each retry reads the slot
+                         layout anew first
 ``batch``       500      records per EVALSHA
 ==============  =======  ====================================================
 
@@ -22,15 +25,17 @@ Other query parameters go to redis-py (e.g. ``ssl_cert_reqs=none``).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 from redis.connection import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import AskError, RedisClusterException, RedisError, ResponseError, TryAgainError
+from redis.exceptions import AskError, AuthenticationError, AuthorizationError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._native import _codec
@@ -39,6 +44,8 @@ from ...errors import ConfigError, OnlineStoreError
 from .store import OnlineStore, Progress, ReadGroup
 
 __all__ = ["RedisOnlineStore", "CAS_SCRIPT"]
+
+_T = TypeVar("_T")
 
 #: Keep the newer record per key: bytes 2..17 (Lua's 1-based index) order records
 #: by (event time, created time); equal ranks let the later write win, as the
@@ -74,6 +81,10 @@ return applied
 """
 _IN_FLIGHT = 8  # write batches sent before their replies are read
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+#: connection errors that another try would only repeat (a wrong password, a user lacking a permission)
+_PERMANENT = (AuthenticationError, AuthorizationError)
+#: ... and on a cluster: no node answered the request for the slot layout, or a slot no node serves (yet)
+_CLUSTER_TRANSIENT = _TRANSIENT + (RedisClusterException,)
 #: what redis-py raises for a store it cannot use: RedisClusterException (no reachable node, cluster mode off,
 #: a slot no node serves) is not a RedisError
 _FAILURES = (RedisError, RedisClusterException)
@@ -127,12 +138,22 @@ def _slot_of_bucket() -> np.ndarray:
     return np.array([key_slot(b"{%d}" % b) for b in range(_codec.BUCKETS)], dtype=np.int64)
 
 
+def _backoff(attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt + 1``: 0.05, 0.1, 0.2, 0.4, then 0.5 each."""
+    return min(0.05 * 2**attempt, 0.5)
+
+
 def _roundtrip(pool: ConnectionPool, commands: Sequence[bytes], retries: int) -> list:
-    """Send packed commands at once and read every reply (an error reply is returned, not raised)."""
+    """Send packed commands at once and read every reply (an error reply is returned, not raised). A connection
+    error (refused, reset) or time-out, connecting as well as sending or reading, is retried ``retries`` times
+    on a fresh connection, the whole batch again: reads change nothing and the write script only applies a
+    record at least as new as the stored one, so applying a batch twice leaves what applying it once does."""
+    payload = b"".join(commands) if len(commands) > 1 else commands[0]
     for attempt in range(retries + 1):
-        conn = pool.get_connection()
+        conn = None
         try:
-            conn.send_packed_command([b"".join(commands) if len(commands) > 1 else commands[0]], check_health=False)
+            conn = pool.get_connection()  # connects a new connection (or reconnects a stale one): may be refused
+            conn.send_packed_command([payload], check_health=False)
             replies = []
             for _ in commands:
                 try:
@@ -140,16 +161,23 @@ def _roundtrip(pool: ConnectionPool, commands: Sequence[bytes], retries: int) ->
                 except ResponseError as exc:
                     replies.append(exc)
             return replies
+        except _PERMANENT:
+            if conn is not None:
+                conn.disconnect()
+            raise
         except _TRANSIENT:
-            conn.disconnect()
+            if conn is not None:
+                conn.disconnect()
             if attempt == retries:
                 raise
-            time.sleep(min(0.05 * 2**attempt, 0.5))
         except BaseException:
-            conn.disconnect()  # replies may be left unread: never reuse this connection
+            if conn is not None:
+                conn.disconnect()  # replies may be left unread: never reuse this connection
             raise
         finally:
-            pool.release(conn)
+            if conn is not None:
+                pool.release(conn)
+        time.sleep(_backoff(attempt))
     raise AssertionError("unreachable")
 
 
@@ -187,7 +215,10 @@ class RedisOnlineStore(OnlineStore):
 
     # ---------------------------------------------------------------- helpers
     def _fail(self, exc: BaseException, doing: str) -> OnlineStoreError:
-        return OnlineStoreError(f"online store {self.name}: {doing} {_describe(exc, self._opts.timeout)}")
+        tries = ""
+        if isinstance(exc, _TRANSIENT) and not isinstance(exc, _PERMANENT) and self._opts.retries:
+            tries = f"; tried {self._opts.retries + 1} times"  # a connection error or time-out is raised once retried
+        return OnlineStoreError(f"online store {self.name}: {doing} {_describe(exc, self._opts.timeout)}{tries}")
 
     def _moving(self, exc: _Moved, doing: str) -> OnlineStoreError:
         return OnlineStoreError(f"online store {self.name}: {doing} a node redirected the request ({exc}) again "
@@ -205,6 +236,29 @@ class RedisOnlineStore(OnlineStore):
         names = {int(s): nm.get_node_from_slot(int(s)).name for s in np.unique(slots)}
         return [names[int(s)] for s in slots]
 
+    def _on_cluster(self, attempt: Callable[[], _T]) -> _T:
+        """Run ``attempt`` (a read or write on the cluster, each node's commands sent once), reading the slot layout
+        anew before trying again after a MOVED/ASK reply (once: slots moved) or after a connection error or
+        time-out (a node failed, restarted, or a replica took its slots over: nothing would redirect us, so a cached
+        layout would keep failing), the latter ``retries`` times in all, as far apart as on one node."""
+        moved, failures, stale = False, 0, False
+        while True:
+            try:
+                if stale:
+                    self._cluster.nodes_manager.initialize()
+                    self._shas.clear()
+                return attempt()
+            except _Moved:
+                if moved:
+                    raise
+                moved = True
+            except _CLUSTER_TRANSIENT as exc:
+                if failures == self._opts.retries or isinstance(exc, _PERMANENT):
+                    raise
+                time.sleep(_backoff(failures))
+                failures += 1
+            stale = True
+
     def _check(self, replies: list, doing: str) -> None:
         for r in replies:
             if isinstance(r, ResponseError):
@@ -220,11 +274,7 @@ class RedisOnlineStore(OnlineStore):
                 (reply,) = _roundtrip(self._pool, [_codec.pack_mget(self._opts.prefix, groups)], self._opts.retries)
                 self._check([reply], "reading:")
                 return reply
-            try:
-                return self._cluster_read(groups)
-            except _Moved:
-                self._cluster.nodes_manager.initialize()  # slots moved: learn the new layout, try once more
-                return self._cluster_read(groups)
+            return self._on_cluster(lambda: self._cluster_read(groups))
         except _FAILURES as exc:
             raise self._fail(exc, "reading:") from None
         except _Moved as exc:
@@ -253,7 +303,7 @@ class RedisOnlineStore(OnlineStore):
                 where.append(positions)
         pools = self._pools()
         for node, (cmds, where) in plan.items():
-            replies = _roundtrip(pools[node], cmds, self._opts.retries)
+            replies = _roundtrip(pools[node], cmds, 0)  # _on_cluster retries, with the layout read anew
             for reply, positions in zip(replies, where):
                 if isinstance(reply, ResponseError):
                     if _redirected(reply):
@@ -264,10 +314,10 @@ class RedisOnlineStore(OnlineStore):
         return out
 
     # ------------------------------------------------------------------ write
-    def _sha(self, node: str, pool: ConnectionPool) -> bytes:
+    def _sha(self, node: str, pool: ConnectionPool, retries: int) -> bytes:
         sha = self._shas.get(node)
         if sha is None:
-            (reply,) = _roundtrip(pool, [_codec.pack_command([b"SCRIPT", b"LOAD", CAS_SCRIPT])], self._opts.retries)
+            (reply,) = _roundtrip(pool, [_codec.pack_command([b"SCRIPT", b"LOAD", CAS_SCRIPT])], retries)
             self._check([reply], "loading the write script:")
             sha = self._shas[node] = reply if isinstance(reply, bytes) else str(reply).encode()
         return sha
@@ -280,43 +330,44 @@ class RedisOnlineStore(OnlineStore):
             if self._pool is not None:
                 rows = np.arange(n, dtype=np.int64)
                 return self._write_node("", self._pool, tag, records, _batches(rows, self._opts.batch), progress)
-            try:
-                return self._cluster_write(tag, records, progress)
-            except _Moved:
-                self._cluster.nodes_manager.initialize()
-                self._shas.clear()
-                return self._cluster_write(tag, records, progress)
+            done = _Done(np.zeros(n, dtype=bool))
+            self._on_cluster(lambda: self._cluster_write(tag, records, progress, done))
+            return done.applied
         except _FAILURES as exc:
             raise self._fail(exc, f"writing {tag}:") from None
         except _Moved as exc:
             raise self._moving(exc, f"writing {tag}:") from None
 
-    def _cluster_write(self, tag: str, records: RecordBuffers, progress: Progress | None) -> int:
-        slots = _slot_of_bucket()[records.buckets()]
-        order = np.argsort(slots, kind="stable")
-        slots = slots[order]
+    def _cluster_write(self, tag: str, records: RecordBuffers, progress: Progress | None, done: _Done) -> None:
+        """Write the records not yet ``done`` (a try before this one may have written some), grouped by node."""
+        rows = np.flatnonzero(~done.rows)
+        slots = _slot_of_bucket()[records.buckets()[rows]]
+        order = np.argsort(slots, kind="stable")  # stable: a key's records keep their order
+        slots, rows = slots[order], rows[order]
         cut = np.flatnonzero(np.diff(slots)) + 1
         nodes = self._node_of_slots(slots[np.concatenate(([0], cut))]) if len(slots) else []
         per_node: dict[str, list[np.ndarray]] = {}
-        for node, rows in zip(nodes, np.split(order, cut)):
-            per_node.setdefault(node, []).extend(_batches(rows, self._opts.batch))
+        for node, node_rows in zip(nodes, np.split(rows, cut)):
+            per_node.setdefault(node, []).extend(_batches(node_rows, self._opts.batch))
         pools = self._pools()
-        return sum(self._write_node(node, pools[node], tag, records, batches, progress)
-                   for node, batches in per_node.items())
+        for node, batches in per_node.items():
+            self._write_node(node, pools[node], tag, records, batches, progress, done)
 
     def _write_node(self, node: str, pool: ConnectionPool, tag: str, records: RecordBuffers,
-                    batches: list[np.ndarray], progress: Progress | None) -> int:
+                    batches: list[np.ndarray], progress: Progress | None, done: _Done | None = None) -> int:
+        """Write the batches to one node, ``_IN_FLIGHT`` at a time; on a cluster (``done`` given) the windows
+        written are marked done as they are, for ``_on_cluster`` to try again the rest only."""
         applied = 0
+        retries = self._opts.retries if done is None else 0  # on a cluster _on_cluster retries
         for start in range(0, len(batches), _IN_FLIGHT):
             window = batches[start : start + _IN_FLIGHT]
             for attempt in range(2):
-                sha = self._sha(node, pool).decode()
+                sha = self._sha(node, pool, retries).decode()
                 cmds = [_codec.pack_evalsha(sha, self._opts.prefix, tag, records.key_data, records.key_offsets,
                                             records.rec_data, records.rec_offsets, records.expire_at_ms, rows)
                         for rows in window]
-                replies = _roundtrip(pool, cmds, self._opts.retries)
-                if attempt == 0 and any(isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT")
-                                        for r in replies):
+                replies = _roundtrip(pool, cmds, retries)
+                if attempt == 0 and any(_no_script(r) for r in replies):
                     self._shas.pop(node, None)  # the server lost the script (restart, SCRIPT FLUSH): load it again
                     continue
                 for r in replies:
@@ -325,7 +376,12 @@ class RedisOnlineStore(OnlineStore):
                             raise _Moved(_redirect_text(r))
                         raise r
                 break
-            applied += sum(int(r) for r in replies)
+            written = sum(int(r) for r in replies)
+            applied += written
+            if done is not None:
+                done.applied += written
+                for rows in window:
+                    done.rows[rows] = True
             if progress is not None:
                 progress(sum(len(rows) for rows in window))
         return applied
@@ -337,6 +393,14 @@ class RedisOnlineStore(OnlineStore):
             self._cluster.close()
 
 
+@dataclass
+class _Done:
+    """A cluster write's progress across tries: the records written, and how many of them the script applied."""
+
+    rows: np.ndarray
+    applied: int = 0
+
+
 class _Moved(Exception):
     """A cluster node answered MOVED/ASK: the slot layout changed."""
 
@@ -346,6 +410,12 @@ def _redirected(reply: ResponseError) -> bool:
     replies into MovedError / AskError whose text drops the word (\"3999 127.0.0.1:7001\"), so the class tells;
     TRYAGAIN is a multi-key command in a slot half-way through a move."""
     return isinstance(reply, (AskError, TryAgainError)) or str(reply).startswith(("MOVED", "ASK", "TRYAGAIN"))
+
+
+def _no_script(reply: object) -> bool:
+    """Whether a reply says the server lacks the script (restarted, SCRIPT FLUSH). redis-py's parsers turn it into
+    NoScriptError, whose text drops the word (\"No matching script. Please use EVAL.\")."""
+    return isinstance(reply, NoScriptError) or (isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"))
 
 
 def _redirect_text(reply: ResponseError) -> str:
