@@ -375,3 +375,150 @@ def test_source_given_as_a_filesystem_uri(p, tmp_path):
     with pytest.raises(mp.DefinitionError, match="cannot open source 'nosuchfs://x'"):
         p.features.apply([txn_view("nosuchfs://x")])
     assert src.exists()
+
+
+# ------------------------------------------- times at the int64 nanosecond limits
+FLOOR = np.iinfo(np.int64).min  # a real time: 1677-09-21 00:12:43.145224192 UTC, not a null
+NS = pa.timestamp("ns", tz="UTC")
+NS_PER = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}
+NOW_NS = (datetime.now(UTC) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
+
+
+def ns_rows(user_id, ts, created, count, unit="ns"):
+    t = pa.timestamp(unit, tz="UTC")
+    return {"user_id": pa.array(user_id, pa.int64()), "event_timestamp": pa.array(ts, pa.int64()).cast(t),
+            "created_timestamp": pa.array(created, pa.int64()).cast(t), "txn_count": pa.array(count, pa.int64()),
+            "amount": pa.array([None if c is None else c / 2 for c in count], pa.float64())}
+
+
+def check_against_reference(p, folder: Path, edf: pa.Table, ttl=None) -> list:
+    """Offline answers for ``edf`` (times in ns), checked against the row-by-row reference on int ns."""
+    from reference import historical_python_ns, read_rows_ns
+
+    out = p.features.get_historical_features(edf, REFS)
+    paths = sorted(str(f) for f in folder.glob("*.parquet"))
+    entity_rows = [{"user_id": u, "event_timestamp": t} for u, t in
+                   zip(edf.column("user_id").to_pylist(), edf.column("event_timestamp").cast(pa.int64()).to_pylist())]
+    expected = historical_python_ns(read_rows_ns(paths, ["event_timestamp", "created_timestamp"]), entity_rows,
+                                    join_keys=["user_id"], features=["txn_count", "amount"],
+                                    ttl_ns=None if ttl is None else ttl // timedelta(microseconds=1) * 1000,
+                                    created_field="created_timestamp")
+    assert out.select(["txn_count", "amount"]).to_pylist() == expected
+    return [r["txn_count"] for r in expected]
+
+
+def test_an_event_time_at_the_int64_floor_is_a_time_not_a_missing_one(p, tmp_path):
+    # user 1's only row is stamped at the floor; user 2 has a row without an event time after one at the floor
+    write(tmp_path / "fl" / "a.parquet", ns_rows([1, 2, 2, 3], [FLOOR, FLOOR, None, FLOOR + 1],
+                                                 [0, 0, 5, None], [10, 20, 21, 30]))
+    p.features.apply([USER, txn_view(tmp_path / "fl", ttl=None)])
+    edf = pa.table({"user_id": pa.array([1, 1, 2, 3, 3]),
+                    "event_timestamp": pa.array([FLOOR, NOW_NS, NOW_NS, FLOOR, NOW_NS], pa.int64()).cast(NS)})
+    assert check_against_reference(p, tmp_path / "fl", edf) == [10, 10, 20, None, 30]  # before: None, None, None
+    p.features.apply([txn_view(tmp_path / "fl", ttl=timedelta(days=1))])  # the floor is far outside a day
+    assert check_against_reference(p, tmp_path / "fl", edf[:1], ttl=timedelta(days=1)) == [10]
+
+
+def test_a_created_time_at_the_int64_floor_beats_a_missing_one(p, tmp_path):
+    e = 1_700_000_000 * 10**9
+    # same event time for each user; the missing created time is read last (1), first (2), beside a later one (3)
+    created = [FLOOR, None, None, FLOOR, FLOOR, e, None]
+    write(tmp_path / "cf" / "a.parquet", ns_rows([1, 1, 2, 2, 3, 3, 3], [e] * 7, created, [10, 11, 20, 21, 30, 31, 32]))
+    p.features.apply([USER, txn_view(tmp_path / "cf", ttl=None)])
+    edf = pa.table({"user_id": pa.array([1, 2, 3]), "event_timestamp": pa.array([e] * 3, pa.int64()).cast(NS)})
+    assert check_against_reference(p, tmp_path / "cf", edf) == [10, 21, 31]  # before: 11 for user 1
+
+
+def test_materialize_gives_online_what_offline_gives_at_the_int64_floor(p, tmp_path):
+    e = 1_700_000_000 * 10**9
+    write(tmp_path / "mf" / "a.parquet", ns_rows([1, 2, 2, 3, 3], [FLOOR, e, e, e, None],
+                                                 [None, FLOOR, None, 0, 0], [10, 20, 21, 30, 31]))
+    p.features.apply([USER, txn_view(tmp_path / "mf", ttl=None)])
+    edf = pa.table({"user_id": pa.array([1, 2, 3]), "event_timestamp": pa.array([NOW_NS] * 3, pa.int64()).cast(NS)})
+    offline = check_against_reference(p, tmp_path / "mf", edf)
+    assert offline == [10, 20, 30]
+    [result] = p.features.materialize(progress=False)
+    assert result.rows == 3
+    online = p.features.get_online_features(["user_txn:txn_count"], {"user_id": [1, 2, 3]})
+    assert online["txn_count"] == offline  # before: user 1 was not materialized, user 2 got 21
+
+
+@pytest.mark.parametrize("column", ["event_timestamp", "created_timestamp"])
+@pytest.mark.parametrize("unit, value, shown", [
+    ("us", -9_223_372_036_854_776, "1677-09-21 00:12:43.145224"),  # 192 ns below the floor: wrapped to 2262 before
+    ("us", int((datetime(1500, 1, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1)),
+     "1500-01-01"),
+    ("ms", int((datetime(2300, 1, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(milliseconds=1)),
+     "2300-01-01"),
+    ("ms", -2**62, "-4611686018427387904 ms from 1970"),  # beyond datetime's years too
+])
+def test_a_source_time_outside_int64_nanoseconds_is_an_error_naming_it(p, tmp_path, column, unit, value, shown):
+    e = 1_700_000_000 * 10**9 // NS_PER[unit]
+    rows = ns_rows([1, 1], [e, e], [e, e], [1, 2], unit=unit)
+    rows[column] = pa.array([e, value], pa.int64()).cast(pa.timestamp(unit, tz="UTC"))
+    path = write(tmp_path / "oor" / "a.parquet", rows)
+    p.features.apply([USER, txn_view(tmp_path / "oor", ttl=None)])
+    message = (f"feature view 'user_txn': a timestamp in timestamp\\[{unit}, tz=UTC\\] is out of the nanosecond "
+               f"range .*{shown}.*, in column '{column}' of {path}")
+    with pytest.raises(mp.StoreError, match=message):
+        p.features.get_historical_features(entities([1], [D(2)]), REFS)
+    with pytest.raises(mp.StoreError, match=message):
+        p.features.materialize(progress=False)
+
+
+def test_times_at_the_edges_of_int64_nanoseconds_in_other_units(p, tmp_path):
+    lowest_us = -9_223_372_036_854_775  # the first microsecond inside int64 ns (..775000 ns)
+    highest_us = 9_223_372_036_854_775
+    write(tmp_path / "edge" / "a.parquet", ns_rows([1, 1, 2, 2], [lowest_us, lowest_us, highest_us, lowest_us],
+                                                   [None, lowest_us, lowest_us, None], [10, 11, 20, 21], unit="us"))
+    p.features.apply([USER, txn_view(tmp_path / "edge", ttl=None)])
+    edf = pa.table({"user_id": pa.array([1, 2, 2]),
+                    "event_timestamp": pa.array([lowest_us * 1000, NOW_NS, highest_us * 1000], pa.int64()).cast(NS)})
+    assert check_against_reference(p, tmp_path / "edge", edf) == [11, 21, 20]
+
+
+def test_an_entity_time_outside_int64_nanoseconds_is_a_data_error(p, tmp_path):
+    write(tmp_path / "ent" / "a.parquet", txn_rows([1], [D(1)], [D(1)], [1]))
+    p.features.apply([USER, txn_view(tmp_path / "ent", ttl=None)])
+    edf = pa.table({"user_id": [1], "event_timestamp": pa.array([-9_223_372_036_854_776], pa.int64()).cast(TS)})
+    with pytest.raises(mp.DataError, match="entity_df column 'event_timestamp': a timestamp in .* out of the "
+                                           "nanosecond range .*1677-09-21 00:12:43.145224"):
+        p.features.get_historical_features(edf, REFS)  # before: wrapped to 2262 and saw the row of 2024
+
+
+def test_a_pushed_time_outside_int64_nanoseconds_is_a_data_error_naming_it(p, tmp_path):
+    write(tmp_path / "push" / "a.parquet", txn_rows([1], [D(1)], [D(1)], [1]))
+    p.features.apply([USER, txn_view(tmp_path / "push", ttl=None)])
+    rows = pa.table({"user_id": [1], "event_timestamp": pa.array([D(2)], TS),
+                     "created_timestamp": pa.array([-9_223_372_036_854_776], pa.int64()).cast(TS),
+                     "txn_count": [5], "amount": [1.0]})
+    with pytest.raises(mp.DataError, match="push to 'user_txn': a timestamp .* out of the nanosecond range .*"
+                                           "in column 'created_timestamp'"):
+        p.features.push("user_txn", rows)  # before: the created time wrapped to 2262 and won every tie online
+    assert p.features.get_online_features(["user_txn:txn_count"], {"user_id": [1]})["txn_count"] == [None]
+
+
+EDGE_NS = [FLOOR, FLOOR + 1, -1, 0, 1, np.iinfo(np.int64).max - 1, np.iinfo(np.int64).max]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(n=st.integers(1, 10), data=st.data())
+def test_times_at_the_int64_limits_match_the_reference(tmp_path_factory, n, data):
+    edge = st.sampled_from(EDGE_NS)
+    time = st.one_of(st.none(), st.just(FLOOR), edge)  # null and the floor often, beside each other
+    users = data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
+    events = data.draw(st.lists(time, min_size=n, max_size=n))
+    created = data.draw(st.lists(time, min_size=n, max_size=n))
+    m = data.draw(st.integers(1, 6))
+    e_users = data.draw(st.lists(st.integers(0, 2), min_size=m, max_size=m))
+    e_times = data.draw(st.lists(edge, min_size=m, max_size=m))
+    ttl = data.draw(st.sampled_from([None, timedelta(0), timedelta(microseconds=1)]))
+    home = tmp_path_factory.mktemp("edge")
+    write(home / "src" / "a.parquet", ns_rows(users, events, created, list(range(n))),
+          row_group_size=data.draw(st.integers(1, 4)))
+    with mp.Platform(home / "p", threads=2) as p:
+        p.features.apply([USER, txn_view(home / "src", ttl=ttl)])
+        edf = pa.table({"user_id": pa.array(e_users, pa.int64()),
+                        "event_timestamp": pa.array(e_times, pa.int64()).cast(NS)})
+        check_against_reference(p, home / "src", edf, ttl=ttl)

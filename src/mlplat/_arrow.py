@@ -11,7 +11,7 @@ import pyarrow.types as pat
 from ._time import as_utc
 from .errors import DataError
 
-__all__ = ["to_table", "timestamps_ns_into", "timestamps_ns", "datetime_ns", "timedelta_ns", "is_numeric",
+__all__ = ["to_table", "timestamps_ns_into", "datetime_ns", "timedelta_ns", "is_numeric",
            "INT64_MIN", "INT64_MAX", "NS_PER_UNIT"]
 
 INT64_MIN = np.iinfo(np.int64).min
@@ -56,53 +56,61 @@ def is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
-def _timestamp_values(arr: pa.Array) -> tuple[np.ndarray, int]:
-    """The raw int64 values of a timestamp/date array (zero-copy) and the factor to nanoseconds."""
-    if pat.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    if pat.is_date(arr.type):
-        arr = arr.cast(pa.timestamp("s"))
-    if not pat.is_timestamp(arr.type):
-        raise TypeError(arr.type)
-    buf = arr.buffers()[1]
-    if buf is None:
-        return np.zeros(len(arr), dtype=np.int64), 1
-    return np.frombuffer(buf, dtype=np.int64, count=len(arr), offset=arr.offset * 8), NS_PER_UNIT[arr.type.unit]
+#: the int64 nanosecond range as (first, last) tick of each unit: ceil(INT64_MIN / scale), floor(INT64_MAX / scale)
+_TICK_RANGE = {unit: (-(-INT64_MIN // scale), INT64_MAX // scale)
+               for unit, scale in NS_PER_UNIT.items()}
 
 
-def timestamps_ns_into(column: pa.Array | pa.ChunkedArray, out: np.ndarray, null_value: int) -> int:
-    """Write a timestamp column as int64 UTC ns into ``out`` in one pass; nulls become ``null_value``.
+def timestamps_ns_into(column: pa.Array | pa.ChunkedArray, out: np.ndarray) -> np.ndarray | None:
+    """Write a timestamp (or date) column as int64 UTC ns into ``out``; return its null mask (None: no nulls).
 
-    Naive timestamps are taken as UTC (Arrow stores zoned ones in UTC already).
-    Returns the null count; a value that does not fit in int64 nanoseconds
-    (before 1677 or after 2262) raises ``pyarrow.ArrowInvalid``.
+    A null's slot in ``out`` holds INT64_MIN, which is also a real time (1677-09-21 00:12:43.145224192):
+    callers tell them apart by the mask, never by the value. Naive times are UTC. A value outside int64
+    nanoseconds raises ``pyarrow.ArrowInvalid`` saying which value.
     """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    nulls = None
     start = 0
-    nulls = 0
     for chunk in chunks:
         n = len(chunk)
-        values, scale = _timestamp_values(chunk)
+        if pat.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_decode()  # a null in the dictionary is a null value too
+        if pat.is_date(chunk.type):
+            chunk = chunk.cast(pa.timestamp("s"))
         dest = out[start : start + n]
-        valid = None if chunk.null_count == 0 else chunk.is_valid().to_numpy(zero_copy_only=False)
-        if scale != 1 and n:
-            present = values if valid is None else values[valid]
-            if len(present) and (present.min() < INT64_MIN // scale or present.max() > INT64_MAX // scale):
-                raise pa.ArrowInvalid(f"a timestamp in {chunk.type} is out of the nanosecond range (1677-2262)")
-            np.multiply(values, scale, out=dest)
-        else:
+        valid = None
+        if chunk.null_count:
+            valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+            if nulls is None:
+                nulls = np.zeros(len(out), dtype=bool)
+            nulls[start : start + n] = ~valid
+        buf = chunk.buffers()[1] if n else None
+        if buf is None:  # an all-null (or empty) chunk may come without a values buffer
+            dest[:] = INT64_MIN
+            start += n
+            continue
+        values = np.frombuffer(buf, dtype=np.int64, count=n, offset=chunk.offset * 8)
+        unit = chunk.type.unit
+        if unit == "ns":
             dest[:] = values
+        else:
+            present = values if valid is None else values[valid]
+            first, last = _TICK_RANGE[unit]
+            if len(present) and (present.min() < first or present.max() > last):
+                raise pa.ArrowInvalid(_out_of_range(present[(present < first) | (present > last)][0], chunk.type))
+            np.multiply(values, NS_PER_UNIT[unit], out=dest)
         if valid is not None:
-            nulls += n - int(valid.sum())
-            dest[~valid] = null_value
+            dest[~valid] = INT64_MIN
         start += n
     return nulls
 
 
-def timestamps_ns(column: pa.Array | pa.ChunkedArray, null_value: int = INT64_MIN) -> np.ndarray:
-    out = np.empty(len(column), dtype=np.int64)
-    timestamps_ns_into(column, out, null_value)
-    return out
+def _out_of_range(value: int, type_: pa.DataType) -> str:
+    try:
+        shown = f"{pa.scalar(int(value), pa.timestamp(type_.unit)).as_py()} UTC"
+    except (ValueError, OverflowError, pa.ArrowException):  # beyond datetime's years 1..9999
+        shown = f"{int(value)} {type_.unit} from 1970"
+    return f"a timestamp in {type_} is out of the nanosecond range (1677-09-21 .. 2262-04-11): {shown}"
 
 
 def is_timestamp_type(t: pa.DataType) -> bool:

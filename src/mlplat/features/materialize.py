@@ -36,7 +36,7 @@ from ..db.models import Materialization
 from ..errors import DataError, DefinitionError, StoreError
 from .catalog import Catalog
 from .definitions import FeatureView
-from .offline import as_declared
+from .offline import ScanTimes, as_declared
 from .online.store import OnlineStore
 from .online_read import view_tag
 from .parquet import ParquetFiles, concat, gather, list_files, plan_scan, read_footer
@@ -146,31 +146,35 @@ class Materializer:
         scan = plan_scan(files, ts_field=src.timestamp_field, ts_range=(lo, hi), int_key=None)
         if scan.n_rows == 0:
             return None
-        ts_cols = [src.timestamp_field] + ([src.created_timestamp_field] if src.created_timestamp_field else [])
+        times = ScanTimes(view, scan)  # as offline retrieval: nulls kept apart from INT64_MIN, a real time
         parts: list[tuple[int, pa.Table]] = []
-        scan.read(view.join_keys + ts_cols, lambda table, start: parts.append((start, table)), self._threads)
+
+        def consume(table: pa.Table, start: int) -> None:
+            times.consume(table, start)
+            parts.append((start, table.select(view.join_keys)))
+
+        scan.read(view.join_keys + times.columns, consume, self._threads)
         table = concat([t for _, t in sorted(parts, key=lambda p: p[0])], src)
-        try:  # as offline retrieval's scan: a key above int64 or a time outside int64 ns is the source's problem
+        parts.clear()
+        try:  # as offline retrieval's scan: a key above int64 is the source's problem
             factorizer = KeyFactorizer([table.column(k) for k in view.join_keys])
-            ts = _arrow.timestamps_ns(table.column(src.timestamp_field))
-            created = (_arrow.timestamps_ns(table.column(src.created_timestamp_field)) if src.created_timestamp_field
-                       else np.empty(0, dtype=np.int64))
         except pa.ArrowInvalid as exc:
             raise StoreError(f"feature view {view.name!r}: {exc}") from None
         del table
-        parts.clear()
         codes = factorizer.codes
-        codes[ts == _arrow.INT64_MIN] = -1  # rows without an event time never win
+        times.drop_untimed(codes)  # rows without an event time never win
         n = factorizer.size
         picked = asof_backward_on_ts_by_key(
-            codes, ts, created, np.arange(n, dtype=np.int64), np.full(n, lo, dtype=np.int64),
+            codes, times.ts, times.tie_breaks(), np.arange(n, dtype=np.int64), np.full(n, lo, dtype=np.int64),
             np.full(n, hi, dtype=np.int64), n, self._threads,
         )
         winners = np.sort(picked[picked >= 0])
         if len(winners) == 0:
             return None
         rows = gather(files, scan, winners, view.join_keys + view.feature_names, self._threads)
-        return rows, ts[winners], created[winners] if len(created) else np.full(len(winners), _arrow.INT64_MIN)
+        # records keep created times as they are, a null as INT64_MIN: the record format's "none"
+        created = times.created[winners] if len(times.created) else np.full(len(winners), _arrow.INT64_MIN)
+        return rows, times.ts[winners], created
 
     def _encode(self, view: FeatureView, rows: pa.Table, event_ns: np.ndarray, created_ns: np.ndarray) -> RecordBuffers:
         columns = [as_declared(rows.column(f.name), f) for f in view.schema]
@@ -201,12 +205,14 @@ class Materializer:
         if src.created_timestamp_field and src.created_timestamp_field not in table.column_names:
             table = table.append_column(src.created_timestamp_field,
                                         _created_now(table.num_rows, target and target[2], src.created_timestamp_field))
-        try:
-            event_ns = _arrow.timestamps_ns(table.column(src.timestamp_field))
-            created_ns = (_arrow.timestamps_ns(table.column(src.created_timestamp_field))
-                          if src.created_timestamp_field else np.full(table.num_rows, _arrow.INT64_MIN))
-        except pa.ArrowInvalid as exc:
-            raise DataError(f"push to {view.name!r}: {exc}") from None
+        event_ns = np.empty(table.num_rows, dtype=np.int64)
+        created_ns = np.full(table.num_rows, _arrow.INT64_MIN)  # a null created time: INT64_MIN, the record's none
+        for name, out in ((src.timestamp_field, event_ns), (src.created_timestamp_field, created_ns)):
+            try:
+                if name:
+                    _arrow.timestamps_ns_into(table.column(name), out)
+            except pa.ArrowInvalid as exc:
+                raise DataError(f"push to {view.name!r}: {exc}, in column {name!r}") from None
         now = datetime.now(timezone.utc)
         if int(event_ns.max()) > _arrow.datetime_ns(now + _CLOCK_SLACK):
             latest = pc.max(table.column(src.timestamp_field)).as_py()

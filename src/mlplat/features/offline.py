@@ -25,7 +25,7 @@ from .definitions import FeatureView
 from .parquet import ParquetFiles, Scan, gather, plan_scan
 from .validation import check_source, key_values
 
-__all__ = ["ViewRequest", "historical_features", "join_view", "entity_timestamps", "as_declared"]
+__all__ = ["ViewRequest", "historical_features", "join_view", "entity_timestamps", "as_declared", "ScanTimes"]
 
 
 @dataclass
@@ -53,10 +53,12 @@ def entity_timestamps(table: pa.Table, column: str) -> np.ndarray:
             f"entity_df column {column!r} has {col.null_count} null timestamps (first at row {first}); "
             "every entity row needs a time"
         )
+    out = np.empty(len(col), dtype=np.int64)
     try:
-        return _arrow.timestamps_ns(col)
+        _arrow.timestamps_ns_into(col, out)
     except pa.ArrowInvalid as exc:
         raise DataError(f"entity_df column {column!r}: {exc}") from None
+    return out
 
 
 def historical_features(
@@ -150,31 +152,77 @@ def join_view(
 def _scan_arrays(
     view: FeatureView, scan: Scan, factorizer: KeyFactorizer, threads: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Key codes, event times and created times (int64 ns) of every scanned row, in read order."""
-    src = view.source
+    """Key codes, event times and created-time tie-breaks (int64) of every scanned row, in read order."""
     codes = np.empty(scan.n_rows, dtype=np.int64)
-    ts = np.empty(scan.n_rows, dtype=np.int64)
-    created = np.empty(scan.n_rows if src.created_timestamp_field else 0, dtype=np.int64)
-    ts_cols = [src.timestamp_field] + ([src.created_timestamp_field] if src.created_timestamp_field else [])
-    null_ts = []
+    times = ScanTimes(view, scan)
 
     def consume(table: pa.Table, start: int) -> None:
-        stop = start + table.num_rows
-        try:  # an unsigned key above int64 or a time outside int64 ns is the source's problem
-            factorizer.lookup([table.column(k) for k in view.join_keys], codes[start:stop])
-            null_ts.append(
-                _arrow.timestamps_ns_into(table.column(src.timestamp_field), ts[start:stop], _arrow.INT64_MIN)
-            )
-            if src.created_timestamp_field:  # a null created time loses every tie
-                _arrow.timestamps_ns_into(table.column(src.created_timestamp_field), created[start:stop],
-                                          _arrow.INT64_MIN)
+        try:  # an unsigned key above int64 is the source's problem
+            factorizer.lookup([table.column(k) for k in view.join_keys], codes[start : start + table.num_rows])
         except pa.ArrowInvalid as exc:
             raise StoreError(f"feature view {view.name!r}: {exc}") from None
+        times.consume(table, start)
 
-    scan.read(view.join_keys + ts_cols, consume, threads)
-    if sum(null_ts):
-        codes[ts == _arrow.INT64_MIN] = -1  # a row without an event time never matches
-    return codes, ts, created
+    scan.read(view.join_keys + times.columns, consume, threads)
+    times.drop_untimed(codes)
+    return codes, times.ts, times.tie_breaks()
+
+
+class ScanTimes:
+    """Event and created times (int64 UTC ns) of a scan's rows in read order, with their nulls kept apart.
+
+    Every int64 is a real time, INT64_MIN (1677-09-21 00:12:43.145224192) included, so a null is known by
+    its mask, not by the value in its slot: a row without an event time never matches
+    (:meth:`drop_untimed`), and a row without a created time loses every tie (:meth:`tie_breaks`).
+    :meth:`consume` may run in several threads at once, on disjoint row ranges.
+    """
+
+    def __init__(self, view: FeatureView, scan: Scan) -> None:
+        src = view.source
+        self.view = view
+        self.columns = [src.timestamp_field] + ([src.created_timestamp_field] if src.created_timestamp_field else [])
+        self.ts = np.empty(scan.n_rows, dtype=np.int64)
+        #: created times, a null as INT64_MIN (the online record's "none"); empty when the source has none
+        self.created = np.empty(scan.n_rows if src.created_timestamp_field else 0, dtype=np.int64)
+        self._ts_nulls: list[tuple[int, np.ndarray]] = []
+        self._created_nulls: list[tuple[int, np.ndarray]] = []
+        self._paths = [(part.start, scan.files.paths[part.file]) for part in scan.parts]
+
+    def consume(self, table: pa.Table, start: int) -> None:
+        """Convert the time columns of the rows read at ``start``; a time outside int64 ns is a StoreError."""
+        stop = start + table.num_rows
+        for name, out, nulls in zip(self.columns, (self.ts, self.created), (self._ts_nulls, self._created_nulls)):
+            try:
+                mask = _arrow.timestamps_ns_into(table.column(name), out[start:stop])
+            except pa.ArrowInvalid as exc:
+                path = next((p for s, p in reversed(self._paths) if s <= start), "?")
+                raise StoreError(f"feature view {self.view.name!r}: {exc}, in column {name!r} of {path}; "
+                                 "write such times as null, or within that range") from None
+            if mask is not None:
+                nulls.append((start, mask))
+
+    def drop_untimed(self, codes: np.ndarray) -> None:
+        """Give rows without an event time the key code -1, which never matches."""
+        for start, mask in self._ts_nulls:
+            codes[start : start + len(mask)][mask] = -1
+
+    def tie_breaks(self) -> np.ndarray:
+        """Created times for the kernel, ordered as the rule orders them: a null below every time.
+
+        Nulls hold INT64_MIN. Only when a real created time is INT64_MIN as well do the values become
+        dense ranks (nulls -1, times 0, 1, ... in time order), which the kernel compares the same way.
+        """
+        if not self._created_nulls:
+            return self.created
+        null = np.zeros(len(self.created), dtype=bool)
+        for start, mask in self._created_nulls:
+            null[start : start + len(mask)] = mask
+        at_floor = self.created == _arrow.INT64_MIN
+        if not (at_floor & ~null).any():
+            return self.created
+        ranks = np.full(len(self.created), -1, dtype=np.int64)
+        ranks[~null] = np.unique(self.created[~null], return_inverse=True)[1]
+        return ranks
 
 
 def _gather_features(files: ParquetFiles, scan: Scan, picked: np.ndarray, fields, threads: int) -> list[pa.Array]:
