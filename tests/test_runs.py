@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import multiprocessing as mpr
 import os
@@ -639,6 +640,38 @@ def test_like_and_ilike_match_the_same_on_every_backend(p, flt, expected):
     assert names(p.runs.search("like", filter=flt, order_by=["attributes.name"])) == expected
 
 
+@pytest.fixture
+def numbered(p):
+    """Runs whose param ``x`` (and tag ``x``) is a number's text, or not."""
+    values = {"a": 9, "b": 10, "c": "abc", "d": 0.12345678901234568, "e": "007", "f": -2.5, "g": "1.2.3",
+              "h": 1e-05, "i": "10.0"}
+    for name, value in values.items():
+        with p.runs.start("numbers", name=name, params={"x": value}, tags={"x": value}):
+            pass
+
+
+@pytest.mark.parametrize("flt, expected", [
+    ("params.x > 9", "bi"),  # as text, '10' < '9': no run matched
+    ("params.x >= 10", "bi"),  # as text, every run from '10' on, 'abc' and '9' too
+    ("params.x = 10.0", "bi"),
+    ("params.x = 10", "bi"),
+    ("params.x < 0", "f"),
+    ("params.x != 10", "adfh"),  # a text that is not a number does not compare with one
+    ("params.x = 0.12345678901234568", "d"),  # every digit of a float's text counts
+    ("params.x in (9, 'abc', 1e-5)", "ach"),
+    ("params.x not in (9, 'abc')", "bdfhi"),
+    ("params.x < inf", "abdfhi"),
+    ("params.x = 7", ""),  # '007' is not a number's text
+    ("params.x = '007' or params.x = '10'", "be"),  # quoted: compared as text, as before
+    ("params.x like 1", ""),
+    ("tags.x > 9.5", "bi"),
+])
+def test_params_and_tags_compared_with_a_number_compare_as_numbers(p, numbered, flt, expected):
+    """An unquoted number compared with a param compared the texts: params.epochs > 9 missed '10'."""
+    found = p.runs.search("numbers", filter=flt, order_by="attributes.name")
+    assert "".join(names(found)) == expected
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_results": "5"}, "search: max_results must be an int between 1 and 50000, got '5'"),
     ({"max_results": True}, "max_results must be an int between 1 and 50000, got True"),
@@ -743,6 +776,94 @@ def test_relogging_a_folder_replaces_it_whole(p, tmp_path):
     assert {a["path"]: a["size"] for a in info.artifacts}["report"] == 5
 
 
+def test_a_folder_that_fails_half_way_leaves_the_one_logged_before(p, tmp_path, monkeypatch):
+    """The files were copied into place one by one: a full disk at the second left a mix of old and new."""
+    from mlplat.runs import artifacts
+
+    folder = tmp_path / "report"
+    folder.mkdir()
+    (folder / "a.txt").write_text("old a")
+    (folder / "b.txt").write_text("old b")
+    opened = []
+
+    def full_disk(path, *args, **kwargs):
+        opened.append(path)
+        if len(opened) == 2:
+            raise OSError(28, "No space left on device")
+        return open(path, *args, **kwargs)
+
+    with p.runs.start("fraud") as run:
+        run.log_artifact(folder)
+        before = p.runs.get(run.id).artifacts
+        (folder / "a.txt").write_text("new a")
+        (folder / "b.txt").write_text("new b")
+        monkeypatch.setattr(artifacts, "open", full_disk, raising=False)
+        with pytest.raises(mp.StoreError, match="writing 'report' failed: .*No space left on device"):
+            run.log_artifact(folder)
+        monkeypatch.undo()
+        with pytest.raises(mp.StoreError, match="writing 'one.txt' failed"):
+            monkeypatch.setattr(artifacts, "open", full_disk, raising=False)
+            opened.clear()
+            opened.append("first")
+            run.log_artifact(folder / "a.txt", "one.txt")
+        monkeypatch.undo()
+    info = p.runs.get(run.id)
+    assert info.artifacts == before
+    root = Path(info.artifact_uri)
+    assert {f.name: f.read_text() for f in (root / "report").iterdir()} == {"a.txt": "old a", "b.txt": "old b"}
+    assert sorted(f.name for f in root.iterdir()) == ["report"]  # nothing staged is left behind
+
+
+def test_folders_with_links_pipes_and_loops(p, tmp_path):
+    """A linked folder's files were left out silently, and so were pipes and broken links."""
+    folder, outside = tmp_path / "report", tmp_path / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "a b ä.txt").write_text("a")
+    (outside / "o.txt").write_text("o")
+    (folder / "linked").symlink_to(outside)
+    (folder / "sub" / "file-link").symlink_to(outside / "o.txt")
+    with p.runs.start("fraud") as run:
+        run.log_artifact(folder)
+        stored = Path(p.runs.get(run.id).artifact_uri) / "report"
+        assert sorted(f.relative_to(stored).as_posix() for f in stored.rglob("*") if f.is_file()) == [
+            "a b ä.txt", "linked/o.txt", "sub/file-link"]
+        before = p.runs.get(run.id).artifacts
+        bad = [("sub/loop", lambda path: path.symlink_to(folder), "links back to a folder that holds it"),
+               ("broken", lambda path: path.symlink_to(tmp_path / "gone"), "is a broken link"),
+               ("pipe", os.mkfifo, "is neither a file nor a folder")]
+        for entry, make, message in bad:
+            make(folder / entry)
+            (folder / "a b ä.txt").write_text("changed")
+            with pytest.raises(mp.DataError, match=message):
+                run.log_artifact(folder)
+            os.unlink(folder / entry)
+        assert p.runs.get(run.id).artifacts == before and (stored / "a b ä.txt").read_text() == "a"
+
+
+def test_a_file_uri_artifact_root_works_end_to_end(tmp_path, database_url):
+    """A name logged as a folder could not be logged again as a file (and the staged copy was left behind)."""
+    with mp.Platform(tmp_path / "home", database_url=database_url,
+                     artifact_root=(tmp_path / "store").as_uri()) as p:
+        folder = tmp_path / "my report"
+        folder.mkdir()
+        (folder / "a.txt").write_text("one")
+        net, x = TinyNet(), torch.randn(3, 4)
+        with p.runs.start("fraud") as run:
+            run.log_model(net, "model", example_input=x)
+            run.log_artifact(folder, "out")
+            (tmp_path / "out.txt").write_text("file")
+            run.log_artifact(tmp_path / "out.txt", "out")
+            run.log_artifact(folder, "out")
+        info = p.runs.get(run.id)
+        assert info.artifact_uri.startswith("file://")
+        root = tmp_path / "store" / run.id
+        assert sorted(f.name for f in root.iterdir()) == ["model", "out"]
+        assert (root / "out" / "a.txt").read_text() == "one"
+        version = p.models.register("tiny-uri", run.id)
+        torch.testing.assert_close(p.models.load("tiny-uri", version=version.version)(x), net(x))
+
+
 # ------------------------------------------------------------------ inputs
 @pytest.fixture
 def feature_table(p, tmp_path):
@@ -790,6 +911,45 @@ def test_nested_columns_hash_the_same_however_they_are_chunked(column):
     assert mp.runs.table_hash(whole.slice(1, 2)) != mp.runs.table_hash(whole.slice(0, 2))
 
 
+_NAN_NEG = np.frombuffer(np.array([0xFFF8000000000000], dtype="<u8").tobytes(), dtype="<f8")  # 0.0 / 0.0 on x86
+
+
+@pytest.mark.parametrize("one, two", [
+    (pa.array([float("nan"), 1.0]), pa.array(np.concatenate([_NAN_NEG, [1.0]]))),
+    (pa.array([[1.0, float("nan")], None]), pa.array([[1.0, _NAN_NEG[0]], None], pa.large_list(pa.float64()))),
+    (pa.array([[1], [2, 3]]), pa.array([[1], [2, 3]], pa.large_list(pa.int64()))),
+    (pa.array([["x"], ["y"]]), pa.array([["x"], ["y"]], pa.list_(pa.field("element", pa.large_string())))),
+    (pa.array([["x"], ["y"]]), pa.array([["x"], ["y"]], pa.list_(pa.dictionary(pa.int32(), pa.string())))),
+    (pa.ListArray.from_arrays(pa.array([0, 2, 3], pa.int32()), pa.array([1, 2, 3]), mask=pa.array([False, True])),
+     pa.array([[1, 2], None])),  # a null list with items hidden under it
+    (pa.StructArray.from_arrays([pa.array([1, 99])], names=["x"], mask=pa.array([False, True])),
+     pa.StructArray.from_arrays([pa.array([1, 0])], names=["x"], mask=pa.array([False, True]))),
+    (pa.array([{"s": "a"}, {"s": None}]), pa.array([{"s": "a"}, {"s": None}], pa.struct([("s", pa.large_string())]))),
+    (pa.array([[("a", 1)], None], pa.map_(pa.string(), pa.int64())),
+     pa.array([[("a", 1)], None], pa.map_(pa.large_string(), pa.int64()))),
+], ids=["nan-bits", "nan-in-list", "large-list", "list-item-name", "list-of-dictionary",
+        "null-list-slot", "null-struct-slot", "struct-of-large-string", "map"])
+def test_table_hash_is_equal_for_equal_content(one, two):
+    """NaN bit patterns, list flavours and what sits under null slots changed the hash."""
+    assert mp.runs.table_hash(pa.table({"c": one})) == mp.runs.table_hash(pa.table({"c": two}))
+    chunked = pa.table({"c": pa.chunked_array([two.slice(0, 1), two.slice(1)])})
+    assert mp.runs.table_hash(chunked) == mp.runs.table_hash(pa.table({"c": one}))
+
+
+@pytest.mark.parametrize("one, two", [
+    (pa.array([float("nan")]), pa.array([None], pa.float64())),
+    (pa.array([0.0], pa.float32()), pa.array([-0.0], pa.float32())),  # equal as numbers, but 1 / x differs
+    (pa.array([0], pa.timestamp("us", "UTC")), pa.array([0], pa.timestamp("us", "Europe/Paris"))),
+    (pa.array([0], pa.timestamp("us")), pa.array([0], pa.timestamp("ns"))),
+    (pa.array([1.0]), pa.array([1.0], pa.float32())),
+    (pa.array([[1, 2], []]), pa.array([[1], [2]])),
+    (pa.array([[]]), pa.array([None], pa.list_(pa.int64()))),
+    (pa.array([{"x": 1}]), pa.array([{"y": 1}])),
+], ids=["nan-vs-null", "negative-zero", "time-zone", "unit", "float-width", "list-bounds", "empty-vs-null-list", "field-name"])
+def test_table_hash_tells_different_content_apart(one, two):
+    assert mp.runs.table_hash(pa.table({"c": one})) != mp.runs.table_hash(pa.table({"c": two}))
+
+
 def test_a_refused_duplicate_input_leaves_the_first_one_as_it_was(p, feature_table):
     train, _ = feature_table
     with p.runs.start("fraud") as run:
@@ -818,6 +978,25 @@ def test_log_model_and_load_it_back(p):
     version = p.models.register("tiny", run.id)
     loaded = p.models.load("tiny", version=version.version)
     torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_a_model_that_does_not_load_here_names_the_torch_versions(tmp_path):
+    """TorchScript from another torch that failed to load raised torch's own error, which named neither
+    version, and the pickled module was never tried."""
+    from mlplat.runs.torch_io import load_torch_model, save_torch_model
+
+    net, x = TinyNet(), torch.randn(2, 4)
+    folder = tmp_path / "model"
+    save_torch_model(net, folder, example_input=x)
+    meta = json.loads((folder / "mlmodel.json").read_text())
+    meta["torch_version"] = "9.9.0"
+    (folder / "mlmodel.json").write_text(json.dumps(meta))
+    (folder / "model.ts").write_bytes(b"not a TorchScript archive from this torch")
+    torch.testing.assert_close(load_torch_model(folder)(x), net(x))  # the pickled module still loads
+    (folder / "module.pt").write_bytes(b"nor a pickle")
+    with pytest.raises(mp.StoreError, match=r"written by torch 9\.9\.0 and does not load in torch .*model\.ts: "
+                                            r".*module\.pt: .*load it with torch 9\.9\.0"):
+        load_torch_model(folder)
 
 
 # ---------------------------------------------------------------- training

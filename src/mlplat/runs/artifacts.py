@@ -66,52 +66,111 @@ class ArtifactStore:
         return f"{self.root_uri.rstrip('/')}/{run_id}" + (f"/{name}" if name else "")
 
     def put_file(self, run_id: str, source: str | os.PathLike, name: str) -> tuple[int, str]:
-        """Copy a local file in as ``name``; returns (size, sha256). Written to a temp name, then moved."""
+        """Copy a local file in as ``name`` (replacing a file or folder of that name); returns (size, sha256).
+
+        Written to a hidden staging name first, then moved into place: a failure half-way (a full disk, an
+        unreadable source, the store going away) leaves what ``name`` held before, and nothing else."""
         dest = self.path(run_id, name)
-        digest = hashlib.sha256()
-        size = 0
+        staged = self._staging(run_id)
         try:
-            self.fs.create_dir(posixpath.dirname(dest), recursive=True)
-            tmp = f"{posixpath.dirname(dest)}/.{uuid.uuid4().hex}.tmp"
-            with open(source, "rb") as src, self.fs.open_output_stream(tmp) as out:
-                while chunk := src.read(1 << 20):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-            self.fs.move(tmp, dest)
+            self.fs.create_dir(posixpath.dirname(staged), recursive=True)
+            size, sha = self._copy_in(source, staged)
+            self._replace(staged, dest)
         except OSError as exc:
+            self._discard(staged)
             raise StoreError(f"artifact store {self.root_uri}: writing {name!r} failed: {exc}") from None
-        return size, digest.hexdigest()
+        return size, sha
 
     def put_dir(self, run_id: str, source: str | os.PathLike, name: str) -> tuple[int, str]:
         """Copy a local folder in as ``name``; returns (total size, sha256 over the files' names and hashes).
 
-        Files a previous folder of that name held and this one does not are removed afterwards, so the
-        stored folder is exactly ``source``."""
+        Symbolic links are followed (a link to a file stores the file's bytes, a link to a folder its files);
+        a link that loops back, a broken link or an entry that is neither a file nor a folder (a pipe, a
+        socket, a device) is a DataError naming it, before anything is written. The folder is staged under
+        a hidden name and then swapped in whole, so the stored folder is exactly ``source`` (files an earlier
+        folder of that name held are gone), and a failure half-way leaves the earlier folder as it was."""
         check_name(name)
+        files = _folder_files(Path(source), name)
+        dest = self.path(run_id, name)
+        staging = self._staging(run_id)
         digest = hashlib.sha256()
         total = 0
-        base = Path(source)
-        written = set()
-        for file in sorted(p for p in base.rglob("*") if p.is_file()):
-            rel = file.relative_to(base).as_posix()
-            size, sha = self.put_file(run_id, file, f"{name}/{rel}")
-            written.add(self.path(run_id, f"{name}/{rel}"))
-            digest.update(f"{rel}\0{sha}\n".encode())
-            total += size
-        self._remove_stale(self.path(run_id, name), written)
+        try:
+            self.fs.create_dir(staging, recursive=True)
+            for rel, file in files:
+                target = f"{staging}/{rel}"
+                if "/" in rel:
+                    self.fs.create_dir(posixpath.dirname(target), recursive=True)
+                size, sha = self._copy_in(file, target)
+                digest.update(f"{rel}\0{sha}\n".encode())
+                total += size
+            self._replace(staging, dest)
+        except OSError as exc:
+            self._discard(staging)
+            raise StoreError(f"artifact store {self.root_uri}: writing {name!r} failed: {exc}") from None
         return total, digest.hexdigest()
 
-    def _remove_stale(self, folder: str, keep: set[str]) -> None:
-        """Delete every file under ``folder`` that is not in ``keep``."""
+    def _staging(self, run_id: str) -> str:
+        """A fresh hidden name in the run's folder, on the store's filesystem (so a move is a rename)."""
+        return f"{self.path(run_id)}/.staging-{uuid.uuid4().hex}"
+
+    def _copy_in(self, source: str | os.PathLike, dest: str) -> tuple[int, str]:
+        """Copy a local file to the store path ``dest``; returns (size, sha256)."""
+        digest = hashlib.sha256()
+        size = 0
+        with open(source, "rb") as src, self.fs.open_output_stream(dest) as out:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        return size, digest.hexdigest()
+
+    def _replace(self, staged: str, dest: str) -> None:
+        """Move ``staged`` (a file or folder) to ``dest``; what ``dest`` held is moved aside first and removed
+        once the new one is in place (put back if the move fails)."""
+        self.fs.create_dir(posixpath.dirname(dest), recursive=True)
+        old = self.fs.get_file_info(dest)
+        if old.type == pafs.FileType.NotFound or (old.type == pafs.FileType.File
+                                                    and self.fs.get_file_info(staged).type == pafs.FileType.File):
+            self._move(staged, dest)  # a new name, or a file over a file: the move replaces it in one step
+            return
+        aside = f"{posixpath.dirname(staged)}/.replaced-{uuid.uuid4().hex}"
+        self._move(dest, aside)
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
-            for info in infos:
-                if info.type == pafs.FileType.File and info.path not in keep:
-                    self.fs.delete_file(info.path)
-        except OSError as exc:
-            raise StoreError(f"artifact store {self.root_uri}: clearing old files of {folder!r} failed: "
-                             f"{exc}") from None
+            self._move(staged, dest)
+        except BaseException:
+            self._move(aside, dest)
+            raise
+        self._discard(aside)
+
+    def _move(self, src: str, dest: str) -> None:
+        """Rename a file or folder (a store that cannot move folders, such as S3, gets their files moved)."""
+        try:
+            self.fs.move(src, dest)
+            return
+        except (OSError, pa.ArrowNotImplementedError):
+            if self.fs.get_file_info(src).type != pafs.FileType.Directory:
+                raise
+        infos = self.fs.get_file_info(pafs.FileSelector(src, recursive=True))
+        self.fs.create_dir(dest, recursive=True)
+        for info in sorted(infos, key=lambda i: i.path):
+            target = dest + info.path[len(src):]
+            if info.type == pafs.FileType.Directory:
+                self.fs.create_dir(target, recursive=True)
+            elif info.type == pafs.FileType.File:
+                self.fs.move(info.path, target)
+        self.fs.delete_dir(src)
+
+    def _discard(self, path: str) -> None:
+        """Remove a staged or replaced file or folder (best effort: nothing refers to it)."""
+        try:
+            info = self.fs.get_file_info(path)
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(path)
+            elif info.type == pafs.FileType.File:
+                self.fs.delete_file(path)
+        except OSError:
+            pass
 
     def move(self, run_id: str, source: str, name: str) -> None:
         """Move the run's artifact file ``source`` to ``name`` (replacing what was there)."""
@@ -153,3 +212,35 @@ class ArtifactStore:
             return self.fs.open_input_file(self.path(run_id, name))
         except (FileNotFoundError, OSError) as exc:
             raise StoreError(f"artifact store {self.root_uri}: {name!r} of run {run_id} is missing ({exc})") from None
+
+
+def _folder_files(base: Path, name: str) -> list[tuple[str, Path]]:
+    """(relative posix name, path) of every file under ``base``, links followed; DataError for a link that
+    loops, a broken link, an entry that is not a file or a folder, or a name an artifact cannot have."""
+    out: list[tuple[str, Path]] = []
+
+    def walk(folder: Path, rel: str, ancestors: frozenset[str]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise DataError(f"log_artifact: cannot list {str(folder)!r}: {exc}") from None
+        for entry in entries:
+            path, sub = Path(entry.path), f"{rel}{entry.name}"
+            if entry.is_dir():  # follows links
+                real = os.path.realpath(path)
+                if real in ancestors:
+                    raise DataError(f"log_artifact: {str(path)!r} links back to a folder that holds it, so the "
+                                    "folder never ends; remove the link or log the files one by one")
+                walk(path, f"{sub}/", ancestors | {real})
+            elif entry.is_file():
+                check_name(f"{name}/{sub}")
+                out.append((sub, path))
+            else:
+                what = ("a broken link" if entry.is_symlink()
+                        else "neither a file nor a folder (a pipe, a socket, a device)")
+                raise DataError(f"log_artifact: {str(path)!r} in {str(base)!r} is {what}; remove it or log the "
+                                "files one by one")
+
+    walk(base, "", frozenset({os.path.realpath(base)}))
+    out.sort(key=lambda item: item[0].split("/"))  # the order the folder's sha256 has always been taken in
+    return out

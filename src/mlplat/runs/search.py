@@ -17,7 +17,11 @@ Grammar (keywords in any case)::
 (``metrics."val auc"``). Metrics compare the latest value as numbers; params
 and tags compare as strings; attributes are ``status``, ``name``, ``run_id``,
 ``user``, ``start_time`` and ``end_time`` (milliseconds since the epoch or an
-ISO date string), ``experiment``. Values always travel as bound parameters:
+ISO date string), ``experiment``. A param or tag compared with an unquoted number
+(``params.epochs > 9``) compares as a number: only runs whose value is a number's
+text (``10``, ``0.001``, ``1e-05``; JSON's number form, as ``str()`` writes ints and
+floats) match, so ``'10'`` is greater than ``9`` and ``'10'`` equals ``10.0``; a
+quoted value compares as text. Values always travel as bound parameters:
 nothing from a filter string is ever pasted into SQL. ``like`` is case-sensitive
 and ``ilike`` folds every letter's case, on SQLite as on PostgreSQL; in their
 patterns a backslash makes the next character literal (``a\\_b`` matches
@@ -36,6 +40,8 @@ from datetime import datetime, timezone
 from typing import Any, Union
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ColumnElement
 
 from .._time import as_utc
 from ..db.models import SHORT_VALUE, Experiment, LatestMetric, Run, RunParam, RunTag
@@ -365,15 +371,92 @@ def to_sql(node: Node):
     if node.op in ("is null", "is not null"):  # whether the run has the key (a NaN metric is stored as NULL)
         having = _ids(sa.select(table.run_id).where(table.key == node.name))
         return Run.id.not_in(having) if node.op == "is null" else Run.id.in_(having)
-    value = _each(_metric_value if node.kind == "metrics" else str, node.value)
     conditions = [table.key == node.name]
-    if node.kind != "metrics":
+    if node.kind == "metrics":
+        conditions.append(_compare(value_col, node.op, _each(_metric_value, node.value)))
+    elif node.op in ("like", "ilike") or not _has_number(node.value):
+        value = _each(str, node.value)
         values = value if isinstance(value, tuple) else (value,)
         if node.op in ("=", "in") and all(len(v) <= SHORT_VALUE for v in values):
             # the partial index's WHERE term, literally, so that the planners use the covering index
             conditions.append(sa.func.length(value_col) <= sa.literal_column(str(SHORT_VALUE)))
-    conditions.append(_compare(value_col, node.op, value))
+        conditions.append(_compare(value_col, node.op, value))
+    else:  # an unquoted number: compared with the values that are numbers' text, as numbers
+        conditions.append(_compare_numbers(value_col, node.op, node.value))
     return Run.id.in_(_ids(sa.select(table.run_id).where(*conditions)))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _has_number(value: Any) -> bool:
+    return any(map(_is_number, value if isinstance(value, tuple) else (value,)))
+
+
+def _compare_numbers(column, op: str, value: Any):
+    """A text column compared with a number (or an ``in`` list holding numbers and strings): the numbers
+    with the rows whose text is a number, as numbers; strings as text."""
+    number = _TextNumber(column)
+    if op not in ("in", "not in"):
+        return _compare(number, op, _NumberBound(value))
+    numbers = [_NumberBound(v) for v in value if _is_number(v)]
+    texts = [str(v) for v in value if not _is_number(v)]
+    clause = sa.or_(number.in_(numbers), *([column.in_(texts)] if texts else []))
+    return sa.not_(clause) if op == "not in" else clause
+
+
+#: the text of a number (JSON's number form, which str() of an int or a float always is)
+_NUMBER_TEXT = r"^[ \t\n\r]*-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?[ \t\n\r]*$"
+
+
+class _TextNumber(ColumnElement):
+    """A text column's value as a number where it is a number's text, else NULL. PostgreSQL reads it as a
+    numeric (exact, any exponent: a double raised an error past its range); SQLite as a double, through
+    json_valid/json_type (RFC 8259 numbers, the same texts as the pattern above)."""
+
+    inherit_cache = True
+    type = sa.Numeric()
+
+    def __init__(self, column) -> None:
+        self.column = column
+
+
+@compiles(_TextNumber)
+def _text_number_sqlite(element, compiler, **kw):
+    col = compiler.process(element.column, **kw)
+    return (f"(CASE WHEN json_valid({col}) AND json_type({col}) IN ('integer', 'real') "
+            f"THEN CAST({col} AS REAL) END)")
+
+
+@compiles(_TextNumber, "postgresql")
+def _text_number_postgresql(element, compiler, **kw):
+    col = compiler.process(element.column, **kw)
+    pattern = compiler.process(sa.literal(_NUMBER_TEXT, sa.Text), **kw)
+    return f"(CASE WHEN {col} ~ {pattern} THEN CAST({col} AS NUMERIC) END)"
+
+
+class _NumberBound(ColumnElement):
+    """A filter's number, bound as what :class:`_TextNumber` compares with: on PostgreSQL a numeric from the
+    number's shortest text (a double cast to numeric kept 15 digits only), on SQLite a double."""
+
+    inherit_cache = True
+    type = sa.Numeric()
+
+    def __init__(self, value: Any) -> None:
+        self.value = _metric_value(value)  # DataError for an int beyond a double's range
+        text = repr(self.value) if isinstance(value, float) else str(value)
+        self.text = {"inf": "Infinity", "-inf": "-Infinity"}.get(text, text)
+
+
+@compiles(_NumberBound)
+def _number_bound_sqlite(element, compiler, **kw):
+    return compiler.process(sa.literal(element.value, sa.Double), **kw)
+
+
+@compiles(_NumberBound, "postgresql")
+def _number_bound_postgresql(element, compiler, **kw):
+    return compiler.process(sa.cast(sa.literal(element.text, sa.Text), sa.Numeric), **kw)
 
 
 def _each(convert, value: Any) -> Any:

@@ -165,17 +165,32 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def load_torch_model(folder: Path) -> Any:
-    """The model in eval mode: TorchScript if present, else the pickled module."""
+    """The model in eval mode: TorchScript if present, else (or if the TorchScript does not load here) the
+    pickled module. A folder neither loads from is a StoreError naming the torch version that wrote it and
+    this one (TorchScript written by a newer torch often does not load in an older one)."""
     torch = _torch()
     meta = read_meta(folder)
-    files: Sequence[str] = meta.get("files", {})
-    if "torchscript" in files:
-        with _quiet_jit():
-            model = torch.jit.load(str(folder / files["torchscript"]), map_location="cpu")
-    elif "module" in files:
-        model = torch.load(folder / files["module"], map_location="cpu", weights_only=False)
-    else:
+    files: Mapping[str, str] = meta.get("files", {})
+    if "torchscript" not in files and "module" not in files:
         raise StoreError(f"model folder {folder} has neither TorchScript nor a pickled module; rebuild the module "
                          "and load state_dict.pt into it")
-    model.eval()
-    return model
+    errors = []
+    for kind in ("torchscript", "module"):
+        if kind not in files:
+            continue
+        try:
+            if kind == "torchscript":
+                with _quiet_jit():
+                    model = torch.jit.load(str(folder / files[kind]), map_location="cpu")
+            else:
+                model = torch.load(folder / files[kind], map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - reported below with the torch versions
+            errors.append(f"{files[kind]}: {type(exc).__name__}: {str(exc)[:500]}")
+            continue
+        model.eval()
+        return model
+    saved = meta.get("torch_version", "an unknown version")
+    hint = ("" if saved == torch.__version__ else
+            f"; load it with torch {saved}, or rebuild the module and load state_dict.pt into it")
+    raise StoreError(f"model folder {folder} was written by torch {saved} and does not load in torch "
+                     f"{torch.__version__} ({'; '.join(errors)}){hint}")
