@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
+from ports import free_port
 
 PG_HOST = os.environ.get("MLPLAT_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("MLPLAT_TEST_PG_PORT", "5432"))
@@ -150,23 +150,6 @@ def redis_url(redis_server_url: str) -> Iterator[str]:
 
 
 # ------------------------------------------------------------ Redis Cluster
-def _free_port_pair() -> int:
-    """A port p with p and p + 10000 (the cluster bus) both free on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair for a Redis Cluster node")
-
-
 @pytest.fixture(scope="session")
 def redis_cluster_session(tmp_path_factory):
     import redis
@@ -181,7 +164,7 @@ def redis_cluster_session(tmp_path_factory):
         """One node on a free port pair, answering PING; a pair taken before the node bound it (another
         process's connection) is tried again on another, up to three times."""
         for _ in range(3):
-            port = _free_port_pair()
+            port = free_port(bus=True)
             proc = subprocess.Popen(
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "5000",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ import redis
 
 import mlplat as mp
 from mlplat.features.online import redis as redis_store
+from ports import free_port
 from workers import after_parent_closes
 
 UTC = timezone.utc
@@ -508,25 +508,6 @@ def test_racing_materializations_and_pushes_end_with_the_newest_row(p, tmp_path,
     assert got["count"] == [best[u][1] for u in sorted(best)]
 
 
-def _free_port(bus: bool = False) -> int:
-    """A port free on 127.0.0.1 now; with ``bus``, port + 10000 (a cluster node's bus) is free too."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not bus:
-            return port
-        if port + 10000 > 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port on 127.0.0.1")
-
-
 @pytest.fixture
 def private_redis(tmp_path) -> Iterator:
     """``start(*args, port=None, bus=False, env=None, password=None) -> (process, port)``: a redis-server of the
@@ -543,7 +524,7 @@ def private_redis(tmp_path) -> Iterator:
     def start(*args: str, port: int | None = None, bus: bool = False, env=None,
               password: str | None = None) -> tuple[subprocess.Popen, int]:
         for _ in range(5 if port is None else 1):
-            at = _free_port(bus) if port is None else port
+            at = free_port(bus) if port is None else port
             log = folder / f"{at}-{len(procs)}.log"
             proc = subprocess.Popen([server, "--port", str(at), "--bind", "127.0.0.1", "--save", "", "--appendonly",
                                      "no", "--dir", str(folder), "--logfile", str(log), *args],
