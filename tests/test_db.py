@@ -306,3 +306,242 @@ def test_a_file_that_is_not_a_sqlite_database_is_a_store_error_naming_it(tmp_pat
         mp.Platform(tmp_path / "home", database_url=f"sqlite:///{not_a_database}")  # was sqlalchemy's DatabaseError
     assert not_a_database.read_text() == "not a database\n" * 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "notes.db"]  # no -wal or -shm beside it
+
+
+# ------------------------------------------------ embedding in a service: pools, forks, folders, closing
+@pytest.mark.postgres
+def test_more_threads_than_the_pool_holds_is_a_store_error_naming_the_pool_settings(pg_url):
+    # was sqlalchemy.exc.TimeoutError ("QueuePool limit of size 1 overflow 0 reached"), not an mlplat error
+    db = Database(pg_url, pool_size=1, max_overflow=1, pool_timeout=0.3)
+    with db.connect(), db.connect():
+        with pytest.raises(mp.StoreError, match=r"no free connection: all 2 connections of the pool \(db_pool_size 1 "
+                                                r"\+ db_max_overflow 1\) stayed in use for the db_pool_timeout of "
+                                                r"0\.3 s.*MLPLAT_DB_POOL_SIZE"):
+            with db.connect():
+                pass
+    with db.connect() as conn:  # the pool works again once connections come back
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    db.dispose()
+
+
+@pytest.mark.postgres
+def test_connections_killed_by_the_server_are_replaced(pg_url, pg_admin_url):
+    """A database restart (or an idle-connection reaper) ends every pooled connection: pre-ping replaces them."""
+    import psycopg
+
+    db = Database(pg_url, pool_size=2)
+    with db.connect() as a, db.connect() as b:
+        pids = [c.exec_driver_sql("SELECT pg_backend_pid()").scalar() for c in (a, b)]
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    for _ in range(3):
+        with db.connect() as conn:
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() not in pids
+    db.dispose()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_an_in_memory_database_used_before_a_fork_keeps_its_tables_in_the_child(tmp_path):
+    """The fork handler dropped the in-memory database's one connection in the child: the child got an empty
+    database ("mlplat's tables are gone"). A turn a parent's thread held at the fork hung the child for ever."""
+    import threading
+
+    from workers import in_forked_child
+
+    with mp.Platform(tmp_path / "home", database_url="sqlite://") as p:
+        with p.runs.start("memory"):
+            pass
+
+        def child() -> None:
+            assert len(p.runs.search("memory")) == 1
+            with p.runs.start("memory"):
+                pass
+            assert len(p.runs.search("memory")) == 2
+
+        assert in_forked_child(child) == 0
+        inside, leave = threading.Event(), threading.Event()
+
+        def hold_a_transaction() -> None:
+            with p.db.connect(write=True) as conn:
+                conn.exec_driver_sql("UPDATE runs SET name = 'uncommitted'")
+                inside.set()
+                leave.wait(10)
+
+        holder = threading.Thread(target=hold_a_transaction)
+        holder.start()
+        inside.wait(10)
+        try:
+            assert in_forked_child(child) == 0  # was: hung on the turn lock the parent's thread held
+        finally:
+            leave.set()
+            holder.join()
+        assert len(p.runs.search("memory")) == 1  # the children's runs were their own
+
+
+def test_an_in_memory_database_used_after_close_says_it_is_closed(tmp_path):
+    p = mp.Platform(tmp_path / "home", database_url="sqlite://")
+    p.close()
+    with pytest.raises(mp.StoreError, match=r"sqlite:// \(in memory\) is closed: its platform was closed"):
+        p.runs.search("x")  # was: "mlplat's tables are gone ... re-open the platform to create them again"
+    p.close()  # closing again is harmless
+
+
+def test_a_database_folder_that_cannot_be_created_is_a_config_error(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    url = f"sqlite:///{tmp_path / 'a-file' / 'sub' / 'x.db'}"
+    with pytest.raises(mp.ConfigError, match=r"cannot create the database's folder .*a-file/sub \(Not a directory"):
+        Database(url)  # was a raw NotADirectoryError
+    with pytest.raises(mp.ConfigError, match="cannot create the database's folder"):
+        mp.Platform(tmp_path / "home", database_url=url)
+
+
+_HOLD_THE_WRITE_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_writer_waiting_past_the_busy_timeout_gets_a_store_error_saying_why(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import mlplat.db.engine as engine_module
+
+    path = tmp_path / "x.db"
+    _open_database(path)  # a table t
+    monkeypatch.setattr(engine_module, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    db = Database(f"sqlite:///{path}")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_WRITE_LOCK, str(path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(mp.StoreError, match=r"database is locked: another connection \(in this or another "
+                                                r"process\) held the database's lock longer than the busy timeout "
+                                                r"of 0\.2 s; .*nothing was written"):  # was only "database is locked"
+            with db.connect(write=True) as conn:
+                conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+    finally:
+        holder.kill()
+        holder.wait()
+    with db.connect(write=True) as conn:  # the lock is free again: writes go through
+        conn.exec_driver_sql("INSERT INTO t VALUES (3)")
+        assert conn.exec_driver_sql("SELECT x FROM t").scalars().all() == [1, 3]
+    db.dispose()
+
+
+def test_a_relative_sqlite_path_stays_put_when_the_current_folder_changes(tmp_path, monkeypatch):
+    """SQLite opens each new connection by its path: after an os.chdir (a notebook), the pool's next connection
+    opened another, empty file ("mlplat's tables are gone")."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    db = Database("sqlite:///rel.db")
+    ensure_schema(db)
+    monkeypatch.chdir(tmp_path / "second")
+    db.dispose()  # the next use opens a new connection, as a second thread or a forked worker would
+    with db.connect() as conn:
+        assert current_revision(conn) == head_revision()
+    db.dispose()
+    assert not (tmp_path / "second" / "rel.db").exists()
+    assert normalize_url("sqlite:///rel.db").database == str(tmp_path / "second" / "rel.db")
+
+
+def _open_files(path) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_platform_that_fails_to_open_leaves_nothing_open(tmp_path):
+    """A notebook keeps the failed cell's traceback (and so the half-made platform): its pooled SQLite
+    connection stayed open, holding the database files."""
+    home = tmp_path / "home"
+    mp.Platform(home).close()
+    db = Database(f"sqlite:///{home / 'mlplat.db'}")
+    with db.connect(write=True) as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    db.dispose()
+    assert _open_files(home) == []
+    with pytest.raises(mp.SchemaVersionError) as failed:
+        mp.Platform(home)
+    assert failed.value.__traceback__ is not None  # the traceback (and the platform in its frames) is alive
+    assert _open_files(home) == []
+
+
+def test_a_failure_to_close_does_not_hide_the_error_that_ended_the_with_block(tmp_path):
+    p = mp.Platform(tmp_path / "home")
+    run = p.runs.start("closing")
+    try:
+        with pytest.raises(ValueError, match="the body's own error") as raised:  # was: the StoreError of close()
+            with p:
+                run.log_metric("loss", 1.0)
+                _hide_mlplat_tables(p.db, p.settings.database_url, hidden=True)  # close() cannot write the point
+                raise ValueError("the body's own error")
+        if hasattr(raised.value, "__notes__"):
+            assert "closing the platform failed: StoreError" in raised.value.__notes__[0]
+    finally:
+        _hide_mlplat_tables(p.db, p.settings.database_url, hidden=False)
+        run.end()
+        p.close()
+    with mp.Platform(tmp_path / "home") as again:
+        assert [pt.value for pt in again.runs.metric_history(run.id, "loss")] == [1.0]
+
+
+def test_urls_in_errors_never_show_the_password():
+    with pytest.raises(mp.ConfigError) as raised:
+        normalize_url("mysql://app:s3cret@h/db")
+    assert "s3cret" not in str(raised.value) and "app:***@h" in str(raised.value)
+    with pytest.raises(mp.ConfigError, match="is not a valid URL") as raised:  # was a raw ValueError
+        normalize_url("postgresql://app:s3cret@h:notaport/db")
+    assert "s3cret" not in str(raised.value)
+    assert normalize_url(" postgresql://u@h/db\n").database == "db"  # a URL read from a file, newline and all
+
+
+@pytest.mark.postgres
+def test_a_postgresql_server_that_never_answers_is_a_store_error_not_a_hang(pg_admin_url, monkeypatch):
+    """libpq waits for ever by default: a host dropping packets, or a port that accepts and stays silent (a
+    stuck proxy), hung Platform(...) and every thread asking the pool."""
+    import socket
+    import threading
+
+    import mlplat.db.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PG_CONNECT_TIMEOUT_S", 2, raising=False)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nothing ever answers
+    outcome: list[BaseException] = []
+
+    def connect() -> None:
+        db = Database(f"postgresql://app:s3cret@127.0.0.1:{silent.getsockname()[1]}/db")
+        try:
+            with db.connect():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcome.append(exc)
+        db.dispose()
+
+    try:
+        thread = threading.Thread(target=connect, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "connecting to a silent server hung"
+    finally:
+        silent.close()
+    assert isinstance(outcome[0], mp.StoreError) and "s3cret" not in str(outcome[0]), outcome
+    for url, seconds in ((pg_admin_url, "2"), (f"{pg_admin_url}?connect_timeout=3", "3")):  # the URL's wins
+        db = Database(url)
+        with db.connect() as conn:
+            assert conn.connection.dbapi_connection.info.get_parameters().get("connect_timeout") == seconds
+        db.dispose()

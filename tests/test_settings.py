@@ -37,11 +37,11 @@ def test_environment_fills_what_arguments_leave_out(tmp_path):
     s = Settings.resolve(environ=env)
     assert (s.home, s.database_url, s.online_store, s.artifact_root, s.threads, s.db_pool_size) == (
         Path(env["MLPLAT_HOME"]), "postgresql://u@h/db", "redis://127.0.0.1:6379/2", "s3://bucket/artifacts", 3, 7)
-    s = Settings.resolve(tmp_path, database_url="sqlite:///x.db", threads=1, environ=env)
-    assert (s.home, s.database_url, s.threads) == (tmp_path, "sqlite:///x.db", 1)
+    s = Settings.resolve(tmp_path, database_url="sqlite:////abs/x.db", threads=1, environ=env)
+    assert (s.home, s.database_url, s.threads) == (tmp_path, "sqlite:////abs/x.db", 1)
 
 
-@pytest.mark.parametrize("url", ["redis://h:1/0", "rediss://h:1/0", "redis+cluster://h:7000", "sqlite:///o.db"])
+@pytest.mark.parametrize("url", ["redis://h:1/0", "rediss://h:1/0", "redis+cluster://h:7000", "sqlite:////abs/o.db"])
 def test_online_store_schemes(url, tmp_path):
     assert Settings.resolve(tmp_path, online_store=url, environ={}).online_store == url
 
@@ -82,7 +82,7 @@ def test_platform_reads_the_environment(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kwargs, env, message", [
     ({"database_url": "postgresql+psycopg://a:b@[::1"}, {},
-     r"database_url 'postgresql\+psycopg://a:b@\[::1' is not a valid URL \(Invalid IPv6 URL\)"
+     r"database_url 'postgresql\+psycopg://a:\*\*\*@\[::1' is not a valid URL \(Invalid IPv6 URL\)"
      r".*\(argument database_url=\)"),
     ({}, {"MLPLAT_ONLINE_STORE": "redis://127.0.0.1:99999/0"},
      r"online_store 'redis://127.0.0.1:99999/0' is not a valid URL \(Port out of range.*\(\$MLPLAT_ONLINE_STORE\)"),
@@ -108,3 +108,57 @@ def test_redis_urls_with_or_without_a_database_number_are_taken(tmp_path, url):
 def test_an_in_memory_database_is_a_library_setting(tmp_path):
     # one process's platform (tests, notebooks); the command line refuses it (each command is a process)
     assert Settings.resolve(tmp_path, database_url="sqlite://", environ={}).database_url == "sqlite://"
+
+
+def test_surrounding_white_space_in_variables_is_dropped_and_blank_means_unset(tmp_path, monkeypatch):
+    # a value read from a file or a Kubernetes secret ends in a newline: the database was named 'db\n', the
+    # home ' /x ' a folder under the current one, a Redis URL refused; a blank MLPLAT_THREADS was an error
+    monkeypatch.chdir(tmp_path)
+    env = {"MLPLAT_HOME": f" {tmp_path / 'h'}\n", "MLPLAT_DATABASE_URL": "postgresql://u@h/db\n",
+           "MLPLAT_ONLINE_STORE": " redis://127.0.0.1:6379/2 ", "MLPLAT_ARTIFACT_ROOT": "  ", "MLPLAT_THREADS": " ",
+           "MLPLAT_DB_POOL_SIZE": " 7\n", "MLPLAT_TRITON_URL": "\t", "MLPLAT_SERVED_SAMPLE": ""}
+    s = Settings.resolve(environ=env)
+    assert s.home == tmp_path / "h"
+    assert (s.database_url, s.online_store, s.artifact_root) == (
+        "postgresql://u@h/db", "redis://127.0.0.1:6379/2", str(tmp_path / "h" / "artifacts"))
+    assert (s.threads >= 1, s.db_pool_size, s.triton_url, s.served_sample_rate) == (True, 7, None, 1.0)
+    s = Settings.resolve(tmp_path, database_url=" sqlite:////abs/x.db\n", environ={})
+    assert s.database_url == "sqlite:////abs/x.db"
+
+
+def test_relative_paths_are_taken_from_the_current_folder_when_resolved(tmp_path, monkeypatch):
+    """A relative SQLite path or artifact folder stayed relative and was looked up again at each use: after an
+    os.chdir (a notebook, a job) new connections opened other files, and runs recorded relative artifact URIs."""
+    monkeypatch.chdir(tmp_path)
+    s = Settings.resolve("home", database_url="sqlite:///data/m.db?timeout=5", online_store="sqlite:///o.db",
+                         artifact_root="art", environ={})
+    assert s.home == tmp_path / "home"
+    assert s.database_url == f"sqlite:///{tmp_path / 'data' / 'm.db'}?timeout=5"
+    assert s.online_store == f"sqlite:///{tmp_path / 'o.db'}"
+    assert s.artifact_root == str(tmp_path / "art")
+    for kept in ("sqlite://", "sqlite:///:memory:", "sqlite:///~/x.db"):  # in memory; ~ is the engine's to expand
+        assert Settings.resolve("home", database_url=kept, environ={}).database_url == kept
+    assert Settings.resolve("home", artifact_root="s3://b/p", environ={}).artifact_root == "s3://b/p"
+    with mp.Platform(settings=s) as p:
+        run = p.runs.start("relative")
+        run.end()
+        monkeypatch.chdir(tmp_path / "home")
+        p.db.dispose()  # new connections from here on, as another thread or a forked worker opens
+        assert p.runs.get(run.id).artifact_uri.startswith(str(tmp_path / "art"))
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["data", "home"]  # nothing opened under home/
+
+
+@pytest.mark.parametrize("kwargs, env", [
+    ({"database_url": "mysql://app:s3cret@h/db"}, {}),
+    ({}, {"MLPLAT_DATABASE_URL": "postgresql://app:s3cret@[::1/db"}),
+    ({}, {"MLPLAT_ONLINE_STORE": "redis://:s3cret@h:6379/abc"}),
+    ({"online_store": "redis://app:s3c@ret@h:99999/0"}, {}),
+], ids=["scheme", "malformed", "redis-db", "at-sign-in-password"])
+def test_errors_and_the_settings_repr_never_show_a_password(tmp_path, kwargs, env):
+    with pytest.raises(mp.ConfigError) as raised:
+        Settings.resolve(tmp_path, environ=env, **kwargs)
+    assert "s3c" not in str(raised.value) and ":***@" in str(raised.value)
+    s = Settings.resolve(tmp_path, database_url="postgresql://app:s3cret@h/db",
+                         online_store="redis://:s3cret@h:6379/0", environ={})
+    assert s.database_url == "postgresql://app:s3cret@h/db"  # the value itself is intact
+    assert "s3cret" not in repr(s) and "postgresql://app:***@h/db" in repr(s) and "redis://:***@h:6379/0" in repr(s)

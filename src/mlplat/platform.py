@@ -62,13 +62,24 @@ class Platform:
         self.db = Database(
             s.database_url, pool_size=s.db_pool_size, max_overflow=s.db_max_overflow, pool_timeout=s.db_pool_timeout
         )
-        ensure_schema(self.db)
-        self.features = FeatureStore(self.db, s)
-        self.artifacts = ArtifactStore(s.artifact_root)
-        self.runs = RunStore(self.db, self.artifacts, self.features)
-        self.models = ModelRegistry(self.db, self.runs, self.artifacts, self.features)
-        self.serving = ServingService(self)
-        self.monitoring = Monitoring(self)
+        try:
+            ensure_schema(self.db)
+            self.features = FeatureStore(self.db, s)
+            self.artifacts = ArtifactStore(s.artifact_root)
+            self.runs = RunStore(self.db, self.artifacts, self.features)
+            self.models = ModelRegistry(self.db, self.runs, self.artifacts, self.features)
+            self.serving = ServingService(self)
+            self.monitoring = Monitoring(self)
+        except BaseException:
+            # a platform that failed to open holds nothing open: the traceback (kept by a notebook as
+            # sys.last_traceback) would otherwise keep its pooled connections and database files open
+            features = getattr(self, "features", None)
+            for release in ((features.close,) if features is not None else ()) + (self.db.dispose,):
+                try:
+                    release()
+                except Exception:  # noqa: BLE001 - the error that stopped the opening is the one to raise
+                    pass
+            raise
 
     def close(self) -> None:
         """Write what is buffered (metrics of runs opened through it, served features) and release database,
@@ -92,8 +103,18 @@ class Platform:
     def __enter__(self) -> Platform:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """Close; when the block raised, a failure to close does not replace its exception (that error is
+        the one to see): it is added to it as a note, and the block's exception goes on."""
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except MlplatError as failure:
+            add_note = getattr(exc, "add_note", None)  # Python 3.11+
+            if add_note is not None:
+                add_note(f"and then closing the platform failed: {type(failure).__name__}: {failure}")
 
     def __repr__(self) -> str:
         return f"Platform(home={str(self.settings.home)!r})"

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "hide_password"]
 
 _DB_SCHEMES = ("sqlite", "postgresql", "postgres")
 _ONLINE_SCHEMES = ("sqlite", "redis", "rediss", "redis+cluster", "rediss+cluster")
@@ -53,6 +54,10 @@ class Settings:
     triton_url: str | None = None
     served_sample_rate: float = 1.0
 
+    def __repr__(self) -> str:  # a log line or a traceback showing the settings must not show a password
+        shown = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return "Settings(" + ", ".join(f"{k}={hide_password(v) if isinstance(v, str) else v!r}" for k, v in shown) + ")"
+
     @classmethod
     def resolve(
         cls,
@@ -69,14 +74,21 @@ class Settings:
         served_sample_rate: float | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> Settings:
-        """Fill what is not passed from ``environ`` (default ``os.environ``), then defaults; validate all."""
-        env = os.environ if environ is None else environ
+        """Fill what is not passed from ``environ`` (default ``os.environ``), then defaults; validate all.
+
+        A variable's surrounding white space is dropped (a value read from a file or a secret often ends in
+        a newline), and an empty or blank variable counts as unset. Relative paths (``home``, a
+        ``sqlite:///`` file, a local ``artifact_root``) are made absolute against the current folder now,
+        so that a later ``os.chdir`` does not move them."""
+        env = _Stripped(os.environ if environ is None else environ)
         home_path = Path(home if home is not None else (env.get("MLPLAT_HOME") or "mlplat-home")).expanduser().resolve()
-        db = _url("database_url", database_url, env, "MLPLAT_DATABASE_URL", f"sqlite:///{home_path / 'mlplat.db'}",
-                  _DB_SCHEMES, driver_suffix=True)
-        online = _url("online_store", online_store, env, "MLPLAT_ONLINE_STORE", f"sqlite:///{home_path / 'online.db'}",
-                      _ONLINE_SCHEMES)
-        artifacts = artifact_root or env.get("MLPLAT_ARTIFACT_ROOT") or str(home_path / "artifacts")
+        db = _url("database_url", _strip(database_url), env, "MLPLAT_DATABASE_URL",
+                  f"sqlite:///{home_path / 'mlplat.db'}", _DB_SCHEMES, driver_suffix=True)
+        online = _url("online_store", _strip(online_store), env, "MLPLAT_ONLINE_STORE",
+                      f"sqlite:///{home_path / 'online.db'}", _ONLINE_SCHEMES)
+        artifacts = _strip(artifact_root) or env.get("MLPLAT_ARTIFACT_ROOT") or str(home_path / "artifacts")
+        if "://" not in artifacts:  # a local folder (s3://..., gs://..., file:///... stay as written)
+            artifacts = os.path.abspath(os.path.expanduser(artifacts))
         return cls(
             home=home_path,
             database_url=db,
@@ -88,10 +100,58 @@ class Settings:
                                     minimum=0),
             db_pool_timeout=_number("db_pool_timeout", db_pool_timeout, env, "MLPLAT_DB_POOL_TIMEOUT", 30.0, float,
                                     minimum=0),
-            triton_url=triton_url or env.get("MLPLAT_TRITON_URL") or None,
+            triton_url=_strip(triton_url) or env.get("MLPLAT_TRITON_URL") or None,
             served_sample_rate=_number("served_sample_rate", served_sample_rate, env, "MLPLAT_SERVED_SAMPLE", 1.0,
                                        float, minimum=0, maximum=1),
         )
+
+
+def hide_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part replaced by ``***``, for messages and logs;
+    it needs no valid URL (an error about a malformed URL must not print the password either).
+
+    >>> hide_password("postgresql://app:s3cret@db:5432/mlplat")
+    'postgresql://app:***@db:5432/mlplat'
+    >>> hide_password("redis://:s3cret@cache:6379/0"), hide_password("sqlite:///x.db")
+    ('redis://:***@cache:6379/0', 'sqlite:///x.db')
+    """
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+#: scheme://user:password@ -- masked up to the last "@" (a password may hold an unescaped "@" or "/")
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@]*:).*@", re.S)
+
+
+class _Stripped(Mapping):
+    """An environment whose values are stripped of surrounding white space (blank values read as empty)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def __getitem__(self, key: str) -> str:
+        return self._env[key].strip()
+
+    def __iter__(self):
+        return iter(self._env)
+
+    def __len__(self) -> int:
+        return len(self._env)
+
+
+def _strip(value):
+    """A string argument without surrounding white space (a URL or path pasted with a newline); others as given."""
+    return value.strip() if isinstance(value, str) else value
+
+
+def _absolute_sqlite(url: str) -> str:
+    """A ``sqlite:///relative/path`` URL made absolute against the current folder; other URLs as given
+    (an in-memory database, an absolute path, a path under ``~``, which the engine expands)."""
+    if not url[:10].lower() == "sqlite:///":
+        return url
+    path, sep, query = url[10:].partition("?")
+    if not path or path == ":memory:" or path.startswith("~") or os.path.isabs(path):
+        return url
+    return f"sqlite:///{os.path.abspath(path)}{sep}{query}"
 
 
 def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default: str, schemes: tuple[str, ...], *,
@@ -101,25 +161,26 @@ def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default
     database number (``/0``) or none. The error names the argument or the variable the URL came from."""
     url = value or env.get(var) or default
     where = f"argument {name}=" if value else f"${var}" if env.get(var) else "the default"
+    shown = hide_password(url)  # an error message (a log line) must not show the password
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - a port past 65535 (or not a number) raises here
     except ValueError as exc:
-        raise ConfigError(f"{name} {url!r} is not a valid URL ({exc}); write it as scheme://host:port/... "
+        raise ConfigError(f"{name} {shown!r} is not a valid URL ({exc}); write it as scheme://host:port/... "
                           f"({where})") from None
     scheme = parts.scheme.lower()
     base = scheme.split("+")[0] if driver_suffix else scheme  # postgresql+psycopg -> postgresql
     if base not in schemes:
         raise ConfigError(
-            f"{name} {url!r} has an unsupported scheme {scheme!r}; use one of "
+            f"{name} {shown!r} has an unsupported scheme {scheme!r}; use one of "
             f"{', '.join(s + '://' for s in schemes)} ({where})"
         )
     database = unquote(parts.path).strip("/")
     if scheme.startswith("redis") and database and not (database.isascii() and database.isdigit()):
         # redis-py ignores a path it cannot read as a number and uses database 0: another store than meant
-        raise ConfigError(f"{name} {url!r}: the Redis database {database!r} is not a number; write "
+        raise ConfigError(f"{name} {shown!r}: the Redis database {database!r} is not a number; write "
                           f"redis://host:port/0 (a database number from 0) ({where})")
-    return url
+    return _absolute_sqlite(url)
 
 
 def _number(name: str, value, env: Mapping[str, str], var: str, default, kind: type, *, minimum: float,
@@ -127,7 +188,7 @@ def _number(name: str, value, env: Mapping[str, str], var: str, default, kind: t
     """Argument ``name``'s ``value``, else ``$var`` parsed as ``kind``, else ``default``: a finite number in
     range, not a bool, and a whole number where ``kind`` is int (2.7 threads is refused, not cut to 2)."""
     raw = value if value is not None else env.get(var)
-    if raw is None or raw == "":
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
         return default
     where = f" (argument {name}=)" if value is not None else f" (${var})"  # where to correct it
     wanted = "a whole number" if kind is int else "a number"

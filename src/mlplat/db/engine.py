@@ -27,10 +27,13 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from ..errors import ConfigError, DataError, StoreError
+from ..settings import hide_password
 
 __all__ = ["Database", "create_engine", "enable_wal", "normalize_url", "sqlite_file"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: seconds to wait for a PostgreSQL connection to be made, unless the URL says (``?connect_timeout=N``)
+PG_CONNECT_TIMEOUT_S = 10
 
 
 def normalize_url(url: str) -> sa.URL:
@@ -38,19 +41,25 @@ def normalize_url(url: str) -> sa.URL:
 
     >>> normalize_url("postgresql://root@127.0.0.1/test").drivername
     'postgresql+psycopg'
+
+    A relative SQLite path is made absolute here, against the current folder: SQLite opens each new
+    connection by its path, and a later ``os.chdir`` (a notebook, a job changing folders) would otherwise
+    make the pool's next connection open another file.
     """
+    url = url.strip()  # a URL read from a file or a secret often ends in a newline
+    shown = hide_password(url)
     try:
         parsed = sa.make_url(url)
-    except sa.exc.ArgumentError as exc:
-        raise ConfigError(f"database_url {url!r} is not a valid URL: {exc}") from None
+    except (sa.exc.ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        raise ConfigError(f"database_url {shown!r} is not a valid URL: {hide_password(str(exc))}") from None
     backend = parsed.get_backend_name()
     if backend in ("postgresql", "postgres"):
         return parsed.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             return parsed.set(drivername="sqlite")
-        return parsed.set(drivername="sqlite", database=str(Path(parsed.database).expanduser()))
-    raise ConfigError(f"database_url {url!r}: only sqlite:// and postgresql:// databases are supported")
+        return parsed.set(drivername="sqlite", database=os.path.abspath(Path(parsed.database).expanduser()))
+    raise ConfigError(f"database_url {shown!r}: only sqlite:// and postgresql:// databases are supported")
 
 
 def create_engine(
@@ -72,6 +81,11 @@ def create_engine(
         raise ConfigError(
             "PostgreSQL needs the psycopg driver: pip install 'mlplat[postgres]'"
         ) from None
+    connect_args: dict[str, Any] = {"prepare_threshold": None}
+    if "connect_timeout" not in parsed.query:
+        # libpq waits for ever by default: a server host that drops packets, or a port that accepts and never
+        # answers, hung the platform's opening (and each thread asking the pool) instead of failing
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
     return sa.create_engine(
         parsed,
         pool_size=pool_size,
@@ -81,7 +95,7 @@ def create_engine(
         echo=echo,
         # psycopg prepares a statement server-side after 5 runs, and PostgreSQL then may plan it once for
         # any parameters (a generic plan): run search turned 30x slower that way. Plan every query.
-        connect_args={"prepare_threshold": None},
+        connect_args=connect_args,
     )
 
 
@@ -103,13 +117,25 @@ def sqlite_file(url: str) -> Path | None:
 _ENGINES: weakref.WeakSet = weakref.WeakSet()
 
 
+#: in-memory SQLite databases: a forked child keeps its copy of the one connection (it is the database)
+_MEMORY_DATABASES: weakref.WeakSet = weakref.WeakSet()
+
+
 def _after_fork_in_child() -> None:
     """A forked child (a pre-fork server's worker) opens connections of its own: a connection shared
     with the parent across ``fork()`` is one socket or SQLite handle used by two processes (a child's
     writes through it were lost once the parent closed it). SQLAlchemy's recipe: drop the pool without
-    closing the parent's connections."""
+    closing the parent's connections.
+
+    An in-memory SQLite database is the exception: its one connection *is* the database, and the
+    child's copy of it is the child's own (dropping it gave the child an empty database: "mlplat's
+    tables are gone"). The child takes it over: a fresh turn lock (one a parent's thread held at the
+    fork was never released in the child) and that thread's unfinished transaction rolled back."""
     for engine in list(_ENGINES):
-        engine.dispose(close=False)
+        if not isinstance(engine.pool, StaticPool):
+            engine.dispose(close=False)
+    for db in list(_MEMORY_DATABASES):
+        db._after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
@@ -119,7 +145,13 @@ if hasattr(os, "register_at_fork"):
 def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
     memory = url.database in (None, "", ":memory:")
     if not memory:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"database_url {hide_password(str(url))!r}: cannot create the database's folder "
+                              f"{folder} ({exc.strerror}: {exc.filename}); point database_url (or "
+                              "$MLPLAT_DATABASE_URL) at a folder that exists or can be created") from None
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}}
     if memory:
         kwargs["poolclass"] = StaticPool
@@ -232,6 +264,13 @@ def _not_a_database(exc: sa.exc.DBAPIError) -> bool:
         getattr(orig, "sqlite_errorcode", None) == 26 or str(orig) == "file is not a database")
 
 
+def _sqlite_busy(exc: sa.exc.DBAPIError) -> bool:
+    """Whether ``exc`` is SQLite's SQLITE_BUSY ("database is locked"): the busy timeout ran out."""
+    orig = exc.orig
+    code = getattr(orig, "sqlite_errorcode", None) or 0  # extended codes (SQLITE_BUSY_SNAPSHOT, ...) included
+    return isinstance(orig, sqlite3.OperationalError) and (code & 0xFF == 5 or "database is locked" in str(orig))
+
+
 def _first_line(error: BaseException | None) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -253,8 +292,27 @@ class Database:
         _ENGINES.add(self.engine)
         # an in-memory SQLite database is one connection (StaticPool) that threads must take in turn: two
         # transactions on it at once fail ("cannot start a transaction within a transaction")
-        memory = self.dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")
-        self._turns = threading.RLock() if memory else nullcontext()
+        self._memory = self.dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")
+        self._turns = threading.RLock() if self._memory else nullcontext()
+        self._memory_closed = False
+        if self._memory:
+            _MEMORY_DATABASES.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child, for an in-memory database (see the module's fork handler)."""
+        self._turns = threading.RLock()
+        if self._memory_closed:
+            return
+        try:
+            raw = self.engine.raw_connection()
+        except Exception:  # noqa: BLE001 - never opened (or closed): nothing to take over
+            return
+        try:
+            dbapi = raw.dbapi_connection
+            if dbapi is not None and dbapi.in_transaction:  # a parent's thread was inside a transaction
+                dbapi.execute("ROLLBACK")
+        finally:
+            raw.close()
 
     @contextmanager
     def connect(self, *, write: bool = False) -> Iterator[Connection]:
@@ -262,12 +320,26 @@ class Database:
 
         ``write=True`` takes SQLite's write lock at BEGIN (no effect on PostgreSQL).
         """
+        if self._memory_closed:
+            raise StoreError("database sqlite:// (in memory) is closed: its platform was closed (Platform.close()) "
+                             "and an in-memory database ends with it, contents included; open a new platform, or "
+                             "use a file (sqlite:///path.db) or PostgreSQL to keep data past close()")
         try:
             with self._turns, self.engine.connect() as conn:
                 if write and self.dialect == "sqlite":
                     conn = conn.execution_options(sqlite_begin="IMMEDIATE")
                 with conn.begin():
                     yield conn
+        except sa.exc.TimeoutError as exc:  # every pooled connection stayed in use for pool_timeout seconds
+            pool = self.engine.pool
+            size, overflow = pool.size(), getattr(pool, "_max_overflow", 0)
+            timeout = getattr(pool, "_timeout", None)
+            raise StoreError(
+                f"database {self._shown_url()}: no free connection: all {size + max(overflow, 0)} connections of "
+                f"the pool (db_pool_size {size} + db_max_overflow {overflow}) stayed in use for the "
+                f"db_pool_timeout of {timeout:g} s; nothing was read or written: use fewer threads at once, or "
+                "raise $MLPLAT_DB_POOL_SIZE / $MLPLAT_DB_MAX_OVERFLOW (within the server's max_connections)"
+            ) from exc
         except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
             if _missing_table(exc):
                 raise StoreError(f"database {self._shown_url()}: {_first_line(exc.orig)}: mlplat's tables are gone "
@@ -275,6 +347,13 @@ class Database:
                                  "the platform (mp.Platform(...)) to create them again") from exc
             if isinstance(exc, sa.exc.ProgrammingError):
                 raise  # a bug in the statement itself: keep SQLAlchemy's error with its SQL and parameters
+            if _sqlite_busy(exc):
+                raise StoreError(
+                    f"database {self._shown_url()}: {_first_line(exc.orig)}: another connection (in this or "
+                    f"another process) held the database's lock longer than the busy timeout of "
+                    f"{SQLITE_BUSY_TIMEOUT_MS / 1000:g} s; this transaction was rolled back, nothing was written: "
+                    "retry once that writer is done (a long transaction, a process stopped in a debugger, "
+                    "a sqlite3 shell left inside BEGIN), or use PostgreSQL for many concurrent writers") from exc
             raise StoreError(f"database {self._shown_url()}: {exc.orig}") from exc
         except sa.exc.DataError as exc:  # a value the checks let through but its column cannot hold
             raise DataError(f"database {self._shown_url()} refused a value: {exc.orig}".rstrip()
@@ -299,5 +378,8 @@ class Database:
                 s.flush()
 
     def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (a later use opens new ones; an in-memory database, whose one
+        connection is the database, is gone, and a later use is a :class:`~mlplat.errors.StoreError`)."""
         self.engine.dispose()
+        if self._memory:
+            self._memory_closed = True

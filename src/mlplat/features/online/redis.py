@@ -39,6 +39,7 @@ from redis.exceptions import NoScriptError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._native import _codec
+from ...settings import hide_password
 from ..._native.codec import RecordBuffers
 from ...errors import ConfigError, OnlineStoreError
 from .store import OnlineStore, Progress, ReadGroup
@@ -114,20 +115,11 @@ def _parse(url: str) -> tuple[str, _Options, bool]:
             batch=int(query.pop("batch", 500)),
         )
     except ValueError as exc:
-        raise ConfigError(f"online store {_redact(url)!r}: bad parameter ({exc})") from None
+        raise ConfigError(f"online store {hide_password(url)!r}: bad parameter ({exc})") from None
     if opts.timeout <= 0 or opts.retries < 0 or opts.batch < 1:
-        raise ConfigError(f"online store {_redact(url)!r}: timeout must be > 0, retries >= 0, batch >= 1")
+        raise ConfigError(f"online store {hide_password(url)!r}: timeout must be > 0, retries >= 0, batch >= 1")
     base = urlunsplit((base_scheme, parts.netloc, parts.path, urlencode(query), ""))
     return base, opts, cluster
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 @lru_cache(maxsize=1)
@@ -198,7 +190,7 @@ class RedisOnlineStore(OnlineStore):
 
     def __init__(self, url: str) -> None:
         base, self._opts, cluster = _parse(url)
-        self.name = _redact(url)
+        self.name = hide_password(url)
         timeouts = {"socket_timeout": self._opts.timeout, "socket_connect_timeout": self._opts.timeout}
         self._cluster = None
         self._pool: ConnectionPool | None = None
