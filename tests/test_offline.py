@@ -203,6 +203,9 @@ def test_full_feature_names_and_name_clashes(p, tmp_path):
         p.features.get_historical_features(edf, ["user_txn:txn_count", "other:txn_count"])
     out = p.features.get_historical_features(edf, ["user_txn:txn_count", "other:txn_count"], full_feature_names=True)
     assert out.column_names[-2:] == ["user_txn__txn_count", "other__txn_count"]
+    with pytest.raises(mp.DataError, match="both give a column 'user_txn__txn_count'; ask for one version of the view"):
+        # it advised passing full_feature_names=True, which was passed and cannot part two versions of one view
+        p.features.get_historical_features(edf, ["user_txn@1:txn_count", "user_txn:txn_count"], full_feature_names=True)
     with pytest.raises(mp.DataError, match="asked for twice"):
         p.features.get_historical_features(edf, ["user_txn:txn_count", "user_txn:txn_count"])
     clash = entities([1], [D(2)], txn_count=pa.array([0]))

@@ -53,8 +53,11 @@ def test_register_versions_and_load(p):
         p.models.register("fraud", "nope")
     with pytest.raises(mp.DataError, match="model name"):
         p.models.register("bad name!", v1.run_id)
-    with pytest.raises(mp.NotFoundError, match="unknown model 'ghost'"):
+    with pytest.raises(mp.NotFoundError, match="unknown model 'ghost'; known: fraud$"):
         p.models.get("ghost")
+    for typo in ("frad", "Fraud"):  # said only "unknown model 'frad'"
+        with pytest.raises(mp.NotFoundError, match=f"unknown model '{typo}'; did you mean 'fraud'\\?"):
+            p.models.get(typo)
     with pytest.raises(mp.NotFoundError, match="has no version 9"):
         p.models.load("fraud", version=9)
     with pytest.raises(mp.DataError, match="one of version=, stage= or alias="):
@@ -481,4 +484,4 @@ def test_lineage_cli(p, lineage_setup, database_url):
     for text in ("fraud v1 (production)", "alice", "user_txn@1:txn_count", "blake2b-256:", "matches"):
         assert text in human.output
     missing = runner.invoke(cli, ["--home", home, "--database-url", database_url, "models", "lineage", "ghost"])
-    assert missing.exit_code == 1 and missing.stderr == "mlplat: error: unknown model 'ghost'\n"
+    assert missing.exit_code == 1 and missing.stderr == "mlplat: error: unknown model 'ghost'; known: fraud\n"

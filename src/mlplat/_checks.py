@@ -1,6 +1,7 @@
 """Checks of arguments that several parts share (skew, drift, the A/B gateway, the registry, exports, runs)."""
 from __future__ import annotations
 
+import difflib
 import operator
 
 from .errors import DataError
@@ -74,3 +75,18 @@ def require_number(name: str, value: object, *, low: float, high: float | None =
     number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
     if not number or not value >= low or (high is not None and not value <= high):  # type: ignore[operator]
         raise DataError(f"{name} must be {meaning}, got {value!r}")
+
+
+def close_names(name: str, known: list[str], none_yet: str) -> str:
+    """The end of a "not found" message: close matches of ``name`` among ``known``, else the known names
+    (at most 20), else ``none_yet``.
+
+    >>> close_names("frad", ["fraud", "churn"], "no model is registered yet")
+    "; did you mean 'fraud'?"
+    >>> close_names("x", [], "no model is registered yet")
+    '; no model is registered yet'
+    """
+    close = difflib.get_close_matches(name, known, n=3)
+    if close:
+        return f"; did you mean {', '.join(map(repr, close))}?"
+    return f"; known: {', '.join(known[:20])}" if known else f"; {none_yet}"

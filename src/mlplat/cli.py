@@ -191,7 +191,8 @@ def _platform(ctx: click.Context, *, create: bool = False):
     if not create and database is not None and not database.exists():
         raise ConfigError(
             f"{settings.home} is not an mlplat home (it has no database {database}): give --home or MLPLAT_HOME "
-            "of an existing home, or start one with 'mlplat features apply FILE' or 'mlplat demo'")
+            "of an existing home (the demo's is ./mlplat-demo: mlplat --home mlplat-demo ...), or start one with "
+            "'mlplat features apply FILE'")
     return Platform(settings=settings)
 
 

@@ -202,8 +202,8 @@ def _journey(p: Any, console: Any, home: Path, triton: Any, triton_url: str | No
     report.training_set(console, train_set, step.timings["training_set"])
 
     with step("models", "training a champion and a challenger as tracked runs"):
-        champion_run, champion_auc = train(p, train_set, service, CHAMPION)
-        challenger_run, challenger_auc = train(p, train_set, service, CHALLENGER)
+        champion_run, champion_auc = train(p, train_set, service, CHAMPION, name="champion")
+        challenger_run, challenger_auc = train(p, train_set, service, CHALLENGER, name="challenger")
         p.models.register("fraud", champion_run, registered_by="data-scientist", description="demo fraud model")
         p.models.register("fraud", challenger_run, registered_by="data-scientist",
                           description="wider network, fewer epochs")

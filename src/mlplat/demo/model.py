@@ -72,7 +72,7 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def train(p: Any, train_set: pa.Table, service: Any, cfg: dict[str, Any]) -> tuple[str, float]:
+def train(p: Any, train_set: pa.Table, service: Any, cfg: dict[str, Any], name: str = "") -> tuple[str, float]:
     """Train FraudNet on ``train_set`` (rows in time order; the last fifth validates) as a tracked run.
 
     Returns the run id and the final validation AUC.
@@ -87,7 +87,7 @@ def train(p: Any, train_set: pa.Table, service: Any, cfg: dict[str, Any]) -> tup
     val_auc = float("nan")
     with _one_torch_thread(), p.runs.training(  # the three lines that track a loop
             "fraud-demo", config=cfg, data=train_set, features=service, model=model, example_input=xv[:2],
-            columns=FEATURES) as t:
+            columns=FEATURES, name=name) as t:
         for _ in range(cfg["epochs"]):
             perm = torch.randperm(len(xt))
             total = 0.0

@@ -77,8 +77,9 @@ def serving(console: Any, ab: dict[str, Any], latencies: list[float]) -> None:
 def skew(console: Any, skew: Any, planted: list[int]) -> None:
     print_skew(console, skew, mismatches=0)
     found = sorted({m.entity["user_id"] for m in skew.mismatches})
+    rows = sum(1 for m in skew.mismatches if m.entity["user_id"] in planted)
     console.print(f"planted: a streaming job pushed amount_sum_7d in cents for {len(planted)} users, online only; "
-                  f"the skew check names {len(found)} users, "
+                  f"the skew check names {len(found)} users (in {rows} served rows: a user may be served twice), "
                   + ("exactly those." if found == sorted(planted) else "[red]not the same set."))
     for m in skew.mismatches[:3]:
         console.print(f"  user {m.entity['user_id']} at {m.request_time:%H:%M:%S}: served {_cell(m.served)}, "

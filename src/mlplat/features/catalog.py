@@ -10,7 +10,6 @@ after its transaction commits: a failed apply leaves them as they were.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -21,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 
-from .._checks import check_version
+from .._checks import check_version, close_names
 from ..db import Database
 from ..db.models import FeatureDefinition, FeatureDefinitionTag
 from ..errors import DefinitionError, NotFoundError, StoreError
@@ -202,10 +201,7 @@ class Catalog:
         if version is not None and self._get_or_none(kind, name, None) is not None:
             raise NotFoundError(f"{kind.replace('_', ' ')} {name!r} has no version {version}")
         known = [e.name for e in self.list(kind)]
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else (
-            f"; known: {', '.join(known[:20])}" if known else "; nothing of that kind is applied yet"
-        )
+        hint = close_names(name, known, "nothing of that kind is applied yet")
         raise NotFoundError(f"unknown {kind.replace('_', ' ')} {name!r}{hint}")
 
     def _latest_or_none(self, kind: str, name: str):

@@ -219,10 +219,9 @@ class FeatureStore:
             if name in origin:
                 if origin[name] == str(ref):
                     raise DataError(f"feature {str(ref)!r} is asked for twice")
-                raise DataError(
-                    f"{origin[name]!r} and {str(ref)!r} both give a column {name!r}; "
-                    "pass full_feature_names=True to name them view__feature"
-                )
+                fix = ("ask for one version of the view per call (the columns would carry the same name)"
+                       if full_feature_names else "pass full_feature_names=True to name them view__feature")
+                raise DataError(f"{origin[name]!r} and {str(ref)!r} both give a column {name!r}; {fix}")
             origin[name] = str(ref)
             req.features.append(ref.feature)
             req.output_names.append(name)

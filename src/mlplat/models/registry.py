@@ -39,7 +39,7 @@ from ..db.models import (
     RegisteredModel,
     RunArtifact,
 )
-from .._checks import check_version, require_bool, shown
+from .._checks import check_version, close_names, require_bool, shown
 from ..errors import DataError, NotFoundError
 from ..runs.artifacts import ArtifactStore, check_name
 from ..runs.run import check_text
@@ -340,7 +340,8 @@ class ModelRegistry:
         _check_model_name(name)
         model_id = conn.scalar(sa.select(RegisteredModel.id).where(RegisteredModel.name == name))
         if model_id is None:
-            raise NotFoundError(f"unknown model {name!r}")
+            known = list(conn.scalars(sa.select(RegisteredModel.name).order_by(RegisteredModel.name)))
+            raise NotFoundError(f"unknown model {name!r}{close_names(name, known, 'no model is registered yet')}")
         return model_id
 
     def _model_id_created(self, conn, name: str) -> int:
