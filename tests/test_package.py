@@ -75,7 +75,8 @@ def test_error_tree_has_one_root():
     ["mlplat.dtypes", "mlplat._time", "mlplat._expiring", "mlplat.settings", "mlplat.features.definitions",
      "mlplat._native.keys", "mlplat.db.engine", "mlplat.runs.search", "mlplat.runs.artifacts", "mlplat.runs.training",
      "mlplat.demo.data", "mlplat", "mlplat.serving.client", "mlplat.serving.gateway", "mlplat.serving.served_log",
-     "mlplat._checks", "mlplat.monitoring.stats", "mlplat.monitoring.service", "mlplat.demo.model"],
+     "mlplat.serving.triton_repo", "mlplat._checks", "mlplat.monitoring.stats", "mlplat.monitoring.service",
+     "mlplat.demo.model"],
 )
 def test_docstring_examples_run(module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

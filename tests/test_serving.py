@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -283,7 +284,17 @@ def test_libtorch_and_onnx_exports_compute_the_same_numbers(served, tmp_path):
     want = served.serving.local_backend().infer("scorer", {"input__0": x})["output__0"]
     lib = served.serving.export_triton("scorer", repository=tmp_path, backend="pytorch_libtorch", max_batch_size=8)
     cfg = _parse_config(lib.config_path.read_text())
-    assert cfg.platform == "pytorch_libtorch" and [i.name for i in cfg.input] == ["INPUT__0"]
+    # the signature's own names, which follow libtorch's name__<index> rule: predict and clients send the names
+    # they send to every backend (it wrote INPUT__0, which predict, sending input__0, could not infer with)
+    assert cfg.platform == "pytorch_libtorch" and [i.name for i in cfg.input] == ["input__0"]
+    assert [o.name for o in cfg.output] == ["output__0"]
+    named = {"inputs": [{"name": "features", "dtype": "float32", "shape": [-1, 3]}],
+             "outputs": [{"name": "score", "dtype": "float32", "shape": [-1, 2]}]}
+    version = _register(served, "named_io", Scorer(), signature=named, stage=None)
+    other = _parse_config(served.serving.export_triton("named_io", version=version, repository=tmp_path / "n",
+                                                       backend="pytorch_libtorch", max_batch_size=8)
+                          .config_path.read_text())
+    assert [i.name for i in other.input] == ["INPUT__0"] and [o.name for o in other.output] == ["OUTPUT__0"]
     module = torch.jit.load(str(tmp_path / "scorer" / "1" / "model.pt"))
     np.testing.assert_allclose(module(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-6)
     onnx = served.serving.export_triton("scorer", repository=tmp_path / "o", backend="onnxruntime", max_batch_size=8)
@@ -300,6 +311,99 @@ def test_a_model_without_a_signature_is_refused(served, tmp_path):
         served.serving.export_triton("nosig", version=v.version, repository=tmp_path)
     with pytest.raises(mp.ServingError, match="nosig v1 was logged without a signature.*example_input= and columns="):
         served.serving.predict("nosig", [{"user_id": 1}], version=v.version)  # it said "nosig v1 has 0"
+
+
+def test_an_onnx_export_keeps_every_dimension_of_any_size_dynamic(served, tmp_path):
+    """Only the batch was dynamic: a width of any size (-1, as the config says) was fixed at the traced 2."""
+    import onnxruntime as ort
+
+    export = served.serving.export_triton("rowsum", repository=tmp_path, backend="onnxruntime", max_batch_size=8)
+    assert [list(i.dims) for i in _parse_config(export.config_path.read_text()).input] == [[-1]]
+    session = ort.InferenceSession(str(export.model_dir / "1" / "model.onnx"))
+    for rows, width in ((3, 5), (1, 2), (8, 7)):
+        x = np.arange(rows * width, dtype=np.float32).reshape(rows, width)
+        np.testing.assert_allclose(session.run(None, {"input__0": x})[0], x.sum(axis=1, keepdims=True))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() if f.is_file() else b"" for f in sorted(folder.rglob("*"))}
+
+
+def test_an_export_into_another_models_or_runs_folder_or_a_file_is_refused_and_changes_nothing(served, tmp_path):
+    """It replaced the other model's version 1 (and its config) silently, or mixed two models' versions in one."""
+    repo = tmp_path / "repo"
+    served.serving.export_triton("scorer", version=1, repository=repo, triton_name="shared", max_batch_size=8)
+    before = _tree(repo)
+    # another registered model under the same Triton name: its v1 would replace scorer's
+    with pytest.raises(mp.DataError, match="shared serves registered model 'scorer', not 'rowsum'.*triton_name="):
+        served.serving.export_triton("rowsum", version=1, repository=repo, triton_name="shared", max_batch_size=8)
+    (repo / "hand").mkdir()  # a model folder mlplat did not write
+    (repo / "hand" / "config.pbtxt").write_text('name: "hand"\nbackend: "python"\n')
+    (repo / "bare" / "1").mkdir(parents=True)  # version folders without a config
+    before = _tree(repo)
+    with pytest.raises(mp.DataError, match=r"hand/config.pbtxt was not written by mlplat"):
+        served.serving.export_triton("scorer", version=1, repository=repo, triton_name="hand")
+    with pytest.raises(mp.DataError, match=r"bare holds 1 but no config.pbtxt"):
+        served.serving.export_triton("scorer", version=1, repository=repo, triton_name="bare")
+    # the same model and version from another platform's registry (another run): not the version being served
+    other = mp.Platform(tmp_path / "other-home")
+    try:
+        _register(other, "scorer", Scorer(1.0))
+        with pytest.raises(mp.DataError, match=r"shared/1 holds 'scorer' v1 of run \w+, not of run \w+"):
+            other.serving.export_triton("scorer", version=1, repository=repo, triton_name="shared", max_batch_size=8)
+    finally:
+        other.close()
+    assert _tree(repo) == before
+    served.serving.export_triton("scorer", version=1, repository=repo, triton_name="shared", max_batch_size=8)
+    assert _tree(repo) == before  # re-exporting the same version is fine: the same files
+    (tmp_path / "file").write_text("not a folder")
+    for repository in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(mp.ConfigError, match="file"):
+            served.serving.export_triton("scorer", version=1, repository=repository)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_a_failed_export_leaves_no_half_written_version_and_keeps_the_old_one(served, tmp_path, monkeypatch):
+    """A write that failed (a full disk) raised a bare OSError; a config that could not be written left the new
+    version folder in place beside the old config, and a re-export had deleted the old folder before writing."""
+    from mlplat.serving import triton_repo
+
+    repo = tmp_path / "repo"
+    served.serving.export_triton("scorer", version=1, repository=repo, max_batch_size=8)
+    before = _tree(repo)
+    real_copy, real_replace = shutil.copyfile, os.replace
+
+    def disk_full(src, dst, **kwargs):
+        Path(dst).write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(triton_repo.shutil, "copyfile", disk_full)
+    for version in (1, 2):  # a re-export and a new version
+        with pytest.raises(mp.StoreError, match=rf"could not write 'scorer' v{version} .*No space left on device"):
+            served.serving.export_triton("scorer", version=version, repository=repo, max_batch_size=8)
+        assert _tree(repo) == before
+    monkeypatch.setattr(triton_repo.shutil, "copyfile", real_copy)
+
+    def config_fails(src, dst):
+        if Path(dst).name == "config.pbtxt":
+            raise OSError(5, "Input/output error", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(triton_repo.os, "replace", config_fails)
+    for version in (1, 2):
+        with pytest.raises(mp.StoreError, match="Input/output error"):
+            served.serving.export_triton("scorer", version=version, repository=repo, max_batch_size=8)
+        assert _tree(repo) == before  # no v2 served by v1's config; v1's folder is back as it was
+    monkeypatch.setattr(triton_repo.os, "replace", real_replace)
+
+    def onnx_fails(*args, **kwargs):
+        Path(args[2]).write_bytes(b"half")
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", onnx_fails)
+    with pytest.raises(mp.DataError, match="ONNX export failed: unsupported operator"):
+        served.serving.export_triton("scorer", version=1, repository=tmp_path / "onnx", backend="onnxruntime")
+    assert [p.name for p in (tmp_path / "onnx" / "scorer").iterdir()] == []
 
 
 # ---------------------------------------------------------- a real server
@@ -387,6 +491,59 @@ def test_the_http_client_keeps_a_few_connections_for_any_number_of_threads_and_c
     assert client.infer("scorer", {"input__0": np.ones((19, 3), np.float32)}, version=1)["output__0"].shape == (19, 2)
     client.close()
     assert fds() <= before
+
+
+class Lookup(torch.nn.Module):
+    """A table look-up: an index out of its range fails (the model's own error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.arange(8, dtype=torch.float32).reshape(4, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x[:, 0]].double()  # float64 out, where its signature says float32
+
+
+LOOKUP = {"inputs": [{"name": "input__0", "dtype": "int64", "shape": [-1, 1]}],
+          "outputs": [{"name": "output__0", "dtype": "float32", "shape": [-1, 2]}]}
+
+
+def test_one_bad_request_fails_alone_in_a_dynamic_batch_and_the_local_backend_answers_alike(served, triton, tmp_path):
+    """The generated model.py failed every request batched with a bad one; the local backend raised the model's
+    bare IndexError (Triton: a ServingError), answered in float64 where Triton answers the signature's float32,
+    ignored outputs= and took any misspelt argument (verison=2) silently."""
+    v = _register(served, "lookup", Lookup(), signature=LOOKUP, stage=None)
+    export = served.serving.export_triton("lookup", version=v, repository=tmp_path, max_batch_size=8,
+                                          dynamic_batching=mp.DynamicBatching(max_queue_delay_us=500_000))
+    good, bad = np.array([[1], [3]], np.int64), np.array([[9]], np.int64)
+    local = served.serving.local_backend()
+    want = local.infer("lookup", {"input__0": good}, version=v)["output__0"]
+    assert want.dtype == np.float32 and want.tolist() == [[2.0, 3.0], [6.0, 7.0]]
+    with pytest.raises(mp.ServingError, match=r"(?s)model 'lookup' v1 failed in the local backend: .*index 9 is out "):
+        local.infer("lookup", {"input__0": bad}, version=v)
+    assert list(local.infer("lookup", {"input__0": good}, version=v, outputs=["output__0"])) == ["output__0"]
+    with pytest.raises(mp.DataError, match="has no output 'nope'"):
+        local.infer("lookup", {"input__0": good}, version=v, outputs=["nope"])
+    with pytest.raises(TypeError):
+        local.infer("lookup", {"input__0": good}, verison=v)
+    got: dict[str, Any] = {}
+    with mp.TritonClient(triton.grpc_url) as client:
+        client.load_model("lookup", export.model_dir)
+        try:
+            def call(k: int) -> None:  # sent together: the server's batcher waits up to 0.5 s to batch them
+                try:
+                    got[k] = client.infer("lookup", {"input__0": [good, bad][k]}, version=v)["output__0"]
+                except mp.MlplatError as exc:
+                    got[k] = exc
+
+            in_threads(call, 2)
+            assert isinstance(got[0], np.ndarray), got
+            np.testing.assert_array_equal(got[0], want)
+            assert got[0].dtype == want.dtype
+            assert isinstance(got[1], mp.ServingError) and "index 9 is out of bounds" in str(got[1]), got
+            assert _request_counts(triton, "lookup", str(v))[2] == 1  # one batch, answered request by request
+        finally:
+            client.unload_model("lookup")
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -659,7 +816,7 @@ def test_coalescing_waits_as_long_as_its_callers_take_to_come_back(triton):
 
     with mp.TritonClient(triton.grpc_url, coalesce=True) as adaptive, \
             mp.TritonClient(triton.grpc_url, coalesce=True, coalesce_wait_us=500) as fixed:
-        assert adaptive.info("scorer_quick").max_queue_delay_us == 500  # the adaptive wait starts where the fixed one is
+        assert adaptive.info("scorer_quick").max_queue_delay_us == 500  # the adaptive wait starts at the fixed one
         assert rows_per_request(adaptive) >= 3.0
         assert rows_per_request(fixed) <= 2.5
 
@@ -1616,6 +1773,22 @@ def test_local_backend_and_server_errors(served, tmp_path):
     assert not backend.is_model_ready("ghost") and backend.is_model_ready("scorer")
     with pytest.raises(mp.ConfigError, match="cannot import pytriton"):
         TritonServer(tmp_path, python=sys.executable).start()
+
+
+def test_a_model_that_fails_to_load_is_named_with_the_servers_error_line(served, triton, triton_python, tmp_path):
+    """The error was the log's last 3000 characters: a table of settings and shutdown lines, not the failure."""
+    export = served.serving.export_triton("scorer", version=1, repository=tmp_path / "repo", triton_name="broken")
+    (export.model_dir / "1" / "model.ts").write_bytes(b"not TorchScript")
+    server = TritonServer(tmp_path / "repo", python=triton_python)
+    with pytest.raises(mp.ServingError, match=r"exited \(1\): models that failed to load: 'broken'; server errors: "
+                                              r".*failed to load 'broken' version 1: .*PytorchStreamReader"):
+        server.start()
+    assert not server.running and server._tmp is None  # nothing left running or behind
+    with pytest.raises(mp.ConfigError, match="is not a folder"):
+        TritonServer(tmp_path / "missing", python=triton_python).start()
+    with pytest.raises(mp.ServingError, match="already running"):  # a second start left the first one orphaned
+        triton.start()
+    assert triton.running and mp.TritonClient(triton.grpc_url).is_ready()
 
 
 def test_a_server_whose_chosen_port_was_taken_starts_on_other_ports(triton_python, tmp_path, monkeypatch):

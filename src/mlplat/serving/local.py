@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from .._expiring import Expiring
-from ..errors import ModelNotReadyError, MlplatError
-from .shaping import ModelInfo, check_request, join, split, to_arrays
+from ..errors import DataError, MlplatError, ModelNotReadyError, ServingError
+from .shaping import NUMPY_TYPES, ModelInfo, check_request, join, split, to_arrays
 
 __all__ = ["LocalBackend"]
 
@@ -80,7 +80,9 @@ class LocalBackend:
                 inputs=tuple((t["name"], _triton_type(model, info.version, t), tuple(t["shape"][1:]))
                              for t in sig["inputs"]),
                 outputs=tuple(t["name"] for t in sig["outputs"]),
-                max_batch_size=self._max_batch_size, preferred_batch_sizes=(), max_queue_delay_us=0)
+                max_batch_size=self._max_batch_size, preferred_batch_sizes=(), max_queue_delay_us=0,
+                output_types=tuple((_triton_type(model, info.version, t), tuple(t["shape"][1:]))
+                                   for t in sig["outputs"]))
             hit = self._loaded[(model, version)] = (info.version, module, spec)
             return hit
 
@@ -110,20 +112,32 @@ class LocalBackend:
         """The model's inputs, outputs and batch size, as a Triton client reports them."""
         return self._get(model, version)[2]
 
-    def infer(self, model: str, inputs: Any, *, version: int | None = None, **_: Any) -> dict[str, np.ndarray]:
+    def infer(self, model: str, inputs: Any, *, version: int | None = None, outputs: list[str] | None = None,
+              priority: int = 0, timeout_us: int = 0) -> dict[str, np.ndarray]:
         """Run the registered model (``version``, else the one at the backend's stage) on ``inputs``; returns its
-        outputs by name, as :meth:`TritonClient.infer` does."""
+        outputs by name (those in ``outputs``, else all), as :meth:`TritonClient.infer` does; it takes the same
+        arguments (``priority`` and ``timeout_us`` are checked, and mean nothing in this process)."""
         import torch
 
-        check_request(_.get("priority", 0), _.get("timeout_us", 0), version)
-        _, module, info = self._get(model, version)
+        check_request(priority, timeout_us, version)
+        served, module, info = self._get(model, version)
+        for name in outputs or ():
+            if name not in info.outputs:
+                raise DataError(f"model {model!r} has no output {name!r}; it has {list(info.outputs)}")
+        types = [NUMPY_TYPES[t] for t, _ in info.output_types]
         parts = []
         for arrays in split(info, to_arrays(info, inputs)):
-            with torch.inference_mode():
-                out = module(*[_tensor(torch, arrays[n]) for n, _, _ in info.inputs])
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            parts.append({name: o.numpy() for name, o in zip(info.outputs, outs)})
-        return join(parts)
+            try:
+                with torch.inference_mode():
+                    out = module(*[_tensor(torch, arrays[n]) for n, _, _ in info.inputs])
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                # in the signature's types, as Triton's config makes the served model answer
+                parts.append({name: o.numpy().astype(t, copy=False) for name, o, t in zip(info.outputs, outs, types)})
+            except Exception as exc:  # noqa: BLE001 - the model's own error, as Triton reports it: a ServingError
+                raise ServingError(f"model {model!r} v{served} failed in the local backend: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        out = join(parts)
+        return {name: out[name] for name in outputs} if outputs else out
 
     def close(self) -> None:
         """Drop the loaded models."""

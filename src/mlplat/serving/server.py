@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,6 +39,11 @@ PYTRITON = "nvidia-pytriton==0.7.0"
 
 #: starts tried when a chosen port is taken before the server binds it
 _PORT_TRIES = 3
+
+#: an error line of Triton's log (``E1127 02:00:58.892 32494 model_lifecycle.cc:642] "message"``): the message
+_LOG_LINE = re.compile(r"^E\d{4} [\d:.]+\s+\d+ [^\]]*\] (.*)$")
+#: the model an error line says failed to load
+_FAILED_MODEL = re.compile(r"failed to load '([^']+)'|model directory '([^']+)'")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -129,18 +135,33 @@ class TritonServer:
             (backends / source.name).symlink_to(source)
         return root / "bin" / "tritonserver", backends.parent, data["libdir"]
 
+    @property
+    def running(self) -> bool:
+        """Whether this server's process is running."""
+        return self._proc is not None and self._proc.poll() is None
+
     def start(self) -> TritonServer:
-        """Start the server and wait until it is ready; a ServingError with its log tail if it exits or is not
-        ready within ``startup_timeout``. A port taken between choosing it and the server binding it (another
-        process's connection, say) is tried again on other ports, up to three times in all."""
+        """Start the server and wait until it is ready; a ServingError naming the models that failed to load and
+        the server's error lines (then its log tail) if it exits or is not ready within ``startup_timeout``. A port
+        taken between choosing it and the server binding it (another process's connection, say) is tried again on
+        other ports, up to three times in all. A server already running is not started again (ServingError)."""
+        if self.running:
+            raise ServingError(f"the Triton server on {self.http_url} is already running: stop() it first")
+        if not self.repository.is_dir():
+            raise ConfigError(f"the Triton model repository {self.repository} is not a folder")
         for tries_left in reversed(range(_PORT_TRIES)):
-            if self._start_once(retry_if_port_taken=tries_left > 0):
-                return self
+            try:
+                if self._start_once(retry_if_port_taken=tries_left > 0):
+                    return self
+            except BaseException:  # Ctrl-C or a failure while waiting: no server left running, no folder behind
+                self.stop()
+                raise
         raise AssertionError("unreachable: the last try raises")
 
     def _start_once(self, *, retry_if_port_taken: bool) -> bool:
         """One start on newly chosen ports: True once ready, False when a port was taken (and
         ``retry_if_port_taken``), else ServingError."""
+        self.stop()  # a previous try's folder
         self._tmp = tempfile.TemporaryDirectory(prefix="mlplat-triton-")
         binary, backends, libdir = self._layout()
         self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
@@ -157,17 +178,42 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                tail, code = self.log_tail(), self._proc.returncode
+                code, why = self._proc.returncode, self._failures()
+                tail = self.log_tail(1000 if why else 3000)
                 self.stop()
                 if retry_if_port_taken and "already in use" in tail:
                     return False
-                raise ServingError(f"the Triton server exited ({code}): {tail}")
+                raise ServingError(f"the Triton server on {self.repository} exited ({code}){why}; log tail: {tail}")
             if self._ready():
                 return True
             time.sleep(0.1)
-        tail = self.log_tail()
+        why = self._failures()
+        tail = self.log_tail(1000 if why else 3000)
         self.stop()
-        raise ServingError(f"the Triton server was not ready after {self.startup_timeout} s: {tail}")
+        raise ServingError(f"the Triton server on {self.repository} was not ready after {self.startup_timeout} s"
+                           f"{why}; log tail: {tail}")
+
+    def _failures(self) -> str:
+        """The models that failed to load and the server's error lines, from its log ('' when there are none)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        models, errors = [], []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            found = _LOG_LINE.match(line)
+            if found is None and line.startswith("error: "):
+                errors.append(line.removeprefix("error: "))
+            if found is None or "CudaDriverHelper" in line:  # no GPU here: not an error of this server's
+                continue
+            message = found.group(1).strip('"')
+            failed = _FAILED_MODEL.search(message)
+            name = failed and (failed.group(1) or failed.group(2))
+            if name and name not in models:
+                models.append(name)
+            errors.append(message)
+        if not models and not errors:
+            return ""
+        named = f": models that failed to load: {', '.join(repr(m) for m in models)}" if models else ""
+        return f"{named}; server errors: " + " | ".join(e[:1000] for e in errors[-10:])
 
     def _ready(self) -> bool:
         try:
