@@ -236,9 +236,9 @@ def test_main_returns_the_exit_status(home, capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("mlplat, version ")
     assert main(["nonsense"]) == 2
-    assert main(["--home", home, "runs", "show", "deadbeef"]) == 1
+    assert main(["--home", home, "runs", "show", "nope"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("mlplat: error: No such command") and err[1] == "mlplat: error: unknown run 'deadbeef'"
+    assert err[0].startswith("mlplat: error: No such command") and err[1] == "mlplat: error: unknown run 'nope'"
     assert main(["--home", home, "monitor", "skew", "fraud", "--check", "--json"]) == 3
     assert json.loads(capsys.readouterr().out)["skewed"] == ["amount_sum_7d"]
     assert main(["--home", home, "monitor", "skew", "fraud", "--check", "--json", "--threshold", "0.5"]) == 0
@@ -493,6 +493,13 @@ def test_json_output_is_strict_json_with_nan_metrics_as_null(scratch, demo):
         assert math.isnan(p.runs.get(run.id).metrics["val_loss"])
 
 
+def test_runs_list_of_an_experiment_that_does_not_exist_says_so(home, demo):
+    result = invoke("runs", "list", "frad-demo", "--json", home=home)  # it printed an empty list, nothing more
+    assert ok_json(result) == []
+    assert result.stderr == "mlplat: no experiment named 'frad-demo'; did you mean 'fraud-demo'?\n"
+    assert invoke("runs", "list", "fraud-demo", "--filter", "metrics.val_auc > 2", home=home).stderr == ""
+
+
 def test_runs_list_table(home, demo):
     out = ok(invoke("runs", "list", home=home))
     for text in (demo["model"]["run_id"], demo["model"]["challenger_run_id"], "fraud-demo", "val_auc="):
@@ -534,7 +541,10 @@ def test_runs_show(home, demo):
 
 
 def test_runs_show_errors(home):
-    error(invoke("runs", "show", "deadbeef", home=home), 1, "unknown run 'deadbeef'")
+    # a listing's shortened id (as a user copies it) is told so; it said only "unknown run"
+    error(invoke("runs", "show", "deadbeef", home=home), 1, "unknown run 'deadbeef': a run id has 32 hex characters",
+          "give the whole id")
+    error(invoke("runs", "show", "nope", home=home), 1, "unknown run 'nope'")
     error(invoke("runs", "show", home=home), 2, "Missing argument 'RUN_ID'")
 
 

@@ -104,7 +104,12 @@ def test_demo_reports_the_time_of_each_step(demo):
 
 
 def test_demo_on_redis(tmp_path, redis_url):
-    summary = run_demo(tmp_path / "demo", online_store=redis_url)
+    import io
+
+    out = io.StringIO()
+    summary = run_demo(tmp_path / "demo", online_store=redis_url, console=Console(file=out, width=300))
+    # the next commands name the online store, which the home does not record (they left it out)
+    assert f"next: mlplat --home {tmp_path / 'demo'} --online-store {redis_url} models lineage" in out.getvalue()
     assert summary["consistent"] is True and summary["materialized"] > 2000
     assert summary["skew"]["found_users"] == sorted(summary["skew"]["planted_users"])
 

@@ -28,7 +28,7 @@ from typing import Any
 import click
 
 from . import __version__
-from ._checks import BINS_MAX, VERSION_MAX
+from ._checks import BINS_MAX, VERSION_MAX, close_names
 from ._console import as_text, print_lineage, print_skew, table
 from ._time import as_utc
 from .errors import ConfigError, MlplatError
@@ -381,6 +381,10 @@ def runs_list(ctx: click.Context, experiment: str | None, flt: str | None, order
     with _platform(ctx) as p:
         page = p.runs.search(experiment, filter=flt, order_by=list(order_by) or None, max_results=max_results,
                              page_token=page_token)
+        known = p.runs.experiments() if experiment is not None and not page else None
+    if known is not None and experiment not in known:  # on stderr: --json output stays one JSON document
+        click.echo(f"mlplat: no experiment named {experiment!r}{close_names(experiment, known, 'no runs yet')}",
+                   err=True)
     if as_json:
         _echo_json([_run_row(r) for r in page])
     else:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from .._console import print_lineage, print_skew, table
+from ..settings import hide_password
 
 __all__ = ["closing", "definitions", "lineage", "models", "online", "serving", "skew", "training_set"]
 
@@ -97,5 +98,8 @@ def closing(console: Any, timings: dict[str, float], total: float, home: Path, s
         out.add_row(name.replace("_", " "), f"{seconds:.2f}")
     console.print(out)
     console.print(f"home: {home}  (database {settings.database_url}, online store {settings.online_store})")
-    console.print(f"next: mlplat --home {home} models lineage fraud --verify")
-    console.print(f"      mlplat --home {home} monitor skew fraud")
+    # the online store is not recorded in the home: a command reading it must be told (materialize, predict)
+    where = f"--home {home}" + ("" if settings.online_store.startswith("sqlite") else
+                                f" --online-store {hide_password(settings.online_store)}")
+    console.print(f"next: mlplat {where} models lineage fraud --verify")
+    console.print(f"      mlplat {where} monitor skew fraud")

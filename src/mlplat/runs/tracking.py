@@ -247,7 +247,7 @@ class RunStore:
         """A run with everything logged to it."""
         runs = self._load([run_id], details=True)
         if not runs:
-            raise NotFoundError(f"unknown run {run_id!r}")
+            raise NotFoundError(_unknown_run(run_id))
         return runs[0]
 
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
@@ -352,7 +352,7 @@ class RunStore:
         runs = self._load(list(run_ids))
         missing = set(run_ids) - {r.id for r in runs}
         if missing:
-            raise NotFoundError(f"unknown run {sorted(missing)[0]!r}")
+            raise NotFoundError(_unknown_run(sorted(missing)[0]))
         params = sorted({k for r in runs for k in r.params})
         metrics = sorted({k for r in runs for k in r.metrics})
         columns: dict[str, list] = {
@@ -448,3 +448,11 @@ def _end_open_runs() -> None:
             run.end("failed" if _failed.is_set() else "finished")
         except Exception:  # noqa: BLE001 - the database may be gone at exit
             pass
+
+
+def _unknown_run(run_id: object) -> str:
+    """The message for a run id no run has; a shortened one (as a listing may show it) is told so."""
+    if isinstance(run_id, str) and 0 < len(run_id) < 32 and all(c in "0123456789abcdef" for c in run_id.lower()):
+        return (f"unknown run {run_id!r}: a run id has 32 hex characters (run.id; `mlplat runs list` shows "
+                "them whole); give the whole id")
+    return f"unknown run {run_id!r}"
