@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -298,9 +298,7 @@ class RedisOnlineStore(OnlineStore):
             replies = _roundtrip(pools[node], cmds, 0)  # _on_cluster retries, with the layout read anew
             for reply, positions in zip(replies, where):
                 if isinstance(reply, ResponseError):
-                    if _redirected(reply):
-                        raise _Moved(_redirect_text(reply))
-                    raise reply
+                    _raise_reply(reply)
                 for pos, value in zip(positions, reply):
                     out[pos] = value
         return out
@@ -364,9 +362,7 @@ class RedisOnlineStore(OnlineStore):
                     continue
                 for r in replies:
                     if isinstance(r, ResponseError):
-                        if _redirected(r):
-                            raise _Moved(_redirect_text(r))
-                        raise r
+                        _raise_reply(r)
                 break
             written = sum(int(r) for r in replies)
             applied += written
@@ -397,23 +393,22 @@ class _Moved(Exception):
     """A cluster node answered MOVED/ASK: the slot layout changed."""
 
 
-def _redirected(reply: ResponseError) -> bool:
-    """Whether an error reply says the slot is (being) served elsewhere. redis-py's parsers turn MOVED and ASK
-    replies into MovedError / AskError whose text drops the word (\"3999 127.0.0.1:7001\"), so the class tells;
-    TRYAGAIN is a multi-key command in a slot half-way through a move."""
-    return isinstance(reply, (AskError, TryAgainError)) or str(reply).startswith(("MOVED", "ASK", "TRYAGAIN"))
+def _raise_reply(reply: ResponseError) -> NoReturn:
+    """Raise a cluster node's error reply: :class:`_Moved` when it says the slot is (being) served elsewhere
+    (MOVED, ASK; TRYAGAIN: a multi-key command in a slot half-way through a move), else the reply itself.
+    redis-py's parsers turn MOVED and ASK replies into MovedError / AskError whose text drops the word
+    ("3999 127.0.0.1:7001"), so the class tells, and the word is put back for the message."""
+    word = {"MovedError": "MOVED", "AskError": "ASK", "TryAgainError": "TRYAGAIN"}.get(type(reply).__name__, "")
+    text = str(reply)
+    if isinstance(reply, (AskError, TryAgainError)) or text.startswith(("MOVED", "ASK", "TRYAGAIN")):
+        raise _Moved(text if not word or text.startswith(word) else f"{word} {text}")
+    raise reply
 
 
 def _no_script(reply: object) -> bool:
     """Whether a reply says the server lacks the script (restarted, SCRIPT FLUSH). redis-py's parsers turn it into
     NoScriptError, whose text drops the word (\"No matching script. Please use EVAL.\")."""
     return isinstance(reply, NoScriptError) or (isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"))
-
-
-def _redirect_text(reply: ResponseError) -> str:
-    word = {"MovedError": "MOVED", "AskError": "ASK", "TryAgainError": "TRYAGAIN"}.get(type(reply).__name__, "")
-    text = str(reply)
-    return text if not word or text.startswith(word) else f"{word} {text}"
 
 
 def _batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
