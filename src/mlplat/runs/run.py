@@ -278,14 +278,28 @@ class ActiveRun:
         return name
 
     def log_model(self, model: Any, name: str = "model", *, signature: Signature | Mapping | None = None,
-                  example_input: Any = None, columns: Sequence[str] | None = None) -> dict[str, Any]:
+                  example_input: Any = None, columns: Sequence[str] | None = None,
+                  fill_null: float | Mapping[str, float | None] | None = 0.0) -> dict[str, Any]:
         """Store a torch module: TorchScript when scriptable (or traceable on ``example_input``), its state
         dict, its signature (given, or read off ``example_input``) and the torch version. ``columns``
-        names the input tensor's columns in order (features and request-time fields) for predict."""
+        names the input tensor's columns in order (features and request-time fields) for predict.
+
+        ``fill_null`` is what ``p.serving.predict`` gives the model where an input has no value (an entity
+        the online store has no row for, a null feature value, a None request-time value): fill as the
+        training data was filled, so the model sees at serving what it saw in training.
+
+        - a number (default 0.0): that value for every column;
+        - a mapping column -> number: the value for each column it names; a column it does not name, or
+          names with None, is refused where missing (as with None), so no column is filled by accident;
+        - None: never fill: predict raises a DataError naming the column(s) and entity rows with no value.
+
+        Numbers are ints or finite floats (not bools) that the input's type holds (a whole number for an
+        integer input); mapping keys must be among ``columns`` when given. A bad value is a DataError and
+        nothing is stored. The rule is kept in the artifact's metadata (``fill_null``)."""
         check_name(name)
         with tempfile.TemporaryDirectory() as tmp:
             meta = save_torch_model(model, Path(tmp) / "model", signature=signature, example_input=example_input,
-                                    columns=columns)
+                                    columns=columns, fill_null=fill_null)
             size, sha = self._store.artifacts.put_dir(self.id, Path(tmp) / "model", name)
         self._record_artifact(name, size, sha, "model", meta)
         return meta

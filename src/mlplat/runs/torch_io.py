@@ -14,6 +14,7 @@ then the pickled module.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -21,9 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import DataError, StoreError
 
-__all__ = ["TensorSpec", "Signature", "save_torch_model", "load_torch_model", "read_meta"]
+__all__ = ["TensorSpec", "Signature", "save_torch_model", "load_torch_model", "read_meta", "checked_fill_null",
+           "fill_number"]
 
 META = "mlmodel.json"
 
@@ -87,21 +91,80 @@ def _as_signature(signature: Signature | Mapping | None, example_input: Any, mod
     return Signature(inputs, outputs)
 
 
+_FILL_KINDS = "a finite number (int or float, not a bool), a mapping of column names to such numbers, or None"
+
+
+def fill_number(value: Any, what: str, dtype: str | None) -> int | float:
+    """``value`` as a JSON-safe number a model input of ``dtype`` holds exactly, else DataError naming ``what``.
+
+    An int stays an int (an int64 fill of 2**62 keeps every digit); a float must be finite, and for an
+    integer input a whole number within the type's range; ``dtype`` None (or one numpy lacks): any number."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise DataError(f"{what} must be {_FILL_KINDS}; got {value!r} ({type(value).__name__})")
+    number: int | float = int(value) if isinstance(value, (int, np.integer)) else float(value)
+    if isinstance(number, float) and not math.isfinite(number):
+        raise DataError(f"{what} is {number!r}: a fill value must be finite (a model given NaN or infinity answers "
+                        "NaN or nonsense); give a number, or None to refuse missing values")
+    try:
+        kind = np.dtype(dtype) if dtype else None
+    except TypeError:  # e.g. bfloat16: predict refuses such an input anyway
+        kind = None
+    if kind is not None and kind.kind in "iu":
+        info = np.iinfo(kind)
+        if (isinstance(number, float) and not number.is_integer()) or not info.min <= number <= info.max:
+            raise DataError(f"{what} is {number!r}, which the model's {dtype} input cannot hold: give a whole number "
+                            f"between {info.min} and {info.max}")
+        return int(number)
+    if kind is not None and kind.kind == "f" and abs(number) > float(np.finfo(kind).max):
+        raise DataError(f"{what} is {number!r}, beyond what the model's {dtype} input holds "
+                        f"(at most {float(np.finfo(kind).max):g} either way)")
+    return number
+
+
+def checked_fill_null(fill_null: Any, columns: Sequence[str] | None, dtype: str | None) -> Any:
+    """``fill_null`` as stored in a model's metadata (JSON-safe), or DataError saying what is wrong.
+
+    A number fills every input column; a mapping fills the columns it names (each value a number, or None
+    to refuse that column's missing values); a column it does not name is refused where missing. A
+    mapping's keys must be column names, and among ``columns`` when those are known (else predict checks
+    them against the input's columns). ``dtype`` is the input tensor's type, when known."""
+    if fill_null is None:
+        return None
+    if isinstance(fill_null, Mapping):
+        known = None if columns is None else list(columns)
+        out: dict[str, int | float | None] = {}
+        for column, value in fill_null.items():
+            if not isinstance(column, str):
+                raise DataError(f"fill_null's keys must be column names (strings), got {column!r}")
+            if known is not None and column not in known:
+                raise DataError(f"fill_null names column {column!r}, which is not one of the model's columns "
+                                f"{known}")
+            out[column] = None if value is None else fill_number(value, f"fill_null[{column!r}]", dtype)
+        return out
+    return fill_number(fill_null, "fill_null", dtype)
+
+
 def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping | None = None,
-                     example_input: Any = None, columns: Sequence[str] | None = None) -> dict[str, Any]:
+                     example_input: Any = None, columns: Sequence[str] | None = None,
+                     fill_null: Any = 0.0) -> dict[str, Any]:
     """Write the model folder; returns its metadata.
 
     ``columns`` names the columns of the (single) input tensor in order: features by their
     output names and request-time fields; ``p.serving.predict`` assembles inputs from them.
+    ``fill_null`` is what predict gives the model for a missing value (see :func:`checked_fill_null`);
+    it is checked (against the columns and the input's type, when known) before anything is written.
     """
     torch = _torch()
     if not isinstance(model, torch.nn.Module):
         raise DataError(f"log_model takes a torch.nn.Module, got {type(model).__name__}")
+    fill = checked_fill_null(fill_null, columns, None)  # before the model runs: a bad value is refused at once
     folder.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     try:
         sig = _as_signature(signature, example_input, model)
+        if sig is not None and len(sig.inputs) == 1:  # the type predict builds: a fill must fit it
+            fill = checked_fill_null(fill_null, columns, sig.inputs[0].dtype)
         files = {"state_dict": "state_dict.pt"}
         torch.save(model.state_dict(), folder / "state_dict.pt")
         scripted, how = _torchscript(torch, model, example_input)
@@ -122,6 +185,7 @@ def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping
             "torchscript": how,
             "signature": sig.to_json() if sig else None,
             "columns": list(columns) if columns is not None else None,
+            "fill_null": fill,
             "parameters": int(sum(p.numel() for p in model.parameters())),
         }
         (folder / META).write_text(json.dumps(meta, indent=1))

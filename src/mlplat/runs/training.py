@@ -83,7 +83,8 @@ class Training:
         return step
 
     def model(self, model: Any, name: str = "model", **kwargs: Any) -> dict[str, Any]:
-        """Log the model now (otherwise the one passed at start is logged at the end)."""
+        """Log the model now (otherwise the one passed at start is logged at the end); ``kwargs`` go to
+        ``run.log_model`` (``signature=``, ``fill_null=``: what predict gives the model for a missing value)."""
         self._model = None
         return self.run.log_model(model, name, example_input=kwargs.pop("example_input", self._example),
                                   columns=kwargs.pop("columns", self._columns), **kwargs)

@@ -8,6 +8,10 @@ the order of its input columns (``columns`` given to ``log_model``, else the
 features in reference order), its input tensor's name and type. A feature
 view a model needs must have been materialized, at that definition version,
 into this online store: otherwise predict refuses instead of serving nulls.
+A missing input value (an entity the online store has no row for, a null, a None
+request-time value) goes to the model as the version's ``fill_null`` (logged with the
+model: one number, a number per column, or refused); a version logged before
+``fill_null`` was recorded gets 0, as it always did.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import pyarrow as pa
 from .._arrow import to_table
 from .._expiring import Expiring
 from ..errors import DataError, ServingError
+from ..runs.torch_io import checked_fill_null
 from .served_log import ServedLog
 from .shaping import NUMPY_TYPES
 
@@ -57,6 +62,7 @@ class _Plan:
     input_dtype: Any
     outputs: tuple[str, ...]
     types: dict[str, pa.DataType]
+    fills: tuple[int | float | None, ...]  # per column: what a missing value becomes; None: refused
 
 
 class Predictor:
@@ -108,7 +114,8 @@ class Predictor:
             if c not in names and c not in keys:
                 types[f"input.{c}"] = pa.from_numpy_dtype(dtype)
         return _Plan(model, info.version, info.run_id, tuple(refs), full, tuple(names), tuple(keys), columns,
-                     spec["name"], dtype, tuple(t["name"] for t in sig["outputs"]), types)
+                     spec["name"], dtype, tuple(t["name"] for t in sig["outputs"]), types,
+                     _fills(model, info.version, meta, columns, spec["dtype"]))
 
     def _check_materialized(self, model: str, version: int, requests) -> None:
         for req in requests:
@@ -133,18 +140,27 @@ class Predictor:
                               version=plan.version, variant=variant, features={f: [] for f in plan.feature_names})
         matrix = np.empty((n, len(plan.columns)), dtype=plan.input_dtype)
         given = {}  # request-time inputs, logged with nulls where the rows gave none
-        for j, col in enumerate(plan.columns):
+        refused = []  # columns with a missing value that the model's fill_null does not fill
+        for j, (col, fill) in enumerate(zip(plan.columns, plan.fills)):
             values = online.get(col)
             if values is None:
                 values = given[col] = _request_column(rows, col, n)
             try:
-                matrix[:, j] = [0 if v is None else v for v in values]  # the demo and helper train with nulls as 0
+                if fill is not None:
+                    matrix[:, j] = [fill if v is None else v for v in values]  # as the model was trained
+                elif None in values:
+                    refused.append((col, values))
+                    continue
+                else:
+                    matrix[:, j] = values
             except (TypeError, ValueError):
                 bad = next((v for v in values if not isinstance(v, (int, float, np.number, type(None)))), None)
                 raise DataError(f"column {col!r} of {model}'s input must hold numbers ({np.dtype(plan.input_dtype)}),"
                                 f" got {bad!r}") from None
             if col in given:  # as the model got them (numbers of its type), so the log file's column converts
                 given[col] = [None if g is None else v for g, v in zip(given[col], matrix[:, j].tolist())]
+        if refused:  # before inference and the served log: nothing is served
+            raise _missing_error(plan, refused, online, n)
         outputs = backend.infer(triton_model or model, {plan.input_name: matrix}, version=plan.version)
         flat = {name: _per_row(model, name, outputs[name], n) for name in plan.outputs}
         keys = {k: online[k] for k in plan.join_keys}
@@ -153,6 +169,41 @@ class Predictor:
             self._log.add(model, plan.version, variant, keys, features, flat, refs=plan.refs, types=plan.types,
                           full_feature_names=plan.full_feature_names, inputs=given)
         return Prediction({**keys, **flat}, model=model, version=plan.version, variant=variant, features=features)
+
+
+def _fills(model: str, version: int, meta: dict, columns: tuple[str, ...], dtype: str) -> tuple:
+    """Per input column, the value predict gives the model where it has none (None: refuse), from the
+    ``fill_null`` log_model recorded; a version logged before that was recorded gets 0 everywhere."""
+    if "fill_null" not in meta:
+        return (0,) * len(columns)
+    try:  # checked again here: the columns may have been the features' names, unknown when it was logged
+        rule = checked_fill_null(meta["fill_null"], columns, dtype)
+    except DataError as exc:
+        raise ServingError(f"{model} v{version} cannot be served with the fill_null it was logged with: {exc}; "
+                           "log the model again with a fill_null that fits its input columns") from None
+    return tuple(rule.get(c) for c in columns) if isinstance(rule, dict) else (rule,) * len(columns)
+
+
+def _missing_error(plan: _Plan, refused: list[tuple[str, list]], online: dict[str, list], n: int) -> DataError:
+    """The error for input columns with missing values that the model's ``fill_null`` does not fill: each
+    column with the entity rows (their join keys, the first few) that had no value, and what to do."""
+    parts, kinds = [], set()
+    for col, values in refused:
+        missing = [i for i, v in enumerate(values) if v is None]
+        shown = ", ".join(
+            "(" + ", ".join(f"{k}={online[k][i]!r}" for k in plan.join_keys) + ")" if plan.join_keys else f"row {i}"
+            for i in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        kind = "feature" if col in plan.feature_names else "request-time input"
+        kinds.add(kind)
+        parts.append(f"{kind} {col!r} has no value for {len(missing)} of {n} entity rows: {shown}{more}")
+    todo = "".join(t for k, t in (("feature", "materialize the feature views (p.features.materialize) so the "
+                                               "online store holds those entities, "),
+                                   ("request-time input", "give every entity row its request-time inputs, "))
+                   if k in kinds)
+    return DataError(f"{plan.model} v{plan.version} refuses missing input values (its fill_null does not fill "
+                     f"these columns): {'; '.join(parts)}. To serve them, {todo}or log the model with fill_null= "
+                     "(a number, or a mapping column -> number, as the training data was filled)")
 
 
 def _per_row(model: str, name: str, values: Any, n: int) -> list:

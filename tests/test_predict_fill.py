@@ -1,0 +1,146 @@
+"""predict fills a missing input value as the model was logged to (``log_model(fill_null=)``), or refuses."""
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+import sqlalchemy as sa
+import torch
+
+import mlplat as mp
+from mlplat.db.models import RunArtifact
+from test_serving import NOW, served  # noqa: F401 - the session's platform: txn:count, txn:amount of users 1-3
+
+COLUMNS = ["count", "amount", "basket"]  # "basket" is a request-time input
+REFS = ["txn:count", "txn:amount"]
+
+
+class Echo(torch.nn.Module):
+    """Gives back what it got: predict's output shows the model's input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1
+
+
+def _train(p) -> pa.Table:
+    labels = pa.table({"user_id": [1, 2], "event_timestamp": pa.array([NOW, NOW], pa.timestamp("us", "UTC"))})
+    return p.features.get_historical_features(labels, REFS)
+
+
+def _log(p, name: str, *, dtype=torch.float32, columns=COLUMNS, promote: bool = True, **kwargs) -> int:
+    with p.runs.start(name) as run:
+        run.log_input(_train(p), "train", feature_refs=REFS)
+        run.log_model(Echo(), "model", example_input=torch.zeros(2, len(columns), dtype=dtype), columns=columns,
+                      **kwargs)
+    version = p.models.register(name, run.id).version
+    if promote:
+        p.models.promote(name, version, "production", approved_by="reviewer")
+    return version
+
+
+def _logged_rows(p, name: str) -> int:
+    p.serving.served_log.flush()
+    return p.serving.served_features(name).num_rows
+
+
+def test_a_number_is_what_the_model_gets_for_every_missing_value(served):  # noqa: F811
+    _log(served, "fill_num", fill_null=-1.0)
+    rows = [{"user_id": 1, "basket": 2.0}, {"user_id": 42, "basket": None}]  # 42: not in the online store
+    out = served.serving.predict("fill_num", rows, backend=served.serving.local_backend())
+    assert out["output__0"] == [[3.0, 10.0, 2.0], [-1.0, -1.0, -1.0]]  # it got 0 before
+    assert out.features == {"count": [3, None], "amount": [10.0, None]}  # as served, before filling
+    log = served.serving.served_features("fill_num")
+    assert log.column("count").to_pylist() == [3, None] and log.column("input.basket").to_pylist() == [2.0, None]
+    assert served.models.lineage("fill_num")["artifact"]["fill_null"] == -1.0
+    _log(served, "fill_int", dtype=torch.int64, fill_null=-7)  # an integer input gets the whole number
+    out = served.serving.predict("fill_int", [{"user_id": 42, "basket": 5}], backend=served.serving.local_backend())
+    assert out["output__0"] == [[-7, -7, 5]]
+
+
+def test_a_mapping_fills_the_columns_it_names_and_refuses_the_others(served):  # noqa: F811
+    with served.runs.training("fill_map", data=_train(served), features=REFS) as t:  # the helper forwards it
+        meta = t.model(Echo(), example_input=torch.zeros(2, 3), columns=COLUMNS,
+                       fill_null={"count": -1, "amount": 0.5})
+    assert meta["fill_null"] == {"count": -1, "amount": 0.5}
+    served.models.register("fill_map", t.id)
+    backend = served.serving.local_backend()
+    out = served.serving.predict("fill_map", [{"user_id": 42, "basket": 3.0}], version=1, backend=backend)
+    assert out["output__0"] == [[-1.0, 0.5, 3.0]]
+    before = _logged_rows(served, "fill_map")
+    with pytest.raises(mp.DataError, match=r"request-time input 'basket' has no value for 1 of 2 entity rows: "
+                                           r"\(user_id=2\).*fill_null="):
+        served.serving.predict("fill_map", [{"user_id": 1, "basket": 1.0}, {"user_id": 2, "basket": None}],
+                               version=1, backend=backend)
+    assert _logged_rows(served, "fill_map") == before
+
+
+def test_none_refuses_naming_the_model_columns_and_entities_and_serves_nothing(served):  # noqa: F811
+    _log(served, "fill_none", fill_null=None)
+    backend = served.serving.local_backend()
+    ok = served.serving.predict("fill_none", [{"user_id": 1, "basket": 1.0}], backend=backend)  # nothing missing
+    assert ok["output__0"] == [[3.0, 10.0, 1.0]]
+    before = _logged_rows(served, "fill_none")
+    rows = [{"user_id": 1, "basket": 1.0}] + [{"user_id": 100 + i, "basket": 1.0} for i in range(7)]
+    with pytest.raises(mp.DataError) as err:
+        served.serving.predict("fill_none", rows, backend=backend)
+    message = str(err.value)
+    assert "fill_none v1" in message and "'count' has no value for 7 of 8 entity rows" in message
+    assert "'amount'" in message and "(user_id=100), (user_id=101)" in message and "and 2 more" in message
+    assert "p.features.materialize" in message and "fill_null=" in message and "user_id=1)" not in message
+    assert _logged_rows(served, "fill_none") == before  # refused before inference: nothing logged
+
+
+def test_a_model_logged_before_fill_null_was_recorded_still_gets_0(served):  # noqa: F811
+    _log(served, "fill_legacy", fill_null=-1.0)
+    info = served.models.get("fill_legacy", stage="production")
+    with served.runs._db.connect(write=True) as conn:  # the metadata as log_model wrote it before: no fill_null
+        row = (RunArtifact.run_id == info.run_id) & (RunArtifact.path == info.artifact)
+        meta = conn.execute(sa.select(RunArtifact.meta).where(row)).scalar_one()
+        del meta["fill_null"]
+        conn.execute(sa.update(RunArtifact).where(row).values(meta=meta))
+    out = served.serving.predict("fill_legacy", [{"user_id": 42, "basket": None}],
+                                 backend=served.serving.local_backend())
+    assert out["output__0"] == [[0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("fill_null, message", [
+    ("-1", "must be a finite number.*got '-1' \\(str\\)"),
+    (True, "got True \\(bool\\)"),
+    (math.nan, "is nan: a fill value must be finite"),
+    (math.inf, "is inf: a fill value must be finite"),
+    ({"count": -1.0, "nope": 0.0}, "names column 'nope', which is not one of the model's columns"),
+    ({"count": "x"}, "fill_null\\['count'\\] must be a finite number"),
+    ({1: 0.0}, "keys must be column names"),
+    (1e39, "beyond what the model's float32 input holds"),
+])
+def test_bad_values_are_refused_at_log_time_and_nothing_is_stored(served, fill_null, message):  # noqa: F811
+    with served.runs.start("fill_bad") as run:
+        with pytest.raises(mp.DataError, match=message):
+            run.log_model(Echo(), "model", example_input=torch.zeros(2, 3), columns=COLUMNS, fill_null=fill_null)
+        with pytest.raises(mp.DataError, match="0.5, which the model's int64 input cannot hold"):
+            run.log_model(Echo(), "model", example_input=torch.zeros(2, 3, dtype=torch.int64), fill_null=0.5)
+    assert served.runs.get(run.id).artifacts == []
+
+
+def test_the_plan_holds_each_versions_rule_and_checks_what_log_time_could_not(served):  # noqa: F811
+    v1 = _log(served, "fill_plan", fill_null=-1.0)
+    v2 = _log(served, "fill_plan", fill_null={"count": -5, "basket": 9.0}, promote=False)
+    predictor = served.serving._predictor
+    assert predictor.plan("fill_plan", version=v1).fills == (-1.0, -1.0, -1.0)
+    assert predictor.plan("fill_plan", version=v2).fills == (-5.0, None, 9.0)  # an int fill for a float input
+    backend = served.serving.local_backend()
+    for _ in range(2):  # the cached plan serves each version its own rule
+        assert served.serving.predict("fill_plan", [{"user_id": 42, "basket": 1.0}], backend=backend,
+                                      version=v1)["output__0"] == [[-1.0, -1.0, 1.0]]
+        with pytest.raises(mp.DataError, match="'amount' has no value"):
+            served.serving.predict("fill_plan", [{"user_id": 42, "basket": None}], backend=backend, version=v2)
+    with pytest.raises(mp.DataError, match="names column 'basket'"):  # columns given: checked at log time
+        _log(served, "fill_late", columns=["count", "amount"], fill_null={"basket": 1.0}, promote=False)
+    # logged without columns=, the mapping cannot be checked until predict knows them (the features' names)
+    with served.runs.start("fill_late") as run:
+        run.log_input(_train(served), "train", feature_refs=REFS)
+        run.log_model(Echo(), "model", example_input=torch.zeros(2, 2), fill_null={"basket": 1.0})
+    v = served.models.register("fill_late", run.id).version
+    with pytest.raises(mp.ServingError, match="fill_late v1 cannot be served with the fill_null.*'basket'"):
+        served.serving.predict("fill_late", [{"user_id": 1}], backend=backend, version=v)
