@@ -594,6 +594,17 @@ def test_lineage_and_skew_printers_show_user_text_as_written(scratch):
     assert "see [/oops] and [red]this" in out.getvalue() and "[/p]=[bold]v" in out.getvalue()
     assert "approval policy: an approver other than the registrant" in out.getvalue()  # and who set it, why
     assert re.search(r"required[ │]+carol[ │]+\S+[ │]+\[red\]audit", out.getvalue())
+    # the input columns and the fill rule predict follows (fill_null, logged with the model)
+    assert "amount, txn_count_7d, amount_sum_7d, fraud_rate_30d, txn_count_30d; a missing value is 0.0 in every " \
+           "column" in out.getvalue()
+    for rule, text in (({"amount": -1, "txn_count_7d": None}, "filled: amount=-1, txn_count_7d=refused; any other "
+                                                              "column's is refused"),
+                       (None, "a missing value is refused"), ("absent", "0 (logged before fill_null was recorded)")):
+        artifact = {k: v for k, v in info["artifact"].items() if k != "fill_null"}
+        shown = io.StringIO()
+        print_lineage(Console(file=shown, width=400, color_system=None),
+                      {**info, "artifact": artifact if rule == "absent" else {**artifact, "fill_null": rule}})
+        assert text in shown.getvalue()
     feature = SimpleNamespace(feature="[red]f", compared=2, mismatched=1, share=0.5, skewed=True)
     mismatch = SimpleNamespace(feature="[red]f", entity={"user": "[/u]"}, request_time=datetime(2024, 1, 1),
                                served="[b]s", recomputed=1.5)

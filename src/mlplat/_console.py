@@ -43,6 +43,7 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
         ("entry point", run["entry_point"] or "-"),
         ("artifact", f"{info['artifact']['path']} sha256 {info['artifact'].get('sha256', '?')[:16]}... torch "
                      f"{info['artifact'].get('torch_version', '?')}"),
+        ("inputs", _inputs_text(info["artifact"])),
     ]
     for key, value in rows:
         head.add_row(f"[bold]{key}", as_text(value))
@@ -76,6 +77,20 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
         history.add_row(str(h["version"]), as_text(h["from"] or "-"), as_text(h["to"]), as_text(h["by"]),
                         as_text(h["approved_by"] or "-"), as_text(h["at"]), as_text(h["notes"]))
     console.print(history)
+
+
+def _inputs_text(artifact: dict[str, Any]) -> str:
+    """The model's input columns and what predict gives it for a missing value (its ``fill_null``)."""
+    columns = ", ".join(artifact.get("columns") or []) or "the features, in reference order"
+    if "fill_null" not in artifact:
+        return f"{columns}; a missing value is 0 (logged before fill_null was recorded)"
+    rule = artifact["fill_null"]
+    if rule is None:
+        return f"{columns}; a missing value is refused"
+    if isinstance(rule, dict):
+        filled = ", ".join(f"{c}={'refused' if v is None else v}" for c, v in rule.items())
+        return f"{columns}; a missing value is filled: {filled or '-'}; any other column's is refused"
+    return f"{columns}; a missing value is {rule} in every column"
 
 
 def _value(v: Any) -> str:
