@@ -47,7 +47,8 @@ from .._time import as_utc
 from ..db.models import SHORT_VALUE, Experiment, LatestMetric, Run, RunParam, RunTag
 from ..errors import DataError
 
-__all__ = ["parse_filter", "to_sql", "parse_order", "order_clauses"]
+__all__ = ["parse_filter", "to_sql", "parse_order", "order_clauses", "SortKey", "sort_keys", "order_terms",
+           "after"]
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -485,17 +486,90 @@ def parse_order(item: str) -> tuple[str, str, bool]:
     return kind, name, (m.group("dir") or "asc").lower() == "desc"
 
 
-def order_clauses(query, order_by: list[str]):
-    """The query joined and ordered as asked; ties and missing values come last, then newest runs first."""
-    clauses = []
-    for i, item in enumerate(order_by):
-        kind, name, desc = parse_order(item)
+@dataclass(frozen=True)
+class SortKey:
+    """One term of a search's order: the value a run is ordered by, its direction, whether it may be NULL
+    (a run without the metric, param or tag, or no end time: those sort last in either direction), and what
+    its values are (``float``, ``str`` or ``time``), which a page token records."""
+
+    field: tuple[str, str]  # ("metrics", "val_auc"); attributes by their one name ("name", "run_id")
+    column: Any
+    desc: bool
+    nullable: bool
+    type: str
+
+
+def sort_keys(query, order_by: list[str]):
+    """``(query, keys)``: the query joined to what ``order_by`` orders by, and the whole order as
+    :class:`SortKey` s: the terms asked for, then ``attributes.start_time desc`` (newest first), then
+    ``attributes.run_id``, which is unique, so that the order is total and a page token can resume after
+    any run. A term on a field already ordered by, and any term after the run id, breaks no tie: left out."""
+    keys: list[SortKey] = []
+    terms = [parse_order(item) for item in order_by]
+    terms += [("attributes", "start_time", True), ("attributes", "run_id", False)]
+    for i, (kind, name, desc) in enumerate(terms):
         if kind == "attributes":
-            column = _attribute(name)
+            name = {"run_name": "name", "id": "run_id"}.get(name.lower(), name.lower())
+        if any(k.field == (kind, name) for k in keys) or (keys and keys[-1].field == ("attributes", "run_id")):
+            continue
+        if kind == "attributes":
+            column, nullable = _attribute(name), name == "end_time"
+            type_ = "time" if name in ("start_time", "end_time") else "str"
         else:
             table = {"metrics": LatestMetric, "params": RunParam, "tags": RunTag}[kind]
             alias = sa.orm.aliased(table, name=f"order_{i}")
             query = query.outerjoin(alias, sa.and_(alias.run_id == Run.id, alias.key == name))
-            column = alias.value
-        clauses += [column.is_(None), column.desc() if desc else column.asc()]  # nulls last on both backends
-    return query.order_by(*clauses, Run.start_time.desc(), Run.id)
+            column, nullable, type_ = alias.value, True, "float" if kind == "metrics" else "str"
+        keys.append(SortKey((kind, name), column, desc, nullable, type_))
+    return query, keys
+
+
+def order_terms(keys: list[SortKey]) -> list:
+    """ORDER BY terms for ``keys``: NULLs last in either direction, on both backends (an ``is null`` term
+    first, false before true, rather than each backend's own default, which differ)."""
+    terms = []
+    for key in keys:
+        if key.nullable:
+            terms.append(key.column.is_(None))
+        terms.append(key.column.desc() if key.desc else key.column.asc())
+    return terms
+
+
+def order_clauses(query, order_by: list[str]):
+    """The query joined and ordered as asked; ties and missing values come last, then newest runs first,
+    then by run id."""
+    query, keys = sort_keys(query, order_by)
+    return query.order_by(*order_terms(keys))
+
+
+def after(keys: list[SortKey], values: list[Any]):
+    """Whether a run sorts after the run whose sort values are ``values``, in the order :func:`order_terms`
+    gives ``keys`` (the last key is unique: no other run is equal on every key).
+
+    ``k1 after c1 or (k1 = c1 and (k2 after c2 or (k2 = c2 and ...)))``, where a NULL sorts after every
+    value and equals NULL: after a value ``c`` are the values past it in the key's direction and NULL; after
+    NULL, nothing. No term is negated, so a comparison with NULL (unknown) counts as false throughout. The
+    first key's bound is repeated on its own (``start_time <= c``) for an index to start from."""
+    condition = None
+    for key, value in reversed(list(zip(keys, values))):
+        column = key.column
+        if value is None:
+            beyond, equal = None, column.is_(None)
+        else:
+            beyond = column < value if key.desc else column > value
+            if key.nullable:
+                beyond = sa.or_(beyond, column.is_(None))
+            equal = column == value
+        if condition is None:  # the last key (the run id) is unique: equal is not after
+            condition = beyond if beyond is not None else sa.false()
+        elif beyond is None:
+            condition = sa.and_(equal, condition)
+        else:
+            condition = sa.or_(beyond, sa.and_(equal, condition))
+    first, value = keys[0], values[0]
+    if value is None:
+        return sa.and_(first.column.is_(None), condition)
+    if not first.nullable:
+        bound = first.column <= value if first.desc else first.column >= value
+        return sa.and_(bound, condition)
+    return condition

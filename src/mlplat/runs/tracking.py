@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import atexit
 import base64
+import hashlib
+import json
 import sys
 import threading
 import uuid
@@ -33,7 +35,7 @@ from ..errors import DataError, NotFoundError
 from .artifacts import ArtifactStore
 from .metrics import read_history
 from .run import ActiveRun, check_text, checked_values
-from .search import order_clauses, parse_filter, to_sql
+from .search import after, order_terms, parse_filter, sort_keys, to_sql
 from .system import system_tags
 from .training import Training, flatten_config
 
@@ -323,6 +325,11 @@ class RunStore:
     ) -> RunPage:
         """Runs matching a filter (see :mod:`mlplat.runs.search` for the language), ordered and paged.
 
+        Pages are keyset pages: ``next_page_token`` holds the sort values of the page's last run (and is
+        bound to this search), and the next page is the runs that sort after it. A run that exists through
+        the whole listing and keeps its sort values is listed exactly once, whatever else is started,
+        deleted or changed between pages; a run started meanwhile is listed if it sorts after the cursor.
+
         Usage::
 
             p.runs.search("fraud", filter="metrics.val_auc > 0.9 and (params.lr = '0.001' or tags.team = 'risk')",
@@ -333,19 +340,25 @@ class RunStore:
             raise DataError(f"search: filter must be a string such as \"metrics.val_auc > 0.9\" (or None), "
                             f"got {type(filter).__name__} {filter!r}")
         order = _strings(order_by, "order_by", "a list of strings such as ['metrics.val_auc desc']")
-        offset = _decode_token(page_token)
+        names = None if experiments is None else _strings(experiments, "experiments",
+                                                            "an experiment name or a list of names")
+        where = parse_filter(filter) if filter else None
         q = sa.select(Run.id).join(Experiment)
-        if experiments is not None:
-            names = _strings(experiments, "experiments", "an experiment name or a list of names")
+        if names is not None:
             q = q.where(Experiment.name.in_(names))
-        if filter:
-            q = q.where(to_sql(parse_filter(filter)))
-        q = order_clauses(q, order).limit(max_results + 1).offset(offset)
+        if where is not None:
+            q = q.where(to_sql(where))
+        q, keys = sort_keys(q, order)
+        query_hash = _query_hash(names, where, keys)
+        cursor = _decode_token(page_token, query_hash, keys)
+        if cursor is not None:  # keyset paging: the runs that sort after the last one of the page before
+            q = q.where(after(keys, cursor))
+        q = q.add_columns(*(k.column for k in keys)).order_by(*order_terms(keys)).limit(max_results + 1)
         with self._db.connect() as conn:  # ids and their page in one transaction: one consistent answer
-            ids = conn.scalars(q).all()
-            more = len(ids) > max_results
-            runs = self._load(ids[:max_results], conn=conn)
-        return RunPage(runs, _encode_token(offset + max_results) if more else None)
+            rows = conn.execute(q).all()
+            more = len(rows) > max_results
+            runs = self._load([r[0] for r in rows[:max_results]], conn=conn)
+        return RunPage(runs, _encode_token(query_hash, keys, rows[max_results - 1][1:]) if more else None)
 
     def compare(self, run_ids: Sequence[str]) -> pa.Table:
         """One row per run: id, experiment, name, status, then every param and every latest metric."""
@@ -394,25 +407,85 @@ def _strings(value: Any, what: str, meaning: str) -> list[str]:
     return items
 
 
-def _encode_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+# A page token is the last run of its page as the order saw it, bound to the search it came from:
+# URL-safe base64 of the JSON ``["k1", query, [value, ...], check]``: ``query`` a hash of the experiments,
+# the parsed filter and the whole order; one value per sort key, type-tagged so that it binds back exactly
+# (["f", float.hex()], ["s", text], ["t", ISO time with microseconds and offset], ["n"] for NULL); ``check``
+# a hash of the rest, so that a token changed by hand or cut short is refused. Neither hash is a secret:
+# the values only ever travel as bound parameters.
+_TOKEN_VERSION = "k1"
 
 
-def _decode_token(token: str | None) -> int:
+def _digest(value: Any) -> str:
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _query_hash(experiments: list[str] | None, where: Any, keys: list) -> str:
+    return _digest([None if experiments is None else sorted(set(experiments)), repr(where),
+                    [[*k.field, k.desc] for k in keys]])
+
+
+def _encode_value(value: Any, type_: str) -> list:
+    if value is None:
+        return ["n"]
+    if type_ == "float":
+        return ["f", float(value).hex()]
+    if type_ == "time":
+        return ["t", value.isoformat(timespec="microseconds")]
+    return ["s", value]
+
+
+def _decode_value(item: Any, key: Any) -> Any:
+    if item == ["n"] and key.nullable:
+        return None
+    tag, text = item  # ValueError, TypeError where it is not a pair
+    if not isinstance(text, str):
+        raise ValueError(item)
+    if tag == "f" and key.type == "float":
+        return float.fromhex(text)
+    if tag == "t" and key.type == "time":
+        value = datetime.fromisoformat(text)
+        if value.tzinfo is None:
+            raise ValueError(text)
+        return value
+    if tag == "s" and key.type == "str":
+        return text
+    raise ValueError(item)
+
+
+def _encode_token(query: str, keys: list, values: Sequence[Any]) -> str:
+    encoded = [_encode_value(v, k.type) for k, v in zip(keys, values)]
+    body = [_TOKEN_VERSION, query, encoded]
+    text = json.dumps([*body, _digest(body)], separators=(",", ":"), ensure_ascii=True)
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def _decode_token(token: str | None, query: str, keys: list) -> list[Any] | None:
+    """The sort values of the run a page ended with (None for the first page), or DataError."""
     if token is None:
-        return 0
+        return None
     if not isinstance(token, str):
         raise DataError(f"page_token must be the next_page_token of a page (a string), got {token!r}")
     try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-        if not text.startswith("o:"):
-            raise ValueError(text)
-        offset = int(text[2:])
-        if not 0 <= offset < 2**63:  # past a 64-bit OFFSET the query overflowed; mlplat never gives such a token
-            raise ValueError(offset)
-        return offset
-    except (ValueError, UnicodeDecodeError):
-        raise DataError(f"page_token {token!r} is not one mlplat gave") from None
+        body = json.loads(base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True))
+        if not (isinstance(body, list) and len(body) == 4 and body[0] == _TOKEN_VERSION
+                and body[3] == _digest(body[:3]) and isinstance(body[2], list)):
+            raise ValueError(body)
+    except (ValueError, TypeError, UnicodeError, RecursionError):  # binascii.Error and JSON's are ValueErrors
+        raise DataError(f"page_token {token!r} is not one mlplat gave (it is changed, cut short, or from an "
+                        "older mlplat): start from the first page (page_token=None)") from None
+    if body[1] != query:
+        raise DataError("page_token belongs to another search (other experiments, filter or order_by): a token "
+                        "continues only the search that gave it; start this one from the first page "
+                        "(page_token=None)")
+    try:
+        if len(body[2]) != len(keys):
+            raise ValueError(body[2])
+        return [_decode_value(item, key) for item, key in zip(body[2], keys)]
+    except (ValueError, TypeError, OverflowError):
+        raise DataError(f"page_token {token!r} is not one mlplat gave (its values do not fit its search): start "
+                        "from the first page (page_token=None)") from None
 
 
 # ---------------------------------------------------- runs left open at exit
