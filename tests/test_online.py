@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -838,10 +839,11 @@ def test_cluster_reads_take_one_round_trip_per_node(tmp_path, redis_cluster_url,
         assert len(calls) == 3 and sum(calls) > 3  # three nodes, several slots pipelined on each
 
 
-def test_a_cluster_slot_moved_to_another_node_is_followed_and_one_being_moved_is_an_error(
+def test_a_cluster_slot_moved_to_another_node_is_followed_and_one_being_moved_is_served(
         tmp_path, redis_cluster_url, redis_cluster_session):
     # redis-py reads a MOVED/ASK reply as MovedError/AskError whose text lacks the word, so the check of the text
-    # never matched: after a reshard every read and write failed with "answered with an error: 9189 127.0.0.1:..."
+    # never matched: after a reshard every read and write failed with "answered with an error: 9189 127.0.0.1:...";
+    # then a slot half-way through a move (ASK) was an error until the move ended
     from mlplat._native import _codec
 
     with mp.Platform(tmp_path / "h", online_store=redis_cluster_url) as p:
@@ -871,16 +873,199 @@ def test_a_cluster_slot_moved_to_another_node_is_followed_and_one_being_moved_is
             assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [1]
             assert nodes[target].get(key) is not None
             nodes[target].delete(key)
-            nodes[owner].cluster("setslot", slot, "importing", ids[target])  # half-way back: ASK, then ASK again
+            nodes[owner].cluster("setslot", slot, "importing", ids[target])  # half-way back: the key on neither
             nodes[target].cluster("setslot", slot, "migrating", ids[owner])
-            with pytest.raises(mp.OnlineStoreError, match="reading: a node redirected the request .*ASK.*resharding"):
-                p.features.get_online_features(["txn:count"], {"user_id": [1]})
-            with pytest.raises(mp.OnlineStoreError, match="writing txn@1: a node redirected .*resharding"):
-                p.features.materialize(end_date=NOW, start_date=NOW - timedelta(days=1), progress=False)
+            assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [None]  # ASK
+            assert p.features.materialize(end_date=NOW, start_date=NOW - timedelta(days=1),
+                                          progress=False)[0].written == 1
+            assert nodes[owner].keys("*") == [key] and nodes[target].dbsize() == 0  # a new key: where ASK says
+            assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [1]
+            give_slot_to(owner)  # the move back ends: MOVED again
+            assert p.features.get_online_features(["txn:count"], {"user_id": [1]})["count"] == [1]
         finally:
             for c in nodes.values():
                 c.cluster("setslot", slot, "stable")
             give_slot_to(owner)
+
+
+PW = "s3cret"
+
+
+@pytest.fixture
+def growing_cluster(private_redis):
+    """A private two-node cluster behind a password, as one is grown: ``a`` serves every slot, ``b`` none (yet), so
+    a store's cluster client has no connection pool for ``b`` until a slot's move sends it there. Gives ``a``, ``b``
+    (clients), ``ports``, ``ids`` and ``url``."""
+    args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "5000", "--requirepass", PW, "--masterauth", PW)
+    ports, clients = {}, {}
+    for name in ("a", "b"):
+        _, ports[name] = private_redis(*args, "--cluster-config-file", f"nodes-{name}.conf", bus=True, password=PW)
+        clients[name] = redis.Redis(port=ports[name], password=PW, socket_timeout=5)
+    a, b = clients["a"], clients["b"]
+    a.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+    a.execute_command("CLUSTER MEET", "127.0.0.1", ports["b"])
+    ids = {name: c.cluster("myid").decode() for name, c in clients.items()}
+    deadline = time.monotonic() + 20
+    while not (all(c.cluster("info")["cluster_state"] == "ok" for c in clients.values())
+               and ids["b"] in str(a.execute_command("CLUSTER NODES"))
+               and ids["a"] in str(b.execute_command("CLUSTER NODES"))):
+        assert time.monotonic() < deadline, "the test cluster: both nodes ok and met within 20 s"
+        time.sleep(0.05)
+    yield SimpleNamespace(a=a, b=b, ports=ports, ids=ids, url=f"redis+cluster://:{PW}@127.0.0.1:{ports['a']}?timeout=2")
+    for c in clients.values():
+        c.close()
+
+
+def _key(user: int) -> bytes:
+    from mlplat._native import _codec
+
+    [key] = _codec.redis_keys("mlplat:", "txn@1", _codec.entity_keys([[user]], [0]))
+    return key
+
+
+def _users_of_one_slot(n: int) -> tuple[int, list[int], list[int]]:
+    """A slot, ``n`` users whose keys hash to it, and 30 users whose keys hash elsewhere."""
+    from mlplat._native import _codec
+
+    users = np.arange(100_000)
+    slots = redis_store._slot_of_bucket()[[_codec.bucket_of(k) for k in _codec.entity_keys([users.tolist()], [0])]]
+    slot = int(np.flatnonzero(np.bincount(slots) >= n)[0])
+    return slot, users[slots == slot][:n].tolist(), users[slots != slot][:30].tolist()
+
+
+def _migrate(cluster, keys) -> None:
+    cluster.a.execute_command("MIGRATE", "127.0.0.1", cluster.ports["b"], "", 0, 5000, "AUTH", PW, "KEYS", *keys)
+
+
+def _start_moving(cluster, slot: int) -> None:
+    cluster.b.cluster("setslot", slot, "importing", cluster.ids["a"])
+    cluster.a.cluster("setslot", slot, "migrating", cluster.ids["b"])
+
+
+def _finish_moving(cluster, slot: int) -> None:
+    """The rest of a reshard of ``slot`` from a to b: its remaining keys migrated, then b made its owner."""
+    while keys := cluster.a.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):  # (cluster() decodes them)
+        _migrate(cluster, keys)
+    for c in (cluster.b, cluster.a):
+        c.cluster("setslot", slot, "node", cluster.ids["b"])
+
+
+def test_reads_and_writes_of_a_slot_half_way_through_a_move_go_where_redis_says(tmp_path, growing_cluster):
+    # an ASK reply (or TRYAGAIN) made the store read the slot layout anew and try once more, which got ASK again:
+    # every read and write of a slot being moved (an online reshard takes minutes) failed until the move ended
+    c = growing_cluster
+    slot, mine, others = _users_of_one_slot(8)
+    moved, stay, absent, new = mine[:3], mine[3:6], mine[6], mine[7]
+    users = moved + stay + others
+    write(tmp_path / "src" / "a.parquet", users, [2] * len(users), users)
+    with mp.Platform(tmp_path / "h", online_store=c.url + "&retries=0&batch=2") as p:  # no waiting needed
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        assert p.features.materialize(end_date=NOW, progress=False)[0].written == len(users)
+        assert list(p.features.online_store._pools()) == [f"127.0.0.1:{c.ports['a']}"]  # no pool for b
+        _start_moving(c, slot)
+        _migrate(c, [_key(u) for u in moved])  # half-way: some of the slot's keys on b, some still on a
+        assert set(c.b.keys("*")) == {_key(u) for u in moved}
+        online = lambda who: p.features.get_online_features(["txn:count", "txn:note"], {"user_id": who})
+        # MGET of keys on both nodes: a answers TRYAGAIN, then key by key: a serves its own, ASK sends the rest to b
+        everyone = [others[0], *moved, absent, *stay, *others[1:]]
+        got = online(everyone)
+        assert got["count"] == [others[0], *moved, None, *stay, *others[1:]]
+        assert got["note"] == [f"n{u}" for u in [others[0], *moved]] + [None] + [f"n{u}" for u in stay + others[1:]]
+        assert online(moved)["count"] == moved  # none on a: ASK, and b has every key
+        assert online([absent])["count"] == [None]  # on neither: ASK, b has none
+        assert online([absent, moved[0]])["count"] == [None, moved[0]]  # ASK, then b: TRYAGAIN (one missing)
+        assert c.b.cluster("countkeysinslot", slot) == 3 and c.a.cluster("countkeysinslot", slot) == 3
+        # a write of the slot's keys: a key still on a is set there, a moved or new one on b (ASK), counted once
+        row = lambda u, count: {"user_id": u, "event_timestamp": NOW - timedelta(hours=1), "count": count,
+                                "amount": 1.0, "note": "pushed"}
+        pushed = [row(moved[0], -1), row(stay[0], -2), row(new, -3), row(others[0], -4), row(stay[1], -5),
+                  row(stay[2], -6), row(moved[1], -7), row(stay[2], -8)]  # stay[2] twice, equal times: the later wins
+        assert p.features.push("txn", pushed) == len(pushed)
+        assert set(c.b.keys("*")) == {_key(u) for u in moved + [new]}
+        assert set(c.a.keys("*")) == {_key(u) for u in stay + others}
+        expected = {u: u for u in users} | {r["user_id"]: r["count"] for r in pushed}
+        assert online(users + [new, absent])["count"] == [expected[u] for u in users] + [-3, None]
+        assert p.features.push("txn", pushed[:3]) == 3  # equal times: applied again, where they are
+        _finish_moving(c, slot)  # MOVED for the slot now: the layout is read anew
+        assert online(users + [new, absent])["count"] == [expected[u] for u in users] + [-3, None]
+        assert c.b.cluster("countkeysinslot", slot) == 7 and c.a.cluster("countkeysinslot", slot) == 0
+        assert p.features.push("txn", [row(stay[0], -20)]) == 1
+        assert online([stay[0]])["count"] == [-20]
+
+
+def test_a_tryagain_that_per_key_commands_do_not_settle_is_waited_out_within_the_retries(
+        tmp_path, growing_cluster, monkeypatch):
+    # Redis answers no one-key command TRYAGAIN; were it to (a command the store cannot split), the store waits
+    # retries= times for the move to go on, then says the slot is being moved
+    from mlplat._native import _codec
+
+    c = growing_cluster
+    slot, (moved, stay), others = _users_of_one_slot(2)
+    write(tmp_path / "src" / "a.parquet", [moved, stay, others[0]], [2, 2, 2], [moved, stay, others[0]])
+    whole = lambda unit: [(_codec.pack_command(unit[0]), unit)]  # a command over both keys, as it came
+    monkeypatch.setattr(redis_store, "_mget_per_key", whole, raising=False)  # (raising: it is new)
+    with mp.Platform(tmp_path / "h", online_store=c.url + "&retries=0") as impatient, \
+            mp.Platform(tmp_path / "h", online_store=c.url + "&retries=10") as patient:
+        patient.features.apply([USER, txn_view(tmp_path / "src")])
+        patient.features.materialize(end_date=NOW, progress=False)
+        _start_moving(c, slot)
+        _migrate(c, [_key(moved)])
+        read = lambda p: p.features.get_online_features(["txn:count"], {"user_id": [others[0], stay, moved]})
+        with pytest.raises(mp.OnlineStoreError, match=rf"^online store redis\+cluster://:\*\*\*@127\.0\.0\.1:"
+                                                      rf"{c.ports['a']}\?timeout=2&retries=0: reading: a slot is being"
+                                                      rf" moved between nodes \(resharding\) .*: 127\.0\.0\.1:"
+                                                      rf"{c.ports['a']} answered TRYAGAIN .* 1 time in a row; try "
+                                                      r"again once the move is done"):
+            read(impatient)
+        mover = threading.Timer(0.3, lambda: _migrate(c, [_key(stay)]))  # the reshard goes on: all of them on b
+        mover.start()
+        try:
+            t0 = time.monotonic()
+            assert read(patient)["count"] == [others[0], stay, moved]  # a answers ASK now, and b has both
+            assert time.monotonic() - t0 >= 0.25
+        finally:
+            mover.join()
+        assert read(impatient)["count"] == [others[0], stay, moved]
+
+
+def test_reads_and_writes_keep_working_through_an_online_reshard(tmp_path, growing_cluster):
+    # what an operator runs to move slots onto a new node: a read or write that met ASK or TRYAGAIN (a slot being
+    # moved), or MOVED again after the layout was read anew (another slot's move ended meanwhile), failed
+    from mlplat._native import _codec
+
+    c = growing_cluster
+    cli = shutil.which("redis-cli")
+    if not cli:
+        pytest.skip("needs the redis-cli binary")
+    every = np.arange(50_000)
+    slots = redis_store._slot_of_bucket()[[_codec.bucket_of(k) for k in _codec.entity_keys([every.tolist()], [0])]]
+    users = every[slots < 1500][:1200].tolist() + every[slots >= 1500][:300].tolist()  # it moves a's first slots
+    write(tmp_path / "src" / "a.parquet", users, [2] * len(users), users)
+    with mp.Platform(tmp_path / "h", online_store=c.url + "&batch=20") as p:
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        p.features.materialize(end_date=NOW, progress=False)
+        expected = {u: u for u in users}
+        reshard = subprocess.Popen(
+            [cli, "-a", PW, "--no-auth-warning", "--cluster", "reshard", f"127.0.0.1:{c.ports['a']}", "--cluster-from",
+             c.ids["a"], "--cluster-to", c.ids["b"], "--cluster-slots", "1500", "--cluster-yes", "--cluster-pipeline",
+             "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        rounds = 0
+        try:
+            while reshard.poll() is None or rounds < 2:
+                rounds += 1
+                created = NOW - timedelta(hours=1) + timedelta(seconds=rounds)
+                count = [-(rounds * 100_000 + u) for u in users]
+                assert p.features.push("txn", {"user_id": users, "event_timestamp": [NOW - timedelta(hours=1)] *
+                                               len(users), "created": [created] * len(users), "count": count,
+                                               "amount": [1.0] * len(users), "note": ["x"] * len(users)}) == len(users)
+                expected = dict(zip(users, count))
+                assert p.features.get_online_features(["txn:count"], {"user_id": users})["count"] == count
+        finally:
+            _, err = reshard.communicate(timeout=120)
+        assert reshard.returncode == 0, err
+        assert p.features.get_online_features(["txn:count"], {"user_id": users})["count"] == [
+            expected[u] for u in users]
+        assert c.b.dbsize() == 1200 and c.a.dbsize() == 300
 
 
 @pytest.mark.redis

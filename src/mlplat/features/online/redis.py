@@ -16,26 +16,51 @@ mlplat's own query parameters:
                          error (refused, reset) or time-out, 0.05 s, 0.1 s,
                          0.2 s ... at most 0.5 s apart (writes are
                          idempotent); on a cluster each retry reads the slot
-                         layout anew first
+                         layout anew first, and a TRYAGAIN reply to a
+                         one-key command (see below) is waited out as often
 ``batch``       500      records per EVALSHA
 ==============  =======  ====================================================
+
+A cluster being resharded (``redis-cli --cluster reshard``, ``CLUSTER SETSLOT
+... MIGRATING/IMPORTING`` + ``MIGRATE``) keeps serving reads and writes, as the
+Redis Cluster spec has clients do:
+
+* ``MOVED`` (a slot's move is done): the command is sent to the node named, and
+  the slot layout read anew (once per read or write batch), so that the next
+  requests go there at once.
+* ``ASK`` (a slot half-way through a move, the keys not on its old node): the
+  command is sent to the node named, preceded by ``ASKING``; the layout is left
+  as it is (the slot is still the old node's).
+* ``TRYAGAIN`` (a command over several keys of such a slot, some moved, some
+  not): the command is sent again at once as one command per key, to the slot's
+  node, which serves each key or answers ``ASK``. Redis never answers a one-key
+  command so, so a read or write neither waits for a move to end nor fails while
+  a move is stuck half-way; were it to all the same, the command is tried again
+  ``retries`` times, as far apart as after a connection error, and is then an
+  error saying the slot is being moved.
+
+Only the commands a node answered so are sent again, each reply put in its
+place, and a write batch the script applied is counted once. A command
+redirected more than 6 times in a row (nodes that disagree on a slot's owner;
+a MOVED after the first waits 0.05 s, 0.1 s ...) is an error.
 
 Other query parameters go to redis-py (e.g. ``ssl_cert_reqs=none``).
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NoReturn, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 from redis.connection import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import AskError, AuthenticationError, AuthorizationError, RedisClusterException, RedisError
-from redis.exceptions import NoScriptError, ResponseError, TryAgainError
+from redis.exceptions import MovedError, NoScriptError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._native import _codec
@@ -47,6 +72,7 @@ from .store import OnlineStore, Progress, ReadGroup
 __all__ = ["RedisOnlineStore", "CAS_SCRIPT"]
 
 _T = TypeVar("_T")
+_U = TypeVar("_U")
 
 #: Keep the newer record per key: bytes 2..17 (Lua's 1-based index) order records
 #: by (event time, created time); equal ranks let the later write win, as the
@@ -81,6 +107,11 @@ end
 return applied
 """
 _IN_FLIGHT = 8  # write batches sent before their replies are read
+#: MOVED / ASK / TRYAGAIN hops of a node's commands before it is an error: a command over several keys of a slot
+#: half-way through a move takes three at most (ASK: to the new node; TRYAGAIN: one command per key to the old
+#: node; ASK), a MOVED before them one more
+_HOPS = 6
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 #: connection errors that another try would only repeat (a wrong password, a user lacking a permission)
 _PERMANENT = (AuthenticationError, AuthorizationError)
@@ -179,7 +210,7 @@ def _describe(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, RedisConnectionError):
         return f"cannot connect ({exc})"
     if isinstance(exc, ResponseError):
-        return f"answered with an error: {exc}"
+        return f"answered with an error: {_describe_redirect(exc)}"
     if isinstance(exc, RedisClusterException):
         return f"cannot use the cluster ({exc})"
     return f"{type(exc).__name__}: {exc}"
@@ -204,6 +235,8 @@ class RedisOnlineStore(OnlineStore):
         else:
             self._pool = ConnectionPool.from_url(base, **timeouts)
         self._shas: dict[str, bytes] = {}  # node name -> script sha
+        self._unlisted: dict[str, Any] = {}  # MOVED/ASK targets the slot layout lacks: node name -> ClusterNode
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- helpers
     def _fail(self, exc: BaseException, doing: str) -> OnlineStoreError:
@@ -212,10 +245,8 @@ class RedisOnlineStore(OnlineStore):
             tries = f"; tried {self._opts.retries + 1} times"  # a connection error or time-out is raised once retried
         return OnlineStoreError(f"online store {self.name}: {doing} {_describe(exc, self._opts.timeout)}{tries}")
 
-    def _moving(self, exc: _Moved, doing: str) -> OnlineStoreError:
-        return OnlineStoreError(f"online store {self.name}: {doing} a node redirected the request ({exc}) again "
-                                "after the cluster's slot layout was read anew: slots are being moved (resharding); "
-                                "try again once the move is done")
+    def _moving(self, exc: _Unsettled, doing: str) -> OnlineStoreError:
+        return OnlineStoreError(f"online store {self.name}: {doing} {exc}")
 
     def _pools(self) -> dict[str, ConnectionPool]:
         """Every primary node's pool, by node name."""
@@ -229,27 +260,115 @@ class RedisOnlineStore(OnlineStore):
         return [names[int(s)] for s in slots]
 
     def _on_cluster(self, attempt: Callable[[], _T]) -> _T:
-        """Run ``attempt`` (a read or write on the cluster, each node's commands sent once), reading the slot layout
-        anew before trying again after a MOVED/ASK reply (once: slots moved) or after a connection error or
-        time-out (a node failed, restarted, or a replica took its slots over: nothing would redirect us, so a cached
-        layout would keep failing), the latter ``retries`` times in all, as far apart as on one node."""
-        moved, failures, stale = False, 0, False
+        """Run ``attempt`` (a read or write on the cluster, each node's commands sent once; ``_settle`` follows
+        MOVED, ASK and TRYAGAIN replies), reading the slot layout anew before trying again after a connection error
+        or time-out (a node failed, restarted, or a replica took its slots over: nothing would redirect us, so a
+        cached layout would keep failing), ``retries`` times in all, as far apart as on one node."""
+        failures, stale = 0, False
         while True:
             try:
                 if stale:
                     self._cluster.nodes_manager.initialize()
                     self._shas.clear()
                 return attempt()
-            except _Moved:
-                if moved:
-                    raise
-                moved = True
             except _CLUSTER_TRANSIENT as exc:
                 if failures == self._opts.retries or isinstance(exc, _PERMANENT):
                     raise
                 time.sleep(_backoff(failures))
                 failures += 1
             stale = True
+
+    def _node(self, reply: AskError) -> tuple[str, ConnectionPool]:
+        """The name and pool of the node a MOVED or ASK reply names: the cluster client's own, or for a node that
+        serves no slot yet (one just added to the cluster, the move's target), one that redis-py's nodes manager
+        makes with the client's settings (password, TLS, time-outs), kept until close()."""
+        from redis.cluster import PRIMARY, ClusterNode, get_node_name
+
+        nm = self._cluster.nodes_manager
+        host, port = nm.remap_host_port(reply.host, reply.port)
+        node = nm.get_node(host=host, port=port)
+        if node is None:
+            name = get_node_name(host, port)
+            with self._lock:
+                node = self._unlisted.get(name)
+                if node is None:
+                    node = self._unlisted[name] = ClusterNode(host, port, PRIMARY)
+        return node.name, self._cluster.get_redis_connection(node).connection_pool
+
+    def _settle(self, node: str, pool: ConnectionPool, pending: list[tuple[bytes, _U, ResponseError | None]],
+                split: Callable[[_U], list[tuple[bytes, _U]]], take: Callable[[_U, Any], None],
+                script: bool) -> None:
+        """Send on the commands to ``node`` (``pool``) that a slot's move left unanswered, ``(command, unit,
+        reply)`` (reply ``None``: not sent yet, for ``node``), as the Redis Cluster spec has clients do: after MOVED,
+        to the node named, the slot layout read anew (once); after ASK, to the node named, preceded by ASKING, the
+        layout left as it is; after TRYAGAIN (several keys of a slot, some of them moved) as one command per key
+        (``split``) to the slot's node, which serves each key or answers ASK: one key is never TRYAGAIN, and one
+        that is all the same is sent again ``retries`` times, as far apart as after a connection error. Only those
+        commands: ``take(unit, reply)`` gets each command's reply as it comes; any other error reply is raised.
+        ``script``: EVALSHA commands, whose script is loaded on a node that lacks it."""
+        waits = hops = moves = 0
+        relaid = False  # the slot layout read anew
+        home = (node, pool)  # the slot's node as far as we know: where a TRYAGAIN's one-key commands go
+        queue = [((node, pool, False), home, cmd, unit, reply) for cmd, unit, reply in pending]
+        while queue:
+            sends: dict[tuple[str, bool, str], tuple[ConnectionPool, tuple[str, ConnectionPool], list]] = {}
+            stuck = moved = None
+            for (name, at, asking), home, cmd, unit, reply in queue:
+                kind = "" if reply is None else _redirect(reply)
+                if reply is None:
+                    dest, items = (name, at, asking), [(cmd, unit)]
+                elif kind == "ASK":
+                    target, target_pool = self._node(_redirection(reply))
+                    dest, items = (target, target_pool, True), [(cmd, unit)]
+                elif kind == "MOVED":
+                    if not relaid:
+                        self._cluster.nodes_manager.initialize()  # other slots may have moved too
+                        relaid = True
+                    moved = reply
+                    target, target_pool = self._node(_redirection(reply))
+                    dest, items = (target, target_pool, False), [(cmd, unit)]
+                    home = (target, target_pool)
+                elif kind == "TRYAGAIN":
+                    parts = split(unit)
+                    stuck = (name, reply) if len(parts) == 1 else stuck
+                    dest, items = (*home, False), parts
+                elif script and _no_script(reply):
+                    self._shas.pop(name, None)  # the node lost the script (restart, SCRIPT FLUSH): load it again
+                    dest, items = (name, at, asking), [(cmd, unit)]
+                else:
+                    raise reply
+                sends.setdefault((dest[0], dest[2], home[0]), (dest[1], home, []))[2].extend(items)
+            if stuck is not None:
+                if waits == self._opts.retries:
+                    raise _Unsettled(f"a slot is being moved between nodes (resharding) and its keys are split between "
+                                     f"them: {stuck[0]} answered {_describe_redirect(stuck[1])} {waits + 1} "
+                                     f"time{'s' * (waits > 0)} in a row; try again once the move is done, or give "
+                                     "retries= more room")
+                time.sleep(_backoff(waits))
+                waits += 1
+            else:
+                hops += 1
+                if hops > _HOPS:
+                    raise _Unsettled(f"the nodes redirected the request {_HOPS} times "
+                                     f"({_describe_redirect(queue[0][4])}): slots are being moved (resharding) and the "
+                                     "nodes disagree on which serves them; try again once the move is done")
+                if moved is not None:
+                    if moves:  # MOVED again: the nodes disagree for now (a move's end or a failover spreading)
+                        time.sleep(_backoff(moves - 1))
+                    moves += 1
+            queue = []
+            for (name, asking, _), (at, home, items) in sends.items():
+                if script:
+                    self._sha(name, at, 0)
+                cmds = [cmd for cmd, _ in items]
+                if asking:  # ASKING holds for the next command on the connection only
+                    cmds = [part for cmd in cmds for part in (_ASKING, cmd)]
+                replies = _roundtrip(at, cmds, 0)  # _on_cluster retries, with the layout read anew
+                for (cmd, unit), reply in zip(items, replies[1::2] if asking else replies):
+                    if isinstance(reply, ResponseError):
+                        queue.append(((name, at, asking), home, cmd, unit, reply))
+                    else:
+                        take(unit, reply)
 
     def _check(self, replies: list, doing: str) -> None:
         for r in replies:
@@ -269,14 +388,14 @@ class RedisOnlineStore(OnlineStore):
             return self._on_cluster(lambda: self._cluster_read(groups))
         except _FAILURES as exc:
             raise self._fail(exc, "reading:") from None
-        except _Moved as exc:
+        except _Unsettled as exc:
             raise self._moving(exc, "reading:") from None
 
     def _cluster_read(self, groups: list[tuple[list[str], list[bytes]]]) -> list[bytes | None]:
         slot_table = _slot_of_bucket()
         out: list[bytes | None] = []
-        # per node: commands (one MGET per slot) and where each reply's values go
-        plan: dict[str, tuple[list[bytes], list[list[int]]]] = {}
+        # per node: commands (one MGET per slot), where each reply's values go, and each command's words
+        plan: dict[str, tuple[list[bytes], list[list[int]], list[list[bytes]]]] = {}
         for tags, keys in groups:
             base = len(out)
             out.extend([None] * (len(tags) * len(keys)))
@@ -290,17 +409,27 @@ class RedisOnlineStore(OnlineStore):
                 for t, tag in enumerate(tags):
                     full_keys += _codec.redis_keys(self._opts.prefix, tag, [keys[i] for i in idx])
                     positions += [base + t * len(keys) + i for i in idx]
-                cmds, where = plan.setdefault(node, ([], []))
+                cmds, where, words = plan.setdefault(node, ([], [], []))
                 cmds.append(_codec.pack_command(full_keys))
                 where.append(positions)
+                words.append(full_keys)
+
+        def take(unit: tuple[list[bytes], list[int]], reply: list) -> None:
+            for pos, value in zip(unit[1], reply):
+                out[pos] = value
+
         pools = self._pools()
-        for node, (cmds, where) in plan.items():
+        for node, (cmds, where, words) in plan.items():
             replies = _roundtrip(pools[node], cmds, 0)  # _on_cluster retries, with the layout read anew
-            for reply, positions in zip(replies, where):
+            failed = []
+            for cmd, reply, positions, full_keys in zip(cmds, replies, where, words):
                 if isinstance(reply, ResponseError):
-                    _raise_reply(reply)
+                    failed.append((cmd, (full_keys, positions), reply))
+                    continue
                 for pos, value in zip(positions, reply):
                     out[pos] = value
+            if failed:
+                self._settle(node, pools[node], failed, _mget_per_key, take, script=False)
         return out
 
     # ------------------------------------------------------------------ write
@@ -325,7 +454,7 @@ class RedisOnlineStore(OnlineStore):
             return done.applied
         except _FAILURES as exc:
             raise self._fail(exc, f"writing {tag}:") from None
-        except _Moved as exc:
+        except _Unsettled as exc:
             raise self._moving(exc, f"writing {tag}:") from None
 
     def _cluster_write(self, tag: str, records: RecordBuffers, progress: Progress | None, done: _Done) -> None:
@@ -345,7 +474,7 @@ class RedisOnlineStore(OnlineStore):
 
     def _write_node(self, node: str, pool: ConnectionPool, tag: str, records: RecordBuffers,
                     batches: list[np.ndarray], progress: Progress | None, done: _Done | None = None) -> int:
-        """Write the batches to one node, ``_IN_FLIGHT`` at a time; on a cluster (``done`` given) the windows
+        """Write the batches to one node, ``_IN_FLIGHT`` at a time; on a cluster (``done`` given) the batches
         written are marked done as they are, for ``_on_cluster`` to try again the rest only."""
         applied = 0
         retries = self._opts.retries if done is None else 0  # on a cluster _on_cluster retries
@@ -353,32 +482,70 @@ class RedisOnlineStore(OnlineStore):
             window = batches[start : start + _IN_FLIGHT]
             for attempt in range(2):
                 sha = self._sha(node, pool, retries).decode()
-                cmds = [_codec.pack_evalsha(sha, self._opts.prefix, tag, records.key_data, records.key_offsets,
-                                            records.rec_data, records.rec_offsets, records.expire_at_ms, rows)
-                        for rows in window]
+                pack = lambda rows, sha=sha: _codec.pack_evalsha(
+                    sha, self._opts.prefix, tag, records.key_data, records.key_offsets, records.rec_data,
+                    records.rec_offsets, records.expire_at_ms, rows)
+                cmds = [pack(rows) for rows in window]
                 replies = _roundtrip(pool, cmds, retries)
                 if attempt == 0 and any(_no_script(r) for r in replies):
                     self._shas.pop(node, None)  # the server lost the script (restart, SCRIPT FLUSH): load it again
                     continue
-                for r in replies:
-                    if isinstance(r, ResponseError):
-                        _raise_reply(r)
                 break
-            written = sum(int(r) for r in replies)
-            applied += written
             if done is not None:
-                done.applied += written
-                for rows in window:
-                    done.rows[rows] = True
+                self._cluster_window(node, pool, records, window, cmds, replies, pack, progress, done)
+                continue
+            for r in replies:
+                if isinstance(r, ResponseError):
+                    raise r
+            applied += sum(int(r) for r in replies)
             if progress is not None:
                 progress(sum(len(rows) for rows in window))
         return applied
+
+    def _cluster_window(self, node: str, pool: ConnectionPool, records: RecordBuffers, window: list[np.ndarray],
+                        cmds: list[bytes], replies: list, pack: Callable[[np.ndarray], bytes],
+                        progress: Progress | None, done: _Done) -> None:
+        """Take a cluster node's replies to a window of write batches: count and mark done each batch applied, and
+        send on (``_settle``) those a slot's move left unapplied. A batch applied after one of its slot that was not
+        is sent again after it (counted once), so that of two records of a key with equal times the later still
+        wins."""
+        finished = 0
+
+        def take(unit: tuple[np.ndarray, bool], reply: Any) -> None:
+            nonlocal finished
+            rows, first = unit
+            if first:
+                done.applied += int(reply)
+                done.rows[rows] = True
+                finished += len(rows)
+
+        try:
+            failed: list[tuple[bytes, tuple[np.ndarray, bool], ResponseError | None]] = []
+            unsent: set[int] = set()  # slots of the batches not applied
+            for cmd, rows, reply in zip(cmds, window, replies):
+                if isinstance(reply, ResponseError):
+                    failed.append((cmd, (rows, True), reply))
+                    unsent.add(_slot_of(records, rows))
+                    continue
+                take((rows, True), reply)
+                if unsent and _slot_of(records, rows) in unsent:
+                    failed.append((cmd, (rows, False), None))  # sent again after them, not counted again
+            if failed:
+                per_key = lambda unit: [(pack(unit[0][i : i + 1]), (unit[0][i : i + 1], unit[1]))
+                                        for i in range(len(unit[0]))]
+                self._settle(node, pool, failed, per_key, take, script=True)
+        finally:
+            if progress is not None and finished:
+                progress(finished)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.disconnect()
         if self._cluster is not None:
             self._cluster.close()
+        for node in self._unlisted.values():
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
 
 
 @dataclass
@@ -389,20 +556,44 @@ class _Done:
     applied: int = 0
 
 
-class _Moved(Exception):
-    """A cluster node answered MOVED/ASK: the slot layout changed."""
+class _Unsettled(Exception):
+    """A slot's move kept a request from being answered for longer than the store waits: the message says why."""
 
 
-def _raise_reply(reply: ResponseError) -> NoReturn:
-    """Raise a cluster node's error reply: :class:`_Moved` when it says the slot is (being) served elsewhere
-    (MOVED, ASK; TRYAGAIN: a multi-key command in a slot half-way through a move), else the reply itself.
-    redis-py's parsers turn MOVED and ASK replies into MovedError / AskError whose text drops the word
-    ("3999 127.0.0.1:7001"), so the class tells, and the word is put back for the message."""
-    word = {"MovedError": "MOVED", "AskError": "ASK", "TryAgainError": "TRYAGAIN"}.get(type(reply).__name__, "")
-    text = str(reply)
-    if isinstance(reply, (AskError, TryAgainError)) or text.startswith(("MOVED", "ASK", "TRYAGAIN")):
-        raise _Moved(text if not word or text.startswith(word) else f"{word} {text}")
-    raise reply
+def _redirect(reply: ResponseError) -> str:
+    """"MOVED", "ASK" or "TRYAGAIN" when a cluster node's error reply says so, else "". redis-py's parsers turn
+    them into MovedError / AskError / TryAgainError (MovedError is an AskError), whose text drops the word
+    ("3999 127.0.0.1:7001"), so the class tells; a plain ResponseError keeps the word."""
+    if isinstance(reply, MovedError):
+        return "MOVED"
+    if isinstance(reply, AskError):
+        return "ASK"
+    if isinstance(reply, TryAgainError):
+        return "TRYAGAIN"
+    word = str(reply).split(" ", 1)[0]
+    return word if word in ("MOVED", "ASK", "TRYAGAIN") else ""
+
+
+def _describe_redirect(reply: ResponseError) -> str:
+    """The reply's text with its word put back: "MOVED 3999 127.0.0.1:7001"."""
+    word, text = _redirect(reply), str(reply)
+    return text if not word or text.startswith(word) else f"{word} {text}"
+
+
+def _redirection(reply: ResponseError) -> AskError:
+    """A MOVED or ASK reply as redis-py's class for them, whose ``host`` and ``port`` name the node."""
+    return reply if isinstance(reply, AskError) else AskError(str(reply).split(" ", 1)[1])
+
+
+def _mget_per_key(unit: tuple[list[bytes], list[int]]) -> list[tuple[bytes, tuple[list[bytes], list[int]]]]:
+    """One MGET of a slot's keys, (words, positions), as one MGET per key."""
+    words, positions = unit
+    return [(_codec.pack_command([b"MGET", key]), ([b"MGET", key], [pos])) for key, pos in zip(words[1:], positions)]
+
+
+def _slot_of(records: RecordBuffers, rows: np.ndarray) -> int:
+    """The cluster slot of a write batch (its records share one)."""
+    return int(_slot_of_bucket()[_codec.bucket_of(records.key(int(rows[0])))])
 
 
 def _no_script(reply: object) -> bool:
