@@ -68,7 +68,8 @@ def pytest_collection_modifyitems(items):
         params = params.params if params is not None else {}
         if fixtures & {"pg_url", "pg_admin_url"} or params.get("database_url") == "postgresql":
             item.add_marker(pytest.mark.postgres)
-        if fixtures & {"redis_server_url", "redis_url", "redis_cluster_url"} or params.get("online_url") in ("redis", "cluster"):
+        if (fixtures & {"redis_server_url", "redis_url", "redis_cluster_url", "private_redis"}
+                or params.get("online_url") in ("redis", "cluster")):
             item.add_marker(pytest.mark.redis)
         if fixtures & {"triton_python", "triton"}:
             item.add_marker(pytest.mark.triton)
