@@ -1028,6 +1028,45 @@ def test_a_tryagain_that_per_key_commands_do_not_settle_is_waited_out_within_the
         assert read(impatient)["count"] == [others[0], stay, moved]
 
 
+def test_a_cluster_down_for_a_moment_is_waited_out_within_the_retries(tmp_path, growing_cluster):
+    # while a primary is lost and no replica promoted yet, every node answers CLUSTERDOWN (for up to the node
+    # timeout): that reply was raised at once, whatever retries= said, so a failover failed every read and write
+    c = growing_cluster
+    slot, mine, others = _users_of_one_slot(2)
+    users = mine + others[:3]
+    write(tmp_path / "src" / "a.parquet", users, [2] * len(users), users)
+    row = {"user_id": [mine[0]], "event_timestamp": [NOW - timedelta(hours=1)], "count": [-1], "amount": [1.0],
+           "note": ["x"]}
+
+    def down_for_a_moment(then: float) -> threading.Timer:
+        c.a.execute_command("CLUSTER", "DELSLOTS", slot)  # a slot without a node: the cluster is down
+        deadline = time.monotonic() + 10
+        while c.a.cluster("info")["cluster_state"] != "fail":
+            assert time.monotonic() < deadline, "the test cluster: state fail within 10 s"
+            time.sleep(0.02)
+        timer = threading.Timer(then, c.a.execute_command, ("CLUSTER", "ADDSLOTS", slot))
+        timer.start()
+        return timer
+
+    with mp.Platform(tmp_path / "h", online_store=c.url + "&retries=10") as patient, \
+            mp.Platform(tmp_path / "h", online_store=c.url + "&retries=0") as impatient:
+        patient.features.apply([USER, txn_view(tmp_path / "src")])
+        patient.features.materialize(end_date=NOW, progress=False)
+        assert impatient.features.get_online_features(["txn:count"], {"user_id": users})["count"] == users
+        down_for_a_moment(30).cancel()  # down until the slot is given back below
+        with pytest.raises(mp.OnlineStoreError, match=r"reading: answered with an error: CLUSTERDOWN .*failover under "
+                                                      r"way\? give retries= room"):
+            impatient.features.get_online_features(["txn:count"], {"user_id": others[:1]})
+        c.a.execute_command("CLUSTER", "ADDSLOTS", slot)
+        timer = down_for_a_moment(0.3)
+        assert patient.features.get_online_features(["txn:count"], {"user_id": users})["count"] == users
+        timer.join()
+        timer = down_for_a_moment(0.3)
+        assert patient.features.push("txn", row) == 1
+        timer.join()
+        assert impatient.features.get_online_features(["txn:count"], {"user_id": mine})["count"] == [-1, mine[1]]
+
+
 def test_reads_and_writes_keep_working_through_an_online_reshard(tmp_path, growing_cluster):
     # what an operator runs to move slots onto a new node: a read or write that met ASK or TRYAGAIN (a slot being
     # moved), or MOVED again after the layout was read anew (another slot's move ended meanwhile), failed

@@ -16,8 +16,10 @@ mlplat's own query parameters:
                          error (refused, reset) or time-out, 0.05 s, 0.1 s,
                          0.2 s ... at most 0.5 s apart (writes are
                          idempotent); on a cluster each retry reads the slot
-                         layout anew first, and a TRYAGAIN reply to a
-                         one-key command (see below) is waited out as often
+                         layout anew first; a CLUSTERDOWN or MASTERDOWN
+                         reply (a failover under way) is retried as
+                         often, and a TRYAGAIN reply to a one-key command
+                         (see below) waited out as often
 ``batch``       500      records per EVALSHA
 ==============  =======  ====================================================
 
@@ -59,7 +61,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 from redis.connection import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import AskError, AuthenticationError, AuthorizationError, RedisClusterException, RedisError
+from redis.exceptions import AskError, AuthenticationError, AuthorizationError, ClusterDownError, MasterDownError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import MovedError, NoScriptError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -117,6 +120,10 @@ _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 _PERMANENT = (AuthenticationError, AuthorizationError)
 #: ... and on a cluster: no node answered the request for the slot layout, or a slot no node serves (yet)
 _CLUSTER_TRANSIENT = _TRANSIENT + (RedisClusterException,)
+#: ... and a node's CLUSTERDOWN / MASTERDOWN reply: the cluster lost a primary and has not yet promoted a replica
+#: (every node answers so while a slot has no primary, for up to the cluster's node timeout), or a replica lost its
+#: primary: another try after a wait may find the failover done
+_CLUSTER_DOWN = (ClusterDownError,)  # MasterDownError is one
 #: what redis-py raises for a store it cannot use: RedisClusterException (no reachable node, cluster mode off,
 #: a slot no node serves) is not a RedisError
 _FAILURES = (RedisError, RedisClusterException)
@@ -209,6 +216,10 @@ def _describe(exc: BaseException, timeout: float) -> str:
         return f"timed out after {timeout} s ({exc})"
     if isinstance(exc, RedisConnectionError):
         return f"cannot connect ({exc})"
+    if isinstance(exc, ClusterDownError):  # redis-py drops the word from the text ("The cluster is down")
+        word = "MASTERDOWN" if isinstance(exc, MasterDownError) else "CLUSTERDOWN"
+        text = str(exc) if str(exc).startswith(word) else f"{word} {exc}"
+        return f"answered with an error: {text} (a failover under way? give retries= room to wait it out)"
     if isinstance(exc, ResponseError):
         return f"answered with an error: {_describe_redirect(exc)}"
     if isinstance(exc, RedisClusterException):
@@ -241,7 +252,8 @@ class RedisOnlineStore(OnlineStore):
     # ---------------------------------------------------------------- helpers
     def _fail(self, exc: BaseException, doing: str) -> OnlineStoreError:
         tries = ""
-        if isinstance(exc, _TRANSIENT) and not isinstance(exc, _PERMANENT) and self._opts.retries:
+        retried = isinstance(exc, _TRANSIENT) or (self._cluster is not None and isinstance(exc, _CLUSTER_DOWN))
+        if retried and not isinstance(exc, _PERMANENT) and self._opts.retries:
             tries = f"; tried {self._opts.retries + 1} times"  # a connection error or time-out is raised once retried
         return OnlineStoreError(f"online store {self.name}: {doing} {_describe(exc, self._opts.timeout)}{tries}")
 
@@ -271,7 +283,7 @@ class RedisOnlineStore(OnlineStore):
                     self._cluster.nodes_manager.initialize()
                     self._shas.clear()
                 return attempt()
-            except _CLUSTER_TRANSIENT as exc:
+            except _CLUSTER_TRANSIENT + _CLUSTER_DOWN as exc:
                 if failures == self._opts.retries or isinstance(exc, _PERMANENT):
                     raise
                 time.sleep(_backoff(failures))
