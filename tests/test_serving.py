@@ -1149,6 +1149,28 @@ def test_predict_uses_online_features_and_logs_what_it_served(served, triton):
     assert served.serving.served_features("scorer").num_rows == logged
 
 
+def test_predict_sends_the_served_models_own_tensor_names(served, triton, tmp_path):
+    # a pytorch_libtorch export names tensors INPUT__0 / OUTPUT__0 when the signature's names do not follow its
+    # name__<index> rule; predict sent the signature's names ("needs an input 'INPUT__0'"). The python backend
+    # reads its names from the config, so a config renamed that way stands in for such an export here.
+    export = served.serving.export_triton("scorer", version=1, repository=tmp_path, triton_name="scorer_renamed",
+                                          max_batch_size=8)
+    config = export.config_path.read_text()
+    export.config_path.write_text(config.replace('"input__0"', '"INPUT__0"').replace('"output__0"', '"OUTPUT__0"'))
+    rows = [{"user_id": 1, "basket": 2.0}, {"user_id": 42, "basket": 1.0}]
+    local = served.serving.predict("scorer", rows, version=1, backend=served.serving.local_backend(), log=False)
+    with mp.TritonClient(triton.grpc_url) as client:
+        client.load_model("scorer_renamed", export.model_dir)
+        try:
+            assert [n for n, _, _ in client.info("scorer_renamed").inputs] == ["INPUT__0"]
+            remote = served.serving.predict("scorer", rows, version=1, backend=client, triton_model="scorer_renamed",
+                                            log=False)
+            assert list(remote) == ["user_id", "output__0"]  # named as the model was logged
+            np.testing.assert_allclose(remote["output__0"], local["output__0"], rtol=1e-5)
+        finally:
+            client.unload_model("scorer_renamed")
+
+
 def test_predict_refuses_a_request_time_column_of_another_length_than_the_entity_rows(served):
     backend = served.serving.local_backend()
     logged = served.serving.served_features("scorer").num_rows

@@ -25,6 +25,7 @@ from .._arrow import to_table
 from .._expiring import Expiring
 from ..errors import DataError, ServingError
 from ..runs.torch_io import checked_fill_null
+from .client import TritonClient
 from .served_log import ServedLog
 from .shaping import NUMPY_TYPES
 
@@ -161,8 +162,10 @@ class Predictor:
                 given[col] = [None if g is None else v for g, v in zip(given[col], matrix[:, j].tolist())]
         if refused:  # before inference and the served log: nothing is served
             raise _missing_error(plan, refused, online, n)
-        outputs = backend.infer(triton_model or model, {plan.input_name: matrix}, version=plan.version)
-        flat = {name: _per_row(model, name, outputs[name], n) for name in plan.outputs}
+        served = triton_model or model
+        given_name, output_names = _served_names(backend, served, plan)
+        outputs = backend.infer(served, {given_name: matrix}, version=plan.version)
+        flat = {name: _per_row(model, name, outputs[out], n) for name, out in zip(plan.outputs, output_names)}
         keys = {k: online[k] for k in plan.join_keys}
         features = {name: online[name] for name in plan.feature_names}
         if log:
@@ -204,6 +207,25 @@ def _missing_error(plan: _Plan, refused: list[tuple[str, list]], online: dict[st
     return DataError(f"{plan.model} v{plan.version} refuses missing input values (its fill_null does not fill "
                      f"these columns): {'; '.join(parts)}. To serve them, {todo}or log the model with fill_null= "
                      "(a number, or a mapping column -> number, as the training data was filled)")
+
+
+def _served_names(backend: Any, served: str, plan: _Plan) -> tuple[str, tuple[str, ...]]:
+    """The served model's names for the signature's input and outputs: the same names, or, where the backend
+    names them otherwise, its one input and its outputs by position (a ``pytorch_libtorch`` export names
+    tensors ``INPUT__0`` / ``OUTPUT__0`` when the signature's names do not follow its ``name__<index>``
+    rule, and that backend finds them by position). The local backend serves the signature's names."""
+    if not isinstance(backend, TritonClient):
+        return plan.input_name, plan.outputs
+    info = backend.info(served)
+    inputs = [name for name, _, _ in info.inputs]
+    if inputs == [plan.input_name] and all(o in info.outputs for o in plan.outputs):
+        return plan.input_name, plan.outputs
+    if len(inputs) != 1 or len(info.outputs) != len(plan.outputs):
+        raise ServingError(f"{served!r} on the backend takes inputs {inputs} and gives outputs {list(info.outputs)}; "
+                           f"{plan.model} v{plan.version} was logged with input {plan.input_name!r} and outputs "
+                           f"{list(plan.outputs)}: serve an export of that version (p.serving.export_triton), or "
+                           "pass triton_model= naming it")
+    return inputs[0], tuple(info.outputs)
 
 
 def _per_row(model: str, name: str, values: Any, n: int) -> list:
