@@ -144,3 +144,18 @@ def test_the_plan_holds_each_versions_rule_and_checks_what_log_time_could_not(se
     v = served.models.register("fill_late", run.id).version
     with pytest.raises(mp.ServingError, match="fill_late v1 cannot be served with the fill_null.*'basket'"):
         served.serving.predict("fill_late", [{"user_id": 1}], backend=backend, version=v)
+
+
+def test_the_training_helper_logs_its_fill_null_and_refuses_a_bad_one_before_the_run(served):  # noqa: F811
+    with served.runs.training("fill_helper", data=_train(served), features=REFS, model=Echo(),
+                              example_input=torch.zeros(2, 3), columns=COLUMNS, fill_null=-2.0) as t:
+        t.epoch(loss=0.5)
+    served.models.register("fill_helper", t.id)
+    assert served.models.lineage("fill_helper", version=1)["artifact"]["fill_null"] == -2.0  # it logged 0.0
+    out = served.serving.predict("fill_helper", [{"user_id": 42, "basket": None}], version=1,
+                                 backend=served.serving.local_backend(), log=False)
+    assert out["output__0"] == [[-2.0, -2.0, -2.0]]
+    runs = len(served.runs.search("fill_helper_bad"))
+    with pytest.raises(mp.DataError, match="fill_null names column 'nope'"):  # not after hours of training
+        served.runs.training("fill_helper_bad", model=Echo(), columns=COLUMNS, fill_null={"nope": 1.0})
+    assert len(served.runs.search("fill_helper_bad")) == runs == 0  # no run was started

@@ -37,6 +37,7 @@ from .metrics import read_history
 from .run import ActiveRun, check_text, checked_values
 from .search import after, order_terms, parse_filter, sort_keys, to_sql
 from .system import system_tags
+from .torch_io import checked_fill_null
 from .training import Training, flatten_config
 
 __all__ = ["RunStore", "RunInfo", "RunPage", "MetricPoint"]
@@ -219,11 +220,14 @@ class RunStore:
         model: Any = None,
         example_input: Any = None,
         columns: Sequence[str] | None = None,
+        fill_null: Any = 0.0,
         name: str = "",
         tags: Mapping[str, Any] | None = None,
     ) -> Training:
         """A run for a training loop: params from ``config``, ``data`` fingerprinted (with its feature
-        definitions when ``features`` is given), ``t.epoch(...)`` per epoch, ``model`` logged at the end.
+        definitions when ``features`` is given), ``t.epoch(...)`` per epoch, ``model`` logged at the end
+        (with ``example_input``, ``columns`` and ``fill_null``, as :meth:`ActiveRun.log_model` takes them;
+        ``fill_null`` is checked here, before the run starts, not after the training).
 
         Usage::
 
@@ -231,10 +235,11 @@ class RunStore:
                 for epoch in range(cfg["epochs"]):
                     t.epoch(loss=train_one_epoch(), val_auc=evaluate())
         """
+        checked_fill_null(fill_null, columns, None)
         run = self.start(experiment, name=name, params=flatten_config(config), tags=tags)
         try:
             return Training(run, data=data, features=features, model=model, example_input=example_input,
-                            columns=columns)
+                            columns=columns, fill_null=fill_null)
         except BaseException as exc:
             run.__exit__(type(exc), exc, exc.__traceback__)
             raise

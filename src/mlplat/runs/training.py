@@ -62,11 +62,12 @@ class Training:
     """A run set up for a training loop; use it as a context manager."""
 
     def __init__(self, run: ActiveRun, *, data: Any = None, features: Any = None, model: Any = None,
-                 example_input: Any = None, columns: Any = None) -> None:
+                 example_input: Any = None, columns: Any = None, fill_null: Any = 0.0) -> None:
         self.run = run
         self._model = model
         self._example = example_input
         self._columns = columns
+        self._fill_null = fill_null
         self._epoch = 0
         self.input = run.log_input(data, "train", feature_refs=features) if data is not None else None
 
@@ -84,10 +85,12 @@ class Training:
 
     def model(self, model: Any, name: str = "model", **kwargs: Any) -> dict[str, Any]:
         """Log the model now (otherwise the one passed at start is logged at the end); ``kwargs`` go to
-        ``run.log_model`` (``signature=``, ``fill_null=``: what predict gives the model for a missing value)."""
+        ``run.log_model`` (``signature=``; ``example_input=``, ``columns=``, ``fill_null=`` default to those
+        given at start)."""
         self._model = None
         return self.run.log_model(model, name, example_input=kwargs.pop("example_input", self._example),
-                                  columns=kwargs.pop("columns", self._columns), **kwargs)
+                                  columns=kwargs.pop("columns", self._columns),
+                                  fill_null=kwargs.pop("fill_null", self._fill_null), **kwargs)
 
     def __enter__(self) -> Training:
         return self
