@@ -159,3 +159,12 @@ def test_the_training_helper_logs_its_fill_null_and_refuses_a_bad_one_before_the
     with pytest.raises(mp.DataError, match="fill_null names column 'nope'"):  # not after hours of training
         served.runs.training("fill_helper_bad", model=Echo(), columns=COLUMNS, fill_null={"nope": 1.0})
     assert len(served.runs.search("fill_helper_bad")) == runs == 0  # no run was started
+
+
+def test_the_training_helper_refuses_a_fill_its_example_inputs_type_cannot_hold_before_the_run(served):  # noqa: F811
+    # example_input= gives the input's type at start: a fill the end-of-run log_model refuses (after the training)
+    # is refused before the run starts
+    with pytest.raises(mp.DataError, match="0.5, which the model's int64 input cannot hold"):
+        served.runs.training("fill_helper_int", model=Echo(), example_input=torch.zeros(2, 3, dtype=torch.int64),
+                             columns=COLUMNS, fill_null=0.5)
+    assert len(served.runs.search("fill_helper_int")) == 0  # no run was started

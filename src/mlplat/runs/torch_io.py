@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import DataError, StoreError
 
 __all__ = ["TensorSpec", "Signature", "save_torch_model", "load_torch_model", "read_meta", "checked_fill_null",
-           "fill_number"]
+           "fill_number", "example_dtype"]
 
 META = "mlmodel.json"
 
@@ -142,6 +142,14 @@ def checked_fill_null(fill_null: Any, columns: Sequence[str] | None, dtype: str 
             out[column] = None if value is None else fill_number(value, f"fill_null[{column!r}]", dtype)
         return out
     return fill_number(fill_null, "fill_null", dtype)
+
+
+def example_dtype(example_input: Any) -> str | None:
+    """The type of the one input tensor ``example_input`` gives (as a signature names it: "int64"), else None:
+    what a fill must fit, known before the model is logged (``p.runs.training`` checks its fill_null so)."""
+    tensors = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    dtype = getattr(tensors[0], "dtype", None) if len(tensors) == 1 else None
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping | None = None,

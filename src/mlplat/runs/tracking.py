@@ -37,7 +37,7 @@ from .metrics import read_history
 from .run import ActiveRun, check_text, checked_values
 from .search import after, order_terms, parse_filter, sort_keys, to_sql
 from .system import system_tags
-from .torch_io import checked_fill_null
+from .torch_io import checked_fill_null, example_dtype
 from .training import Training, flatten_config
 
 __all__ = ["RunStore", "RunInfo", "RunPage", "MetricPoint"]
@@ -235,7 +235,7 @@ class RunStore:
                 for epoch in range(cfg["epochs"]):
                     t.epoch(loss=train_one_epoch(), val_auc=evaluate())
         """
-        checked_fill_null(fill_null, columns, None)
+        checked_fill_null(fill_null, columns, example_dtype(example_input))  # the type log_model will check
         run = self.start(experiment, name=name, params=flatten_config(config), tags=tags)
         try:
             return Training(run, data=data, features=features, model=model, example_input=example_input,
