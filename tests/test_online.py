@@ -1107,6 +1107,67 @@ def test_reads_and_writes_keep_working_through_an_online_reshard(tmp_path, growi
         assert c.b.dbsize() == 1200 and c.a.dbsize() == 300
 
 
+def test_a_new_key_written_twice_while_its_slot_is_half_way_through_a_move_keeps_the_later_record(
+        tmp_path, growing_cluster):
+    # of a push's two records of a new key with equal times in batches of one slot being moved, the later one was
+    # set first (a one-key batch: ASK, then b sets it) and the earlier one after it (a batch with a moved key too: ASK,
+    # TRYAGAIN on b, key by key: ASK again, b sets it): the earlier record won
+    c = growing_cluster
+    slot, (moved, stay, new, newer), others = _users_of_one_slot(4)
+    users = [moved, stay, others[0]]
+    write(tmp_path / "src" / "a.parquet", users, [2] * len(users), users)
+    with mp.Platform(tmp_path / "h", online_store=c.url + "&retries=0&batch=2") as p:
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        p.features.materialize(end_date=NOW, progress=False)
+        _start_moving(c, slot)
+        _migrate(c, [_key(moved)])
+        at = NOW - timedelta(hours=1)
+        rows = [{"user_id": u, "event_timestamp": at, "created": at, "count": n, "amount": 1.0, "note": "x"}
+                for u, n in [(moved, -1), (new, -2), (new, -3)]]  # batches: [moved, new -2], [new -3]
+        assert p.features.push("txn", rows) == 3
+        assert p.features.get_online_features(["txn:count"], {"user_id": [moved, new]})["count"] == [-1, -3]
+        # the later record older: not applied, nor counted (it was counted, set first and then overwritten)
+        rows = [{"user_id": u, "event_timestamp": t, "created": t, "count": n, "amount": 1.0, "note": "x"}
+                for u, n, t in [(moved, -4, NOW), (newer, -5, at), (newer, -6, at - timedelta(hours=1))]]
+        assert p.features.push("txn", rows) == 2
+        assert p.features.get_online_features(["txn:count"], {"user_id": [moved, newer]})["count"] == [-4, -5]
+
+
+def test_a_node_left_without_slots_by_another_threads_layout_read_is_still_sent_to(tmp_path, growing_cluster):
+    # a read or write planned on the layout it had, whose pools were then taken from the layout another thread had
+    # read anew meanwhile (a MOVED reply), met a node that serves no slot now: KeyError, not an OnlineStoreError
+    c = growing_cluster
+    slot, (user,), others = _users_of_one_slot(1)
+    users = [user, others[0]]
+    write(tmp_path / "src" / "a.parquet", users, [2, 2], users)
+
+    def give_slot_to(name: str) -> None:  # (a master left without slots becomes a replica: setslot there first)
+        for n in (name, "a" if name == "b" else "b"):
+            getattr(c, n).cluster("setslot", slot, "node", c.ids[name])
+        deadline = time.monotonic() + 10
+        while any(int(n[1]) != c.ports[name] for lo, hi, n, *_ in c.a.cluster("slots") if lo <= slot <= hi):
+            assert time.monotonic() < deadline, "the nodes did not agree on the slot's owner"
+            time.sleep(0.05)
+
+    with mp.Platform(tmp_path / "h", online_store=c.url + "&retries=0") as p:
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        store = p.features.online_store
+        give_slot_to("b")
+        store._cluster.nodes_manager.initialize()
+        assert f"127.0.0.1:{c.ports['b']}" in store._pools()  # b serves the slot
+        plan = store._node_of_slots
+
+        def meanwhile(*args):  # the plan on the layout as it was; then another thread reads it anew
+            nodes = plan(*args)
+            store._cluster.nodes_manager.initialize()
+            return nodes
+
+        give_slot_to("a")  # the slot goes back: b serves none
+        store._node_of_slots = meanwhile
+        p.features.materialize(end_date=NOW, progress=False)  # b answers MOVED
+        assert p.features.get_online_features(["txn:count"], {"user_id": users})["count"] == users
+        assert c.a.dbsize() == 2
+
 @pytest.mark.redis
 def test_single_node_reads_are_one_command(tmp_path, redis_url, monkeypatch):
     with mp.Platform(tmp_path / "h", online_store=redis_url) as p:

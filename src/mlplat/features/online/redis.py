@@ -41,10 +41,12 @@ Redis Cluster spec has clients do:
   ``retries`` times, as far apart as after a connection error, and is then an
   error saying the slot is being moved.
 
-Only the commands a node answered so are sent again, each reply put in its
-place, and a write batch the script applied is counted once. A command
-redirected more than 6 times in a row (nodes that disagree on a slot's owner;
-a MOVED after the first waits 0.05 s, 0.1 s ...) is an error.
+Only the commands a node answered so are sent again (and the write batches
+after one of their slot, after it: of two records of a key with equal times the
+later still wins), each reply put in its place, and a write batch the script
+applied is counted once. A command redirected more than 6 times in a row
+(nodes that disagree on a slot's owner; a MOVED after the first waits 0.05 s,
+0.1 s ...) is an error.
 
 Other query parameters go to redis-py (e.g. ``ssl_cert_reqs=none``).
 """
@@ -266,9 +268,16 @@ class RedisOnlineStore(OnlineStore):
             return {"": self._pool}
         return {n.name: n.redis_connection.connection_pool for n in self._cluster.get_primaries()}
 
-    def _node_of_slots(self, slots: np.ndarray) -> list[str]:
+    def _node_of_slots(self, slots: np.ndarray, pools: dict[str, ConnectionPool]) -> list[str]:
+        """The name of each slot's node, its pool put in ``pools``: taken from the same layout, which another thread
+        may read anew meanwhile (after a MOVED reply), leaving out a node that serves no slot now."""
         nm = self._cluster.nodes_manager
-        names = {int(s): nm.get_node_from_slot(int(s)).name for s in np.unique(slots)}
+        names = {}
+        for s in np.unique(slots).tolist():
+            node = nm.get_node_from_slot(s)
+            names[s] = node.name
+            if node.name not in pools:
+                pools[node.name] = self._cluster.get_redis_connection(node).connection_pool
         return [names[int(s)] for s in slots]
 
     def _on_cluster(self, attempt: Callable[[], _T]) -> _T:
@@ -309,21 +318,28 @@ class RedisOnlineStore(OnlineStore):
 
     def _settle(self, node: str, pool: ConnectionPool, pending: list[tuple[bytes, _U, ResponseError | None]],
                 split: Callable[[_U], list[tuple[bytes, _U]]], take: Callable[[_U, Any], None],
-                script: bool) -> None:
+                script: bool, slot_of: Callable[[_U], int] | None = None) -> None:
         """Send on the commands to ``node`` (``pool``) that a slot's move left unanswered, ``(command, unit,
         reply)`` (reply ``None``: not sent yet, for ``node``), as the Redis Cluster spec has clients do: after MOVED,
         to the node named, the slot layout read anew (once); after ASK, to the node named, preceded by ASKING, the
         layout left as it is; after TRYAGAIN (several keys of a slot, some of them moved) as one command per key
         (``split``) to the slot's node, which serves each key or answers ASK: one key is never TRYAGAIN, and one
         that is all the same is sent again ``retries`` times, as far apart as after a connection error. Only those
-        commands: ``take(unit, reply)`` gets each command's reply as it comes; any other error reply is raised.
-        ``script``: EVALSHA commands, whose script is loaded on a node that lacks it."""
+        commands: ``take(unit, reply)`` gets each command's reply once its round is answered; any other error reply is
+        raised.
+        ``script``: EVALSHA commands, whose script is loaded on a node that lacks it. ``slot_of`` (writes, whose
+        order within a slot matters: of two records of a key with equal times the later wins): the commands are sent
+        in the order given, and one answered after an earlier one of its slot that is sent on once more is not taken
+        but sent again after it (a record it set may be overwritten by the earlier one's)."""
         waits = hops = moves = 0
         relaid = False  # the slot layout read anew
         home = (node, pool)  # the slot's node as far as we know: where a TRYAGAIN's one-key commands go
         queue = [((node, pool, False), home, cmd, unit, reply) for cmd, unit, reply in pending]
         while queue:
-            sends: dict[tuple[str, bool, str], tuple[ConnectionPool, tuple[str, ConnectionPool], list]] = {}
+            # per send: (node, ASKING, home node), pool, home, [(command, unit)]; one per node, or with ``slot_of``
+            # one per run of the queue's commands to a node, sent in queue order
+            sends: list[tuple[tuple[str, bool, str], ConnectionPool, tuple[str, ConnectionPool], list]] = []
+            by_key: dict[tuple[str, bool, str], list] = {}
             stuck = moved = None
             for (name, at, asking), home, cmd, unit, reply in queue:
                 kind = "" if reply is None else _redirect(reply)
@@ -349,7 +365,17 @@ class RedisOnlineStore(OnlineStore):
                     dest, items = (name, at, asking), [(cmd, unit)]
                 else:
                     raise reply
-                sends.setdefault((dest[0], dest[2], home[0]), (dest[1], home, []))[2].extend(items)
+                key = (dest[0], dest[2], home[0])
+                if slot_of is not None:
+                    if not sends or sends[-1][0] != key:
+                        sends.append((key, dest[1], home, []))
+                    group = sends[-1][3]
+                elif key in by_key:
+                    group = by_key[key]
+                else:
+                    group = by_key[key] = []
+                    sends.append((key, dest[1], home, group))
+                group.extend(items)
             if stuck is not None:
                 if waits == self._opts.retries:
                     raise _Unsettled(f"a slot is being moved between nodes (resharding) and its keys are split between "
@@ -368,8 +394,8 @@ class RedisOnlineStore(OnlineStore):
                     if moves:  # MOVED again: the nodes disagree for now (a move's end or a failover spreading)
                         time.sleep(_backoff(moves - 1))
                     moves += 1
-            queue = []
-            for (name, asking, _), (at, home, items) in sends.items():
+            answered = []  # (where sent, home, command, unit, reply): in queue order with ``slot_of``
+            for (name, asking, _), at, home, items in sends:
                 if script:
                     self._sha(name, at, 0)
                 cmds = [cmd for cmd, _ in items]
@@ -377,10 +403,17 @@ class RedisOnlineStore(OnlineStore):
                     cmds = [part for cmd in cmds for part in (_ASKING, cmd)]
                 replies = _roundtrip(at, cmds, 0)  # _on_cluster retries, with the layout read anew
                 for (cmd, unit), reply in zip(items, replies[1::2] if asking else replies):
-                    if isinstance(reply, ResponseError):
-                        queue.append(((name, at, asking), home, cmd, unit, reply))
-                    else:
-                        take(unit, reply)
+                    answered.append(((name, at, asking), home, cmd, unit, reply))
+            queue, unsettled = [], set()  # unsettled: slots of commands sent on once more
+            for sent, home, cmd, unit, reply in answered:
+                if isinstance(reply, ResponseError):
+                    queue.append((sent, home, cmd, unit, reply))
+                    if slot_of is not None:
+                        unsettled.add(slot_of(unit))
+                elif slot_of is not None and slot_of(unit) in unsettled:
+                    queue.append((sent, home, cmd, unit, None))  # again after the earlier one
+                else:
+                    take(unit, reply)
 
     def _check(self, replies: list, doing: str) -> None:
         for r in replies:
@@ -408,11 +441,12 @@ class RedisOnlineStore(OnlineStore):
         out: list[bytes | None] = []
         # per node: commands (one MGET per slot), where each reply's values go, and each command's words
         plan: dict[str, tuple[list[bytes], list[list[int]], list[list[bytes]]]] = {}
+        pools: dict[str, ConnectionPool] = {}
         for tags, keys in groups:
             base = len(out)
             out.extend([None] * (len(tags) * len(keys)))
             slots = slot_table[[_codec.bucket_of(k) for k in keys]] if keys else np.zeros(0, np.int64)
-            nodes = self._node_of_slots(slots)
+            nodes = self._node_of_slots(slots, pools)
             by_slot: dict[tuple[str, int], list[int]] = {}
             for i, (node, slot) in enumerate(zip(nodes, slots.tolist())):
                 by_slot.setdefault((node, slot), []).append(i)
@@ -430,7 +464,6 @@ class RedisOnlineStore(OnlineStore):
             for pos, value in zip(unit[1], reply):
                 out[pos] = value
 
-        pools = self._pools()
         for node, (cmds, where, words) in plan.items():
             replies = _roundtrip(pools[node], cmds, 0)  # _on_cluster retries, with the layout read anew
             failed = []
@@ -476,11 +509,11 @@ class RedisOnlineStore(OnlineStore):
         order = np.argsort(slots, kind="stable")  # stable: a key's records keep their order
         slots, rows = slots[order], rows[order]
         cut = np.flatnonzero(np.diff(slots)) + 1
-        nodes = self._node_of_slots(slots[np.concatenate(([0], cut))]) if len(slots) else []
+        pools: dict[str, ConnectionPool] = {}
+        nodes = self._node_of_slots(slots[np.concatenate(([0], cut))], pools) if len(slots) else []
         per_node: dict[str, list[np.ndarray]] = {}
         for node, node_rows in zip(nodes, np.split(rows, cut)):
             per_node.setdefault(node, []).extend(_batches(node_rows, self._opts.batch))
-        pools = self._pools()
         for node, batches in per_node.items():
             self._write_node(node, pools[node], tag, records, batches, progress, done)
 
@@ -519,33 +552,32 @@ class RedisOnlineStore(OnlineStore):
                         progress: Progress | None, done: _Done) -> None:
         """Take a cluster node's replies to a window of write batches: count and mark done each batch applied, and
         send on (``_settle``) those a slot's move left unapplied. A batch applied after one of its slot that was not
-        is sent again after it (counted once), so that of two records of a key with equal times the later still
-        wins."""
+        is sent again after it, and only then counted and marked done (a record it set may be overwritten by the
+        earlier batch's, or, were the earlier batch to fail, the next try sends both again in order), so that of two
+        records of a key with equal times the later still wins, and a record is counted as in order."""
         finished = 0
 
-        def take(unit: tuple[np.ndarray, bool], reply: Any) -> None:
+        def take(rows: np.ndarray, reply: Any) -> None:
             nonlocal finished
-            rows, first = unit
-            if first:
-                done.applied += int(reply)
-                done.rows[rows] = True
-                finished += len(rows)
+            done.applied += int(reply)
+            done.rows[rows] = True
+            finished += len(rows)
 
         try:
-            failed: list[tuple[bytes, tuple[np.ndarray, bool], ResponseError | None]] = []
+            failed: list[tuple[bytes, np.ndarray, ResponseError | None]] = []
             unsent: set[int] = set()  # slots of the batches not applied
             for cmd, rows, reply in zip(cmds, window, replies):
                 if isinstance(reply, ResponseError):
-                    failed.append((cmd, (rows, True), reply))
+                    failed.append((cmd, rows, reply))
                     unsent.add(_slot_of(records, rows))
-                    continue
-                take((rows, True), reply)
-                if unsent and _slot_of(records, rows) in unsent:
-                    failed.append((cmd, (rows, False), None))  # sent again after them, not counted again
+                elif unsent and _slot_of(records, rows) in unsent:
+                    failed.append((cmd, rows, None))  # sent again after them, taken then
+                else:
+                    take(rows, reply)
             if failed:
-                per_key = lambda unit: [(pack(unit[0][i : i + 1]), (unit[0][i : i + 1], unit[1]))
-                                        for i in range(len(unit[0]))]
-                self._settle(node, pool, failed, per_key, take, script=True)
+                per_key = lambda rows: [(pack(rows[i : i + 1]), rows[i : i + 1]) for i in range(len(rows))]
+                self._settle(node, pool, failed, per_key, take, script=True,
+                             slot_of=lambda rows: _slot_of(records, rows))
         finally:
             if progress is not None and finished:
                 progress(finished)
