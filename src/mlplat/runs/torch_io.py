@@ -72,6 +72,16 @@ def _torch():
     return torch
 
 
+def _tensors(example: Any) -> tuple:
+    """A model's example input (or output) as its tensors: one tensor, or a tuple or list of them."""
+    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+
+
+def _dtype_name(tensor: Any) -> str:
+    """A tensor's type as a signature names it: "float32", "int64"."""
+    return str(tensor.dtype).removeprefix("torch.")
+
+
 def _as_signature(signature: Signature | Mapping | None, example_input: Any, model: Any) -> Signature | None:
     torch = _torch()
     if isinstance(signature, Signature):
@@ -80,14 +90,11 @@ def _as_signature(signature: Signature | Mapping | None, example_input: Any, mod
         return Signature.from_json(signature)
     if example_input is None:
         return None
-    tensors = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    inputs = [TensorSpec(f"input__{i}", str(t.dtype).removeprefix("torch."), (-1, *t.shape[1:]))
-              for i, t in enumerate(tensors)]
+    tensors = _tensors(example_input)
+    inputs = [TensorSpec(f"input__{i}", _dtype_name(t), (-1, *t.shape[1:])) for i, t in enumerate(tensors)]
     with torch.no_grad():
         out = model(*tensors)
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    outputs = [TensorSpec(f"output__{i}", str(t.dtype).removeprefix("torch."), (-1, *t.shape[1:]))
-               for i, t in enumerate(outs)]
+    outputs = [TensorSpec(f"output__{i}", _dtype_name(t), (-1, *t.shape[1:])) for i, t in enumerate(_tensors(out))]
     return Signature(inputs, outputs)
 
 
@@ -147,9 +154,8 @@ def checked_fill_null(fill_null: Any, columns: Sequence[str] | None, dtype: str 
 def example_dtype(example_input: Any) -> str | None:
     """The type of the one input tensor ``example_input`` gives (as a signature names it: "int64"), else None:
     what a fill must fit, known before the model is logged (``p.runs.training`` checks its fill_null so)."""
-    tensors = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    dtype = getattr(tensors[0], "dtype", None) if len(tensors) == 1 else None
-    return None if dtype is None else str(dtype).removeprefix("torch.")
+    tensors = _tensors(example_input)
+    return _dtype_name(tensors[0]) if len(tensors) == 1 and hasattr(tensors[0], "dtype") else None
 
 
 def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping | None = None,
