@@ -470,10 +470,10 @@ def _search_sql(p, flt: str) -> str:
     import sqlalchemy as sa
 
     from mlplat.db.models import Experiment, Run
-    from mlplat.runs.search import order_clauses, parse_filter, to_sql
+    from mlplat.runs.search import page_query, parse_filter, sort_keys, to_sql
 
     q = sa.select(Run.id).join(Experiment).where(Experiment.name.in_([SEARCH_EXPERIMENT]))
-    q = order_clauses(q.where(to_sql(parse_filter(flt))), ORDER_BY).limit(PAGE + 1).offset(0)
+    q = page_query(*sort_keys(q.where(to_sql(parse_filter(flt))), ORDER_BY), None, PAGE + 1)
     return str(q.compile(p.db.engine, compile_kwargs={"literal_binds": True}))
 
 

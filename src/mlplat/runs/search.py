@@ -47,8 +47,7 @@ from .._time import as_utc
 from ..db.models import SHORT_VALUE, Experiment, LatestMetric, Run, RunParam, RunTag
 from ..errors import DataError
 
-__all__ = ["parse_filter", "to_sql", "parse_order", "order_clauses", "SortKey", "sort_keys", "order_terms",
-           "after"]
+__all__ = ["parse_filter", "to_sql", "parse_order", "SortKey", "sort_keys", "order_terms", "after", "page_query"]
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -535,11 +534,13 @@ def order_terms(keys: list[SortKey]) -> list:
     return terms
 
 
-def order_clauses(query, order_by: list[str]):
-    """The query joined and ordered as asked; ties and missing values come last, then newest runs first,
-    then by run id."""
-    query, keys = sort_keys(query, order_by)
-    return query.order_by(*order_terms(keys))
+def page_query(query, keys: list[SortKey], cursor: list[Any] | None, limit: int):
+    """A page of ``query`` (joined by :func:`sort_keys` to ``keys``): the run ids and their sort values, the runs
+    after ``cursor`` (the sort values of the page before's last run; None: the first page), in order, ``limit``
+    rows."""
+    if cursor is not None:  # keyset paging: the runs that sort after the last one of the page before
+        query = query.where(after(keys, cursor))
+    return query.add_columns(*(k.column for k in keys)).order_by(*order_terms(keys)).limit(limit)
 
 
 def after(keys: list[SortKey], values: list[Any]):

@@ -35,7 +35,7 @@ from ..errors import DataError, NotFoundError
 from .artifacts import ArtifactStore
 from .metrics import read_history
 from .run import ActiveRun, check_text, checked_values
-from .search import after, order_terms, parse_filter, sort_keys, to_sql
+from .search import page_query, parse_filter, sort_keys, to_sql
 from .system import system_tags
 from .torch_io import checked_fill_null, example_dtype
 from .training import Training, flatten_config
@@ -355,10 +355,7 @@ class RunStore:
             q = q.where(to_sql(where))
         q, keys = sort_keys(q, order)
         query_hash = _query_hash(names, where, keys)
-        cursor = _decode_token(page_token, query_hash, keys)
-        if cursor is not None:  # keyset paging: the runs that sort after the last one of the page before
-            q = q.where(after(keys, cursor))
-        q = q.add_columns(*(k.column for k in keys)).order_by(*order_terms(keys)).limit(max_results + 1)
+        q = page_query(q, keys, _decode_token(page_token, query_hash, keys), max_results + 1)
         with self._db.connect() as conn:  # ids and their page in one transaction: one consistent answer
             rows = conn.execute(q).all()
             more = len(rows) > max_results
