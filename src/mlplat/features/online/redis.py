@@ -262,12 +262,6 @@ class RedisOnlineStore(OnlineStore):
     def _moving(self, exc: _Unsettled, doing: str) -> OnlineStoreError:
         return OnlineStoreError(f"online store {self.name}: {doing} {exc}")
 
-    def _pools(self) -> dict[str, ConnectionPool]:
-        """Every primary node's pool, by node name."""
-        if self._pool is not None:
-            return {"": self._pool}
-        return {n.name: n.redis_connection.connection_pool for n in self._cluster.get_primaries()}
-
     def _node_of_slots(self, slots: np.ndarray, pools: dict[str, ConnectionPool]) -> list[str]:
         """The name of each slot's node, its pool put in ``pools``: taken from the same layout, which another thread
         may read anew meanwhile (after a MOVED reply), leaving out a node that serves no slot now."""
