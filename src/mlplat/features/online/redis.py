@@ -218,12 +218,10 @@ def _describe(exc: BaseException, timeout: float) -> str:
         return f"timed out after {timeout} s ({exc})"
     if isinstance(exc, RedisConnectionError):
         return f"cannot connect ({exc})"
-    if isinstance(exc, ClusterDownError):  # redis-py drops the word from the text ("The cluster is down")
-        word = "MASTERDOWN" if isinstance(exc, MasterDownError) else "CLUSTERDOWN"
-        text = str(exc) if str(exc).startswith(word) else f"{word} {exc}"
-        return f"answered with an error: {text} (a failover under way? give retries= room to wait it out)"
+    if isinstance(exc, ClusterDownError):
+        return f"answered with an error: {_reply_text(exc)} (a failover under way? give retries= room to wait it out)"
     if isinstance(exc, ResponseError):
-        return f"answered with an error: {_describe_redirect(exc)}"
+        return f"answered with an error: {_reply_text(exc)}"
     if isinstance(exc, RedisClusterException):
         return f"cannot use the cluster ({exc})"
     return f"{type(exc).__name__}: {exc}"
@@ -373,7 +371,7 @@ class RedisOnlineStore(OnlineStore):
             if stuck is not None:
                 if waits == self._opts.retries:
                     raise _Unsettled(f"a slot is being moved between nodes (resharding) and its keys are split between "
-                                     f"them: {stuck[0]} answered {_describe_redirect(stuck[1])} {waits + 1} "
+                                     f"them: {stuck[0]} answered {_reply_text(stuck[1])} {waits + 1} "
                                      f"time{'s' * (waits > 0)} in a row; try again once the move is done, or give "
                                      "retries= more room")
                 time.sleep(_backoff(waits))
@@ -382,7 +380,7 @@ class RedisOnlineStore(OnlineStore):
                 hops += 1
                 if hops > _HOPS:
                     raise _Unsettled(f"the nodes redirected the request {_HOPS} times "
-                                     f"({_describe_redirect(queue[0][4])}): slots are being moved (resharding) and the "
+                                     f"({_reply_text(queue[0][4])}): slots are being moved (resharding) and the "
                                      "nodes disagree on which serves them; try again once the move is done")
                 if moved is not None:
                     if moves:  # MOVED again: the nodes disagree for now (a move's end or a failover spreading)
@@ -598,23 +596,31 @@ class _Unsettled(Exception):
     """A slot's move kept a request from being answered for longer than the store waits: the message says why."""
 
 
-def _redirect(reply: ResponseError) -> str:
-    """"MOVED", "ASK" or "TRYAGAIN" when a cluster node's error reply says so, else "". redis-py's parsers turn
-    them into MovedError / AskError / TryAgainError (MovedError is an AskError), whose text drops the word
-    ("3999 127.0.0.1:7001"), so the class tells; a plain ResponseError keeps the word."""
-    if isinstance(reply, MovedError):
-        return "MOVED"
-    if isinstance(reply, AskError):
-        return "ASK"
-    if isinstance(reply, TryAgainError):
-        return "TRYAGAIN"
+#: the cluster replies whose first word redis-py's parsers drop, turning them into these classes (subclasses first:
+#: MovedError is an AskError, MasterDownError a ClusterDownError)
+_WORDS = ((MovedError, "MOVED"), (AskError, "ASK"), (TryAgainError, "TRYAGAIN"), (MasterDownError, "MASTERDOWN"),
+          (ClusterDownError, "CLUSTERDOWN"))
+
+
+def _word(reply: ResponseError) -> str:
+    """The first word of a cluster node's error reply among ``_WORDS``' (else ""): the class tells, since its text
+    lacks the word ("3999 127.0.0.1:7001"); a plain ResponseError keeps the word."""
+    for cls, word in _WORDS:
+        if isinstance(reply, cls):
+            return word
     word = str(reply).split(" ", 1)[0]
+    return word if word in {w for _, w in _WORDS} else ""
+
+
+def _redirect(reply: ResponseError) -> str:
+    """"MOVED", "ASK" or "TRYAGAIN" when a cluster node's error reply says so, else ""."""
+    word = _word(reply)
     return word if word in ("MOVED", "ASK", "TRYAGAIN") else ""
 
 
-def _describe_redirect(reply: ResponseError) -> str:
-    """The reply's text with its word put back: "MOVED 3999 127.0.0.1:7001"."""
-    word, text = _redirect(reply), str(reply)
+def _reply_text(reply: ResponseError) -> str:
+    """The reply's text with the word redis-py dropped put back: "MOVED 3999 127.0.0.1:7001"."""
+    word, text = _word(reply), str(reply)
     return text if not word or text.startswith(word) else f"{word} {text}"
 
 
