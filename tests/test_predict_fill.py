@@ -168,3 +168,38 @@ def test_the_training_helper_refuses_a_fill_its_example_inputs_type_cannot_hold_
         served.runs.training("fill_helper_int", model=Echo(), example_input=torch.zeros(2, 3, dtype=torch.int64),
                              columns=COLUMNS, fill_null=0.5)
     assert len(served.runs.search("fill_helper_int")) == 0  # no run was started
+
+
+@pytest.mark.parametrize("basket, message", [
+    (2.7, r"column 'basket' of cast_int v1's input is int64 but holds fractions \(e\.g\. 2\.7\)"),
+    (-0.9, r"holds fractions \(e\.g\. -0\.9\)"),
+    (1e19, r"is int64: its values must lie in \[-9223372036854775808, 9223372036854775807\], got 1\.0 to 1e\+19"),
+    (2**70, r"is int64 and cannot hold 1180591620717411303424"),
+    (math.nan, r"is int64 but holds NaN or infinity"),
+    ("2", r"must hold numbers \(int64\), got '2'"),
+    ([2], r"must hold numbers \(int64\), got \[2\]"),
+])
+def test_request_time_values_an_integer_input_cannot_hold_are_refused_not_truncated(served, basket,  # noqa: F811
+                                                                                     message):
+    try:  # one model for every case
+        served.models.resolve("cast_int", version=1)
+    except mp.NotFoundError:
+        _log(served, "cast_int", dtype=torch.int64)
+    backend = served.serving.local_backend()
+    out = served.serving.predict("cast_int", [{"user_id": 1, "basket": 3.0}], backend=backend)  # a whole float
+    assert out["output__0"] == [[3, 10, 3]]
+    before = _logged_rows(served, "cast_int")
+    with pytest.raises(mp.DataError, match=message):  # the model got 2 for 2.7 and 0 for -0.9 before
+        served.serving.predict("cast_int", [{"user_id": 1, "basket": 1}, {"user_id": 1, "basket": basket}],
+                               backend=backend)
+    assert _logged_rows(served, "cast_int") == before
+
+
+def test_a_float_input_refuses_strings_rather_than_parsing_them(served):  # noqa: F811
+    _log(served, "cast_float")
+    backend = served.serving.local_backend()
+    with pytest.raises(mp.DataError, match=r"column 'basket' of cast_float v1's input must hold numbers "
+                                           r"\(float32\), got '2\.5'"):  # numpy parsed it to 2.5 before
+        served.serving.predict("cast_float", {"user_id": [1], "basket": ["2.5"]}, backend=backend)
+    out = served.serving.predict("cast_float", {"user_id": [1], "basket": [True]}, backend=backend)
+    assert out["output__0"] == [[3.0, 10.0, 1.0]]

@@ -27,7 +27,7 @@ from ..errors import DataError, ServingError
 from ..runs.torch_io import checked_fill_null
 from .client import TritonClient
 from .served_log import ServedLog
-from .shaping import NUMPY_TYPES
+from .shaping import NUMPY_TYPES, check_cast
 
 __all__ = ["Predictor", "Prediction"]
 
@@ -146,18 +146,12 @@ class Predictor:
             values = online.get(col)
             if values is None:
                 values = given[col] = _request_column(rows, col, n)
-            try:
-                if fill is not None:
-                    matrix[:, j] = [fill if v is None else v for v in values]  # as the model was trained
-                elif None in values:
+            if None in values:
+                if fill is None:
                     refused.append((col, values))
                     continue
-                else:
-                    matrix[:, j] = values
-            except (TypeError, ValueError):
-                bad = next((v for v in values if not isinstance(v, (int, float, np.number, type(None)))), None)
-                raise DataError(f"column {col!r} of {model}'s input must hold numbers ({np.dtype(plan.input_dtype)}),"
-                                f" got {bad!r}") from None
+                values = [fill if v is None else v for v in values]  # as the model was trained
+            matrix[:, j] = _numbers(plan, col, values)
             if col in given:  # as the model got them (numbers of its type), so the log file's column converts
                 given[col] = [None if g is None else v for g, v in zip(given[col], matrix[:, j].tolist())]
         if refused:  # before inference and the served log: nothing is served
@@ -185,6 +179,25 @@ def _fills(model: str, version: int, meta: dict, columns: tuple[str, ...], dtype
         raise ServingError(f"{model} v{version} cannot be served with the fill_null it was logged with: {exc}; "
                            "log the model again with a fill_null that fits its input columns") from None
     return tuple(rule.get(c) for c in columns) if isinstance(rule, dict) else (rule,) * len(columns)
+
+
+def _numbers(plan: _Plan, col: str, values: list) -> np.ndarray:
+    """One input column's values as numbers the model's input type holds unchanged, else DataError naming
+    the value: a string or list among them, a fraction, NaN or a value out of range for an integer input
+    (the checks a Triton client or the local backend makes of an input array)."""
+    want = np.dtype(plan.input_dtype)
+    what = f"column {col!r} of {plan.model} v{plan.version}'s input"
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError):  # ragged: lists among the numbers
+        arr = None
+    if arr is None or arr.ndim != 1 or arr.dtype.kind not in "biuf":
+        bad = next((v for v in values if not isinstance(v, (int, float, np.number, np.bool_))), None)
+        if bad is None:  # numbers all, some too large for any numpy integer
+            raise DataError(f"{what} is {want} and cannot hold {max(values, key=abs)!r}")
+        raise DataError(f"{what} must hold numbers ({want}), got {bad!r}")
+    check_cast(what, str(want), arr, want)
+    return arr
 
 
 def _missing_error(plan: _Plan, refused: list[tuple[str, list]], online: dict[str, list], n: int) -> DataError:

@@ -18,7 +18,8 @@ import numpy as np
 from .._checks import require_number
 from ..errors import DataError, InferenceTimeoutError, ModelNotReadyError, QueueFullError, ServingError
 
-__all__ = ["ModelInfo", "to_arrays", "split", "join", "map_error", "check_request", "empty_outputs", "NUMPY_TYPES"]
+__all__ = ["ModelInfo", "to_arrays", "split", "join", "map_error", "check_request", "check_cast", "empty_outputs",
+           "NUMPY_TYPES"]
 
 #: Triton data type (without TYPE_) -> numpy dtype
 NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
@@ -103,7 +104,7 @@ def _typed(info: ModelInfo, name: str, dtype: str, arr: np.ndarray) -> np.ndarra
         return arr
     if arr.dtype.kind not in "biuf":
         raise DataError(f"input {name!r} must be numbers ({dtype}), got {arr.dtype}")
-    _check_cast(info, name, dtype, arr, np.dtype(want))
+    check_cast(f"input {name!r} of model {info.name!r}", dtype, arr, np.dtype(want))
     return arr.astype(want)
 
 
@@ -177,20 +178,20 @@ def _refuse_nulls(info: ModelInfo, table: Any, columns: Sequence[str]) -> None:
                         "takes no nulls; fill them (e.g. with 0) or drop those rows first")
 
 
-def _check_cast(info: ModelInfo, name: str, dtype: str, arr: np.ndarray, want: np.dtype) -> None:
-    """Refuse a conversion to an integer or bool input that would change values (fractions, NaN, overflow)."""
+def check_cast(what: str, dtype: str, arr: np.ndarray, want: np.dtype) -> None:
+    """Refuse a conversion of numbers ``arr`` to an integer or bool input (``what``, of type ``dtype``: how the
+    message names them) that would change values: fractions, NaN or infinity, values out of the type's range."""
     if want.kind not in "biu" or arr.size == 0:
         return
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
-            raise DataError(f"input {name!r} of model {info.name!r} is {dtype} but holds NaN or infinity")
+            raise DataError(f"{what} is {dtype} but holds NaN or infinity")
         if (arr != np.trunc(arr)).any():
-            raise DataError(f"input {name!r} of model {info.name!r} is {dtype} but holds fractions (e.g. "
-                            f"{arr[arr != np.trunc(arr)][0]}); round them first if that is what you mean")
+            raise DataError(f"{what} is {dtype} but holds fractions (e.g. {arr[arr != np.trunc(arr)][0]}); round "
+                            "them first if that is what you mean")
     low, high = (0, 1) if want.kind == "b" else (np.iinfo(want).min, np.iinfo(want).max)
     if arr.min() < low or arr.max() > high:
-        raise DataError(f"input {name!r} of model {info.name!r} is {dtype}: its values must lie in [{low}, {high}], "
-                        f"got {arr.min()} to {arr.max()}")
+        raise DataError(f"{what} is {dtype}: its values must lie in [{low}, {high}], got {arr.min()} to {arr.max()}")
 
 
 def check_request(priority: Any, timeout_us: Any, version: Any) -> None:
