@@ -44,9 +44,9 @@ Redis Cluster spec has clients do:
 Only the commands a node answered so are sent again (and the write batches
 after one of their slot, after it: of two records of a key with equal times the
 later still wins), each reply put in its place, and a write batch the script
-applied is counted once. A command redirected more than 6 times in a row
-(nodes that disagree on a slot's owner; a MOVED after the first waits 0.05 s,
-0.1 s ...) is an error.
+applied is counted once. A command redirected 6 times in a row (nodes that
+disagree on a slot's owner; a MOVED after the first waits 0.05 s, 0.1 s ...) is
+an error: the sixth redirect is not followed.
 
 Other query parameters go to redis-py (e.g. ``ssl_cert_reqs=none``).
 """
