@@ -527,9 +527,36 @@ def test_request_time_inputs_are_logged_and_drift_is_checked_on_them(world):
     assert p.monitoring.skew("spend", since=since).skewed == []  # not a feature: nothing to recompute
     # a value that is no number is refused, naming the column, and nothing is logged
     before = p.serving.served_features("spend").num_rows
-    with pytest.raises(DataError, match="column 'amount' of spend's input must hold numbers .* got 'abc'"):
+    with pytest.raises(DataError, match="column 'amount' of spend v1's input must hold numbers .* got 'abc'"):
         p.serving.predict("spend", [{"user_id": 1, "amount": "abc"}])
     assert p.serving.served_features("spend").num_rows == before
+
+
+def test_a_request_time_input_served_only_as_nulls_is_in_the_report_and_drifted(world):
+    """It dropped out of the report (read as calm) when the client stopped sending it: predict filled 0."""
+    p, _ = world
+    rng = np.random.default_rng(5)
+    times = pa.array([NOW - timedelta(hours=1)] * 500, pa.timestamp("us", "UTC"))
+    entity = pa.table({"user_id": rng.integers(0, USERS, 500), "event_timestamp": times,
+                       "amount": rng.lognormal(3.0, 0.5, 500)})
+    _in_production(p, "basket", p.features.get_historical_features(entity, REFS), ["score", "amount"])
+    since = _since()
+    p.serving.predict("basket", [{"user_id": u, "amount": None} for u in range(USERS)])
+    report = p.monitoring.drift("basket", since=since)
+    assert set(report.features) == {"score", "visits", "segment", "amount"} and report.drifted == ["amount"]
+    assert report.features["amount"].served_rows == 0 and report.features["amount"].served_nulls == USERS
+
+
+def test_a_float32_served_input_is_compared_at_float32_with_its_float64_training_values():
+    """A request-time input is logged as the model got it (float32: 0.1 -> 0.10000000149); compared at float64,
+    training values on the quantile edges moved to the next bin: the very training rows served drifted."""
+    values = np.round(0.1 * (np.arange(200) % 7 + 1), 1)
+    training = pa.chunked_array([pa.array(values)])
+    same = compare_column("basket", training, pa.chunked_array([pa.array(values.astype(np.float32))]))
+    assert same.psi == 0.0 and same.statistic == 0.0 and not same.drifted  # psi 3.5, p 0.03 before
+    assert compare_column("basket", pa.chunked_array([pa.array(values.astype(np.float32))]), training).psi == 0.0
+    moved = compare_column("basket", training, pa.chunked_array([pa.array((values + 0.1).astype(np.float32))]))
+    assert moved.drifted
 
 
 def test_drift_check_refuses_a_feature_missing_on_either_side():

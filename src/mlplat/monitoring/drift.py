@@ -89,12 +89,23 @@ def _comparable(name: str, training: pa.ChunkedArray, served: pa.ChunkedArray) -
                         f"served values do not convert ({exc}): log and train it as one type") from None
 
 
+def _narrower_float(a: pa.DataType, b: pa.DataType) -> np.dtype | None:
+    """The narrowest float type below float64 of two columns' types (None: none is). A request-time input
+    predict logs as a float32 model input is 0.10000000149 where the training table held 0.1: compared
+    at float64, values on the quantile edges of training moved to the next bin and a calm input drifted."""
+    widths = [t.bit_width for t in (a, b) if pa.types.is_floating(t) and t.bit_width < 64]
+    return np.dtype(f"float{min(widths)}") if widths else None
+
+
 def compare_column(name: str, training: pa.ChunkedArray, served: pa.ChunkedArray, *, bins: int = 10,
                    psi_threshold: float = 0.2, alpha: float = 0.01) -> FeatureDrift:
     """One feature's drift. A side with no values at all (every one null or NaN) while the other has
     some has drifted: an online store serving nothing but nulls is not calm."""
     kind, ref = _values(training)
     _, cur = _values(_comparable(name, training, served))
+    narrow = _narrower_float(training.type, served.type)
+    if kind == "numeric" and narrow is not None:  # both at the precision one side has (0.1 served as float32)
+        ref, cur = ref.astype(narrow).astype(np.float64), cur.astype(narrow).astype(np.float64)
     if kind == "numeric":
         edges = numeric_bins(ref, bins)
         expected, actual = bin_counts(edges, ref), bin_counts(edges, cur)

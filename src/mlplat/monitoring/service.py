@@ -95,12 +95,15 @@ class Monitoring:
             raise NotFoundError(f"no served features are logged for {model!r} v{info.version}{_since(since)}: "
                                 "nothing to compare its training data with")
         # the features as the training table named them, which is how predict serves and logs them
-        _, names = self._p.features.resolve(inp["feature_refs"]["refs"],
-                                            full_feature_names=bool(inp["feature_refs"].get("full_feature_names")))
-        # and the request-time inputs predict logged (input.amount), where the training table has them
-        inputs = [c.removeprefix("input.") for c in served.column_names if c.startswith("input.")
-                  and served.column(c).null_count < served.num_rows]
-        inputs = [c for c in inputs if c in training.column_names and c not in names]
+        requests, names = self._p.features.resolve(
+            inp["feature_refs"]["refs"], full_feature_names=bool(inp["feature_refs"].get("full_feature_names")))
+        # and the version's request-time inputs (its input columns that are neither features nor join keys, which
+        # predict logs as input.amount), where the training table has them: one served only as nulls is in the
+        # report (drifted), where the inputs of other versions, null in this version's rows, are not
+        keys = {k for req in requests for k in req.view.join_keys}
+        columns = self._p.models.artifact_meta(info).get("columns") or names
+        inputs = [c for c in columns if c not in names and c not in keys and c in training.column_names
+                  and f"input.{c}" in served.column_names]
         if inputs:
             served = served.rename_columns([c.removeprefix("input.") if c.removeprefix("input.") in inputs else c
                                             for c in served.column_names])
