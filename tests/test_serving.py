@@ -1597,6 +1597,29 @@ def test_rows_of_a_writer_dropped_without_close_are_still_written(served, tmp_pa
     assert ServedLog(tmp_path / "old").read("m").num_rows == 3
 
 
+def test_a_served_log_used_after_close_writes_its_rows_as_before(tmp_path):
+    """A closed platform opens again on later use; its served log dropped the rows of predictions made after
+    close() (no flusher, no write at exit), with no error."""
+    script = textwrap.dedent(f"""
+        import pyarrow as pa
+        from mlplat.serving.served_log import ServedLog
+        log = ServedLog({str(tmp_path)!r})
+        def add(n):
+            log.add("m", 1, "d", {{"k": list(range(n))}}, {{"f": [1.0] * n}}, {{"o": [0.5] * n}}, refs=["v@1:f"],
+                    types={{"f": pa.float64()}})
+        add(2)
+        log.close()
+        add(3)  # after close(): not due yet (30 s), so written at interpreter exit
+        log.close()
+        log.close()  # twice: nothing buffered
+        add(4)
+    """)
+    from mlplat.serving.served_log import ServedLog
+
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert ServedLog(tmp_path).read("m").num_rows == 9  # 5 before: the rows after the last close() were lost
+
+
 def test_writers_write_their_buffer_themselves_when_the_flusher_falls_behind(served, tmp_path, monkeypatch):
     """Back-pressure instead of memory growing without bound: a buffer holding BACKLOG times its flush size
     is written by the call that filled it (the niced flusher can starve on a saturated machine)."""

@@ -128,6 +128,7 @@ class ServedLog:
         self._random = random.Random(seed)
         self._count = 0
         self._swept: dict[Path, float] = {}  # folder -> time.monotonic() of its last sweep for stale temp files
+        self._closed = False  # close() let the flusher go: the next add() registers again
         _background.register(self)
 
     def forked(self) -> None:
@@ -178,6 +179,9 @@ class ServedLog:
                 self._oldest = time.monotonic()
             self._count += len(take)
             count = self._count
+            reopened, self._closed = self._closed, False
+        if reopened:  # used after close() (a closed platform opens again on later use): written as before
+            _background.register(self)
         _background.added(self, count, self._max)
         return len(take)
 
@@ -337,8 +341,13 @@ class ServedLog:
         return [(list(r), list(k)) for r, k in dict.fromkeys((r, k) for r, k, _ in self._files_by_refs(model))]
 
     def close(self) -> None:
+        """Write what is buffered and let the background flusher go; a later add() takes it up again."""
         self.flush()
         _background.unregister(self)
+        with self._lock:
+            self._closed = not self._count  # rows added meanwhile: registered again, as after close()
+        if not self._closed:
+            _background.register(self)
 
 
 _NOT_PREDICTS = "not written by predict: no served-log metadata or request_time"
