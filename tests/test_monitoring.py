@@ -206,8 +206,9 @@ def _rule(served, recomputed, tolerance: float) -> bool:
     if math.isinf(served) or math.isinf(recomputed):
         return served != recomputed
     diff = abs(Fraction(served) - Fraction(recomputed))
-    scale = max(abs(Fraction(served)), abs(Fraction(recomputed)), Fraction(1e-12))  # the floor near zero
-    return diff > Fraction(tolerance) * scale
+    if tolerance > 0 and diff <= Fraction(1e-12):  # float noise around zero
+        return False
+    return diff > Fraction(tolerance) * max(abs(Fraction(served)), abs(Fraction(recomputed)))
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 0.01])
@@ -223,6 +224,10 @@ def test_the_skew_rule_against_a_brute_force_reference(tolerance):
         recomputed = pa.chunked_array([pa.array([b for _, b in pairs], type_)])
         want = [i for i, (a, b) in enumerate(pairs) if _rule(a, b, tolerance)]
         assert _mismatched(served, recomputed, tolerance).tolist() == want
+    # the documented examples: 0 against 1e-13 (a sum of +x and -x) is noise, 0 against 1e-6 is not; both
+    # mismatched at the default tolerance before (a floor of 1e-12 on the magnitude gave 1e-14 at 1 %)
+    zeros, near = pa.chunked_array([[0.0, 0.0, 1e-13]]), pa.chunked_array([[1e-13, 1e-6, -1e-13]])
+    assert _mismatched(zeros, near, tolerance).tolist() == ([1] if tolerance else [0, 1, 2])
     # numbers of another type than the recomputed ones compare as numbers, row by row
     as_floats = pa.chunked_array([pa.array([5.0, 5.5, 7.0, None])])
     assert _mismatched(as_floats, pa.chunked_array([pa.array([5, 5, 7, None], pa.int64())]), tolerance).tolist() == [1]

@@ -69,9 +69,9 @@ class SkewReport:
         }
 
 
-#: magnitudes below this compare as if they were this: float noise around zero (a sum of +x and -x giving
-#: 1e-13 online and 0.0 offline) is no mismatch, as numpy's isclose has an absolute tolerance
-_TINY = 1e-12
+#: numbers this close are no mismatch at any tolerance above 0: float noise around zero (a sum of +x and -x
+#: giving 1e-13 online and 0.0 offline), as numpy's isclose has an absolute tolerance besides its relative one
+_NOISE = 1e-12
 
 def _mismatched(served: pa.ChunkedArray, recomputed: pa.ChunkedArray, tolerance: float) -> np.ndarray:
     """Indices where served and recomputed values differ (null vs value, NaN vs number, an infinity vs
@@ -91,7 +91,10 @@ def _mismatched(served: pa.ChunkedArray, recomputed: pa.ChunkedArray, tolerance:
         b = recomputed.cast(pa.float64(), safe=False).fill_null(0.0).to_numpy()
         a_nan, b_nan = np.isnan(a), np.isnan(b)
         with np.errstate(invalid="ignore"):
-            far = np.abs(a - b) > tolerance * np.maximum(np.maximum(np.abs(a), np.abs(b)), _TINY)
+            diff = np.abs(a - b)
+            far = diff > tolerance * np.maximum(np.abs(a), np.abs(b))
+            if tolerance > 0:
+                far &= diff > _NOISE
         far |= (np.isinf(a) | np.isinf(b)) & (a != b)  # inf against anything else: no tolerance covers it
         value_differs = (a_nan != b_nan) | (~a_nan & ~b_nan & far)
         if pa.types.is_integer(t) and served.type == t:  # exact where float64 rounds
