@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -343,6 +344,27 @@ def test_a_pushed_row_wins_a_tie_offline_as_online(p, tmp_path):
     assert p.features.push("ties", {"user_id": [1], "event_timestamp": [at], "count": [2]}, to_offline=True) == 1
     assert p.features.get_online_features(["ties:count"], {"user_id": [1]})["count"] == [2]
     assert offline_now(p, [1], ["ties:count"]) == {"count": [2]}
+
+
+def test_the_later_of_two_quick_pushes_wins_a_tie_offline_as_online(p, tmp_path):
+    """Pushed files were named by their second and a random uuid: two pushes of one second were read offline
+    in random order, and offline kept the earlier row of a tie where online kept the later (about half the keys)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"user_id": pa.array([0], pa.int64()), "event_timestamp": pa.array([NOW], TS),
+                             "count": pa.array([0], pa.int64())}), src / "a.parquet")
+    view = mp.FeatureView("quick", entities=[USER], ttl=None, schema=[mp.Field("count", mp.Int64)],
+                          source=mp.ParquetSource(src))  # no created time: the later push wins a tie
+    p.features.apply([USER, view])
+    users = list(range(1, 21))
+    for user in users:  # a value, then its correction at once, for the same event time
+        at = NOW - timedelta(minutes=user)
+        for count in (100, 200):
+            p.features.push("quick", {"user_id": [user], "event_timestamp": [at], "count": [count]}, to_offline=True)
+    assert p.features.get_online_features(["quick:count"], {"user_id": users})["count"] == [200] * 20
+    assert offline_now(p, users, ["quick:count"]) == {"count": [200] * 20}
+    names = sorted(f.name for f in (src / "pushed").iterdir())
+    assert len(names) == 40 and all(re.fullmatch(r"\d{8}T\d{6}\.\d{9}-[0-9a-f]{32}\.parquet", n) for n in names)
 
 
 def test_a_push_to_offline_fills_its_created_time_in_the_unit_the_source_stores(p, tmp_path):

@@ -14,6 +14,7 @@ appends them to the offline source as a Parquet file).
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -300,11 +301,26 @@ class _Staged:
     """Rows written to a hidden file in the source's ``pushed/`` folder; published (moved into place) once
     the online write has succeeded, or discarded, so a reader never sees half a file or a failed push."""
 
-    def __init__(self, fs, tmp: str, final: str) -> None:
-        self._fs, self._tmp, self._final = fs, tmp, final
+    def __init__(self, fs, tmp: str, folder: str) -> None:
+        self._fs, self._tmp, self._folder = fs, tmp, folder
 
     def publish(self) -> None:
-        self._fs.move(self._tmp, self._final)
+        self._fs.move(self._tmp, f"{self._folder}/{_pushed_name()}")
+
+
+_last_push_ns = 0
+_push_clock = threading.Lock()
+
+
+def _pushed_name() -> str:
+    """A pushed file's name, taken once the online write is done: ``<UTC second>.<nanoseconds>-<uuid>``, so
+    that files sort as they were published (in a process strictly, however close together) and offline reads
+    a later push later, as online wrote it later (of two rows with equal times the later push wins on both
+    sides). Names from the second alone sorted two pushes of one second by their random uuid."""
+    global _last_push_ns
+    with _push_clock:
+        ns = _last_push_ns = max(time.time_ns(), _last_push_ns + 1)
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(ns // 10**9))}.{ns % 10**9:09d}-{uuid.uuid4().hex}.parquet"
 
     def discard(self) -> None:
         try:
@@ -350,9 +366,8 @@ def _stage_offline(view: FeatureView, table: pa.Table, target: tuple[Any, str, p
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise DataError(f"{where}: column {field.name!r} cannot be written as the source's {field.type} "
                             f"({exc}); the source's files fix each column's type") from None
-    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}.parquet"
     folder = f"{root.rstrip('/')}/pushed"
-    staged = _Staged(fs, f"{folder}/.{name}.tmp", f"{folder}/{name}")
+    staged = _Staged(fs, f"{folder}/.{uuid.uuid4().hex}.parquet.tmp", folder)
     try:
         fs.create_dir(folder, recursive=True)
         with fs.open_output_stream(staged._tmp) as out:
