@@ -115,6 +115,28 @@ def test_composite_and_string_keys_across_two_views(p, tmp_path):
     assert got["visits"] == [4, 5, 4, None] and got["risk"] == [0.25, 0.5, 0.25, 0.5]
 
 
+def test_a_feature_named_as_a_join_key_of_the_request_is_refused_not_written_over_the_key(p, tmp_path):
+    """The profile's 'merchant_id' feature replaced the merchant_id key column in the answer (offline refuses)."""
+    merchant = mp.Entity("merchant", join_keys=["merchant_id"])
+    for name, table in (("profile", {"user_id": [1, 2], "merchant_id": [777, 888]}),
+                        ("risk", {"merchant_id": [10, 20], "fraud_rate": [0.1, 0.2]})):
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.table({**table, "event_timestamp": pa.array([NOW - timedelta(hours=1)] * 2, TS)}),
+                       tmp_path / name / "a.parquet")
+    profile = mp.FeatureView("profile", entities=[USER], ttl=None, schema=[mp.Field("merchant_id", mp.Int64)],
+                             source=mp.ParquetSource(tmp_path / "profile"))
+    risk = mp.FeatureView("risk", entities=[merchant], ttl=None, schema=[mp.Field("fraud_rate", mp.Float64)],
+                          source=mp.ParquetSource(tmp_path / "risk"))
+    p.features.apply([USER, merchant, profile, risk])
+    p.features.materialize(end_date=NOW, progress=False)
+    refs, rows = ["profile:merchant_id", "risk:fraud_rate"], {"user_id": [1, 2], "merchant_id": [10, 20]}
+    with pytest.raises(mp.DataError, match="feature 'merchant_id' has the name of a join key .*full_feature_names"):
+        p.features.get_online_features(refs, rows)
+    got = p.features.get_online_features(refs, rows, full_feature_names=True)
+    assert got == {"user_id": [1, 2], "merchant_id": [10, 20], "profile__merchant_id": [777, 888],
+                   "risk__fraud_rate": [0.1, 0.2]}
+
+
 # ---------------------------------------------------- materialize and CAS
 def test_materialize_is_incremental_and_rerunning_changes_nothing(p, tmp_path):
     write(tmp_path / "src" / "a.parquet", [1, 2], [48, 30], [10, 20])

@@ -133,6 +133,10 @@ class OnlineReader:
                                           f"{view.key_types[k]} in {view.name!r}")
             for pos, out in vp.picks:
                 types[out] = _arrow_type(view.schema[pos].dtype)
+        clash = [name for name in order if name in key_kinds]
+        if clash:  # the answer holds the join keys, then the features: one would overwrite the other
+            raise DataError(f"feature {clash[0]!r} has the name of a join key of these features; pass "
+                            "full_feature_names=True (or rename the feature)")
         return _Plan(list(groups.items()), list(key_kinds), key_kinds, order, types)
 
     def read(self, features, entity_rows: Any, *, full_feature_names: bool = False,
