@@ -504,15 +504,21 @@ def test_served_numbers_of_another_width_than_training_compare_as_numbers():
         compare_column("basket", ints, pa.chunked_array([["1", "two"]]))
 
 
+def _with_amount_input(p, name: str, rows: int, *, seed: int) -> np.random.Generator:
+    """A model in production on ``score`` and the request-time input ``amount`` (lognormal), trained on ``rows``
+    entity rows; the generator goes on for what the test serves."""
+    rng = np.random.default_rng(seed)
+    times = pa.array([NOW - timedelta(hours=1)] * rows, pa.timestamp("us", "UTC"))
+    entity = pa.table({"user_id": rng.integers(0, USERS, rows), "event_timestamp": times,
+                       "amount": rng.lognormal(3.0, 0.5, rows)})
+    _in_production(p, name, p.features.get_historical_features(entity, REFS), ["score", "amount"])
+    return rng
+
+
 def test_request_time_inputs_are_logged_and_drift_is_checked_on_them(world):
     """A model input the entity rows give (``amount``, not a feature) is logged as ``input.amount`` and drifts."""
     p, _ = world
-    rng = np.random.default_rng(4)
-    times = pa.array([NOW - timedelta(hours=1)] * 3000, pa.timestamp("us", "UTC"))
-    entity = pa.table({"user_id": rng.integers(0, USERS, 3000), "event_timestamp": times,
-                       "amount": rng.lognormal(3.0, 0.5, 3000)})
-    train = p.features.get_historical_features(entity, REFS)
-    _in_production(p, "spend", train, ["score", "amount"])
+    rng = _with_amount_input(p, "spend", 3000, seed=4)
     users = list(range(USERS))
     amounts = rng.lognormal(3.0, 0.5, USERS).tolist()
     p.serving.predict("spend", [{"user_id": u, "amount": a} for u, a in zip(users, amounts)])
@@ -540,11 +546,7 @@ def test_request_time_inputs_are_logged_and_drift_is_checked_on_them(world):
 def test_a_request_time_input_served_only_as_nulls_is_in_the_report_and_drifted(world):
     """It dropped out of the report (read as calm) when the client stopped sending it: predict filled 0."""
     p, _ = world
-    rng = np.random.default_rng(5)
-    times = pa.array([NOW - timedelta(hours=1)] * 500, pa.timestamp("us", "UTC"))
-    entity = pa.table({"user_id": rng.integers(0, USERS, 500), "event_timestamp": times,
-                       "amount": rng.lognormal(3.0, 0.5, 500)})
-    _in_production(p, "basket", p.features.get_historical_features(entity, REFS), ["score", "amount"])
+    _with_amount_input(p, "basket", 500, seed=5)
     since = _since()
     p.serving.predict("basket", [{"user_id": u, "amount": None} for u in range(USERS)])
     report = p.monitoring.drift("basket", since=since)
