@@ -120,9 +120,16 @@ def is_timestamp_type(t: pa.DataType) -> bool:
 
 
 def datetime_ns(value: datetime) -> int:
-    """UTC nanoseconds of a datetime (naive is UTC)."""
-    return timedelta_ns(as_utc(value) - _EPOCH)
+    """UTC nanoseconds of a datetime (naive is UTC); a pandas Timestamp keeps its nanoseconds.
+
+    >>> import pandas as pd
+    >>> datetime_ns(pd.Timestamp("1970-01-01 00:00:01.000000501"))
+    1000000501
+    """
+    return timedelta_ns(as_utc(value) - _EPOCH)  # a pandas Timestamp minus a datetime is a pandas Timedelta
 
 
 def timedelta_ns(value: timedelta) -> int:
-    return (value.days * 86_400 + value.seconds) * 1_000_000_000 + value.microseconds * 1_000
+    """Nanoseconds of a timedelta; a pandas Timedelta keeps its part below a microsecond (``.nanoseconds``)."""
+    ns = (value.days * 86_400 + value.seconds) * 1_000_000_000 + value.microseconds * 1_000
+    return ns + getattr(value, "nanoseconds", 0)

@@ -18,7 +18,8 @@ def as_utc(value: datetime) -> datetime:
 
 
 def utc_argument(name: str, value: object) -> datetime:
-    """A public function's datetime argument as aware UTC; anything else is a DataError naming it."""
-    if not isinstance(value, datetime):
+    """A public function's datetime argument as aware UTC; anything else, pandas' NaT included, is a DataError
+    naming it. A pandas Timestamp stays one, with its nanoseconds."""
+    if not isinstance(value, datetime) or value != value:  # NaT is a datetime unequal to itself
         raise DataError(f"{name} must be a datetime (naive means UTC), got {value!r}")
     return as_utc(value)

@@ -32,6 +32,9 @@ __all__ = ["ParquetFiles", "Scan", "plan_scan", "gather", "concat"]
 
 _UNIT_NS = {"MILLIS": 1_000_000, "MICROS": 1_000, "NANOS": 1, "milliseconds": 1_000_000,
             "microseconds": 1_000, "nanoseconds": 1}
+#: Arrow's view types (a polars frame exported with CompatLevel.newest() keeps them in the file's schema) are read
+#: as the offset types, which every kernel takes: Arrow has no ``take`` for views
+_VIEW_AS = {pa.string_view(): pa.large_string(), pa.binary_view(): pa.large_binary()}
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
@@ -88,20 +91,29 @@ class ParquetFiles:
 
     @property
     def schema(self) -> pa.Schema:
-        """The Arrow schema of the first file."""
-        return self.metadata[0].schema.to_arrow_schema()
+        """The Arrow schema of the first file, with the types :meth:`read` gives."""
+        return _readable(self.metadata[0].schema.to_arrow_schema())
 
     def schemas(self) -> list[tuple[str, pa.Schema]]:
         return [(p, md.schema.to_arrow_schema()) for p, md in zip(self.paths, self.metadata)]
 
     def read(self, index: int, row_groups: Sequence[int], columns: Sequence[str], use_threads: bool) -> pa.Table:
+        """``columns`` of some row groups of one file; string and binary views come as large_string and
+        large_binary."""
         path = self.paths[index]
         try:
             with self.fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f, metadata=self.metadata[index])
-                return pf.read_row_groups(list(row_groups), columns=list(columns), use_threads=use_threads)
+                table = pf.read_row_groups(list(row_groups), columns=list(columns), use_threads=use_threads)
         except (pa.ArrowInvalid, OSError) as exc:
             raise StoreError(f"source {self.source.path!r}: reading {path} failed: {exc}") from None
+        readable = _readable(table.schema)
+        return table if readable.equals(table.schema) else table.cast(readable)
+
+
+def _readable(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with string and binary views as large_string and large_binary."""
+    return pa.schema([f.with_type(_VIEW_AS.get(f.type, f.type)) for f in schema], metadata=schema.metadata)
 
 
 def _hidden(relative: str) -> bool:
