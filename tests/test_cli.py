@@ -861,3 +861,21 @@ def test_monitor_adoption(home):
 
 def test_monitor_adoption_bad_argument(home):
     error(invoke("monitor", "adoption", "fraud", home=home), 2, "unexpected extra argument")
+
+
+def test_lineage_says_whether_the_artifact_is_what_was_registered(scratch):
+    """The sha256 recorded at registration: lineage prints whether the artifact's record (and with --verify its
+    files) still hold it."""
+    import sqlalchemy as sa
+
+    import mlplat as mp
+    from mlplat.db.models import RunArtifact
+
+    assert "(as registered; files match)" in ok(invoke("models", "lineage", "fraud", "--verify", home=scratch))
+    with mp.Platform(scratch) as p:  # a record changed out of band (mlplat refuses to log over it)
+        info = p.models.get("fraud", stage="production")  # what lineage shows by default
+        with p.db.connect(write=True) as conn:
+            conn.execute(sa.update(RunArtifact).where(RunArtifact.run_id == info.run_id,
+                                                      RunArtifact.path == info.artifact).values(sha256="0" * 64))
+    out = ok(invoke("models", "lineage", "fraud", home=scratch))
+    assert f"(CHANGED after registration: registered {info.artifact_sha256[:16]}...)" in out

@@ -41,8 +41,7 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
         ("run", f"{run['id']} in {run['experiment']!r} ({run['status']}, by {run['user']})"),
         ("git commit", (git["commit"] or "unknown") + dirty),
         ("entry point", run["entry_point"] or "-"),
-        ("artifact", f"{info['artifact']['path']} sha256 {info['artifact'].get('sha256', '?')[:16]}... torch "
-                     f"{info['artifact'].get('torch_version', '?')}"),
+        ("artifact", _artifact_text(info["artifact"])),
         ("inputs", _inputs_text(info["artifact"])),
     ]
     for key, value in rows:
@@ -77,6 +76,23 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
         history.add_row(str(h["version"]), as_text(h["from"] or "-"), as_text(h["to"]), as_text(h["by"]),
                         as_text(h["approved_by"] or "-"), as_text(h["at"]), as_text(h["notes"]))
     console.print(history)
+
+
+def _artifact_text(artifact: dict[str, Any]) -> str:
+    """The model artifact, its sha256 and torch version, and whether it is what was registered (its record,
+    and with ``--verify`` its stored files)."""
+    text = (f"{artifact['path']} sha256 {artifact.get('sha256', '?')[:16]}... torch "
+            f"{artifact.get('torch_version', '?')}")
+    registered = artifact.get("registered_sha256")
+    if registered is None:
+        return f"{text} (no sha256 recorded at registration)"
+    if artifact.get("matches_registration") is False:
+        return f"{text} (CHANGED after registration: registered {registered[:16]}...)"
+    check = artifact.get("verification")
+    if check and check.get("checked"):
+        return f"{text} (as registered; files " + ("match" if check.get("matches") else
+                                                   f"MISMATCH {check.get('reason', '')}".strip()) + ")"
+    return f"{text} (as registered)"
 
 
 def _inputs_text(artifact: dict[str, Any]) -> str:

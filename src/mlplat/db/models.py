@@ -280,6 +280,9 @@ class ModelVersion(Base):
     version: Mapped[int]
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
     artifact: Mapped[str] = mapped_column(String(1024))
+    #: the artifact's sha256 when it was registered (its files may not change after); None: registered before
+    #: mlplat recorded it and its artifact row was gone by then, so unknown
+    artifact_sha256: Mapped[Optional[str]] = mapped_column(String(64))
     stage: Mapped[str] = mapped_column(String(16), default="none")
     description: Mapped[str] = mapped_column(Text, default="")
     registered_by: Mapped[str] = mapped_column(String(255))

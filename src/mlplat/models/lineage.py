@@ -3,21 +3,27 @@
 ``verify=True`` rebuilds every input that was logged with feature references:
 it reads the kept entity rows, retrieves the same features at the pinned
 definition versions from the offline store, hashes the result the same way
-``log_input`` did, and says whether it still matches.
+``log_input`` did, and says whether it still matches; it also hashes the model
+artifact's stored files and compares them with the sha256 registered.
+
+The artifact entry always says whether its record still holds the sha256
+registered (``matches_registration``: None where none was recorded).
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import MlplatError
-from ..runs.artifacts import ArtifactStore
+from ..errors import MlplatError, StoreError
+from ..runs.artifacts import ArtifactStore, folder_sha256
 from ..runs.datahash import table_hash
 from ..runs.tracking import RunStore
 
-__all__ = ["build_lineage", "rebuild_input", "verify_input"]
+__all__ = ["build_lineage", "rebuild_input", "verify_input", "verify_artifact"]
 
 
 def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, info, *,
@@ -46,7 +52,7 @@ def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, 
         "aliases": list(info.aliases),
         "registered_by": info.registered_by,
         "registered_at": info.created_at.isoformat(),
-        "artifact": {"path": info.artifact, **registry.artifact_meta(info)},
+        "artifact": _artifact(registry, artifacts, info, verify),
         "run": {"id": run.id, "name": run.name, "experiment": run.experiment, "status": run.status,
                 "user": run.user, "start_time": run.start_time.isoformat(),
                 "end_time": run.end_time.isoformat() if run.end_time else None,
@@ -60,6 +66,31 @@ def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, 
         "history": [{"version": t.version, "from": t.from_stage, "to": t.to_stage, "by": t.actor,
                      "approved_by": t.approved_by, "notes": t.notes, "at": t.at.isoformat()} for t in history],
     }
+
+
+def _artifact(registry, artifacts: ArtifactStore, info, verify: bool) -> dict[str, Any]:
+    """The artifact as recorded, with the sha256 registered and whether the record still holds it (a change
+    after registration is reported here, not raised: lineage is where one looks into it)."""
+    meta = registry.artifact_meta(info, check=False)
+    entry = {"path": info.artifact, **meta, "registered_sha256": info.artifact_sha256,
+             "matches_registration": (None if info.artifact_sha256 is None
+                                      else meta.get("sha256") == info.artifact_sha256)}
+    if verify:
+        entry["verification"] = verify_artifact(artifacts, info)
+    return entry
+
+
+def verify_artifact(artifacts: ArtifactStore, info) -> dict[str, Any]:
+    """Hash the version's stored artifact files and compare with the sha256 registered."""
+    if info.artifact_sha256 is None:
+        return {"checked": False, "reason": "registered before mlplat recorded the artifact's sha256"}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = artifacts.get_dir(info.run_id, info.artifact, Path(tmp) / "model")
+        except StoreError as exc:
+            return {"checked": True, "matches": False, "reason": f"could not read the files: {exc}"}
+        recomputed = folder_sha256(folder)
+    return {"checked": True, "matches": recomputed == info.artifact_sha256, "recomputed_hash": recomputed}
 
 
 def rebuild_input(features, artifacts: ArtifactStore, run_id: str, inp: dict[str, Any]) -> pa.Table | None:

@@ -40,8 +40,8 @@ from ..db.models import (
     RunArtifact,
 )
 from .._checks import check_version, close_names, require_bool, shown
-from ..errors import DataError, NotFoundError
-from ..runs.artifacts import ArtifactStore, check_name
+from ..errors import DataError, NotFoundError, StoreError
+from ..runs.artifacts import ArtifactStore, check_name, folder_sha256
 from ..runs.run import check_text
 from ..runs.torch_io import load_torch_model
 from ..runs.tracking import RunStore
@@ -69,6 +69,8 @@ class ModelVersionInfo:
     created_at: datetime
     description: str
     aliases: tuple[str, ...]
+    #: the artifact's sha256 when it was registered; None: unknown (registered before mlplat recorded it)
+    artifact_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,30 @@ def _check_person(value: Any, what: str) -> str:
     return name
 
 
+#: Default_Ignorable_Code_Point, which unicodedata does not expose: the ranges of Unicode 15.1's
+#: DerivedCoreProperties.txt (https://www.unicode.org/Public/15.1.0/ucd/DerivedCoreProperties.txt), merged.
+#: Characters a renderer shows as nothing: soft hyphen, combining grapheme joiner, Hangul fillers, Mongolian
+#: and other variation selectors, zero-width spaces and joiners, bidi controls, tags, ...
+_DEFAULT_IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+                      (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+                      (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+                      (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+
+
+def _invisible(c: str) -> bool:
+    """A default-ignorable code point, or another format character (category Cf)."""
+    return unicodedata.category(c) == "Cf" or any(lo <= ord(c) <= hi for lo, hi in _DEFAULT_IGNORABLE)
+
+
 def _person_key(name: str) -> str:
     """A user name as the distinct-approver policy compares it: Unicode-normalized (NFKC), invisible
-    format characters (zero-width space and joiners, soft hyphen, bidi marks) dropped, runs of
-    whitespace collapsed and stripped, case-folded ("Bob ", "bob", "BOB" and "b\\u200bob" are one person)."""
-    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
-    return " ".join(visible.split()).casefold()
+    characters (every Default_Ignorable_Code_Point, such as zero-width spaces and joiners, soft hyphen,
+    bidi marks, the combining grapheme joiner, variation selectors and Hangul fillers, and other format
+    characters) dropped, runs of whitespace collapsed and stripped, case-folded ("Bob ", "bob", "BOB",
+    "b\\u200bob" and "b\\u034fob" are one person). Normalized again once they are dropped, as a dropped
+    character may have kept letters and accents apart."""
+    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if not _invisible(c))
+    return " ".join(unicodedata.normalize("NFKC", visible).split()).casefold()
 
 
 def _check_distinct_approver(name: str, version: int, registrant: str, approver: str, given: Any) -> None:
@@ -126,6 +146,44 @@ def _check_distinct_approver(name: str, version: int, registrant: str, approver:
                         f"production; approved_by={given!r} names the same person (names are compared ignoring "
                         f"case, Unicode width, invisible characters and whitespace): have someone else review and "
                         f"approve v{version}")
+
+
+def check_unregistered(conn: Any, run_id: str, name: str, action: str, *, written: bool = False) -> None:
+    """DataError if logging artifact ``name`` of run ``run_id`` would change the files of an artifact a
+    registered model version points to: that artifact itself, one inside it, or a folder holding it.
+
+    A registered version is (run, artifact name); its approvals are of the files it had then, so those
+    files are frozen. ``written``: the files were written before a registration was seen (a race)."""
+    rows = conn.execute(sa.select(RegisteredModel.name, ModelVersion.version, ModelVersion.artifact)
+                        .join(RegisteredModel, RegisteredModel.id == ModelVersion.model_id)
+                        .where(ModelVersion.run_id == run_id)
+                        .order_by(RegisteredModel.name, ModelVersion.version)).all()
+    hits = [r for r in rows if r.artifact == name or name.startswith(r.artifact + "/")
+            or r.artifact.startswith(name + "/")]
+    if not hits:
+        return
+    artifact = hits[0].artifact
+    where = ("is" if artifact == name else f"lies inside artifact {artifact!r}, which is"
+             if name.startswith(artifact + "/") else f"holds artifact {artifact!r}, which is")
+    versions: dict[str, list[str]] = {}
+    for r in hits:
+        if r.artifact == artifact:
+            versions.setdefault(r.name, []).append(f"v{r.version}")
+    registered = " and ".join(f"model {m!r} {', '.join(vs)}" for m, vs in versions.items())
+    done = ("its files were written before the registration was seen, and its record was left as registered, "
+            "so loading that version now fails its sha256 check" if written else "nothing was written")
+    raise DataError(f"{action}: artifact {name!r} of run {run_id} {where} registered as {registered}; a registered "
+                    f"version's files cannot change after registration (its approvals are of those files), so "
+                    f"{done}: log the new files under another name, or in a new run, and register that as a new "
+                    "version")
+
+
+def _changed(info: ModelVersionInfo, sha: str, where: str) -> StoreError:
+    return StoreError(f"model {info.name!r} v{info.version}: artifact {info.artifact!r} of run {info.run_id} "
+                      f"changed after registration ({where} sha256 {sha[:16]}..., registered "
+                      f"{(info.artifact_sha256 or '')[:16]}...): these are not the files that were registered and "
+                      "approved, so they are not used; restore the registered files, or register the run's "
+                      "current artifact as a new version and have it approved")
 
 
 def _check_run_id(run_id: Any) -> str:
@@ -229,23 +287,28 @@ class ModelRegistry:
 
     def register(self, name: str, run_id: str, artifact: str = "model", *, description: str = "",
                  registered_by: str | None = None) -> ModelVersionInfo:
-        """A new version of ``name`` from a run's model artifact (the model is created on first use)."""
+        """A new version of ``name`` from a run's model artifact (the model is created on first use).
+
+        The artifact's sha256 is recorded with the version: from then on the run cannot log over that
+        artifact, and ``load`` refuses files that no longer hash to it."""
         _check_model_name(name)
         _check_run_id(run_id)
         check_name(artifact)
         _check_free_text(description, "description")
         who = _check_person(_user() if registered_by is None else registered_by, "registered_by")
-        run = self._runs.get(run_id)
-        if not any(a["path"] == artifact and a["kind"] == "model" for a in run.artifacts):
-            raise NotFoundError(f"run {run_id} has no model artifact {artifact!r}; log it with run.log_model")
+        self._runs.get(run_id)  # NotFoundError for an unknown run
         with self._db.connect(write=True) as conn:
+            sha = conn.scalar(sa.select(RunArtifact.sha256).where(
+                RunArtifact.run_id == run_id, RunArtifact.path == artifact, RunArtifact.kind == "model"))
+            if sha is None:
+                raise NotFoundError(f"run {run_id} has no model artifact {artifact!r}; log it with run.log_model")
             model_id = self._model_id_created(conn, name)
             self._lock(conn, model_id)
             version = (conn.scalar(sa.select(sa.func.max(ModelVersion.version)).where(
                 ModelVersion.model_id == model_id)) or 0) + 1
             vid = conn.scalar(sa.insert(ModelVersion).values(
-                model_id=model_id, version=version, run_id=run_id, artifact=artifact, stage="none",
-                description=description, registered_by=who).returning(ModelVersion.id))
+                model_id=model_id, version=version, run_id=run_id, artifact=artifact, artifact_sha256=sha,
+                stage="none", description=description, registered_by=who).returning(ModelVersion.id))
             conn.execute(sa.insert(ModelTransition).values(version_id=vid, from_stage="", to_stage="none",
                                                            actor=who, notes="registered"))
         return self.get(name, version=version)
@@ -459,20 +522,38 @@ class ModelRegistry:
 
     def load(self, name: str, *, version: int | None = None, stage: str | None = None,
              alias: str | None = None) -> Any:
-        """The torch model of a version (TorchScript when it was scriptable), in eval mode."""
+        """The torch model of a version (TorchScript when it was scriptable), in eval mode; StoreError if its
+        files changed after registration (see :meth:`fetch`)."""
         info = self.get(name, version=version, stage=stage, alias=alias)
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self._artifacts.get_dir(info.run_id, info.artifact, Path(tmp) / "model")
-            return load_torch_model(folder)
+            return load_torch_model(self.fetch(info, Path(tmp) / "model"))
 
-    def artifact_meta(self, info: ModelVersionInfo) -> dict[str, Any]:
+    def fetch(self, info: ModelVersionInfo, dest: str | Path) -> Path:
+        """Copy a version's model artifact folder to the local folder ``dest`` and return it, once its files
+        are checked against the sha256 recorded at registration: StoreError if they differ (the artifact
+        changed after registration), unchecked where none was recorded (registered before mlplat kept it
+        and its artifact row gone by then)."""
+        _check_version_info(info)
+        folder = self._artifacts.get_dir(info.run_id, info.artifact, dest)
+        if info.artifact_sha256 is not None:
+            sha = folder_sha256(folder)
+            if sha != info.artifact_sha256:
+                raise _changed(info, sha, "its files have")
+        return folder
+
+    def artifact_meta(self, info: ModelVersionInfo, *, check: bool = True) -> dict[str, Any]:
         """A version's model artifact metadata: its sha256 and size, and what log_model recorded (files,
-        signature, torch version); empty if the artifact row is gone."""
+        signature, torch version); empty if the artifact row is gone. StoreError if the artifact's record
+        no longer holds the sha256 registered (it changed after registration), unless ``check=False``."""
         _check_version_info(info)
         with self._db.connect() as conn:
             row = conn.execute(sa.select(RunArtifact.sha256, RunArtifact.size, RunArtifact.meta).where(
                 RunArtifact.run_id == info.run_id, RunArtifact.path == info.artifact)).first()
-        return {} if row is None else {"sha256": row.sha256, "size": row.size, **row.meta}
+        if row is None:
+            return {}
+        if check and info.artifact_sha256 is not None and row.sha256 != info.artifact_sha256:
+            raise _changed(info, row.sha256, "its record has")
+        return {"sha256": row.sha256, "size": row.size, **row.meta}
 
     def training_features(self, info: ModelVersionInfo) -> tuple[list[str], bool]:
         """The feature refs ("view@version:feature") the version was trained on, from its run's first input
@@ -496,4 +577,4 @@ class ModelRegistry:
 def _version_info(name: str, row: Any, aliases: Sequence[str]) -> ModelVersionInfo:
     """A ModelVersion row (all its columns) and its aliases as the public record."""
     return ModelVersionInfo(name, row.version, row.stage, row.run_id, row.artifact, row.registered_by,
-                            row.created_at, row.description, tuple(aliases))
+                            row.created_at, row.description, tuple(aliases), row.artifact_sha256)

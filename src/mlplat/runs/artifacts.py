@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 
 from ..errors import DataError, StoreError
 
-__all__ = ["ArtifactStore", "check_name", "NAME_MAX"]
+__all__ = ["ArtifactStore", "check_name", "folder_sha256", "NAME_MAX"]
 
 NAME_MAX = 1024  # the run_artifacts.path column
 
@@ -102,7 +102,7 @@ class ArtifactStore:
                 if "/" in rel:
                     self.fs.create_dir(posixpath.dirname(target), recursive=True)
                 size, sha = self._copy_in(file, target)
-                digest.update(f"{rel}\0{sha}\n".encode())
+                digest.update(_entry(rel, sha))
                 total += size
             self._replace(staging, dest)
         except OSError as exc:
@@ -212,6 +212,23 @@ class ArtifactStore:
             return self.fs.open_input_file(self.path(run_id, name))
         except (FileNotFoundError, OSError) as exc:
             raise StoreError(f"artifact store {self.root_uri}: {name!r} of run {run_id} is missing ({exc})") from None
+
+
+def folder_sha256(folder: str | os.PathLike) -> str:
+    """The sha256 :meth:`ArtifactStore.put_dir` returns for a folder, of a local folder (a fetched artifact)."""
+    digest = hashlib.sha256()
+    for rel, path in _folder_files(Path(folder), "artifact"):
+        file_digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                file_digest.update(chunk)
+        digest.update(_entry(rel, file_digest.hexdigest()))
+    return digest.hexdigest()
+
+
+def _entry(rel: str, sha: str) -> bytes:
+    """A folder's sha256 is over its files' relative paths and sha256s, in path order, one entry each."""
+    return f"{rel}\0{sha}\n".encode()
 
 
 def _folder_files(base: Path, name: str) -> list[tuple[str, Path]]:

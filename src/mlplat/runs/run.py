@@ -265,15 +265,22 @@ class ActiveRun:
 
     # ---------------------------------------------------------- artifacts
     def log_artifact(self, path: str | os.PathLike, name: str | None = None) -> str:
-        """Store a local file or folder as an artifact of this run; returns its name."""
+        """Store a local file or folder as an artifact of this run; returns its name.
+
+        A name a registered model version points to (or one inside it, or a folder holding it) is refused
+        with a DataError before anything is written: a registered version's files are frozen."""
+        from ..models.registry import check_unregistered
+
         source = Path(path)
         name = check_name(source.name if name is None else name)
+        if not source.is_dir() and not source.is_file():
+            raise DataError(f"log_artifact: {str(path)!r} is not a file or folder")
+        with self._store._db.connect() as conn:
+            check_unregistered(conn, self.id, name, "log_artifact")
         if source.is_dir():
             size, sha = self._store.artifacts.put_dir(self.id, source, name)
-        elif source.is_file():
-            size, sha = self._store.artifacts.put_file(self.id, source, name)
         else:
-            raise DataError(f"log_artifact: {str(path)!r} is not a file or folder")
+            size, sha = self._store.artifacts.put_file(self.id, source, name)
         self._record_artifact(name, size, sha, "file", {})
         return name
 
@@ -295,8 +302,15 @@ class ActiveRun:
 
         Numbers are ints or finite floats (not bools) that the input's type holds (a whole number for an
         integer input); mapping keys must be among ``columns`` when given. A bad value is a DataError and
-        nothing is stored. The rule is kept in the artifact's metadata (``fill_null``)."""
+        nothing is stored. The rule is kept in the artifact's metadata (``fill_null``).
+
+        A name a registered model version points to is refused with a DataError, and nothing is stored:
+        log the new model under another name, or in a new run, and register that."""
+        from ..models.registry import check_unregistered
+
         check_name(name)
+        with self._store._db.connect() as conn:
+            check_unregistered(conn, self.id, name, "log_model")
         with tempfile.TemporaryDirectory() as tmp:
             meta = save_torch_model(model, Path(tmp) / "model", signature=signature, example_input=example_input,
                                     columns=columns, fill_null=fill_null)
@@ -305,11 +319,15 @@ class ActiveRun:
         return meta
 
     def _record_artifact(self, name: str, size: int, sha: str, kind: str, meta: dict, *, conn: Any = None) -> None:
-        """Upsert the artifact's row (in ``conn``'s transaction when given)."""
+        """Upsert the artifact's row (in ``conn``'s transaction when given); a row a model version registered
+        meanwhile points to stays as it is (DataError: the callers check before writing, this closes the gap)."""
+        from ..models.registry import check_unregistered
+
         db = self._store._db
         if conn is None:
             with db.connect(write=True) as conn:
                 return self._record_artifact(name, size, sha, kind, meta, conn=conn)
+        check_unregistered(conn, self.id, name, "logging an artifact", written=True)
         insert = (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)(RunArtifact)
         conn.execute(insert.values(run_id=self.id, path=name, kind=kind, size=size, sha256=sha,
                                    meta=meta).on_conflict_do_update(

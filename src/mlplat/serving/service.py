@@ -69,7 +69,7 @@ class ServingService:
         info = models.resolve(name, version=version, stage=stage, alias=alias)
         meta = models.artifact_meta(info)
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self._p.artifacts.get_dir(info.run_id, info.artifact, Path(tmp) / "model")
+            folder = models.fetch(info, Path(tmp) / "model")  # StoreError if its files changed since registration
             return write_repository(
                 Path(repository), triton_name or name, info.version, backend, folder, meta,
                 max_batch_size=max_batch_size, batching=_batching(dynamic_batching, max_batch_size),
