@@ -28,6 +28,7 @@ from sqlalchemy.pool import StaticPool
 
 from ..errors import ConfigError, DataError, StoreError
 from ..settings import hide_password
+from .models import SHORT_VALUE
 
 __all__ = ["Database", "create_engine", "enable_wal", "normalize_url", "sqlite_file"]
 
@@ -177,13 +178,35 @@ def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
     return engine
 
 
+#: the two letters whose str.lower() is not their own lowercase letter: 'İ' (two characters, 'i' and a
+#: combining dot) and 'Σ' ('ς' at the end of a word); PostgreSQL lowers one character at a time: 'i', 'σ'
+_ONE_BY_ONE = str.maketrans({"\u0130": "i", "\u03a3": "\u03c3"})
+
+
 def _unicode_lower(value: Any) -> Any:
-    """SQLite's ``lower()`` as PostgreSQL's: every letter, not only ASCII ones ('Ä' -> 'ä')."""
-    if isinstance(value, str):
-        return value.lower()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace").lower()
-    return value if value is None else str(value).lower()
+    """SQLite's ``lower()`` as PostgreSQL's (UTF-8): every letter, not only ASCII ones ('Ä' -> 'ä'), one
+    character at a time ('ΟΔΟΣ' -> 'οδοσ', 'İ' -> 'i')."""
+    if value is None:
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    if not text.isascii() and ("\u0130" in text or "\u03a3" in text):
+        text = text.translate(_ONE_BY_ONE)
+    return text.lower()
+
+
+#: the texts a run filter reads as numbers when it compares a param or tag with one (mlplat.runs.search):
+#: JSON's number form (what str() of an int or a float writes), blanks around it, an exponent of at most
+#: 4 digits, at most SHORT_VALUE characters in all (what PostgreSQL's numeric always holds)
+NUMBER_TEXT = r"[ \t\n\r]*-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]{1,4})?[ \t\n\r]*"
+_NUMBER_TEXT = re.compile(NUMBER_TEXT)
+
+
+def _text_number(value: Any) -> float | None:
+    """``mlplat_number(text)`` on SQLite: the float a number's text rounds to (Python's float(), correctly
+    rounded as PostgreSQL's float8 is; SQLite's own CAST is not), NULL for any other text."""
+    if isinstance(value, str) and len(value) <= SHORT_VALUE and _NUMBER_TEXT.fullmatch(value):
+        return float(value)
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -213,6 +236,7 @@ def _like_as_postgresql(dbapi_conn: sqlite3.Connection, cur: sqlite3.Cursor) -> 
     (SQLite's only ASCII ones). A SQLite built without the (deprecated) case_sensitive_like pragma gets a
     LIKE function of mlplat's instead."""
     dbapi_conn.create_function("lower", 1, _unicode_lower, deterministic=True)
+    dbapi_conn.create_function("mlplat_number", 1, _text_number, deterministic=True)
     cur.execute("PRAGMA case_sensitive_like=ON")
     if cur.execute("SELECT 'A' LIKE 'a'").fetchone()[0]:
         dbapi_conn.create_function("like", 2, _like, deterministic=True)

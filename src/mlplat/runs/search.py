@@ -20,8 +20,11 @@ and tags compare as strings; attributes are ``status``, ``name``, ``run_id``,
 ISO date string), ``experiment``. A param or tag compared with an unquoted number
 (``params.epochs > 9``) compares as a number: only runs whose value is a number's
 text (``10``, ``0.001``, ``1e-05``; JSON's number form, as ``str()`` writes ints and
-floats) match, so ``'10'`` is greater than ``9`` and ``'10'`` equals ``10.0``; a
-quoted value compares as text. Values always travel as bound parameters:
+floats, with an exponent of at most 4 digits, at most 512 characters) match, so ``'10'``
+is greater than ``9`` and ``'10'`` equals ``10.0``; both sides are 64-bit floats, read as
+Python's ``float()`` reads them (correctly rounded, ``'1e400'`` is infinity and ``'1e-400'``
+is 0), on SQLite as on PostgreSQL. A quoted value compares as text. An ``in`` list of any
+length is one bound parameter. Values always travel as bound parameters:
 nothing from a filter string is ever pasted into SQL. ``like`` is case-sensitive
 and ``ilike`` folds every letter's case, on SQLite as on PostgreSQL; in their
 patterns a backslash makes the next character literal (``a\\_b`` matches
@@ -34,16 +37,21 @@ Usage::
 """
 from __future__ import annotations
 
+import decimal
+import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Union
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnElement
 
 from .._time import as_utc
+from ..db.engine import NUMBER_TEXT
 from ..db.models import SHORT_VALUE, Experiment, LatestMetric, Run, RunParam, RunTag
 from ..errors import DataError
 
@@ -292,8 +300,8 @@ def _compare(column, op: str, value: Any):
     if op == "is not null":
         return column.is_not(None)
     if op in ("in", "not in"):
-        clause = column.in_(list(value))
-        return ~clause if op == "not in" else clause
+        clause = _InValues(column, list(value))
+        return sa.not_(clause) if op == "not in" else clause
     if op == "like":  # case-sensitive on both backends (see db/engine.py for SQLite)
         return column.like(value, escape=LIKE_ESCAPE)
     if op == "ilike":  # lower() on both sides, Unicode-aware on both backends
@@ -374,15 +382,18 @@ def to_sql(node: Node):
     conditions = [table.key == node.name]
     if node.kind == "metrics":
         conditions.append(_compare(value_col, node.op, _each(_metric_value, node.value)))
-    elif node.op in ("like", "ilike") or not _has_number(node.value):
-        value = _each(str, node.value)
-        values = value if isinstance(value, tuple) else (value,)
-        if node.op in ("=", "in") and all(len(v) <= SHORT_VALUE for v in values):
-            # the partial index's WHERE term, literally, so that the planners use the covering index
-            conditions.append(sa.func.length(value_col) <= sa.literal_column(str(SHORT_VALUE)))
-        conditions.append(_compare(value_col, node.op, value))
-    else:  # an unquoted number: compared with the values that are numbers' text, as numbers
+        return Run.id.in_(_ids(sa.select(table.run_id).where(*conditions)))
+    values = node.value if isinstance(node.value, tuple) else (node.value,)
+    texts = [str(v) for v in values if not _is_number(v)]
+    numbers = node.op not in ("like", "ilike") and len(texts) < len(values)
+    # Only short values can match (a number's text is short too): the partial index's WHERE term, literally,
+    # so that the planners use the covering index
+    if (numbers or node.op in ("=", "in")) and all(len(v) <= SHORT_VALUE for v in texts):
+        conditions.append(sa.func.length(value_col) <= sa.literal_column(str(SHORT_VALUE)))
+    if numbers:  # an unquoted number: compared with the values that are numbers' text, as numbers
         conditions.append(_compare_numbers(value_col, node.op, node.value))
+    else:
+        conditions.append(_compare(value_col, node.op, _each(str, node.value)))
     return Run.id.in_(_ids(sa.select(table.run_id).where(*conditions)))
 
 
@@ -390,33 +401,34 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _has_number(value: Any) -> bool:
-    return any(map(_is_number, value if isinstance(value, tuple) else (value,)))
-
-
 def _compare_numbers(column, op: str, value: Any):
     """A text column compared with a number (or an ``in`` list holding numbers and strings): the numbers
-    with the rows whose text is a number, as numbers; strings as text."""
+    with the rows whose text is a number, as 64-bit floats; strings as text."""
     number = _TextNumber(column)
     if op not in ("in", "not in"):
-        return _compare(number, op, _NumberBound(value))
-    numbers = [_NumberBound(v) for v in value if _is_number(v)]
+        return _compare(number, op, sa.literal(_metric_value(value), sa.Double))
+    numbers = [_metric_value(v) for v in value if _is_number(v)]
     texts = [str(v) for v in value if not _is_number(v)]
-    clause = sa.or_(number.in_(numbers), *([column.in_(texts)] if texts else []))
+    clause = sa.or_(_InValues(number, numbers), *([_InValues(column, texts)] if texts else []))
     return sa.not_(clause) if op == "not in" else clause
 
 
-#: the text of a number (JSON's number form, which str() of an int or a float always is)
-_NUMBER_TEXT = r"^[ \t\n\r]*-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?[ \t\n\r]*$"
+#: a number's text (mlplat.db.engine.NUMBER_TEXT: JSON's number form, which str() of an int or a float is)
+_NUMBER_TEXT = f"^{NUMBER_TEXT}$"
+#: on PostgreSQL, the numbers whose float8 would be 0 (at most half the least double) or +-infinity (at least
+#: the greatest double and half a step beyond): PostgreSQL raises an error for those, Python's float() does not
+_UNDERFLOW = decimal.Decimal((0, tuple(map(int, str(5 ** 1075))), -1075))  # 2 ** -1075, exactly
+_OVERFLOW = decimal.Decimal(2 ** 1024 - 2 ** 970)
 
 
 class _TextNumber(ColumnElement):
-    """A text column's value as a number where it is a number's text, else NULL. PostgreSQL reads it as a
-    numeric (exact, any exponent: a double raised an error past its range); SQLite as a double, through
-    json_valid/json_type (RFC 8259 numbers, the same texts as the pattern above)."""
+    """A text column's value as a 64-bit float where it is a number's text (at most SHORT_VALUE characters),
+    else NULL: the float Python's float() reads from the text (correctly rounded; past a double's range,
+    +-infinity or 0). On SQLite mlplat's ``mlplat_number()`` (SQLite's CAST is not correctly rounded); on
+    PostgreSQL a CAST to float8, the text first read as a numeric to keep float8 from raising an error."""
 
     inherit_cache = True
-    type = sa.Numeric()
+    type = sa.Double()
 
     def __init__(self, column) -> None:
         self.column = column
@@ -424,39 +436,51 @@ class _TextNumber(ColumnElement):
 
 @compiles(_TextNumber)
 def _text_number_sqlite(element, compiler, **kw):
-    col = compiler.process(element.column, **kw)
-    return (f"(CASE WHEN json_valid({col}) AND json_type({col}) IN ('integer', 'real') "
-            f"THEN CAST({col} AS REAL) END)")
+    return f"mlplat_number({compiler.process(element.column, **kw)})"
 
 
 @compiles(_TextNumber, "postgresql")
 def _text_number_postgresql(element, compiler, **kw):
     col = compiler.process(element.column, **kw)
-    pattern = compiler.process(sa.literal(_NUMBER_TEXT, sa.Text), **kw)
-    return f"(CASE WHEN {col} ~ {pattern} THEN CAST({col} AS NUMERIC) END)"
+    pattern, under, over = (compiler.process(sa.literal(v, t), **kw) for v, t in
+                            ((_NUMBER_TEXT, sa.Text), (_UNDERFLOW, sa.Numeric), (_OVERFLOW, sa.Numeric)))
+    exact = f"abs(CAST({col} AS NUMERIC))"
+    return (f"(CASE WHEN length({col}) <= {SHORT_VALUE} AND {col} ~ {pattern} THEN CASE "
+            f"WHEN {exact} <= {under} THEN CAST(0 AS FLOAT8) WHEN {exact} < {over} THEN CAST({col} AS FLOAT8) "
+            f"WHEN CAST({col} AS NUMERIC) < 0 THEN CAST('-Infinity' AS FLOAT8) "
+            f"ELSE CAST('Infinity' AS FLOAT8) END END)")
 
 
-class _NumberBound(ColumnElement):
-    """A filter's number, bound as what :class:`_TextNumber` compares with: on PostgreSQL a numeric from the
-    number's shortest text (a double cast to numeric kept 15 digits only), on SQLite a double."""
+class _InValues(ColumnElement):
+    """``column IN (values)`` with the values in one bound parameter, however many there are (a parameter
+    each ran past PostgreSQL's 65,535 per statement). On PostgreSQL ``column = ANY(array)``; on SQLite
+    ``column IN`` the values of a JSON array, as the column's type binds them (a :class:`_TextNumber`'s
+    floats as their text, read back by ``mlplat_number()``: SQLite's JSON reader does not round correctly)."""
 
-    inherit_cache = True
-    type = sa.Numeric()
+    inherit_cache = False  # the values are bound when compiled
 
-    def __init__(self, value: Any) -> None:
-        self.value = _metric_value(value)  # DataError for an int beyond a double's range
-        text = repr(self.value) if isinstance(value, float) else str(value)
-        self.text = {"inf": "Infinity", "-inf": "-Infinity"}.get(text, text)
-
-
-@compiles(_NumberBound)
-def _number_bound_sqlite(element, compiler, **kw):
-    return compiler.process(sa.literal(element.value, sa.Double), **kw)
+    def __init__(self, column, values: list) -> None:
+        self.column, self.values = column, values
 
 
-@compiles(_NumberBound, "postgresql")
-def _number_bound_postgresql(element, compiler, **kw):
-    return compiler.process(sa.cast(sa.literal(element.text, sa.Text), sa.Numeric), **kw)
+@compiles(_InValues)
+def _in_values_sqlite(element, compiler, **kw):
+    col = compiler.process(element.column, **kw)
+    if isinstance(element.column, _TextNumber):
+        texts = [repr(v) if math.isfinite(v) else ("-1e9999" if v < 0 else "1e9999") for v in element.values]
+        values = compiler.process(sa.literal(json.dumps(texts), sa.Text), **kw)
+        return f"({col} IN (SELECT mlplat_number(value) FROM json_each({values})))"
+    bind = element.column.type.dialect_impl(compiler.dialect).bind_processor(compiler.dialect) or (lambda v: v)
+    values = compiler.process(sa.literal(json.dumps([bind(v) for v in element.values]), sa.Text), **kw)
+    return f"({col} IN (SELECT value FROM json_each({values})))"
+
+
+@compiles(_InValues, "postgresql")
+def _in_values_postgresql(element, compiler, **kw):
+    item = element.column.type
+    item = sa.Text() if isinstance(item, sa.String) else item  # not VARCHAR(16)[]: a cast cuts a longer text short
+    values = compiler.process(sa.literal(element.values, ARRAY(item)), **kw)
+    return f"({compiler.process(element.column, **kw)} = ANY({values}))"
 
 
 def _each(convert, value: Any) -> Any:
