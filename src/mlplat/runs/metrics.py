@@ -27,7 +27,7 @@ from ..db import Database
 from ..db.models import LatestMetric, MetricChunk
 from ..errors import DataError
 
-__all__ = ["MetricBuffer", "write_chunks", "read_history"]
+__all__ = ["MetricBuffer", "metric_value", "write_chunks", "read_history"]
 
 _INT64_MIN, _INT64_MAX = INT64_MIN, INT64_MAX  # module names: log_metric's inline checks read them per call
 
@@ -107,6 +107,18 @@ def _int64(key: str, what: str, value: object, meaning: str) -> int:
                     f"got {shown(value)}")
 
 
+def metric_value(key: str, value: object) -> float:
+    """``float(value)``, else DataError naming the metric: a number, a numpy number, a one-element tensor."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DataError(f"metric {key!r} must be a number, got {shown(value)}: log an int, a float, a numpy "
+                        "number or a one-element tensor") from None
+    except OverflowError:  # an int past a double's range (10**400): refused, not stored as inf
+        raise DataError(f"metric {key!r}: {shown(value)} is too large for a float (a 64-bit double, at most "
+                        "about 1.8e308); scale it, or log float('inf') if infinity is meant") from None
+
+
 class MetricBuffer:
     """Points logged to one run, waiting for the flusher.
 
@@ -136,11 +148,8 @@ class MetricBuffer:
         """Buffer one point; a value, step or time that could not be stored is refused here, not at flush."""
         try:
             v = float(value)
-        except (TypeError, ValueError):
-            raise DataError(f"metric {key!r} must be a number, got {shown(value)}") from None
-        except OverflowError:  # an int past a double's range (10**400): refused, not stored as inf
-            raise DataError(f"metric {key!r}: {shown(value)} is too large for a float (a 64-bit double, at most "
-                            "about 1.8e308); scale it, or log float('inf') if infinity is meant") from None
+        except (TypeError, ValueError, OverflowError):
+            v = metric_value(key, value)  # raises the DataError saying what is wrong
         # a plain int in range passes with one type test and a comparison (the checks cost 25 % of a
         # log_metric call as a function call per point)
         if step is not None and not (type(step) is int and _INT64_MIN <= step <= _INT64_MAX):

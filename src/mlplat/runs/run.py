@@ -27,11 +27,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .._arrow import to_table
+from .._checks import shown
 from ..db.models import Run, RunArtifact, RunInput, RunParam
 from ..errors import DataError
 from .artifacts import check_name
 from .datahash import schema_json, table_hash
-from .metrics import MetricBuffer
+from .metrics import MetricBuffer, metric_value
 from .torch_io import Signature, save_torch_model
 
 if TYPE_CHECKING:
@@ -48,18 +49,36 @@ def _check_mapping(value: Any, where: str) -> None:
         raise DataError(f"{where} takes a mapping of names to values, got {type(value).__name__}")
 
 
+def storable(text: str, what: str) -> str:
+    """``text`` if SQLite and PostgreSQL both store it as given, else DataError naming ``what``: no NUL
+    character (PostgreSQL's text cannot hold one) and valid UTF-8 (no lone surrogate such as ``'\\udcff'``,
+    which ``os.fsdecode`` or ``errors="surrogateescape"`` leave for a byte that is not UTF-8). Checked when
+    logged: at write time such text failed the whole transaction (every buffered metric point with it)."""
+    if "\x00" in text:
+        raise DataError(f"{what} holds a NUL character ('\\x00'), which PostgreSQL cannot store: {shown(text)}; "
+                        "remove it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{what} holds {text[exc.start]!r}, a lone surrogate that is not UTF-8 text: {shown(text)} "
+                        "(what decoding bytes with errors='surrogateescape' leaves for a byte that is not UTF-8); "
+                        "decode those bytes with their real encoding, or with errors='replace'") from None
+    return text
+
+
 def _check_key(key: Any, what: str) -> str:
     if not isinstance(key, str) or not key or len(key) > _KEY_MAX or any(ord(c) < 32 for c in key):
         raise DataError(f"{what} name {key!r} is invalid: a non-empty string of at most {_KEY_MAX} printable "
                         "characters")
-    return key
+    return storable(key, f"{what} name")
 
 
 def check_text(value: Any, what: str, *, meaning: str = "a string", limit: int = _KEY_MAX) -> str:
-    """``value`` if it is a string that fits a ``limit``-character column, else DataError naming ``what``."""
+    """``value`` if it is a string that fits a ``limit``-character column, else DataError naming ``what``
+    (text to be stored goes through :func:`storable` too)."""
     if not isinstance(value, str) or len(value) > limit:
-        shown = f"{value[:40]!r}... ({len(value)} characters)" if isinstance(value, str) else repr(value)
-        raise DataError(f"{what} must be {meaning} of at most {limit} characters, got {shown}")
+        got = f"{value[:40]!r}... ({len(value)} characters)" if isinstance(value, str) else repr(value)
+        raise DataError(f"{what} must be {meaning} of at most {limit} characters, got {got}")
     return value
 
 
@@ -87,7 +106,7 @@ def _param_text(key: str, value: Any) -> str:
         raise DataError(f"param {key!r} is of type {type(value).__name__}{inside}, which a param cannot hold: it "
                         "takes str, int, float, bool, None, a numpy number, a path, or a list or tuple of those; "
                         + hint.format(key=key))
-    return str(value)
+    return storable(str(value), f"param {key!r}")
 
 
 def _refused_param(value: Any) -> Any:
@@ -115,7 +134,7 @@ def checked_values(values: Any, where: str, what: str) -> dict[str, str]:
     _check_mapping(values, where)
     if what == "param":
         return {_check_key(k, what): _param_text(k, v) for k, v in values.items()}
-    return {_check_key(k, what): str(v) for k, v in values.items()}
+    return {_check_key(k, what): storable(str(v), f"tag {k!r}") for k, v in values.items()}
 
 
 @dataclass(frozen=True)
@@ -178,16 +197,29 @@ class ActiveRun:
 
     # ------------------------------------------------------------ metrics
     def log_metric(self, key: str, value: float, step: int | None = None, timestamp_ms: int | None = None) -> None:
-        """Log one point (buffered; NaN and infinities are kept). ``step`` defaults to the key's next step."""
-        if key not in self._metric_keys:  # validate each key once: a set lookup per call after that
+        """Log one point (buffered; NaN and infinities are kept). ``step`` defaults to the key's next step.
+        Once the run has ended, the point is written at once (as params and tags are): nothing flushes an
+        ended run's buffer any more."""
+        try:
+            known = key in self._metric_keys  # validate each key once: a set lookup per call after that
+        except TypeError:  # unhashable (a list): _check_key names it
+            known = False
+        if not known:
             self._metric_keys.add(_check_key(key, "metric"))
         self._metrics.add(key, value, step, timestamp_ms)
+        if self._ended:
+            self._metrics.flush()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log one point for each key of ``metrics`` (at the same ``step``)."""
+        """Log one point for each key of ``metrics`` (at the same ``step``): every key and value is checked
+        first, so a bad one logs none of them."""
         _check_mapping(metrics, "log_metrics")
-        for key, value in metrics.items():
-            self.log_metric(key, value, step)
+        values = {_check_key(k, "metric"): metric_value(k, v) for k, v in metrics.items()}
+        self._metric_keys.update(values)
+        for key, value in values.items():
+            self._metrics.add(key, value, step, None)
+        if self._ended:
+            self._metrics.flush()
 
     def flush(self) -> None:
         """Write every metric logged so far, now; once this returns they survive a crash."""

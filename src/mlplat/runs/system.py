@@ -26,16 +26,21 @@ def calling_script() -> Path | None:
 
 def git_state(where: Path | None) -> tuple[str, str]:
     """(commit, dirty flag as "true"/"false") of the git repository holding the file ``where`` (None: the
-    current directory), or ("", "") outside a repository."""
+    current directory), or ("", "") outside a repository. Dirty: a tracked file is changed, or ``where``
+    itself is not tracked (a script never committed is in no commit). Other untracked files are not
+    looked for: listing them can take long in a big working tree."""
     folder = where.parent if where is not None else Path.cwd()
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
                                 timeout=5, check=True).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
                                 capture_output=True, text=True, timeout=5, check=True).stdout
+        untracked = where is not None and subprocess.run(
+            ["git", "--literal-pathspecs", "ls-files", "--error-unmatch", "--", where.name], cwd=folder,
+            capture_output=True, timeout=5).returncode != 0
     except (OSError, subprocess.SubprocessError):
         return "", ""
-    return commit, "true" if status.strip() else "false"
+    return commit, "true" if status.strip() or untracked else "false"
 
 
 def system_tags() -> dict[str, str]:
@@ -54,7 +59,8 @@ def system_tags() -> dict[str, str]:
         "mlplat.user": _user(),
         "mlplat.host": socket.gethostname(),
         "mlplat.python": platform.python_version(),
-        "mlplat.entry_point": " ".join([str(script) if script else sys.argv[0] or "<interactive>", *sys.argv[1:]])[:1000],
+        "mlplat.entry_point": _escaped(" ".join([str(script) if script else sys.argv[0] or "<interactive>",
+                                                  *sys.argv[1:]]))[:1000],  # escaped, then cut
         "mlplat.pid": str(os.getpid()),
     }
     for name in _PACKAGES:
@@ -62,7 +68,13 @@ def system_tags() -> dict[str, str]:
             tags[f"mlplat.version.{name}"] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    return tags
+    return {k: _escaped(v) for k, v in tags.items()}
+
+
+def _escaped(text: str) -> str:
+    """``text`` as every database stores it: a lone surrogate (a command-line argument or path that is not
+    UTF-8, as Python decodes it) as its escape (``\\udcff``), a NUL as ``\\x00``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _user() -> str:

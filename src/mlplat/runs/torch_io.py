@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import DataError, StoreError
 
 __all__ = ["TensorSpec", "Signature", "save_torch_model", "load_torch_model", "read_meta", "checked_fill_null",
-           "fill_number", "example_dtype"]
+           "fill_number", "example_dtype", "checked_columns", "example_width", "probe_model"]
 
 META = "mlmodel.json"
 
@@ -92,8 +92,14 @@ def _as_signature(signature: Signature | Mapping | None, example_input: Any, mod
         return None
     tensors = _tensors(example_input)
     inputs = [TensorSpec(f"input__{i}", _dtype_name(t), (-1, *t.shape[1:])) for i, t in enumerate(tensors)]
-    with torch.no_grad():
-        out = model(*tensors)
+    try:
+        with torch.no_grad():
+            out = model(*tensors)
+    except Exception as exc:  # noqa: BLE001 - a wrong width, type or device: whatever the model raised
+        shapes = ", ".join(str(tuple(getattr(t, "shape", ()))) for t in tensors)
+        raise DataError(f"the model failed on example_input (shape {shapes}): {type(exc).__name__}: "
+                        f"{str(exc)[:300]}; give an example input the model takes (a batch of rows as it is "
+                        "called with)") from exc
     outputs = [TensorSpec(f"output__{i}", _dtype_name(t), (-1, *t.shape[1:])) for i, t in enumerate(_tensors(out))]
     return Signature(inputs, outputs)
 
@@ -151,6 +157,62 @@ def checked_fill_null(fill_null: Any, columns: Sequence[str] | None, dtype: str 
     return fill_number(fill_null, "fill_null", dtype)
 
 
+def checked_columns(columns: Any, width: int | None) -> list[str] | None:
+    """``columns`` as a list, else DataError: a list or tuple of unique non-empty strings, as many as the
+    input's ``width`` (its number of columns) when that is known."""
+    if columns is None:
+        return None
+    if not isinstance(columns, (list, tuple)):
+        hint = f": pass [{columns!r}] for one column" if isinstance(columns, str) else ""
+        raise DataError(f"columns must be a list or tuple of column names, got {type(columns).__name__} "
+                        f"{columns!r}{hint}")
+    bad = next((c for c in columns if not isinstance(c, str) or not c), None)
+    if bad is not None:
+        raise DataError(f"columns must be non-empty strings (the input's column names, in order), got {bad!r} "
+                        f"in {list(columns)!r}")
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise DataError(f"columns holds {', '.join(map(repr, twice))} more than once; each input column has a "
+                        "name of its own")
+    if width is not None and len(columns) != width:
+        raise DataError(f"columns holds {len(columns)} names, but the model's input has {width} columns: name "
+                        "every column of the input, in order")
+    return list(columns)
+
+
+def example_width(example_input: Any) -> int | None:
+    """The number of columns of the one 2-D input tensor ``example_input`` gives, else None: what ``columns``
+    must count, known before the model is logged."""
+    tensors = _tensors(example_input)
+    shape = getattr(tensors[0], "shape", None) if len(tensors) == 1 else None
+    return int(shape[1]) if shape is not None and len(shape) == 2 else None
+
+
+def _signature_width(sig: Signature | None) -> int | None:
+    """The number of columns of a signature's one 2-D input (not -1, any), else None."""
+    if sig is None or len(sig.inputs) != 1 or len(sig.inputs[0].shape) != 2:
+        return None
+    width = sig.inputs[0].shape[1]
+    return width if width >= 0 else None
+
+
+def probe_model(model: Any, example_input: Any) -> None:
+    """Check ``model`` is a torch module and run it on ``example_input`` as ``log_model`` will (in eval mode,
+    without grad): a DataError now (``p.runs.training`` calls it before the run starts) rather than once the
+    training is over."""
+    torch = _torch()
+    if not isinstance(model, torch.nn.Module):
+        raise DataError(f"log_model takes a torch.nn.Module, got {type(model).__name__}")
+    if example_input is None:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        _as_signature(None, example_input, model)
+    finally:
+        model.train(was_training)
+
+
 def example_dtype(example_input: Any) -> str | None:
     """The type of the one input tensor ``example_input`` gives (as a signature names it: "int64"), else None:
     what a fill must fit, known before the model is logged (``p.runs.training`` checks its fill_null so)."""
@@ -171,12 +233,14 @@ def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping
     torch = _torch()
     if not isinstance(model, torch.nn.Module):
         raise DataError(f"log_model takes a torch.nn.Module, got {type(model).__name__}")
+    columns = checked_columns(columns, example_width(example_input))  # before the model runs, as fill_null
     fill = checked_fill_null(fill_null, columns, None)  # before the model runs: a bad value is refused at once
     folder.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     try:
         sig = _as_signature(signature, example_input, model)
+        checked_columns(columns, _signature_width(sig))  # a signature given: its width
         if sig is not None and len(sig.inputs) == 1:  # the type predict builds: a fill must fit it
             fill = checked_fill_null(fill_null, columns, sig.inputs[0].dtype)
         files = {"state_dict": "state_dict.pt"}

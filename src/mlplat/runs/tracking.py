@@ -34,10 +34,10 @@ from ..db.models import Experiment, LatestMetric, Run, RunArtifact, RunInput, Ru
 from ..errors import DataError, NotFoundError
 from .artifacts import ArtifactStore
 from .metrics import read_history
-from .run import ActiveRun, check_text, checked_values
+from .run import ActiveRun, check_text, checked_values, storable
 from .search import page_query, parse_filter, sort_keys, to_sql
 from .system import system_tags
-from .torch_io import checked_fill_null, example_dtype
+from .torch_io import checked_columns, checked_fill_null, example_dtype, example_width, probe_model
 from .training import Training, flatten_config
 
 __all__ = ["RunStore", "RunInfo", "RunPage", "MetricPoint"]
@@ -107,12 +107,12 @@ class RunStore:
         before anything is written."""
         _check_experiment(experiment)
         name = name or ""
-        check_text(name, "run name")
+        storable(check_text(name, "run name"), "run name")
         param_values = checked_values({} if params is None else params, "start(params=...)", "param")
         tag_values = checked_values({} if tags is None else tags, "start(tags=...)", "tag")
         parent_id = parent.id if isinstance(parent, ActiveRun) else parent
         if parent_id is not None:
-            check_text(parent_id, "parent run id")
+            storable(check_text(parent_id, "parent run id"), "parent run id")
             self.get(parent_id)  # NotFoundError for an unknown parent
         exp_id = self._experiment_id(experiment)
         run_id = uuid.uuid4().hex
@@ -235,7 +235,11 @@ class RunStore:
                 for epoch in range(cfg["epochs"]):
                     t.epoch(loss=train_one_epoch(), val_auc=evaluate())
         """
-        checked_fill_null(fill_null, columns, example_dtype(example_input))  # the type log_model will check
+        # what log_model will check at the end, checked before the run starts (not after the training)
+        columns = checked_columns(columns, example_width(example_input))
+        checked_fill_null(fill_null, columns, example_dtype(example_input))
+        if model is not None:
+            probe_model(model, example_input)
         run = self.start(experiment, name=name, params=flatten_config(config), tags=tags)
         try:
             return Training(run, data=data, features=features, model=model, example_input=example_input,
@@ -259,6 +263,8 @@ class RunStore:
 
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
         """Every point of one metric, by step then time (NaN and infinities as logged)."""
+        storable(check_text(run_id, "run id", meaning="a string (run.id)", limit=_NAME_MAX), "run id")
+        storable(check_text(key, "metric name", limit=_NAME_MAX), "metric name")
         steps, stamps, values = read_history(self._db, run_id, key)
         return [MetricPoint(s, t, v) for s, t, v in zip(steps.tolist(), stamps.tolist(), values.tolist())]
 
@@ -384,6 +390,7 @@ class RunStore:
 def _check_experiment(name: Any) -> None:
     if not isinstance(name, str) or not name.strip() or len(name) > _NAME_MAX:
         raise DataError(f"experiment name {name!r} is invalid: a non-empty string of at most {_NAME_MAX} characters")
+    storable(name, "experiment name")
 
 
 def _count(value: Any) -> int:

@@ -20,6 +20,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import DataError
 from .run import ActiveRun
 
 __all__ = ["Training", "flatten_config"]
@@ -43,9 +44,14 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
-            out.update(flatten_config(value, f"{name}."))
+            items = flatten_config(value, f"{name}.").items()
         else:
-            out[name] = _stable_text(value)
+            items = [(name, _stable_text(value))]
+        for flat, item in items:
+            if flat in out:  # {"optim.lr": 0.1, "optim": {"lr": 0.001}}: one value would be lost
+                raise DataError(f"config: {flat!r} is given twice (a dotted key and a nested one flatten to the "
+                                "same param), so one value would be lost; rename one of them")
+            out[flat] = item
     return out
 
 
@@ -56,6 +62,18 @@ def _stable_text(value: Any) -> Any:
         return f"{type(value).__name__}.{value.name}"
     kind = type(value)
     return str(value) if kind.__module__ == "torch" and kind.__name__ in ("device", "dtype") else value
+
+
+def _scalar(value: Any) -> Any:
+    """A one-element tensor or array as its Python number (``.item()``, which a tensor on a GPU or needing
+    grad takes too); anything else as it is, for log_metrics to check and refuse by name."""
+    item = getattr(value, "item", None)
+    if item is None or isinstance(value, (int, float)):
+        return value
+    try:
+        return item()
+    except Exception:  # noqa: BLE001 - more than one element, or an item() of another kind: refused as it is
+        return value
 
 
 class Training:
@@ -77,9 +95,10 @@ class Training:
         return self.run.id
 
     def epoch(self, **metrics: float) -> int:
-        """Log this epoch's metrics (values may be floats, numpy or 0-d torch tensors); returns the epoch."""
+        """Log this epoch's metrics (values may be floats, numpy numbers or one-element torch tensors); returns
+        the epoch. A bad value is a DataError and logs none of them (the epoch is not counted)."""
         step = self._epoch
-        self.run.log_metrics({k: float(v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}, step=step)
+        self.run.log_metrics({k: _scalar(v) for k, v in metrics.items()}, step=step)
         self._epoch += 1
         return step
 
