@@ -148,36 +148,6 @@ def _check_distinct_approver(name: str, version: int, registrant: str, approver:
                         f"approve v{version}")
 
 
-def check_unregistered(conn: Any, run_id: str, name: str, action: str, *, written: bool = False) -> None:
-    """DataError if logging artifact ``name`` of run ``run_id`` would change the files of an artifact a
-    registered model version points to: that artifact itself, one inside it, or a folder holding it.
-
-    A registered version is (run, artifact name); its approvals are of the files it had then, so those
-    files are frozen. ``written``: the files were written before a registration was seen (a race)."""
-    rows = conn.execute(sa.select(RegisteredModel.name, ModelVersion.version, ModelVersion.artifact)
-                        .join(RegisteredModel, RegisteredModel.id == ModelVersion.model_id)
-                        .where(ModelVersion.run_id == run_id)
-                        .order_by(RegisteredModel.name, ModelVersion.version)).all()
-    hits = [r for r in rows if r.artifact == name or name.startswith(r.artifact + "/")
-            or r.artifact.startswith(name + "/")]
-    if not hits:
-        return
-    artifact = hits[0].artifact
-    where = ("is" if artifact == name else f"lies inside artifact {artifact!r}, which is"
-             if name.startswith(artifact + "/") else f"holds artifact {artifact!r}, which is")
-    versions: dict[str, list[str]] = {}
-    for r in hits:
-        if r.artifact == artifact:
-            versions.setdefault(r.name, []).append(f"v{r.version}")
-    registered = " and ".join(f"model {m!r} {', '.join(vs)}" for m, vs in versions.items())
-    done = ("its files were written before the registration was seen, and its record was left as registered, "
-            "so loading that version now fails its sha256 check" if written else "nothing was written")
-    raise DataError(f"{action}: artifact {name!r} of run {run_id} {where} registered as {registered}; a registered "
-                    f"version's files cannot change after registration (its approvals are of those files), so "
-                    f"{done}: log the new files under another name, or in a new run, and register that as a new "
-                    "version")
-
-
 def _changed(info: ModelVersionInfo, sha: str, where: str) -> StoreError:
     return StoreError(f"model {info.name!r} v{info.version}: artifact {info.artifact!r} of run {info.run_id} "
                       f"changed after registration ({where} sha256 {sha[:16]}..., registered "

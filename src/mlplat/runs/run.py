@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from .._arrow import to_table
 from .._checks import shown
-from ..db.models import Run, RunArtifact, RunInput, RunParam
+from ..db.models import ModelVersion, RegisteredModel, Run, RunArtifact, RunInput, RunParam
 from ..errors import DataError
 from .artifacts import check_name
 from .datahash import schema_json, table_hash
@@ -135,6 +135,36 @@ def checked_values(values: Any, where: str, what: str) -> dict[str, str]:
     if what == "param":
         return {_check_key(k, what): _param_text(k, v) for k, v in values.items()}
     return {_check_key(k, what): storable(str(v), f"tag {k!r}") for k, v in values.items()}
+
+
+def _check_unregistered(conn: Any, run_id: str, name: str, action: str, *, written: bool = False) -> None:
+    """DataError if logging artifact ``name`` of run ``run_id`` would change the files of an artifact a
+    registered model version points to: that artifact itself, one inside it, or a folder holding it.
+
+    A registered version is (run, artifact name); its approvals are of the files it had then, so those
+    files are frozen. ``written``: the files were written before a registration was seen (a race)."""
+    rows = conn.execute(sa.select(RegisteredModel.name, ModelVersion.version, ModelVersion.artifact)
+                        .join(RegisteredModel, RegisteredModel.id == ModelVersion.model_id)
+                        .where(ModelVersion.run_id == run_id)
+                        .order_by(RegisteredModel.name, ModelVersion.version)).all()
+    hits = [r for r in rows if r.artifact == name or name.startswith(r.artifact + "/")
+            or r.artifact.startswith(name + "/")]
+    if not hits:
+        return
+    artifact = hits[0].artifact
+    where = ("is" if artifact == name else f"lies inside artifact {artifact!r}, which is"
+             if name.startswith(artifact + "/") else f"holds artifact {artifact!r}, which is")
+    versions: dict[str, list[str]] = {}
+    for r in hits:
+        if r.artifact == artifact:
+            versions.setdefault(r.name, []).append(f"v{r.version}")
+    registered = " and ".join(f"model {m!r} {', '.join(vs)}" for m, vs in versions.items())
+    done = ("its files were written before the registration was seen, and its record was left as registered, "
+            "so loading that version now fails its sha256 check" if written else "nothing was written")
+    raise DataError(f"{action}: artifact {name!r} of run {run_id} {where} registered as {registered}; a registered "
+                    f"version's files cannot change after registration (its approvals are of those files), so "
+                    f"{done}: log the new files under another name, or in a new run, and register that as a new "
+                    "version")
 
 
 @dataclass(frozen=True)
@@ -301,14 +331,12 @@ class ActiveRun:
 
         A name a registered model version points to (or one inside it, or a folder holding it) is refused
         with a DataError before anything is written: a registered version's files are frozen."""
-        from ..models.registry import check_unregistered
-
         source = Path(path)
         name = check_name(source.name if name is None else name)
         if not source.is_dir() and not source.is_file():
             raise DataError(f"log_artifact: {str(path)!r} is not a file or folder")
         with self._store._db.connect() as conn:
-            check_unregistered(conn, self.id, name, "log_artifact")
+            _check_unregistered(conn, self.id, name, "log_artifact")
         if source.is_dir():
             size, sha = self._store.artifacts.put_dir(self.id, source, name)
         else:
@@ -338,11 +366,9 @@ class ActiveRun:
 
         A name a registered model version points to is refused with a DataError, and nothing is stored:
         log the new model under another name, or in a new run, and register that."""
-        from ..models.registry import check_unregistered
-
         check_name(name)
         with self._store._db.connect() as conn:
-            check_unregistered(conn, self.id, name, "log_model")
+            _check_unregistered(conn, self.id, name, "log_model")
         with tempfile.TemporaryDirectory() as tmp:
             meta = save_torch_model(model, Path(tmp) / "model", signature=signature, example_input=example_input,
                                     columns=columns, fill_null=fill_null)
@@ -353,13 +379,11 @@ class ActiveRun:
     def _record_artifact(self, name: str, size: int, sha: str, kind: str, meta: dict, *, conn: Any = None) -> None:
         """Upsert the artifact's row (in ``conn``'s transaction when given); a row a model version registered
         meanwhile points to stays as it is (DataError: the callers check before writing, this closes the gap)."""
-        from ..models.registry import check_unregistered
-
         db = self._store._db
         if conn is None:
             with db.connect(write=True) as conn:
                 return self._record_artifact(name, size, sha, kind, meta, conn=conn)
-        check_unregistered(conn, self.id, name, "logging an artifact", written=True)
+        _check_unregistered(conn, self.id, name, "logging an artifact", written=True)
         insert = (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)(RunArtifact)
         conn.execute(insert.values(run_id=self.id, path=name, kind=kind, size=size, sha256=sha,
                                    meta=meta).on_conflict_do_update(
