@@ -84,6 +84,25 @@ def test_a_start_with_text_no_database_stores_is_refused_and_leaves_no_run(p, ex
     assert _nothing_stored(p)
 
 
+@pytest.mark.parametrize("text", ["a\udcffb", "a\x00b"], ids=["surrogate", "nul"])
+@pytest.mark.parametrize("call, what", [
+    (lambda p, t: p.runs.search(filter=f"tags.team = '{t}'"), "filter: the value .* compared with tags.team"),
+    (lambda p, t: p.runs.search(filter=f"params.lr in ('x', '{t}')"), "filter: the value .* compared with params.lr"),
+    (lambda p, t: p.runs.get(t), "run id"),
+    (lambda p, t: p.runs.metric_history(t, "loss"), "run id"),
+    (lambda p, t: p.models.get("m", alias=t), "alias( .*)?"),
+    (lambda p, t: p.models.register("m", p.runs.search()[0].id, description=t), "description"),
+])
+def test_lookups_with_text_no_database_stores_are_data_errors_on_both_backends(p, text, call, what):
+    """A lone surrogate raised a raw UnicodeEncodeError from the driver; a run id with NUL was NotFoundError on
+    SQLite and a database error on PostgreSQL."""
+    with p.runs.start("e") as run:
+        run.log_metric("loss", 1.0)
+    with pytest.raises(mp.DataError, match=f"{what} holds"):
+        call(p, text)
+    assert p.models.list() == []  # nothing registered
+
+
 def test_system_tags_escape_a_command_line_that_is_not_utf8(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""

@@ -39,7 +39,7 @@ from ..db.models import (
     RegisteredModel,
     RunArtifact,
 )
-from .._checks import check_version, close_names, require_bool, shown
+from .._checks import check_version, close_names, require_bool, shown, storable
 from ..errors import DataError, NotFoundError, StoreError
 from ..runs.artifacts import ArtifactStore, check_name, folder_sha256
 from ..runs.run import check_text
@@ -187,7 +187,7 @@ def _check_alias_lookup(alias: Any) -> str:
         raise DataError(f"alias must be a string such as 'champion', got {alias!r}")
     if "\x00" in alias:  # never set (set_alias refuses it); PostgreSQL would refuse the query itself
         raise DataError(f"alias {alias!r} holds a NUL character ('\\x00'), which no alias has; remove it")
-    return alias
+    return storable(alias, "alias")
 
 
 def _check_free_text(value: Any, what: str) -> str:
@@ -198,9 +198,7 @@ def _check_free_text(value: Any, what: str) -> str:
     if len(value) > _TEXT_MAX:
         raise DataError(f"{what} is {len(value)} characters long, more than the {_TEXT_MAX} allowed: shorten it "
                         "(keep a longer write-up elsewhere, e.g. as a run artifact, and link to it)")
-    if "\x00" in value:
-        raise DataError(f"{what} holds a NUL character ('\\x00'), which the database cannot store; remove it")
-    return value
+    return storable(value, what)
 
 
 class ModelRegistry:

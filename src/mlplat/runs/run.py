@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .._arrow import to_table
-from .._checks import shown
+from .._checks import storable
 from ..db.models import ModelVersion, RegisteredModel, Run, RunArtifact, RunInput, RunParam
 from ..errors import DataError
 from .artifacts import check_name
@@ -47,23 +47,6 @@ _KEY_MAX = 255
 def _check_mapping(value: Any, where: str) -> None:
     if not isinstance(value, Mapping):
         raise DataError(f"{where} takes a mapping of names to values, got {type(value).__name__}")
-
-
-def storable(text: str, what: str) -> str:
-    """``text`` if SQLite and PostgreSQL both store it as given, else DataError naming ``what``: no NUL
-    character (PostgreSQL's text cannot hold one) and valid UTF-8 (no lone surrogate such as ``'\\udcff'``,
-    which ``os.fsdecode`` or ``errors="surrogateescape"`` leave for a byte that is not UTF-8). Checked when
-    logged: at write time such text failed the whole transaction (every buffered metric point with it)."""
-    if "\x00" in text:
-        raise DataError(f"{what} holds a NUL character ('\\x00'), which PostgreSQL cannot store: {shown(text)}; "
-                        "remove it")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise DataError(f"{what} holds {text[exc.start]!r}, a lone surrogate that is not UTF-8 text: {shown(text)} "
-                        "(what decoding bytes with errors='surrogateescape' leaves for a byte that is not UTF-8); "
-                        "decode those bytes with their real encoding, or with errors='replace'") from None
-    return text
 
 
 def _check_key(key: Any, what: str) -> str:

@@ -50,6 +50,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnElement
 
+from .._checks import storable
 from .._time import as_utc
 from ..db.engine import NUMBER_TEXT
 from ..db.models import SHORT_VALUE, Experiment, LatestMetric, Run, RunParam, RunTag
@@ -339,9 +340,9 @@ def _check_value(node: Cmp) -> None:
     values = node.value if isinstance(node.value, tuple) else (node.value,)
     if node.op.endswith("null"):
         return
-    if any(isinstance(v, str) and "\x00" in v for v in values):  # PostgreSQL's text cannot hold one
-        raise DataError(f"filter: the value {node.value!r} compared with {node.kind}.{node.name} holds a NUL "
-                        "character (\\x00), which PostgreSQL cannot store, so no database takes it: remove it")
+    for v in values:  # text no database holds (NUL; a lone surrogate, not UTF-8) matches nothing and fails a query
+        if isinstance(v, str):
+            storable(v, f"filter: the value {v!r} compared with {node.kind}.{node.name}")
     if node.op in ("like", "ilike") and isinstance(node.value, str) and _ends_with_escape(node.value):
         raise DataError(f"filter: the {node.op} pattern {node.value!r} ends with the escape character, a "
                         "backslash that escapes nothing: a literal backslash is two backslashes in the pattern")

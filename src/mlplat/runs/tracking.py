@@ -28,13 +28,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY as PG_ARRAY
 
-from .._checks import as_int
+from .._checks import as_int, storable
 from ..db import Database
 from ..db.models import Experiment, LatestMetric, Run, RunArtifact, RunInput, RunParam, RunTag
 from ..errors import DataError, NotFoundError
 from .artifacts import ArtifactStore
 from .metrics import read_history
-from .run import ActiveRun, check_text, checked_values, storable
+from .run import ActiveRun, check_text, checked_values
 from .search import page_query, parse_filter, sort_keys, to_sql
 from .system import system_tags
 from .torch_io import checked_columns, checked_fill_null, example_dtype, example_width, probe_model
@@ -256,16 +256,15 @@ class RunStore:
 
     def get(self, run_id: str) -> RunInfo:
         """A run with everything logged to it."""
-        runs = self._load([run_id], details=True)
+        runs = self._load([_checked_run_id(run_id)], details=True)
         if not runs:
             raise NotFoundError(_unknown_run(run_id))
         return runs[0]
 
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
         """Every point of one metric, by step then time (NaN and infinities as logged)."""
-        storable(check_text(run_id, "run id", meaning="a string (run.id)", limit=_NAME_MAX), "run id")
         storable(check_text(key, "metric name", limit=_NAME_MAX), "metric name")
-        steps, stamps, values = read_history(self._db, run_id, key)
+        steps, stamps, values = read_history(self._db, _checked_run_id(run_id), key)
         return [MetricPoint(s, t, v) for s, t, v in zip(steps.tolist(), stamps.tolist(), values.tolist())]
 
     def _in(self, column, ids: list[str]):
@@ -385,6 +384,12 @@ class RunStore:
         for k in metrics:
             columns[f"metrics.{k}"] = pa.array([r.metrics.get(k) for r in runs], pa.float64())
         return pa.table(columns)
+
+
+def _checked_run_id(run_id: Any) -> str:
+    """A run id to look up: a string a database can hold (an unknown one is NotFoundError later), else
+    DataError (PostgreSQL refused a NUL in the query itself, where SQLite found no such run)."""
+    return storable(check_text(run_id, "run id", meaning="a string (run.id)", limit=_NAME_MAX), "run id")
 
 
 def _check_experiment(name: Any) -> None:
