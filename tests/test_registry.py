@@ -336,7 +336,7 @@ def test_concurrent_first_registrations_of_a_new_model_each_get_a_version(p):
     (lambda m, run_id: m.promote("fraud", 1, "staging", notes=b"x" * 10**6), "notes must be a string .*got b'xx"),
     # user names with control characters (a NUL, an escape, DEL) would also slip past the approver comparison
     (lambda m, run_id: m.promote("fraud", 1, "production", approved_by="ali\x00ce"),
-     "approved_by 'ali\\\\x00ce' holds a control character"),
+     "approved_by holds a NUL character"),
     (lambda m, run_id: m.register("fraud", run_id, registered_by="bob\x1b"), "registered_by .* holds a control"),
     (lambda m, run_id: m.promote("fraud", 1, "staging", actor="\x7fbob"), "actor .* holds a control character"),
 ])

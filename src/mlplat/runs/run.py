@@ -57,12 +57,12 @@ def _check_key(key: Any, what: str) -> str:
 
 
 def check_text(value: Any, what: str, *, meaning: str = "a string", limit: int = _KEY_MAX) -> str:
-    """``value`` if it is a string that fits a ``limit``-character column, else DataError naming ``what``
-    (text to be stored goes through :func:`storable` too)."""
+    """``value`` if it is a string that fits a ``limit``-character column and that every database stores
+    (:func:`storable`: no NUL, no lone surrogate), else DataError naming ``what``."""
     if not isinstance(value, str) or len(value) > limit:
         got = f"{value[:40]!r}... ({len(value)} characters)" if isinstance(value, str) else repr(value)
         raise DataError(f"{what} must be {meaning} of at most {limit} characters, got {got}")
-    return value
+    return storable(value, what)
 
 
 #: what a param value may be: its text is the same in every process and on every machine

@@ -107,12 +107,12 @@ class RunStore:
         before anything is written."""
         _check_experiment(experiment)
         name = name or ""
-        storable(check_text(name, "run name"), "run name")
+        check_text(name, "run name")
         param_values = checked_values({} if params is None else params, "start(params=...)", "param")
         tag_values = checked_values({} if tags is None else tags, "start(tags=...)", "tag")
         parent_id = parent.id if isinstance(parent, ActiveRun) else parent
         if parent_id is not None:
-            storable(check_text(parent_id, "parent run id"), "parent run id")
+            check_text(parent_id, "parent run id")
             self.get(parent_id)  # NotFoundError for an unknown parent
         exp_id = self._experiment_id(experiment)
         run_id = uuid.uuid4().hex
@@ -263,7 +263,7 @@ class RunStore:
 
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
         """Every point of one metric, by step then time (NaN and infinities as logged)."""
-        storable(check_text(key, "metric name", limit=_NAME_MAX), "metric name")
+        check_text(key, "metric name", limit=_NAME_MAX)
         steps, stamps, values = read_history(self._db, _checked_run_id(run_id), key)
         return [MetricPoint(s, t, v) for s, t, v in zip(steps.tolist(), stamps.tolist(), values.tolist())]
 
@@ -389,7 +389,7 @@ class RunStore:
 def _checked_run_id(run_id: Any) -> str:
     """A run id to look up: a string a database can hold (an unknown one is NotFoundError later), else
     DataError (PostgreSQL refused a NUL in the query itself, where SQLite found no such run)."""
-    return storable(check_text(run_id, "run id", meaning="a string (run.id)", limit=_NAME_MAX), "run id")
+    return check_text(run_id, "run id", meaning="a string (run.id)", limit=_NAME_MAX)
 
 
 def _check_experiment(name: Any) -> None:
