@@ -203,3 +203,13 @@ def test_a_float_input_refuses_strings_rather_than_parsing_them(served):  # noqa
         served.serving.predict("cast_float", {"user_id": [1], "basket": ["2.5"]}, backend=backend)
     out = served.serving.predict("cast_float", {"user_id": [1], "basket": [True]}, backend=backend)
     assert out["output__0"] == [[3.0, 10.0, 1.0]]
+
+
+def test_an_int_past_a_float_inputs_range_is_refused_by_name(served):  # noqa: F811
+    try:
+        served.models.resolve("cast_float", version=1)
+    except mp.NotFoundError:
+        _log(served, "cast_float")
+    with pytest.raises(mp.DataError, match=r"column 'basket' of cast_float v1's input is float32 and cannot hold 1"):
+        served.serving.predict("cast_float", {"user_id": [1], "basket": [10**400]},
+                               backend=served.serving.local_backend())  # a raw OverflowError before

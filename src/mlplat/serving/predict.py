@@ -151,7 +151,11 @@ class Predictor:
                     refused.append((col, values))
                     continue
                 values = [fill if v is None else v for v in values]  # as the model was trained
-            matrix[:, j] = _numbers(plan, col, values)
+            try:
+                matrix[:, j] = _numbers(plan, col, values)
+            except OverflowError:  # a Python int past the input type's range: the checked path names it
+                _checked_numbers(_what(plan, col), np.dtype(plan.input_dtype), values)
+                raise
             if col in given:  # as the model got them (numbers of its type), so the log file's column converts
                 given[col] = [None if g is None else v for g, v in zip(given[col], matrix[:, j].tolist())]
         if refused:  # before inference and the served log: nothing is served
@@ -181,12 +185,32 @@ def _fills(model: str, version: int, meta: dict, columns: tuple[str, ...], dtype
     return tuple(rule.get(c) for c in columns) if isinstance(rule, dict) else (rule,) * len(columns)
 
 
-def _numbers(plan: _Plan, col: str, values: list) -> np.ndarray:
+def _numbers(plan: _Plan, col: str, values: list) -> list | np.ndarray:
     """One input column's values as numbers the model's input type holds unchanged, else DataError naming
     the value: a string or list among them, a fraction, NaN or a value out of range for an integer input
-    (the checks a Triton client or the local backend makes of an input array)."""
+    (the checks a Triton client or the local backend makes of an input array). Plain Python floats and ints
+    (what the online store gives) for a float input, and ints in range for an integer one, pass as they are."""
     want = np.dtype(plan.input_dtype)
-    what = f"column {col!r} of {plan.model} v{plan.version}'s input"
+    if want.kind == "f":
+        if all(v.__class__ is float or v.__class__ is int for v in values):
+            return values
+    elif all(v.__class__ is int for v in values) and _INT_RANGE[want.char][0] <= min(values) \
+            and max(values) <= _INT_RANGE[want.char][1]:
+        return values
+    return _checked_numbers(_what(plan, col), want, values)
+
+
+def _what(plan: _Plan, col: str) -> str:
+    return f"column {col!r} of {plan.model} v{plan.version}'s input"
+
+
+_INT_RANGE = {np.dtype(t).char: (np.iinfo(t).min, np.iinfo(t).max) for t in (np.int8, np.int16, np.int32, np.int64,
+                                                                         np.uint8, np.uint16, np.uint32, np.uint64)}
+
+
+def _checked_numbers(what: str, want: np.dtype, values: list) -> np.ndarray:
+    """The values as an array after :func:`check_cast`'s checks (numpy types, bools, floats for an integer
+    input), else DataError naming the value."""
     try:
         arr = np.asarray(values)
     except (TypeError, ValueError):  # ragged: lists among the numbers
