@@ -200,9 +200,7 @@ def probe_model(model: Any, example_input: Any) -> None:
     """Check ``model`` is a torch module and run it on ``example_input`` as ``log_model`` will (in eval mode,
     without grad): a DataError now (``p.runs.training`` calls it before the run starts) rather than once the
     training is over."""
-    torch = _torch()
-    if not isinstance(model, torch.nn.Module):
-        raise DataError(f"log_model takes a torch.nn.Module, got {type(model).__name__}")
+    _check_module(model)
     if example_input is None:
         return
     was_training = model.training
@@ -211,6 +209,11 @@ def probe_model(model: Any, example_input: Any) -> None:
         _as_signature(None, example_input, model)
     finally:
         model.train(was_training)
+
+
+def _check_module(model: Any) -> None:
+    if not isinstance(model, _torch().nn.Module):
+        raise DataError(f"log_model takes a torch.nn.Module, got {type(model).__name__}")
 
 
 def example_dtype(example_input: Any) -> str | None:
@@ -231,8 +234,7 @@ def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping
     it is checked (against the columns and the input's type, when known) before anything is written.
     """
     torch = _torch()
-    if not isinstance(model, torch.nn.Module):
-        raise DataError(f"log_model takes a torch.nn.Module, got {type(model).__name__}")
+    _check_module(model)
     columns = checked_columns(columns, example_width(example_input))  # before the model runs, as fill_null
     fill = checked_fill_null(fill_null, columns, None)  # before the model runs: a bad value is refused at once
     folder.mkdir(parents=True, exist_ok=True)
