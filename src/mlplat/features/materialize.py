@@ -307,6 +307,12 @@ class _Staged:
     def publish(self) -> None:
         self._fs.move(self._tmp, f"{self._folder}/{_pushed_name()}")
 
+    def discard(self) -> None:
+        try:
+            self._fs.delete_file(self._tmp)
+        except OSError:
+            pass
+
 
 _last_push_ns = 0
 _push_clock = threading.Lock()
@@ -321,12 +327,6 @@ def _pushed_name() -> str:
     with _push_clock:
         ns = _last_push_ns = max(time.time_ns(), _last_push_ns + 1)
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(ns // 10**9))}.{ns % 10**9:09d}-{uuid.uuid4().hex}.parquet"
-
-    def discard(self) -> None:
-        try:
-            self._fs.delete_file(self._tmp)
-        except OSError:
-            pass
 
 
 def _created_now(rows: int, schema: pa.Schema | None, name: str) -> pa.Array:
