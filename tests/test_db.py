@@ -131,6 +131,34 @@ def test_sqlite_write_transactions_take_the_lock_at_begin(tmp_path):
     db.dispose()
 
 
+def test_a_write_interrupted_inside_a_statement_leaves_no_lock_behind(tmp_path):
+    """Ctrl-C while SQLite ran an INSERT (a KeyboardInterrupt raised while sqlite3 bound the second row): the
+    connection's close() waited for the statement the traceback kept alive, so its write lock stayed until the
+    garbage collector ran, and every other writer of the home failed with "database is locked"."""
+    import sqlite3
+
+    class Interrupt:  # what a SIGINT does between two rows of an executemany
+        def __conform__(self, protocol):
+            raise KeyboardInterrupt
+
+    db = Database(f"sqlite:///{tmp_path / 'x.db'}")
+    ensure_schema(db)
+    with pytest.raises(KeyboardInterrupt) as interrupted:  # the traceback stays referenced, as in a notebook
+        with db.connect(write=True) as conn:
+            conn.execute(sa.text("INSERT INTO experiments (name, description, created_at) VALUES (:name, '', CURRENT_TIMESTAMP)"),
+                         [{"name": "a"}, {"name": Interrupt()}])
+    assert interrupted.traceback  # still alive here
+    other = sqlite3.connect(tmp_path / "x.db", timeout=0.2, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # "database is locked" before
+    other.execute("ROLLBACK")
+    other.close()
+    with db.connect(write=True) as conn:  # and the database goes on, without the interrupted row
+        conn.execute(sa.text("INSERT INTO experiments (name, description, created_at) VALUES ('b', '', CURRENT_TIMESTAMP)"))
+    with db.connect() as conn:
+        assert conn.execute(sa.text("SELECT name FROM experiments")).scalars().all() == ["b"]
+    db.dispose()
+
+
 def test_sqlite_urls_expand_the_users_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert normalize_url("sqlite:///~/a/x.db").database == str(tmp_path / "a" / "x.db")

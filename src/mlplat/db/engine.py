@@ -175,6 +175,17 @@ def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
 
+    @event.listens_for(engine, "invalidate")
+    def _on_invalidate(dbapi_conn: sqlite3.Connection, record: Any, exc: BaseException | None) -> None:
+        # SQLAlchemy invalidates a connection a KeyboardInterrupt (Ctrl-C) stopped inside a statement; its
+        # close() then waits for the statement, which the traceback keeps alive, so the transaction and its
+        # write lock stayed until the garbage collector ran: every other writer failed "database is locked"
+        try:
+            if dbapi_conn.in_transaction:
+                dbapi_conn.rollback()
+        except sqlite3.Error:
+            pass
+
     return engine
 
 
