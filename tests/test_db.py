@@ -159,6 +159,42 @@ def test_a_write_interrupted_inside_a_statement_leaves_no_lock_behind(tmp_path):
     db.dispose()
 
 
+def test_a_flush_interrupted_after_its_commit_does_not_write_its_rows_again(tmp_path):
+    """Ctrl-C as the connection went back to the pool, after the commit: the metric buffer and the A/B gateway
+    kept the rows for the next flush, which wrote them a second time (metric_history held duplicates)."""
+    import torch
+
+    p = mp.Platform(tmp_path / "home")
+    with p.runs.start("e") as run:
+        run.log_model(torch.nn.Linear(2, 1), "model")
+    p.models.register("m", run.id)
+    gateway = mp.ABGateway("m@1", "m@1", 0.5, "exp", platform=p)
+    interrupt = [False]
+
+    def checkin(dbapi_conn, record):
+        if interrupt[0]:
+            interrupt[0] = False
+            raise KeyboardInterrupt
+
+    sa.event.listen(p.db.engine, "checkin", checkin)
+    run = p.runs.start("e")
+    for step in range(5):
+        run.log_metric("loss", 1.0 / (step + 1), step=step)
+        gateway.route(step)
+    for flush in (run.flush, gateway.flush):
+        interrupt[0] = True
+        with pytest.raises(KeyboardInterrupt):
+            flush()
+        flush()  # what a later flush (or close) does
+    sa.event.remove(p.db.engine, "checkin", checkin)
+    run.end()
+    assert [m.step for m in p.runs.metric_history(run.id, "loss")] == [0, 1, 2, 3, 4]  # each once
+    with p.db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM ab_decisions")).scalar() == 5
+    gateway.close()
+    p.close()
+
+
 def test_sqlite_urls_expand_the_users_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert normalize_url("sqlite:///~/a/x.db").database == str(tmp_path / "a" / "x.db")

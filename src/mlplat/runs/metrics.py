@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +47,10 @@ class _Points:
         self.timestamps += other.timestamps
 
 
-def write_chunks(db: Database, run_id: str, batch: dict[str, _Points]) -> None:
-    """Write one flush of a run (a chunk per key and the latest values) in one transaction.
+def write_chunks(db: Database, run_id: str, batch: dict[str, _Points],
+                 committed: Callable[[], None] | None = None) -> None:
+    """Write one flush of a run (a chunk per key and the latest values) in one transaction; ``committed`` is
+    called as soon as the commit returns (an interrupt after it must not have the points written again).
 
     Keys are written in sorted order: the upsert of the latest values locks one row per key, and two
     processes flushing one run (a resumed run) that locked them in different orders deadlocked on
@@ -81,6 +84,9 @@ def write_chunks(db: Database, run_id: str, batch: dict[str, _Points]) -> None:
                   "timestamp": insert.excluded.timestamp},
             where=newer,
         ), latest)
+        conn.commit()
+        if committed is not None:
+            committed()
 
 
 def read_history(db: Database, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -195,9 +201,12 @@ class MetricBuffer:
         with self._flush_lock:
             with self._lock:
                 batch, self._pending, self._count = self._pending, {}, 0
+            written = []
             try:
-                write_chunks(self._db, self.run_id, batch)
+                write_chunks(self._db, self.run_id, batch, lambda: written.append(True))
             except BaseException:
+                if written:  # interrupted (Ctrl-C) once committed: kept again, they were written twice
+                    raise
                 with self._lock:  # keep them, ahead of what came meanwhile, for the next try
                     for key, pts in self._pending.items():
                         batch.setdefault(key, _Points()).extend(pts)

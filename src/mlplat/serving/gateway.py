@@ -129,12 +129,17 @@ class _Writes:
                 taken, self._rows = self._rows, {ABDecision: [], ABOutcome: []}
             if not any(taken.values()):
                 return  # no write transaction (on SQLite it would take the database's write lock) for nothing
+            committed = False
             try:
                 with self._db.connect(write=True) as conn:
                     for table, rows in taken.items():
                         if rows:
                             conn.execute(sa.insert(table), rows)
+                    conn.commit()
+                    committed = True
             except BaseException:
+                if committed:  # interrupted (Ctrl-C) once written: kept again, they were written twice
+                    raise
                 with self._lock:
                     for table, rows in taken.items():
                         self._rows[table][:0] = rows
