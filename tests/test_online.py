@@ -137,6 +137,33 @@ def test_a_feature_named_as_a_join_key_of_the_request_is_refused_not_written_ove
                    "risk__fraud_rate": [0.1, 0.2]}
 
 
+def test_threads_that_ended_do_not_keep_their_sqlite_online_connections(tmp_path):
+    """A thread-per-request server: each thread's connection (2 files) stayed open until close(), so a few
+    hundred requests ran the process out of file descriptors ("unable to open database file")."""
+    from mlplat.features.online.sqlite import SQLiteOnlineStore
+
+    store = SQLiteOnlineStore(f"sqlite:///{tmp_path / 'online.db'}")
+    store.read([])
+
+    def request() -> None:
+        assert store.read([(["v@1"], [b"k"])]) == [None]
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    for _ in range(5):  # warm-up: the first threads' connections
+        worker = threading.Thread(target=request)
+        worker.start()
+        worker.join()
+    before = open_files()
+    for _ in range(100):
+        worker = threading.Thread(target=request)
+        worker.start()
+        worker.join()
+    assert open_files() <= before + 2  # 200 more before
+    store.close()
+
+
 # ---------------------------------------------------- materialize and CAS
 def test_materialize_is_incremental_and_rerunning_changes_nothing(p, tmp_path):
     write(tmp_path / "src" / "a.parquet", [1, 2], [48, 30], [10, 20])

@@ -61,8 +61,8 @@ def _after_fork_in_child() -> None:
     the parent's files), and never used again.
     """
     for store in list(_STORES):
-        _INHERITED.extend(store._all)
-        store._all = []
+        _INHERITED.extend(store._all.values())
+        store._all = {}
         store._local = threading.local()
         store._lock = threading.Lock()
 
@@ -83,7 +83,7 @@ class SQLiteOnlineStore(OnlineStore):
         self._path = Path(database).expanduser()
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: dict[threading.Thread, sqlite3.Connection] = {}  # each thread's, while it lives
         self._lock = threading.Lock()
         _STORES.add(self)
         self._conn().execute(_SCHEMA)
@@ -101,7 +101,10 @@ class SQLiteOnlineStore(OnlineStore):
                 raise OnlineStoreError(f"online store {self.name}: {exc}") from None
             self._local.conn = conn
             with self._lock:
-                self._all.append(conn)
+                ended = [t for t in self._all if not t.is_alive()]
+                for thread in ended:  # a thread-per-request server: without this, 2 files per request ever made
+                    self._all.pop(thread).close()
+                self._all[threading.current_thread()] = conn
         return conn
 
     def read(self, groups: Sequence[ReadGroup]) -> list[bytes | None]:
@@ -159,7 +162,7 @@ class SQLiteOnlineStore(OnlineStore):
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._all:
+            for conn in self._all.values():
                 conn.close()
             self._all.clear()
         self._local = threading.local()
