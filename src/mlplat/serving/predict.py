@@ -194,8 +194,8 @@ def _numbers(plan: _Plan, col: str, values: list) -> list | np.ndarray:
     if want.kind == "f":
         if all(v.__class__ is float or v.__class__ is int for v in values):
             return values
-    elif all(v.__class__ is int for v in values) and _INT_RANGE[want.char][0] <= min(values) \
-            and max(values) <= _INT_RANGE[want.char][1]:
+    elif want.char in _INT_RANGE and all(v.__class__ is int for v in values) \
+            and _INT_RANGE[want.char][0] <= min(values) and max(values) <= _INT_RANGE[want.char][1]:
         return values
     return _checked_numbers(_what(plan, col), want, values)
 
