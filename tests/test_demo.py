@@ -96,6 +96,19 @@ def test_demo_ignores_mlplat_environment_variables(tmp_path, monkeypatch):
     assert skew["found_users"] == sorted(skew["planted_users"]) and len(skew["planted_users"]) == 40
 
 
+def test_a_bad_online_store_url_leaves_the_last_demo_as_it_was(tmp_path):
+    """The folder was emptied first and the URL refused after: the last demo was gone and nothing made."""
+    from mlplat.demo.data import fresh_home
+    from mlplat.errors import ConfigError
+
+    home = tmp_path / "home"
+    fresh_home(home)  # what a demo run leaves, besides its data
+    (home / "mlplat.db").write_text("the last demo's database")
+    with pytest.raises(ConfigError, match="'abc' is not a number"):
+        run_demo(home, online_store="redis://127.0.0.1:6379/abc", console=Console(quiet=True))
+    assert (home / "mlplat.db").read_text() == "the last demo's database"
+
+
 def test_demo_reports_the_time_of_each_step(demo):
     """The closing table's numbers (how long they are is the machine's: timings are not asserted here)."""
     timings = demo["timings"]

@@ -165,11 +165,12 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
         if triton is not None:
             cleanup.callback(triton.close)
         home = Path(home).expanduser().resolve()
-        fresh_home(home)
         # settings from the arguments and defaults only: no MLPLAT_* variable points it elsewhere or thins the
-        # served log (a sample rate below 1 would hide planted users from the skew check)
-        p = mp.Platform(settings=mp.Settings.resolve(home, online_store=online_store, triton_url=triton_url,
-                                                     environ={}))
+        # served log (a sample rate below 1 would hide planted users from the skew check); resolved before the
+        # folder is emptied, so a bad URL leaves the last demo as it was
+        settings = mp.Settings.resolve(home, online_store=online_store, triton_url=triton_url, environ={})
+        fresh_home(home)
+        p = mp.Platform(settings=settings)
         cleanup.callback(p.close)
         return _journey(p, console, home, triton, triton_url)
 
