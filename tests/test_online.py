@@ -1253,8 +1253,14 @@ def test_single_node_reads_are_one_command(tmp_path, redis_url, monkeypatch):
 
 @pytest.mark.parametrize(
     "url, message",
-    [("redis://h:1/0?timeout=-1", "timeout must be > 0"), ("redis://h:1/0?retries=x", "bad parameter"),
-     ("memcached://h", "use sqlite:///path"), ("sqlite://", "give a file")],
+    [("redis://h:1/0?timeout=-1", "timeout must be a finite number > 0"), ("redis://h:1/0?retries=x", "bad parameter"),
+     ("memcached://h", "use sqlite:///path"), ("sqlite://", "give a file"),
+     # "unexpected ValueError / OverflowError / TypeError ... a bug in mlplat" before
+     ("redis://h:1/0?timeout=nan", "timeout must be a finite number > 0"),
+     ("redis://h:1/0?timeout=inf", "timeout must be a finite number > 0"),
+     ("redis://h:1/0?tiemout=0.5", "a query parameter is wrong .*'tiemout'.* mlplat's are prefix, timeout"),
+     ("redis://:secret@h:1/0?socket_timeout=abc", r"online store redis://:\*\*\*@h:1/0\?socket_timeout=abc: a query "
+                                                  "parameter is wrong .*socket_timeout")],
 )
 def test_bad_online_store_urls(url, message):
     from mlplat.features.online import open_online_store

@@ -48,7 +48,8 @@ applied is counted once. A command redirected 6 times in a row (nodes that
 disagree on a slot's owner; a MOVED after the first waits 0.05 s, 0.1 s ...) is
 an error: the sixth redirect is not followed.
 
-Other query parameters go to redis-py (e.g. ``ssl_cert_reqs=none``).
+Other query parameters go to redis-py (e.g. ``ssl_cert_reqs=none``); one it does not take is a
+ConfigError when the store opens.
 """
 from __future__ import annotations
 
@@ -156,8 +157,9 @@ def _parse(url: str) -> tuple[str, _Options, bool]:
         )
     except ValueError as exc:
         raise ConfigError(f"online store {hide_password(url)!r}: bad parameter ({exc})") from None
-    if opts.timeout <= 0 or opts.retries < 0 or opts.batch < 1:
-        raise ConfigError(f"online store {hide_password(url)!r}: timeout must be > 0, retries >= 0, batch >= 1")
+    if not opts.timeout > 0 or opts.timeout == float("inf") or opts.retries < 0 or opts.batch < 1:
+        raise ConfigError(f"online store {hide_password(url)!r}: timeout must be a finite number > 0 (seconds), "
+                          "retries >= 0, batch >= 1")
     base = urlunsplit((base_scheme, parts.netloc, parts.path, urlencode(query), ""))
     return base, opts, cluster
 
@@ -236,15 +238,21 @@ class RedisOnlineStore(OnlineStore):
         timeouts = {"socket_timeout": self._opts.timeout, "socket_connect_timeout": self._opts.timeout}
         self._cluster = None
         self._pool: ConnectionPool | None = None
-        if cluster:
-            from redis.cluster import RedisCluster
+        try:
+            if cluster:
+                from redis.cluster import RedisCluster
 
-            try:
-                self._cluster = RedisCluster.from_url(base, **timeouts)
-            except _FAILURES as exc:
-                raise OnlineStoreError(f"online store {self.name}: {_describe(exc, self._opts.timeout)}") from None
-        else:
-            self._pool = ConnectionPool.from_url(base, **timeouts)
+                try:
+                    self._cluster = RedisCluster.from_url(base, **timeouts)
+                except _FAILURES as exc:
+                    raise OnlineStoreError(f"online store {self.name}: {_describe(exc, self._opts.timeout)}") from None
+            else:
+                self._pool = ConnectionPool.from_url(base, **timeouts)
+                self._pool.connection_class(**self._pool.connection_kwargs)  # its arguments checked, no socket yet
+        except (TypeError, ValueError, OverflowError) as exc:  # a query parameter redis-py does not take
+            raise ConfigError(f"online store {self.name}: a query parameter is wrong ({exc}); mlplat's are prefix, "
+                              "timeout, retries and batch, the others go to redis-py (e.g. ssl_cert_reqs=none)"
+                              ) from None
         self._shas: dict[str, bytes] = {}  # node name -> script sha
         self._unlisted: dict[str, Any] = {}  # MOVED/ASK targets the slot layout lacks: node name -> ClusterNode
         self._lock = threading.Lock()
