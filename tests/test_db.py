@@ -206,6 +206,15 @@ def test_sqlite_urls_expand_the_users_home(monkeypatch, tmp_path):
     assert (tmp_path / "a" / "x.db").is_file()
 
 
+def test_url_schemes_are_case_insensitive(tmp_path):
+    """Settings took SQLITE:// and PostgreSQL:// (as it lowers the scheme), then the engine refused them."""
+    assert normalize_url(f"SQLITE:///{tmp_path / 'x.db'}").drivername == "sqlite"
+    assert normalize_url("PostgreSQL://root@127.0.0.1/test").drivername == "postgresql+psycopg"
+    with mp.Platform(tmp_path / "home", database_url=f"SQLite:///{tmp_path / 'home.db'}") as p:
+        assert p.runs.experiments() == []
+    assert (tmp_path / "home.db").is_file()
+
+
 def test_urls_pick_the_driver_and_refuse_others():
     assert normalize_url("postgres://u@h/db").drivername == "postgresql+psycopg"
     assert normalize_url("postgresql+psycopg2://u@h/db").drivername == "postgresql+psycopg"

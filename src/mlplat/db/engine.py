@@ -53,7 +53,7 @@ def normalize_url(url: str) -> sa.URL:
         parsed = sa.make_url(url)
     except (sa.exc.ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         raise ConfigError(f"database_url {shown!r} is not a valid URL: {hide_password(str(exc))}") from None
-    backend = parsed.get_backend_name()
+    backend = parsed.get_backend_name().lower()  # a URL's scheme is case-insensitive (RFC 3986): SQLITE:// too
     if backend in ("postgresql", "postgres"):
         return parsed.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
