@@ -1,6 +1,7 @@
 """`mlplat demo`: the whole journey, on SQLite, on Redis and on a real Triton server."""
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -90,10 +91,18 @@ def test_demo_ignores_mlplat_environment_variables(tmp_path, monkeypatch):
     monkeypatch.setenv("MLPLAT_DATABASE_URL", f"sqlite:///{elsewhere / 'other.db'}")
     monkeypatch.setenv("MLPLAT_ARTIFACT_ROOT", str(elsewhere / "artifacts"))
     monkeypatch.setenv("MLPLAT_SERVED_SAMPLE", "0.05")  # would log 1 served row in 20
-    summary = run_demo(tmp_path / "home", console=Console(quiet=True))
+    out = io.StringIO()
+    summary = run_demo(tmp_path / "home", console=Console(file=out, width=400))
     assert not elsewhere.exists() and (tmp_path / "home" / "mlplat.db").is_file()
     skew = summary["skew"]
     assert skew["found_users"] == sorted(skew["planted_users"]) and len(skew["planted_users"]) == 40
+    # the commands it suggests read the demo's database, though the variables still point elsewhere
+    (suggested,) = re.findall(r"next: mlplat (.*) models lineage fraud --verify", out.getvalue())
+    assert f"--database-url sqlite:///{tmp_path / 'home' / 'mlplat.db'}" in suggested
+    assert "with MLPLAT_ARTIFACT_ROOT unset" in out.getvalue()
+    monkeypatch.delenv("MLPLAT_ARTIFACT_ROOT")
+    result = CliRunner().invoke(cli, [*suggested.split(), "models", "lineage", "fraud"])
+    assert result.exit_code == 0, result.output  # "unknown model 'fraud'" before
 
 
 def test_a_bad_online_store_url_leaves_the_last_demo_as_it_was(tmp_path):

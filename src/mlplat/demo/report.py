@@ -1,6 +1,7 @@
 """What the demo prints after each step, and its closing summary."""
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,15 @@ def closing(console: Any, timings: dict[str, float], total: float, home: Path, s
         out.add_row(name.replace("_", " "), f"{seconds:.2f}")
     console.print(out)
     console.print(f"home: {home}  (database {settings.database_url}, online store {settings.online_store})")
-    # the online store is not recorded in the home: a command reading it must be told (materialize, predict)
-    where = f"--home {home}" + ("" if settings.online_store.startswith("sqlite") else
-                                f" --online-store {hide_password(settings.online_store)}")
+    # the online store is not recorded in the home: a command reading it must be told (materialize, predict);
+    # and the demo ignored MLPLAT_* variables, which the next commands would follow to another database
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLPLAT_") and v.strip()}
+    where = f"--home {home}"
+    if "MLPLAT_DATABASE_URL" in env:
+        where += f" --database-url {hide_password(settings.database_url)}"
+    if not settings.online_store.startswith("sqlite") or "MLPLAT_ONLINE_STORE" in env:
+        where += f" --online-store {hide_password(settings.online_store)}"
     console.print(f"next: mlplat {where} models lineage fraud --verify")
     console.print(f"      mlplat {where} monitor skew fraud")
+    if "MLPLAT_ARTIFACT_ROOT" in env:
+        console.print("      (with MLPLAT_ARTIFACT_ROOT unset: the demo's artifacts are under the home)")
