@@ -40,6 +40,8 @@ CHECK_FAILED = 3
 BROKEN_PIPE = 141
 #: a version number as the registry and catalog store it (_checks.VERSION_MAX)
 _VERSION = click.IntRange(1, VERSION_MAX)
+#: the widths of Triton's config fields, which the export checks (serving.triton_repo._INT32, _UINT64)
+_INT32, _UINT64 = 2**31 - 1, 2**64 - 1
 
 
 def _json_default(value: Any) -> Any:
@@ -80,6 +82,23 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> date
         return as_utc(t)
     except OverflowError:  # 9999-12-31T23:00-05:00 is past the last UTC time Python holds
         raise click.BadParameter(f"{value!r} is out of range: in UTC it falls outside years 1 to 9999") from None
+
+
+#: what to do instead of giving an empty value, for the options _not_empty checks
+_INSTEAD_OF_EMPTY = {"repository": "give the Triton model repository's folder (. for the current one)",
+                     "triton_name": "leave it out to use NAME"}
+
+
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An option that must not be empty or blank (``--repository "$UNSET"`` would mean the current folder)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter(f"is empty: {_INSTEAD_OF_EMPTY[param.name]}")
+    return value
+
+
+def _home(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A ``--home``: empty or blank counts as not given, as an empty MLPLAT_HOME does (not the current folder)."""
+    return value if value and value.strip() else None
 
 
 def _console():
@@ -163,8 +182,8 @@ def _silence_stdout() -> None:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlplat")
-@click.option("--home", default=None, metavar="DIR",
-              help="Platform home folder (default: $MLPLAT_HOME or ./mlplat-home).")
+@click.option("--home", default=None, metavar="DIR", callback=_home,
+              help="Platform home folder (default: $MLPLAT_HOME or ./mlplat-home; empty counts as not given).")
 @click.option("--database-url", default=None, metavar="URL", help="SQL database URL (default: SQLite under the home).")
 @click.option("--online-store", default=None, metavar="URL", help="Online store URL (default: SQLite under the home).")
 @click.pass_context
@@ -198,7 +217,7 @@ def _platform(ctx: click.Context, *, create: bool = False):
 
 # ------------------------------------------------------------------- demo
 @cli.command()
-@click.option("--home", "demo_home", default=None,
+@click.option("--home", "demo_home", default=None, callback=_home,
               help="Folder for the demo, wiped on each run (default: the global --home, else ./mlplat-demo).")
 @click.option("--online-store", "demo_online", default=None, help="Online store URL, e.g. redis://127.0.0.1:6379/0.")
 @click.option("--triton-url", default=None, help="Also serve through this Triton server (gRPC host:port).")
@@ -508,21 +527,22 @@ def serve() -> None:
 
 @serve.command("export")
 @click.argument("name")
-@click.option("--repository", required=True, type=click.Path(file_okay=False), help="Triton model repository.")
+@click.option("--repository", required=True, type=click.Path(file_okay=False), callback=_not_empty,
+              help="Triton model repository.")
 @click.option("--version", "version", type=_VERSION, default=None, help="A version number.")
 @click.option("--stage", default=None, type=click.Choice(["none", "staging", "production", "archived"]),
               help="The version in this stage (default: production).")
 @click.option("--alias", default=None, help="The version an alias points at.")
 @click.option("--backend", default="python", show_default=True,
               type=click.Choice(["python", "pytorch_libtorch", "onnxruntime"]))
-@click.option("--max-batch-size", type=click.IntRange(min=0), default=64, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(0, _INT32), default=64, show_default=True)
 @click.option("--preferred-batch-sizes", default="", help="Comma-separated, e.g. 16,64: the dynamic batcher's aims.")
-@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=None,
+@click.option("--max-queue-delay-us", type=click.IntRange(0, _UINT64), default=None,
               help="Dynamic batching's wait for more requests (default 0).")
 @click.option("--no-dynamic-batching", is_flag=True,
               help="A config without Triton's dynamic batcher (on by default when --max-batch-size > 0).")
-@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--triton-name", default=None, help="Model name in the repository (default: NAME).")
+@click.option("--instances", type=click.IntRange(1, _INT32), default=1, show_default=True)
+@click.option("--triton-name", default=None, callback=_not_empty, help="Model name in the repository (default: NAME).")
 @_json_flag
 @click.pass_context
 def serve_export(ctx: click.Context, name: str, repository: str, version: int | None, stage: str | None,
@@ -537,6 +557,8 @@ def serve_export(ctx: click.Context, name: str, repository: str, version: int | 
     except ValueError:
         raise click.BadParameter(f"--preferred-batch-sizes {preferred_batch_sizes!r}: integers, comma-separated") \
             from None
+    if any(not 1 <= size <= _INT32 for size in sizes):
+        raise click.BadParameter(f"--preferred-batch-sizes {preferred_batch_sizes!r}: each size is 1 to {_INT32}")
     tuned = bool(sizes) or max_queue_delay_us is not None
     if no_dynamic_batching and tuned:
         raise click.UsageError("--no-dynamic-batching cannot be combined with --preferred-batch-sizes or "

@@ -36,6 +36,9 @@ class Platform:
 
         p = mp.Platform("./home", database_url="postgresql://user@db/mlplat",
                         online_store="redis://127.0.0.1:6379/0")
+
+    ``settings=`` (an :class:`~mlplat.Settings`) replaces the other arguments: combining it with any of
+    them is a ConfigError.
     """
 
     def __init__(
@@ -50,10 +53,20 @@ class Platform:
         served_sample_rate: float | None = None,
         settings: Settings | None = None,
     ) -> None:
-        self.settings = settings or Settings.resolve(
-            home, database_url=database_url, online_store=online_store, artifact_root=artifact_root,
-            threads=threads, triton_url=triton_url, served_sample_rate=served_sample_rate,
-        )
+        arguments = {"home": home, "database_url": database_url, "online_store": online_store,
+                     "artifact_root": artifact_root, "threads": threads, "triton_url": triton_url,
+                     "served_sample_rate": served_sample_rate}
+        if settings is None:
+            settings = Settings.resolve(**arguments)
+        elif not isinstance(settings, Settings):
+            raise ConfigError(f"settings= must be an mp.Settings (from Settings.resolve(...)), got "
+                              f"{type(settings).__name__}")
+        else:
+            given = [f"{k}=" for k, v in arguments.items() if v is not None]
+            if given:  # they would be silently ignored: the settings already hold every value
+                raise ConfigError(f"settings= cannot be combined with {', '.join(given)}: pass either settings= "
+                                  "or the setting arguments (Settings.resolve(...) takes the same arguments)")
+        self.settings = settings
         s = self.settings
         try:
             s.home.mkdir(parents=True, exist_ok=True)

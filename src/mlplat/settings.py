@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from ._checks import shown
 from .errors import ConfigError
 
 __all__ = ["Settings", "hide_password"]
@@ -79,14 +80,19 @@ class Settings:
         A variable's surrounding white space is dropped (a value read from a file or a secret often ends in
         a newline), and an empty or blank variable counts as unset. Relative paths (``home``, a
         ``sqlite:///`` file, a local ``artifact_root``) are made absolute against the current folder now,
-        so that a later ``os.chdir`` does not move them."""
+        so that a later ``os.chdir`` does not move them. An empty or blank ``home`` counts as unset too,
+        like ``MLPLAT_HOME`` (it is not the current folder). A setting of the wrong type (``home=123``,
+        ``triton_url=5``) is a ConfigError naming the argument."""
         env = _Stripped(os.environ if environ is None else environ)
+        home = _text("home", home, path=True, strip=False)
+        home = home if home and home.strip() else None  # "" counts as unset, as MLPLAT_HOME="" does (not ".")
         home_path = Path(home if home is not None else (env.get("MLPLAT_HOME") or "mlplat-home")).expanduser().resolve()
-        db = _url("database_url", _strip(database_url), env, "MLPLAT_DATABASE_URL",
+        db = _url("database_url", _text("database_url", database_url), env, "MLPLAT_DATABASE_URL",
                   f"sqlite:///{home_path / 'mlplat.db'}", _DB_SCHEMES, driver_suffix=True)
-        online = _url("online_store", _strip(online_store), env, "MLPLAT_ONLINE_STORE",
+        online = _url("online_store", _text("online_store", online_store), env, "MLPLAT_ONLINE_STORE",
                       f"sqlite:///{home_path / 'online.db'}", _ONLINE_SCHEMES)
-        artifacts = _strip(artifact_root) or env.get("MLPLAT_ARTIFACT_ROOT") or str(home_path / "artifacts")
+        artifacts = (_text("artifact_root", artifact_root, path=True) or env.get("MLPLAT_ARTIFACT_ROOT")
+                     or str(home_path / "artifacts"))
         if "://" not in artifacts:  # a local folder (s3://..., gs://..., file:///... stay as written)
             artifacts = os.path.abspath(os.path.expanduser(artifacts))
         return cls(
@@ -100,7 +106,7 @@ class Settings:
                                     minimum=0),
             db_pool_timeout=_number("db_pool_timeout", db_pool_timeout, env, "MLPLAT_DB_POOL_TIMEOUT", 30.0, float,
                                     minimum=0),
-            triton_url=_strip(triton_url) or env.get("MLPLAT_TRITON_URL") or None,
+            triton_url=_text("triton_url", triton_url) or env.get("MLPLAT_TRITON_URL") or None,
             served_sample_rate=_number("served_sample_rate", served_sample_rate, env, "MLPLAT_SERVED_SAMPLE", 1.0,
                                        float, minimum=0, maximum=1),
         )
@@ -138,9 +144,17 @@ class _Stripped(Mapping):
         return len(self._env)
 
 
-def _strip(value):
-    """A string argument without surrounding white space (a URL or path pasted with a newline); others as given."""
-    return value.strip() if isinstance(value, str) else value
+def _text(name: str, value: object, *, path: bool = False, strip: bool = True) -> str | None:
+    """Argument ``name``'s ``value``: None as given, else a str (``path``: or an ``os.PathLike``), by default
+    without surrounding white space (a URL or path pasted with a newline); anything else is a ConfigError."""
+    if value is None:
+        return None
+    text = os.fspath(value) if path and isinstance(value, os.PathLike) else value
+    if not isinstance(text, str):
+        wanted = "a path (a str or os.PathLike)" if path else "a str"
+        raise ConfigError(f"{name} must be {wanted}, got {shown(value)} of type {type(value).__name__} "
+                          f"(argument {name}=)")
+    return text.strip() if strip else text
 
 
 def _absolute_sqlite(url: str) -> str:

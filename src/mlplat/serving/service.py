@@ -10,6 +10,7 @@ Usage::
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 from pathlib import Path
@@ -65,13 +66,17 @@ class ServingService:
         (model.pt) or ``onnxruntime`` (model.onnx). Invalid settings are refused before anything
         is written.
         """
+        repository = _repository(repository)
+        if triton_name is not None and not (isinstance(triton_name, str) and triton_name.strip()):
+            raise DataError(f"triton_name= must be a non-empty model name (a str), got {triton_name!r}: leave it out "
+                            "to export under the model's own name")
         models = self._p.models
         info = models.resolve(name, version=version, stage=stage, alias=alias)
         meta = models.artifact_meta(info)
         with tempfile.TemporaryDirectory() as tmp:
             folder = models.fetch(info, Path(tmp) / "model")  # StoreError if its files changed since registration
             return write_repository(
-                Path(repository), triton_name or name, info.version, backend, folder, meta,
+                repository, name if triton_name is None else triton_name, info.version, backend, folder, meta,
                 max_batch_size=max_batch_size, batching=_batching(dynamic_batching, max_batch_size),
                 instances=instances,
                 parameters={"mlplat.model": name, "mlplat.version": str(info.version), "mlplat.run_id": info.run_id,
@@ -156,3 +161,12 @@ def _batching(value: DynamicBatching | bool | None, max_batch_size: Any) -> Any:
     if value is True:
         return DynamicBatching()
     return None if value is False else value
+
+
+def _repository(value: Any) -> Path:
+    """export_triton's ``repository``: a non-empty str or os.PathLike (``""`` would be the current folder)."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"repository= must be the Triton model repository's folder (a non-empty str or path), "
+                        f"got {value!r}")
+    return Path(text)
