@@ -440,6 +440,22 @@ def test_features_apply_sends_what_the_file_prints_to_stderr(scratch, home, tmp_
     assert result.stderr == "loading definitions\n"
 
 
+def test_features_apply_sends_what_a_subprocess_of_the_file_writes_to_stderr(scratch, home, tmp_path):
+    """Output at the file-descriptor level (os.system, a subprocess, a C library) went to stdout, so --json
+    was no longer one JSON document."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "defs.py"
+    source = str(Path(home) / "data" / "user_txn_7d")
+    path.write_text("import os\nos.system('echo from-a-subprocess')\n" + DEFINITIONS.format(source=source))
+    result = subprocess.run([sys.executable, "-m", "mlplat", "--home", scratch, "features", "apply", str(path),
+                             "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [r["name"] for r in json.loads(result.stdout)] == ["user", "user_spend_7d"]
+    assert "from-a-subprocess" in result.stderr
+
+
 # ------------------------------------------------------------ materialize
 def test_materialize_json_and_incremental(scratch):
     first = ok_json(invoke("materialize", "--json", "--start", "2000-01-01", home=scratch))

@@ -18,10 +18,12 @@ Every listing takes ``--json``. Exit status: 0 on success, 1 on an mlplat error
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -337,19 +339,39 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
 
 def _run_file(path: str) -> dict[str, Any]:
     """Run a Python file with its folder first on ``sys.path`` (as ``python FILE`` does); its globals."""
-    import contextlib
     import runpy
 
     folder = os.path.dirname(os.path.abspath(path))
     sys.path.insert(0, folder)
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # the file's prints must not break the result on stdout
+        with _stdout_to_stderr():  # what the file prints must not break the result on stdout
             return runpy.run_path(path)
     finally:
         try:
             sys.path.remove(folder)  # the first entry equal to it: ours, unless the file moved it
         except ValueError:
             pass
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """sys.stdout and file descriptor 1 both to stderr: a print, and what a subprocess (``os.system``) or a
+    C library writes to the process's stdout."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (a closed stdout): Python's prints only
+        saved = None
+    if saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 # ------------------------------------------------------------ materialize
