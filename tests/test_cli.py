@@ -895,3 +895,9 @@ def test_lineage_says_whether_the_artifact_is_what_was_registered(scratch):
                                                       RunArtifact.path == info.artifact).values(sha256="0" * 64))
     out = ok(invoke("models", "lineage", "fraud", home=scratch))
     assert f"(CHANGED after registration: registered {info.artifact_sha256[:16]}...)" in out
+
+
+def test_choosing_a_version_twice_names_the_command_line_options(home):
+    """The message named the Python keywords only (version=, stage= or alias=)."""
+    error(invoke("models", "lineage", "fraud", "--version", "1", "--stage", "staging", home=home), 1,
+          "--version, --stage or --alias")

@@ -417,7 +417,8 @@ class ModelRegistry:
             alias: str | None = None) -> ModelVersionInfo:
         """One version, chosen by exactly one of ``version``, ``stage`` or ``alias`` (none: the latest)."""
         if sum(x is not None for x in (version, stage, alias)) > 1:
-            raise DataError("choose a model version by one of version=, stage= or alias=")
+            raise DataError("choose a model version by one of version=, stage= or alias= (on the command line, "
+                            "one of --version, --stage or --alias), not several")
         if version is not None:
             check_version(version)
         if stage is not None:
