@@ -27,6 +27,11 @@ def as_int(value: object) -> int | None:
 VERSION_MAX = 2**31 - 1
 
 
+#: the widths of Triton's ModelConfig fields (int32 and uint64), which an export checks (the library and the
+#: CLI's serve export options)
+TRITON_INT32_MAX, TRITON_UINT64_MAX = 2**31 - 1, 2**64 - 1
+
+
 #: the most bins a drift check takes per feature (the library and the CLI's --bins): more leaves most of
 #: them a few training rows (and 10**10 did not fit in memory)
 BINS_MAX = 1_000

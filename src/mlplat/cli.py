@@ -30,7 +30,7 @@ from typing import Any
 import click
 
 from . import __version__
-from ._checks import BINS_MAX, VERSION_MAX, close_names
+from ._checks import BINS_MAX, TRITON_INT32_MAX, TRITON_UINT64_MAX, VERSION_MAX, close_names
 from ._console import as_text, print_lineage, print_skew, table
 from ._time import as_utc
 from .errors import ConfigError, MlplatError
@@ -42,8 +42,6 @@ CHECK_FAILED = 3
 BROKEN_PIPE = 141
 #: a version number as the registry and catalog store it (_checks.VERSION_MAX)
 _VERSION = click.IntRange(1, VERSION_MAX)
-#: the widths of Triton's config fields, which the export checks (serving.triton_repo._INT32, _UINT64)
-_INT32, _UINT64 = 2**31 - 1, 2**64 - 1
 
 
 def _json_default(value: Any) -> Any:
@@ -557,13 +555,13 @@ def serve() -> None:
 @click.option("--alias", default=None, help="The version an alias points at.")
 @click.option("--backend", default="python", show_default=True,
               type=click.Choice(["python", "pytorch_libtorch", "onnxruntime"]))
-@click.option("--max-batch-size", type=click.IntRange(0, _INT32), default=64, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(0, TRITON_INT32_MAX), default=64, show_default=True)
 @click.option("--preferred-batch-sizes", default="", help="Comma-separated, e.g. 16,64: the dynamic batcher's aims.")
-@click.option("--max-queue-delay-us", type=click.IntRange(0, _UINT64), default=None,
+@click.option("--max-queue-delay-us", type=click.IntRange(0, TRITON_UINT64_MAX), default=None,
               help="Dynamic batching's wait for more requests (default 0).")
 @click.option("--no-dynamic-batching", is_flag=True,
               help="A config without Triton's dynamic batcher (on by default when --max-batch-size > 0).")
-@click.option("--instances", type=click.IntRange(1, _INT32), default=1, show_default=True)
+@click.option("--instances", type=click.IntRange(1, TRITON_INT32_MAX), default=1, show_default=True)
 @click.option("--triton-name", default=None, callback=_not_empty, help="Model name in the repository (default: NAME).")
 @_json_flag
 @click.pass_context
@@ -579,8 +577,9 @@ def serve_export(ctx: click.Context, name: str, repository: str, version: int | 
     except ValueError:
         raise click.BadParameter(f"--preferred-batch-sizes {preferred_batch_sizes!r}: integers, comma-separated") \
             from None
-    if any(not 1 <= size <= _INT32 for size in sizes):
-        raise click.BadParameter(f"--preferred-batch-sizes {preferred_batch_sizes!r}: each size is 1 to {_INT32}")
+    if any(not 1 <= size <= TRITON_INT32_MAX for size in sizes):
+        raise click.BadParameter(f"--preferred-batch-sizes {preferred_batch_sizes!r}: each size is 1 to "
+                                 f"{TRITON_INT32_MAX}")
     tuned = bool(sizes) or max_queue_delay_us is not None
     if no_dynamic_batching and tuned:
         raise click.UsageError("--no-dynamic-batching cannot be combined with --preferred-batch-sizes or "

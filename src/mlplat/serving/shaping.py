@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import require_number
+from .._checks import TRITON_UINT64_MAX, require_number
 from ..errors import DataError, InferenceTimeoutError, ModelNotReadyError, QueueFullError, ServingError
 
 __all__ = ["ModelInfo", "to_arrays", "split", "join", "map_error", "check_request", "check_cast", "empty_outputs",
@@ -200,16 +200,13 @@ def check_request(priority: Any, timeout_us: Any, version: Any) -> None:
     if (priority.__class__ is int and timeout_us.__class__ is int and priority >= 0 and timeout_us >= 0
             and (version is None or (version.__class__ is int and version >= 1))):
         return  # the common case, checked without the messages
-    require_number("priority", priority, low=0, high=_UINT64, integer=True,
+    require_number("priority", priority, low=0, high=TRITON_UINT64_MAX, integer=True,
                    meaning="a priority level, an integer >= 0 (0: the model's default level)")
-    require_number("timeout_us", timeout_us, low=0, high=_UINT64, integer=True,
+    require_number("timeout_us", timeout_us, low=0, high=TRITON_UINT64_MAX, integer=True,
                    meaning="a time-out in microseconds, an integer >= 0 (0: none)")
     if version is not None:
         require_number("version", version, low=1, high=2**63 - 1, integer=True,
                        meaning="a model version, an integer >= 1 (None: the newest)")
-
-
-_UINT64 = 2**64 - 1
 
 
 def empty_outputs(info: ModelInfo, outputs: Sequence[str] | None) -> dict[str, np.ndarray]:

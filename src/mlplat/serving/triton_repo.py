@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._checks import require_bool, require_number
+from .._checks import TRITON_INT32_MAX, TRITON_UINT64_MAX, require_bool, require_number
 from ..errors import ConfigError, DataError, StoreError
 from ..models.registry import NAME_PATTERN
 
@@ -94,7 +94,6 @@ class TritonExport:
         return self.repository / self.model
 
 
-_INT32, _UINT64 = 2**31 - 1, 2**64 - 1  # the widths of Triton's ModelConfig fields
 
 
 def _int(name: str, value: object, low: int, high: int) -> None:
@@ -114,8 +113,8 @@ def _check_name(name: object) -> None:
 def _check(max_batch_size: int, batching: DynamicBatching | None, instances: int, backend: str) -> None:
     if backend not in BACKENDS:
         raise DataError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    _int("max_batch_size", max_batch_size, 0, _INT32)
-    _int("instances", instances, 1, _INT32)
+    _int("max_batch_size", max_batch_size, 0, TRITON_INT32_MAX)
+    _int("instances", instances, 1, TRITON_INT32_MAX)
     if batching is None:
         return
     if not isinstance(batching, DynamicBatching):
@@ -126,12 +125,12 @@ def _check(max_batch_size: int, batching: DynamicBatching | None, instances: int
                                                                                 "__iter__"):
         raise DataError(f"preferred_batch_sizes must be a list of integers, got {batching.preferred_batch_sizes!r}")
     for size in batching.preferred_batch_sizes:
-        _int("a preferred batch size", size, 1, _INT32)
+        _int("a preferred batch size", size, 1, TRITON_INT32_MAX)
         if size > max_batch_size:
             raise DataError(f"preferred batch size {size} is above max_batch_size {max_batch_size}")
-    _int("max_queue_delay_us", batching.max_queue_delay_us, 0, _UINT64)
-    _int("priority_levels", batching.priority_levels, 0, _UINT64)
-    _int("default_priority_level", batching.default_priority_level, 0, _UINT64)
+    _int("max_queue_delay_us", batching.max_queue_delay_us, 0, TRITON_UINT64_MAX)
+    _int("priority_levels", batching.priority_levels, 0, TRITON_UINT64_MAX)
+    _int("default_priority_level", batching.default_priority_level, 0, TRITON_UINT64_MAX)
     require_bool("preserve_ordering", batching.preserve_ordering)
     if batching.preserve_ordering and batching.priority_levels > 1:
         raise DataError("preserve_ordering cannot be combined with several priority levels: Triton would "
@@ -150,8 +149,8 @@ def _check_policy(policy: QueuePolicy) -> None:
         raise DataError(f"queue_policy must be an mp.QueuePolicy, got {policy!r}")
     if policy.timeout_action not in ("reject", "delay"):
         raise DataError(f"queue_policy.timeout_action must be 'reject' or 'delay', got {policy.timeout_action!r}")
-    _int("queue_policy.default_timeout_us", policy.default_timeout_us, 0, _UINT64)
-    _int("queue_policy.max_queue_size", policy.max_queue_size, 0, _INT32)
+    _int("queue_policy.default_timeout_us", policy.default_timeout_us, 0, TRITON_UINT64_MAX)
+    _int("queue_policy.max_queue_size", policy.max_queue_size, 0, TRITON_INT32_MAX)
     require_bool("queue_policy.allow_timeout_override", policy.allow_timeout_override)
 
 
