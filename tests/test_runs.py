@@ -54,6 +54,19 @@ def test_run_lifecycle_and_system_tags(p):
     assert p.runs.experiments() == ["fraud"]
 
 
+@pytest.mark.parametrize("code, status", [(None, "finished"), (0, "finished"), (1, "failed"),
+                                          ("bad input", "failed"), (False, "finished")])
+def test_sys_exit_leaving_a_with_block_ends_the_run_by_its_status(p, code, status):
+    """sys.exit() / sys.exit(0) inside the block is a program that succeeded: the run was marked failed."""
+    with pytest.raises(SystemExit):
+        with p.runs.start("fraud") as run:
+            run.log_metric("loss", 0.5)
+            sys.exit(code)
+    info = p.runs.get(run.id)
+    assert info.status == status and info.metrics == {"loss": 0.5}
+    assert ("mlplat.error" in info.tags) == (status == "failed")
+
+
 def test_an_exception_marks_the_run_failed(p):
     with pytest.raises(ZeroDivisionError):
         with p.runs.start("fraud") as run:

@@ -160,6 +160,11 @@ class LoggedInput:
     feature_refs: list[str]
 
 
+def _clean_exit(exc: BaseException) -> bool:
+    """``sys.exit()`` / ``sys.exit(0)``: the program is done and says it succeeded."""
+    return isinstance(exc, SystemExit) and exc.code in (None, 0)
+
+
 class ActiveRun:
     """A run that is being logged to. Get one from ``p.runs.start`` or ``p.runs.resume``."""
 
@@ -410,7 +415,7 @@ class ActiveRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is None or os.getpid() != self._pid:  # a forked child leaving the block: see end()
+        if exc is None or os.getpid() != self._pid or _clean_exit(exc):  # a forked child leaving: see end()
             self.end("finished")
             return
         # the block's own exception goes on: failing to record it (the database gone, say) is added to it as
