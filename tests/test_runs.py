@@ -694,6 +694,10 @@ def test_params_and_tags_compared_with_a_number_compare_as_numbers(p, numbered, 
     ({"order_by": [1]}, "search: order_by must be a list of strings"),
     ({"order_by": 5}, "search: order_by must be a list of strings"),
     ({"page_token": 4}, "page_token must be the next_page_token of a page"),
+    ({"page_token": "garbage"}, r"is not one mlplat gave .*\(page_token=None; on the command line, leave out "
+                                "--page-token\\)"),
+    ({"order_by": "bogus"}, "^order_by 'bogus': expected a field such as metrics.x"),
+    ({"order_by": "metrics. desc"}, "^order_by 'metrics. desc': "),
     ({"filter": "tags.team = 'a\x00b'"}, "holds a NUL character"),
     ({"filter": "tags.team like 'ml\\\\'"}, "ends with the escape character"),
 ])

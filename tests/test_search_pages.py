@@ -249,8 +249,9 @@ def test_a_token_continues_only_its_own_search(p, eight):
                    {"order_by": ["attributes.name"], "filter": "metrics.auc >= 0.2"},
                    {"order_by": ["attributes.name"]},
                    {"order_by": ["attributes.name", "metrics.auc"], "filter": "metrics.auc >= 0.1"}):
-        with pytest.raises(mp.DataError, match="page_token belongs to another search .*start this one from the "
-                                               r"first page \(page_token=None\)"):
+        with pytest.raises(mp.DataError, match="page_token belongs to another search .*; start from the first "
+                                               r"page \(page_token=None; on the command line, leave out "
+                                               r"--page-token\)"):
             p.runs.search("live", page_token=token, **kwargs)
     with pytest.raises(mp.DataError, match="belongs to another search"):
         p.runs.search(["live", "other"], order_by=["attributes.name"], filter="metrics.auc >= 0.1",
@@ -278,7 +279,7 @@ def test_changed_or_foreign_tokens_are_refused(p, eight):
            forged({"a": 1}), forged([[[[[]]]]] * 3), token.replace("=", "") + "$"]
     for text in bad:
         with pytest.raises(mp.DataError, match=r"is not one mlplat gave \(it is changed, cut short, or from an older "
-                                               r"mlplat\): start from the first page \(page_token=None\)"):
+                                               r"mlplat\): start from the first page \(page_token=None;"):
             p.runs.search("live", order_by=["metrics.auc"], page_token=text)
     with pytest.raises(mp.DataError, match="page_token 'garbage' is not one mlplat gave"):
         p.runs.search("live", page_token="garbage")

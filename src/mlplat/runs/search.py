@@ -504,7 +504,10 @@ def parse_order(item: str) -> tuple[str, str, bool]:
     if not m:
         raise DataError(f"order_by {item!r} is empty")
     p = _Parser(m.group("field"))
-    kind, name = p.field()
+    try:
+        kind, name = p.field()
+    except DataError as exc:  # the parser speaks of a filter: this is an order
+        raise DataError(f"order_by {item!r}: {str(exc).removeprefix('filter: ')}") from None
     if p.peek() is not None:
         raise DataError(f"order_by {item!r}: write 'field', 'field asc' or 'field desc'")
     return kind, name, (m.group("dir") or "asc").lower() == "desc"

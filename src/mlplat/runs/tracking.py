@@ -428,6 +428,7 @@ def _strings(value: Any, what: str, meaning: str) -> list[str]:
 # a hash of the rest, so that a token changed by hand or cut short is refused. Neither hash is a secret:
 # the values only ever travel as bound parameters.
 _TOKEN_VERSION = "k1"
+_FIRST_PAGE = "start from the first page (page_token=None; on the command line, leave out --page-token)"
 
 
 def _digest(value: Any) -> str:
@@ -488,18 +489,18 @@ def _decode_token(token: str | None, query: str, keys: list) -> list[Any] | None
             raise ValueError(body)
     except (ValueError, TypeError, UnicodeError, RecursionError):  # binascii.Error and JSON's are ValueErrors
         raise DataError(f"page_token {token!r} is not one mlplat gave (it is changed, cut short, or from an "
-                        "older mlplat): start from the first page (page_token=None)") from None
+                        f"older mlplat): {_FIRST_PAGE}") from None
     if body[1] != query:
         raise DataError("page_token belongs to another search (other experiments, filter or order_by): a token "
-                        "continues only the search that gave it; start this one from the first page "
-                        "(page_token=None)")
+                        "continues only the search that gave it; "
+                        f"{_FIRST_PAGE}")
     try:
         if len(body[2]) != len(keys):
             raise ValueError(body[2])
         return [_decode_value(item, key) for item, key in zip(body[2], keys)]
     except (ValueError, TypeError, OverflowError):
-        raise DataError(f"page_token {token!r} is not one mlplat gave (its values do not fit its search): start "
-                        "from the first page (page_token=None)") from None
+        raise DataError(f"page_token {token!r} is not one mlplat gave (its values do not fit its search): "
+                        f"{_FIRST_PAGE}") from None
 
 
 # ---------------------------------------------------- runs left open at exit
