@@ -500,7 +500,9 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 @click.option("--stage", default=None, type=click.Choice(["none", "staging", "production", "archived"]),
               help="The version in this stage (default: production).")
 @click.option("--alias", default=None, help="The version an alias points at.")
-@click.option("--verify", is_flag=True, help="Rebuild the training data from the offline store and compare hashes.")
+@click.option("--verify", is_flag=True,
+              help=f"Rebuild the training data from the offline store and hash the model's files; exit with status "
+                   f"{CHECK_FAILED} when either no longer matches.")
 @_json_flag
 @click.pass_context
 def lineage(ctx: click.Context, name: str, version: int | None, stage: str | None, alias: str | None, verify: bool,
@@ -510,8 +512,11 @@ def lineage(ctx: click.Context, name: str, version: int | None, stage: str | Non
         info = p.models.lineage(name, version=version, stage=stage, alias=alias, verify=verify)
     if as_json:
         _echo_json(info)
-        return
-    print_lineage(_console(), info)
+    else:
+        print_lineage(_console(), info)
+    checks = [d.get("verification") or {} for d in info["data"]] + [info["artifact"].get("verification") or {}]
+    if any(c.get("checked") and not c.get("matches") for c in checks):
+        ctx.exit(CHECK_FAILED)  # a scheduled `lineage --verify` must notice changed training data or files
 
 
 @models.command("promote")

@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import getpass
+import os
 import re
 import tempfile
 import unicodedata
@@ -122,19 +123,21 @@ _DEFAULT_IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x1
 
 
 def _invisible(c: str) -> bool:
-    """A default-ignorable code point, or another format character (category Cf)."""
-    return unicodedata.category(c) == "Cf" or any(lo <= ord(c) <= hi for lo, hi in _DEFAULT_IGNORABLE)
+    """A default-ignorable code point, another format character (category Cf), or the blank Braille
+    pattern (U+2800: a symbol, not whitespace, that renders as a space)."""
+    return (unicodedata.category(c) == "Cf" or c == "\u2800"
+            or any(lo <= ord(c) <= hi for lo, hi in _DEFAULT_IGNORABLE))
 
 
 def _person_key(name: str) -> str:
     """A user name as the distinct-approver policy compares it: Unicode-normalized (NFKC), invisible
     characters (every Default_Ignorable_Code_Point, such as zero-width spaces and joiners, soft hyphen,
     bidi marks, the combining grapheme joiner, variation selectors and Hangul fillers, and other format
-    characters) dropped, runs of whitespace collapsed and stripped, case-folded ("Bob ", "bob", "BOB",
-    "b\\u200bob" and "b\\u034fob" are one person). Normalized again once they are dropped, as a dropped
-    character may have kept letters and accents apart."""
+    characters) and blank ones (whitespace, the blank Braille pattern U+2800) dropped, case-folded ("Bob ",
+    "bob", "BOB", "Dana Smith", "DanaSmith", "b\\u200bob" and "b\\u034fob" are one person). Normalized again
+    once they are dropped, as a dropped character may have kept letters and accents apart."""
     visible = "".join(c for c in unicodedata.normalize("NFKC", name) if not _invisible(c))
-    return " ".join(unicodedata.normalize("NFKC", visible).split()).casefold()
+    return "".join(unicodedata.normalize("NFKC", visible).split()).casefold()
 
 
 def _check_distinct_approver(name: str, version: int, registrant: str, approver: str, given: Any) -> None:
@@ -146,6 +149,21 @@ def _check_distinct_approver(name: str, version: int, registrant: str, approver:
                         f"production; approved_by={given!r} names the same person (names are compared ignoring "
                         f"case, Unicode width, invisible characters and whitespace): have someone else review and "
                         f"approve v{version}")
+
+
+def _check_dest(dest: Any) -> Path:
+    """``fetch``'s destination: a folder path (str or os.PathLike) that is new or empty, else DataError."""
+    if not isinstance(dest, (str, os.PathLike)) or isinstance(dest, bytes) or not str(os.fspath(dest)).strip():
+        raise DataError(f"dest must be a folder path (str or pathlib.Path), got {type(dest).__name__} {dest!r}")
+    path = Path(dest)
+    if "\x00" in str(path):
+        raise DataError(f"dest {shown(str(path))} holds a NUL character; give a folder path without it")
+    if path.is_dir() and not path.is_symlink():
+        if next(path.iterdir(), None) is not None:  # its files would mix with the model's (and fail its sha256)
+            raise DataError(f"dest {str(path)!r} is a folder that holds files already; give a new or empty folder")
+    elif path.exists() or path.is_symlink():
+        raise DataError(f"dest {str(path)!r} exists already and is not a folder; give a new or empty folder path")
+    return path
 
 
 def _changed(info: ModelVersionInfo, sha: str, where: str) -> StoreError:
@@ -455,6 +473,9 @@ class ModelRegistry:
                  .join(ModelVersion, ModelVersion.id == ModelTransition.version_id)
                  .where(ModelVersion.model_id == model_id).order_by(ModelTransition.at, ModelTransition.id))
             if version is not None:
+                if conn.scalar(sa.select(ModelVersion.id).where(ModelVersion.model_id == model_id,
+                                                                ModelVersion.version == version)) is None:
+                    raise NotFoundError(f"model {name!r} has no version {version}")
                 q = q.where(ModelVersion.version == version)
             return [Transition(*r) for r in conn.execute(q)]
 
@@ -501,9 +522,18 @@ class ModelRegistry:
         """Copy a version's model artifact folder to the local folder ``dest`` and return it, once its files
         are checked against the sha256 recorded at registration: StoreError if they differ (the artifact
         changed after registration), unchecked where none was recorded (registered before mlplat kept it
-        and its artifact row gone by then)."""
+        and its artifact row gone by then). ``dest`` must be a new or an empty folder (DataError otherwise).
+
+        >>> p.models.fetch(p.models.resolve("fraud"), "/tmp/fraud-model")  # doctest: +SKIP
+        PosixPath('/tmp/fraud-model')
+        """
         _check_version_info(info)
-        folder = self._artifacts.get_dir(info.run_id, info.artifact, dest)
+        dest = _check_dest(dest)
+        try:
+            folder = self._artifacts.get_dir(info.run_id, info.artifact, dest)
+        except OSError as exc:
+            raise StoreError(f"cannot write model {info.name!r} v{info.version} into {str(dest)!r}: "
+                             f"{exc.strerror or exc}") from None
         if info.artifact_sha256 is not None:
             sha = folder_sha256(folder)
             if sha != info.artifact_sha256:

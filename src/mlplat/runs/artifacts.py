@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from .._checks import storable
 from ..errors import DataError, StoreError
 
 __all__ = ["ArtifactStore", "check_name", "folder_sha256", "NAME_MAX"]
@@ -33,6 +34,7 @@ def check_name(name: str) -> str:
         raise DataError(f"artifact name {name!r} is empty")
     if len(name) > NAME_MAX:
         raise DataError(f"artifact name {name[:40]!r}... is {len(name)} characters long; use at most {NAME_MAX}")
+    storable(name, "artifact name")  # a lone surrogate came out of the database driver as a raw error
     if any(ord(c) < 32 for c in name) or "\\" in name:
         raise DataError(f"artifact name {name!r} holds a control character or a backslash")
     if name.startswith("/") or posixpath.isabs(name) or (len(name) > 1 and name[1] == ":"):

@@ -308,10 +308,13 @@ class RunStore:
         inputs: dict[str, list] = {i: [] for i in runs}
         artifacts: dict[str, list] = {i: [] for i in runs}
         if details:
-            for r in conn.execute(sa.select(RunInput).where(self._in(RunInput.run_id, ids))).mappings():
+            # in the order they were logged: "the run's first input" (what a model was trained on) means that one
+            for r in conn.execute(sa.select(RunInput).where(self._in(RunInput.run_id, ids))
+                                  .order_by(RunInput.id)).mappings():
                 inputs[r["run_id"]].append({k: r[k] for k in ("name", "content_hash", "row_count", "schema",
                                                                "feature_refs", "created_at")})
-            for r in conn.execute(sa.select(RunArtifact).where(self._in(RunArtifact.run_id, ids))).mappings():
+            for r in conn.execute(sa.select(RunArtifact).where(self._in(RunArtifact.run_id, ids))
+                                  .order_by(RunArtifact.path)).mappings():
                 artifacts[r["run_id"]].append({k: r[k] for k in ("path", "kind", "size", "sha256", "meta")})
         out = []
         for rid in ids:

@@ -1,0 +1,132 @@
+"""Registry answers that must hold on SQLite and PostgreSQL: which input a model was trained on, who counts as
+the registrant, unknown versions, bad destinations and artifact names, and `lineage --verify`'s exit status."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+import mlplat as mp
+from mlplat.cli import CHECK_FAILED, cli
+from test_registry import Scorer, trained_run
+
+
+@pytest.fixture
+def p(platform):
+    return platform
+
+
+@pytest.fixture
+def two_inputs(p, tmp_path):
+    """A run that logged 'train' (txn_count) and then 'eval' (amount), each with its feature refs."""
+    src = tmp_path / "src"
+    src.mkdir()
+    ts = pa.timestamp("us", "UTC")
+    pq.write_table(pa.table({"user_id": [1, 2], "event_timestamp": pa.array([0, 0], ts), "txn_count": [5, 6],
+                             "amount": [1.0, 2.0]}), src / "a.parquet")
+    user = mp.Entity("user", join_keys=["user_id"])
+    view = mp.FeatureView("user_txn", entities=[user], ttl=timedelta(days=1), source=mp.ParquetSource(src),
+                          schema=[mp.Field("txn_count", mp.Int64), mp.Field("amount", mp.Float64)])
+    p.features.apply([user, view])
+    rows = pa.table({"user_id": [1, 2], "event_timestamp": pa.array([10, 10], ts)})
+    with p.runs.start("fraud") as run:
+        run.log_input(p.features.get_historical_features(rows, ["user_txn:txn_count"]), name="train",
+                      feature_refs=["user_txn:txn_count"])
+        run.log_input(p.features.get_historical_features(rows, ["user_txn:amount"]), name="eval",
+                      feature_refs=["user_txn:amount"])
+        run.log_model(Scorer(), "model", example_input=torch.zeros(1, 3))
+    return src, run.id
+
+
+def test_the_first_input_logged_is_the_training_data_whatever_its_name(p, two_inputs):
+    """Inputs came back sorted by name, so 'eval' (logged second) was taken as what the model was trained on:
+    predict would have served the model the wrong features."""
+    _, run_id = two_inputs
+    assert [i["name"] for i in p.runs.get(run_id).inputs] == ["train", "eval"]
+    v = p.models.register("fraud", run_id)
+    assert p.models.training_features(v) == (["user_txn@1:txn_count"], False)
+    assert [d["name"] for d in p.models.lineage("fraud", version=1)["data"]] == ["train", "eval"]
+
+
+def test_lineage_verify_exits_with_the_check_status_when_the_training_data_changed(p, two_inputs, database_url):
+    src, run_id = two_inputs
+    p.models.register("fraud", run_id)
+    home = str(p.settings.home)
+    args = ["--home", home, "--database-url", database_url, "models", "lineage", "fraud", "--version", "1"]
+    runner = CliRunner()
+    for extra in ([], ["--json"]):
+        ok = runner.invoke(cli, [*args, "--verify", *extra], env={"COLUMNS": "200"})
+        assert ok.exit_code == 0, ok.output
+    pq.write_table(pa.table({"user_id": [2], "event_timestamp": pa.array([5], pa.timestamp("us", "UTC")),
+                             "txn_count": [60], "amount": [9.0]}), src / "b.parquet")  # a backfill under the model
+    for extra in ([], ["--json"]):
+        changed = runner.invoke(cli, [*args, "--verify", *extra], env={"COLUMNS": "200"})
+        assert changed.exit_code == CHECK_FAILED, changed.output
+        assert ("MISMATCH" in changed.output) if not extra else ('"matches": false' in changed.output)
+    assert runner.invoke(cli, args).exit_code == 0  # without --verify nothing is checked
+
+
+@pytest.mark.parametrize("approver", ["DanaSmith", "dana smith", "Dana\u2800Smith", "D a n a S m i t h",
+                                      "Dana\u3000Smith"])
+def test_the_registrant_with_blanks_dropped_or_changed_is_still_the_registrant(p, approver):
+    p.models.create("fraud", require_distinct_approver=True)
+    p.models.register("fraud", trained_run(p), registered_by="Dana Smith")
+    with pytest.raises(mp.DataError, match="names the same person"):
+        p.models.promote("fraud", 1, "production", approved_by=approver)
+    assert p.models.get("fraud", version=1).stage == "none" and len(p.models.history("fraud")) == 1
+    assert p.models.promote("fraud", 1, "production", approved_by="Dan Smith").stage == "production"
+
+
+def test_the_history_of_a_version_that_does_not_exist_is_not_found(p):
+    p.models.register("fraud", trained_run(p))
+    assert [t.to_stage for t in p.models.history("fraud", version=1)] == ["none"]
+    with pytest.raises(mp.NotFoundError, match="model 'fraud' has no version 99"):
+        p.models.history("fraud", version=99)  # was [], as for a version with no transitions
+
+
+def test_an_artifact_name_no_database_stores_is_a_data_error_naming_it(p):
+    run_id = trained_run(p)
+    for name in ("\udcff", "model\x00"):
+        with pytest.raises(mp.DataError, match="artifact name"):  # was a raw UnicodeEncodeError from the driver
+            p.models.register("fraud", run_id, artifact=name)
+    with pytest.raises(mp.NotFoundError):
+        p.models.get("fraud")
+
+
+@pytest.mark.parametrize("dest, message", [
+    (None, "dest must be a folder path"), (1, "dest must be a folder path"), (b"/tmp/x", "dest must be a folder path"),
+    ("", "dest must be a folder path"), ("/tmp/a\x00b", "NUL"),
+])
+def test_fetch_names_a_bad_destination(p, dest, message):
+    info = p.models.register("fraud", trained_run(p))
+    with pytest.raises(mp.DataError, match=message):
+        p.models.fetch(info, dest)
+
+
+def test_fetch_writes_into_a_new_or_empty_folder_only(p, tmp_path):
+    info = p.models.register("fraud", trained_run(p))
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    for dest, message in ((a_file, "is not a folder"), (busy, "holds files already")):
+        with pytest.raises(mp.DataError, match=message):
+            p.models.fetch(info, dest)
+    assert a_file.read_text() == "mine" and os.listdir(busy) == ["notes.txt"]  # left as they were
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for dest in (empty, tmp_path / "new" / "model"):
+        folder = p.models.fetch(info, dest)
+        assert Path(folder) == dest and any(Path(folder).iterdir())
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(mp.StoreError, match="cannot write model 'fraud' v1"):
+            p.models.fetch(info, locked / "model")
