@@ -190,6 +190,7 @@ class Materializer:
         else:  # the key outlives the last instant the offline rule still sees the row, by 1 ms
             ttl_ns = _arrow.timedelta_ns(view.ttl)  # saturated: a row stamped near 2262 does not wrap to 1677
             expire = (np.minimum(event_ns, np.iinfo(np.int64).max - ttl_ns) + ttl_ns) // 1_000_000 + 1
+            np.maximum(expire, 1, out=expire)  # 0 and below mean "never expires": a row whose ttl ended before 1970
         return RecordBuffers(key_data, key_offsets, data, offsets, expire)
 
     # ------------------------------------------------------------------- push
@@ -220,7 +221,9 @@ class Materializer:
             raise DataError(f"push to {view.name!r}: a row's {src.timestamp_field!r} is in the future ({latest} "
                             f"> now, {now.isoformat()}); the online store would serve it before its time, when "
                             "offline retrieval would not yet see it. Push rows once they have happened")
-        staged = _stage_offline(view, table, target) if target else None
+        staged = None
+        if target:  # online then serves the values as the source's file holds them (a float32 column rounds them)
+            staged, table = _stage_offline(view, table, target)
         try:
             written = (self._store().write(view_tag(view), self._encode(view, table, event_ns, created_ns))
                        if view.online else 0)
@@ -349,8 +352,12 @@ def _offline_target(view: FeatureView) -> tuple[Any, str, pa.Schema]:
     return fs, root, read_footer(fs, view.source, paths[0]).schema.to_arrow_schema()
 
 
-def _stage_offline(view: FeatureView, table: pa.Table, target: tuple[Any, str, pa.Schema]) -> _Staged:
-    """The rows as a hidden file for ``<source>/pushed/<time>-<uuid>.parquet``, in the first file's schema."""
+def _stage_offline(view: FeatureView, table: pa.Table,
+                   target: tuple[Any, str, pa.Schema]) -> tuple[_Staged, pa.Table]:
+    """The rows as a hidden file for ``<source>/pushed/<time>-<uuid>.parquet``, in the first file's schema,
+    and the rows as that file holds them: a float pushed to a narrower float column (a Float64 feature
+    backed by float32) is rounded in the file, so the online copy takes the rounded value too, as a
+    materialization would; a time the source's date column would cut to its day is refused."""
     where = f"push to {view.name!r}"
     fs, root, schema = target
     columns = {}
@@ -361,11 +368,23 @@ def _stage_offline(view: FeatureView, table: pa.Table, target: tuple[Any, str, p
                                 "include it in the rows")
             columns[field.name] = pa.nulls(table.num_rows, field.type)
             continue
+        given = table.column(field.name)
         try:
-            columns[field.name] = table.column(field.name).cast(field.type)
+            columns[field.name] = stored = given.cast(field.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise DataError(f"{where}: column {field.name!r} cannot be written as the source's {field.type} "
                             f"({exc}); the source's files fix each column's type") from None
+        if pa.types.is_temporal(given.type) and pa.types.is_temporal(field.type) and given.type != field.type:
+            back = stored.cast(given.type)  # arrow's cast of a time to a date drops the time of day, unasked
+            cut = pc.fill_null(pc.not_equal(back, given), False)
+            if pc.any(cut).as_py():
+                at = pc.index(cut, True).as_py()
+                raise DataError(f"{where}: column {field.name!r} holds {given[at].as_py()} (row {at}), which the "
+                                f"source's {field.type} column would keep as {back[at].as_py()}; push times that "
+                                "column holds as they are (midnight for a date column)")
+        elif field.name in view.feature_names and pa.types.is_floating(given.type) and given.type != field.type:
+            i = table.schema.get_field_index(field.name)
+            table = table.set_column(i, field.name, stored.cast(given.type))  # rounded as the file holds it
     folder = f"{root.rstrip('/')}/pushed"
     staged = _Staged(fs, f"{folder}/.{uuid.uuid4().hex}.parquet.tmp", folder)
     try:
@@ -375,7 +394,7 @@ def _stage_offline(view: FeatureView, table: pa.Table, target: tuple[Any, str, p
     except (OSError, pa.ArrowException) as exc:
         staged.discard()
         raise StoreError(f"{where}: could not write the rows to {folder!r}: {exc}") from None
-    return staged
+    return staged, table
 
 
 class _progress:
