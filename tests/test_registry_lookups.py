@@ -130,3 +130,30 @@ def test_fetch_writes_into_a_new_or_empty_folder_only(p, tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(mp.StoreError, match="cannot write model 'fraud' v1"):
             p.models.fetch(info, locked / "model")
+
+
+def test_lineage_is_the_version_as_registered_whatever_the_run_logs_later(p, two_inputs, database_url):
+    """A resumed run logging an input and val_auc after the registration changed what lineage said the version
+    was trained on and approved with: the later input was listed first, and val_auc showed the later value."""
+    _, run_id = two_inputs
+    with p.runs.resume(run_id) as run:
+        run.log_metric("val_auc", 0.91, step=3)
+        run.log_metric("loss", 0.2, step=3)
+    p.models.register("fraud", run_id)
+    with p.runs.resume(run_id) as run:
+        run.log_metric("val_auc", 0.5, step=4)
+        run.log_metric("val_auc", 0.4, step=2)  # an earlier step: not the latest now or then
+        run.log_metric("new_metric", 1.0)
+        run.log_input(pa.table({"a": [1, 2]}), name="after_registration")
+    info = p.models.lineage("fraud", version=1)
+    assert info["metrics"] == {"val_auc": 0.91, "loss": 0.2}
+    assert info["metrics_after_registration"] == {"val_auc": 0.5, "new_metric": 1.0}
+    assert [d["name"] for d in info["data"]] == ["train", "eval"]
+    assert [d["name"] for d in info["data_after_registration"]] == ["after_registration"]
+    assert all(d["logged_at"] <= info["registered_at"] for d in info["data"])
+    assert p.runs.get(run_id).metrics["val_auc"] == 0.5  # the run itself reports its latest, as before
+    human = CliRunner().invoke(cli, ["--home", str(p.settings.home), "--database-url", database_url, "models",
+                                     "lineage", "fraud", "--version", "1"], env={"COLUMNS": "200"})
+    assert human.exit_code == 0, human.output
+    assert "val_auc=0.91 (as registered)" in human.output and "val_auc=0.5" in human.output
+    assert "after_registration" in human.output.split("inputs logged after registration")[1]

@@ -70,7 +70,14 @@ def print_lineage(console: Any, info: dict[str, Any]) -> None:
         console.print(changes)
     params = as_text(", ".join(f"{k}={v}" for k, v in sorted(info["params"].items())))
     metrics = as_text(", ".join(f"{k}={v:.4g}" for k, v in sorted(info["metrics"].items())))
-    console.print(f"[bold]params[/]: {params or '-'}\n[bold]final metrics[/]: {metrics or '-'}")
+    console.print(f"[bold]params[/]: {params or '-'}\n[bold]final metrics[/]: {metrics or '-'} (as registered)")
+    if info.get("metrics_after_registration"):
+        since = ", ".join(f"{k}={v:.4g}" for k, v in sorted(info["metrics_after_registration"].items()))
+        console.print(f"[bold]logged since registration[/]: {as_text(since)}")
+    if info.get("data_after_registration"):
+        names = ", ".join(d["name"] for d in info["data_after_registration"])
+        console.print(f"[bold]inputs logged after registration[/] (not this version's training data): "
+                      f"{as_text(names)}")
     history = table("version", "from", "to", "by", "approved by", "at", "notes", title="stage history")
     for h in info["history"]:
         history.add_row(str(h["version"]), as_text(h["from"] or "-"), as_text(h["to"]), as_text(h["by"]),

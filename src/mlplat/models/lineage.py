@@ -32,7 +32,7 @@ def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, 
     history = registry.history(info.name, version=info.version)
     approvals = [{"stage": t.to_stage, "approved_by": t.approved_by, "by": t.actor, "at": t.at.isoformat(),
                   "notes": t.notes} for t in history if t.to_stage == "production" and t.approved_by]
-    data = []
+    data, later = [], []
     for inp in run.inputs:
         refs = inp["feature_refs"].get("refs", [])
         views: dict[str, int] = {}
@@ -41,10 +41,13 @@ def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, 
             view_name, _, view_version = view.partition("@")
             views[view_name] = int(view_version)
         entry = {"name": inp["name"], "content_hash": inp["content_hash"], "row_count": inp["row_count"],
-                 "schema": inp["schema"], "feature_refs": refs, "feature_views": views}
+                 "schema": inp["schema"], "feature_refs": refs, "feature_views": views,
+                 "logged_at": inp["created_at"].isoformat()}
         if verify:
             entry["verification"] = verify_input(features, artifacts, run.id, inp)
-        data.append(entry)
+        # an input a resumed run logged after the registration was not what this version was trained on
+        (later if inp["created_at"] > info.created_at else data).append(entry)
+    metrics, later_metrics = _metrics_at_registration(runs, run, info)
     return {
         "model": info.name,
         "version": info.version,
@@ -59,13 +62,35 @@ def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, 
                 "entry_point": run.tags.get("mlplat.entry_point", "")},
         "git": {"commit": run.tags.get("mlplat.git.commit", ""), "dirty": run.tags.get("mlplat.git.dirty", "")},
         "params": run.params,
-        "metrics": run.metrics,
+        "metrics": metrics,
+        "metrics_after_registration": later_metrics,
         "data": data,
+        "data_after_registration": later,
         "approvals": approvals,
         "policy": registry.policy(info.name),
         "history": [{"version": t.version, "from": t.from_stage, "to": t.to_stage, "by": t.actor,
                      "approved_by": t.approved_by, "notes": t.notes, "at": t.at.isoformat()} for t in history],
     }
+
+
+def _metrics_at_registration(runs: RunStore, run, info) -> tuple[dict[str, float], dict[str, float]]:
+    """(each metric's latest value when the version was registered, the latest value now of each metric logged
+    again since). The latest is the point of greatest step, then time, then logged last, among the points
+    stamped at or before the registration (by their ``timestamp_ms``); a metric first logged after it is only
+    in the second dict. Only metrics whose latest point is newer than the registration read their history."""
+    at_ms = int(info.created_at.timestamp() * 1000)
+    then: dict[str, float] = {}
+    since: dict[str, float] = {}
+    for key, point in runs.latest_points(run.id).items():
+        if point.timestamp_ms <= at_ms:
+            then[key] = point.value
+            continue
+        since[key] = point.value
+        before = [(p.step, p.timestamp_ms, i, p.value)
+                  for i, p in enumerate(runs.metric_history(run.id, key)) if p.timestamp_ms <= at_ms]
+        if before:
+            then[key] = max(before)[3]
+    return then, since
 
 
 def _artifact(registry, artifacts: ArtifactStore, info, verify: bool) -> dict[str, Any]:

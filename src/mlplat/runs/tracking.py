@@ -267,6 +267,14 @@ class RunStore:
         steps, stamps, values = read_history(self._db, _checked_run_id(run_id), key)
         return [MetricPoint(s, t, v) for s, t, v in zip(steps.tolist(), stamps.tolist(), values.tolist())]
 
+    def latest_points(self, run_id: str) -> dict[str, MetricPoint]:
+        """Each metric's latest point (greatest step, then time): its step, time and value (NaN as logged)."""
+        with self._db.connect() as conn:
+            rows = conn.execute(sa.select(LatestMetric.key, LatestMetric.step, LatestMetric.timestamp,
+                                          LatestMetric.value).where(LatestMetric.run_id == _checked_run_id(run_id))
+                                .order_by(LatestMetric.key)).all()
+        return {r.key: MetricPoint(r.step, r.timestamp, float("nan") if r.value is None else r.value) for r in rows}
+
     def _in(self, column, ids: list[str]):
         """``column IN ids``: one array parameter on PostgreSQL (no per-id binds to render and parse)."""
         if self._db.dialect == "postgresql":
