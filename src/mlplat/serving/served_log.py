@@ -45,8 +45,9 @@ import pyarrow.parquet as pq
 
 from .. import _background
 from .._time import utc_argument
-from ..errors import DataError, DefinitionError, StoreError
+from ..errors import DataError, DefinitionError, NotFoundError, StoreError
 from ..features.definitions import parse_ref
+from ..models.registry import NAME_PATTERN
 
 __all__ = ["ServedLog", "LogGroup"]
 
@@ -107,6 +108,13 @@ def _table(batch: _Batch) -> pa.Table:
         {"mlplat.refs": json.dumps(batch.refs), "mlplat.keys": json.dumps(batch.keys),
          "mlplat.full_feature_names": json.dumps(batch.full_feature_names)})
 
+
+
+def check_log_name(name: object, what: str) -> None:
+    """A model or view name, before it becomes a folder of the log (``..`` or ``a/b`` would leave it)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise DataError(f"{what} must be the name of a model or feature view (letters, digits, '_', '-' and '.', "
+                        f"not first), got {name!r}")
 
 class ServedLog:
     """Sampled feature vectors of served predictions, per model, flushed in the background (and in a
@@ -314,7 +322,12 @@ class ServedLog:
 
     def read(self, model: str, since: datetime | None = None) -> pa.Table:
         """Everything logged for ``model`` (after ``since``, a datetime), oldest first; columns a group
-        lacks are null."""
+        lacks are null. NotFoundError when nothing was ever logged for ``model``."""
+        check_log_name(model, "model")
+        self.flush()
+        if not (self.root / model).is_dir():
+            raise NotFoundError(f"no served features are logged for a model named {model!r}: predict logs them "
+                                "when the platform's served_log_sample_rate is above 0")
         tables = [g.rows for g in self.groups(model, since)]
         if not tables:
             return pa.table({})

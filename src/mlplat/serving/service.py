@@ -131,7 +131,12 @@ class ServingService:
                                        stage=stage, alias=alias, variant=variant, triton_model=triton_model, log=log)
 
     def served_features(self, model: str, since: Any = None) -> pa.Table:
-        """The served-feature log of a model (sampled rows of what predictions used)."""
+        """The served-feature log of a model (sampled rows of what predictions used), oldest first, from
+        ``since`` (a datetime) on; NotFoundError when nothing was ever logged for ``model``.
+
+        >>> p.serving.served_features("fraud").num_rows  # doctest: +SKIP
+        500
+        """
         return self.served_log.read(model, since)
 
     def ab_gateway(self, champion: str, challenger: str, challenger_fraction: float, experiment_id: str,
