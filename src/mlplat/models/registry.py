@@ -284,8 +284,12 @@ class ModelRegistry:
         who = _check_person(_user() if registered_by is None else registered_by, "registered_by")
         self._runs.get(run_id)  # NotFoundError for an unknown run
         with self._db.connect(write=True) as conn:
+            # FOR UPDATE (PostgreSQL; SQLite's write transaction already serializes): a log_model/log_artifact
+            # of this run locks the row before its checks, so it either comes first (and this reads the sha256
+            # of the files it stored) or waits for this registration and is refused
             sha = conn.scalar(sa.select(RunArtifact.sha256).where(
-                RunArtifact.run_id == run_id, RunArtifact.path == artifact, RunArtifact.kind == "model"))
+                RunArtifact.run_id == run_id, RunArtifact.path == artifact, RunArtifact.kind == "model")
+                .with_for_update())
             if sha is None:
                 raise NotFoundError(f"run {run_id} has no model artifact {artifact!r}; log it with run.log_model")
             model_id = self._model_id_created(conn, name)

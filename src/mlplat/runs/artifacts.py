@@ -72,15 +72,8 @@ class ArtifactStore:
 
         Written to a hidden staging name first, then moved into place: a failure half-way (a full disk, an
         unreadable source, the store going away) leaves what ``name`` held before, and nothing else."""
-        dest = self.path(run_id, name)
-        staged = self._staging(run_id)
-        try:
-            self.fs.create_dir(posixpath.dirname(staged), recursive=True)
-            size, sha = self._copy_in(source, staged)
-            self._replace(staged, dest)
-        except OSError as exc:
-            self._discard(staged)
-            raise StoreError(f"artifact store {self.root_uri}: writing {name!r} failed: {exc}") from None
+        staged, size, sha = self.stage_file(run_id, source, name)
+        self.swap_in(run_id, staged, name)
         return size, sha
 
     def put_dir(self, run_id: str, source: str | os.PathLike, name: str) -> tuple[int, str]:
@@ -91,9 +84,28 @@ class ArtifactStore:
         socket, a device) is a DataError naming it, before anything is written. The folder is staged under
         a hidden name and then swapped in whole, so the stored folder is exactly ``source`` (files an earlier
         folder of that name held are gone), and a failure half-way leaves the earlier folder as it was."""
+        staged, size, sha = self.stage_dir(run_id, source, name)
+        self.swap_in(run_id, staged, name)
+        return size, sha
+
+    def stage_file(self, run_id: str, source: str | os.PathLike, name: str) -> tuple[str, int, str]:
+        """The first half of :meth:`put_file`: copy a local file to a fresh hidden name in the run's folder;
+        returns (staged store path, size, sha256). Put it in place as ``name`` with :meth:`swap_in`, or drop
+        it with :meth:`discard`; until then ``name`` is untouched (``name`` names it in errors)."""
+        check_name(name)
+        staged = self._staging(run_id)
+        try:
+            self.fs.create_dir(posixpath.dirname(staged), recursive=True)
+            size, sha = self._copy_in(source, staged)
+        except OSError as exc:
+            raise self._failed(staged, name, exc) from None
+        return staged, size, sha
+
+    def stage_dir(self, run_id: str, source: str | os.PathLike, name: str) -> tuple[str, int, str]:
+        """The first half of :meth:`put_dir` (as :meth:`stage_file` is of :meth:`put_file`): (staged store
+        path, total size, sha256); a refused entry is a DataError before anything is written."""
         check_name(name)
         files = _folder_files(Path(source), name)
-        dest = self.path(run_id, name)
         staging = self._staging(run_id)
         digest = hashlib.sha256()
         total = 0
@@ -106,11 +118,22 @@ class ArtifactStore:
                 size, sha = self._copy_in(file, target)
                 digest.update(_entry(rel, sha))
                 total += size
-            self._replace(staging, dest)
         except OSError as exc:
-            self._discard(staging)
-            raise StoreError(f"artifact store {self.root_uri}: writing {name!r} failed: {exc}") from None
-        return total, digest.hexdigest()
+            raise self._failed(staging, name, exc) from None
+        return staging, total, digest.hexdigest()
+
+    def swap_in(self, run_id: str, staged: str, name: str) -> None:
+        """The second half of :meth:`put_file` / :meth:`put_dir`: move what was staged into place as ``name``,
+        replacing what ``name`` held whole; a failure discards the staged copy and leaves ``name`` as it was."""
+        try:
+            self._replace(staged, self.path(run_id, name))
+        except OSError as exc:
+            raise self._failed(staged, name, exc) from None
+
+    def _failed(self, staged: str, name: str, exc: OSError) -> StoreError:
+        """Discard ``staged``; the StoreError to raise for writing ``name``."""
+        self.discard(staged)
+        return StoreError(f"artifact store {self.root_uri}: writing {name!r} failed: {exc}")
 
     def _staging(self, run_id: str) -> str:
         """A fresh hidden name in the run's folder, on the store's filesystem (so a move is a rename)."""
@@ -143,7 +166,7 @@ class ArtifactStore:
         except BaseException:
             self._move(aside, dest)
             raise
-        self._discard(aside)
+        self.discard(aside)
 
     def _move(self, src: str, dest: str) -> None:
         """Rename a file or folder (a store that cannot move folders, such as S3, gets their files moved)."""
@@ -163,7 +186,7 @@ class ArtifactStore:
                 self.fs.move(info.path, target)
         self.fs.delete_dir(src)
 
-    def _discard(self, path: str) -> None:
+    def discard(self, path: str) -> None:
         """Remove a staged or replaced file or folder (best effort: nothing refers to it)."""
         try:
             info = self.fs.get_file_info(path)
@@ -172,22 +195,6 @@ class ArtifactStore:
             elif info.type == pafs.FileType.File:
                 self.fs.delete_file(path)
         except OSError:
-            pass
-
-    def move(self, run_id: str, source: str, name: str) -> None:
-        """Move the run's artifact file ``source`` to ``name`` (replacing what was there)."""
-        dest = self.path(run_id, name)
-        try:
-            self.fs.create_dir(posixpath.dirname(dest), recursive=True)
-            self.fs.move(self.path(run_id, source), dest)
-        except OSError as exc:
-            raise StoreError(f"artifact store {self.root_uri}: moving {source!r} to {name!r} failed: {exc}") from None
-
-    def delete(self, run_id: str, name: str) -> None:
-        """Remove the run's artifact file ``name`` if it is there (best effort: for cleaning up)."""
-        try:
-            self.fs.delete_file(self.path(run_id, name))
-        except OSError:  # already gone, or the store is unreachable: nothing refers to it
             pass
 
     def get_dir(self, run_id: str, name: str, dest: str | os.PathLike) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -120,34 +119,73 @@ def checked_values(values: Any, where: str, what: str) -> dict[str, str]:
     return {_check_key(k, what): storable(str(v), f"tag {k!r}") for k, v in values.items()}
 
 
-def _check_unregistered(conn: Any, run_id: str, name: str, action: str, *, written: bool = False) -> None:
+def _overlaps(name: str, other: str) -> bool:
+    """Whether artifact ``name`` is ``other``, lies inside it or holds it (logging it changes ``other``'s files)."""
+    return name == other or name.startswith(other + "/") or other.startswith(name + "/")
+
+
+def _where(name: str, other: str) -> str:
+    """How artifact ``name`` stands to ``other`` (see :func:`_overlaps`), for a message: "... {where} <other>"."""
+    return ("is" if other == name else f"lies inside artifact {other!r}, which is"
+            if name.startswith(other + "/") else f"holds artifact {other!r}, which is")
+
+
+def _check_unregistered(conn: Any, run_id: str, name: str, action: str) -> None:
     """DataError if logging artifact ``name`` of run ``run_id`` would change the files of an artifact a
     registered model version points to: that artifact itself, one inside it, or a folder holding it.
 
     A registered version is (run, artifact name); its approvals are of the files it had then, so those
-    files are frozen. ``written``: the files were written before a registration was seen (a race)."""
+    files are frozen."""
     rows = conn.execute(sa.select(RegisteredModel.name, ModelVersion.version, ModelVersion.artifact)
                         .join(RegisteredModel, RegisteredModel.id == ModelVersion.model_id)
                         .where(ModelVersion.run_id == run_id)
                         .order_by(RegisteredModel.name, ModelVersion.version)).all()
-    hits = [r for r in rows if r.artifact == name or name.startswith(r.artifact + "/")
-            or r.artifact.startswith(name + "/")]
+    hits = [r for r in rows if _overlaps(name, r.artifact)]
     if not hits:
         return
     artifact = hits[0].artifact
-    where = ("is" if artifact == name else f"lies inside artifact {artifact!r}, which is"
-             if name.startswith(artifact + "/") else f"holds artifact {artifact!r}, which is")
     versions: dict[str, list[str]] = {}
     for r in hits:
         if r.artifact == artifact:
             versions.setdefault(r.name, []).append(f"v{r.version}")
     registered = " and ".join(f"model {m!r} {', '.join(vs)}" for m, vs in versions.items())
-    done = ("its files were written before the registration was seen, and its record was left as registered, "
-            "so loading that version now fails its sha256 check" if written else "nothing was written")
-    raise DataError(f"{action}: artifact {name!r} of run {run_id} {where} registered as {registered}; a registered "
-                    f"version's files cannot change after registration (its approvals are of those files), so "
-                    f"{done}: log the new files under another name, or in a new run, and register that as a new "
-                    "version")
+    raise DataError(f"{action}: artifact {name!r} of run {run_id} {_where(name, artifact)} registered as "
+                    f"{registered}; a registered version's files cannot change after registration (its approvals "
+                    "are of those files), so nothing was written: log the new files under another name, or in a "
+                    "new run, and register that as a new version")
+
+
+def _check_not_evidence(conn: Any, run_id: str, name: str, action: str, *, own: str | None = None) -> None:
+    """DataError if logging artifact ``name`` of run ``run_id`` would change the entity rows an input of the
+    run keeps (``RunInput.feature_refs["entity_rows"]``): that file, one inside it, or a folder holding it.
+
+    Lineage's verify rebuilds the input's table from those rows, so they are frozen once logged (whether or
+    not a model is registered). ``own``: the input being logged, whose rows these are."""
+    rows = conn.execute(sa.select(RunInput.name, RunInput.feature_refs).where(RunInput.run_id == run_id)
+                        .order_by(RunInput.name)).all()
+    kept = [(r.name, r.feature_refs.get("entity_rows")) for r in rows
+            if r.name != own and isinstance(r.feature_refs, dict)]
+    hits = [(input_name, path) for input_name, path in kept if isinstance(path, str) and _overlaps(name, path)]
+    if not hits:
+        return
+    input_name, path = hits[0]
+    raise DataError(f"{action}: artifact {name!r} of run {run_id} {_where(name, path)} the entity rows kept for "
+                    f"input {input_name!r}; an input's kept entity rows cannot change (lineage's verify rebuilds "
+                    "the input's data from them), so nothing was written: log the new files under another name")
+
+
+def _lock_rows(conn: Any, run_id: str, name: str) -> None:
+    """On PostgreSQL, lock the artifact rows of run ``run_id`` that logging ``name`` changes the files of (see
+    :func:`_overlaps`), in path order. ``register`` reads its artifact's row FOR UPDATE, so a registration
+    either committed before (and the checks that follow see it) or waits until this transaction is done and
+    records the sha256 of the files it put in place. SQLite renders no FOR UPDATE: its write transactions
+    (BEGIN IMMEDIATE) already run one at a time."""
+    parts = name.split("/")
+    holders = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    conn.execute(sa.select(RunArtifact.path).where(
+        RunArtifact.run_id == run_id,
+        sa.or_(RunArtifact.path.in_(holders), RunArtifact.path.startswith(name + "/", autoescape=True)))
+        .order_by(RunArtifact.path).with_for_update()).all()
 
 
 @dataclass(frozen=True)
@@ -275,20 +313,19 @@ class ActiveRun:
                 "full_feature_names": full_names}
         row = {"run_id": self.id, "name": name, "content_hash": logged.content_hash, "row_count": logged.row_count,
                "schema": schema_json(data), "feature_refs": info}
-        staged = None if entity is None else self._stage_table(entity, f"inputs/{name}")
+        staged = None if entity is None else self._stage_table(entity, entity_path)
         try:
             with self._store._db.connect(write=True) as conn:
                 self._check_input_free(name, conn)
                 conn.execute(sa.insert(RunInput).values(**row))
                 if staged is not None:  # into place only once the name is ours
-                    self._store.artifacts.move(self.id, staged[0], entity_path)
-                    self._record_artifact(entity_path, *staged[1:], "file", {}, conn=conn)
+                    self._place(staged, entity_path, "file", {}, "log_input", conn=conn, own_input=name)
                     staged = None
         except sa.exc.IntegrityError:  # the same name, logged by another process meanwhile
             raise self._input_taken(name) from None
         finally:
             if staged is not None:
-                self._store.artifacts.delete(self.id, staged[0])
+                self._store.artifacts.discard(staged[0])
         return logged
 
     def _check_input_free(self, name: str, conn: Any = None) -> None:
@@ -303,33 +340,29 @@ class ActiveRun:
     def _input_taken(self, name: str) -> DataError:
         return DataError(f"run {self.id} already logged an input named {name!r}; log this one under another name")
 
-    def _stage_table(self, table, folder: str) -> tuple[str, int, str]:
-        """Write ``table`` as a Parquet artifact under a fresh hidden name in ``folder``: (name, size, sha256)."""
+    def _stage_table(self, table, name: str) -> tuple[str, int, str]:
+        """Stage ``table`` as the Parquet artifact ``name`` (see ArtifactStore.stage_file): (staged, size, sha256)."""
         import pyarrow.parquet as pq
 
-        staged = f"{folder}/.staged-{uuid.uuid4().hex}.parquet"
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "t.parquet"
             pq.write_table(table, local)
-            return (staged, *self._store.artifacts.put_file(self.id, local, staged))
+            return self._store.artifacts.stage_file(self.id, local, name)
 
     # ---------------------------------------------------------- artifacts
     def log_artifact(self, path: str | os.PathLike, name: str | None = None) -> str:
         """Store a local file or folder as an artifact of this run; returns its name.
 
-        A name a registered model version points to (or one inside it, or a folder holding it) is refused
-        with a DataError before anything is written: a registered version's files are frozen."""
+        A name a registered model version points to, or the entity rows a logged input keeps (or one inside
+        either, or a folder holding either) is refused with a DataError before anything is written: a
+        registered version's files, and the evidence lineage's verify rebuilds an input from, are frozen."""
         source = Path(path)
         name = check_name(source.name if name is None else name)
         if not source.is_dir() and not source.is_file():
             raise DataError(f"log_artifact: {str(path)!r} is not a file or folder")
-        with self._store._db.connect() as conn:
-            _check_unregistered(conn, self.id, name, "log_artifact")
-        if source.is_dir():
-            size, sha = self._store.artifacts.put_dir(self.id, source, name)
-        else:
-            size, sha = self._store.artifacts.put_file(self.id, source, name)
-        self._record_artifact(name, size, sha, "file", {})
+        self._check_writable(name, "log_artifact")
+        stage = self._store.artifacts.stage_dir if source.is_dir() else self._store.artifacts.stage_file
+        self._place(stage(self.id, source, name), name, "file", {}, "log_artifact")
         return name
 
     def log_model(self, model: Any, name: str = "model", *, signature: Signature | Mapping | None = None,
@@ -352,26 +385,50 @@ class ActiveRun:
         integer input); mapping keys must be among ``columns`` when given. A bad value is a DataError and
         nothing is stored. The rule is kept in the artifact's metadata (``fill_null``).
 
-        A name a registered model version points to is refused with a DataError, and nothing is stored:
-        log the new model under another name, or in a new run, and register that."""
+        A name a registered model version points to (or an input's kept entity rows, as for log_artifact)
+        is refused with a DataError, and nothing is stored: log the new model under another name, or in a
+        new run, and register that. A registration running at the same time either comes first (and this
+        call is refused) or records the files this call stored."""
         check_name(name)
-        with self._store._db.connect() as conn:
-            _check_unregistered(conn, self.id, name, "log_model")
+        self._check_writable(name, "log_model")
         with tempfile.TemporaryDirectory() as tmp:
             meta = save_torch_model(model, Path(tmp) / "model", signature=signature, example_input=example_input,
                                     columns=columns, fill_null=fill_null)
-            size, sha = self._store.artifacts.put_dir(self.id, Path(tmp) / "model", name)
-        self._record_artifact(name, size, sha, "model", meta)
+            staged = self._store.artifacts.stage_dir(self.id, Path(tmp) / "model", name)
+        self._place(staged, name, "model", meta, "log_model")
         return meta
 
-    def _record_artifact(self, name: str, size: int, sha: str, kind: str, meta: dict, *, conn: Any = None) -> None:
-        """Upsert the artifact's row (in ``conn``'s transaction when given); a row a model version registered
-        meanwhile points to stays as it is (DataError: the callers check before writing, this closes the gap)."""
+    def _check_writable(self, name: str, action: str) -> None:
+        """The checks of :meth:`_place`, made early (before the files are staged) so a refused call is cheap."""
+        with self._store._db.connect() as conn:
+            _check_unregistered(conn, self.id, name, action)
+            _check_not_evidence(conn, self.id, name, action)
+
+    def _place(self, staged: tuple[str, int, str], name: str, kind: str, meta: dict, action: str, *,
+               conn: Any = None, own_input: str | None = None) -> None:
+        """Put ``staged`` (ArtifactStore.stage_file/stage_dir's (path, size, sha256)) in place as artifact
+        ``name`` and upsert its row, in one write transaction (``conn``'s when given): lock the rows, check
+        (not registered, not an input's kept entity rows), swap the files in, record them. A failure before
+        the swap changes nothing; the staged copy is then discarded (here, or by the caller that passed
+        ``conn``)."""
         db = self._store._db
         if conn is None:
-            with db.connect(write=True) as conn:
-                return self._record_artifact(name, size, sha, kind, meta, conn=conn)
-        _check_unregistered(conn, self.id, name, "logging an artifact", written=True)
+            try:
+                with db.connect(write=True) as conn:
+                    return self._place(staged, name, kind, meta, action, conn=conn, own_input=own_input)
+            except BaseException:
+                self._store.artifacts.discard(staged[0])  # nothing there once it was swapped in
+                raise
+        path, size, sha = staged
+        _lock_rows(conn, self.id, name)
+        _check_unregistered(conn, self.id, name, action)
+        _check_not_evidence(conn, self.id, name, action, own=own_input)
+        self._store.artifacts.swap_in(self.id, path, name)
+        # The files are in place. Should the upsert or the commit still fail (the database gone), the row keeps
+        # describing the files they replaced (or is missing) while the store holds the new ones: no version
+        # can have been registered on it meanwhile (the lock), one registered later records the old sha256, so
+        # load refuses these files ("changed after registration") rather than serve files nobody registered;
+        # logging the artifact again sets the row right.
         insert = (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)(RunArtifact)
         conn.execute(insert.values(run_id=self.id, path=name, kind=kind, size=size, sha256=sha,
                                    meta=meta).on_conflict_do_update(
