@@ -37,7 +37,7 @@ __all__ = [
     "Base", "UTCDateTime", "utcnow", "FeatureDefinition", "FeatureDefinitionTag", "Materialization",
     "Experiment", "Run", "RunParam", "RunTag", "MetricChunk", "LatestMetric", "RunInput", "RunArtifact",
     "RegisteredModel", "ModelVersion", "ModelAlias", "ModelTransition", "ModelPolicyChange", "ABDecision",
-    "ABOutcome",
+    "ABOutcome", "FlushMark",
 ]
 
 
@@ -366,3 +366,15 @@ class ABOutcome(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index(None, "experiment_id", "user_id"),)
+
+
+# ------------------------------------------------------------------ buffered writes
+class FlushMark(Base):
+    """A batch of buffered rows (metric points, A/B decisions and outcomes) that a flush committed, written in
+    the batch's transaction: a retry of a batch whose commit may have happened looks it up (mlplat.db.batches).
+    The writer deletes it in a later transaction; a process that died leaves a few."""
+
+    __tablename__ = "flush_marks"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex
+    at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -7,14 +7,15 @@ writes every buffer every second, or sooner once a buffer holds
 interpreter exit. A flush is one transaction that writes, per key, one row of
 packed arrays (``run_metric_chunks``: steps, values, timestamps) and moves
 the key's latest value forward (``run_latest_metrics``: an upsert that only
-takes a greater (step, timestamp)). What was flushed survives a crash or a
-kill; values, NaN and infinities included, are stored exactly.
+takes a greater (step, timestamp)), with a marker row naming the batch
+(``flush_marks``, :mod:`mlplat.db.batches`): a batch retried after an
+interrupt that hid its commit is written once. What was flushed survives a
+crash or a kill; values, NaN and infinities included, are stored exactly.
 """
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,10 +26,11 @@ from .. import _background
 from .._arrow import INT64_MAX, INT64_MIN
 from .._checks import as_int, shown
 from ..db import Database
+from ..db.batches import OnceWriter
 from ..db.models import LatestMetric, MetricChunk
 from ..errors import DataError
 
-__all__ = ["MetricBuffer", "metric_value", "write_chunks", "read_history"]
+__all__ = ["MetricBuffer", "metric_value", "chunk_rows", "insert_chunks", "write_chunks", "read_history"]
 
 _INT64_MIN, _INT64_MAX = INT64_MIN, INT64_MAX  # module names: log_metric's inline checks read them per call
 
@@ -41,20 +43,16 @@ class _Points:
     values: list[float] = field(default_factory=list)
     timestamps: list[int] = field(default_factory=list)
 
-    def extend(self, other: _Points) -> None:
-        self.steps += other.steps
-        self.values += other.values
-        self.timestamps += other.timestamps
+
+_Rows = tuple[list[dict], list[dict]]  # a flush's rows: the chunks, the latest values
 
 
-def write_chunks(db: Database, run_id: str, batch: dict[str, _Points],
-                 committed: Callable[[], None] | None = None) -> None:
-    """Write one flush of a run (a chunk per key and the latest values) in one transaction; ``committed`` is
-    called as soon as the commit returns (an interrupt after it must not have the points written again).
+def chunk_rows(run_id: str, batch: dict[str, _Points]) -> _Rows:
+    """The rows one flush of a run writes: a packed chunk per key and the key's latest value.
 
-    Keys are written in sorted order: the upsert of the latest values locks one row per key, and two
-    processes flushing one run (a resumed run) that locked them in different orders deadlocked on
-    PostgreSQL. Every upsert of one run's rows (params, tags, latest metrics) takes them sorted by key.
+    Keys come in sorted order: the upsert of the latest values locks one row per key, and two processes
+    flushing one run (a resumed run) that locked them in different orders deadlocked on PostgreSQL. Every
+    upsert of one run's rows (params, tags, latest metrics) takes them sorted by key.
     """
     chunks, latest = [], []
     for key, pts in sorted(batch.items()):
@@ -70,23 +68,33 @@ def write_chunks(db: Database, run_id: str, batch: dict[str, _Points],
         value = float(values[last])
         latest.append({"run_id": run_id, "key": key, "value": None if value != value else value,
                        "step": int(steps[last]), "timestamp": int(stamps[last])})
+    return chunks, latest
+
+
+def insert_chunks(conn: sa.Connection, rows: _Rows) -> None:
+    """INSERT one flush's chunks and move each key's latest value forward, on the caller's transaction."""
+    chunks, latest = rows
     if not chunks:
         return
-    with db.connect(write=True) as conn:
-        conn.execute(sa.insert(MetricChunk), chunks)
-        insert = (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)(LatestMetric)
-        t = LatestMetric.__table__
-        newer = sa.or_(insert.excluded.step > t.c.step,
-                       sa.and_(insert.excluded.step == t.c.step, insert.excluded.timestamp >= t.c.timestamp))
-        conn.execute(insert.on_conflict_do_update(
-            index_elements=[t.c.run_id, t.c.key],
-            set_={"value": insert.excluded.value, "step": insert.excluded.step,
-                  "timestamp": insert.excluded.timestamp},
-            where=newer,
-        ), latest)
-        conn.commit()
-        if committed is not None:
-            committed()
+    conn.execute(sa.insert(MetricChunk), chunks)
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(LatestMetric)
+    t = LatestMetric.__table__
+    newer = sa.or_(insert.excluded.step > t.c.step,
+                   sa.and_(insert.excluded.step == t.c.step, insert.excluded.timestamp >= t.c.timestamp))
+    conn.execute(insert.on_conflict_do_update(
+        index_elements=[t.c.run_id, t.c.key],
+        set_={"value": insert.excluded.value, "step": insert.excluded.step, "timestamp": insert.excluded.timestamp},
+        where=newer,
+    ), latest)
+
+
+def write_chunks(db: Database, run_id: str, batch: dict[str, _Points]) -> None:
+    """Write one flush of a run in one transaction, as it is: no exactly-once marker (a retry after an unknown
+    outcome may write it twice). :class:`MetricBuffer` writes through :class:`~mlplat.db.batches.OnceWriter`."""
+    rows = chunk_rows(run_id, batch)
+    if rows[0]:
+        with db.connect(write=True) as conn:
+            insert_chunks(conn, rows)
 
 
 def read_history(db: Database, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,6 +150,9 @@ class MetricBuffer:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._max = max_points
+        # flushes go through it: each batch is written once, also when an interrupt hides its commit
+        self._once: OnceWriter[dict[str, _Points], _Rows] = OnceWriter(
+            db, insert_chunks, lambda batch: chunk_rows(run_id, batch))
         _background.register(self)
 
     def forked(self) -> None:
@@ -149,6 +160,7 @@ class MetricBuffer:
         fresh locks (one held by a thread at the fork is never released in the child)."""
         self._lock, self._flush_lock = threading.Lock(), threading.Lock()
         self._pending, self._count = {}, 0
+        self._once.forked()
 
     def add(self, key: str, value: float, step: int | None, timestamp_ms: int | None) -> None:
         """Buffer one point; a value, step or time that could not be stored is refused here, not at flush."""
@@ -194,26 +206,21 @@ class MetricBuffer:
         return 0 if last is None else last + 1
 
     def __len__(self) -> int:
-        return self._count
+        return self._count + self._once.waiting
+
+    def _take(self) -> tuple[dict[str, _Points], int]:
+        with self._lock:
+            batch, count, self._pending, self._count = self._pending, self._count, {}, 0
+        return batch, count
 
     def flush(self) -> None:
-        """Write everything logged so far; returns once it is committed."""
+        """Write everything logged so far; returns once it is committed. A batch whose flush failed waits,
+        ahead of the points logged since, and is written once by a later flush (see :mod:`mlplat.db.batches`)."""
         with self._flush_lock:
-            with self._lock:
-                batch, self._pending, self._count = self._pending, {}, 0
-            written = []
-            try:
-                write_chunks(self._db, self.run_id, batch, lambda: written.append(True))
-            except BaseException:
-                if written:  # interrupted (Ctrl-C) once committed: kept again, they were written twice
-                    raise
-                with self._lock:  # keep them, ahead of what came meanwhile, for the next try
-                    for key, pts in self._pending.items():
-                        batch.setdefault(key, _Points()).extend(pts)
-                    self._pending = batch
-                    self._count = sum(len(p.steps) for p in batch.values())
-                raise
+            self._once.flush(self._take)
 
     def close(self) -> None:
         self.flush()
+        with self._flush_lock:
+            self._once.tidy()
         _background.unregister(self)

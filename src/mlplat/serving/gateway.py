@@ -35,6 +35,7 @@ from .._checks import as_int, require_number
 from .._expiring import Expiring
 from .._native import _hashing
 from .._time import utc_argument
+from ..db.batches import OnceWriter
 from ..db.models import ABDecision, ABOutcome
 from ..errors import DataError, ServingError
 from ..models.registry import STAGES
@@ -94,6 +95,12 @@ def user_key(user_id: Any) -> str:
     raise DataError(f"a user id must be a string or a number, got {user_id!r}")
 
 
+def _insert_rows(conn: sa.Connection, taken: dict[Any, list[dict]]) -> None:
+    for table, rows in taken.items():
+        if rows:
+            conn.execute(sa.insert(table), rows)
+
+
 class _Writes:
     """Rows waiting for one INSERT per table, flushed by the background thread; ``owner`` names them in errors."""
 
@@ -104,6 +111,9 @@ class _Writes:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time: a flush returns after one running elsewhere
         self._closed = False
+        # each flush's rows are written once, also when an interrupt hides the commit (mlplat.db.batches)
+        self._once: OnceWriter[dict[Any, list[dict]], dict[Any, list[dict]]] = OnceWriter(
+            db, _insert_rows, lambda taken: taken)
         _background.register(self)
 
     def forked(self) -> None:
@@ -111,6 +121,7 @@ class _Writes:
         locks (one held by a thread at the fork is never released in the child)."""
         self._lock, self._flush_lock = threading.Lock(), threading.Lock()
         self._rows = {ABDecision: [], ABOutcome: []}
+        self._once.forked()
 
     def add(self, table, row: dict) -> None:
         with self._lock:  # closed under the same lock: a row added here is in close()'s flush, or refused
@@ -121,29 +132,17 @@ class _Writes:
         _background.added(self, n, _MAX_ROWS)
 
     def __len__(self) -> int:
-        return sum(len(r) for r in self._rows.values())
+        return sum(len(r) for r in self._rows.values()) + self._once.waiting
+
+    def _take(self) -> tuple[dict[Any, list[dict]], int]:
+        with self._lock:
+            taken, self._rows = self._rows, {ABDecision: [], ABOutcome: []}
+        return taken, sum(len(r) for r in taken.values())
 
     def flush(self) -> None:
+        """Write what is buffered, and the rows of failed flushes first (no transaction when there is none)."""
         with self._flush_lock:
-            with self._lock:
-                taken, self._rows = self._rows, {ABDecision: [], ABOutcome: []}
-            if not any(taken.values()):
-                return  # no write transaction (on SQLite it would take the database's write lock) for nothing
-            committed = False
-            try:
-                with self._db.connect(write=True) as conn:
-                    for table, rows in taken.items():
-                        if rows:
-                            conn.execute(sa.insert(table), rows)
-                    conn.commit()
-                    committed = True
-            except BaseException:
-                if committed:  # interrupted (Ctrl-C) once written: kept again, they were written twice
-                    raise
-                with self._lock:
-                    for table, rows in taken.items():
-                        self._rows[table][:0] = rows
-                raise
+            self._once.flush(self._take)
 
     def closed_error(self) -> ServingError:
         return ServingError(f"{self._owner} is closed: it logs no more decisions or outcomes (nothing was "
@@ -157,6 +156,8 @@ class _Writes:
         with self._lock:
             self._closed = True
         self.flush()  # a failure leaves the rows buffered (and registered): a later flush() or close() retries
+        with self._flush_lock:
+            self._once.tidy()
         _background.unregister(self)
 
 
