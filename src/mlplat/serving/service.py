@@ -140,7 +140,7 @@ class ServingService:
         return self.served_log.read(model, since)
 
     def ab_gateway(self, champion: str, challenger: str, challenger_fraction: float, experiment_id: str,
-                   salt: str = "") -> ABGateway:
+                   salt: str | None = None) -> ABGateway:
         """``mp.ABGateway`` on this platform."""
         return ABGateway(champion, challenger, challenger_fraction, experiment_id, salt, platform=self._p)
 
