@@ -157,3 +157,19 @@ def test_lineage_is_the_version_as_registered_whatever_the_run_logs_later(p, two
     assert human.exit_code == 0, human.output
     assert "val_auc=0.91 (as registered)" in human.output and "val_auc=0.5" in human.output
     assert "after_registration" in human.output.split("inputs logged after registration")[1]
+
+
+@pytest.mark.parametrize("alias", ["Production", "STAGING", "None", "Archived"])
+def test_an_alias_named_as_a_stage_in_another_case_is_refused(p, alias):
+    """'fraud@Production' read as an alias would serve the alias's version where a reader sees production."""
+    p.models.register("fraud", trained_run(p))
+    with pytest.raises(mp.DataError, match="not a stage name"):
+        p.models.set_alias("fraud", alias, 1)
+    assert p.models.get("fraud", version=1).aliases == () and len(p.models.history("fraud")) == 1
+
+
+def test_artifact_meta_takes_a_bool_check(p):
+    info = p.models.register("fraud", trained_run(p))
+    with pytest.raises(mp.DataError, match="check"):
+        p.models.artifact_meta(info, check="no")  # a truthy string: checked, as if True
+    assert p.models.artifact_meta(info, check=False)["sha256"] == info.artifact_sha256

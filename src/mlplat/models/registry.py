@@ -355,9 +355,10 @@ class ModelRegistry:
     def set_alias(self, name: str, alias: str, version: int, *, actor: str | None = None, notes: str = "") -> None:
         """Point a free alias (e.g. "champion") at a version."""
         _check_model_name(name)
-        if not isinstance(alias, str) or not NAME_PATTERN.match(alias) or len(alias) > _ALIAS_MAX or alias in STAGES:
+        if (not isinstance(alias, str) or not NAME_PATTERN.match(alias) or len(alias) > _ALIAS_MAX
+                or alias.lower() in STAGES):  # "fraud@Production" would read as the stage and serve the alias
             raise DataError(f"alias {alias!r} is invalid: letters, digits, '_', '-' and '.', at most {_ALIAS_MAX}, "
-                            "and not a stage name")
+                            "and not a stage name (in any case)")
         check_version(version)
         _check_free_text(notes, "notes")
         who = _check_person(_user() if actor is None else actor, "actor")
@@ -549,6 +550,7 @@ class ModelRegistry:
         signature, torch version); empty if the artifact row is gone. StoreError if the artifact's record
         no longer holds the sha256 registered (it changed after registration), unless ``check=False``."""
         _check_version_info(info)
+        require_bool("check", check)
         with self._db.connect() as conn:
             row = conn.execute(sa.select(RunArtifact.sha256, RunArtifact.size, RunArtifact.meta).where(
                 RunArtifact.run_id == info.run_id, RunArtifact.path == info.artifact)).first()
