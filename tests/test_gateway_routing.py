@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 import mlplat as mp
 from mlplat.db.models import ABDecision, ABOutcome
-from mlplat.serving.gateway import _outcome_stats, _user_stats
+from mlplat.serving.gateway import _outcome_stats, _user_stats, parse_model_ref
 from test_serving import Scorer, _register, served  # noqa: F401 - served: a fixture
 
 COLUMNS = ["a", "b", "c"]
@@ -104,3 +104,9 @@ def test_the_summary_aggregates_each_once_on_postgresql(p):
     summary = gateway.summary()
     assert sum(v["outcome_users"] for v in summary["variants"].values()) == 300
     gateway.close()
+
+
+def test_a_stage_in_a_model_reference_is_read_in_any_case():
+    assert parse_model_ref("m@Production") == ("m", {"stage": "production"})  # was the alias 'Production'
+    assert parse_model_ref("m@STAGING") == ("m", {"stage": "staging"})
+    assert parse_model_ref("m@champion") == ("m", {"alias": "champion"})

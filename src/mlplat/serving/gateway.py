@@ -64,8 +64,8 @@ def parse_model_ref(ref: str) -> tuple[str, dict[str, Any]]:
         return name, {"stage": "production"}
     if sel.isdigit():
         return name, {"version": int(sel)}
-    if sel in STAGES:
-        return name, {"stage": sel}
+    if sel.lower() in STAGES:  # "fraud@Production" is the stage (no alias may be named so)
+        return name, {"stage": sel.lower()}
     return name, {"alias": sel}
 
 
