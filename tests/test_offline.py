@@ -222,10 +222,12 @@ def test_feature_service_and_versioned_refs(p, tmp_path):
     edf = entities([1], [D(2)])
     out = p.features.get_historical_features(edf, p.features.get_feature_service("fraud"))
     assert out.column_names[-2:] == ["amount", "txn_count"]
-    # version 2 drops 'amount'; version 1 stays retrievable by reference
+    # version 2 drops 'amount' (the service, pinned to version 1 for it in the same apply, keeps it); version 1
+    # stays retrievable by reference
     v2 = mp.FeatureView("user_txn", entities=[USER], ttl=timedelta(days=30),
                         schema=[mp.Field("txn_count", mp.Int64)], source=v1.source)
-    assert p.features.apply([v2])[0].version == 2
+    pinned = mp.FeatureService("fraud", features=["user_txn@1:amount", "user_txn:txn_count"])
+    assert p.features.apply([v2, pinned])[0].version == 2
     with pytest.raises(mp.NotFoundError, match="no feature 'amount'"):
         p.features.get_historical_features(edf, ["user_txn:amount"])
     assert p.features.get_historical_features(edf, ["user_txn@1:amount"]).column("amount").to_pylist() == [2.0]

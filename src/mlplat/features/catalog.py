@@ -20,10 +20,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 
-from .._checks import check_version, close_names
+from .._checks import check_version, close_names, storable
 from ..db import Database
 from ..db.models import FeatureDefinition, FeatureDefinitionTag
-from ..errors import DefinitionError, NotFoundError, StoreError
+from ..errors import DataError, DefinitionError, NotFoundError, StoreError
 from .definitions import Entity, FeatureService, FeatureView, _Definition, _stored_text, parse_ref
 from .parquet import ParquetFiles
 from .validation import check_source
@@ -34,6 +34,15 @@ _KINDS: dict[str, type[_Definition]] = {"entity": Entity, "feature_view": Featur
                                          "feature_service": FeatureService}
 _APPLY_ORDER = ("entity", "feature_view", "feature_service")
 _PG_LOCK_KEY = 0x6D6C63617461  # serializes apply on PostgreSQL
+
+
+def _storable(text: str) -> bool:
+    """Whether a database can hold ``text`` as given (see :func:`mlplat._checks.storable`)."""
+    try:
+        storable(text, "")
+    except DataError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,9 @@ class Catalog:
     def _batch(self, objects: Iterable[_Definition]) -> dict[tuple[str, str], _Definition]:
         if isinstance(objects, _Definition):
             objects = [objects]
+        if not isinstance(objects, Iterable) or isinstance(objects, (str, bytes, Mapping)):
+            raise DefinitionError(f"apply takes an mp.Entity, mp.FeatureView or mp.FeatureService, or a list of them, "
+                                  f"got {type(objects).__name__} {objects!r}")
         batch: dict[tuple[str, str], _Definition] = {}
         for obj in objects:
             if not isinstance(obj, _Definition):
@@ -169,6 +181,24 @@ class Catalog:
                             f"feature service {obj.name!r}: feature view {ref.view!r} has no feature "
                             f"{ref.feature!r}"
                         )
+        self._check_services_kept(batch)
+
+    def _check_services_kept(self, batch: dict[tuple[str, str], _Definition]) -> None:
+        """A view of the batch must keep every feature an applied service (not in the batch) takes from it
+        unpinned: dropping one was accepted, and every later use of the service failed."""
+        views = {name: obj for (kind, name), obj in batch.items() if kind == "feature_view"}
+        if not views:
+            return
+        for entry in self.list("feature_service"):
+            if ("feature_service", entry.name) in batch:
+                continue  # the batch's own version of it was checked above
+            for ref in map(parse_ref, entry.definition().features):
+                view = views.get(ref.view)
+                if view is not None and ref.version is None and ref.feature not in view.feature_names:
+                    raise DefinitionError(
+                        f"feature view {ref.view!r} would no longer have feature {ref.feature!r}, which the applied "
+                        f"feature service {entry.name!r} uses: apply the service without it in the same call, or "
+                        f"pin the service to the view version that has it ('{ref.view}@N:{ref.feature}')")
 
     def _store(self, s, obj: _Definition) -> ApplyResult:
         spec = obj.to_spec()
@@ -208,8 +238,12 @@ class Catalog:
         return self._get_or_none(kind, name, None)
 
     def _get_or_none(self, kind: str, name: str, version: int | None):
+        if not isinstance(name, str):
+            raise DefinitionError(f"a {kind.replace('_', ' ')} name is a string, got {type(name).__name__} {name!r}")
         if version is not None:  # 10**30 overflowed the query (a raw database error), 'x' or 2.0 reached it
             check_version(version)
+        if not _storable(name):  # no definition is named so (names are checked); PostgreSQL refused the query
+            return None
         q = sa.select(FeatureDefinition).where(FeatureDefinition.kind == kind, FeatureDefinition.name == name)
         q = q.where(FeatureDefinition.version == version) if version is not None else q.order_by(
             FeatureDefinition.version.desc()
@@ -234,6 +268,11 @@ class Catalog:
         """The latest version of every definition, optionally of one kind and carrying all ``tags``."""
         if kind is not None and kind not in _KINDS:
             raise DefinitionError(f"unknown kind {kind!r}; use one of {', '.join(_KINDS)}")
+        if tags is not None and (not isinstance(tags, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in tags.items())):
+            raise DefinitionError(f"tags must be a dict of str to str, got {tags!r}")
+        if tags and not all(_storable(k) and _storable(v) for k, v in tags.items()):
+            return []  # no definition carries such a tag (tags are checked); PostgreSQL refused the query
         d = FeatureDefinition
         latest = (
             sa.select(d.kind, d.name, sa.func.max(d.version).label("version")).group_by(d.kind, d.name).subquery()
@@ -260,14 +299,14 @@ class Catalog:
 
     def versions(self, kind: str, name: str) -> list[CatalogEntry]:
         """Every stored version of one definition, oldest first."""
+        if self._get_or_none(kind, name, None) is None:
+            self.get(kind, name)  # NotFoundError with suggestions; DefinitionError for a name of a wrong type
         with self._db.session() as s:
             rows = s.scalars(
                 sa.select(FeatureDefinition)
                 .where(FeatureDefinition.kind == kind, FeatureDefinition.name == name)
                 .order_by(FeatureDefinition.version)
             ).all()
-            if not rows:
-                self.get(kind, name)  # raises NotFoundError with suggestions
             return [self._entry(r, s) for r in rows]
 
     def search(

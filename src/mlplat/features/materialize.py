@@ -99,9 +99,11 @@ class Materializer:
         if isinstance(names, str):
             names = [names]
         out = []
-        for name in names:
-            name, _, version = name.partition("@")
-            if version and not version.isdigit():
+        for ref in names:
+            if not isinstance(ref, str):
+                raise DataError(f"views must be view names (or 'name@version'), got {type(ref).__name__} {ref!r}")
+            name, at, version = ref.partition("@")
+            if at and not version.isdigit():
                 raise DataError(f"view {name}@{version}: a definition version is a number, e.g. {name}@2")
             view = self._catalog.get("feature_view", name, int(version) if version else None)
             if not view.online:
