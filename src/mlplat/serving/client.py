@@ -668,6 +668,10 @@ class _Coalescer(_Gathering):
                 arrays, sizes = merge([b[0] for b in batch])
                 outputs = unmerge(self._client._infer_once(self.info, arrays, None, 0, 0, self._version), sizes)
         except BaseException as exc:  # noqa: BLE001 - every caller of the batch gets the error
+            if _one_callers_failure(exc, batch):
+                for item in batch:  # each caller's rows on their own: only the one that failed the model fails
+                    self._send([item])
+                return
             self._answer(batch, None, exc)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt and the like stop the caller that was sending
@@ -686,6 +690,14 @@ class _Coalescer(_Gathering):
                                  f"({type(error).__name__}); send the request again")
         for item in batch:
             item[2].set(error=error)
+
+
+def _one_callers_failure(exc: BaseException, batch: list) -> bool:
+    """Whether a merged request of several callers failed in a way one caller's rows may have caused: the
+    model's own error (a plain ServingError), not the server's state (not ready, queue full, time-out), which
+    every caller would meet alone too. Such a batch is sent again caller by caller, so that another caller's
+    bad rows do not fail (and their message reach) the rest."""
+    return len(batch) > 1 and type(exc) is ServingError
 
 
 class _Patience:
@@ -977,7 +989,8 @@ class _AsyncCoalescer(_Gathering):
                 arrays, sizes = merge([b[0] for b in batch])
                 outputs = unmerge(await self._client._infer_once(self.info, arrays, version=self._version), sizes)
             except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
-                for b in batch:
+                retry = _one_callers_failure(exc, batch)
+                for b in batch if not retry else ():
                     if b[2].done():
                         continue
                     if isinstance(exc, asyncio.CancelledError):  # the send was cancelled: so are its callers
@@ -986,7 +999,12 @@ class _AsyncCoalescer(_Gathering):
                         b[2].set_exception(exc)
                 if not isinstance(exc, Exception):
                     raise
+                if not retry:
+                    return
+            else:
+                for b, out in zip(batch, outputs):
+                    if not b[2].done():
+                        b[2].set_result(out)
                 return
-            for b, out in zip(batch, outputs):
-                if not b[2].done():
-                    b[2].set_result(out)
+        for b in batch:  # each caller's rows on their own (outside the slot this send held)
+            await self._send([b])

@@ -190,7 +190,12 @@ def check_cast(what: str, dtype: str, arr: np.ndarray, want: np.dtype) -> None:
             raise DataError(f"{what} is {dtype} but holds fractions (e.g. {arr[arr != np.trunc(arr)][0]}); round "
                             "them first if that is what you mean")
     low, high = (0, 1) if want.kind == "b" else (np.iinfo(want).min, np.iinfo(want).max)
-    if arr.min() < low or arr.max() > high:
+    if arr.dtype.kind == "f":  # in float64, against the first value past the range: float(2**63 - 1) is 2**63,
+        wide = arr.astype(np.float64, copy=False)  # so 2.0**63 passed `> high` and astype wrapped it to the minimum
+        outside = wide.min() < low or wide.max() >= float(high) + 1
+    else:
+        outside = arr.min() < low or arr.max() > high
+    if outside:
         raise DataError(f"{what} is {dtype}: its values must lie in [{low}, {high}], got {arr.min()} to {arr.max()}")
 
 
