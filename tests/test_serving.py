@@ -542,6 +542,8 @@ def test_one_bad_request_fails_alone_in_a_dynamic_batch_and_the_local_backend_an
             assert got[0].dtype == want.dtype
             assert isinstance(got[1], mp.ServingError) and "index 9 is out of bounds" in str(got[1]), got
             assert _request_counts(triton, "lookup", str(v))[2] == 1  # one batch, answered request by request
+            with pytest.raises(mp.DataError, match="has no output 'nope'"):  # was the server's refusal, a ServingError
+                client.infer("lookup", {"input__0": good}, version=v, outputs=["nope"])
         finally:
             client.unload_model("lookup")
 
@@ -1931,3 +1933,10 @@ def test_a_closed_gateway_refuses_to_log_and_what_it_wrote_stays(tmp_path, monke
     assert gateway.variant(1) == variant  # routing questions that log nothing still answer
     gateway.close()  # closing again is fine
     p.close()
+
+
+def test_predict_names_an_asyncio_client_given_as_its_backend(served):
+    """It called the coroutine function and failed on the coroutine: a raw TypeError, and a never-awaited warning."""
+    client = mp.AsyncTritonClient("127.0.0.1:1")
+    with pytest.raises(mp.ServingError, match="predict runs synchronously: give it a synchronous backend"):
+        served.serving.predict("scorer", [{"user_id": 1, "basket": 1.0}], backend=client)

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, InferenceTimeoutError, ModelNotReadyError, ServingError
-from .shaping import (ModelInfo, check_request, empty_outputs, join, map_error, merge, rows_of, split, to_arrays,
-                      unmerge)
+from .shaping import (ModelInfo, check_outputs, check_request, empty_outputs, join, map_error, merge, rows_of, split,
+                      to_arrays, unmerge)
 
 __all__ = ["TritonClient", "AsyncTritonClient"]
 
@@ -489,6 +489,7 @@ class TritonClient(_Base):
         here, with no rows of each output, as the local backend answers it."""
         check_request(priority, timeout_us, version)
         info = self.info(model)
+        check_outputs(info, outputs)
         arrays = to_arrays(info, inputs)
         if not rows_of(info, arrays):
             return empty_outputs(info, outputs)
@@ -877,6 +878,7 @@ class AsyncTritonClient(_Base):
         """As :meth:`TritonClient.infer`, awaited."""
         check_request(priority, timeout_us, version)
         info = await self.info(model)
+        check_outputs(info, outputs)
         arrays = to_arrays(info, inputs)
         if not rows_of(info, arrays):
             return empty_outputs(info, outputs)

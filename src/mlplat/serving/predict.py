@@ -15,6 +15,7 @@ model: one number, a number per column, or refused); a version logged before
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,9 @@ class Predictor:
     def predict(self, model: str, entity_rows: Any, *, backend: Any, version: int | None = None,
                 stage: str | None = None, alias: str | None = None, variant: str = "default",
                 triton_model: str | None = None, log: bool = True) -> Prediction:
+        if inspect.iscoroutinefunction(getattr(backend, "infer", None)):
+            raise ServingError("predict runs synchronously: give it a synchronous backend (mp.TritonClient or the "
+                               "local backend), not an mp.AsyncTritonClient")
         plan = self.plan(model, version=version, stage=stage, alias=alias)
         # a table (pandas, polars, Arrow) becomes Arrow once, for the online read and the request-time columns
         rows = entity_rows if isinstance(entity_rows, (dict, list)) else to_table(entity_rows, "entity rows")

@@ -214,13 +214,20 @@ def check_request(priority: Any, timeout_us: Any, version: Any) -> None:
                        meaning="a model version, an integer >= 1 (None: the newest)")
 
 
+def check_outputs(info: ModelInfo, outputs: Sequence[str] | None) -> None:
+    """Every output asked for is one the model has, else DataError (before anything is sent: the server's
+    refusal was a plain ServingError, where the local backend said which output)."""
+    for name in outputs or ():
+        if name not in info.outputs:
+            raise DataError(f"model {info.name!r} has no output {name!r}; it has {list(info.outputs)}")
+
+
 def empty_outputs(info: ModelInfo, outputs: Sequence[str] | None) -> dict[str, np.ndarray]:
     """The outputs of a request of no rows, as the model would give them: no rows, its types and dimensions."""
+    check_outputs(info, outputs)
     specs = dict(zip(info.outputs, info.output_types))
     out = {}
     for name in outputs or info.outputs:
-        if name not in specs:
-            raise DataError(f"model {info.name!r} has no output {name!r}; it has {list(info.outputs)}")
         dtype, dims = specs[name]
         out[name] = np.empty((0, *(max(d, 0) for d in dims)), NUMPY_TYPES.get(dtype, np.object_))
     return out
