@@ -1111,8 +1111,10 @@ def test_queue_full_and_timeouts_become_mlplat_errors(served, triton):
             with pytest.raises(mp.DataError, match=r"'input__0' of model 'scorer' must have shape \(batch, 3\), "
                                                    r"got \(2, 5\)"):
                 backend.infer("scorer", {"input__0": np.ones((2, 5), np.float32)})
-        with pytest.raises(mp.DataError, match="needs an input 'input__0'"):
+        with pytest.raises(mp.DataError, match=r"has no input 'x'; its inputs are \['input__0'\]"):
             client.infer("scorer", {"x": x})
+        with pytest.raises(mp.DataError, match="needs an input 'input__0'"):
+            client.infer("scorer", {})
     with mp.TritonClient("127.0.0.1:1", timeout_s=2) as dead:
         assert not dead.is_ready()
         with pytest.raises(mp.ModelNotReadyError):

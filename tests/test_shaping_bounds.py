@@ -1,12 +1,12 @@
-"""check_cast: a float sent to an integer input is refused outside the input type's range, right at its edges
-(2.0**63 passed the check and reached an int64 model as -2**63)."""
+"""Shaping requests: a float sent to an integer input is refused outside the input type's range, right at its
+edges (2.0**63 passed the check and reached an int64 model as -2**63); an input name the model lacks is refused."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import mlplat as mp
-from mlplat.serving.shaping import check_cast
+from mlplat.serving.shaping import ModelInfo, check_cast, to_arrays
 
 INTS = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
 
@@ -43,3 +43,14 @@ def test_integers_at_the_edges_are_compared_exactly():
         check_cast("x", "INT64", np.array([2**63], dtype=np.uint64), np.dtype(np.int64))
     with pytest.raises(mp.DataError, match="its values must lie in"):
         check_cast("x", "INT32", np.array([2**31], dtype=np.int64), np.dtype(np.int32))
+
+
+def test_an_input_name_the_model_does_not_have_is_refused():
+    """A misspelt or extra name was dropped silently by every backend."""
+    info = ModelInfo("one", (("input__0", "FP32", (2,)),), ("output__0",), 8, (), 0)
+    x = np.zeros((3, 2), np.float32)
+    assert list(to_arrays(info, {"input__0": x})) == ["input__0"]
+    for inputs in ({"input__0": x, "input__1": x}, {"inputs__0": x}):
+        with pytest.raises(mp.DataError, match="model 'one' has no input 'input(s__0|__1)'; its inputs are "
+                                               r"\['input__0'\]"):
+            to_arrays(info, inputs)

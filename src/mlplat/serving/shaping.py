@@ -63,6 +63,10 @@ class ModelInfo:
 def to_arrays(info: ModelInfo, inputs: Any) -> dict[str, np.ndarray]:
     """The model's input arrays from a dict of arrays, a pandas DataFrame or an Arrow table."""
     if isinstance(inputs, Mapping):
+        names = [name for name, _, _ in info.inputs]
+        unknown = [k for k in inputs if k not in names]
+        if unknown:  # a misspelt name was dropped silently, and the model got what the others held
+            raise DataError(f"model {info.name!r} has no input {unknown[0]!r}; its inputs are {names}")
         arrays = {k: _asarray(info, k, v) for k, v in inputs.items()}
     else:
         arrays = _table_arrays(info, inputs)
