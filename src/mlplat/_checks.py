@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import operator
 
-from .errors import DataError
+from .errors import DataError, MlplatError
 
 
 def as_int(value: object) -> int | None:
@@ -98,19 +98,19 @@ def close_names(name: str, known: list[str], none_yet: str) -> str:
     return f"; known: {', '.join(known[:20])}" if known else f"; {none_yet}"
 
 
-def storable(text: str, what: str) -> str:
-    """``text`` if SQLite and PostgreSQL both store it as given, else DataError naming ``what``: no NUL
+def storable(text: str, what: str, *, error: type[MlplatError] = DataError) -> str:
+    """``text`` if SQLite and PostgreSQL both store it as given, else ``error`` naming ``what``: no NUL
     character (PostgreSQL's text cannot hold one) and valid UTF-8 (no lone surrogate such as ``'\\udcff'``,
     which ``os.fsdecode`` or ``errors="surrogateescape"`` leave for a byte that is not UTF-8). Checked before
     anything is written or looked up: in a query such text failed the whole transaction (every buffered
     metric point with it) or came out of the driver as a raw UnicodeEncodeError."""
     if "\x00" in text:
-        raise DataError(f"{what} holds a NUL character ('\\x00'), which PostgreSQL cannot store: {shown(text)}; "
+        raise error(f"{what} holds a NUL character ('\\x00'), which PostgreSQL cannot store: {shown(text)}; "
                         "remove it")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise DataError(f"{what} holds {text[exc.start]!r}, a lone surrogate that is not UTF-8 text: {shown(text)} "
+        raise error(f"{what} holds {text[exc.start]!r}, a lone surrogate that is not UTF-8 text: {shown(text)} "
                         "(what decoding bytes with errors='surrogateescape' leaves for a byte that is not UTF-8); "
                         "decode those bytes with their real encoding, or with errors='replace'") from None
     return text

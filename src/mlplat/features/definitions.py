@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from .. import dtypes
 from .._checks import storable
-from ..errors import DataError, DefinitionError
+from ..errors import DefinitionError
 
 __all__ = ["Entity", "Field", "ParquetSource", "FeatureView", "FeatureService", "FeatureRef", "parse_ref"]
 
@@ -56,19 +56,10 @@ def _check_tags(tags: Mapping[str, str] | None, owner: str) -> dict[str, str]:
     return dict(tags)
 
 
-def _check_storable(text: str, what: str) -> None:
-    """Text both databases store as given (no NUL: PostgreSQL refused it at apply, SQLite kept it; no lone
-    surrogate: a raw UnicodeEncodeError), else DefinitionError naming ``what``."""
-    try:
-        storable(text, what)
-    except DataError as exc:
-        raise DefinitionError(str(exc)) from None
-
-
 def _check_length(text: str, limit: int, what: str) -> None:
     """Refuse ``text`` longer than the database column that stores it (PostgreSQL would refuse it at apply), or
     holding what a database cannot store."""
-    _check_storable(text, what)
+    storable(text, what, error=DefinitionError)
     if len(text) > limit:
         raise DefinitionError(f"{what} is {len(text)} characters long; at most {limit} are allowed, shorten it")
 
@@ -83,7 +74,7 @@ def _check_description(description: Any, what: str) -> str:
         raise DefinitionError(
             f"{what}: description must be a string, got {type(description).__name__} {description!r}"
         )
-    _check_storable(description, f"{what}: description")
+    storable(description, f"{what}: description", error=DefinitionError)
     return description
 
 

@@ -109,12 +109,12 @@ def _table(batch: _Batch) -> pa.Table:
          "mlplat.full_feature_names": json.dumps(batch.full_feature_names)})
 
 
-
 def check_log_name(name: object, what: str) -> None:
     """A model or view name, before it becomes a folder of the log (``..`` or ``a/b`` would leave it)."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise DataError(f"{what} must be the name of a model or feature view (letters, digits, '_', '-' and '.', "
                         f"not first), got {name!r}")
+
 
 class ServedLog:
     """Sampled feature vectors of served predictions, per model, flushed in the background (and in a
@@ -324,12 +324,11 @@ class ServedLog:
         """Everything logged for ``model`` (after ``since``, a datetime), oldest first; columns a group
         lacks are null. NotFoundError when nothing was ever logged for ``model``."""
         check_log_name(model, "model")
-        self.flush()
-        if not (self.root / model).is_dir():
-            raise NotFoundError(f"no served features are logged for a model named {model!r}: predict logs them "
-                                "when the platform's served_log_sample_rate is above 0")
-        tables = [g.rows for g in self.groups(model, since)]
+        tables = [g.rows for g in self.groups(model, since)]  # groups() flushes first
         if not tables:
+            if not (self.root / model).is_dir():
+                raise NotFoundError(f"no served features are logged for a model named {model!r}: predict logs "
+                                    "them when the platform's served_log_sample_rate is above 0")
             return pa.table({})
         if len(tables) == 1:
             return tables[0]
