@@ -4,6 +4,7 @@ negative value; a server state (not ready) still reaches every caller of the bat
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -32,12 +33,12 @@ class _Model:
             raise self.error("model 'double': RuntimeError: index out of range")
         return {"y": arrays["x"] * 2}
 
-    def _infer_once(self, info, arrays, outputs=None, priority=0, timeout_us=0, version=None):
+    def _infer_once(self, info, arrays, outputs=None, priority=0, timeout_us=0, version=None, deadline=None):
         return self._answer(arrays)
 
 
 class _AsyncModel(_Model):
-    async def _infer_once(self, info, arrays, outputs=None, priority=0, timeout_us=0, version=None):
+    async def _infer_once(self, info, arrays, outputs=None, priority=0, timeout_us=0, version=None, deadline=None):
         return self._answer(arrays)
 
 
@@ -51,11 +52,11 @@ def _sent(mode: str, error: type[Exception], values: list[float]) -> tuple[list,
     model = _Model(error) if mode == "threads" else _AsyncModel(error)
     if mode == "threads":
         coalescer = _Coalescer(model, INFO, None)
-        batch = [(_rows(v), 1, _Handoff()) for v in values]
+        batch = [(_rows(v), 1, _Handoff(), time.monotonic() + 30) for v in values]
         coalescer._inside = len(batch)
         coalescer._send(batch)
         answers = []
-        for _, _, handoff in batch:
+        for _, _, handoff, _ in batch:
             try:
                 answers.append(handoff.result()["y"].tolist())
             except mp.MlplatError as exc:
@@ -65,7 +66,7 @@ def _sent(mode: str, error: type[Exception], values: list[float]) -> tuple[list,
     async def main():
         coalescer = _AsyncCoalescer(model, INFO, None)
         loop = asyncio.get_running_loop()
-        batch = [(_rows(v), 1, loop.create_future()) for v in values]
+        batch = [(_rows(v), 1, loop.create_future(), time.monotonic() + 30) for v in values]
         await coalescer._send(batch)
         return [b[2].exception() or b[2].result()["y"].tolist() for b in batch]
     return asyncio.run(main()), model.requests

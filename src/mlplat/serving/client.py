@@ -201,11 +201,13 @@ class _Base:
                                    result.get_response() if hasattr(result, "get_response") else result)
         return out
 
-    def _call_kwargs(self, as_json: bool = False) -> dict[str, Any]:
-        """A gRPC call's deadline (the HTTP clients carry theirs), and JSON rather than protobuf answers."""
+    def _call_kwargs(self, as_json: bool = False, deadline: float | None = None) -> dict[str, Any]:
+        """A gRPC call's time-out (timeout_s, or what is left until ``deadline``, a time.monotonic(); the HTTP
+        clients carry theirs), and JSON rather than protobuf answers."""
         if self.protocol != "grpc":
             return {}
-        return {"client_timeout": self._timeout, **({"as_json": True} if as_json else {})}
+        left = self._timeout if deadline is None else max(0.001, deadline - time.monotonic())
+        return {"client_timeout": left, **({"as_json": True} if as_json else {})}
 
     def _control_error(self, exc: Exception, what: str, model: str) -> ServingError:
         if isinstance(exc, self._exc[0]) and str(exc.status()) not in _UNREACHED:  # the server refused
@@ -217,11 +219,12 @@ class _Base:
             return _Patience(self._wait_us / 1e6, adapts=False)
         return _Patience((info.max_queue_delay_us or 500) / 1e6, adapts=True)
 
-    def _request_kwargs(self, priority: int, timeout_us: int, version: int | None = None) -> dict[str, Any]:
+    def _request_kwargs(self, priority: int, timeout_us: int, version: int | None = None,
+                        deadline: float | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"priority": priority, "model_version": "" if version is None else str(version)}
         if timeout_us:
             kwargs["timeout"] = timeout_us
-        return {**kwargs, **self._call_kwargs()}
+        return {**kwargs, **self._call_kwargs(deadline=deadline)}
 
     def _coalesces(self, info: ModelInfo, arrays, outputs, priority: int, timeout_us: int) -> bool:
         """Small plain requests merge (with per-request outputs, priorities or time-outs they go alone)."""
@@ -258,17 +261,20 @@ class _HttpWorkers:
         self._closed = False
         self._mine = threading.local()
 
-    def call(self, fn: Callable[..., Any], *args: Any, model: str | None = None) -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any, model: str | None = None,
+             deadline: float | None = None) -> Any:
         """``fn(client, *args)`` on a worker thread, waited for; its exception is raised here (``model``: the
-        model it is about, for the error of a call with no answer in time)."""
+        model it is about, for the error of a call with no answer in time; ``deadline``: the time.monotonic()
+        by which the call ends, by default timeout_s from now)."""
         client = getattr(self._mine, "client", None)
         if client is not None:  # already on a worker (a split request's part): no second hop
             return fn(client, *args)
         done = _Handoff()
         started: list[float] = []
         settle = lambda value=None, error=None: done.set((value,), error)  # (value,): None is a value too
-        self._put((fn, args, settle, started, model))
-        if not done.wait(self._timeout):
+        deadline = time.monotonic() + self._timeout if deadline is None else deadline
+        self._put((fn, args, settle, started, model), deadline)
+        if not done.wait(max(0.0, deadline - time.monotonic())):
             raise self._late(started, model)
         return done.result()[0]
 
@@ -286,14 +292,14 @@ class _HttpWorkers:
         def settle(value: Any = None, error: BaseException | None = None) -> None:
             fut.set_result(value) if error is None else fut.set_exception(error)
 
-        self._put((fn, args, settle, [], model))
+        self._put((fn, args, settle, [], model), time.monotonic() + self._timeout)
         return fut
 
-    def _put(self, job: tuple) -> None:
+    def _put(self, job: tuple, deadline: float) -> None:
         with self._lock:
             if self._closed:
                 raise ServingError("the Triton client was closed while this call was being made; call again")
-            self._jobs.put((*job, time.monotonic() + self._timeout))
+            self._jobs.put((*job, deadline))
             if self._idle.acquire(blocking=False):  # a worker is waiting for it
                 return
             if len(self._threads) < self._size:
@@ -361,11 +367,12 @@ class TritonClient(_Base):
         self._lock = threading.Lock()
         self._http: _HttpWorkers | None = None  # made on first use, again after close()
 
-    def _run(self, fn: Callable[..., Any], *args: Any, model: str | None = None) -> Any:
-        """``fn(client, *args)`` with the gRPC client, or on an HTTP worker thread with its client."""
+    def _run(self, fn: Callable[..., Any], *args: Any, model: str | None = None, deadline: float | None = None) -> Any:
+        """``fn(client, *args)`` with the gRPC client, or on an HTTP worker thread with its client (ending by
+        ``deadline``, a time.monotonic(); gRPC calls carry theirs in their arguments)."""
         if self.protocol == "grpc":
             return fn(self._grpc_client(), *args)
-        return self._http_workers().call(fn, *args, model=model)
+        return self._http_workers().call(fn, *args, model=model, deadline=deadline)
 
     def _grpc_client(self) -> Any:
         client = self._grpc
@@ -508,9 +515,10 @@ class TritonClient(_Base):
                                         "s") from None
 
     def _infer_once(self, info: ModelInfo, arrays, outputs, priority: int, timeout_us: int,
-                    version: int | None = None) -> dict[str, np.ndarray]:
-        return self._run(self._infer_with, info, arrays, outputs, self._request_kwargs(priority, timeout_us, version),
-                         model=info.name)
+                    version: int | None = None, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """One request; it ends by ``deadline`` (a time.monotonic(); by default timeout_s from now)."""
+        kwargs = self._request_kwargs(priority, timeout_us, version, deadline)
+        return self._run(self._infer_with, info, arrays, outputs, kwargs, model=info.name, deadline=deadline)
 
     def _infer_with(self, client: Any, info: ModelInfo, arrays, outputs,
                     kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -596,6 +604,14 @@ class _Gathering:
         self._inside = 0  # callers inside submit (the caller's own count is added before _gather)
         self._expect = 1
 
+    def _late(self) -> InferenceTimeoutError:
+        """The error of callers whose batch found every in-flight slot taken until the first one's deadline."""
+        c = self._client
+        return InferenceTimeoutError(
+            f"model {self.info.name!r} at {c.url}: no answer within timeout_s={c._timeout:g} s: the client's "
+            f"{c._max_in_flight} coalesced requests in flight (max_in_flight) took all that time; is the server "
+            "overloaded or hung?")
+
     def _gather(self, item: tuple, n: int, now: float) -> tuple[list | None, list | None]:
         """Add one request of ``n`` rows at time ``now``: (the batch it had no room in, the batch it completed)."""
         self._expect = max(self._expect, self._inside)
@@ -636,7 +652,8 @@ class _Coalescer(_Gathering):
     When a batch goes is :class:`_Gathering`'s rule (with 8 threads calling in a loop, each batch waits
     for the 8th and no longer). The caller that completes the batch, or whose wait ran out, sends it in
     its own thread and hands every caller its rows: no coalescer thread, no callback hops. At most
-    ``max_in_flight`` batches are sent at once.
+    ``max_in_flight`` batches are sent at once; a batch ends by its first caller's deadline (timeout_s
+    after that call was made), its wait for a free slot included.
     """
 
     def __init__(self, client: TritonClient, info: ModelInfo, version: int | None) -> None:
@@ -647,9 +664,10 @@ class _Coalescer(_Gathering):
     def submit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = rows_of(self.info, arrays)
         mine = _Handoff()
+        now = time.monotonic()
         with self._lock:
             self._inside += 1
-            full, ready = self._gather((arrays, n, mine), n, time.perf_counter())
+            full, ready = self._gather((arrays, n, mine, now + self._client._timeout), n, now)
             wait = self._patience.seconds
         if full is not None:
             self._send(full)
@@ -664,10 +682,17 @@ class _Coalescer(_Gathering):
         return mine.result()
 
     def _send(self, batch: list) -> None:
+        deadline = min(b[3] for b in batch)
+        if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._answer(batch, None, self._late())
+            return
         try:
-            with self._slots:
+            try:
                 arrays, sizes = merge([b[0] for b in batch])
-                outputs = unmerge(self._client._infer_once(self.info, arrays, None, 0, 0, self._version), sizes)
+                outputs = unmerge(self._client._infer_once(self.info, arrays, None, 0, 0, self._version, deadline),
+                                  sizes)
+            finally:
+                self._slots.release()
         except BaseException as exc:  # noqa: BLE001 - every caller of the batch gets the error
             if _one_callers_failure(exc, batch):
                 for item in batch:  # each caller's rows on their own: only the one that failed the model fails
@@ -895,12 +920,20 @@ class AsyncTritonClient(_Base):
                                          for p in parts))
         return join(results)
 
-    async def _infer_once(self, info: ModelInfo, arrays, outputs=None, priority: int = 0,
-                          timeout_us: int = 0, version: int | None = None) -> dict[str, np.ndarray]:
+    async def _infer_once(self, info: ModelInfo, arrays, outputs=None, priority: int = 0, timeout_us: int = 0,
+                          version: int | None = None, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """One request; it ends by ``deadline`` (a time.monotonic(); by default timeout_s from now)."""
         try:
-            result = await self._connection().infer(info.name, _inputs(self._types, info, arrays),
-                                              outputs=self._outputs(info, outputs),
-                                              **self._request_kwargs(priority, timeout_us, version))
+            call = self._connection().infer(info.name, _inputs(self._types, info, arrays),
+                                            outputs=self._outputs(info, outputs),
+                                            **self._request_kwargs(priority, timeout_us, version, deadline))
+            if deadline is None or self.protocol == "grpc":  # gRPC's is in the request's client_timeout
+                result = await call
+            else:
+                result = await asyncio.wait_for(call, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:  # not an OSError before Python 3.11
+            raise InferenceTimeoutError(f"model {info.name!r} at {self.url}: no answer within "
+                                        f"timeout_s={self._timeout:g} s") from None
         except self._exc as exc:
             raise self._error(exc, info.name) from None
         return self._outputs_of(result, outputs or info.outputs, info.name)
@@ -927,10 +960,10 @@ class _AsyncCoalescer(_Gathering):
 
     When a batch goes is :class:`_Gathering`'s rule; its wait is a loop timer set by its first request.
     Each batch is sent by a task of its own, so a caller that is cancelled leaves the others' batch alone
-    (its rows are dropped if it was not sent yet). No background task and no queue: a background
-    task reading an ``asyncio.Queue`` with ``wait_for`` per request ran 8 coroutines calling back to
-    back at 10,675 requests per second; this runs them at 12,408 (medians of 5 interleaved rounds,
-    one process, a 2-core machine).
+    (its rows are dropped if it was not sent yet). A batch ends by its first caller's deadline, as there.
+    No background task and no queue: a background task reading an ``asyncio.Queue`` with ``wait_for`` per
+    request ran 8 coroutines calling back to back at 10,675 requests per second; this runs them at 12,408
+    (medians of 5 interleaved rounds, one process, a 2-core machine).
     """
 
     def __init__(self, client: AsyncTritonClient, info: ModelInfo, version: int | None) -> None:
@@ -945,7 +978,7 @@ class _AsyncCoalescer(_Gathering):
         fut = loop.create_future()
         self._inside += 1
         try:
-            for batch in self._gather((arrays, n, fut), n, loop.time()):
+            for batch in self._gather((arrays, n, fut, time.monotonic() + self._client._timeout), n, loop.time()):
                 if batch is not None:
                     self._go(batch)
             return await fut
@@ -983,13 +1016,21 @@ class _AsyncCoalescer(_Gathering):
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list) -> None:
-        async with self._slots:
+        deadline = min(b[3] for b in batch)
+        if not await self._slot(deadline):
+            late = self._late()
+            for b in batch:
+                if not b[2].done():
+                    b[2].set_exception(late)
+            return
+        try:
             batch = [b for b in batch if not b[2].done()]  # callers cancelled meanwhile
             if not batch:
                 return
             try:
                 arrays, sizes = merge([b[0] for b in batch])
-                outputs = unmerge(await self._client._infer_once(self.info, arrays, version=self._version), sizes)
+                outputs = unmerge(await self._client._infer_once(self.info, arrays, version=self._version,
+                                                                 deadline=deadline), sizes)
             except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
                 retry = _one_callers_failure(exc, batch)
                 for b in batch if not retry else ():
@@ -1008,5 +1049,18 @@ class _AsyncCoalescer(_Gathering):
                     if not b[2].done():
                         b[2].set_result(out)
                 return
+        finally:
+            self._slots.release()
         for b in batch:  # each caller's rows on their own (outside the slot this send held)
             await self._send([b])
+
+    async def _slot(self, deadline: float) -> bool:
+        """Take an in-flight slot, waiting until ``deadline`` (a time.monotonic()) at most: False if none came."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: taken without waiting
+            return True
+        try:
+            await asyncio.wait_for(self._slots.acquire(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            return False
+        return True
