@@ -77,7 +77,7 @@ class Platform:
         )
         try:
             ensure_schema(self.db)
-            self.features = FeatureStore(self.db, s)
+            self.features = FeatureStore(self.db, s, in_use=lambda: self.models.feature_views_in_use())
             self.artifacts = ArtifactStore(s.artifact_root)
             self.runs = RunStore(self.db, self.artifacts, self.features)
             self.models = ModelRegistry(self.db, self.runs, self.artifacts, self.features)

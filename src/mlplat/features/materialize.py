@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -65,11 +65,13 @@ class MaterializeResult:
 class Materializer:
     """Moves feature rows into an online store."""
 
-    def __init__(self, db: Database, catalog: Catalog, store: Callable[[], OnlineStore], threads: int) -> None:
+    def __init__(self, db: Database, catalog: Catalog, store: Callable[[], OnlineStore], threads: int,
+                 in_use: Callable[[], Iterable[tuple[str, int]]] = tuple) -> None:
         self._db = db
         self._catalog = catalog
         self._store = store
         self._threads = threads
+        self._in_use = in_use  # (view, version) pairs that models in service read, besides the latest
 
     # ------------------------------------------------------------ materialize
     def materialize(
@@ -93,9 +95,12 @@ class Materializer:
         return [self._one(view, start_date, end, show) for view in targets]
 
     def _targets(self, names: Sequence[str] | None) -> list[FeatureView]:
-        if names is None:
-            entries = self._catalog.list("feature_view")
-            return [v for v in (e.definition() for e in entries) if v.online]
+        if names is None:  # the latest version of each view served online, and the versions models in service read
+            latest = [e.definition() for e in self._catalog.list("feature_view")]
+            seen = {(v.name, v.version) for v in latest}
+            older = [self._catalog.get("feature_view", name, version)
+                     for name, version in self._in_use() if (name, version) not in seen]
+            return [v for v in latest + older if v.online]
         if isinstance(names, str):
             names = [names]
         out = []

@@ -6,7 +6,7 @@ point-in-time retrieval to :mod:`mlplat.features.offline`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -29,13 +29,16 @@ __all__ = ["FeatureStore"]
 class FeatureStore:
     """Define, discover and retrieve features. Reach it as ``Platform(...).features``."""
 
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: Settings,
+                 in_use: Callable[[], Iterable[tuple[str, int]]] = tuple) -> None:
+        """``in_use``: the (view, version) pairs that models in service read (the platform asks its registry),
+        which :meth:`materialize` keeps fresh by default besides each view's latest version."""
         self._settings = settings
         self.catalog = Catalog(db, settings.threads)
         self._online: OnlineStore | None = None
         self._online_lock = threading.Lock()  # threads racing on first use open one store, not one each
         self._reader = OnlineReader(self._online_store, self.resolve)
-        self._materializer = Materializer(db, self.catalog, self._online_store, settings.threads)
+        self._materializer = Materializer(db, self.catalog, self._online_store, settings.threads, in_use)
 
     def _online_store(self) -> OnlineStore:
         store = self._online
@@ -164,9 +167,10 @@ class FeatureStore:
         Without ``start_date`` each view continues from where its last
         materialization into this online store ended, so re-running changes
         nothing; an older row never overwrites a newer one (the store compares
-        them itself). ``views`` limits it to some views (default: every view
-        applied with ``online=True``; ``"name@3"`` materializes definition version 3, e.g. the
-        one a production model was trained with). A progress bar shows on a terminal.
+        them itself). ``views`` limits it to some views (default: the latest version of every view
+        applied with ``online=True``, and every online version a model in staging or production, or
+        with an alias, was trained on: what predict reads for it; ``"name@3"`` materializes definition
+        version 3). A progress bar shows on a terminal.
 
         Usage::
 

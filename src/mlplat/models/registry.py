@@ -42,6 +42,7 @@ from ..db.models import (
 )
 from .._checks import check_version, close_names, require_bool, shown, storable
 from ..errors import DataError, NotFoundError, StoreError
+from ..features.definitions import parse_ref
 from ..runs.artifacts import ArtifactStore, check_name, folder_sha256
 from ..runs.run import check_text
 from ..runs.torch_io import load_torch_model
@@ -565,9 +566,28 @@ class ModelRegistry:
         logged with feature refs, and whether that table named them ``view__feature``; ([], False) when
         no input was logged with refs."""
         _check_version_info(info)
-        run = self._runs.get(info.run_id)
+        return self._training_refs(info.run_id)
+
+    def _training_refs(self, run_id: str) -> tuple[list[str], bool]:
+        run = self._runs.get(run_id)
         inp = next((i["feature_refs"] for i in run.inputs if i["feature_refs"].get("refs")), None)
         return (inp["refs"], bool(inp.get("full_feature_names"))) if inp else ([], False)
+
+    def feature_views_in_use(self) -> list[tuple[str, int]]:
+        """The feature view versions, as (view, definition version), that the model versions in staging or
+        production, or with an alias, were trained on: what predict reads online for them, and what
+        ``p.features.materialize()`` keeps fresh besides each view's latest version.
+
+        >>> p.models.feature_views_in_use()  # doctest: +SKIP
+        [('user_txn', 1), ('user_txn', 2)]
+        """
+        live = sa.or_(ModelVersion.stage.in_(("staging", "production")),
+                      ModelVersion.id.in_(sa.select(ModelAlias.version_id)))
+        with self._db.connect() as conn:
+            run_ids = conn.scalars(sa.select(ModelVersion.run_id).where(live).distinct()).all()
+        used = {(ref.view, ref.version) for run_id in run_ids for ref in map(parse_ref, self._training_refs(run_id)[0])
+                if ref.version is not None}
+        return sorted(used)
 
     def lineage(self, name: str, *, version: int | None = None, stage: str | None = None,
                 alias: str | None = None, verify: bool = False) -> dict[str, Any]:
