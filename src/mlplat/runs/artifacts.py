@@ -82,8 +82,8 @@ class ArtifactStore:
         Symbolic links are followed (a link to a file stores the file's bytes, a link to a folder its files);
         a link that loops back, a broken link or an entry that is neither a file nor a folder (a pipe, a
         socket, a device) is a DataError naming it, before anything is written. The folder is staged under
-        a hidden name and then swapped in whole, so the stored folder is exactly ``source`` (files an earlier
-        folder of that name held are gone), and a failure half-way leaves the earlier folder as it was."""
+        a hidden name and then swapped in whole, so the stored folder holds exactly ``source``'s files (files an
+        earlier folder of that name held are gone; an artifact is its files, so empty folders are not kept), and a failure half-way leaves the earlier folder as it was."""
         staged, size, sha = self.stage_dir(run_id, source, name)
         self.swap_in(run_id, staged, name)
         return size, sha
@@ -214,6 +214,26 @@ class ArtifactStore:
                 while chunk := f.read(1 << 20):
                     out.write(chunk)
         return dest
+
+    def measure(self, run_id: str, name: str) -> tuple[int, str]:
+        """(total size, sha256) of a stored folder, as :meth:`put_dir` returns them for the folder it stored:
+        for a folder whose files changed after it was logged (a file logged into it)."""
+        base = self.path(run_id, name)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            files = sorted(((i.path[len(base) + 1:], i) for i in infos if i.type == pafs.FileType.File),
+                           key=lambda item: item[0].split("/"))
+            digest, total = hashlib.sha256(), 0
+            for rel, info in files:
+                file_digest = hashlib.sha256()
+                with self.fs.open_input_stream(info.path) as f:
+                    while chunk := f.read(1 << 20):
+                        file_digest.update(chunk)
+                digest.update(_entry(rel, file_digest.hexdigest()))
+                total += info.size
+        except OSError as exc:
+            raise StoreError(f"artifact store {self.root_uri}: cannot read {name!r} of run {run_id} ({exc})") from None
+        return total, digest.hexdigest()
 
     def open(self, run_id: str, name: str) -> pa.NativeFile:
         """A readable stream of one artifact file."""

@@ -180,12 +180,16 @@ def _lock_rows(conn: Any, run_id: str, name: str) -> None:
     either committed before (and the checks that follow see it) or waits until this transaction is done and
     records the sha256 of the files it put in place. SQLite renders no FOR UPDATE: its write transactions
     (BEGIN IMMEDIATE) already run one at a time."""
-    parts = name.split("/")
-    holders = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
     conn.execute(sa.select(RunArtifact.path).where(
         RunArtifact.run_id == run_id,
-        sa.or_(RunArtifact.path.in_(holders), RunArtifact.path.startswith(name + "/", autoescape=True)))
+        sa.or_(RunArtifact.path.in_([*_holders(name), name]), RunArtifact.path.startswith(name + "/", autoescape=True)))
         .order_by(RunArtifact.path).with_for_update()).all()
+
+
+def _holders(name: str) -> list[str]:
+    """The folders holding artifact ``name``: ``a`` and ``a/b`` for ``a/b/c``."""
+    parts = name.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 @dataclass(frozen=True)
@@ -433,6 +437,12 @@ class ActiveRun:
         conn.execute(insert.values(run_id=self.id, path=name, kind=kind, size=size, sha256=sha,
                                    meta=meta).on_conflict_do_update(
             index_elements=["run_id", "path"], set_={"kind": kind, "size": size, "sha256": sha, "meta": meta}))
+        # what it replaced whole (artifacts inside it) is gone; the folders holding it now hold other files
+        mine = RunArtifact.run_id == self.id
+        conn.execute(sa.delete(RunArtifact).where(mine, RunArtifact.path.startswith(name + "/", autoescape=True)))
+        for holder in conn.scalars(sa.select(RunArtifact.path).where(mine, RunArtifact.path.in_(_holders(name)))).all():
+            size, sha = self._store.artifacts.measure(self.id, holder)
+            conn.execute(sa.update(RunArtifact).where(mine, RunArtifact.path == holder).values(size=size, sha256=sha))
 
     # ---------------------------------------------------------------- end
     def end(self, status: str = "finished") -> None:
