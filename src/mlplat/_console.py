@@ -14,10 +14,11 @@ _WHOLE = {"id", "run", "value", "content hash", "feature refs", "entity", "at", 
 
 
 def table(*columns: str, title: str | None = None, **kwargs: Any) -> Table:
-    """A rich table; ids, hashes and references fold across lines instead of being cut with an ellipsis."""
+    """A rich table; ids, hashes and references fold across lines instead of being cut with an ellipsis. Column
+    names are shown as written (a compared run's param and metric names are the user's)."""
     out = Table(title=title, **kwargs)
     for name in columns:
-        out.add_column(name, overflow="fold" if name in _WHOLE else "ellipsis")
+        out.add_column(as_text(name), overflow="fold" if name in _WHOLE else "ellipsis")
     return out
 
 

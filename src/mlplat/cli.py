@@ -22,9 +22,11 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -192,15 +194,21 @@ def cli(ctx: click.Context, home: str | None, database_url: str | None, online_s
     ctx.obj = {"home": home, "database_url": database_url, "online_store": online_store}
 
 
-def _platform(ctx: click.Context, *, create: bool = False):
-    """The Platform the global options name; only ``create=True`` commands may start a new home."""
+def _settings(ctx: click.Context):
+    """The Settings the global options name, and the SQLite database file they use (None: not SQLite)."""
     from .db.engine import sqlite_file
-    from .platform import Platform
     from .settings import Settings
 
     settings = Settings.resolve(ctx.obj["home"], database_url=ctx.obj["database_url"],
                                 online_store=ctx.obj["online_store"])
-    database = sqlite_file(settings.database_url)
+    return settings, sqlite_file(settings.database_url)
+
+
+def _platform(ctx: click.Context, *, create: bool = False):
+    """The Platform the global options name; only ``create=True`` commands may start a new home."""
+    from .platform import Platform
+
+    settings, database = _settings(ctx)
     if database is None and settings.database_url.lower().startswith("sqlite"):
         raise ConfigError(
             f"--database-url (or $MLPLAT_DATABASE_URL) {settings.database_url!r} is an in-memory SQLite database: it "
@@ -326,13 +334,29 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
     objects = [v for v in namespace.values() if isinstance(v, _Definition)]
     if not objects:
         raise click.ClickException(f"{path} defines no mp.Entity, mp.FeatureView or mp.FeatureService")
-    with _platform(ctx, create=True) as p:
-        results = p.features.apply(objects)
+    settings, database = _settings(ctx)
+    new = [path for path in (Path(settings.home), database) if path is not None and not path.exists()]
+    try:
+        with _platform(ctx, create=True) as p:
+            results = p.features.apply(objects)
+    except BaseException:
+        _remove(new)  # an apply that failed starts no home: a mistyped --home stays an error for later commands
+        raise
     rows = [{"kind": r.kind, "name": r.name, "version": r.version, "changed": r.changed} for r in results]
     if as_json:
         _echo_json(rows)
         return
     _table("applied", ["kind", "name", "version", "changed"], [list(r.values()) for r in rows])
+
+
+def _remove(paths: list[Path]) -> None:
+    """Remove the folders and SQLite database files (with their journals) this command made."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        for file in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+            file.unlink(missing_ok=True)
 
 
 def _run_file(path: str) -> dict[str, Any]:
@@ -453,6 +477,7 @@ def runs_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
         console.print(f"[bold]{key}[/]: {as_text(data[key])}")
     _table("params", ["key", "value"], [[k, v] for k, v in sorted(r.params.items())])
     _table("metrics (latest)", ["key", "value"], [[k, v] for k, v in sorted(r.metrics.items())])
+    _table("tags", ["key", "value"], [[k, v] for k, v in sorted(r.tags.items())])
     _table("inputs", ["name", "rows", "content hash", "feature refs"],
            [[i["name"], i["row_count"], i["content_hash"], ", ".join(i["feature_refs"].get("refs", []))]
             for i in r.inputs])
