@@ -91,3 +91,58 @@ def test_an_older_version_a_model_reads_stays_served_when_the_newest_is_offline_
     assert [(r.view, r.version) for r in p.features.materialize(progress=False)] == [("txn", 1)]
     with pytest.raises(mp.DefinitionError, match="not served online"):
         p.features.materialize(views=["txn"], progress=False)
+
+
+def _push(p: mp.Platform, value: float, **kwargs) -> int:
+    row = {"user_id": 1, "event_timestamp": datetime.now(timezone.utc) - timedelta(seconds=1), "amount": value}
+    return p.features.push("txn", [{**row, **kwargs}])
+
+
+def _online(p: mp.Platform, version: int):
+    return p.features.get_online_features([f"txn@{version}:amount"], {"user_id": [1]})["amount"]
+
+
+def test_a_push_reaches_the_version_a_production_model_reads(platform_with_models):
+    """push wrote the latest version only: the production model trained on txn@1 never saw pushed values."""
+    p, src = platform_with_models
+    _model(p, "fraud", "production")
+    p.features.apply([_view(src, description="edited")])
+    assert _push(p, 9.0) == 1
+    assert _online(p, 2) == [9.0] and _online(p, 1) == [9.0]
+    served = p.serving.predict("fraud", [{"user_id": 1}], backend=p.serving.local_backend())
+    assert served.features == {"amount": [9.0]}
+
+
+def test_a_push_leaves_versions_no_model_reads_or_of_another_source(platform_with_models, tmp_path):
+    p, src = platform_with_models
+    _model(p, "shelved", None)  # reads txn@1 but is in no stage
+    p.features.apply([_view(src, description="edited")])  # version 2
+    _model(p, "fraud", "production")  # reads txn@2
+    other = tmp_path / "other"
+    other.mkdir()
+    _rows(other / "a.parquet", 5.0, datetime.now(timezone.utc) - timedelta(hours=2))
+    p.features.apply([_view(other)])  # version 3 reads other files
+    p.features.materialize(progress=False)
+    assert _push(p, 9.0) == 1
+    assert _online(p, 3) == [9.0]
+    assert _online(p, 2) == [1.0]  # the production model's version reads src, whose offline side never sees the row
+    assert _online(p, 1) == [1.0]
+
+
+def test_a_push_an_in_use_version_cannot_take_is_refused_whole(platform_with_models):
+    p, src = platform_with_models
+    wide = _view(src, schema=[mp.Field("amount", mp.Float64), mp.Field("count", mp.Int64)])
+    _rows_with_count = pa.table({"user_id": pa.array([1], pa.int64()),
+                                 "event_timestamp": pa.array([datetime.now(timezone.utc) - timedelta(hours=2)],
+                                                             pa.timestamp("us", "UTC")),
+                                 "amount": [1.0], "count": pa.array([3], pa.int64())})
+    pq.write_table(_rows_with_count, src / "a.parquet")
+    p.features.apply([wide])  # version 2 has 'count'
+    p.features.materialize(views=["txn"], progress=False)
+    _model(p, "fraud", "production")  # reads txn@2
+    p.features.apply([_view(src, description="narrow again")])  # version 3: amount only
+    with pytest.raises(mp.DataError, match=r"no feature 'count'.*definition version 2, which a model in service"):
+        _push(p, 9.0)
+    assert _online(p, 3) == [None] and _online(p, 2) == [1.0]  # nothing written anywhere
+    assert _push(p, 9.0, count=4) == 1
+    assert _online(p, 3) == [9.0] and _online(p, 2) == [9.0]

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from .. import _arrow, dtypes
+from .._checks import shown
 from .._time import utc_argument
 from .._native import KeyFactorizer, asof_backward_on_ts_by_key
 from .._native.codec import RecordBuffers, encode_records, entity_key_buffers, kind_of
@@ -208,6 +209,7 @@ class Materializer:
                                   "with to_offline=True to append the rows to its source")
         src = view.source
         table = _check_push_columns(view, _push_table(rows))
+        older = self._pushed_too(view, table)
         if table.num_rows == 0:
             return 0
         target = _offline_target(view) if to_offline else None
@@ -232,8 +234,9 @@ class Materializer:
         if target:  # online then serves the values as the source's file holds them (a float32 column rounds them)
             staged, table = _stage_offline(view, table, target)
         try:
-            written = (self._store().write(view_tag(view), self._encode(view, table, event_ns, created_ns))
-                       if view.online else 0)
+            records = [(v, self._encode(v, table, event_ns, created_ns)) for v in ([view] if view.online else []) + older]
+            took = [self._store().write(view_tag(v), buffers) for v, buffers in records]
+            written = took[0] if view.online else 0
         except BaseException:
             if staged is not None:
                 staged.discard()  # the source stays as it was: a retry does not add the rows twice
@@ -241,6 +244,25 @@ class Materializer:
         if staged is not None:
             staged.publish()
         return written
+
+
+    def _pushed_too(self, view: FeatureView, rows: pa.Table) -> list[FeatureView]:
+        """The older online versions of ``view`` that models in service read from the same source, which a push
+        of ``rows`` reaches too (DataError, before anything is written, if the rows lack what one needs)."""
+        out = []
+        for name, version in self._in_use():
+            if name != view.name or version == view.version:
+                continue
+            older = self._catalog.get("feature_view", name, version)
+            if not older.online or older.source.to_spec() != view.source.to_spec():
+                continue  # reads other files: what its offline side will never see is not served for it
+            try:
+                _check_push_columns(older, rows)
+            except DataError as exc:
+                raise DataError(f"{exc}; definition version {version}, which a model in service was trained on, "
+                                "reads the same source, so a push reaches it too: include what it needs") from None
+            out.append(older)
+        return out
 
 
 def _check_nanoseconds(view: FeatureView, feature: str, column: pa.Array) -> None:
@@ -255,10 +277,16 @@ def _check_nanoseconds(view: FeatureView, feature: str, column: pa.Array) -> Non
 
 def _push_table(rows: Any) -> pa.Table:
     if isinstance(rows, (list, dict)):
+        odd = next((r for r in rows if not isinstance(r, dict)), None) if isinstance(rows, list) else None
+        if odd is not None:
+            raise DataError(f"push: a list of rows holds one dict per row, got {type(odd).__name__} {shown(odd)}")
         try:
             return pa.Table.from_pylist(rows) if isinstance(rows, list) else pa.table(rows)
         except OverflowError as exc:  # an int past 64 bits, which no column type holds
             raise DataError(f"push: rows hold an integer that does not fit in 64 bits ({exc})") from None
+        except UnicodeEncodeError as exc:
+            raise DataError(f"push: rows hold a string that is not valid Unicode text (a lone surrogate, "
+                            f"{exc.object[exc.start:exc.end]!r}); it cannot be stored") from None
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
             raise DataError(f"push: rows cannot be read as a table: {exc}") from None
     return _arrow.to_table(rows, "push rows")

@@ -39,6 +39,7 @@ from ..db.models import (
     ModelVersion,
     RegisteredModel,
     RunArtifact,
+    RunInput,
 )
 from .._checks import check_version, close_names, require_bool, shown, storable
 from ..errors import DataError, NotFoundError, StoreError
@@ -566,11 +567,8 @@ class ModelRegistry:
         logged with feature refs, and whether that table named them ``view__feature``; ([], False) when
         no input was logged with refs."""
         _check_version_info(info)
-        return self._training_refs(info.run_id)
-
-    def _training_refs(self, run_id: str) -> tuple[list[str], bool]:
-        run = self._runs.get(run_id)
-        inp = next((i["feature_refs"] for i in run.inputs if i["feature_refs"].get("refs")), None)
+        with self._db.connect() as conn:
+            inp = _trained_on(conn, [info.run_id]).get(info.run_id)
         return (inp["refs"], bool(inp.get("full_feature_names"))) if inp else ([], False)
 
     def feature_views_in_use(self) -> list[tuple[str, int]]:
@@ -584,8 +582,8 @@ class ModelRegistry:
         live = sa.or_(ModelVersion.stage.in_(("staging", "production")),
                       ModelVersion.id.in_(sa.select(ModelAlias.version_id)))
         with self._db.connect() as conn:
-            run_ids = conn.scalars(sa.select(ModelVersion.run_id).where(live).distinct()).all()
-        used = {(ref.view, ref.version) for run_id in run_ids for ref in map(parse_ref, self._training_refs(run_id)[0])
+            trained_on = _trained_on(conn, sa.select(ModelVersion.run_id).where(live).scalar_subquery())
+        used = {(ref.view, ref.version) for inp in trained_on.values() for ref in map(parse_ref, inp["refs"])
                 if ref.version is not None}
         return sorted(used)
 
@@ -597,6 +595,17 @@ class ModelRegistry:
         require_bool("verify", verify)
         return build_lineage(self, self._runs, self._features, self._artifacts,
                              self.resolve(name, version=version, stage=stage, alias=alias), verify=verify)
+
+
+def _trained_on(conn: Any, run_ids: Any) -> dict[str, dict[str, Any]]:
+    """Per run of ``run_ids`` (a list or a subquery), the feature_refs record of its first input logged with feature
+    refs: the training data of the versions registered from it."""
+    first: dict[str, dict[str, Any]] = {}
+    for run_id, refs in conn.execute(sa.select(RunInput.run_id, RunInput.feature_refs)
+                                     .where(RunInput.run_id.in_(run_ids)).order_by(RunInput.id)):
+        if run_id not in first and refs.get("refs"):
+            first[run_id] = refs
+    return first
 
 
 def _version_info(name: str, row: Any, aliases: Sequence[str]) -> ModelVersionInfo:
