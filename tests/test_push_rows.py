@@ -15,8 +15,9 @@ def test_rows_push_cannot_read_are_data_errors(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     at = datetime.now(timezone.utc) - timedelta(minutes=5)
-    pq.write_table(pa.table({"u": pa.array([1], pa.int64()), "event_timestamp": pa.array([at], pa.timestamp("us", "UTC")),
-                             "s": ["a"]}), src / "a.parquet")
+    pq.write_table(pa.table({"u": pa.array([1], pa.int64()),
+                             "event_timestamp": pa.array([at], pa.timestamp("us", "UTC")), "s": ["a"]}),
+                   src / "a.parquet")
     user = mp.Entity("user", join_keys=["u"])
     view = mp.FeatureView("v", entities=[user], ttl=timedelta(days=1), schema=[mp.Field("s", mp.String)],
                           source=mp.ParquetSource(src))

@@ -234,7 +234,8 @@ class Materializer:
         if target:  # online then serves the values as the source's file holds them (a float32 column rounds them)
             staged, table = _stage_offline(view, table, target)
         try:
-            records = [(v, self._encode(v, table, event_ns, created_ns)) for v in ([view] if view.online else []) + older]
+            targets = ([view] if view.online else []) + older
+            records = [(v, self._encode(v, table, event_ns, created_ns)) for v in targets]
             took = [self._store().write(view_tag(v), buffers) for v, buffers in records]
             written = took[0] if view.online else 0
         except BaseException:
@@ -244,7 +245,6 @@ class Materializer:
         if staged is not None:
             staged.publish()
         return written
-
 
     def _pushed_too(self, view: FeatureView, rows: pa.Table) -> list[FeatureView]:
         """The older online versions of ``view`` that models in service read from the same source, which a push

@@ -83,7 +83,8 @@ class ArtifactStore:
         a link that loops back, a broken link or an entry that is neither a file nor a folder (a pipe, a
         socket, a device) is a DataError naming it, before anything is written. The folder is staged under
         a hidden name and then swapped in whole, so the stored folder holds exactly ``source``'s files (files an
-        earlier folder of that name held are gone; an artifact is its files, so empty folders are not kept), and a failure half-way leaves the earlier folder as it was."""
+        earlier folder of that name held are gone; an artifact is its files, so empty folders are not kept), and a
+        failure half-way leaves the earlier folder as it was."""
         staged, size, sha = self.stage_dir(run_id, source, name)
         self.swap_in(run_id, staged, name)
         return size, sha
