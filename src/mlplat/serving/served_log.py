@@ -49,7 +49,9 @@ from ..errors import DataError, DefinitionError, NotFoundError, StoreError
 from ..features.definitions import parse_ref
 from ..models.registry import NAME_PATTERN
 
-__all__ = ["ServedLog", "LogGroup"]
+__all__ = ["ServedLog", "LogGroup", "OWN_COLUMNS"]
+
+OWN_COLUMNS = ("request_time", "model", "model_version", "variant")  # written for every row, before its values
 
 
 class LogGroup(NamedTuple):
@@ -165,16 +167,17 @@ class ServedLog:
                                            *outputs.items()) if len(values) != n]
         if short:  # a buffer's columns must stay aligned: refuse before touching it
             raise DataError(f"served-log columns {short} of {model!r} do not have the {n} rows the keys have")
+        clash = [name for name in (*keys, *features) if name in OWN_COLUMNS]
+        if clash:
+            raise DataError(f"served-log columns {clash} of {model!r} are named as the log's own columns")
         now = time.time_ns() // 1000
         with self._lock:
             batch = self._batches.get((model, version))
             if batch is None:
                 batch = self._batches[(model, version)] = _Batch(refs, list(keys), types, full_feature_names)
             cols = batch.columns
-            cols.setdefault("request_time", []).extend([now] * len(take))
-            cols.setdefault("model", []).extend([model] * len(take))
-            cols.setdefault("model_version", []).extend([version] * len(take))
-            cols.setdefault("variant", []).extend([variant] * len(take))
+            for name, value in zip(OWN_COLUMNS, (now, model, version, variant)):
+                cols.setdefault(name, []).extend([value] * len(take))
             every = len(take) == n  # no sampling: whole columns, without picking row by row
             for name, values in (*keys.items(), *features.items()):
                 cols.setdefault(name, []).extend(values if every else [values[i] for i in take])

@@ -121,8 +121,7 @@ def _check(max_batch_size: int, batching: DynamicBatching | None, instances: int
         raise DataError(f"dynamic_batching must be an mp.DynamicBatching, got {batching!r}")
     if max_batch_size == 0:
         raise DataError("dynamic batching needs max_batch_size > 0 (with 0 the model takes no batch dimension)")
-    if isinstance(batching.preferred_batch_sizes, (str, bytes)) or not hasattr(batching.preferred_batch_sizes,
-                                                                                "__iter__"):
+    if not isinstance(batching.preferred_batch_sizes, (list, tuple)):  # a generator would be used up by the check
         raise DataError(f"preferred_batch_sizes must be a list of integers, got {batching.preferred_batch_sizes!r}")
     for size in batching.preferred_batch_sizes:
         _int("a preferred batch size", size, 1, TRITON_INT32_MAX)
@@ -186,8 +185,21 @@ def _tensor(spec: dict[str, Any], batched: bool, name: str) -> str:
     dtype = TRITON_TYPES.get(spec["dtype"])
     if dtype is None:
         raise DataError(f"tensor {spec['name']!r} has dtype {spec['dtype']!r}, which Triton does not take")
+    if not isinstance(name, str) or not name:
+        raise DataError(f"tensor {name!r} of the model's signature: Triton needs each input and output named (a "
+                        "non-empty string): log the model with a signature that names them")
     dims = ", ".join(str(d) for d in _dims(spec["shape"], batched))
-    return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: [ {dims} ]\n  }}'
+    return f'  {{\n    name: {_quoted(name)}\n    data_type: {dtype}\n    dims: [ {dims} ]\n  }}'
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a protobuf text-format string: quotes, backslashes and control characters escaped (a tensor
+    named 'amount"usd' made a config.pbtxt the server could not read, and no model of the repository loaded).
+
+    >>> _quoted('amount"usd')
+    '"amount\\\\042usd"'
+    """
+    return '"' + "".join(f"\\{ord(c):03o}" if ord(c) < 32 or c in '"\\' else c for c in text) + '"'
 
 
 def _policy(p: QueuePolicy) -> str:
@@ -323,6 +335,9 @@ def write_repository(repository: Path, model_name: str, version: int, backend: s
                         f"inputs, outputs, batching or instances): one config.pbtxt serves every version of a Triton "
                         f"model, so export {model_name!r} v{version} with the same settings, or under another "
                         "triton_name=, or remove the other version folders first")
+    # a model folder this export makes goes again should it fail: one without a config.pbtxt stops a Triton
+    # server from starting on the repository at all
+    created = not model_dir.exists()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -352,6 +367,8 @@ def write_repository(repository: Path, model_name: str, version: int, backend: s
         shutil.rmtree(target if moved else staging, ignore_errors=True)
         if aside.exists():
             os.rename(aside, target)
+        if created:
+            shutil.rmtree(model_dir, ignore_errors=True)
         if isinstance(exc, OSError):
             raise StoreError(f"could not write {model_name!r} v{version} into the Triton repository {repository}: "
                              f"{exc.strerror or exc} ({exc.filename or model_dir}); nothing of it was left "
