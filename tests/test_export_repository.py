@@ -43,7 +43,7 @@ def test_a_failed_export_leaves_no_model_folder_and_the_server_starts(tmp_path, 
         with pytest.raises(mp.DataError, match="ONNX"):
             p.serving.export_triton("svd", version=1, repository=repo, backend="onnxruntime", max_batch_size=8)
         assert not repo.exists() or list(repo.iterdir()) == []  # an empty 'svd' folder stopped the server
-        p.serving.export_triton("quoted", version=1, repository=repo, max_batch_size=8)  # the server could not read it
+        p.serving.export_triton("quoted", version=1, repository=repo, max_batch_size=8)  # unreadable before
         x = np.arange(6, dtype=np.float32).reshape(2, 3)
         with TritonServer(repo, python=triton_python) as server, mp.TritonClient(server.grpc_url) as client:
             out = client.infer("quoted", {'amount"usd\\x': x})
