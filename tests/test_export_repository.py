@@ -104,11 +104,25 @@ def test_tensor_names_are_written_as_protobuf_text_reads_them():
         assert parsed.input[0].name == name
 
 
-def test_an_empty_tensor_name_is_refused(tmp_path):
-    unnamed = {"inputs": [{"name": "", "dtype": "float32", "shape": [-1, 3]}],
-               "outputs": [{"name": "total", "dtype": "float32", "shape": [-1, 1]}]}
+def test_a_signature_log_model_cannot_serve_is_refused_when_logged(tmp_path):
+    """Stored as given before: a raw KeyError for a tensor without a dtype; an empty or repeated name, a shape
+    'abc' (stored as ('a', 'b', 'c')), an unknown dtype, a string for a signature (logged as none)."""
+    def sig(*inputs, outputs=({"name": "y", "dtype": "float32", "shape": [-1, 1]},)):
+        return {"inputs": list(inputs), "outputs": list(outputs)}
+
+    x = {"name": "x", "dtype": "float32", "shape": [-1, 3]}
+    cases = [(sig({"name": "x"}), "with 'name', 'dtype' and 'shape'"),
+             (sig({**x, "name": ""}), "needs a name"), (sig(x, x), "two tensors are named 'x'"),
+             (sig({**x, "shape": "abc"}), "shape"), (sig({**x, "shape": [-1, 0]}), "positive integer"),
+             (sig({**x, "dtype": "floaty"}), "not a torch dtype"), (sig(x, outputs=()), "outputs must be a non-empty"),
+             ({"input": []}, "unknown key"), ("x", "must be an mp.Signature or a dict"), (sig(1), "with 'name'")]
     with mp.Platform(tmp_path / "home") as p:
-        _register(p, "unnamed", _Sum(), signature=unnamed)
-        with pytest.raises(mp.DataError, match="Triton needs each input and output named"):
-            p.serving.export_triton("unnamed", version=1, repository=tmp_path / "repo", max_batch_size=8)
-        assert not (tmp_path / "repo" / "unnamed").exists()
+        with p.runs.start("sum") as run:
+            for signature, message in cases:
+                with pytest.raises(mp.DataError, match=message):
+                    run.log_model(_Sum(), "model", signature=signature)
+            run.log_model(_Sum(), "model", signature=mp.Signature([mp.TensorSpec("x", "float32", [-1, 3])],
+                                                                  [mp.TensorSpec("y", "float32", (-1, 1))]))
+        assert [a["path"] for a in p.runs.get(run.id).artifacts] == ["model"]
+        assert p.models.artifact_meta(p.models.get("sum", version=p.models.register("sum", run.id).version))[
+            "signature"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": [-1, 3]}]

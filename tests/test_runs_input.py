@@ -189,7 +189,8 @@ def test_log_model_refuses_bad_columns_and_stores_nothing(lite, columns, message
 
 
 def test_log_model_checks_columns_against_a_given_signature(lite):
-    sig = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}], "outputs": []}
+    sig = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}],
+           "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1]}]}
     with lite.runs.start("e") as run:
         with pytest.raises(mp.DataError, match="columns holds 2 names, but the model's input has 3 columns"):
             run.log_model(torch.nn.Linear(3, 1), "m", signature=sig, columns=["a", "b"])

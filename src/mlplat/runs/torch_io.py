@@ -84,10 +84,20 @@ def _dtype_name(tensor: Any) -> str:
 
 def _as_signature(signature: Signature | Mapping | None, example_input: Any, model: Any) -> Signature | None:
     torch = _torch()
-    if isinstance(signature, Signature):
-        return signature
     if isinstance(signature, Mapping):
-        return Signature.from_json(signature)
+        unknown = sorted(map(str, set(signature) - {"inputs", "outputs"}))
+        if unknown:
+            raise DataError(f"signature: unknown key(s) {unknown}; a signature dict has 'inputs' and 'outputs'")
+        try:
+            signature = Signature.from_json(signature)
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"signature: each input and output is a dict with 'name', 'dtype' and 'shape' "
+                            f"({type(exc).__name__}: {exc})") from None
+    if signature is not None:
+        if not isinstance(signature, Signature):
+            raise DataError(f"signature must be an mp.Signature or a dict with 'inputs' and 'outputs', got "
+                            f"{type(signature).__name__} {signature!r:.100}")
+        return _checked_signature(signature, torch)
     if example_input is None:
         return None
     tensors = _tensors(example_input)
@@ -102,6 +112,35 @@ def _as_signature(signature: Signature | Mapping | None, example_input: Any, mod
                         "called with)") from exc
     outputs = [TensorSpec(f"output__{i}", _dtype_name(t), (-1, *t.shape[1:])) for i, t in enumerate(_tensors(out))]
     return Signature(inputs, outputs)
+
+
+def _checked_signature(sig: Signature, torch: Any) -> Signature:
+    """``sig`` (shapes as tuples) if every tensor has a name (unique on its side), a torch dtype and a shape of
+    dimensions, each -1 (any size) or positive; else a DataError naming the tensor (such a signature was stored
+    as given, and predict or export_triton failed on it later, or wrote a config the server could not read)."""
+    checked: dict[str, list[TensorSpec]] = {}
+    for side, specs in (("inputs", sig.inputs), ("outputs", sig.outputs)):
+        if not isinstance(specs, (list, tuple)) or not specs:
+            raise DataError(f"signature {side} must be a non-empty list of tensors, got {specs!r:.100}")
+        seen: set[str] = set()
+        for t in specs:
+            if not isinstance(t, TensorSpec):
+                raise DataError(f"signature {side} hold mp.TensorSpec objects (or dicts), got {type(t).__name__}")
+            if not isinstance(t.name, str) or not t.name.strip():
+                raise DataError(f"signature {side}: each tensor needs a name (a non-empty string), got {t.name!r}")
+            if t.name in seen:
+                raise DataError(f"signature {side}: two tensors are named {t.name!r}")
+            seen.add(t.name)
+            if not isinstance(t.dtype, str) or not isinstance(getattr(torch, t.dtype, None), torch.dtype):
+                raise DataError(f"signature tensor {t.name!r}: dtype {t.dtype!r} is not a torch dtype's name (e.g. "
+                                "'float32', 'int64')")
+            shape = t.shape
+            if (not isinstance(shape, (tuple, list)) or not shape
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d > 0) for d in shape)):
+                raise DataError(f"signature tensor {t.name!r}: shape {shape!r} must be a list of dimensions, each -1 "
+                                "(any size, as the batch) or a positive integer")
+            checked.setdefault(side, []).append(TensorSpec(t.name, t.dtype, tuple(shape)))
+    return Signature(checked["inputs"], checked["outputs"])
 
 
 _FILL_KINDS = "a finite number (int or float, not a bool), a mapping of column names to such numbers, or None"
