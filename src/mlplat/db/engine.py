@@ -355,12 +355,8 @@ class Database:
 
         ``write=True`` takes SQLite's write lock at BEGIN (no effect on PostgreSQL).
         """
-        if self._memory_closed:
-            raise StoreError("database sqlite:// (in memory) is closed: its platform was closed (Platform.close()) "
-                             "and an in-memory database ends with it, contents included; open a new platform, or "
-                             "use a file (sqlite:///path.db) or PostgreSQL to keep data past close()")
         try:
-            with self._turns, self.engine.connect() as conn:
+            with self._turns, self._open() as conn:
                 if write and self.dialect == "sqlite":
                     conn = conn.execution_options(sqlite_begin="IMMEDIATE")
                 with conn.begin():
@@ -401,6 +397,14 @@ class Database:
                 f"({exc.orig}); nothing was read or written: point database_url (or $MLPLAT_DATABASE_URL) at an "
                 "mlplat database, or at a path where a new one may be created") from exc
 
+    def _open(self) -> Connection:
+        """A new connection (in its turn, for an in-memory database: a closed one is not opened again, empty)."""
+        if self._memory_closed:
+            raise StoreError("database sqlite:// (in memory) is closed: its platform was closed (Platform.close()) "
+                             "and an in-memory database ends with it, contents included; open a new platform, or "
+                             "use a file (sqlite:///path.db) or PostgreSQL to keep data past close()")
+        return self.engine.connect()
+
     def _shown_url(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
 
@@ -414,7 +418,10 @@ class Database:
 
     def dispose(self) -> None:
         """Close every pooled connection (a later use opens new ones; an in-memory database, whose one
-        connection is the database, is gone, and a later use is a :class:`~mlplat.errors.StoreError`)."""
-        self.engine.dispose()
-        if self._memory:
-            self._memory_closed = True
+        connection is the database, is gone, and a later use is a :class:`~mlplat.errors.StoreError`; a
+        statement running on it in another thread finishes first: closing it under the statement crashed the
+        process)."""
+        with self._turns:
+            if self._memory:
+                self._memory_closed = True
+            self.engine.dispose()

@@ -7,12 +7,13 @@ wins inside SQLite, also against a concurrent writer.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -65,6 +66,7 @@ def _after_fork_in_child() -> None:
         store._all = {}
         store._local = threading.local()
         store._lock = threading.Lock()
+        store._busy, store._closing = {}, set()
 
 
 if hasattr(os, "register_at_fork"):
@@ -85,8 +87,32 @@ class SQLiteOnlineStore(OnlineStore):
         self._local = threading.local()
         self._all: dict[threading.Thread, sqlite3.Connection] = {}  # each thread's, while it lives
         self._lock = threading.Lock()
+        self._busy: dict[sqlite3.Connection, int] = {}  # connections running a statement now
+        self._closing: set[sqlite3.Connection] = set()  # closed by their thread once its statement is done
         _STORES.add(self)
-        self._conn().execute(_SCHEMA)
+        with self._using() as conn:
+            conn.execute(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, marked busy while in use: :meth:`close` from another thread closed it under a
+        running query, and the process died (SIGSEGV in sqlite3); now the thread using it closes it when done."""
+        while True:
+            conn = self._conn()
+            with self._lock:
+                if getattr(self._local, "conn", None) is conn:  # else close() came in between: a new one
+                    self._busy[conn] = self._busy.get(conn, 0) + 1
+                    break
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                left = self._busy.pop(conn) - 1
+                if left:
+                    self._busy[conn] = left
+                elif conn in self._closing:
+                    self._closing.discard(conn)
+                    conn.close()
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -109,60 +135,74 @@ class SQLiteOnlineStore(OnlineStore):
 
     def read(self, groups: Sequence[ReadGroup]) -> list[bytes | None]:
         out: list[bytes | None] = []
-        conn = self._conn()
         try:
-            for tags, keys in groups:
-                unique = list(dict.fromkeys(keys))
-                for tag in tags:
-                    found: dict[bytes, bytes] = {}
-                    for i in range(0, len(unique), _CHUNK):
-                        chunk = unique[i : i + _CHUNK]
-                        found.update(conn.execute(_SELECT.format(",".join("?" * len(chunk))), [tag, *chunk]))
-                    out.extend(found.get(k) for k in keys)
+            with self._using() as conn:
+                self._read(conn, groups, out)
         except sqlite3.Error as exc:
             raise OnlineStoreError(f"online store {self.name}: reading: {exc}") from None
         return out
 
+    @staticmethod
+    def _read(conn: sqlite3.Connection, groups: Sequence[ReadGroup], out: list[bytes | None]) -> None:
+        for tags, keys in groups:
+            unique = list(dict.fromkeys(keys))
+            for tag in tags:
+                found: dict[bytes, bytes] = {}
+                for i in range(0, len(unique), _CHUNK):
+                    chunk = unique[i : i + _CHUNK]
+                    found.update(conn.execute(_SELECT.format(",".join("?" * len(chunk))), [tag, *chunk]))
+                out.extend(found.get(k) for k in keys)
+
     def write(self, tag: str, records: RecordBuffers, progress: Progress | None = None) -> int:
-        n = len(records)
-        conn = self._conn()
-        applied = 0
         try:
-            for start in range(0, n, _TRANSACTION):
-                stop = min(n, start + _TRANSACTION)
-                rows = []
-                for i in range(start, stop):
-                    rec = records.record(i)
-                    rows.append((tag, records.key(i), rec[1:17], rec, int(records.expire_at_ms[i])))
-                before = conn.total_changes
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany(_UPSERT, rows)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                applied += conn.total_changes - before
-                if progress is not None:
-                    progress(stop - start)
+            with self._using() as conn:
+                return self._write(conn, tag, records, progress)
         except sqlite3.Error as exc:
             raise OnlineStoreError(f"online store {self.name}: writing {tag}: {exc}") from None
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, tag: str, records: RecordBuffers, progress: Progress | None) -> int:
+        n = len(records)
+        applied = 0
+        for start in range(0, n, _TRANSACTION):
+            stop = min(n, start + _TRANSACTION)
+            rows = []
+            for i in range(start, stop):
+                rec = records.record(i)
+                rows.append((tag, records.key(i), rec[1:17], rec, int(records.expire_at_ms[i])))
+            before = conn.total_changes
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_UPSERT, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            applied += conn.total_changes - before
+            if progress is not None:
+                progress(stop - start)
         return applied
 
     def delete_expired(self, tag: str, now_ms: int | None = None) -> int:
         """Drop records of ``tag`` whose ttl ran out."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         try:
-            cur = self._conn().execute(
-                "DELETE FROM online_records WHERE tag = ? AND expire_at > 0 AND expire_at < ?", (tag, now_ms)
-            )
+            with self._using() as conn:
+                cur = conn.execute(
+                    "DELETE FROM online_records WHERE tag = ? AND expire_at > 0 AND expire_at < ?", (tag, now_ms)
+                )
         except sqlite3.Error as exc:  # e.g. locked past the busy timeout by another writer
             raise OnlineStoreError(f"online store {self.name}: dropping expired records of {tag}: {exc}") from None
         return cur.rowcount
 
     def close(self) -> None:
+        """Close every thread's connection; one running a statement now is closed by its thread when done (that
+        call finishes; the thread's next call opens a new connection)."""
         with self._lock:
             for conn in self._all.values():
-                conn.close()
+                if conn in self._busy:
+                    self._closing.add(conn)
+                else:
+                    conn.close()
             self._all.clear()
-        self._local = threading.local()
+            self._local = threading.local()
