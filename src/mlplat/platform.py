@@ -66,6 +66,7 @@ class Platform:
             if given:  # they would be silently ignored: the settings already hold every value
                 raise ConfigError(f"settings= cannot be combined with {', '.join(given)}: pass either settings= "
                                   "or the setting arguments (Settings.resolve(...) takes the same arguments)")
+            settings = settings.checked()  # made by dataclasses.replace, say: home='/x', threads=0 went unchecked
         self.settings = settings
         s = self.settings
         try:

@@ -59,6 +59,19 @@ class Settings:
         shown = ((f.name, getattr(self, f.name)) for f in fields(self))
         return "Settings(" + ", ".join(f"{k}={hide_password(v) if isinstance(v, str) else v!r}" for k, v in shown) + ")"
 
+    def checked(self) -> Settings:
+        """These settings validated as :meth:`resolve` validates its arguments (for settings made another way,
+        e.g. with ``dataclasses.replace``): a ConfigError names a bad value; the environment is not read.
+
+        >>> import dataclasses
+        >>> s = dataclasses.replace(Settings.resolve("/tmp/h", environ={}), threads=0)
+        >>> s.checked()
+        Traceback (most recent call last):
+        ...
+        mlplat.errors.ConfigError: threads must be at least 1, got 0 (argument threads=)
+        """
+        return Settings.resolve(**{f.name: getattr(self, f.name) for f in fields(self)}, environ={})
+
     @classmethod
     def resolve(
         cls,
@@ -88,9 +101,9 @@ class Settings:
         home = home if home and home.strip() else None  # "" counts as unset, as MLPLAT_HOME="" does (not ".")
         home_path = Path(home if home is not None else (env.get("MLPLAT_HOME") or "mlplat-home")).expanduser().resolve()
         db = _url("database_url", _text("database_url", database_url), env, "MLPLAT_DATABASE_URL",
-                  f"sqlite:///{home_path / 'mlplat.db'}", _DB_SCHEMES, driver_suffix=True)
+                  _sqlite_url(home_path / "mlplat.db"), _DB_SCHEMES, driver_suffix=True)
         online = _url("online_store", _text("online_store", online_store), env, "MLPLAT_ONLINE_STORE",
-                      f"sqlite:///{home_path / 'online.db'}", _ONLINE_SCHEMES)
+                      _sqlite_url(home_path / "online.db"), _ONLINE_SCHEMES)
         artifacts = (_text("artifact_root", artifact_root, path=True) or env.get("MLPLAT_ARTIFACT_ROOT")
                      or str(home_path / "artifacts"))
         if "://" not in artifacts:  # a local folder (s3://..., gs://..., file:///... stay as written)
@@ -157,15 +170,29 @@ def _text(name: str, value: object, *, path: bool = False, strip: bool = True) -
     return text.strip() if strip else text
 
 
+def _sqlite_url(path: str | os.PathLike, scheme: str = "sqlite") -> str:
+    """The SQLite URL of a file: '%' and '?' in its path escaped, which a URL reads as an escape and as its query
+    (a home named 'report%20v2' kept its database in 'report v2', one named 'what?now' in a file 'what').
+
+    >>> _sqlite_url("/tmp/what?now/mlplat.db")
+    'sqlite:////tmp/what%3Fnow/mlplat.db'
+    """
+    return f"{scheme}:///" + os.fspath(path).replace("%", "%25").replace("?", "%3F")
+
+
+_SQLITE_FILE = re.compile(r"(sqlite(?:\+\w+)?):///", re.IGNORECASE)
+
+
 def _absolute_sqlite(url: str) -> str:
-    """A ``sqlite:///relative/path`` URL made absolute against the current folder; other URLs as given
-    (an in-memory database, an absolute path, a path under ``~``, which the engine expands)."""
-    if not url[:10].lower() == "sqlite:///":
+    """A ``sqlite:///relative/path`` URL (``sqlite+pysqlite:///`` too) made absolute against the current folder;
+    other URLs as given (an in-memory database, an absolute path, a path under ``~``, which the engine expands)."""
+    found = _SQLITE_FILE.match(url)
+    if found is None:
         return url
-    path, sep, query = url[10:].partition("?")
+    path, sep, query = url[found.end():].partition("?")
     if not path or path == ":memory:" or path.startswith("~") or os.path.isabs(path):
         return url
-    return f"sqlite:///{os.path.abspath(path)}{sep}{query}"
+    return f"{_sqlite_url(os.path.abspath(unquote(path)), found.group(1))}{sep}{query}"
 
 
 def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default: str, schemes: tuple[str, ...], *,
