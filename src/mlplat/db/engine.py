@@ -292,6 +292,13 @@ def _missing_table(exc: sa.exc.DBAPIError) -> bool:
     return isinstance(orig, sqlite3.OperationalError) and str(orig).startswith("no such table")
 
 
+def _foreign_key(exc: sa.exc.DBAPIError) -> bool:
+    """Whether ``exc`` is a foreign-key violation: the row a write refers to (a run, a model) is not there."""
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) == "23503" or (
+        isinstance(orig, sqlite3.IntegrityError) and str(orig).startswith("FOREIGN KEY constraint failed"))
+
+
 def _not_a_database(exc: sa.exc.DBAPIError) -> bool:
     """Whether ``exc`` is SQLite's SQLITE_NOTADB: the file at the database's path is not a SQLite database."""
     orig = exc.orig
@@ -389,6 +396,12 @@ class Database:
         except sa.exc.DataError as exc:  # a value the checks let through but its column cannot hold
             raise DataError(f"database {self._shown_url()} refused a value: {exc.orig}".rstrip()
                             + "; nothing was written: shorten or correct that value") from exc
+        except sa.exc.IntegrityError as exc:  # a duplicate is the caller's to handle; a missing parent row is not
+            if not _foreign_key(exc):
+                raise
+            raise StoreError(f"database {self._shown_url()}: {_first_line(exc.orig)}: the run or model this write "
+                             "belongs to is no longer in the database (was it reset or the row deleted?); nothing "
+                             "was written: start a new run (or register again) in the re-opened platform") from exc
         except sa.exc.DatabaseError as exc:  # SQLite's "file is not a database": some other file at that path
             if not _not_a_database(exc):
                 raise

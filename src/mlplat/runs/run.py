@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from .._arrow import to_table
 from .._checks import storable
 from ..db.models import ModelVersion, RegisteredModel, Run, RunArtifact, RunInput, RunParam
-from ..errors import DataError
+from ..errors import DataError, NotFoundError
 from .artifacts import check_name
 from .datahash import schema_json, table_hash
 from .metrics import MetricBuffer, metric_value
@@ -465,8 +465,11 @@ class ActiveRun:
                 _add_note(exc, f"setting the mlplat.error tag of run {self.id} failed too: {tag_exc}")
         try:
             with self._store._db.connect(write=True) as conn:
-                conn.execute(sa.update(Run).where(Run.id == self.id).values(
+                ended = conn.execute(sa.update(Run).where(Run.id == self.id).values(
                     status=status, end_time=datetime.now(timezone.utc)))
+                if ended.rowcount == 0:
+                    raise NotFoundError(f"run {self.id} is no longer in the database (was it reset, or the run "
+                                        "deleted?): it cannot be ended; start a new run")
         except BaseException as exc:  # the run stays open, as its row says: end() may be called again
             if failure is None:
                 raise
