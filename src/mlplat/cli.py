@@ -19,6 +19,7 @@ Every listing takes ``--json``. Exit status: 0 on success, 1 on an mlplat error
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -716,11 +717,69 @@ def monitor_adoption(ctx: click.Context, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mlplat`` script and ``python -m mlplat``; returns the exit status."""
+    whole = _WholeWrites.install()
     try:
         cli.main(args=argv, prog_name="mlplat")
+        code = 0
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code if whole is None else whole.finish(code)
+
+
+class _WholeWrites(io.RawIOBase):
+    """Standard output's file descriptor, each write written whole or failing.
+
+    A pipe whose reader leaves part way through a write (``| head``), or a disk that fills up, takes part of a
+    write and fails the rest; CPython's buffered writer then returned the short count and the text layer dropped
+    the rest without a word: the command exited 0 with its output cut (a truncated ``> runs.json``). Here the
+    rest is written again, so the failure is raised (BrokenPipeError: exit 141; a full disk: exit 1)."""
+
+    def __init__(self, fd: int, original: Any) -> None:
+        self._fd = fd
+        self._original = original
+
+    @classmethod
+    def install(cls) -> _WholeWrites | None:
+        """Put stdout on such a descriptor (not for a terminal, nor a stdout that is no file: a test's capture)."""
+        original = sys.stdout
+        try:
+            fd = original.fileno()
+            if original.isatty():
+                return None
+            original.flush()
+        except (AttributeError, OSError, ValueError):
+            return None
+        raw = cls(fd, original)
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=original.encoding, errors=original.errors,
+                                      line_buffering=original.line_buffering)
+        return raw
+
+    def finish(self, code: int) -> int:
+        """Flush what is left and put the original stdout back; the exit status, 141 if the reader went away."""
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+            code = code or BROKEN_PIPE
+        except OSError as exc:
+            click.echo(f"mlplat: error: writing the output failed: {exc.strerror or exc}", err=True)
+            code = code or 1
+        finally:
+            sys.stdout = self._original
+        return code
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+        return done
 
 
 if __name__ == "__main__":  # pragma: no cover
