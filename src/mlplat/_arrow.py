@@ -36,13 +36,17 @@ def _table(data: Any, what: str) -> pa.Table:
     if isinstance(data, pa.RecordBatch):
         return pa.Table.from_batches([data])
     module = type(data).__module__.split(".")[0]
+    if module in ("pandas", "polars") and type(data).__name__ == "Series":  # a column, not a table
+        raise DataError(f"{what} must be a table, got a {module} Series: make it a frame (series.to_frame())")
     if module == "pandas":
         try:
             return pa.Table.from_pandas(data, preserve_index=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
             raise DataError(f"{what}: a column cannot be converted to Arrow: {exc}") from None
     if module == "polars" and hasattr(data, "to_arrow"):
-        return data.to_arrow()
+        table = data.to_arrow()
+        if isinstance(table, pa.Table):
+            return table
     raise DataError(f"{what} must be a pandas DataFrame, a pyarrow Table or a polars DataFrame, "
                     f"got {type(data).__name__}")
 

@@ -47,17 +47,16 @@ def entity_timestamps(table: pa.Table, column: str) -> np.ndarray:
     col = table.column(column)
     if not _arrow.is_timestamp_type(col.type):
         raise DataError(f"entity_df column {column!r} must hold timestamps, found {col.type}")
-    if col.null_count:
-        first = int(pc.index(pc.is_null(col), True).as_py())
-        raise DataError(
-            f"entity_df column {column!r} has {col.null_count} null timestamps (first at row {first}); "
-            "every entity row needs a time"
-        )
     out = np.empty(len(col), dtype=np.int64)
     try:
-        _arrow.timestamps_ns_into(col, out)
+        nulls = _arrow.timestamps_ns_into(col, out)  # also a null among a dictionary's values, which null_count misses
     except pa.ArrowInvalid as exc:
         raise DataError(f"entity_df column {column!r}: {exc}") from None
+    if nulls is not None and nulls.any():
+        raise DataError(
+            f"entity_df column {column!r} has {int(nulls.sum())} null timestamps (first at row "
+            f"{int(np.argmax(nulls))}); every entity row needs a time"
+        )
     return out
 
 

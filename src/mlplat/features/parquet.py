@@ -187,9 +187,10 @@ def _stats_range(md: pq.FileMetaData, rg: int, col: int | None, kind: str) -> tu
     st = chunk.statistics
     if st is None or not st.has_min_max or st.physical_type != "INT64":
         return None, None
-    if kind == "int":
-        return int(st.min_raw), int(st.max_raw)
     logical = st.logical_type
+    if kind == "int":  # uint64 keys: raw as signed (2**63 + 1 read as negative) and their stats' order uncertain
+        unsigned = logical is not None and json.loads(logical.to_json()).get("isSigned") is False
+        return (None, None) if unsigned else (int(st.min_raw), int(st.max_raw))
     unit = json.loads(logical.to_json()).get("timeUnit") if logical is not None else None
     scale = _UNIT_NS.get(unit or "")
     if scale is None:

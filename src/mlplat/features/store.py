@@ -203,8 +203,9 @@ class FeatureStore:
         """Feature references -> per-view requests and the output column names in order."""
         if isinstance(features, FeatureService):
             refs = features.features
-        elif isinstance(features, str):
-            raise DefinitionError("features must be a list of 'view:feature' references or a FeatureService")
+        elif isinstance(features, (str, bytes)) or not isinstance(features, Iterable):
+            raise DefinitionError(f"features must be a list of 'view:feature' references or a FeatureService, got "
+                                  f"{type(features).__name__} {features!r:.100}")
         else:
             refs = list(features)
         if not refs:

@@ -55,7 +55,7 @@ def check_source(
         for f in features:
             t = column(f, "field")
             declared = view.field(f).dtype
-            if not declared.accepts(t):
+            if not (declared.accepts(t) or pa.types.is_null(t)):  # an all-null column (pandas' None) is any type
                 raise error(f"{where}: field {f!r} is declared {declared.name} but the source {path} holds {t}")
     return key_types
 
@@ -72,6 +72,10 @@ def key_values(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> pa.
     """
     col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_dictionary(col.type):
+        values = col.type.value_type
+        if pa.types.is_string_view(values) or pa.types.is_binary_view(values):  # no take kernel for views
+            wide = pa.large_string() if pa.types.is_string_view(values) else pa.large_binary()
+            col = col.cast(pa.dictionary(col.type.index_type, wide))
         col = col.dictionary_decode()
     if pa.types.is_uint64(col.type) and len(col) > col.null_count:
         top = pc.max(col).as_py()
