@@ -23,10 +23,9 @@ def test_offline_pit_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_online_latency_smoke(tmp_path, redis_url):
-    result = subprocess.run(  # on the tests' Redis database (MLPLAT_TEST_REDIS_DB), not the benchmark's default
-        [sys.executable, str(ROOT / "benchmarks" / "online_latency.py"), "--smoke", "--data-dir", str(tmp_path),
-         "--redis-url", redis_url],
+def test_online_latency_smoke(tmp_path, redis_server_url):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "online_latency.py"), "--smoke", "--data-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -55,10 +54,9 @@ def test_skew_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_serving_smoke(redis_url, triton_python):
+def test_serving_smoke(redis_server_url, triton_python):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--smoke", "--server-python", str(triton_python),
-         "--redis-url", redis_url],
+        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--smoke", "--server-python", str(triton_python)],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr  # non-zero on a wrong or mixed-up answer
