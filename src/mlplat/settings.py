@@ -61,7 +61,8 @@ class Settings:
 
     def checked(self) -> Settings:
         """These settings validated as :meth:`resolve` validates its arguments (for settings made another way,
-        e.g. with ``dataclasses.replace``): a ConfigError names a bad value; the environment is not read.
+        e.g. with ``dataclasses.replace``): a ConfigError names a bad value; the environment is not read. Valid
+        settings come back as they are (the same object when resolving changes nothing).
 
         >>> import dataclasses
         >>> s = dataclasses.replace(Settings.resolve("/tmp/h", environ={}), threads=0)
@@ -70,7 +71,8 @@ class Settings:
         ...
         mlplat.errors.ConfigError: threads must be at least 1, got 0 (argument threads=)
         """
-        return Settings.resolve(**{f.name: getattr(self, f.name) for f in fields(self)}, environ={})
+        resolved = Settings.resolve(**{f.name: getattr(self, f.name) for f in fields(self)}, environ={})
+        return self if resolved == self else resolved
 
     @classmethod
     def resolve(
