@@ -123,7 +123,7 @@ class Materializer:
         with self._db.session() as s:
             return s.scalar(
                 sa.select(sa.func.max(m.end)).where(
-                    m.view == view.name, m.view_version == view.version, m.online_store == self._store().name
+                    m.view == view.name, m.view_version == view.version, m.online_store == self._store().identity
                 )
             )
 
@@ -143,7 +143,7 @@ class Materializer:
             self._store().delete_expired(view_tag(view))
         rows = 0 if winners is None else winners[0].num_rows
         with self._db.session(write=True) as s:
-            s.add(Materialization(view=view.name, view_version=view.version, online_store=self._store().name,
+            s.add(Materialization(view=view.name, view_version=view.version, online_store=self._store().identity,
                                   start=start, end=end, rows=rows, written=written))
         return MaterializeResult(view.name, view.version, start, end, rows, written, time.perf_counter() - t0)
 

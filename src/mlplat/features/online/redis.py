@@ -235,6 +235,9 @@ class RedisOnlineStore(OnlineStore):
     def __init__(self, url: str) -> None:
         base, self._opts, cluster = _parse(url)
         self.name = hide_password(url)
+        parts = urlsplit(url)  # what is read: the server(s), the database and the key prefix, not how to connect
+        prefix = urlencode({"prefix": self._opts.prefix}) if self._opts.prefix != _Options.prefix else ""
+        self._identity = urlunsplit((parts.scheme.lower(), parts.netloc.rpartition("@")[2], parts.path, prefix, ""))
         timeouts = {"socket_timeout": self._opts.timeout, "socket_connect_timeout": self._opts.timeout}
         self._cluster = None
         self._pool: ConnectionPool | None = None
@@ -256,6 +259,12 @@ class RedisOnlineStore(OnlineStore):
         self._shas: dict[str, bytes] = {}  # node name -> script sha
         self._unlisted: dict[str, Any] = {}  # MOVED/ASK targets the slot layout lacks: node name -> ClusterNode
         self._lock = threading.Lock()
+
+    @property
+    def identity(self) -> str:
+        """The URL without credentials and connection settings (timeout, retries, batch, redis-py's): changing
+        one of them kept the records but lost the materialization progress (the next run read the whole ttl)."""
+        return self._identity
 
     # ---------------------------------------------------------------- helpers
     def _fail(self, exc: BaseException, doing: str) -> OnlineStoreError:

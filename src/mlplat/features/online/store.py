@@ -25,6 +25,12 @@ class OnlineStore(ABC):
     #: the store's URL without credentials, for messages
     name: str
 
+    @property
+    def identity(self) -> str:
+        """The records this store holds, as materialization progress is recorded for it: by default its name;
+        a URL's connection settings (a timeout) are left out where they do not change what is read."""
+        return self.name
+
     @abstractmethod
     def read(self, groups: Sequence[ReadGroup]) -> list[bytes | None]:
         """The record of every (tag, key), group by group, tag-major within a group.
