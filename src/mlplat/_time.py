@@ -22,4 +22,7 @@ def utc_argument(name: str, value: object) -> datetime:
     naming it. A pandas Timestamp stays one, with its nanoseconds."""
     if not isinstance(value, datetime) or value != value:  # NaT is a datetime unequal to itself
         raise DataError(f"{name} must be a datetime (naive means UTC), got {value!r}")
-    return as_utc(value)
+    try:
+        return as_utc(value)
+    except OverflowError:  # year 1 at +05:00, year 9999 at -05:00: before or after what a datetime holds in UTC
+        raise DataError(f"{name} {value.isoformat()} is outside the years 1 to 9999 in UTC") from None

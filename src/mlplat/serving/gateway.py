@@ -33,7 +33,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from .. import _background
-from .._checks import as_int, require_number
+from .._checks import as_int, require_number, shown, storable
 from .._expiring import Expiring
 from .._native import _hashing
 from .._time import utc_argument
@@ -82,19 +82,31 @@ def user_key(user_id: Any) -> str:
     """A user id as the gateway hashes and logs it: a string as it is, an integer in decimal, and a float
     that holds a whole number as that integer (an id column with a missing value arrives from pandas as
     floats: 42.0 is user 42), a UUID as its string. Bools, None, NaN and other types are refused (their
-    strings may hold a memory address, different in every process).
+    strings may hold a memory address, different in every process), and so is an id the decision log cannot
+    store: over 255 characters as written, or holding a NUL or a lone surrogate (PostgreSQL refused such a
+    row in the background, and with it every row the experiment logged after it).
 
     >>> user_key(42), user_key(42.0), user_key("u-42")
     ('42', '42', 'u-42')
     """
     if isinstance(user_id, (str, uuid.UUID)):
-        return str(user_id)
-    number = as_int(user_id)  # int, numpy integers
-    if number is not None:
-        return str(number)
-    if isinstance(user_id, (float, np.floating)) and math.isfinite(user_id):
-        return str(int(user_id)) if float(user_id).is_integer() else repr(float(user_id))
-    raise DataError(f"a user id must be a string or a number, got {user_id!r}")
+        key = str(user_id)
+    elif (number := as_int(user_id)) is not None:  # int, numpy integers
+        if number.bit_length() > 900:  # over 255 digits, and str() refuses past 4300
+            raise DataError(f"a user id is at most {_USER_KEY_MAX} characters as written, got an integer of "
+                            f"{number.bit_length()} bits")
+        key = str(number)
+    elif isinstance(user_id, (float, np.floating)) and math.isfinite(user_id):
+        key = str(int(user_id)) if float(user_id).is_integer() else repr(float(user_id))
+    else:
+        raise DataError(f"a user id must be a string or a number, got {user_id!r}")
+    if len(key) > _USER_KEY_MAX:
+        raise DataError(f"a user id is at most {_USER_KEY_MAX} characters as written (the decision log's column), "
+                        f"got {len(key)}: {shown(key)}")
+    return storable(key, "a user id")
+
+
+_USER_KEY_MAX = 255
 
 
 def _insert_rows(conn: sa.Connection, taken: dict[Any, list[dict]]) -> None:
@@ -173,6 +185,7 @@ class ABGateway:
         require_number("challenger_fraction", challenger_fraction, low=0, high=1, meaning="a share between 0 and 1")
         if not isinstance(experiment_id, str) or not experiment_id.strip() or len(experiment_id) > 255:
             raise DataError(f"experiment_id must be a non-empty string, got {experiment_id!r}")
+        storable(experiment_id, "experiment_id")
         if salt is not None and not isinstance(salt, str):
             raise DataError(f"salt must be a string (or None: the experiment id), got {type(salt).__name__} "
                             f"{salt!r}")
@@ -184,6 +197,7 @@ class ABGateway:
         self.salt = experiment_id if salt is None else salt
         self._platform = platform
         self._writes = _Writes(platform.db, f"ABGateway of experiment {experiment_id!r}")
+        platform.serving._gateways.add(self)  # p.close() writes what it buffered (a worker may exit without atexit)
         self._versions: Expiring[int] = Expiring(version_cache_seconds)  # variant -> its version
 
     # ------------------------------------------------------------ routing
@@ -237,7 +251,10 @@ class ABGateway:
         if not isinstance(outcome, numbers.Real) or isinstance(outcome, (bool, np.bool_)):
             raise DataError(f"an outcome must be a number (an int or a float), got {type(outcome).__name__} "
                             f"{outcome!r}")  # '1.5', True and b'1' were stored as 1.5, 1.0 and 1.0
-        value = float(outcome)
+        try:
+            value = float(outcome)
+        except OverflowError:  # an int past the float range
+            value = math.inf
         if not math.isfinite(value):
             raise DataError(f"an outcome must be a finite number, not NaN or infinity, got {value}")
         when = datetime.now(timezone.utc) if at is None else utc_argument("at", at)

@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -303,6 +303,8 @@ class ServedLog:
                 columns = [n for n in schema.names
                            if n not in ("model", "variant") and not n.startswith(("prediction.", "input."))]
             data = pads.dataset([str(f) for f, _ in files], schema=schema, format="parquet")
+            if since is not None and getattr(since, "nanosecond", 0):  # a pandas Timestamp: up to the log's unit
+                since = since.replace(nanosecond=0) + timedelta(microseconds=1)  # (cut down, rows before it came in)
             where = None if since is None else pads.field("request_time") >= pa.scalar(since,
                                                                                         pa.timestamp("us", "UTC"))
             table = data.to_table(columns=columns, filter=where)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class ServingService:
         self._predictor = Predictor(platform.features, platform.models, self.served_log)
         self._backend: Any = None
         self._backend_lock = threading.Lock()  # threads racing on first use share one backend
+        self._gateways: weakref.WeakSet[ABGateway] = weakref.WeakSet()  # made on this platform: close() writes them
 
     # ------------------------------------------------------------- export
     def export_triton(
@@ -145,14 +147,19 @@ class ServingService:
         return ABGateway(champion, challenger, challenger_fraction, experiment_id, salt, platform=self._p)
 
     def close(self) -> None:
-        """Write the served-feature log and close the backend predict opened (a Triton client or local models).
+        """Write the served-feature log and what the A/B gateways made on this platform buffered (they stay
+        open), and close the backend predict opened (a Triton client or local models).
 
-        The backend is closed even when writing the log fails; then the log's error is raised.
+        The backend is closed even when writing fails; then the first error is raised.
         """
         with self._backend_lock:
             backend, self._backend = self._backend, None
         try:
-            self.served_log.close()
+            try:
+                for gateway in list(self._gateways):
+                    gateway.flush()
+            finally:
+                self.served_log.close()
         finally:
             if backend is not None and hasattr(backend, "close"):
                 backend.close()
