@@ -9,13 +9,11 @@ import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
-import sqlalchemy as sa
 
 import mlplat as mp
 from mlplat.db.models import ABDecision, ABOutcome
+from test_gateway_routing import COLUMNS, _rows
 from test_serving import Scorer, _register
-
-COLUMNS = ["a", "b", "c"]
 
 
 @pytest.fixture
@@ -23,11 +21,6 @@ def p(platform):
     _register(platform, "m", Scorer(0.0), columns=COLUMNS)
     _register(platform, "m", Scorer(1.0), columns=COLUMNS, stage="staging")
     return platform
-
-
-def _count(p, table, experiment: str) -> int:
-    with p.db.connect() as conn:
-        return conn.scalar(sa.select(sa.func.count()).select_from(table).where(table.experiment_id == experiment))
 
 
 def test_ids_and_values_the_log_cannot_store_are_refused_and_the_rest_is_written(p):
@@ -52,18 +45,18 @@ def test_ids_and_values_the_log_cannot_store_are_refused_and_the_rest_is_written
         gateway.route(user)
         gateway.record_outcome(user, 1.0)
     gateway.close()
-    assert (_count(p, ABDecision, "inputs"), _count(p, ABOutcome, "inputs")) == (21, 10)
+    assert (_rows(p, ABDecision, "inputs"), _rows(p, ABOutcome, "inputs")) == (21, 10)
     with pytest.raises(mp.DataError, match="NUL"):
         p.serving.ab_gateway("m", "m@staging", 0.5, "exp\x00")
 
 
 def _worker(home: str, database_url: str, first: int) -> None:
-    p = mp.Platform(home, database_url=database_url)
-    gateway = p.serving.ab_gateway("m", "m@staging", 0.5, "workers")
+    worker = mp.Platform(home, database_url=database_url)
+    gateway = worker.serving.ab_gateway("m", "m@staging", 0.5, "workers")
     for user in range(first, first + 50):
         gateway.route(user)
         gateway.record_outcome(user, 1.0)
-    p.close()  # as docs/operations.md says for a multiprocessing child
+    worker.close()  # as docs/operations.md says for a multiprocessing child
     os._exit(0)  # no exit handlers, as a multiprocessing child may end
 
 
@@ -76,4 +69,4 @@ def test_p_close_writes_the_gateways_made_on_it_in_a_worker(p):
     for w in workers:
         w.join(120)
         assert w.exitcode == 0
-    assert (_count(p, ABDecision, "workers"), _count(p, ABOutcome, "workers")) == (100, 100)  # 0 and 0 before
+    assert (_rows(p, ABDecision, "workers"), _rows(p, ABOutcome, "workers")) == (100, 100)  # 0 and 0 before
