@@ -1024,9 +1024,8 @@ class AsyncTritonClient(_Base):
     async def _infer_on(self, conn: Any, info: ModelInfo, arrays, outputs, priority: int, timeout_us: int,
                         version: int | None, deadline: float | None) -> dict[str, np.ndarray]:
         try:
-            call = conn.infer(info.name, _inputs(self._types, info, arrays),
-                                            outputs=self._outputs(info, outputs),
-                                            **self._request_kwargs(priority, timeout_us, version, deadline))
+            call = conn.infer(info.name, _inputs(self._types, info, arrays), outputs=self._outputs(info, outputs),
+                              **self._request_kwargs(priority, timeout_us, version, deadline))
             if deadline is None or self.protocol == "grpc":  # gRPC's is in the request's client_timeout
                 result = await call
             else:
