@@ -30,7 +30,9 @@ def server(tmp_path_factory, triton_python):
             run.log_model(_Double(), "model", example_input=torch.zeros(2, 3))
         p.models.register("double", run.id)
         p.serving.export_triton("double", version=1, repository=root / "repo", max_batch_size=8)
+        p.serving.export_triton("double", version=1, repository=root / "small", max_batch_size=4)
     with TritonServer(root / "repo", python=triton_python) as s:
+        s.folders = {8: root / "repo" / "double", 4: root / "small" / "double"}  # the model with either config
         yield s
 
 
@@ -124,3 +126,31 @@ def test_inherited_connections_stay_with_the_parent(server):
     np.testing.assert_array_equal(client.infer("double", {"input__0": x})["output__0"], 2 * x)
     client.close()
 
+
+
+def test_a_model_reloaded_with_another_config_by_another_client_is_shaped_anew(server):
+    """Client a read max_batch_size 8; another client reloaded the model with 4: every 8-row call of a was refused
+    ('batch-size must be <= 4') for the rest of a's life. Now a reads the config again and splits."""
+    x = np.arange(24, dtype=np.float32).reshape(8, 3)
+    operator = mp.TritonClient(server.grpc_url)
+
+    async def main() -> None:
+        a_sync = {proto: mp.TritonClient(_url(server, proto), protocol=proto) for proto in ("grpc", "http")}
+        async with mp.AsyncTritonClient(server.grpc_url) as a_async:
+            for client in a_sync.values():
+                np.testing.assert_array_equal(client.infer("double", {"input__0": x})["output__0"], 2 * x)
+            np.testing.assert_array_equal((await a_async.infer("double", {"input__0": x}))["output__0"], 2 * x)
+            operator.load_model("double", server.folders[4])  # max_batch_size 4 from now on
+            for client in a_sync.values():
+                np.testing.assert_array_equal(client.infer("double", {"input__0": x})["output__0"], 2 * x)
+                assert client.info("double").max_batch_size == 4
+            np.testing.assert_array_equal((await a_async.infer("double", {"input__0": x}))["output__0"], 2 * x)
+            assert (await a_async.info("double")).max_batch_size == 4
+        for client in a_sync.values():
+            client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        operator.load_model("double", server.folders[8])
+        operator.close()

@@ -360,6 +360,16 @@ def _cancelling() -> bool:
     return task is not None and bool(getattr(task, "cancelling", lambda: 0)())
 
 
+#: what Triton says of a request that does not fit the model's config (its batch size, an input's shape or name)
+_DOES_NOT_FIT = ("batch-size must be <=", "unexpected shape for input", "unexpected inference input")
+
+
+def _config_refused(exc: ServingError) -> bool:
+    """Whether the server refused a request for not fitting the model's config: shaped by a config the model
+    may no longer have (reloaded by another client or process), it is worth the config read again."""
+    return type(exc) is ServingError and any(text in str(exc) for text in _DOES_NOT_FIT)
+
+
 def _closed_meanwhile() -> ServingError:
     return ServingError("the Triton client was closed while this call was being made; call again")
 
@@ -552,9 +562,27 @@ class TritonClient(_Base):
               priority: int = 0, timeout_us: int = 0) -> dict[str, np.ndarray]:
         """Run the model (``version``: a registered version it serves; default: the newest) on ``inputs``
         (dict of arrays, pandas or Arrow table); returns its outputs by name. A request of no rows is answered
-        here, with no rows of each output, as the local backend answers it."""
+        here, with no rows of each output, as the local backend answers it. A request the server refuses for
+        not fitting the model's config, because the model was reloaded with another one since this client read
+        it (by another client or process: a smaller max_batch_size), is shaped by the config read again and
+        sent once more."""
         check_request(priority, timeout_us, version)
         info = self.info(model)
+        try:
+            return self._shaped(info, inputs, version, outputs, priority, timeout_us)
+        except ServingError as exc:
+            if not _config_refused(exc):
+                raise
+            self._infos.pop(model, None)
+            fresh = self.info(model)
+            if fresh == info:
+                raise
+        return self._shaped(fresh, inputs, version, outputs, priority, timeout_us)
+
+    def _shaped(self, info: ModelInfo, inputs: Any, version: int | None, outputs: list[str] | None, priority: int,
+                timeout_us: int) -> dict[str, np.ndarray]:
+        """The request shaped by ``info`` (split, merged or sent as it is) and its answer."""
+        model = info.name
         check_outputs(info, outputs)
         arrays = to_arrays(info, inputs)
         if not rows_of(info, arrays):
@@ -993,6 +1021,21 @@ class AsyncTritonClient(_Base):
                      timeout_us: int) -> dict[str, np.ndarray]:
         check_request(priority, timeout_us, version)
         info = await self.info(model)
+        try:
+            return await self._shaped(info, inputs, version, outputs, priority, timeout_us)
+        except ServingError as exc:
+            if not _config_refused(exc):
+                raise
+            self._infos.pop(model, None)
+            fresh = await self.info(model)
+            if fresh == info:
+                raise
+        return await self._shaped(fresh, inputs, version, outputs, priority, timeout_us)
+
+    async def _shaped(self, info: ModelInfo, inputs: Any, version: int | None, outputs: list[str] | None,
+                      priority: int, timeout_us: int) -> dict[str, np.ndarray]:
+        """As :meth:`TritonClient._shaped`, awaited."""
+        model = info.name
         check_outputs(info, outputs)
         arrays = to_arrays(info, inputs)
         if not rows_of(info, arrays):
