@@ -7,13 +7,12 @@ wins inside SQLite, also against a concurrent writer.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -66,7 +65,7 @@ def _after_fork_in_child() -> None:
         store._all = {}
         store._local = threading.local()
         store._lock = threading.Lock()
-        store._busy, store._closing = {}, set()
+        store._busy, store._closing = set(), set()
 
 
 if hasattr(os, "register_at_fork"):
@@ -87,32 +86,35 @@ class SQLiteOnlineStore(OnlineStore):
         self._local = threading.local()
         self._all: dict[threading.Thread, sqlite3.Connection] = {}  # each thread's, while it lives
         self._lock = threading.Lock()
-        self._busy: dict[sqlite3.Connection, int] = {}  # connections running a statement now
+        self._busy: set[sqlite3.Connection] = set()  # connections running a statement now (one per thread)
         self._closing: set[sqlite3.Connection] = set()  # closed by their thread once its statement is done
         _STORES.add(self)
-        with self._using() as conn:
+        conn = self._take()
+        try:
             conn.execute(_SCHEMA)
+        finally:
+            self._give_back(conn)
 
-    @contextlib.contextmanager
-    def _using(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection, marked busy while in use: :meth:`close` from another thread closed it under a
-        running query, and the process died (SIGSEGV in sqlite3); now the thread using it closes it when done."""
+    def _take(self) -> sqlite3.Connection:
+        """This thread's connection, marked busy until :meth:`_give_back`: :meth:`close` from another thread closed
+        it under a running query, and the process died (SIGSEGV in sqlite3); now the thread using it closes it
+        when done. (Plain calls, not a context manager: that cost 15 % of a one-entity read.)"""
+        lock = self._lock
         while True:
             conn = self._conn()
-            with self._lock:
-                if getattr(self._local, "conn", None) is conn:  # else close() came in between: a new one
-                    self._busy[conn] = self._busy.get(conn, 0) + 1
-                    break
-        try:
-            yield conn
-        finally:
-            with self._lock:
-                left = self._busy.pop(conn) - 1
-                if left:
-                    self._busy[conn] = left
-                elif conn in self._closing:
-                    self._closing.discard(conn)
-                    conn.close()
+            lock.acquire()
+            if getattr(self._local, "conn", None) is conn:  # else close() came in between: a new one
+                self._busy.add(conn)
+                lock.release()
+                return conn
+            lock.release()
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            self._busy.discard(conn)
+            if conn in self._closing:
+                self._closing.discard(conn)
+                conn.close()
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -135,11 +137,13 @@ class SQLiteOnlineStore(OnlineStore):
 
     def read(self, groups: Sequence[ReadGroup]) -> list[bytes | None]:
         out: list[bytes | None] = []
+        conn = self._take()
         try:
-            with self._using() as conn:
-                self._read(conn, groups, out)
+            self._read(conn, groups, out)
         except sqlite3.Error as exc:
             raise OnlineStoreError(f"online store {self.name}: reading: {exc}") from None
+        finally:
+            self._give_back(conn)
         return out
 
     @staticmethod
@@ -154,11 +158,13 @@ class SQLiteOnlineStore(OnlineStore):
                 out.extend(found.get(k) for k in keys)
 
     def write(self, tag: str, records: RecordBuffers, progress: Progress | None = None) -> int:
+        conn = self._take()
         try:
-            with self._using() as conn:
-                return self._write(conn, tag, records, progress)
+            return self._write(conn, tag, records, progress)
         except sqlite3.Error as exc:
             raise OnlineStoreError(f"online store {self.name}: writing {tag}: {exc}") from None
+        finally:
+            self._give_back(conn)
 
     @staticmethod
     def _write(conn: sqlite3.Connection, tag: str, records: RecordBuffers, progress: Progress | None) -> int:
@@ -186,14 +192,15 @@ class SQLiteOnlineStore(OnlineStore):
     def delete_expired(self, tag: str, now_ms: int | None = None) -> int:
         """Drop records of ``tag`` whose ttl ran out."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        conn = self._take()
         try:
-            with self._using() as conn:
-                cur = conn.execute(
-                    "DELETE FROM online_records WHERE tag = ? AND expire_at > 0 AND expire_at < ?", (tag, now_ms)
-                )
+            return conn.execute(
+                "DELETE FROM online_records WHERE tag = ? AND expire_at > 0 AND expire_at < ?", (tag, now_ms)
+            ).rowcount
         except sqlite3.Error as exc:  # e.g. locked past the busy timeout by another writer
             raise OnlineStoreError(f"online store {self.name}: dropping expired records of {tag}: {exc}") from None
-        return cur.rowcount
+        finally:
+            self._give_back(conn)
 
     def close(self) -> None:
         """Close every thread's connection; one running a statement now is closed by its thread when done (that
