@@ -12,6 +12,7 @@ import os
 import posixpath
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -226,11 +227,8 @@ class ArtifactStore:
                            key=lambda item: item[0].split("/"))
             digest, total = hashlib.sha256(), 0
             for rel, info in files:
-                file_digest = hashlib.sha256()
                 with self.fs.open_input_stream(info.path) as f:
-                    while chunk := f.read(1 << 20):
-                        file_digest.update(chunk)
-                digest.update(_entry(rel, file_digest.hexdigest()))
+                    digest.update(_entry(rel, _read_sha256(f)))
                 total += info.size
         except OSError as exc:
             raise StoreError(f"artifact store {self.root_uri}: cannot read {name!r} of run {run_id} ({exc})") from None
@@ -248,11 +246,16 @@ def folder_sha256(folder: str | os.PathLike) -> str:
     """The sha256 :meth:`ArtifactStore.put_dir` returns for a folder, of a local folder (a fetched artifact)."""
     digest = hashlib.sha256()
     for rel, path in _folder_files(Path(folder), "artifact"):
-        file_digest = hashlib.sha256()
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                file_digest.update(chunk)
-        digest.update(_entry(rel, file_digest.hexdigest()))
+            digest.update(_entry(rel, _read_sha256(f)))
+    return digest.hexdigest()
+
+
+def _read_sha256(f: Any) -> str:
+    """The sha256 of what is left to read of ``f`` (a file or a store's stream), read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

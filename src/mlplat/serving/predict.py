@@ -27,7 +27,7 @@ from .._expiring import Expiring
 from ..errors import DataError, ServingError
 from ..runs.torch_io import checked_fill_null
 from .client import TritonClient
-from .served_log import OWN_COLUMNS, ServedLog
+from .served_log import OWN_COLUMNS, ServedLog, own_column_clash
 from .shaping import NUMPY_TYPES, check_cast
 
 __all__ = ["Predictor", "Prediction"]
@@ -135,7 +135,7 @@ class Predictor:
             raise ServingError("predict runs synchronously: give it a synchronous backend (mp.TritonClient or the "
                                "local backend), not an mp.AsyncTritonClient")
         plan = self.plan(model, version=version, stage=stage, alias=alias)
-        clash = [name for name in (*plan.join_keys, *plan.feature_names) if name in OWN_COLUMNS] if log else []
+        clash = own_column_clash([*plan.join_keys, *plan.feature_names]) if log else []
         if clash:  # before anything is served: its rows would not fit the log (it dropped them all at its flush)
             raise ServingError(f"{model} v{plan.version}'s {'/'.join(map(repr, clash))} (a join key or feature) is "
                                "named as a column the served-feature log writes for every row "

@@ -49,9 +49,15 @@ from ..errors import DataError, DefinitionError, NotFoundError, StoreError
 from ..features.definitions import parse_ref
 from ..models.registry import NAME_PATTERN
 
-__all__ = ["ServedLog", "LogGroup", "OWN_COLUMNS"]
+__all__ = ["ServedLog", "LogGroup", "OWN_COLUMNS", "own_column_clash"]
 
 OWN_COLUMNS = ("request_time", "model", "model_version", "variant")  # written for every row, before its values
+
+
+def own_column_clash(names: Sequence[str]) -> list[str]:
+    """The join keys or features among ``names`` named as one of the log's own columns: their rows cannot be
+    logged (they went into the log's column of that name, and the flush dropped the model's rows whole)."""
+    return [name for name in names if name in OWN_COLUMNS]
 
 
 class LogGroup(NamedTuple):
@@ -167,7 +173,7 @@ class ServedLog:
                                            *outputs.items()) if len(values) != n]
         if short:  # a buffer's columns must stay aligned: refuse before touching it
             raise DataError(f"served-log columns {short} of {model!r} do not have the {n} rows the keys have")
-        clash = [name for name in (*keys, *features) if name in OWN_COLUMNS]
+        clash = own_column_clash([*keys, *features])
         if clash:
             raise DataError(f"served-log columns {clash} of {model!r} are named as the log's own columns")
         now = time.time_ns() // 1000

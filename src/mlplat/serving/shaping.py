@@ -227,8 +227,8 @@ def check_outputs(info: ModelInfo, outputs: Sequence[str] | None) -> None:
 
 
 def empty_outputs(info: ModelInfo, outputs: Sequence[str] | None) -> dict[str, np.ndarray]:
-    """The outputs of a request of no rows, as the model would give them: no rows, its types and dimensions."""
-    check_outputs(info, outputs)
+    """The outputs of a request of no rows, as the model would give them: no rows, its types and dimensions
+    (``outputs`` checked by the caller, with :func:`check_outputs`)."""
     specs = dict(zip(info.outputs, info.output_types))
     out = {}
     for name in outputs or info.outputs:

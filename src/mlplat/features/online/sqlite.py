@@ -139,54 +139,46 @@ class SQLiteOnlineStore(OnlineStore):
         out: list[bytes | None] = []
         conn = self._take()
         try:
-            self._read(conn, groups, out)
+            for tags, keys in groups:
+                unique = list(dict.fromkeys(keys))
+                for tag in tags:
+                    found: dict[bytes, bytes] = {}
+                    for i in range(0, len(unique), _CHUNK):
+                        chunk = unique[i : i + _CHUNK]
+                        found.update(conn.execute(_SELECT.format(",".join("?" * len(chunk))), [tag, *chunk]))
+                    out.extend(found.get(k) for k in keys)
         except sqlite3.Error as exc:
             raise OnlineStoreError(f"online store {self.name}: reading: {exc}") from None
         finally:
             self._give_back(conn)
         return out
 
-    @staticmethod
-    def _read(conn: sqlite3.Connection, groups: Sequence[ReadGroup], out: list[bytes | None]) -> None:
-        for tags, keys in groups:
-            unique = list(dict.fromkeys(keys))
-            for tag in tags:
-                found: dict[bytes, bytes] = {}
-                for i in range(0, len(unique), _CHUNK):
-                    chunk = unique[i : i + _CHUNK]
-                    found.update(conn.execute(_SELECT.format(",".join("?" * len(chunk))), [tag, *chunk]))
-                out.extend(found.get(k) for k in keys)
-
     def write(self, tag: str, records: RecordBuffers, progress: Progress | None = None) -> int:
+        n = len(records)
         conn = self._take()
+        applied = 0
         try:
-            return self._write(conn, tag, records, progress)
+            for start in range(0, n, _TRANSACTION):
+                stop = min(n, start + _TRANSACTION)
+                rows = []
+                for i in range(start, stop):
+                    rec = records.record(i)
+                    rows.append((tag, records.key(i), rec[1:17], rec, int(records.expire_at_ms[i])))
+                before = conn.total_changes
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(_UPSERT, rows)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                applied += conn.total_changes - before
+                if progress is not None:
+                    progress(stop - start)
         except sqlite3.Error as exc:
             raise OnlineStoreError(f"online store {self.name}: writing {tag}: {exc}") from None
         finally:
             self._give_back(conn)
-
-    @staticmethod
-    def _write(conn: sqlite3.Connection, tag: str, records: RecordBuffers, progress: Progress | None) -> int:
-        n = len(records)
-        applied = 0
-        for start in range(0, n, _TRANSACTION):
-            stop = min(n, start + _TRANSACTION)
-            rows = []
-            for i in range(start, stop):
-                rec = records.record(i)
-                rows.append((tag, records.key(i), rec[1:17], rec, int(records.expire_at_ms[i])))
-            before = conn.total_changes
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(_UPSERT, rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            applied += conn.total_changes - before
-            if progress is not None:
-                progress(stop - start)
         return applied
 
     def delete_expired(self, tag: str, now_ms: int | None = None) -> int:
