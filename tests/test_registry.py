@@ -383,6 +383,33 @@ def test_deleting_an_alias_is_recorded_in_history(p):
     assert len(p.models.history("fraud")) == 3  # the refused call recorded nothing
 
 
+def test_moving_an_alias_records_its_loss_in_the_history_of_the_version_that_held_it(p):
+    """The version losing an alias had no record of it: its history still ended holding the alias."""
+    for bias in (0.0, 1.0):
+        p.models.register("fraud", trained_run(p, bias))
+    p.models.set_alias("fraud", "champion", 1, actor="alice")
+    p.models.set_alias("fraud", "champion", 1, actor="alice")  # again at the same version: no loss to record
+    p.models.set_alias("fraud", "champion", 2, actor="bob", notes="better auc")
+    moves = [(h.version, h.from_stage, h.to_stage, h.actor, h.notes) for h in p.models.history("fraud")
+             if "alias" in h.from_stage + h.to_stage]
+    assert moves == [(1, "", "alias:champion", "alice", ""), (1, "", "alias:champion", "alice", ""),
+                     (1, "alias:champion", "", "bob", "moved to version 2: better auc"),
+                     (2, "", "alias:champion", "bob", "better auc")]
+
+
+@pytest.mark.parametrize("name", ["\u200b", "\u2800", "\xad", "\u200b\u200d", " \u2060 "])
+def test_a_person_named_by_invisible_characters_only_is_no_person(p, name):
+    """Zero-width spaces, a soft hyphen or a blank Braille pattern passed "production needs an approver" (and
+    the distinct-approver policy compares names without them: an approver of nothing)."""
+    p.models.create("fraud", require_distinct_approver=True)
+    with pytest.raises(mp.DataError, match="registered_by must be a user name, got the blank"):
+        p.models.register("fraud", trained_run(p), registered_by=name)
+    p.models.register("fraud", trained_run(p), registered_by="bob")
+    _refused_without_a_trace(p, "needs an approver", approved_by=name)
+    with pytest.raises(mp.DataError, match="actor must be a user name, got the blank"):
+        p.models.promote("fraud", 1, "staging", actor=name)
+
+
 def test_policy_changes_are_recorded_who_when_why_and_shown_in_lineage(p):
     # turning the distinct-approver rule off left no trace: anyone could, unseen, before approving their own model
     p.models.create("fraud", require_distinct_approver=True)
@@ -469,6 +496,54 @@ def test_lineage_verify_rebuilds_the_training_data(p, lineage_setup):
                              "txn_count": [60]}), src / "b.parquet")
     check = p.models.lineage("fraud", verify=True)["data"][0]["verification"]
     assert check["checked"] and not check["matches"]
+
+
+def test_lineage_verify_matches_unchanged_data_laid_out_otherwise_than_retrieval(p, tmp_path):
+    """A label appended after retrieval (retrieval puts the entity columns first), entity times in seconds
+    (Parquet reads them back as milliseconds) and a column named with "__" that is no feature: the data is
+    as logged, so verify says it matches (it said MISMATCH, and `lineage --verify` exited 3)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"user_id": [1, 2], "event_timestamp": pa.array([0, 0], pa.timestamp("s", "UTC")),
+                             "txn_count": [5, 6]}), src / "a.parquet")
+    user = mp.Entity("user", join_keys=["user_id"])
+    p.features.apply([user, mp.FeatureView("user_txn", entities=[user], ttl=timedelta(days=1),
+                                           schema=[mp.Field("txn_count", mp.Int64)], source=mp.ParquetSource(src))])
+    entity = pa.table({"user_id": [1, 2], "event_timestamp": pa.array([10, 10], pa.timestamp("s", "UTC")),
+                       "label__v2": [0.5, 0.25]})
+    train = p.features.get_historical_features(entity, ["user_txn:txn_count"])
+    train = train.append_column("label", pa.array([0, 1]))
+    assert train.column_names == ["user_id", "event_timestamp", "label__v2", "txn_count", "label"]
+    with p.runs.start("fraud") as run:
+        run.log_input(train, feature_refs=["user_txn:txn_count"])
+        run.log_model(Scorer(), "model", example_input=torch.zeros(1, 3))
+    p.models.register("fraud", run.id)
+    check = p.models.lineage("fraud", version=1, verify=True)["data"][0]["verification"]
+    assert check["checked"] and check["matches"], check
+    pq.write_table(pa.table({"user_id": [2], "event_timestamp": pa.array([5], pa.timestamp("s", "UTC")),
+                             "txn_count": [60]}), src / "b.parquet")  # the data changes: a mismatch
+    assert not p.models.lineage("fraud", version=1, verify=True)["data"][0]["verification"]["matches"]
+
+
+def test_training_features_leave_out_inputs_logged_after_registration(p, lineage_setup):
+    """As lineage's data: an input a resumed run logs after the version was registered (an evaluation set)
+    is not what the version was trained on, nor a view version predict and materialize keep for it."""
+    run_id = p.models.get("fraud", version=1).run_id
+    with p.runs.start("other") as run:
+        run.log_model(Scorer(), "model", example_input=torch.zeros(1, 3))
+    v2 = p.models.register("fraud", run.id)
+    p.models.promote("fraud", v2.version, "staging")
+    later = p.features.get_historical_features(pa.table({"user_id": [1], "event_timestamp": pa.array(
+        [10], pa.timestamp("us", "UTC"))}), ["user_txn:txn_count"])
+    for rid in (run_id, run.id):
+        with p.runs.resume(rid) as r:
+            r.log_input(later, name="eval_after_registration", feature_refs=["user_txn:txn_count"])
+    assert p.models.training_features(p.models.get("fraud", version=1)) == (["user_txn@1:txn_count"], False)
+    assert p.models.training_features(p.models.get("fraud", version=2)) == ([], False)
+    assert [d["name"] for d in p.models.lineage("fraud", version=2)["data_after_registration"]] == [
+        "eval_after_registration"]
+    p.models.promote("fraud", 1, "archived")
+    assert p.models.feature_views_in_use() == []  # v2 (staging) was trained on no feature view
 
 
 def test_lineage_cli(p, lineage_setup, database_url):

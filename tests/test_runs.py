@@ -267,6 +267,20 @@ def test_params_take_numbers_strings_none_paths_and_lists_of_them_as_text(p):
         "acts": "['relu', ('tanh', None)]"}
 
 
+def test_lists_of_numpy_numbers_and_paths_are_stored_as_their_numbers_and_text(p):
+    """A list's str() writes each item's repr(): [np.int64(64)] was stored as '[np.int64(64), ...]' (numpy 2),
+    which no search for '[64, 32]' found and a resume logging [64, 32] clashed with."""
+    values = {"hidden": [np.int64(64), np.int32(32)], "lrs": (np.float32(0.25),), "flags": [np.bool_(True)],
+              "paths": [PurePosixPath("data/x"), ("y", np.float64(0.5))]}
+    with p.runs.start("numpy-lists", params=values) as run:
+        pass
+    assert p.runs.get(run.id).params == {"hidden": "[64, 32]", "lrs": "(0.25,)", "flags": "[True]",
+                                         "paths": "['data/x', ('y', 0.5)]"}
+    assert [r.id for r in p.runs.search("numpy-lists", filter="params.hidden = '[64, 32]'")] == [run.id]
+    with p.runs.resume(run.id) as again:
+        again.log_params({"hidden": [64, 32], "lrs": (0.25,)})  # the same values as plain numbers: no clash
+
+
 # ----------------------------------------------------------------- metrics
 def test_metric_history_keeps_nan_and_infinities(p):
     with p.runs.start("fraud") as run:
@@ -1035,6 +1049,25 @@ def test_training_config_values_with_stable_text_become_params(p):
     with pytest.raises(mp.DataError, match="param 'fn' is of type function"):  # an address in its text
         with p.runs.training("fraud", config={"fn": lambda x: x}):
             pass
+
+
+@pytest.mark.parametrize("config", [[1, 2], 5, "lr=0.1"])
+def test_a_config_that_is_no_mapping_or_object_is_a_data_error_before_the_run(p, config):
+    with pytest.raises(mp.DataError, match=f"config must be a dict, a dataclass or an object with attributes.*"
+                                           f"got {type(config).__name__}"):  # a raw TypeError from vars()
+        p.runs.training("no-config", config=config)
+    assert "no-config" not in p.runs.experiments()
+
+
+def test_metric_history_and_latest_points_of_an_unknown_run_are_not_found(p):
+    with p.runs.start("fraud") as run:
+        pass
+    assert p.runs.metric_history(run.id, "loss") == [] and p.runs.latest_points(run.id) == {}  # no points yet
+    for unknown in ("0" * 32, run.id[:8]):  # an empty answer for a mistyped or shortened id
+        with pytest.raises(mp.NotFoundError, match=f"unknown run '{unknown}'"):
+            p.runs.metric_history(unknown, "loss")
+        with pytest.raises(mp.NotFoundError, match=f"unknown run '{unknown}'"):
+            p.runs.latest_points(unknown)
 
 
 def test_training_helper_tracks_a_real_loop(p):

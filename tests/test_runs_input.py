@@ -88,6 +88,11 @@ def test_a_start_with_text_no_database_stores_is_refused_and_leaves_no_run(p, ex
 @pytest.mark.parametrize("call, what", [
     (lambda p, t: p.runs.search(filter=f"tags.team = '{t}'"), "filter: the value .* compared with tags.team"),
     (lambda p, t: p.runs.search(filter=f"params.lr in ('x', '{t}')"), "filter: the value .* compared with params.lr"),
+    # names, not only values (a raw UnicodeEncodeError; a NUL matched on SQLite and failed on PostgreSQL)
+    (lambda p, t: p.runs.search(filter=f"params.\"{t}\" = 'x'"), "filter: the name params.*"),
+    (lambda p, t: p.runs.search(filter=f"tags.'{t}' is null"), "filter: the name tags.*"),
+    (lambda p, t: p.runs.search(t), "search: experiments"),
+    (lambda p, t: p.runs.search(["e", t]), "search: experiments"),
     (lambda p, t: p.runs.get(t), "run id"),
     (lambda p, t: p.runs.metric_history(t, "loss"), "run id"),
     (lambda p, t: p.models.get("m", alias=t), "alias( .*)?"),
@@ -195,6 +200,18 @@ def test_log_model_checks_columns_against_a_given_signature(lite):
         with pytest.raises(mp.DataError, match="columns holds 2 names, but the model's input has 3 columns"):
             run.log_model(torch.nn.Linear(3, 1), "m", signature=sig, columns=["a", "b"])
     assert lite.runs.get(run.id).artifacts == []
+
+
+def test_a_model_that_fails_on_its_example_input_is_refused_with_a_signature_too(lite):
+    """With a signature the example input was not run: a model that fails on it was stored."""
+    sig = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 7]}],
+           "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1]}]}
+    with lite.runs.start("e") as run:
+        with pytest.raises(mp.DataError, match=r"the model failed on example_input \(shape \(2, 7\)\)"):
+            run.log_model(torch.nn.Linear(4, 1), "m", signature=sig, example_input=torch.zeros(2, 7))
+        sig["inputs"][0]["shape"] = [-1, 4]
+        run.log_model(torch.nn.Linear(4, 1), "ok", signature=sig, example_input=torch.zeros(2, 4))
+    assert [a["path"] for a in lite.runs.get(run.id).artifacts] == ["ok"]
 
 
 def test_a_model_that_fails_on_its_example_input_is_a_data_error(lite):

@@ -11,6 +11,7 @@ registered (``matches_registration``: None where none was recorded).
 """
 from __future__ import annotations
 
+import base64
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,28 @@ def rebuild_input(features, artifacts: ArtifactStore, run_id: str, inp: dict[str
         return None
     with artifacts.open(run_id, info["entity_rows"]) as f:
         entity = pq.read_table(f)
-    return features.get_historical_features(
+    rebuilt = features.get_historical_features(
         entity, info["refs"], timestamp_column=info.get("timestamp_column", "event_timestamp"),
         full_feature_names=info.get("full_feature_names", False))
+    return _as_logged(rebuilt, inp)
+
+
+def _as_logged(rebuilt: pa.Table, inp: dict[str, Any]) -> pa.Table:
+    """The rebuilt table in the logged table's column order and types: retrieval puts the entity columns
+    first (a label appended after the features moved), and Parquet keeps no timestamp[s] (it reads back as
+    [ms]). Inputs logged before mlplat kept the Arrow schema get the logged order only. A table that cannot
+    take that layout is returned as rebuilt: its hash then differs, as its content does."""
+    names = [f["name"] for f in (inp.get("schema") or {}).get("fields", [])]
+    if sorted(names) != sorted(rebuilt.column_names):
+        return rebuilt
+    rebuilt = rebuilt.select(names)
+    stored = inp["feature_refs"].get("arrow_schema")
+    if stored is None:
+        return rebuilt
+    try:
+        return rebuilt.cast(pa.ipc.read_schema(pa.py_buffer(base64.b64decode(stored))))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        return rebuilt
 
 
 def verify_input(features, artifacts: ArtifactStore, run_id: str, inp: dict[str, Any]) -> dict[str, Any]:

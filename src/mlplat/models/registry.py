@@ -105,7 +105,7 @@ def _check_person(value: Any, what: str) -> str:
     whitespace, or DataError (a blank name, or one holding a control character other than
     whitespace, is refused)."""
     name = check_text(value.strip() if isinstance(value, str) else value, what, meaning="a user name")
-    if not name:
+    if not _person_key(name):  # nothing visible: "", or zero-width spaces, a soft hyphen, U+2800
         raise DataError(f"{what} must be a user name, got the blank {value!r}; give a name "
                         "(or leave it out to record the operating-system user)")
     if any(unicodedata.category(c) == "Cc" and not c.isspace() for c in name):
@@ -322,8 +322,8 @@ class ModelRegistry:
         _check_free_text(notes, "notes")
         who = _check_person(_user() if actor is None else actor, "actor")
         given_approver = approved_by
-        if isinstance(approved_by, str) and not approved_by.strip():
-            approved_by = None  # blank: no approver (production refuses it below)
+        if isinstance(approved_by, str) and not _person_key(approved_by):
+            approved_by = None  # blank, or nothing visible ('\u200b'): no approver (production refuses it below)
         if approved_by is not None:
             approved_by = _check_person(approved_by, "approved_by")  # stored stripped
         with self._db.connect(write=True) as conn:
@@ -355,7 +355,8 @@ class ModelRegistry:
         return self.get(name, version=version)
 
     def set_alias(self, name: str, alias: str, version: int, *, actor: str | None = None, notes: str = "") -> None:
-        """Point a free alias (e.g. "champion") at a version."""
+        """Point an alias (e.g. "champion") at a version; if another version held it, history records its
+        loss there (``alias:<alias>`` to nothing, "moved to version N"), as :meth:`delete_alias` does."""
         _check_model_name(name)
         if (not isinstance(alias, str) or not NAME_PATTERN.match(alias) or len(alias) > _ALIAS_MAX
                 or alias.lower() in STAGES):  # "fraud@Production" would read as the stage and serve the alias
@@ -371,7 +372,12 @@ class ModelRegistry:
                                                                ModelVersion.version == version))
             if vid is None:
                 raise NotFoundError(f"model {name!r} has no version {version}")
-            conn.execute(sa.delete(ModelAlias).where(ModelAlias.model_id == model_id, ModelAlias.alias == alias))
+            held = conn.scalar(sa.delete(ModelAlias).where(ModelAlias.model_id == model_id, ModelAlias.alias == alias)
+                               .returning(ModelAlias.version_id))
+            if held is not None and held != vid:  # the version that held it loses it, as delete_alias records
+                conn.execute(sa.insert(ModelTransition).values(
+                    version_id=held, from_stage=f"alias:{alias}", to_stage="", actor=who,
+                    notes=f"moved to version {version}" + (f": {notes}" if notes else "")))
             conn.execute(sa.insert(ModelAlias).values(model_id=model_id, alias=alias, version_id=vid))
             conn.execute(sa.insert(ModelTransition).values(version_id=vid, from_stage="", to_stage=f"alias:{alias}",
                                                            actor=who, notes=notes))
@@ -564,11 +570,13 @@ class ModelRegistry:
 
     def training_features(self, info: ModelVersionInfo) -> tuple[list[str], bool]:
         """The feature refs ("view@version:feature") the version was trained on, from its run's first input
-        logged with feature refs, and whether that table named them ``view__feature``; ([], False) when
-        no input was logged with refs."""
+        logged with feature refs before the version was registered (as lineage's ``data``), and whether that
+        table named them ``view__feature``; ([], False) when no such input was logged."""
         _check_version_info(info)
+        this = sa.and_(ModelVersion.version == info.version, ModelVersion.model_id == sa.select(
+            RegisteredModel.id).where(RegisteredModel.name == info.name).scalar_subquery())
         with self._db.connect() as conn:
-            inp = _trained_on(conn, [info.run_id]).get(info.run_id)
+            inp = next(iter(_trained_on(conn, this).values()), None)
         return (inp["refs"], bool(inp.get("full_feature_names"))) if inp else ([], False)
 
     def feature_views_in_use(self) -> list[tuple[str, int]]:
@@ -582,7 +590,7 @@ class ModelRegistry:
         live = sa.or_(ModelVersion.stage.in_(("staging", "production")),
                       ModelVersion.id.in_(sa.select(ModelAlias.version_id)))
         with self._db.connect() as conn:
-            trained_on = _trained_on(conn, sa.select(ModelVersion.run_id).where(live).scalar_subquery())
+            trained_on = _trained_on(conn, live)
         used = {(ref.view, ref.version) for inp in trained_on.values() for ref in map(parse_ref, inp["refs"])
                 if ref.version is not None}
         return sorted(used)
@@ -597,14 +605,17 @@ class ModelRegistry:
                              self.resolve(name, version=version, stage=stage, alias=alias), verify=verify)
 
 
-def _trained_on(conn: Any, run_ids: Any) -> dict[str, dict[str, Any]]:
-    """Per run of ``run_ids`` (a list or a subquery), the feature_refs record of its first input logged with feature
-    refs: the training data of the versions registered from it."""
-    first: dict[str, dict[str, Any]] = {}
-    for run_id, refs in conn.execute(sa.select(RunInput.run_id, RunInput.feature_refs)
-                                     .where(RunInput.run_id.in_(run_ids)).order_by(RunInput.id)):
-        if run_id not in first and refs.get("refs"):
-            first[run_id] = refs
+def _trained_on(conn: Any, versions: Any) -> dict[int, dict[str, Any]]:
+    """Per model version matching ``versions`` (a condition on ModelVersion), keyed by its row id, the
+    feature_refs record of the first input its run logged with feature refs before the version was
+    registered: its training data (an input a resumed run logged later was not)."""
+    first: dict[int, dict[str, Any]] = {}
+    for version_id, refs in conn.execute(
+            sa.select(ModelVersion.id, RunInput.feature_refs)
+            .join(RunInput, RunInput.run_id == ModelVersion.run_id)
+            .where(versions, RunInput.created_at <= ModelVersion.created_at).order_by(RunInput.id)):
+        if version_id not in first and refs.get("refs"):
+            first[version_id] = refs
     return first
 
 

@@ -13,6 +13,7 @@ it failed (with the error in the ``mlplat.error`` tag) and propagates.
 """
 from __future__ import annotations
 
+import base64
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -88,7 +89,17 @@ def _param_text(key: str, value: Any) -> str:
         raise DataError(f"param {key!r} is of type {type(value).__name__}{inside}, which a param cannot hold: it "
                         "takes str, int, float, bool, None, a numpy number, a path, or a list or tuple of those; "
                         + hint.format(key=key))
-    return storable(str(value), f"param {key!r}")
+    return storable(_param_str(value), f"param {key!r}")
+
+
+def _param_str(value: Any) -> str:
+    """``str(value)``, with a list's or tuple's numpy numbers and paths written as their own str() is: a
+    list's str() writes each item's repr(), so [np.int64(64)] was stored as '[np.int64(64)]', not '[64]'."""
+    if not isinstance(value, (list, tuple)):
+        return str(value)
+    items = ", ".join(str(v) if isinstance(v, np.generic) else repr(str(v)) if isinstance(v, PurePath)
+                      else _param_str(v) if isinstance(v, (list, tuple)) else repr(v) for v in value)
+    return f"[{items}]" if isinstance(value, list) else f"({items}{',' if len(value) == 1 else ''})"
 
 
 def _refused_param(value: Any) -> Any:
@@ -315,6 +326,8 @@ class ActiveRun:
         entity_path = None if entity is None else f"inputs/{name}/entity_rows.parquet"
         info = {"refs": refs, "entity_rows": entity_path, "timestamp_column": timestamp_column,
                 "full_feature_names": full_names}
+        if entity is not None:  # the rebuilt table is hashed in this layout (Parquet keeps no timestamp[s])
+            info["arrow_schema"] = base64.b64encode(data.schema.remove_metadata().serialize().to_pybytes()).decode()
         row = {"run_id": self.id, "name": name, "content_hash": logged.content_hash, "row_count": logged.row_count,
                "schema": schema_json(data), "feature_refs": info}
         staged = None if entity is None else self._stage_table(entity, entity_path)

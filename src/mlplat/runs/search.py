@@ -230,7 +230,9 @@ class _Parser:
         t = self.peek()
         if t and t[0] == "str":
             self.i += 1
-            return kind, _unquote(t[1])
+            name = _unquote(t[1])
+            storable(name, f"filter: the name {kind}.{name!r}")  # a raw UnicodeEncodeError; NUL matched on SQLite
+            return kind, name
         parts = []
         while t and t[0] in ("word", "num") and (not parts or self.toks[self.i - 1][1] == "."):
             parts.append(t[1])
@@ -245,6 +247,7 @@ class _Parser:
     def _named(self, kind: str, name: str) -> tuple[str, str]:
         if not name or name.endswith("."):
             raise self.fail(f"a name after {kind}.")
+        storable(name, f"filter: the name {kind}.{name!r}")
         if kind == "attributes" and name.lower() not in _ATTRIBUTES:
             raise DataError(f"filter: unknown attribute {name!r}; use one of {', '.join(sorted(_ATTRIBUTES))}")
         return kind, name

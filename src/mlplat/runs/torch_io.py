@@ -97,7 +97,10 @@ def _as_signature(signature: Signature | Mapping | None, example_input: Any, mod
         if not isinstance(signature, Signature):
             raise DataError(f"signature must be an mp.Signature or a dict with 'inputs' and 'outputs', got "
                             f"{type(signature).__name__} {signature!r:.100}")
-        return _checked_signature(signature, torch)
+        signature = _checked_signature(signature, torch)
+        if example_input is not None:  # the model runs on it as without a signature (it stored a model that
+            _as_signature(None, example_input, model)  # failed on its own example input)
+        return signature
     if example_input is None:
         return None
     tensors = _tensors(example_input)

@@ -203,12 +203,17 @@ class RunStore:
     def _resolve_features(self, refs: Any, columns: Sequence[str]):
         if self._features is None:
             raise DataError("feature_refs need the feature store: use the RunStore of a Platform")
-        full = any("__" in c for c in columns)
-        requests, outputs = self._features.resolve(refs, full_feature_names=full)
-        missing = [o for o in outputs if o not in columns]
-        if missing:
-            raise DataError(f"log_input: the table has no column {missing[0]!r} for the feature refs given")
-        return requests, outputs
+        # the table was retrieved with plain or full feature names: whichever the columns hold (another column
+        # with "__" in its name, a label "label__v2", said nothing about the features' naming)
+        missing = []
+        for full in (False, True):
+            requests, outputs = self._features.resolve(refs, full_feature_names=full)
+            missing.append([o for o in outputs if o not in columns])
+            if not missing[-1]:
+                return requests, outputs
+        first = min(missing, key=len)[0]
+        raise DataError(f"log_input: the table has no column {first!r} for the feature refs given (the columns "
+                        "get_historical_features names them, plain or with full_feature_names=True)")
 
     def training(
         self,
@@ -265,7 +270,15 @@ class RunStore:
         """Every point of one metric, by step then time (NaN and infinities as logged)."""
         check_text(key, "metric name", limit=_NAME_MAX)
         steps, stamps, values = read_history(self._db, _checked_run_id(run_id), key)
+        if not len(steps):
+            self._check_run(run_id)  # a mistyped (or shortened) id is not a run without the metric
         return [MetricPoint(s, t, v) for s, t, v in zip(steps.tolist(), stamps.tolist(), values.tolist())]
+
+    def _check_run(self, run_id: str) -> None:
+        """NotFoundError unless a run has this id."""
+        with self._db.connect() as conn:
+            if conn.scalar(sa.select(Run.id).where(Run.id == run_id)) is None:
+                raise NotFoundError(_unknown_run(run_id))
 
     def latest_points(self, run_id: str) -> dict[str, MetricPoint]:
         """Each metric's latest point (greatest step, then time): its step, time and value (NaN as logged)."""
@@ -273,6 +286,8 @@ class RunStore:
             rows = conn.execute(sa.select(LatestMetric.key, LatestMetric.step, LatestMetric.timestamp,
                                           LatestMetric.value).where(LatestMetric.run_id == _checked_run_id(run_id))
                                 .order_by(LatestMetric.key)).all()
+        if not rows:
+            self._check_run(run_id)
         return {r.key: MetricPoint(r.step, r.timestamp, float("nan") if r.value is None else r.value) for r in rows}
 
     def _in(self, column, ids: list[str]):
@@ -421,14 +436,14 @@ def _strings(value: Any, what: str, meaning: str) -> list[str]:
     """A string or a list (tuple, ...) of strings as a list; None as []; else DataError naming ``what``."""
     if value is None:
         return []
-    if isinstance(value, str):
-        return [value]
     try:
-        items = list(value)
+        items = [value] if isinstance(value, str) else list(value)
     except TypeError:
         items = None
     if items is None or not all(isinstance(v, str) for v in items):
         raise DataError(f"search: {what} must be {meaning}, got {value!r}")
+    for v in items:  # what the database cannot hold is refused as a filter value is (not a raw driver error)
+        storable(v, f"search: {what}")
     return items
 
 

@@ -39,7 +39,12 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     elif not isinstance(config, Mapping):
-        config = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+        try:
+            attrs = vars(config)
+        except TypeError:  # a list, a number, a string: a raw "vars() argument must have __dict__ attribute"
+            raise DataError(f"config must be a dict, a dataclass or an object with attributes (an argparse "
+                            f"Namespace), got {type(config).__name__} {config!r:.100}") from None
+        config = {k: v for k, v in attrs.items() if not k.startswith("_")}
     out: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
