@@ -3,6 +3,7 @@ PostgreSQL; on SQLite and PostgreSQL, with the local backend (no Triton server).
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -73,6 +74,51 @@ def test_a_request_of_no_rows_is_not_counted_as_a_decision(served):  # noqa: F81
     summary = gateway.summary()["variants"]
     assert sum(v["decisions"] for v in summary.values()) == sum(v["users"] for v in summary.values()) == 1
     gateway.close()
+
+
+class _Held:
+    """The local backend, holding each inference until ``go`` is set (a slow model), and saying when one started."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def infer(self, *args, **kwargs):
+        self.started.set()
+        assert self.go.wait(10)
+        return self._backend.infer(*args, **kwargs)
+
+
+def test_close_waits_for_a_prediction_under_way_and_writes_its_decision(served):  # noqa: F811
+    """A close meanwhile failed the caller with "nothing was logged or served" after the model had served it
+    (its features logged as served), and the decision was lost."""
+    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "close-race", platform=served)
+    backend = _Held(served.serving.local_backend())
+    got: list = []
+    caller = threading.Thread(target=lambda: got.append(gateway.predict(3, [{"user_id": 1, "basket": 1.0}],
+                                                                         backend=backend)))
+    caller.start()
+    assert backend.started.wait(10)
+    closer = threading.Thread(target=gateway.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()  # waiting for the prediction
+    backend.go.set()
+    caller.join(10)
+    closer.join(10)
+    assert not closer.is_alive() and len(got) == 1 and len(got[0]["output__0"]) == 1
+    assert _rows(served, ABDecision, "close-race") == 1
+    with pytest.raises(mp.ServingError, match="is closed"):
+        gateway.predict(3, [{"user_id": 1, "basket": 1.0}], backend=served.serving.local_backend())
+
+
+def test_gateway_predict_refuses_choosing_the_version_or_variant_itself(served):  # noqa: F811
+    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "chosen", platform=served)
+    for kwargs in ({"version": 1}, {"variant": "x"}, {"stage": "production"}):  # a raw TypeError
+        with pytest.raises(mp.DataError, match=f"leave out {next(iter(kwargs))}"):
+            gateway.predict(3, [{"user_id": 1, "basket": 1.0}], backend=served.serving.local_backend(), **kwargs)
+    gateway.close()
+    assert _rows(served, ABDecision, "chosen") == 0
 
 
 def test_the_summary_aggregates_each_once_on_postgresql(p):

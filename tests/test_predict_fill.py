@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import sqlalchemy as sa
@@ -175,7 +176,7 @@ def test_the_training_helper_refuses_a_fill_its_example_inputs_type_cannot_hold_
     (-0.9, r"holds fractions \(e\.g\. -0\.9\)"),
     (1e19, r"is int64: its values must lie in \[-9223372036854775808, 9223372036854775807\], got 1\.0 to 1e\+19"),
     (2**70, r"is int64 and cannot hold 1180591620717411303424"),
-    (math.nan, r"is int64 but holds NaN or infinity"),
+    (math.inf, r"is int64 but holds NaN or infinity"),  # (a NaN is a missing value: filled, or refused as such)
     ("2", r"must hold numbers \(int64\), got '2'"),
     ([2], r"must hold numbers \(int64\), got \[2\]"),
 ])
@@ -213,3 +214,52 @@ def test_an_int_past_a_float_inputs_range_is_refused_by_name(served):  # noqa: F
     with pytest.raises(mp.DataError, match=r"column 'basket' of cast_float v1's input is float32 and cannot hold 1"):
         served.serving.predict("cast_float", {"user_id": [1], "basket": [10**400]},
                                backend=served.serving.local_backend())  # a raw OverflowError before
+
+
+def test_a_nan_or_a_left_out_request_input_is_missing_however_the_rows_come(served):  # noqa: F811
+    """pandas turned a NaN into a null (filled, or refused) while a list of dicts gave the model the NaN; a row
+    leaving the input out (as JSON leaves out a null field) was refused as if no row held the column."""
+    pd = pytest.importorskip("pandas")
+    _log(served, "fill_nan", fill_null=-1.0)
+    _log(served, "fill_nan_strict", fill_null=None)
+    backend = served.serving.local_backend()
+    nan = float("nan")
+    forms = {"list": [{"user_id": 1, "basket": nan}, {"user_id": 2, "basket": 2.0}],
+             "left out": [{"user_id": 1}, {"user_id": 2, "basket": 2.0}],
+             "columns": {"user_id": [1, 2], "basket": [np.float32(nan), 2.0]},
+             "pandas": pd.DataFrame({"user_id": [1, 2], "basket": [nan, 2.0]})}
+    for form, rows in forms.items():
+        out = served.serving.predict("fill_nan", rows, backend=backend)
+        assert out["output__0"] == [[3.0, 10.0, -1.0], [7.0, 99.5, 2.0]], form
+        with pytest.raises(mp.DataError, match=r"'basket' has no value for 1 of 2 entity rows: \(user_id=1\)"):
+            served.serving.predict("fill_nan_strict", rows, backend=backend)
+    log = served.serving.served_features("fill_nan")
+    assert log.column("input.basket").to_pylist() == [None, 2.0] * len(forms)  # logged as missing, not NaN
+    with pytest.raises(mp.DataError, match="the model needs a column 'basket'"):  # no row holds it
+        served.serving.predict("fill_nan", [{"user_id": 1}], backend=backend)
+
+
+@pytest.mark.parametrize("call, message", [
+    ({"variant": 0}, "variant must be a string.*got int 0"),  # the served log's flush dropped its batch
+    ({"variant": None}, "variant must be a string.*got NoneType"),
+    ({"variant": "a\x00b"}, "variant holds a NUL"),
+    ({"backend": object()}, "backend must be a serving backend.*got object"),  # AttributeError
+])
+def test_a_variant_or_backend_of_the_wrong_kind_is_refused_and_nothing_is_logged(served, call, message):  # noqa: F811
+    if not any(m["name"] == "fill_kinds" for m in served.models.list()):
+        _log(served, "fill_kinds", fill_null=0.0)
+    served.serving.predict("fill_kinds", [{"user_id": 1, "basket": 1.0}], backend=served.serving.local_backend())
+    before = _logged_rows(served, "fill_kinds")
+    with pytest.raises(mp.DataError, match=message):
+        served.serving.predict("fill_kinds", [{"user_id": 1, "basket": 1.0}],
+                               **{"backend": served.serving.local_backend(), **call})
+    assert _logged_rows(served, "fill_kinds") == before
+
+
+def test_outputs_given_as_one_string_are_refused_naming_the_fix(served):  # noqa: F811
+    _log(served, "fill_outputs", fill_null=0.0)
+    backend = served.serving.local_backend()
+    with pytest.raises(mp.DataError, match=r"outputs must be a list of output names.*\['output__0'\]"):
+        backend.infer("fill_outputs", {"input__0": np.zeros((1, 3), np.float32)}, outputs="output__0")
+    out = backend.infer("fill_outputs", {"input__0": np.zeros((1, 3), np.float32)}, outputs=["output__0"])
+    assert list(out) == ["output__0"]

@@ -25,6 +25,8 @@ import math
 import numbers
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -125,6 +127,8 @@ class _Writes:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time: a flush returns after one running elsewhere
         self._closed = False
+        self._serving = 0  # predictions under way whose decisions close() waits for
+        self._idle = threading.Condition(self._lock)
         # each flush's rows are written once, also when an interrupt hides the commit (mlplat.db.batches)
         self._once: OnceWriter[dict[Any, list[dict]], dict[Any, list[dict]]] = OnceWriter(
             db, _insert_rows, lambda taken: taken)
@@ -134,12 +138,15 @@ class _Writes:
         """In a forked child: nothing buffered (the parent writes what was buffered at the fork) and fresh
         locks (one held by a thread at the fork is never released in the child)."""
         self._lock, self._flush_lock = threading.Lock(), threading.Lock()
+        self._idle, self._serving = threading.Condition(self._lock), 0
         self._rows = {ABDecision: [], ABOutcome: []}
         self._once.forked()
 
-    def add(self, table, row: dict) -> None:
+    def add(self, table, row: dict, *, serving: bool = False) -> None:
+        """Buffer one row; refused once closed, except the decision of a prediction made inside
+        :meth:`serving`, which close() waits for."""
         with self._lock:  # closed under the same lock: a row added here is in close()'s flush, or refused
-            if self._closed:
+            if self._closed and not serving:
                 raise self.closed_error()
             self._rows[table].append(row)
             n = len(self._rows[ABDecision]) + len(self._rows[ABOutcome])
@@ -162,6 +169,22 @@ class _Writes:
         return ServingError(f"{self._owner} is closed: it logs no more decisions or outcomes (nothing was "
                             "logged or served); make a new mp.ABGateway to go on with the experiment")
 
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """A prediction whose decision is logged once it is made: refused once closed, and close() waits for
+        it (a close meanwhile failed the caller with "nothing was served" after the model had served it)."""
+        with self._lock:
+            if self._closed:
+                raise self.closed_error()
+            self._serving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._serving -= 1
+                if not self._serving:
+                    self._idle.notify_all()
+
     def check_open(self) -> None:
         if self._closed:
             raise self.closed_error()
@@ -169,6 +192,7 @@ class _Writes:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._idle.wait_for(lambda: not self._serving)  # each ends within its backend's timeout
         self.flush()  # a failure leaves the rows buffered (and registered): a later flush() or close() retries
         with self._flush_lock:
             self._once.tidy()
@@ -225,12 +249,16 @@ class ABGateway:
     def predict(self, user_id: Any, entity_rows: Any, **kwargs: Any) -> Prediction:
         """Route the user, then ``p.serving.predict`` with the chosen model version. The decision is logged
         once the prediction is made: a request refused (bad entity rows, say) is not counted as served."""
-        self._writes.check_open()  # not served when its decision could not be logged
-        decision = self._decide(user_id)
-        result = self._platform.serving.predict(decision.model, entity_rows, version=decision.version,
-                                                variant=decision.variant, **kwargs)
-        if any(len(column) for column in result.values()):  # a request of no rows served nothing: nothing to count
-            self._log(decision)
+        chosen = sorted(set(kwargs) & {"version", "stage", "alias", "variant", "model"})
+        if chosen:
+            raise DataError(f"gateway.predict chooses the model version and variant itself; leave out "
+                            f"{', '.join(chosen)} (p.serving.predict serves a version of your choosing)")
+        with self._writes.serving():  # not served when its decision could not be logged
+            decision = self._decide(user_id)
+            result = self._platform.serving.predict(decision.model, entity_rows, version=decision.version,
+                                                    variant=decision.variant, **kwargs)
+            if any(len(column) for column in result.values()):  # a request of no rows served nothing to count
+                self._log(decision, serving=True)
         return result
 
     def _decide(self, user_id: Any) -> Decision:
@@ -239,10 +267,10 @@ class ABGateway:
         model, version = self._version(variant)
         return Decision(user_key(user_id), variant, model, version, bucket)
 
-    def _log(self, d: Decision) -> None:
+    def _log(self, d: Decision, *, serving: bool = False) -> None:
         self._writes.add(ABDecision, {"experiment_id": self.experiment_id, "user_id": d.user_id,
                                       "variant": d.variant, "model": d.model, "model_version": d.version,
-                                      "at": datetime.now(timezone.utc)})
+                                      "at": datetime.now(timezone.utc)}, serving=serving)
 
     def record_outcome(self, user_id: Any, outcome: float, at: datetime | None = None) -> None:
         """An observed outcome (e.g. 1.0 for fraud caught) for a user of this experiment; ServingError once
@@ -268,7 +296,8 @@ class ABGateway:
     def close(self) -> None:
         """Write what is buffered (decisions, outcomes) and stop logging: ``route``, ``predict`` and
         ``record_outcome`` raise ServingError from then on (``bucket``, ``variant`` and ``summary`` still
-        answer). Closing again writes what a failed close left buffered."""
+        answer). Predictions under way finish first, with their decisions written. Closing again writes what a
+        failed close left buffered."""
         self._writes.close()
 
     # ------------------------------------------------------------ summary

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from .._expiring import Expiring
-from ..errors import DataError, MlplatError, ModelNotReadyError, ServingError
-from .shaping import NUMPY_TYPES, ModelInfo, check_request, join, split, to_arrays
+from ..errors import MlplatError, ModelNotReadyError, ServingError
+from .shaping import NUMPY_TYPES, ModelInfo, check_outputs, check_request, join, split, to_arrays
 
 __all__ = ["LocalBackend"]
 
@@ -121,9 +121,7 @@ class LocalBackend:
 
         check_request(priority, timeout_us, version)
         served, module, info = self._get(model, version)
-        for name in outputs or ():
-            if name not in info.outputs:
-                raise DataError(f"model {model!r} has no output {name!r}; it has {list(info.outputs)}")
+        check_outputs(info, outputs)
         types = [NUMPY_TYPES[t] for t, _ in info.output_types]
         parts = []
         for arrays in split(info, to_arrays(info, inputs)):

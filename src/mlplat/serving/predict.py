@@ -285,7 +285,9 @@ def _per_row(model: str, name: str, values: Any, n: int) -> list:
 
 
 def _request_column(rows: dict | list | pa.Table, name: str, n: int) -> list:
-    """A request-time input (not a feature) from the entity rows: one value per entity row."""
+    """A request-time input (not a feature) from the entity rows: one value per entity row, None where a row
+    has none. A NaN is none too, however the rows came: pandas turns it into a null on the way to Arrow, and a
+    list of dicts gave the model the NaN (a NaN prediction, logged as served) where a frame was filled."""
     if isinstance(rows, dict):
         if name in rows:
             values = rows[name]
@@ -295,10 +297,15 @@ def _request_column(rows: dict | list | pa.Table, name: str, n: int) -> list:
             if len(values) != n:
                 raise DataError(f"column {name!r} has {len(values)} values for {n} entity rows: give one value per "
                                 "entity row")
-            return list(values)
+            return [None if _nan(v) else v for v in values]
     elif isinstance(rows, list):
-        if all(isinstance(r, dict) and name in r for r in rows):
-            return [r[name] for r in rows]
+        # a row that leaves the input out (as JSON leaves out a null field) has none: filled or refused as None
+        if all(isinstance(r, dict) for r in rows) and any(name in r for r in rows):
+            return [None if _nan(v) else v for v in (r.get(name) for r in rows)]
     elif name in rows.column_names:
-        return rows.column(name).to_pylist()
+        return rows.column(name).to_pylist()  # a pandas NaN is a null here already
     raise DataError(f"the model needs a column {name!r}: it is not a feature, so the entity rows must hold it")
+
+
+def _nan(value: Any) -> bool:
+    return isinstance(value, (float, np.floating)) and value != value

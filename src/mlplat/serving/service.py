@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .._checks import storable
 from ..errors import DataError
 from .gateway import ABGateway
 from .local import LocalBackend
@@ -127,8 +128,13 @@ class ServingService:
             p.serving.predict("fraud", [{"user_id": 42, "merchant_id": "m0001", "amount": 19.9}])
             # -> {"user_id": [42], "merchant_id": ["m0001"], "output__0": [0.031]}
         """
-        if variant and not isinstance(variant, str):
-            raise DataError("variant must be a string")
+        if not isinstance(variant, str):  # 0 or False passed here, and the served log's flush lost its batch
+            raise DataError(f"variant must be a string (the name the served log records the call under), got "
+                            f"{type(variant).__name__} {variant!r}")
+        storable(variant, "variant")
+        if backend is not None and not callable(getattr(backend, "infer", None)):
+            raise DataError(f"backend must be a serving backend (p.serving.local_backend(), an mp.TritonClient), "
+                            f"got {type(backend).__name__}: it has no infer()")
         return self._predictor.predict(model, entity_rows, backend=backend or self.backend, version=version,
                                        stage=stage, alias=alias, variant=variant, triton_model=triton_model, log=log)
 

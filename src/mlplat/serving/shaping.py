@@ -221,6 +221,8 @@ def check_request(priority: Any, timeout_us: Any, version: Any) -> None:
 def check_outputs(info: ModelInfo, outputs: Sequence[str] | None) -> None:
     """Every output asked for is one the model has, else DataError (before anything is sent: the server's
     refusal was a plain ServingError, where the local backend said which output)."""
+    if isinstance(outputs, (str, bytes)):  # its characters were taken for output names
+        raise DataError(f"outputs must be a list of output names, got the string {outputs!r}: pass [{outputs!r}]")
     for name in outputs or ():
         if name not in info.outputs:
             raise DataError(f"model {info.name!r} has no output {name!r}; it has {list(info.outputs)}")
