@@ -32,3 +32,6 @@ def test_progress_survives_a_changed_timeout_but_not_another_prefix(tmp_path, re
     with mp.Platform(tmp_path / "home", online_store=f"{redis_url}?prefix=other:") as p:
         assert p.features.last_materialized("v") is None  # other keys: another store
         assert p.features.get_online_features(["v:x"], {"k": [1]})["x"] == [None]
+    db = redis_url.rsplit("/", 1)[1]  # redis-py takes a db= parameter over the path: another database, another store
+    with mp.Platform(tmp_path / "home", online_store=f"{redis_url}?db={int(db) + 1}&timeout=2") as p:
+        assert p.features.last_materialized("v") is None  # was `end`: the next run skipped what the db never got

@@ -31,3 +31,50 @@ def test_rows_push_cannot_read_are_data_errors(tmp_path):
             with pytest.raises(mp.DataError, match=message):
                 p.features.push("v", rows)
         assert p.features.get_online_features(["v:s"], {"u": [1]})["s"] == ["a"]
+
+
+def test_a_push_to_offline_writes_a_feature_the_first_file_holds_only_nulls_of(tmp_path):
+    """pandas writes a column of Nones as Arrow's null type, which backs any field; a pushed value was cast
+    to null (refused: "Unsupported cast from double to null") until the first file was rewritten."""
+    src = tmp_path / "src"
+    src.mkdir()
+    at = datetime.now(timezone.utc) - timedelta(hours=2)
+    pq.write_table(pa.table({"u": pa.array(["a", "b"]), "event_timestamp": pa.array([at, at], pa.timestamp("us", "UTC")),
+                             "f": [1, 2], "g": pa.nulls(2)}), src / "a.parquet")
+    user = mp.Entity("user", join_keys=["u"])
+    view = mp.FeatureView("v", entities=[user], ttl=timedelta(days=1),
+                          schema=[mp.Field("f", mp.Int64), mp.Field("g", mp.Float64)], source=mp.ParquetSource(src))
+    with mp.Platform(tmp_path / "home") as p:
+        p.features.apply([user, view])
+        p.features.materialize(progress=False)
+        pushed = {"u": ["a"], "event_timestamp": [at + timedelta(hours=1)], "f": [10], "g": [0.5]}
+        assert p.features.push("v", pushed, to_offline=True) == 1
+        [written] = (src / "pushed").glob("*.parquet")
+        assert pq.read_schema(written).field("g").type == pa.float64()
+        assert p.features.get_online_features(["v:f", "v:g"], {"u": ["a", "b"]}) == {
+            "u": ["a", "b"], "f": [10, 2], "g": [0.5, None]}
+        offline = p.features.get_historical_features(
+            pa.table({"u": ["a", "b"], "event_timestamp": pa.array([datetime.now(timezone.utc)] * 2,
+                                                                    pa.timestamp("us", "UTC"))}), ["v:f", "v:g"])
+        assert offline.select(["f", "g"]).to_pydict() == {"f": [10, 2], "g": [0.5, None]}
+
+
+def test_a_push_of_no_rows_without_types_writes_nothing_and_returns_0(tmp_path):
+    """[] and lists of no values (a stream's empty batch) were refused: "no join key column 'u'", and for
+    empty lists the false "join key 'u' is null"; a typed empty table is still checked."""
+    src = tmp_path / "src"
+    src.mkdir()
+    at = datetime.now(timezone.utc) - timedelta(minutes=5)
+    pq.write_table(pa.table({"u": pa.array([1], pa.int64()), "event_timestamp": pa.array([at], pa.timestamp("us", "UTC")),
+                             "s": ["a"]}), src / "a.parquet")
+    user = mp.Entity("user", join_keys=["u"])
+    view = mp.FeatureView("v", entities=[user], ttl=timedelta(days=1), schema=[mp.Field("s", mp.String)],
+                          source=mp.ParquetSource(src))
+    with mp.Platform(tmp_path / "home") as p:
+        p.features.apply([user, view])
+        for rows in ([], {"u": [], "event_timestamp": [], "s": []}, {}):
+            assert p.features.push("v", rows, to_offline=True) == 0
+        assert not (src / "pushed").exists()
+        with pytest.raises(mp.DataError, match="join key 'u'"):
+            p.features.push("v", pa.table({"u": pa.array([], pa.string()), "event_timestamp": pa.array(
+                [], pa.timestamp("us", "UTC")), "s": pa.array([], pa.string())}))

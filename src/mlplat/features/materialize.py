@@ -208,7 +208,10 @@ class Materializer:
             raise DefinitionError(f"feature view {view.name!r} is not served online (online=False): push it "
                                   "with to_offline=True to append the rows to its source")
         src = view.source
-        table = _check_push_columns(view, _push_table(rows))
+        table = _push_table(rows)
+        if table.num_rows == 0 and all(pa.types.is_null(t) for t in table.schema.types):
+            return 0  # [] or empty lists: no rows, and no types to check (a typed empty table is checked)
+        table = _check_push_columns(view, table)
         older = self._pushed_too(view, table)
         if table.num_rows == 0:
             return 0
@@ -394,16 +397,22 @@ def _stage_offline(view: FeatureView, table: pa.Table,
     backed by float32) is rounded in the file, so the online copy takes the rounded value too, as a
     materialization would; a time the source's date column would cut to its day is refused."""
     where = f"push to {view.name!r}"
-    fs, root, schema = target
-    columns = {}
-    for field in schema:
+    fs, root, first = target
+    columns, fields = {}, []
+    for field in first:
         if field.name not in table.column_names:
             if not field.nullable:
                 raise DataError(f"{where}: the source's files have a column {field.name!r} that may not be null; "
                                 "include it in the rows")
             columns[field.name] = pa.nulls(table.num_rows, field.type)
+            fields.append(field)
             continue
         given = table.column(field.name)
+        if pa.types.is_null(field.type):  # null in every row of the first file (pandas writes such a column
+            # as Arrow's null type, which backs any field): this file holds the view's type (the reader merges)
+            field = field.with_type(view.field(field.name).dtype.arrow if field.name in view.feature_names
+                                    else given.type)
+        fields.append(field)
         try:
             columns[field.name] = stored = given.cast(field.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -425,7 +434,7 @@ def _stage_offline(view: FeatureView, table: pa.Table,
     try:
         fs.create_dir(folder, recursive=True)
         with fs.open_output_stream(staged._tmp) as out:
-            pq.write_table(pa.table(columns, schema=schema), out)
+            pq.write_table(pa.table(columns, schema=pa.schema(fields, metadata=first.metadata)), out)
     except (OSError, pa.ArrowException) as exc:
         staged.discard()
         raise StoreError(f"{where}: could not write the rows to {folder!r}: {exc}") from None

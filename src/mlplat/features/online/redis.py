@@ -10,7 +10,8 @@ URL: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS), or
 mlplat's own query parameters:
 
 ==============  =======  ====================================================
-``prefix``      mlplat:  prefix of every key (several platforms can share a db)
+``prefix``      mlplat:  prefix of every key (several platforms can share a db);
+                         no ``{`` or ``}`` (a cluster hashes a key by them)
 ``timeout``     1.0      seconds to connect and to wait for a reply
 ``retries``     2        retries of a read or write batch after a connection
                          error (refused, reset) or time-out, 0.05 s, 0.1 s,
@@ -157,6 +158,10 @@ def _parse(url: str) -> tuple[str, _Options, bool]:
         )
     except ValueError as exc:
         raise ConfigError(f"online store {hide_password(url)!r}: bad parameter ({exc})") from None
+    if "{" in opts.prefix or "}" in opts.prefix:  # a key's hash tag must be its bucket's "{b}", which follows
+        raise ConfigError(f"online store {hide_password(url)!r}: prefix {opts.prefix!r} holds a brace; a Redis "
+                          "Cluster would hash the keys by the prefix's braces instead of their bucket's: leave "
+                          "'{' and '}' out of it")
     if not opts.timeout > 0 or opts.timeout == float("inf") or opts.retries < 0 or opts.batch < 1:
         raise ConfigError(f"online store {hide_password(url)!r}: timeout must be a finite number > 0 (seconds), "
                           "retries >= 0, batch >= 1")
@@ -236,8 +241,10 @@ class RedisOnlineStore(OnlineStore):
         base, self._opts, cluster = _parse(url)
         self.name = hide_password(url)
         parts = urlsplit(url)  # what is read: the server(s), the database and the key prefix, not how to connect
-        prefix = urlencode({"prefix": self._opts.prefix}) if self._opts.prefix != _Options.prefix else ""
-        self._identity = urlunsplit((parts.scheme.lower(), parts.netloc.rpartition("@")[2], parts.path, prefix, ""))
+        # redis-py takes a db= query parameter over the path's database
+        read = {k: v for k, v in parse_qsl(parts.query) if k == "db" or (k == "prefix" and v != _Options.prefix)}
+        self._identity = urlunsplit((parts.scheme.lower(), parts.netloc.rpartition("@")[2], parts.path,
+                                     urlencode(sorted(read.items())), ""))
         timeouts = {"socket_timeout": self._opts.timeout, "socket_connect_timeout": self._opts.timeout}
         self._cluster = None
         self._pool: ConnectionPool | None = None
