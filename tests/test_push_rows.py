@@ -39,8 +39,9 @@ def test_a_push_to_offline_writes_a_feature_the_first_file_holds_only_nulls_of(t
     src = tmp_path / "src"
     src.mkdir()
     at = datetime.now(timezone.utc) - timedelta(hours=2)
-    pq.write_table(pa.table({"u": pa.array(["a", "b"]), "event_timestamp": pa.array([at, at], pa.timestamp("us", "UTC")),
-                             "f": [1, 2], "g": pa.nulls(2)}), src / "a.parquet")
+    times = pa.array([at, at], pa.timestamp("us", "UTC"))
+    pq.write_table(pa.table({"u": pa.array(["a", "b"]), "event_timestamp": times, "f": [1, 2], "g": pa.nulls(2)}),
+                   src / "a.parquet")
     user = mp.Entity("user", join_keys=["u"])
     view = mp.FeatureView("v", entities=[user], ttl=timedelta(days=1),
                           schema=[mp.Field("f", mp.Int64), mp.Field("g", mp.Float64)], source=mp.ParquetSource(src))
@@ -65,8 +66,8 @@ def test_a_push_of_no_rows_without_types_writes_nothing_and_returns_0(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     at = datetime.now(timezone.utc) - timedelta(minutes=5)
-    pq.write_table(pa.table({"u": pa.array([1], pa.int64()), "event_timestamp": pa.array([at], pa.timestamp("us", "UTC")),
-                             "s": ["a"]}), src / "a.parquet")
+    pq.write_table(pa.table({"u": pa.array([1], pa.int64()), "s": ["a"],
+                             "event_timestamp": pa.array([at], pa.timestamp("us", "UTC"))}), src / "a.parquet")
     user = mp.Entity("user", join_keys=["u"])
     view = mp.FeatureView("v", entities=[user], ttl=timedelta(days=1), schema=[mp.Field("s", mp.String)],
                           source=mp.ParquetSource(src))
