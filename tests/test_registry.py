@@ -525,25 +525,24 @@ def test_lineage_verify_matches_unchanged_data_laid_out_otherwise_than_retrieval
     assert not p.models.lineage("fraud", version=1, verify=True)["data"][0]["verification"]["matches"]
 
 
-def test_training_features_leave_out_inputs_logged_after_registration(p, lineage_setup):
-    """As lineage's data: an input a resumed run logs after the version was registered (an evaluation set)
-    is not what the version was trained on, nor a view version predict and materialize keep for it."""
-    run_id = p.models.get("fraud", version=1).run_id
-    with p.runs.start("other") as run:
+def test_a_feature_named_with_a_double_underscore_is_logged_with_plain_names(p, tmp_path):
+    """log_input recorded full_feature_names=True for the plain-named column of feature 'amt__7d', and verify
+    rebuilt 'txn__amt__7d': a false mismatch."""
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"user_id": [1, 2], "event_timestamp": pa.array([0, 0], pa.timestamp("us", "UTC")),
+                             "amt__7d": [1.5, 2.5]}), src / "a.parquet")
+    user = mp.Entity("user", join_keys=["user_id"])
+    p.features.apply([user, mp.FeatureView("txn", entities=[user], ttl=timedelta(days=1),
+                                           schema=[mp.Field("amt__7d", mp.Float64)], source=mp.ParquetSource(src))])
+    train = p.features.get_historical_features(pa.table({"user_id": [1, 2], "event_timestamp": pa.array(
+        [10, 10], pa.timestamp("us", "UTC"))}), ["txn:amt__7d"])
+    with p.runs.start("fraud") as run:
+        run.log_input(train, feature_refs=["txn:amt__7d"])
         run.log_model(Scorer(), "model", example_input=torch.zeros(1, 3))
-    v2 = p.models.register("fraud", run.id)
-    p.models.promote("fraud", v2.version, "staging")
-    later = p.features.get_historical_features(pa.table({"user_id": [1], "event_timestamp": pa.array(
-        [10], pa.timestamp("us", "UTC"))}), ["user_txn:txn_count"])
-    for rid in (run_id, run.id):
-        with p.runs.resume(rid) as r:
-            r.log_input(later, name="eval_after_registration", feature_refs=["user_txn:txn_count"])
-    assert p.models.training_features(p.models.get("fraud", version=1)) == (["user_txn@1:txn_count"], False)
-    assert p.models.training_features(p.models.get("fraud", version=2)) == ([], False)
-    assert [d["name"] for d in p.models.lineage("fraud", version=2)["data_after_registration"]] == [
-        "eval_after_registration"]
-    p.models.promote("fraud", 1, "archived")
-    assert p.models.feature_views_in_use() == []  # v2 (staging) was trained on no feature view
+    p.models.register("fraud", run.id)
+    assert p.models.training_features(p.models.get("fraud", version=1)) == (["txn@1:amt__7d"], False)
+    assert p.models.lineage("fraud", version=1, verify=True)["data"][0]["verification"]["matches"]
 
 
 def test_lineage_cli(p, lineage_setup, database_url):

@@ -570,13 +570,13 @@ class ModelRegistry:
 
     def training_features(self, info: ModelVersionInfo) -> tuple[list[str], bool]:
         """The feature refs ("view@version:feature") the version was trained on, from its run's first input
-        logged with feature refs before the version was registered (as lineage's ``data``), and whether that
-        table named them ``view__feature``; ([], False) when no such input was logged."""
+        logged with feature refs, and whether that table named them ``view__feature``; ([], False) when
+        no input was logged with refs. (An input a resumed run logged after the registration counts when
+        none came before: lineage lists it under ``data_after_registration``, by the two hosts' clocks,
+        which serving does not rely on.)"""
         _check_version_info(info)
-        this = sa.and_(ModelVersion.version == info.version, ModelVersion.model_id == sa.select(
-            RegisteredModel.id).where(RegisteredModel.name == info.name).scalar_subquery())
         with self._db.connect() as conn:
-            inp = next(iter(_trained_on(conn, this).values()), None)
+            inp = _trained_on(conn, [info.run_id]).get(info.run_id)
         return (inp["refs"], bool(inp.get("full_feature_names"))) if inp else ([], False)
 
     def feature_views_in_use(self) -> list[tuple[str, int]]:
@@ -590,7 +590,7 @@ class ModelRegistry:
         live = sa.or_(ModelVersion.stage.in_(("staging", "production")),
                       ModelVersion.id.in_(sa.select(ModelAlias.version_id)))
         with self._db.connect() as conn:
-            trained_on = _trained_on(conn, live)
+            trained_on = _trained_on(conn, sa.select(ModelVersion.run_id).where(live).scalar_subquery())
         used = {(ref.view, ref.version) for inp in trained_on.values() for ref in map(parse_ref, inp["refs"])
                 if ref.version is not None}
         return sorted(used)
@@ -605,17 +605,14 @@ class ModelRegistry:
                              self.resolve(name, version=version, stage=stage, alias=alias), verify=verify)
 
 
-def _trained_on(conn: Any, versions: Any) -> dict[int, dict[str, Any]]:
-    """Per model version matching ``versions`` (a condition on ModelVersion), keyed by its row id, the
-    feature_refs record of the first input its run logged with feature refs before the version was
-    registered: its training data (an input a resumed run logged later was not)."""
-    first: dict[int, dict[str, Any]] = {}
-    for version_id, refs in conn.execute(
-            sa.select(ModelVersion.id, RunInput.feature_refs)
-            .join(RunInput, RunInput.run_id == ModelVersion.run_id)
-            .where(versions, RunInput.created_at <= ModelVersion.created_at).order_by(RunInput.id)):
-        if version_id not in first and refs.get("refs"):
-            first[version_id] = refs
+def _trained_on(conn: Any, run_ids: Any) -> dict[str, dict[str, Any]]:
+    """Per run of ``run_ids`` (a list or a subquery), the feature_refs record of its first input logged with feature
+    refs: the training data of the versions registered from it."""
+    first: dict[str, dict[str, Any]] = {}
+    for run_id, refs in conn.execute(sa.select(RunInput.run_id, RunInput.feature_refs)
+                                     .where(RunInput.run_id.in_(run_ids)).order_by(RunInput.id)):
+        if run_id not in first and refs.get("refs"):
+            first[run_id] = refs
     return first
 
 

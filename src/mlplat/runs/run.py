@@ -93,13 +93,14 @@ def _param_text(key: str, value: Any) -> str:
 
 
 def _param_str(value: Any) -> str:
-    """``str(value)``, with a list's or tuple's numpy numbers and paths written as their own str() is: a
-    list's str() writes each item's repr(), so [np.int64(64)] was stored as '[np.int64(64)]', not '[64]'."""
-    if not isinstance(value, (list, tuple)):
+    """``str(value)``, with a list's or tuple's numpy numbers and paths written as plain numbers and strings
+    are: a list's str() writes each item's repr(), so [np.int64(64)] was stored as '[np.int64(64)]' (numpy 2),
+    not '[64]'. Other lists' text is str()'s (a numpy string item quoted; a namedtuple as its str())."""
+    if type(value) is not list and type(value) is not tuple:
         return str(value)
-    items = ", ".join(str(v) if isinstance(v, np.generic) else repr(str(v)) if isinstance(v, PurePath)
-                      else _param_str(v) if isinstance(v, (list, tuple)) else repr(v) for v in value)
-    return f"[{items}]" if isinstance(value, list) else f"({items}{',' if len(value) == 1 else ''})"
+    items = ", ".join(str(v) if isinstance(v, (np.number, np.bool_)) else repr(str(v)) if isinstance(v, (
+        PurePath, np.str_)) else _param_str(v) if type(v) in (list, tuple) else repr(v) for v in value)
+    return f"[{items}]" if type(value) is list else f"({items}{',' if len(value) == 1 else ''})"
 
 
 def _refused_param(value: Any) -> Any:
@@ -251,7 +252,8 @@ class ActiveRun:
                                                          for k in sorted(values)])
             stored = dict(conn.execute(sa.select(RunParam.key, RunParam.value).where(
                 RunParam.run_id == self.id, RunParam.key.in_(list(values)))).all())
-            clash = {k: (stored[k], v) for k, v in values.items() if stored.get(k) != v}
+            # a list stored before numpy numbers in lists were written as numbers ('[np.int64(64)]') is the same
+            clash = {k: (stored[k], v) for k, v in values.items() if stored.get(k) not in (v, str(params[k]))}
             if clash:  # raising rolls back this call's inserts too
                 k, (old, new) = next(iter(clash.items()))
                 raise DataError(f"param {k!r} of run {self.id} is already {old!r}; params are write-once, so "
@@ -314,14 +316,13 @@ class ActiveRun:
         entity = None
         full_names = False
         if feature_refs is not None:
-            requests, outputs = self._store._resolve_features(feature_refs, data.column_names)
+            requests, outputs, full_names = self._store._resolve_features(feature_refs, data.column_names)
             refs = [f"{r.view.name}@{r.view.version}:{f}" for r in requests for f in r.features]
             if keep_entity_rows:
                 entity = data.select([c for c in data.column_names if c not in set(outputs)])
                 if timestamp_column not in entity.column_names:
                     raise DataError(f"log_input: the table has no {timestamp_column!r} column to rebuild it from; "
                                     "pass timestamp_column= or keep_entity_rows=False")
-            full_names = any("__" in o for o in outputs)
         logged = LoggedInput(name, table_hash(data), data.num_rows, refs)
         entity_path = None if entity is None else f"inputs/{name}/entity_rows.parquet"
         info = {"refs": refs, "entity_rows": entity_path, "timestamp_column": timestamp_column,

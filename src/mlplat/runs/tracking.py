@@ -200,7 +200,8 @@ class RunStore:
         _OPEN_RUNS.discard(run)
         self._active.discard(run)
 
-    def _resolve_features(self, refs: Any, columns: Sequence[str]):
+    def _resolve_features(self, refs: Any, columns: Sequence[str]) -> tuple[list, list[str], bool]:
+        """The views' requests, the feature columns, and whether the table names them ``view__feature``."""
         if self._features is None:
             raise DataError("feature_refs need the feature store: use the RunStore of a Platform")
         # the table was retrieved with plain or full feature names: whichever the columns hold (another column
@@ -210,7 +211,7 @@ class RunStore:
             requests, outputs = self._features.resolve(refs, full_feature_names=full)
             missing.append([o for o in outputs if o not in columns])
             if not missing[-1]:
-                return requests, outputs
+                return requests, outputs, full
         first = min(missing, key=len)[0]
         raise DataError(f"log_input: the table has no column {first!r} for the feature refs given (the columns "
                         "get_historical_features names them, plain or with full_feature_names=True)")
