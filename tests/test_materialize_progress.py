@@ -35,3 +35,5 @@ def test_progress_survives_a_changed_timeout_but_not_another_prefix(tmp_path, re
     db = redis_url.rsplit("/", 1)[1]  # redis-py takes a db= parameter over the path: another database, another store
     with mp.Platform(tmp_path / "home", online_store=f"{redis_url}?db={int(db) + 1}&timeout=2") as p:
         assert p.features.last_materialized("v") is None  # was `end`: the next run skipped what the db never got
+    with mp.Platform(tmp_path / "home", online_store=f"{redis_url}?db=0{db}") as p:
+        assert p.features.last_materialized("v") == again.end  # the same database, spelt otherwise

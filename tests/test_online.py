@@ -1260,7 +1260,9 @@ def test_single_node_reads_are_one_command(tmp_path, redis_url, monkeypatch):
      ("redis://h:1/0?timeout=inf", "timeout must be a finite number > 0"),
      ("redis://h:1/0?tiemout=0.5", "a query parameter is wrong .*'tiemout'.* mlplat's are prefix, timeout"),
      # a Redis Cluster hashes a key by its first {...}: the prefix's braces took over from the bucket's tag
-     ("redis+cluster://h:1/0?prefix=a{b}:", "prefix 'a{b}:' holds a brace"), ("redis://h:1/0?prefix=x{", "brace"),
+     ("redis+cluster://h:1/0?prefix=a{b}:", "prefix 'a{b}:' holds a brace"),
+     ("rediss+cluster://h:1/0?prefix=x{", "brace"),
+     ("redis://h:1/0?db=x", "db='x' is not a database number"),
      ("redis://:secret@h:1/0?socket_timeout=abc", r"online store redis://:\*\*\*@h:1/0\?socket_timeout=abc: a query "
                                                   "parameter is wrong .*socket_timeout")],
 )

@@ -11,7 +11,7 @@ mlplat's own query parameters:
 
 ==============  =======  ====================================================
 ``prefix``      mlplat:  prefix of every key (several platforms can share a db);
-                         no ``{`` or ``}`` (a cluster hashes a key by them)
+                         on a cluster no ``{`` or ``}`` (it hashes a key by them)
 ``timeout``     1.0      seconds to connect and to wait for a reply
 ``retries``     2        retries of a read or write batch after a connection
                          error (refused, reset) or time-out, 0.05 s, 0.1 s,
@@ -158,7 +158,7 @@ def _parse(url: str) -> tuple[str, _Options, bool]:
         )
     except ValueError as exc:
         raise ConfigError(f"online store {hide_password(url)!r}: bad parameter ({exc})") from None
-    if "{" in opts.prefix or "}" in opts.prefix:  # a key's hash tag must be its bucket's "{b}", which follows
+    if cluster and ("{" in opts.prefix or "}" in opts.prefix):  # a key's hash tag must be its bucket's "{b}"
         raise ConfigError(f"online store {hide_password(url)!r}: prefix {opts.prefix!r} holds a brace; a Redis "
                           "Cluster would hash the keys by the prefix's braces instead of their bucket's: leave "
                           "'{' and '}' out of it")
@@ -241,10 +241,13 @@ class RedisOnlineStore(OnlineStore):
         base, self._opts, cluster = _parse(url)
         self.name = hide_password(url)
         parts = urlsplit(url)  # what is read: the server(s), the database and the key prefix, not how to connect
-        # redis-py takes a db= query parameter over the path's database
-        read = {k: v for k, v in parse_qsl(parts.query) if k == "db" or (k == "prefix" and v != _Options.prefix)}
-        self._identity = urlunsplit((parts.scheme.lower(), parts.netloc.rpartition("@")[2], parts.path,
-                                     urlencode(sorted(read.items())), ""))
+        prefix = urlencode({"prefix": self._opts.prefix}) if self._opts.prefix != _Options.prefix else ""
+        db = dict(parse_qsl(parts.query)).get("db")  # redis-py takes it over the path's database
+        try:
+            path = parts.path if db is None else f"/{int(db)}"
+        except ValueError:
+            raise ConfigError(f"online store {self.name}: db={db!r} is not a database number") from None
+        self._identity = urlunsplit((parts.scheme.lower(), parts.netloc.rpartition("@")[2], path, prefix, ""))
         timeouts = {"socket_timeout": self._opts.timeout, "socket_connect_timeout": self._opts.timeout}
         self._cluster = None
         self._pool: ConnectionPool | None = None
