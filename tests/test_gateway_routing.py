@@ -112,6 +112,24 @@ def test_close_waits_for_a_prediction_under_way_and_writes_its_decision(served):
         gateway.predict(3, [{"user_id": 1, "basket": 1.0}], backend=served.serving.local_backend())
 
 
+def test_a_close_from_inside_a_prediction_does_not_wait_for_it_and_its_decision_is_written(served):  # noqa: F811
+    """A signal handler closing the gateway runs on the thread that is predicting: close() waited for that
+    prediction, which could never end."""
+    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "close-inside", platform=served)
+    local = served.serving.local_backend()
+
+    class Closing:
+        def infer(self, *args, **kwargs):
+            gateway.close()  # as a SIGTERM handler would, on this thread
+            return local.infer(*args, **kwargs)
+
+    done = threading.Thread(target=lambda: gateway.predict(3, [{"user_id": 1, "basket": 1.0}], backend=Closing()))
+    done.start()
+    done.join(10)
+    assert not done.is_alive()
+    assert _rows(served, ABDecision, "close-inside") == 1  # written once the prediction ended
+
+
 def test_gateway_predict_refuses_choosing_the_version_or_variant_itself(served):  # noqa: F811
     gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "chosen", platform=served)
     for kwargs in ({"version": 1}, {"variant": "x"}, {"stage": "production"}):  # a raw TypeError

@@ -216,6 +216,25 @@ def test_an_int_past_a_float_inputs_range_is_refused_by_name(served):  # noqa: F
                                backend=served.serving.local_backend())  # a raw OverflowError before
 
 
+def test_a_value_a_float32_input_would_make_infinite_is_refused_and_an_infinity_passes(served):  # noqa: F811
+    """1e300 went to a float32 model as infinity, unasked (the docs: a number the input type holds as it is)."""
+    try:
+        served.models.resolve("cast_float", version=1)
+    except mp.NotFoundError:
+        _log(served, "cast_float")
+    backend = served.serving.local_backend()
+    served.serving.predict("cast_float", {"user_id": [1], "basket": [3e38]}, backend=backend)  # it holds that
+    before = _logged_rows(served, "cast_float")
+    with pytest.raises(mp.DataError, match=r"column 'basket' of cast_float v1's input is float32 but holds 1e\+300, "
+                                           r"past its largest value"):
+        served.serving.predict("cast_float", {"user_id": [1, 1], "basket": [1.0, 1e300]}, backend=backend)
+    assert _logged_rows(served, "cast_float") == before
+    with pytest.raises(mp.DataError, match=r"input 'input__0' of model 'cast_float' is FP32 but holds -1e\+39"):
+        backend.infer("cast_float", {"input__0": np.array([[1.0, 2.0, -1e39]])})  # float64 given
+    out = served.serving.predict("cast_float", {"user_id": [1], "basket": [math.inf]}, backend=backend)
+    assert out["output__0"] == [[3.0, 10.0, math.inf]]  # an infinity given is what the model gets
+
+
 def test_a_nan_or_a_left_out_request_input_is_missing_however_the_rows_come(served):  # noqa: F811
     """pandas turned a NaN into a null (filled, or refused) while a list of dicts gave the model the NaN; a row
     leaving the input out (as JSON leaves out a null field) was refused as if no row held the column."""
@@ -227,7 +246,9 @@ def test_a_nan_or_a_left_out_request_input_is_missing_however_the_rows_come(serv
     forms = {"list": [{"user_id": 1, "basket": nan}, {"user_id": 2, "basket": 2.0}],
              "left out": [{"user_id": 1}, {"user_id": 2, "basket": 2.0}],
              "columns": {"user_id": [1, 2], "basket": [np.float32(nan), 2.0]},
-             "pandas": pd.DataFrame({"user_id": [1, 2], "basket": [nan, 2.0]})}
+             "pandas": pd.DataFrame({"user_id": [1, 2], "basket": [nan, 2.0]}),
+             "arrow": pa.table({"user_id": [1, 2], "basket": [nan, 2.0]}),  # a NaN in Arrow is no null
+             "polars": pytest.importorskip("polars").DataFrame({"user_id": [1, 2], "basket": [nan, 2.0]})}
     for form, rows in forms.items():
         out = served.serving.predict("fill_nan", rows, backend=backend)
         assert out["output__0"] == [[3.0, 10.0, -1.0], [7.0, 99.5, 2.0]], form

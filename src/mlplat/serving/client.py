@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import require_bool, require_number
 from ..errors import ConfigError, InferenceTimeoutError, ModelNotReadyError, ServingError
 from .shaping import (ModelInfo, check_outputs, check_request, empty_outputs, join, map_error, merge, rows_of, split,
                       to_arrays, unmerge)
@@ -84,6 +85,8 @@ def _grpc_channel_args() -> list[tuple[str, int]]:
 
     gRPC's default back-off grows to minutes: after a server restart a client kept failing fast
     (UNAVAILABLE) for about 10 s after the server was ready again. With these, it reconnects within a second.
+    (Not ``grpc.min_reconnect_backoff_ms``: it is also each connection attempt's time-out, 20 s by default;
+    at 100 ms no server 100 ms away (another region) could be reached.)
     """
     from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 
@@ -94,8 +97,36 @@ def _grpc_channel_args() -> list[tuple[str, int]]:
             ("grpc.keepalive_timeout_ms", keep.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", keep.keepalive_permit_without_calls),
             ("grpc.http2.max_pings_without_data", keep.http2_max_pings_without_data),
-            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000)]
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+_INT64 = {3, 4, 6, 16, 18}  # FieldDescriptor.TYPE_INT64, UINT64, FIXED64, SFIXED64, SINT64
+
+
+def _numbers_of(answer: Mapping, message: Any) -> dict[str, Any]:
+    """A protobuf message's JSON (``answer``) with its 64-bit integer fields as ints, as ``message``
+    (the protobuf class) declares them; map keys stay strings, as JSON has them."""
+    def walk(value: Any, desc: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        out = dict(value)
+        for name, v in value.items():
+            field = desc.fields_by_name.get(name)
+            if field is None:
+                continue
+            if field.message_type is not None:
+                entry = field.message_type
+                if entry.GetOptions().map_entry:
+                    val = entry.fields_by_name["value"]
+                    out[name] = {k: walk(x, val.message_type) if val.message_type else
+                                 (int(x) if val.type in _INT64 else x) for k, x in v.items()}
+                else:
+                    out[name] = [walk(x, entry) for x in v] if isinstance(v, list) else walk(v, entry)
+            elif field.type in _INT64:
+                out[name] = [int(x) for x in v] if isinstance(v, list) else int(v)
+        return out
+
+    return walk(answer, message.DESCRIPTOR)
 
 
 def _check_http_url(url: object) -> None:
@@ -115,8 +146,9 @@ def _inputs(mod, info: ModelInfo, arrays: dict[str, np.ndarray]) -> list:
     return out
 
 
-def _upload(folder: Path) -> dict[str, Any]:
-    """A model folder as Triton's load-with-override arguments: the config as JSON, every file by path."""
+def _upload(folder: Path, model: str) -> dict[str, Any]:
+    """A model folder as Triton's load-with-override arguments: the config as JSON (named ``model``, which
+    the server requires of it: "failed to poll from model repository" otherwise), every file by path."""
     config = folder / "config.pbtxt"
     if not config.is_file():
         raise ConfigError(f"{folder} is not a Triton model folder: it has no config.pbtxt")
@@ -127,6 +159,7 @@ def _upload(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"sending a model to Triton needs tritonclient[grpc]: pip install 'mlplat[triton]' "
                           f"({exc})") from None
     parsed = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    parsed.name = model  # the folder may be loaded under another name than its config's
     files = {f"file:{f.relative_to(folder).as_posix()}": f.read_bytes()
              for f in sorted(folder.rglob("*")) if f.is_file() and f != config}
     return {"config": json_format.MessageToJson(parsed), "files": files}
@@ -135,6 +168,13 @@ def _upload(folder: Path) -> dict[str, Any]:
 class _Base:
     def __init__(self, url: str, protocol: str, timeout_s: float, coalesce: bool, coalesce_wait_us: int | None,
                  max_in_flight: int, asynchronous: bool) -> None:
+        require_number("timeout_s", timeout_s, low=1e-6, high=10**7, meaning="seconds, a number > 0")
+        require_bool("coalesce", coalesce)
+        if coalesce_wait_us is not None:
+            require_number("coalesce_wait_us", coalesce_wait_us, low=0, high=10**9, integer=True,
+                           meaning="microseconds a coalesced batch waits, an integer >= 0 (None: adapt)")
+        require_number("max_in_flight", max_in_flight, low=1, high=10**6, integer=True,
+                       meaning="requests in flight at once, an integer >= 1")
         self.url = url
         self.protocol = protocol
         self._mod, self._types, self._exc = _modules(protocol, asynchronous)
@@ -159,10 +199,16 @@ class _Base:
                             f"does; is that the Triton server's {self.protocol.upper()} port (Triton's defaults: "
                             "HTTP 8000, gRPC 8001)?")
 
-    def _answer(self, answer: Any, what: str) -> dict[str, Any]:
-        """A metadata or config answer as a dict, or ServingError: Triton's always is an object with a name."""
+    def _answer(self, answer: Any, what: str, message: str = "") -> dict[str, Any]:
+        """A metadata or config answer as a dict, or ServingError: Triton's always is an object with a name.
+        ``message``: the gRPC answer's protobuf type, whose 64-bit integers its JSON writes as strings (dims
+        ['-1', '2'] over gRPC, [-1, 2] over HTTP): made numbers, as HTTP gives them."""
         if not isinstance(answer, Mapping) or not isinstance(answer.get("name"), str):
             raise self._not_triton(what, answer)
+        if message and self.protocol == "grpc":
+            from tritonclient.grpc import model_config_pb2, service_pb2
+
+            return _numbers_of(answer, getattr(service_pb2, message, None) or getattr(model_config_pb2, message))
         return dict(answer)
 
     def _server_checked(self, meta: Any) -> None:
@@ -510,7 +556,7 @@ class TritonClient(_Base):
             meta = self._call("get_model_metadata", model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
-        return self._answer(meta, f"a request for the metadata of model {model!r}")
+        return self._answer(meta, f"a request for the metadata of model {model!r}", "ModelMetadataResponse")
 
     def config(self, model: str) -> dict[str, Any]:
         """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
@@ -519,7 +565,7 @@ class TritonClient(_Base):
         except self._exc as exc:
             raise self._error(exc, model) from None
         cfg = cfg.get("config", cfg) if isinstance(cfg, Mapping) else cfg  # gRPC wraps it, HTTP does not
-        return self._answer(cfg, f"a request for the config of model {model!r}")
+        return self._answer(cfg, f"a request for the config of model {model!r}", "ModelConfig")
 
     def load_model(self, model: str, folder: str | os.PathLike | None = None) -> None:
         """Ask a server in explicit model-control mode to (re)load ``model``.
@@ -534,7 +580,7 @@ class TritonClient(_Base):
             export = p.serving.export_triton("fraud", repository="triton-repo")
             client.load_model("fraud", export.model_dir)
         """
-        kwargs = _upload(Path(folder)) if folder is not None else {}
+        kwargs = _upload(Path(folder), model) if folder is not None else {}
         self._check_server(model)  # Triton answers a load with 200 and nothing else: so would any web server
         try:
             self._call("load_model", model, **kwargs, **self._call_kwargs())
@@ -905,8 +951,9 @@ class AsyncTritonClient(_Base):
     """The asyncio Triton client (tritonclient's aio clients), with the same shaping and coalescing.
 
     It may be made anywhere (at import time too): its connection and coalescers are made in the
-    event loop that first uses them, and made again in a new loop (a later ``asyncio.run``). Close it
-    before its loop ends (``async with``): a connection left open then cannot be closed afterwards.
+    event loop that first uses them, and made again in a new loop (a later ``asyncio.run``); loops running
+    at once (in several threads) each need a client of their own (ServingError). Close it before its loop
+    ends (``async with``): a connection left open then cannot be closed afterwards.
     """
 
     def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 30.0, coalesce: bool = False,
@@ -922,6 +969,10 @@ class AsyncTritonClient(_Base):
         """tritonclient's aio client of the running loop (an aio channel belongs to the loop that made it)."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
+            if self._loop is not None and self._loop.is_running():  # two loops at once (threads each running
+                # one) swapped its connection on every switch, leaving the other loop's open (and its batches)
+                raise ServingError(f"this AsyncTritonClient ({self.url}) is in use by another event loop that is "
+                                   "still running (another thread's); make one client per loop")
             self._aio = self._mod.InferenceServerClient(self.url, **(
                 {"channel_args": _grpc_channel_args()} if self.protocol == "grpc" else {"conn_timeout": self._timeout}))
             self._batchers = {}  # their tasks ran in the old loop
@@ -969,7 +1020,7 @@ class AsyncTritonClient(_Base):
             meta = await self._connection().get_model_metadata(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
             raise self._error(exc, model) from None
-        return self._answer(meta, f"a request for the metadata of model {model!r}")
+        return self._answer(meta, f"a request for the metadata of model {model!r}", "ModelMetadataResponse")
 
     async def config(self, model: str) -> dict[str, Any]:
         """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
@@ -978,11 +1029,11 @@ class AsyncTritonClient(_Base):
         except self._exc as exc:
             raise self._error(exc, model) from None
         cfg = cfg.get("config", cfg) if isinstance(cfg, Mapping) else cfg  # gRPC wraps it, HTTP does not
-        return self._answer(cfg, f"a request for the config of model {model!r}")
+        return self._answer(cfg, f"a request for the config of model {model!r}", "ModelConfig")
 
     async def load_model(self, model: str, folder: str | os.PathLike | None = None) -> None:
         """As :meth:`TritonClient.load_model`, awaited."""
-        kwargs = _upload(Path(folder)) if folder is not None else {}
+        kwargs = _upload(Path(folder), model) if folder is not None else {}
         await self._check_server(model)
         try:
             await self._connection().load_model(model, **kwargs, **self._call_kwargs())

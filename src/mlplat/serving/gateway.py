@@ -127,7 +127,7 @@ class _Writes:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time: a flush returns after one running elsewhere
         self._closed = False
-        self._serving = 0  # predictions under way whose decisions close() waits for
+        self._serving: dict[int, int] = {}  # thread -> predictions under way there, whose decisions close() waits for
         self._idle = threading.Condition(self._lock)
         # each flush's rows are written once, also when an interrupt hides the commit (mlplat.db.batches)
         self._once: OnceWriter[dict[Any, list[dict]], dict[Any, list[dict]]] = OnceWriter(
@@ -138,7 +138,7 @@ class _Writes:
         """In a forked child: nothing buffered (the parent writes what was buffered at the fork) and fresh
         locks (one held by a thread at the fork is never released in the child)."""
         self._lock, self._flush_lock = threading.Lock(), threading.Lock()
-        self._idle, self._serving = threading.Condition(self._lock), 0
+        self._idle, self._serving = threading.Condition(self._lock), {}
         self._rows = {ABDecision: [], ABOutcome: []}
         self._once.forked()
 
@@ -173,17 +173,22 @@ class _Writes:
     def serving(self) -> Iterator[None]:
         """A prediction whose decision is logged once it is made: refused once closed, and close() waits for
         it (a close meanwhile failed the caller with "nothing was served" after the model had served it)."""
+        me = threading.get_ident()
         with self._lock:
             if self._closed:
                 raise self.closed_error()
-            self._serving += 1
+            self._serving[me] = self._serving.get(me, 0) + 1
         try:
             yield
         finally:
             with self._lock:
-                self._serving -= 1
-                if not self._serving:
-                    self._idle.notify_all()
+                self._serving[me] -= 1
+                if not self._serving[me]:
+                    del self._serving[me]
+                self._idle.notify_all()
+                late = self._closed and not self._serving
+            if late:  # closed from this thread meanwhile (a signal handler): close() did not wait for this one
+                self.flush()
 
     def check_open(self) -> None:
         if self._closed:
@@ -192,7 +197,8 @@ class _Writes:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._idle.wait_for(lambda: not self._serving)  # each ends within its backend's timeout
+            me = threading.get_ident()  # a close from inside a prediction (a signal handler) cannot wait for it
+            self._idle.wait_for(lambda: not self._serving.keys() - {me})  # each ends within its backend's timeout
         self.flush()  # a failure leaves the rows buffered (and registered): a later flush() or close() retries
         with self._flush_lock:
             self._once.tidy()

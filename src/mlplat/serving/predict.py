@@ -66,6 +66,12 @@ class _Plan:
     types: dict[str, pa.DataType]
     fills: tuple[int | float | None, ...]  # per column: what a missing value becomes; None: refused
 
+    @property
+    def narrow_float(self) -> bool:
+        """A float input narrower than a Python float (float32): a large value may become infinity in it."""
+        dtype = np.dtype(self.input_dtype)
+        return dtype.kind == "f" and dtype.itemsize < 8
+
 
 class Predictor:
     """Builds and caches prediction plans; runs them against a backend."""
@@ -162,10 +168,13 @@ class Predictor:
                     continue
                 values = [fill if v is None else v for v in values]  # as the model was trained
             try:
-                matrix[:, j] = _numbers(plan, col, values)
+                with np.errstate(over="ignore"):
+                    matrix[:, j] = _numbers(plan, col, values)
             except OverflowError:  # a Python int past the input type's range: the checked path names it
                 _checked_numbers(_what(plan, col), np.dtype(plan.input_dtype), values)
                 raise
+            if plan.narrow_float and np.isinf(matrix[:, j]).any():  # 1e300 became inf in float32, unless it was
+                _checked_numbers(_what(plan, col), np.dtype(plan.input_dtype), values)  # inf: names the value
             if col in given:  # as the model got them (numbers of its type), so the log file's column converts
                 given[col] = [None if g is None else v for g, v in zip(given[col], matrix[:, j].tolist())]
         if refused:  # before inference and the served log: nothing is served
@@ -302,8 +311,8 @@ def _request_column(rows: dict | list | pa.Table, name: str, n: int) -> list:
         # a row that leaves the input out (as JSON leaves out a null field) has none: filled or refused as None
         if all(isinstance(r, dict) for r in rows) and any(name in r for r in rows):
             return [None if _nan(v) else v for v in (r.get(name) for r in rows)]
-    elif name in rows.column_names:
-        return rows.column(name).to_pylist()  # a pandas NaN is a null here already
+    elif name in rows.column_names:  # an Arrow or polars NaN too (pandas made its NaN a null)
+        return [None if _nan(v) else v for v in rows.column(name).to_pylist()]
     raise DataError(f"the model needs a column {name!r}: it is not a feature, so the entity rows must hold it")
 
 

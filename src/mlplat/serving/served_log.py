@@ -128,6 +128,8 @@ class ServedLog:
     """Sampled feature vectors of served predictions, per model, flushed in the background (and in a
     forked child process by its own flusher: the rows buffered at the fork stay the parent's)."""
 
+    _owner = "the served-feature log"  # how a failed background flush names it
+
     def __init__(self, root: str | Path, *, sample_rate: float = 1.0, max_rows: int = 50_000,
                  max_age_s: float = 30.0, seed: int | None = None) -> None:
         if not 0.0 <= sample_rate <= 1.0:

@@ -28,6 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 
 from ..errors import ConfigError, ServingError
@@ -89,8 +90,24 @@ def build_server_venv(venv: str | os.PathLike, *, torch_version: str | None = No
     return py
 
 
+def _stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGINT, then SIGKILL after ``timeout`` seconds, unless it ended already."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class TritonServer:
-    """The Triton server binary from ``nvidia-pytriton``, serving one repository on free loopback ports."""
+    """The Triton server binary from ``nvidia-pytriton``, serving one repository on free loopback ports.
+
+    ``models``: the models loaded at start (None: all of the repository's; [] none, for ``load_model``
+    later). Use it as a context manager or call :meth:`stop`; a server left running stops when this object
+    is collected or Python exits.
+    """
 
     def __init__(self, repository: str | os.PathLike, *, python: str | os.PathLike, log_verbose: int = 0,
                  startup_timeout: float = 120.0, models: list[str] | None = None) -> None:
@@ -170,11 +187,14 @@ class TritonServer:
                 "--http-address=127.0.0.1", f"--http-port={self.http_port}", "--grpc-address=127.0.0.1",
                 f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=false",
                 "--model-control-mode=explicit", f"--log-verbose={self.log_verbose}"]
-        args += [f"--load-model={m}" for m in (self.models or ["*"])]
+        args += [f"--load-model={m}" for m in (["*"] if self.models is None else self.models)]
         env = {**os.environ, "PATH": f"{self.python.parent}{os.pathsep}{os.environ.get('PATH', '')}",
                "LD_LIBRARY_PATH": f"{libdir}{os.pathsep}{os.environ.get('LD_LIBRARY_PATH', '')}"}
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # a server its owner forgot (no `with`, no stop()) stops when the owner is collected or Python exits,
+        # before the folder of its backends goes (it ran on, orphaned, with that folder deleted under it)
+        self._reaper = weakref.finalize(self, _stop_process, self._proc, 20.0)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -230,13 +250,9 @@ class TritonServer:
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the server (SIGINT, then SIGKILL after ``timeout`` seconds) and remove its temporary folder."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGINT)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            self._reaper.detach()
+            _stop_process(self._proc, timeout)
         self._proc = None
         if self._tmp is not None:
             self._tmp.cleanup()

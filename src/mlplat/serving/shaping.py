@@ -184,8 +184,19 @@ def _refuse_nulls(info: ModelInfo, table: Any, columns: Sequence[str]) -> None:
 
 def check_cast(what: str, dtype: str, arr: np.ndarray, want: np.dtype) -> None:
     """Refuse a conversion of numbers ``arr`` to an integer or bool input (``what``, of type ``dtype``: how the
-    message names them) that would change values: fractions, NaN or infinity, values out of the type's range."""
-    if want.kind not in "biu" or arr.size == 0:
+    message names them) that would change values: fractions, NaN or infinity, values out of the type's range;
+    or to a narrower float input, a finite value past its range (it would become infinity)."""
+    if arr.size == 0:
+        return
+    if want.kind == "f":
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > want.itemsize:
+            finite = arr[np.isfinite(arr)]
+            if finite.size and np.abs(finite).max() > np.finfo(want).max:
+                big = finite[np.abs(finite) > np.finfo(want).max][0]
+                raise DataError(f"{what} is {dtype} but holds {big}, past its largest value "
+                                f"({np.finfo(want).max:g}): the model would get infinity; scale it first")
+        return
+    if want.kind not in "biu":
         return
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
