@@ -366,6 +366,26 @@ spend = mp.FeatureView("user_spend_7d", entities=[user], ttl=timedelta(days=7),
 '''
 
 
+def test_features_apply_imports_each_folders_own_sibling_modules(tmp_path):
+    """In one process, a second folder's `from entities import user` got the first folder's module (cached in
+    sys.modules) and applied its entity, exit 0; a module of the caller's named like a sibling was used too."""
+    import types
+
+    sys.modules["entities"] = types.ModuleType("entities")  # the caller's own module of that name
+    try:
+        for folder in ("a", "b"):
+            (tmp_path / folder).mkdir()
+            (tmp_path / folder / "entities.py").write_text(
+                f"import mlplat as mp\nuser = mp.Entity('user_{folder}', join_keys=['user_id'])\n")
+            (tmp_path / folder / "definitions.py").write_text("from entities import user\n")
+            applied = ok_json(invoke("features", "apply", tmp_path / folder / "definitions.py", "--json",
+                                     home=str(tmp_path / f"home_{folder}")))
+            assert [(r["kind"], r["name"]) for r in applied] == [("entity", f"user_{folder}")]
+        assert not hasattr(sys.modules["entities"], "user")  # the caller's module is back, untouched
+    finally:
+        del sys.modules["entities"]
+
+
 def test_features_apply_and_again(scratch, home, tmp_path):
     path = tmp_path / "defs.py"
     path.write_text(DEFINITIONS.format(source=str(Path(home) / "data" / "user_txn_7d")))
@@ -807,6 +827,8 @@ def test_monitor_skew_table(home):
     flagged = [line for line in out.splitlines() if "YES" in line]
     assert len(flagged) == 1 and "amount_sum_7d" in flagged[0]
     assert "first mismatches" in out and "user_id=" in out
+    out = ok(invoke("monitor", "skew", "fraud", "--tolerance", "0.001", "--threshold", "0.025", home=home))
+    assert "tolerance 0.1%, threshold 2.5%)" in " ".join(out.split())  # was "tolerance 0%, threshold 2%"
 
 
 def test_monitor_skew_json(home, demo):

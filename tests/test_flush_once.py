@@ -264,3 +264,23 @@ def test_a_database_at_0006_upgrades_to_the_flush_marks_and_keeps_its_rows(datab
             assert [c["name"] for c in sa.inspect(conn).get_columns("flush_marks")] == ["id", "at"]
     finally:
         db.dispose()
+
+
+def test_a_failing_background_write_is_logged_once_until_it_succeeds_again(platform, monkeypatch, caplog):
+    """The flusher kept the error in a list nobody read: a database refusing every write went unseen until
+    an explicit flush."""
+    faults = Faults(platform.db, monkeypatch)
+    run = _start(platform, "background")
+    _background.register(run._metrics)  # flushed by _pass() below, in this thread (where the faults are)
+    _log(run, range(3))
+    with caplog.at_level("WARNING", logger="mlplat"):
+        for _ in range(2):
+            faults.arm("error")
+            _background._pass()
+        assert [r.getMessage() for r in caplog.records if "background write" in r.getMessage()] == [
+            f"a background write of the metrics of run {run.id} failed (it is retried every "
+            f"{_background.interval:g} s; an explicit flush() or close() raises the error): the commit failed"]
+        _background._pass()
+        assert caplog.records[-1].getMessage() == f"the background write of the metrics of run {run.id} succeeded again"
+    assert _history(platform, run.id) == _want(range(3))
+    run.end()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import math
 import multiprocessing as mpr
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 import torch
 
 import mlplat as mp
-from mlplat.db.models import MetricChunk
+from mlplat.db.models import MetricChunk, RunParam
 from workers import fork, wait
 
 
@@ -279,6 +280,24 @@ def test_lists_of_numpy_numbers_and_paths_are_stored_as_their_numbers_and_text(p
     assert [r.id for r in p.runs.search("numpy-lists", filter="params.hidden = '[64, 32]'")] == [run.id]
     with p.runs.resume(run.id) as again:
         again.log_params({"hidden": [64, 32], "lrs": (0.25,)})  # the same values as plain numbers: no clash
+    point = collections.namedtuple("Point", "x y")
+    with p.runs.start("numpy-lists", params={"words": [np.str_("a"), "b"], "at": point(1, 2),
+                                             "pts": [point(1, 2)]}) as run:
+        pass
+    assert p.runs.get(run.id).params == {"words": "['a', 'b']", "at": "Point(x=1, y=2)", "pts": "[Point(x=1, y=2)]"}
+
+
+def test_a_list_param_stored_as_its_numpy_repr_before_is_the_same_value_on_resume(p):
+    """Runs stored '[np.int64(64), np.int64(32)]' before such lists were written as numbers: a resumed script
+    logging the same value must not clash with it."""
+    with p.runs.start("legacy") as run:
+        pass
+    with p.db.connect(write=True) as conn:
+        conn.execute(sa.insert(RunParam).values(run_id=run.id, key="hidden", value=str([np.int64(64), np.int64(32)])))
+    with p.runs.resume(run.id) as again:
+        again.log_param("hidden", [np.int64(64), np.int64(32)])
+        with pytest.raises(mp.DataError, match="params are write-once"):
+            again.log_param("hidden", [np.int64(64), np.int64(33)])
 
 
 # ----------------------------------------------------------------- metrics
@@ -1172,6 +1191,40 @@ def test_a_resumed_run_is_written_but_not_ended_when_the_resuming_process_exits(
 
 # --------------------------------------------------------------- fork
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def _log_without_closing(home: str, run_id: str, gateway_experiment: str) -> None:
+    worker = mp.Platform(home)
+    with worker.runs.resume(run_id) as run:
+        run.log_metric("before", 1.0)  # written by the with block's end
+    run = worker.runs.resume(run_id)  # left open, as a worker's loop leaves it
+    for step in range(10):
+        run.log_metric("loss", float(step), step=step)
+    gateway = worker.serving.ab_gateway("scorer", "scorer", 0.5, gateway_experiment)
+    for user in range(7):
+        gateway.route(user)
+
+
+def test_a_forked_multiprocessing_child_writes_what_it_buffered_when_it_returns(tmp_path):
+    """A multiprocessing child started by fork ends with os._exit, past atexit: the points and decisions it
+    buffered were lost unless it called p.close() (only documented)."""
+    from mlplat.db.models import ABDecision
+
+    p = mp.Platform(tmp_path / "home")
+    with p.runs.start("scorer") as trained:
+        trained.log_model(torch.nn.Linear(3, 1), "model", example_input=torch.zeros(1, 3))
+    p.models.register("scorer", trained.id)
+    p.models.promote("scorer", 1, "production", approved_by="reviewer")
+    with p.runs.start("forked-worker") as run:
+        pass
+    child = mpr.get_context("fork").Process(target=_log_without_closing, args=(str(tmp_path / "home"), run.id, "mp"))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert [m.step for m in p.runs.metric_history(run.id, "loss")] == list(range(10))
+    with p.db.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(ABDecision)) == 7
+    p.close()
+
+
 def test_a_run_used_before_a_fork_gets_each_point_once_and_stays_running_when_the_child_ends(tmp_path):
     """The child's copy of the run wrote the points pending at the fork a second time, and its exit
     (atexit ends open runs) marked the parent's run finished while the parent still logged to it."""

@@ -23,6 +23,8 @@ instead of memory growing without bound).
 from __future__ import annotations
 
 import atexit
+import logging
+import multiprocessing.util as _mp_util
 import os
 import threading
 import weakref
@@ -48,6 +50,14 @@ _event = threading.Event()
 _lock = threading.Lock()
 #: exceptions raised by background flushes (the data stays buffered for the next try)
 errors: list[BaseException] = []
+#: writers whose last background flush failed (warned about once until one succeeds)
+_failing: weakref.WeakSet = weakref.WeakSet()
+_log = logging.getLogger("mlplat")
+
+
+def _owner(obj: object) -> str:
+    """What a writer holds, for a warning: its ``_owner`` text (an A/B gateway's, a run's metrics), else its type."""
+    return getattr(obj, "_owner", None) or type(obj).__name__
 
 
 def register(obj: Flushable) -> None:
@@ -89,6 +99,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _in_multiprocessing_child(_anchor: object) -> None:
+    """A ``multiprocessing.Process`` started by fork ends with ``os._exit``, past atexit, after running
+    multiprocessing's finalizers: one of them writes what the child buffered (its rows were lost unless it
+    called ``p.close()``). Registered here, once the child's finalizer registry was emptied."""
+    _mp_util.Finalize(None, flush_all, exitpriority=10)
+
+
+class _Anchor:
+    """What multiprocessing's after-fork registry holds (it takes weak references)."""
+
+
+_ANCHOR = _Anchor()
+_mp_util.register_after_fork(_ANCHOR, _in_multiprocessing_child)
+
+
 def unregister(obj: Flushable) -> None:
     with _lock:
         _objects.discard(obj)
@@ -128,9 +153,17 @@ def _pass() -> None:
         if len(obj) and (due is None or due()):
             try:
                 obj.flush()
-            except Exception as exc:  # noqa: BLE001 - kept buffered; reported where the writer ends
+            except Exception as exc:  # noqa: BLE001 - kept buffered; raised again by an explicit flush
                 errors.append(exc)
                 del errors[:-100]
+                if obj not in _failing:  # once per run of failures, not every second while a database is down
+                    _failing.add(obj)
+                    _log.warning("a background write of %s failed (it is retried every %g s; an explicit "
+                                 "flush() or close() raises the error): %s", _owner(obj), interval, exc)
+            else:
+                if obj in _failing:
+                    _failing.discard(obj)
+                    _log.warning("the background write of %s succeeded again", _owner(obj))
         _release_if_empty(obj)
 
 

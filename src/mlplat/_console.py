@@ -121,13 +121,18 @@ def _value(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else as_text(v)
 
 
+def _percent(share: float) -> str:
+    """A share as a percentage with the digits it has: 0.001 is 0.1%, not 0% (which reads as exact)."""
+    return f"{share * 100:.4g}%"
+
+
 def print_skew(console: Any, report: Any, mismatches: int = 10) -> None:
     """A ``SkewReport``: per feature compared, mismatched, share, skewed; then the first mismatches.
 
     Names and entity values are the user's text, printed as written (never as rich markup)."""
     out = table("feature", "compared", "mismatched", "share", "skewed",
                 title=f"training-serving skew of {as_text(report.model)} ({report.rows:,} served rows; tolerance "
-                      f"{report.tolerance:.0%}, threshold {report.threshold:.0%})")
+                      f"{_percent(report.tolerance)}, threshold {_percent(report.threshold)})")
     for s in report.features.values():
         out.add_row(as_text(s.feature), f"{s.compared:,}", f"{s.mismatched:,}", f"{s.share:.1%}",
                     "[red]YES" if s.skewed else "no")

@@ -143,6 +143,7 @@ class MetricBuffer:
     def __init__(self, db: Database, run_id: str, *, max_points: int = 100_000, resumed: bool = False) -> None:
         self._db = db
         self.run_id = run_id
+        self._owner = f"the metrics of run {run_id}"  # how a failed background flush names them
         self._pending: dict[str, _Points] = {}
         self._count = 0
         self._next_step: dict[str, int] = {}
