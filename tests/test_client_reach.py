@@ -17,11 +17,7 @@ import torch
 
 import mlplat as mp
 from mlplat.serving import TritonServer
-
-
-class _Double(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * 2
+from test_client_lifecycle import _Double
 
 
 @pytest.fixture(scope="module")

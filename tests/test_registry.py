@@ -498,17 +498,23 @@ def test_lineage_verify_rebuilds_the_training_data(p, lineage_setup):
     assert check["checked"] and not check["matches"]
 
 
+def _one_view(p, tmp_path, view: str, field, values: list, unit: str):
+    """A view of one feature of users 1 and 2 (a row each at time 0, in ``unit``), applied; its source folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"user_id": [1, 2], "event_timestamp": pa.array([0, 0], pa.timestamp(unit, "UTC")),
+                             field.name: values}), src / "a.parquet")
+    user = mp.Entity("user", join_keys=["user_id"])
+    p.features.apply([user, mp.FeatureView(view, entities=[user], ttl=timedelta(days=1), schema=[field],
+                                           source=mp.ParquetSource(src))])
+    return src
+
+
 def test_lineage_verify_matches_unchanged_data_laid_out_otherwise_than_retrieval(p, tmp_path):
     """A label appended after retrieval (retrieval puts the entity columns first), entity times in seconds
     (Parquet reads them back as milliseconds) and a column named with "__" that is no feature: the data is
     as logged, so verify says it matches (it said MISMATCH, and `lineage --verify` exited 3)."""
-    src = tmp_path / "src"
-    src.mkdir()
-    pq.write_table(pa.table({"user_id": [1, 2], "event_timestamp": pa.array([0, 0], pa.timestamp("s", "UTC")),
-                             "txn_count": [5, 6]}), src / "a.parquet")
-    user = mp.Entity("user", join_keys=["user_id"])
-    p.features.apply([user, mp.FeatureView("user_txn", entities=[user], ttl=timedelta(days=1),
-                                           schema=[mp.Field("txn_count", mp.Int64)], source=mp.ParquetSource(src))])
+    src = _one_view(p, tmp_path, "user_txn", mp.Field("txn_count", mp.Int64), [5, 6], "s")
     entity = pa.table({"user_id": [1, 2], "event_timestamp": pa.array([10, 10], pa.timestamp("s", "UTC")),
                        "label__v2": [0.5, 0.25]})
     train = p.features.get_historical_features(entity, ["user_txn:txn_count"])
@@ -528,13 +534,7 @@ def test_lineage_verify_matches_unchanged_data_laid_out_otherwise_than_retrieval
 def test_a_feature_named_with_a_double_underscore_is_logged_with_plain_names(p, tmp_path):
     """log_input recorded full_feature_names=True for the plain-named column of feature 'amt__7d', and verify
     rebuilt 'txn__amt__7d': a false mismatch."""
-    src = tmp_path / "src"
-    src.mkdir()
-    pq.write_table(pa.table({"user_id": [1, 2], "event_timestamp": pa.array([0, 0], pa.timestamp("us", "UTC")),
-                             "amt__7d": [1.5, 2.5]}), src / "a.parquet")
-    user = mp.Entity("user", join_keys=["user_id"])
-    p.features.apply([user, mp.FeatureView("txn", entities=[user], ttl=timedelta(days=1),
-                                           schema=[mp.Field("amt__7d", mp.Float64)], source=mp.ParquetSource(src))])
+    _one_view(p, tmp_path, "txn", mp.Field("amt__7d", mp.Float64), [1.5, 2.5], "us")
     train = p.features.get_historical_features(pa.table({"user_id": [1, 2], "event_timestamp": pa.array(
         [10, 10], pa.timestamp("us", "UTC"))}), ["txn:amt__7d"])
     with p.runs.start("fraud") as run:
