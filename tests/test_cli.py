@@ -368,22 +368,25 @@ spend = mp.FeatureView("user_spend_7d", entities=[user], ttl=timedelta(days=7),
 
 def test_features_apply_imports_each_folders_own_sibling_modules(tmp_path):
     """In one process, a second folder's `from entities import user` got the first folder's module (cached in
-    sys.modules) and applied its entity, exit 0; a module of the caller's named like a sibling was used too."""
-    import types
+    sys.modules) and applied its entity, exit 0; a namespace package (no __init__.py) too. A file of the
+    folder named like a module Python already loaded (platform.py) does not replace it for others."""
+    import platform
 
-    sys.modules["entities"] = types.ModuleType("entities")  # the caller's own module of that name
-    try:
-        for folder in ("a", "b"):
-            (tmp_path / folder).mkdir()
-            (tmp_path / folder / "entities.py").write_text(
-                f"import mlplat as mp\nuser = mp.Entity('user_{folder}', join_keys=['user_id'])\n")
-            (tmp_path / folder / "definitions.py").write_text("from entities import user\n")
-            applied = ok_json(invoke("features", "apply", tmp_path / folder / "definitions.py", "--json",
-                                     home=str(tmp_path / f"home_{folder}")))
-            assert [(r["kind"], r["name"]) for r in applied] == [("entity", f"user_{folder}")]
-        assert not hasattr(sys.modules["entities"], "user")  # the caller's module is back, untouched
-    finally:
-        del sys.modules["entities"]
+    for folder in ("a", "b"):
+        (tmp_path / folder / "shared").mkdir(parents=True)
+        (tmp_path / folder / "entities.py").write_text(
+            f"import mlplat as mp\nuser = mp.Entity('user_{folder}', join_keys=['user_id'])\n")
+        (tmp_path / folder / "shared" / "kinds.py").write_text(
+            f"import mlplat as mp\nshop = mp.Entity('shop_{folder}', join_keys=['shop_id'])\n")
+        (tmp_path / folder / "platform.py").write_text("raise RuntimeError('the folder platform.py ran')\n")
+        (tmp_path / folder / "definitions.py").write_text(
+            "import platform\nfrom entities import user\nfrom shared.kinds import shop\n"
+            "assert platform.python_implementation()\n")
+        applied = ok_json(invoke("features", "apply", tmp_path / folder / "definitions.py", "--json",
+                                 home=str(tmp_path / f"home_{folder}")))
+        assert sorted((r["kind"], r["name"]) for r in applied) == [("entity", f"shop_{folder}"),
+                                                                    ("entity", f"user_{folder}")]
+    assert sys.modules["platform"] is platform and "entities" not in sys.modules and "shared" not in sys.modules
 
 
 def test_features_apply_and_again(scratch, home, tmp_path):

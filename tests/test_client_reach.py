@@ -128,8 +128,9 @@ def test_an_async_client_refuses_a_second_loop_running_at_the_same_time(server):
     thread.start()
     try:
         assert started.wait(30)
-        with pytest.raises(mp.ServingError, match="in use by another event loop that is still running"):
-            asyncio.run(client.infer("double", {"input__0": x}))
+        for call in (lambda: client.infer("double", {"input__0": x}), client.is_live, client.close):
+            with pytest.raises(mp.ServingError, match="in use by another event loop that is still running"):
+                asyncio.run(call())  # is_live said False, and close() dropped the other loop's connection
     finally:
         finish.set()
         thread.join(30)
@@ -152,6 +153,8 @@ def test_client_arguments_are_checked_when_it_is_made(kwargs, message):
     for make in (mp.TritonClient, mp.AsyncTritonClient):
         with pytest.raises(mp.DataError, match=message):
             make("127.0.0.1:1", **kwargs)
+        make("127.0.0.1:1", timeout_s=np.float32(5), max_in_flight=np.int64(8), coalesce=np.True_,
+             coalesce_wait_us=np.int64(500))  # numpy numbers are numbers
 
 
 def test_a_server_its_owner_forgot_is_stopped_when_it_is_collected(repo, triton_python):

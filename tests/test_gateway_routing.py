@@ -130,6 +130,49 @@ def test_a_close_from_inside_a_prediction_does_not_wait_for_it_and_its_decision_
     assert _rows(served, ABDecision, "close-inside") == 1  # written once the prediction ended
 
 
+def test_a_close_from_inside_a_flush_on_the_same_thread_finishes_when_the_flush_ends(served):  # noqa: F811
+    """A signal handler closing the gateway while its thread flushed: close() took the flush lock the thread
+    held, for ever."""
+    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "close-in-flush", platform=served)
+    gateway.route(1)
+    once = gateway._writes._once
+    write = once._write
+
+    def closing_write(conn, rows):  # as a signal landing during the INSERT
+        once._write = write
+        gateway.close()
+        write(conn, rows)
+
+    once._write = closing_write
+    done = threading.Thread(target=gateway.flush, daemon=True)  # (it hung for ever)
+    done.start()
+    done.join(10)
+    assert not done.is_alive()
+    assert _rows(served, ABDecision, "close-in-flush") == 1
+    with pytest.raises(mp.ServingError, match="is closed"):
+        gateway.route(2)
+
+
+def test_a_prediction_another_thread_closes_under_returns_what_it_served(served, monkeypatch):  # noqa: F811
+    """The predicting thread wrote the buffer too when a close on another thread waited for it, so a database
+    down made the served prediction raise; close() reports it, the prediction returns."""
+    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "close-down", platform=served)
+    backend = _Held(served.serving.local_backend())
+    got: list = []
+    caller = threading.Thread(target=lambda: got.append(gateway.predict(3, [{"user_id": 1, "basket": 1.0}],
+                                                                         backend=backend)))
+    caller.start()
+    assert backend.started.wait(10)
+    monkeypatch.setattr(gateway._writes._once, "flush", lambda take: (_ for _ in ()).throw(RuntimeError("db down")))
+    errors: list = []
+    closer = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, gateway.close)))
+    closer.start()
+    backend.go.set()
+    caller.join(10)
+    closer.join(10)
+    assert len(got) == 1 and len(got[0]["output__0"]) == 1 and len(errors) == 1
+
+
 def test_gateway_predict_refuses_choosing_the_version_or_variant_itself(served):  # noqa: F811
     gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "chosen", platform=served)
     for kwargs in ({"version": 1}, {"variant": "x"}, {"stage": "production"}):  # a raw TypeError

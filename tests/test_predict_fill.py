@@ -11,6 +11,7 @@ import torch
 
 import mlplat as mp
 from mlplat.db.models import RunArtifact
+from mlplat.serving.shaping import check_cast
 from test_serving import NOW, served  # noqa: F401 - the session's platform: txn:count, txn:amount of users 1-3
 
 COLUMNS = ["count", "amount", "basket"]  # "basket" is a request-time input
@@ -233,6 +234,13 @@ def test_a_value_a_float32_input_would_make_infinite_is_refused_and_an_infinity_
         backend.infer("cast_float", {"input__0": np.array([[1.0, 2.0, -1e39]])})  # float64 given
     out = served.serving.predict("cast_float", {"user_id": [1], "basket": [math.inf]}, backend=backend)
     assert out["output__0"] == [[3.0, 10.0, math.inf]]  # an infinity given is what the model gets
+    largest = float(np.finfo(np.float32).max)  # and a value that rounds to float32's largest is that value
+    out = served.serving.predict("cast_float", {"user_id": [1, 1], "basket": [largest * (1 + 2**-26), math.inf]},
+                                 backend=backend)
+    assert out["output__0"][0][2] == largest
+    check_cast("x", "FP16", np.array([60000, 1]), np.dtype(np.float16))
+    with pytest.raises(mp.DataError, match="x is FP16 but holds 70000, past its largest value"):
+        check_cast("x", "FP16", np.array([70000, 1]), np.dtype(np.float16))  # an int became infinity too
 
 
 def test_a_nan_or_a_left_out_request_input_is_missing_however_the_rows_come(served):  # noqa: F811

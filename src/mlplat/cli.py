@@ -363,18 +363,14 @@ def _remove(paths: list[Path]) -> None:
 def _run_file(path: str) -> dict[str, Any]:
     """Run a Python file with its folder first on ``sys.path`` (as ``python FILE`` does); its globals.
 
-    The folder's own modules are imported from it, and forgotten afterwards: in one process (``cli.main``
-    called twice) a second folder's ``from entities import user`` got the first folder's module, cached in
+    The modules it imports from its folder are forgotten afterwards: in one process (``cli.main`` called
+    twice) a second folder's ``from entities import user`` got the first folder's module, cached in
     ``sys.modules``, and applied its definitions."""
     import runpy
 
     folder = os.path.dirname(os.path.abspath(path))
-    own = {os.path.splitext(n)[0] for n in os.listdir(folder) if n.endswith(".py")
-           or os.path.isfile(os.path.join(folder, n, "__init__.py"))}
-    shadowed = {n: m for n, m in sys.modules.items() if n.partition(".")[0] in own and not _inside(m, folder)}
-    for name in shadowed:
-        del sys.modules[name]
     before = set(sys.modules)
+    tops = {name.partition(".")[0] for name in before}  # packages already imported (mlplat): not the folder's
     sys.path.insert(0, folder)
     try:
         with _stdout_to_stderr():  # what the file prints must not break the result on stdout
@@ -384,15 +380,15 @@ def _run_file(path: str) -> dict[str, Any]:
             sys.path.remove(folder)  # the first entry equal to it: ours, unless the file moved it
         except ValueError:
             pass
-        for name in [n for n, m in sys.modules.items()
-                     if n not in before and n.partition(".")[0] in own and _inside(m, folder)]:
-            del sys.modules[name]  # imported through the folder's sys.path entry by this file
-        sys.modules.update(shadowed)
+        for name in [n for n, m in list(sys.modules.items())
+                     if n not in before and n.partition(".")[0] not in tops and _inside(m, folder)]:
+            del sys.modules[name]
 
 
 def _inside(module: Any, folder: str) -> bool:
-    file = getattr(module, "__file__", None)
-    return bool(file) and os.path.abspath(file).startswith(folder + os.sep)
+    """Whether a module (a file, an extension, a package or a namespace package) lies in ``folder``."""
+    places = [getattr(module, "__file__", None), *(getattr(module, "__path__", None) or [])]
+    return any(p and os.path.abspath(p).startswith(folder + os.sep) for p in places)
 
 
 @contextlib.contextmanager

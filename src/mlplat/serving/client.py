@@ -168,6 +168,9 @@ def _upload(folder: Path, model: str) -> dict[str, Any]:
 class _Base:
     def __init__(self, url: str, protocol: str, timeout_s: float, coalesce: bool, coalesce_wait_us: int | None,
                  max_in_flight: int, asynchronous: bool) -> None:
+        timeout_s, coalesce, coalesce_wait_us, max_in_flight = (
+            v.item() if isinstance(v, np.generic) else v for v in (timeout_s, coalesce, coalesce_wait_us,
+                                                                   max_in_flight))  # np.int64(8) too
         require_number("timeout_s", timeout_s, low=1e-6, high=10**7, meaning="seconds, a number > 0")
         require_bool("coalesce", coalesce)
         if coalesce_wait_us is not None:
@@ -991,8 +994,9 @@ class AsyncTritonClient(_Base):
 
     async def _health(self, method: str, *args: Any) -> bool:
         """As :meth:`TritonClient._health`, awaited."""
+        conn = self._connection()  # another loop's client is an error, not "not live"
         try:
-            if not await getattr(self._connection(), method)(*args, **self._call_kwargs()):
+            if not await getattr(conn, method)(*args, **self._call_kwargs()):
                 return False
         except Exception:  # noqa: BLE001 - unreachable means not live
             return False
@@ -1135,6 +1139,8 @@ class AsyncTritonClient(_Base):
         """Send what the coalescers gathered, wait for every batch in flight, close the channel."""
         if self._aio is None:
             return
+        if self._loop is not asyncio.get_running_loop() and self._loop.is_running():
+            self._connection()  # the ServingError: the loop using it is still running (another thread's)
         if self._loop is asyncio.get_running_loop():  # batches still pending or in flight get their answers first
             for b in list(self._batchers.values()):
                 await b.drain()

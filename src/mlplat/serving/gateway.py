@@ -124,11 +124,14 @@ class _Writes:
         self._db = db
         self._owner = owner
         self._rows: dict[Any, list[dict]] = {ABDecision: [], ABOutcome: []}
-        self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()  # one flush at a time: a flush returns after one running elsewhere
+        # re-entrant: a signal handler may close() the gateway on a thread inside add(), flush() or serving()
+        self._lock = threading.RLock()
+        self._flush_lock = threading.RLock()  # one flush at a time: a flush returns after one running elsewhere
         self._closed = False
         self._serving: dict[int, int] = {}  # thread -> predictions under way there, whose decisions close() waits for
         self._idle = threading.Condition(self._lock)
+        self._flushing: int | None = None  # the thread inside flush()
+        self._close_pending = False  # close() was called on a thread busy here: it finishes the close
         # each flush's rows are written once, also when an interrupt hides the commit (mlplat.db.batches)
         self._once: OnceWriter[dict[Any, list[dict]], dict[Any, list[dict]]] = OnceWriter(
             db, _insert_rows, lambda taken: taken)
@@ -137,8 +140,8 @@ class _Writes:
     def forked(self) -> None:
         """In a forked child: nothing buffered (the parent writes what was buffered at the fork) and fresh
         locks (one held by a thread at the fork is never released in the child)."""
-        self._lock, self._flush_lock = threading.Lock(), threading.Lock()
-        self._idle, self._serving = threading.Condition(self._lock), {}
+        self._lock, self._flush_lock = threading.RLock(), threading.RLock()
+        self._idle, self._serving, self._flushing = threading.Condition(self._lock), {}, None
         self._rows = {ABDecision: [], ABOutcome: []}
         self._once.forked()
 
@@ -163,7 +166,12 @@ class _Writes:
     def flush(self) -> None:
         """Write what is buffered, and the rows of failed flushes first (no transaction when there is none)."""
         with self._flush_lock:
-            self._once.flush(self._take)
+            outer, self._flushing = self._flushing, threading.get_ident()
+            try:
+                self._once.flush(self._take)
+            finally:
+                self._flushing = outer
+        self._close_if_pending()
 
     def closed_error(self) -> ServingError:
         return ServingError(f"{self._owner} is closed: it logs no more decisions or outcomes (nothing was "
@@ -186,9 +194,16 @@ class _Writes:
                 if not self._serving[me]:
                     del self._serving[me]
                 self._idle.notify_all()
-                late = self._closed and not self._serving
-            if late:  # closed from this thread meanwhile (a signal handler): close() did not wait for this one
-                self.flush()
+            self._close_if_pending()
+
+    def _close_if_pending(self) -> None:
+        """Finish a close() called on this thread while it predicted or flushed, once it no longer does."""
+        with self._lock:
+            me = threading.get_ident()
+            if not self._close_pending or me in self._serving or self._flushing == me:
+                return
+            self._close_pending = False
+        self.close()
 
     def check_open(self) -> None:
         if self._closed:
@@ -197,8 +212,11 @@ class _Writes:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            me = threading.get_ident()  # a close from inside a prediction (a signal handler) cannot wait for it
-            self._idle.wait_for(lambda: not self._serving.keys() - {me})  # each ends within its backend's timeout
+            me = threading.get_ident()
+            if me in self._serving or self._flushing == me:  # a signal handler interrupting this thread here:
+                self._close_pending = True  # waiting for itself hung for ever; what it was doing ends the close
+                return
+            self._idle.wait_for(lambda: not self._serving)  # each ends within its backend's timeout
         self.flush()  # a failure leaves the rows buffered (and registered): a later flush() or close() retries
         with self._flush_lock:
             self._once.tidy()

@@ -70,7 +70,7 @@ class _Plan:
     def narrow_float(self) -> bool:
         """A float input narrower than a Python float (float32): a large value may become infinity in it."""
         dtype = np.dtype(self.input_dtype)
-        return dtype.kind == "f" and dtype.itemsize < 8
+        return dtype.kind == "f" and dtype.itemsize < 8  # (an int64 input column cannot grow to infinity)
 
 
 class Predictor:

@@ -189,11 +189,11 @@ def check_cast(what: str, dtype: str, arr: np.ndarray, want: np.dtype) -> None:
     if arr.size == 0:
         return
     if want.kind == "f":
-        if arr.dtype.kind == "f" and arr.dtype.itemsize > want.itemsize:
-            finite = arr[np.isfinite(arr)]
-            if finite.size and np.abs(finite).max() > np.finfo(want).max:
-                big = finite[np.abs(finite) > np.finfo(want).max][0]
-                raise DataError(f"{what} is {dtype} but holds {big}, past its largest value "
+        if arr.dtype.kind in "iuf" and arr.dtype.itemsize >= want.itemsize:  # may overflow: 1e300, or 70000 in FP16
+            with np.errstate(over="ignore"):
+                grown = np.isinf(arr.astype(want)) & np.isfinite(arr)  # (a value that rounds to the largest passes)
+            if grown.any():
+                raise DataError(f"{what} is {dtype} but holds {arr[grown][0]}, past its largest value "
                                 f"({np.finfo(want).max:g}): the model would get infinity; scale it first")
         return
     if want.kind not in "biu":

@@ -242,7 +242,8 @@ class RedisOnlineStore(OnlineStore):
         self.name = hide_password(url)
         parts = urlsplit(url)  # what is read: the server(s), the database and the key prefix, not how to connect
         prefix = urlencode({"prefix": self._opts.prefix}) if self._opts.prefix != _Options.prefix else ""
-        db = dict(parse_qsl(parts.query)).get("db")  # redis-py takes it over the path's database
+        # a db= parameter (the last, as _parse passes it on) is the database redis-py uses, not the path's
+        db = dict(parse_qsl(parts.query)).get("db")
         try:
             path = parts.path if db is None else f"/{int(db)}"
         except ValueError:
