@@ -387,6 +387,18 @@ def test_features_apply_imports_each_folders_own_sibling_modules(tmp_path):
         assert sorted((r["kind"], r["name"]) for r in applied) == [("entity", f"shop_{folder}"),
                                                                     ("entity", f"user_{folder}")]
     assert sys.modules["platform"] is platform and "entities" not in sys.modules and "shared" not in sys.modules
+    # a package installed in a virtualenv kept inside the folder (uv's .venv) is not one of the folder's
+    site = tmp_path / "a" / ".venv" / "site-packages"
+    (site / "installed_pkg").mkdir(parents=True)
+    (site / "installed_pkg" / "__init__.py").write_text("VALUE = 1\n")
+    (tmp_path / "a" / "definitions.py").write_text("import installed_pkg\nfrom entities import user\n")
+    sys.path.append(str(site))
+    try:
+        ok_json(invoke("features", "apply", tmp_path / "a" / "definitions.py", "--json", home=str(tmp_path / "h")))
+        assert "installed_pkg" in sys.modules  # forgotten, and imported anew (a second copy) by the next user
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("installed_pkg", None)
 
 
 def test_features_apply_and_again(scratch, home, tmp_path):

@@ -140,6 +140,8 @@ def test_a_close_from_inside_a_flush_on_the_same_thread_finishes_when_the_flush_
 
     def closing_write(conn, rows):  # as a signal landing during the INSERT
         once._write = write
+        gateway.route(2)  # buffered meanwhile
+        gateway.flush()  # p.close() in a handler flushes: the flush under way writes (a nested one lost rows)
         gateway.close()
         write(conn, rows)
 
@@ -148,9 +150,9 @@ def test_a_close_from_inside_a_flush_on_the_same_thread_finishes_when_the_flush_
     done.start()
     done.join(10)
     assert not done.is_alive()
-    assert _rows(served, ABDecision, "close-in-flush") == 1
+    assert _rows(served, ABDecision, "close-in-flush") == 2
     with pytest.raises(mp.ServingError, match="is closed"):
-        gateway.route(2)
+        gateway.route(3)
 
 
 def test_a_prediction_another_thread_closes_under_returns_what_it_served(served, monkeypatch):  # noqa: F811
@@ -171,6 +173,44 @@ def test_a_prediction_another_thread_closes_under_returns_what_it_served(served,
     caller.join(10)
     closer.join(10)
     assert len(got) == 1 and len(got[0]["output__0"]) == 1 and len(errors) == 1
+
+
+def test_a_close_pending_on_one_thread_is_finished_by_that_thread_only(served, monkeypatch):  # noqa: F811
+    """A close() a prediction's thread made (a signal handler) was finished by whichever other prediction
+    ended first: that one then waited for the first and raised the flush's error, although served."""
+    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "close-owner", platform=served)
+    local = served.serving.local_backend()
+    held = _Held(local)
+    closed, other_done = threading.Event(), threading.Event()
+
+    class Closing:
+        def infer(self, *args, **kwargs):
+            gateway.close()  # as a signal handler on this thread
+            closed.set()
+            assert other_done.wait(10)
+            return local.infer(*args, **kwargs)
+
+    got: dict = {}
+
+    def predict(name, backend) -> None:
+        try:
+            got[name] = gateway.predict(3, [{"user_id": 1, "basket": 1.0}], backend=backend)
+        except Exception as exc:  # noqa: BLE001 - looked at below
+            got[name] = exc
+
+    other = threading.Thread(target=predict, args=("other", held), daemon=True)
+    other.start()
+    assert held.started.wait(10)
+    closer = threading.Thread(target=predict, args=("closer", Closing()), daemon=True)
+    closer.start()
+    assert closed.wait(10)
+    monkeypatch.setattr(gateway._writes._once, "flush", lambda take: (_ for _ in ()).throw(RuntimeError("db down")))
+    held.go.set()
+    other.join(10)
+    assert not other.is_alive() and len(got["other"]["output__0"]) == 1  # served, not the flush's error
+    other_done.set()
+    closer.join(10)
+    assert not closer.is_alive() and isinstance(got["closer"], RuntimeError)  # its close's flush failed
 
 
 def test_gateway_predict_refuses_choosing_the_version_or_variant_itself(served):  # noqa: F811

@@ -380,15 +380,19 @@ def _run_file(path: str) -> dict[str, Any]:
             sys.path.remove(folder)  # the first entry equal to it: ours, unless the file moved it
         except ValueError:
             pass
-        for name in [n for n, m in list(sys.modules.items())
-                     if n not in before and n.partition(".")[0] not in tops and _inside(m, folder)]:
+        new = {n.partition(".")[0] for n in sys.modules if n not in before} - tops
+        mine = {t for t in new if _found_in(sys.modules.get(t), folder)}
+        for name in [n for n in sys.modules if n.partition(".")[0] in mine]:
             del sys.modules[name]
 
 
-def _inside(module: Any, folder: str) -> bool:
-    """Whether a module (a file, an extension, a package or a namespace package) lies in ``folder``."""
-    places = [getattr(module, "__file__", None), *(getattr(module, "__path__", None) or [])]
-    return any(p and os.path.abspath(p).startswith(folder + os.sep) for p in places)
+def _found_in(module: Any, folder: str) -> bool:
+    """Whether a top-level module was found through ``folder`` on sys.path: a file or extension right in it,
+    or a package or namespace package that is a folder of it (not one of a virtualenv kept inside it)."""
+    file = getattr(module, "__file__", None)
+    places = [os.path.dirname(file)] if file and not file.endswith("__init__.py") else []
+    places += [os.path.dirname(p) for p in getattr(module, "__path__", None) or []]
+    return any(os.path.abspath(p) == folder for p in places)
 
 
 @contextlib.contextmanager

@@ -131,7 +131,7 @@ class _Writes:
         self._serving: dict[int, int] = {}  # thread -> predictions under way there, whose decisions close() waits for
         self._idle = threading.Condition(self._lock)
         self._flushing: int | None = None  # the thread inside flush()
-        self._close_pending = False  # close() was called on a thread busy here: it finishes the close
+        self._close_pending: int | None = None  # the thread busy here that close() was called on: it finishes it
         # each flush's rows are written once, also when an interrupt hides the commit (mlplat.db.batches)
         self._once: OnceWriter[dict[Any, list[dict]], dict[Any, list[dict]]] = OnceWriter(
             db, _insert_rows, lambda taken: taken)
@@ -142,6 +142,7 @@ class _Writes:
         locks (one held by a thread at the fork is never released in the child)."""
         self._lock, self._flush_lock = threading.RLock(), threading.RLock()
         self._idle, self._serving, self._flushing = threading.Condition(self._lock), {}, None
+        self._close_pending = None
         self._rows = {ABDecision: [], ABOutcome: []}
         self._once.forked()
 
@@ -165,12 +166,15 @@ class _Writes:
 
     def flush(self) -> None:
         """Write what is buffered, and the rows of failed flushes first (no transaction when there is none)."""
+        me = threading.get_ident()
         with self._flush_lock:
-            outer, self._flushing = self._flushing, threading.get_ident()
+            if self._flushing == me:  # called again inside a flush of this thread (a signal handler's p.close()):
+                return  # the flush under way writes; a nested one failed on its own thread's write lock
+            self._flushing = me
             try:
                 self._once.flush(self._take)
             finally:
-                self._flushing = outer
+                self._flushing = None
         self._close_if_pending()
 
     def closed_error(self) -> ServingError:
@@ -197,12 +201,13 @@ class _Writes:
             self._close_if_pending()
 
     def _close_if_pending(self) -> None:
-        """Finish a close() called on this thread while it predicted or flushed, once it no longer does."""
+        """Finish a close() called on this thread while it predicted or flushed, once it no longer does (only
+        this thread: another's prediction, or the background flusher, would wait for it in close())."""
         with self._lock:
             me = threading.get_ident()
-            if not self._close_pending or me in self._serving or self._flushing == me:
+            if self._close_pending != me or me in self._serving or self._flushing == me:
                 return
-            self._close_pending = False
+            self._close_pending = None
         self.close()
 
     def check_open(self) -> None:
@@ -214,7 +219,7 @@ class _Writes:
             self._closed = True
             me = threading.get_ident()
             if me in self._serving or self._flushing == me:  # a signal handler interrupting this thread here:
-                self._close_pending = True  # waiting for itself hung for ever; what it was doing ends the close
+                self._close_pending = me  # waiting for itself hung for ever; what it was doing ends the close
                 return
             self._idle.wait_for(lambda: not self._serving)  # each ends within its backend's timeout
         self.flush()  # a failure leaves the rows buffered (and registered): a later flush() or close() retries

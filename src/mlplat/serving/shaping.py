@@ -8,6 +8,8 @@ input of one value per row, a list column for a wider one).
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -189,12 +191,13 @@ def check_cast(what: str, dtype: str, arr: np.ndarray, want: np.dtype) -> None:
     if arr.size == 0:
         return
     if want.kind == "f":
-        if arr.dtype.kind in "iuf" and arr.dtype.itemsize >= want.itemsize:  # may overflow: 1e300, or 70000 in FP16
-            with np.errstate(over="ignore"):
-                grown = np.isinf(arr.astype(want)) & np.isfinite(arr)  # (a value that rounds to the largest passes)
-            if grown.any():
-                raise DataError(f"{what} is {dtype} but holds {arr[grown][0]}, past its largest value "
-                                f"({np.finfo(want).max:g}): the model would get infinity; scale it first")
+        if arr.dtype.kind in "iuf" and _largest(arr.dtype) > _largest(want):  # it may overflow: 1e300, 70000 in FP16
+            with np.errstate(over="ignore", invalid="ignore"):
+                if not np.abs(arr).max() <= _largest(want):  # (NaN or past it: look closer)
+                    grown = np.isinf(arr.astype(want)) & np.isfinite(arr)  # a value that rounds to the largest
+                    if grown.any():  # passes
+                        raise DataError(f"{what} is {dtype} but holds {arr[grown][0]}, past its largest value "
+                                        f"({_largest(want):g}): the model would get infinity; scale it first")
         return
     if want.kind not in "biu":
         return
@@ -212,6 +215,12 @@ def check_cast(what: str, dtype: str, arr: np.ndarray, want: np.dtype) -> None:
         outside = arr.min() < low or arr.max() > high
     if outside:
         raise DataError(f"{what} is {dtype}: its values must lie in [{low}, {high}], got {arr.min()} to {arr.max()}")
+
+
+@functools.lru_cache(maxsize=None)
+def _largest(dtype: np.dtype) -> float:
+    """The largest value a numeric type holds."""
+    return float(np.iinfo(dtype).max if dtype.kind in "iu" else np.finfo(dtype).max)
 
 
 def check_request(priority: Any, timeout_us: Any, version: Any) -> None:
