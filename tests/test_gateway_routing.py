@@ -89,16 +89,22 @@ class _Held:
         return self._backend.infer(*args, **kwargs)
 
 
-def test_close_waits_for_a_prediction_under_way_and_writes_its_decision(served):  # noqa: F811
-    """A close meanwhile failed the caller with "nothing was logged or served" after the model had served it
-    (its features logged as served), and the decision was lost."""
-    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "close-race", platform=served)
+def _predicting(served, gateway):  # noqa: F811 - the platform, not the fixture
+    """A thread inside gateway.predict, its backend holding the inference: (backend, results, thread)."""
     backend = _Held(served.serving.local_backend())
     got: list = []
     caller = threading.Thread(target=lambda: got.append(gateway.predict(3, [{"user_id": 1, "basket": 1.0}],
                                                                          backend=backend)))
     caller.start()
     assert backend.started.wait(10)
+    return backend, got, caller
+
+
+def test_close_waits_for_a_prediction_under_way_and_writes_its_decision(served):  # noqa: F811
+    """A close meanwhile failed the caller with "nothing was logged or served" after the model had served it
+    (its features logged as served), and the decision was lost."""
+    gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "close-race", platform=served)
+    backend, got, caller = _predicting(served, gateway)
     closer = threading.Thread(target=gateway.close)
     closer.start()
     closer.join(0.3)
@@ -159,12 +165,7 @@ def test_a_prediction_another_thread_closes_under_returns_what_it_served(served,
     """The predicting thread wrote the buffer too when a close on another thread waited for it, so a database
     down made the served prediction raise; close() reports it, the prediction returns."""
     gateway = mp.ABGateway("scorer", "scorer@staging", 0.5, "close-down", platform=served)
-    backend = _Held(served.serving.local_backend())
-    got: list = []
-    caller = threading.Thread(target=lambda: got.append(gateway.predict(3, [{"user_id": 1, "basket": 1.0}],
-                                                                         backend=backend)))
-    caller.start()
-    assert backend.started.wait(10)
+    backend, got, caller = _predicting(served, gateway)
     monkeypatch.setattr(gateway._writes._once, "flush", lambda take: (_ for _ in ()).throw(RuntimeError("db down")))
     errors: list = []
     closer = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, gateway.close)))

@@ -9,7 +9,6 @@ input of one value per row, a list column for a wider one).
 from __future__ import annotations
 
 import functools
-
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -193,7 +192,8 @@ def check_cast(what: str, dtype: str, arr: np.ndarray, want: np.dtype) -> None:
     if want.kind == "f":
         if arr.dtype.kind in "iuf" and _largest(arr.dtype) > _largest(want):  # it may overflow: 1e300, 70000 in FP16
             with np.errstate(over="ignore", invalid="ignore"):
-                if not np.abs(arr).max() <= _largest(want):  # (NaN or past it: look closer)
+                top = np.abs(arr).max() if arr.dtype.kind == "f" else max(-int(arr.min()), int(arr.max()))
+                if not top <= _largest(want):  # (NaN or past it: look closer)
                     grown = np.isinf(arr.astype(want)) & np.isfinite(arr)  # a value that rounds to the largest
                     if grown.any():  # passes
                         raise DataError(f"{what} is {dtype} but holds {arr[grown][0]}, past its largest value "
