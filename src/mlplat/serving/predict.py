@@ -158,25 +158,26 @@ class Predictor:
         matrix = np.empty((n, len(plan.columns)), dtype=plan.input_dtype)
         given = {}  # request-time inputs, logged with nulls where the rows gave none
         refused = []  # columns with a missing value that the model's fill_null does not fill
-        for j, (col, fill) in enumerate(zip(plan.columns, plan.fills)):
-            values = online.get(col)
-            if values is None:
-                values = given[col] = _request_column(rows, col, n)
-            if None in values:
-                if fill is None:
-                    refused.append((col, values))
-                    continue
-                values = [fill if v is None else v for v in values]  # as the model was trained
-            try:
-                with np.errstate(over="ignore"):
+        narrow = plan.narrow_float
+        with np.errstate(over="ignore"):  # a float32 column's overflow is refused below, naming the value
+            for j, (col, fill) in enumerate(zip(plan.columns, plan.fills)):
+                values = online.get(col)
+                if values is None:
+                    values = given[col] = _request_column(rows, col, n)
+                if None in values:
+                    if fill is None:
+                        refused.append((col, values))
+                        continue
+                    values = [fill if v is None else v for v in values]  # as the model was trained
+                try:
                     matrix[:, j] = _numbers(plan, col, values)
-            except OverflowError:  # a Python int past the input type's range: the checked path names it
-                _checked_numbers(_what(plan, col), np.dtype(plan.input_dtype), values)
-                raise
-            if plan.narrow_float and np.isinf(matrix[:, j]).any():  # 1e300 became inf in float32, unless it was
-                _checked_numbers(_what(plan, col), np.dtype(plan.input_dtype), values)  # inf: names the value
-            if col in given:  # as the model got them (numbers of its type), so the log file's column converts
-                given[col] = [None if g is None else v for g, v in zip(given[col], matrix[:, j].tolist())]
+                except OverflowError:  # a Python int past the input type's range: the checked path names it
+                    _checked_numbers(_what(plan, col), np.dtype(plan.input_dtype), values)
+                    raise
+                if narrow and np.isinf(matrix[:, j]).any():  # 1e300 became inf in float32, unless it was
+                    _checked_numbers(_what(plan, col), np.dtype(plan.input_dtype), values)  # inf: names the value
+                if col in given:  # as the model got them (numbers of its type), so the log file's column converts
+                    given[col] = [None if g is None else v for g, v in zip(given[col], matrix[:, j].tolist())]
         if refused:  # before inference and the served log: nothing is served
             raise _missing_error(plan, refused, online, n)
         served = triton_model or model
