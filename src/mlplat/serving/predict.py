@@ -307,15 +307,15 @@ def _request_column(rows: dict | list | pa.Table, name: str, n: int) -> list:
             if len(values) != n:
                 raise DataError(f"column {name!r} has {len(values)} values for {n} entity rows: give one value per "
                                 "entity row")
-            return [None if _nan(v) else v for v in values]
+            return _nans_as_none(values)
     elif isinstance(rows, list):
         # a row that leaves the input out (as JSON leaves out a null field) has none: filled or refused as None
         if all(isinstance(r, dict) for r in rows) and any(name in r for r in rows):
-            return [None if _nan(v) else v for v in (r.get(name) for r in rows)]
+            return _nans_as_none(r.get(name) for r in rows)
     elif name in rows.column_names:  # an Arrow or polars NaN too (pandas made its NaN a null)
-        return [None if _nan(v) else v for v in rows.column(name).to_pylist()]
+        return _nans_as_none(rows.column(name).to_pylist())
     raise DataError(f"the model needs a column {name!r}: it is not a feature, so the entity rows must hold it")
 
 
-def _nan(value: Any) -> bool:
-    return isinstance(value, (float, np.floating)) and value != value
+def _nans_as_none(values: Any) -> list:
+    return [None if isinstance(v, (float, np.floating)) and v != v else v for v in values]
