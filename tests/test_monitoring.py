@@ -31,6 +31,7 @@ USERS = 400
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 T0 = NOW - timedelta(days=1)
 REFS = ["profile:score", "profile:visits", "profile:segment"]
+REFS_NAMES = ("score", "visits", "segment")
 
 
 def _profile(rng: np.random.Generator, users: np.ndarray) -> dict:
@@ -564,6 +565,100 @@ def test_a_float32_served_input_is_compared_at_float32_with_its_float64_training
     assert compare_column("basket", pa.chunked_array([pa.array(values.astype(np.float32))]), training).psi == 0.0
     moved = compare_column("basket", training, pa.chunked_array([pa.array((values + 0.1).astype(np.float32))]))
     assert moved.drifted
+
+
+def _second_version(p, train: pa.Table, refs: list[str], **log_input) -> int:
+    """``scorer`` v2, trained on ``train`` (logged with ``refs``) and a later input, served to every user."""
+    with p.runs.start("scoring") as run:
+        run.log_input(train, "train", feature_refs=refs, **log_input)
+        run.log_input(train.slice(0, 100), "valid", feature_refs=refs[:1])  # kept rows, fewer features
+        run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1)), "model", example_input=torch.zeros(2, 2),
+                      columns=["score", "visits"])
+    version = p.models.register("scorer", run.id, registered_by="alice").version
+    p.serving.predict("scorer", {"user_id": list(range(USERS))}, version=version)
+    return version
+
+
+def test_drift_of_each_version_after_a_feature_changed_type(world, tmp_path):
+    """v2 trained on a definition where segment holds integers: each version's drift reads its own rows
+    (a raw ArrowTypeError before, for both), and reading both at once names the clash."""
+    p, _ = world
+    rng = np.random.default_rng(9)
+    users = np.arange(USERS)
+    (tmp_path / "profile2").mkdir()
+    pq.write_table(pa.table({"user_id": users, "event_timestamp": pa.array([T0] * USERS, pa.timestamp("us", "UTC")),
+                             **_profile(rng, users), "segment": rng.integers(0, 3, USERS)}),
+                   tmp_path / "profile2" / "part-0.parquet")
+    view2 = mp.FeatureView("profile", entities=[mp.Entity("user", join_keys=["user_id"])], ttl=timedelta(days=7),
+                           schema=[mp.Field("score", mp.Float64), mp.Field("visits", mp.Int64),
+                                   mp.Field("segment", mp.Int64)], source=mp.ParquetSource(tmp_path / "profile2"))
+    assert p.features.apply([view2])[0].version == 2
+    p.features.materialize(end_date=NOW, views=["profile@2"])
+    times = pa.array([NOW - timedelta(hours=2)] * 2000, pa.timestamp("us", "UTC"))
+    train2 = p.features.get_historical_features(pa.table({"user_id": rng.integers(0, USERS, 2000),
+                                                           "event_timestamp": times}), REFS)
+    assert _second_version(p, train2, REFS) == 2
+    for version in (1, 2):
+        report = p.monitoring.drift("scorer", version=version)
+        assert set(report.features) == set(REFS_NAMES) and report.drifted == []
+        assert report.features["segment"].served_rows == USERS
+    with pytest.raises(StoreError, match=r"'scorer' holds versions .* types that do not merge .*segment"):
+        p.serving.served_features("scorer")
+    assert p.serving.served_log.version_rows("scorer", 2).column("segment").type == pa.int64()
+
+
+def test_drift_compares_with_the_input_predict_serves_not_a_later_one(world):
+    """The first input logged with feature refs is what predict serves; drift took the first one with entity
+    rows kept (a validation table with one feature), checking one of three features and reading as calm."""
+    p, train = world
+    version = _second_version(p, train, REFS, keep_entity_rows=False)
+    with pytest.raises(NotFoundError, match=f"scorer v{version}'s training input 'train' was logged with "
+                                            "keep_entity_rows=False"):
+        p.monitoring.drift("scorer", version=version)
+    lineage = p.models.lineage("scorer", version=version, verify=True)["data"]
+    assert lineage[0]["verification"]["reason"].startswith("logged with feature_refs but keep_entity_rows=False")
+    version = _second_version(p, train, REFS)  # the training input kept: all its features
+    assert set(p.monitoring.drift("scorer", version=version).features) == set(REFS_NAMES)
+
+
+def test_drift_of_a_version_whose_request_time_input_became_a_feature_later(world, tmp_path):
+    """v1 takes amount at request time (logged as input.amount), v2 reads it from a view: v1's drift broke
+    on two columns named amount (a raw KeyError)."""
+    p, _ = world
+    rng = _with_amount_input(p, "pay", 500, seed=6)
+    p.serving.predict("pay", [{"user_id": u, "amount": a} for u, a in enumerate(rng.lognormal(3.0, 0.5, USERS))])
+    (tmp_path / "amounts").mkdir()
+    pq.write_table(pa.table({"user_id": np.arange(USERS), "event_timestamp": pa.array([T0] * USERS,
+                                                                                      pa.timestamp("us", "UTC")),
+                             "amount": rng.lognormal(3.0, 0.5, USERS)}), tmp_path / "amounts" / "part-0.parquet")
+    amounts = mp.FeatureView("amounts", entities=[mp.Entity("user", join_keys=["user_id"])], ttl=timedelta(days=7),
+                             schema=[mp.Field("amount", mp.Float64)], source=mp.ParquetSource(tmp_path / "amounts"))
+    p.features.apply([amounts])
+    p.features.materialize(end_date=NOW, views=["amounts"])
+    refs = ["profile:score", "amounts:amount"]
+    times = pa.array([NOW - timedelta(hours=1)] * 500, pa.timestamp("us", "UTC"))
+    train = p.features.get_historical_features(pa.table({"user_id": rng.integers(0, USERS, 500),
+                                                          "event_timestamp": times}), refs)
+    with p.runs.start("pay") as run:
+        run.log_input(train, "train", feature_refs=refs)
+        run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1)), "model", example_input=torch.zeros(2, 2),
+                      columns=["score", "amount"])
+    assert p.models.register("pay", run.id).version == 2
+    p.serving.predict("pay", {"user_id": list(range(USERS))}, version=2)
+    for version, features in ((1, {*REFS_NAMES, "amount"}), (2, {"score", "amount"})):
+        report = p.monitoring.drift("pay", version=version)
+        assert set(report.features) == features and report.features["amount"].served_rows == USERS
+
+
+def test_drift_and_skew_take_numpy_numbers(world):
+    p, _ = world
+    assert p.monitoring.drift("scorer", bins=np.int64(10), alpha=np.float32(0.01), psi_threshold=np.float64(0.2)
+                              ).drifted == []
+    assert p.monitoring.skew("scorer", sample=np.int64(100), threshold=np.float32(0.1),
+                             tolerance=np.float32(0.01)).rows == 100
+    for kwargs in ({"bins": np.bool_(True)}, {"bins": np.float64(10)}):
+        with pytest.raises(DataError, match="bins must be an integer"):
+            p.monitoring.drift("scorer", **kwargs)
 
 
 def test_drift_check_refuses_a_feature_missing_on_either_side():

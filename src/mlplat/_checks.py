@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import operator
 
+import numpy as np
+
 from .errors import DataError, MlplatError
 
 
@@ -68,6 +70,16 @@ def require_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise DataError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def plain(value: object) -> object:
+    """A numpy number as the Python number it holds (``np.int64(8)`` -> ``8``, ``np.bool_(True)`` -> ``True``),
+    for the checks below and what is stored after them; anything else as it is.
+
+    >>> plain(np.float32(0.5)), plain("8")
+    (0.5, '8')
+    """
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def require_number(name: str, value: object, *, low: float, high: float | None = None, integer: bool = False,

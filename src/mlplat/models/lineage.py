@@ -157,7 +157,9 @@ def verify_input(features, artifacts: ArtifactStore, run_id: str, inp: dict[str,
     except MlplatError as exc:
         return {"checked": True, "matches": False, "reason": f"could not rebuild: {exc}"}
     if rebuilt is None:
-        return {"checked": False, "reason": "logged without feature_refs and entity rows: nothing to rebuild from"}
+        refs = inp["feature_refs"].get("refs")
+        kept = "with feature_refs but keep_entity_rows=False" if refs else "without feature_refs"
+        return {"checked": False, "reason": f"logged {kept}: nothing to rebuild from"}
     recomputed = table_hash(rebuilt)
     return {"checked": True, "matches": recomputed == inp["content_hash"], "recomputed_hash": recomputed,
             "rows": rebuilt.num_rows}

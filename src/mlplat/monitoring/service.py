@@ -4,9 +4,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import pyarrow as pa
+
 from ..errors import NotFoundError
 from ..models.lineage import rebuild_input
-from .._checks import require_number
+from .._checks import plain, require_number
 from .._time import as_utc, utc_argument
 from ..serving.served_log import check_log_name
 from .adoption import adoption_metrics
@@ -33,6 +35,7 @@ class Monitoring:
             report.skewed          # features whose mismatch share exceeds threshold
             report.mismatches[:5]  # entity, request time, served, recomputed
         """
+        sample, tolerance, threshold = map(plain, (sample, tolerance, threshold))  # np.int64(100) too
         check_limits(tolerance, threshold)
         since = None if since is None else utc_argument("since", since)  # before any work, whatever the name
         if sample is not None:
@@ -79,18 +82,22 @@ class Monitoring:
             report.drifted                      # e.g. ['amount']
             report.features["amount"].psi
         """
+        bins, psi_threshold, alpha = map(plain, (bins, psi_threshold, alpha))
         check_drift_limits(bins, psi_threshold, alpha)
         since = None if since is None else utc_argument("since", since)  # before the training data is rebuilt
         info = self._p.models.resolve(model, version=version)
         run = self._p.runs.get(info.run_id)
-        inp = next((i for i in run.inputs if i["feature_refs"].get("entity_rows")), None)
-        training = rebuild_input(self._p.features, self._p.artifacts, run.id, inp) if inp else None
-        if training is None:
+        # the input predict serves the features of (the run's first logged with feature refs), not a later one
+        inp = next((i for i in run.inputs if i["feature_refs"].get("refs")), None)
+        if inp is None:
             raise NotFoundError(f"{model} v{info.version} was trained on no input logged with feature_refs: "
                                 "nothing to compare the served features with")
-        served = self._p.serving.served_features(model, since)
-        if served.num_rows:
-            served = served.filter(served.column("model_version").to_numpy() == info.version)
+        if not inp["feature_refs"].get("entity_rows"):
+            raise NotFoundError(f"{model} v{info.version}'s training input {inp['name']!r} was logged with "
+                                "keep_entity_rows=False: its training data cannot be rebuilt to compare the "
+                                "served features with; log it with its entity rows kept (the default)")
+        training = rebuild_input(self._p.features, self._p.artifacts, run.id, inp)
+        served = self._p.serving.served_log.version_rows(model, info.version, since)
         if not served.num_rows:  # an empty window is not calm
             raise NotFoundError(f"no served features are logged for {model!r} v{info.version}{_since(since)}: "
                                 "nothing to compare its training data with")
@@ -104,9 +111,9 @@ class Monitoring:
         columns = self._p.models.artifact_meta(info).get("columns") or names
         inputs = [c for c in columns if c not in names and c not in keys and c in training.column_names
                   and f"input.{c}" in served.column_names]
-        if inputs:
-            served = served.rename_columns([c.removeprefix("input.") if c.removeprefix("input.") in inputs else c
-                                            for c in served.column_names])
+        # just those columns, under the training table's names: another version's feature may bear an input's name
+        served = pa.table({**{n: served.column(n) for n in names if n in served.column_names},
+                           **{c: served.column(f"input.{c}") for c in inputs}})
         return drift_check(training, served, [*names, *inputs], model=model, version=info.version, bins=bins,
                            psi_threshold=psi_threshold, alpha=alpha)
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import require_bool, require_number
+from .._checks import plain, require_bool, require_number
 from ..errors import ConfigError, InferenceTimeoutError, ModelNotReadyError, ServingError
 from .shaping import (ModelInfo, check_outputs, check_request, empty_outputs, join, map_error, merge, rows_of, split,
                       to_arrays, unmerge)
@@ -168,9 +168,8 @@ def _upload(folder: Path, model: str) -> dict[str, Any]:
 class _Base:
     def __init__(self, url: str, protocol: str, timeout_s: float, coalesce: bool, coalesce_wait_us: int | None,
                  max_in_flight: int, asynchronous: bool) -> None:
-        timeout_s, coalesce, coalesce_wait_us, max_in_flight = (
-            v.item() if isinstance(v, np.generic) else v for v in (timeout_s, coalesce, coalesce_wait_us,
-                                                                   max_in_flight))  # np.int64(8) too
+        timeout_s, coalesce, coalesce_wait_us, max_in_flight = map(
+            plain, (timeout_s, coalesce, coalesce_wait_us, max_in_flight))  # np.int64(8) too
         require_number("timeout_s", timeout_s, low=1e-6, high=10**7, meaning="seconds, a number > 0")
         require_bool("coalesce", coalesce)
         if coalesce_wait_us is not None:

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import _background
@@ -343,9 +344,17 @@ class ServedLog:
                 raise NotFoundError(f"no served features are logged for a model named {model!r}: predict logs "
                                     "them when the platform's served_log_sample_rate is above 0")
             return pa.table({})
-        if len(tables) == 1:
-            return tables[0]
-        return pa.concat_tables(tables, promote_options="permissive").sort_by("request_time")
+        return _joined(model, tables)
+
+    def version_rows(self, model: str, version: int, since: datetime | None = None) -> pa.Table:
+        """The logged rows of one version of ``model`` (after ``since``), oldest first, from the groups that
+        hold its rows only: another version's columns, of other types or names, do not come into it."""
+        tables = []
+        for group in self.groups(model, since):
+            rows = group.rows.filter(pc.equal(group.rows.column("model_version"), version))
+            if rows.num_rows:
+                tables.append(rows)
+        return _joined(model, tables) if tables else pa.table({})
 
     def refs(self, model: str) -> tuple[list[str], list[str]]:
         """The pinned feature references and join keys of the newest file of ``model`` (checked as every
@@ -373,6 +382,20 @@ class ServedLog:
             self._closed = not self._count  # rows added meanwhile: registered again, as after close()
         if not self._closed:
             _background.register(self)
+
+
+def _joined(model: str, tables: list[pa.Table]) -> pa.Table:
+    """The log groups' rows as one table, oldest first; StoreError naming the column where versions logged
+    one of another type (a feature redefined from strings to integers)."""
+    if len(tables) == 1:
+        return tables[0]
+    try:
+        return pa.concat_tables(tables, promote_options="permissive").sort_by("request_time")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+        raise StoreError(f"the served-feature log of {model!r} holds versions that logged a column under one "
+                         f"name with types that do not merge ({_one_line(exc)}); read it from after the change "
+                         "with since=, or one version's rows at a time with "
+                         "p.serving.served_log.version_rows(model, version)") from exc
 
 
 _NOT_PREDICTS = "not written by predict: no served-log metadata or request_time"
