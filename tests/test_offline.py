@@ -138,6 +138,51 @@ def test_all_entity_keys_null_or_unknown(p, tmp_path):
     assert out.column("amount").to_pylist() == [None, None]
 
 
+def test_a_timestamp_feature_has_one_type_whichever_rows_match(p, tmp_path):
+    """The finest unit the source's files hold it in: it was the unit of the file a match came from (ms for
+    user 1, ns for user 2, us for no match), so batches of one training set did not concatenate."""
+    times = {"user_id": [1], "event_timestamp": pa.array([D(1)], TS)}
+    write(tmp_path / "t" / "a.parquet", {**times, "seen": pa.array([D(1, 5)], pa.timestamp("ms", "UTC"))})
+    write(tmp_path / "t" / "b.parquet", {**times, "user_id": [2], "seen": pa.array([D(1, 6)], pa.timestamp("ns"))})
+    view = mp.FeatureView("seen", entities=[USER], schema=[mp.Field("seen", mp.Timestamp)],
+                          source=mp.ParquetSource(tmp_path / "t"))
+    p.features.apply([USER, view])
+    outs = [p.features.get_historical_features(entities(users, [D(2)] * len(users)), ["seen:seen"])
+            for users in ([1], [2], [1, 2], [3], [None])]
+    assert {out.schema.field("seen").type for out in outs} == {pa.timestamp("ns", "UTC")}
+    assert pa.concat_tables(outs).column("seen").to_pylist() == [D(1, 5), D(1, 6), D(1, 5), D(1, 6), None, None]
+
+
+@pytest.mark.parametrize("column, expected", [("created_timestamp", 5), ("user_id", 5), ("event_timestamp", 5),
+                                              ("n", None)])
+def test_a_file_with_a_key_or_time_column_of_none_in_every_row(p, tmp_path, column, expected):
+    """pandas writes such a column as Arrow's null type; a key or time of that type was a StoreError for every
+    retrieval (and materialize) of the view, where null values have defined meanings."""
+    (tmp_path / "v").mkdir()
+    pd.DataFrame({"user_id": [1], "event_timestamp": pd.to_datetime(["2024-01-01"], utc=True),
+                  "created_timestamp": pd.to_datetime(["2024-01-01"], utc=True), "n": [5]}
+                 ).to_parquet(tmp_path / "v" / "day1.parquet")
+    view = mp.FeatureView("v", entities=[USER], schema=[mp.Field("n", mp.Int64)],
+                          source=mp.ParquetSource(tmp_path / "v", created_timestamp_field="created_timestamp"))
+    p.features.apply([USER, view])
+    day2 = {"user_id": [1], "event_timestamp": pd.to_datetime(["2024-01-01"], utc=True),  # a tie with day 1's row
+            "created_timestamp": pd.to_datetime(["2024-01-02"], utc=True), "n": [6], column: [None]}
+    pd.DataFrame(day2).to_parquet(tmp_path / "v" / "day2.parquet")
+    assert pq.read_schema(tmp_path / "v" / "day2.parquet").field(column).type == pa.null()
+    offline = p.features.get_historical_features(entities([1], [D(3)]), ["v:n"]).column("n").to_pylist()
+    p.features.materialize(end_date=D(3))
+    assert offline == [expected] == p.features.get_online_features(["v:n"], {"user_id": [1]})["n"]
+
+
+def test_a_view_whose_every_file_has_a_key_of_none_is_refused(p, tmp_path):
+    (tmp_path / "k").mkdir()
+    pd.DataFrame({"user_id": [None], "event_timestamp": pd.to_datetime(["2024-01-01"], utc=True), "n": [5]}
+                 ).to_parquet(tmp_path / "k" / "a.parquet")
+    view = mp.FeatureView("k", entities=[USER], schema=[mp.Field("n", mp.Int64)], source=mp.ParquetSource(tmp_path / "k"))
+    with pytest.raises(mp.DefinitionError, match="join key 'user_id' is null in every row of every file"):
+        p.features.apply([USER, view])
+
+
 def test_empty_entity_df(p, tmp_path):
     write(tmp_path / "e" / "a.parquet", txn_rows([1], [D(1)], [D(1)], [3]))
     p.features.apply([USER, txn_view(tmp_path / "e")])

@@ -79,7 +79,7 @@ def timestamps_ns_into(column: pa.Array | pa.ChunkedArray, out: np.ndarray) -> n
         n = len(chunk)
         if pat.is_dictionary(chunk.type):
             chunk = chunk.dictionary_decode()  # a null in the dictionary is a null value too
-        if pat.is_date(chunk.type):
+        if pat.is_date(chunk.type) or pat.is_null(chunk.type):  # null: None in every row of a pandas file
             chunk = chunk.cast(pa.timestamp("s"))
         dest = out[start : start + n]
         valid = None

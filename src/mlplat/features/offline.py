@@ -128,12 +128,12 @@ def join_view(
     factorizer = KeyFactorizer(keys)
     valid = factorizer.codes >= 0
     lo, hi = _window(view, ts)
-    if not valid.any():
-        return [pa.nulls(n, f.dtype.arrow) for f in fields]
-
     src = view.source
     files = ParquetFiles(src, threads)
     check_source(view, files, features, error=StoreError, applied_key_types=view.key_types)
+    types = [_served_type(f, files) for f in fields]
+    if not valid.any():
+        return [pa.nulls(n, t) for t in types]
     int_key = None
     if len(keys) == 1 and view.key_types[view.join_keys[0]] == "int":
         mm = pc.min_max(keys[0]).as_py()
@@ -145,7 +145,7 @@ def join_view(
         right_key, right_ts, right_created, factorizer.codes, lo, hi, factorizer.size, threads
     )
     del right_key, right_ts, right_created
-    return _gather_features(files, scan, picked, fields, threads)
+    return _gather_features(files, scan, picked, fields, types, threads)
 
 
 def _scan_arrays(
@@ -224,10 +224,11 @@ class ScanTimes:
         return ranks
 
 
-def _gather_features(files: ParquetFiles, scan: Scan, picked: np.ndarray, fields, threads: int) -> list[pa.Array]:
+def _gather_features(files: ParquetFiles, scan: Scan, picked: np.ndarray, fields, types: list[pa.DataType],
+                     threads: int) -> list[pa.Array]:
     hit = picked >= 0
     if not hit.any():
-        return [pa.nulls(len(picked), f.dtype.arrow) for f in fields]
+        return [pa.nulls(len(picked), t) for t in types]
     mark = np.zeros(scan.n_rows, dtype=bool)
     mark[picked[hit]] = True
     selected = np.flatnonzero(mark)
@@ -239,15 +240,31 @@ def _gather_features(files: ParquetFiles, scan: Scan, picked: np.ndarray, fields
     rows[hit] = rank[picked[hit]]
     del rank
     index = pa.array(rows, mask=~hit)
-    return [as_declared(table.column(f.name).take(index), f) for f in fields]
+    return [as_declared(table.column(f.name).take(index), f, t) for f, t in zip(fields, types)]
 
 
-def as_declared(column: Any, field) -> pa.Array:
-    """A source column as its field's declared type (timestamps keep their unit, in UTC)."""
+_UNITS = ("s", "ms", "us", "ns")
+
+
+def _served_type(field, files: ParquetFiles) -> pa.DataType:
+    """The type retrieval gives ``field``: its declared type, a timestamp in the finest unit the source's files
+    hold it in (UTC; microseconds where none holds a timestamp), so that every retrieval from the same files
+    has one type, whichever rows matched and whichever file they came from."""
+    if field.dtype.kind != "timestamp":
+        return field.dtype.arrow
+    units = [t.unit for _, schema in files.schemas() if field.name in schema.names
+             for t in [schema.field(field.name).type] if pat.is_timestamp(t)]
+    return pa.timestamp(max(units, key=_UNITS.index, default="us"), "UTC")
+
+
+def as_declared(column: Any, field, target: pa.DataType | None = None) -> pa.Array:
+    """A source column as ``target``, by default its field's declared type (a timestamp keeping its unit, in
+    UTC)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pat.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
-    target = field.dtype.arrow
-    if field.dtype.kind == "timestamp":
-        target = pa.timestamp(arr.type.unit if pat.is_timestamp(arr.type) else "us", "UTC")
+    if target is None:
+        target = field.dtype.arrow
+        if field.dtype.kind == "timestamp":
+            target = pa.timestamp(arr.type.unit if pat.is_timestamp(arr.type) else "us", "UTC")
     return arr if arr.type == target else arr.cast(target)

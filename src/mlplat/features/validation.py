@@ -41,6 +41,8 @@ def check_source(
 
         for k in view.join_keys:
             t = column(k, "join key")
+            if pa.types.is_null(t):  # None in every row of this file (pandas): its rows match nothing
+                continue
             kind = dtypes.key_kind(t)
             if kind is None:
                 raise error(f"{where}: join key {k!r} is {t} in {path}; keys must be integers or strings")
@@ -50,13 +52,18 @@ def check_source(
                 raise error(f"{where}: join key {k!r} is {kind} in {path},{applied} {expected} keys")
         for name in filter(None, (src.timestamp_field, src.created_timestamp_field)):
             t = column(name, "timestamp field")
-            if not _arrow.is_timestamp_type(t):
+            if not (_arrow.is_timestamp_type(t) or pa.types.is_null(t)):  # null: untimed rows, as a null time
                 raise error(f"{where}: timestamp field {name!r} is {t} in {path}, not a timestamp")
         for f in features:
             t = column(f, "field")
             declared = view.field(f).dtype
             if not (declared.accepts(t) or pa.types.is_null(t)):  # an all-null column (pandas' None) is any type
                 raise error(f"{where}: field {f!r} is declared {declared.name} but the source {path} holds {t}")
+    untyped = [k for k in view.join_keys if k not in key_types]
+    if untyped and files.paths:
+        raise error(f"{where}: join key {untyped[0]!r} is null in every row of every file of its source (Arrow's "
+                    "null type, as pandas writes a column of None), so whether its keys are integers or strings "
+                    "is unknown; add a file that holds them")
     return key_types
 
 
