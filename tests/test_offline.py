@@ -178,7 +178,8 @@ def test_a_view_whose_every_file_has_a_key_of_none_is_refused(p, tmp_path):
     (tmp_path / "k").mkdir()
     pd.DataFrame({"user_id": [None], "event_timestamp": pd.to_datetime(["2024-01-01"], utc=True), "n": [5]}
                  ).to_parquet(tmp_path / "k" / "a.parquet")
-    view = mp.FeatureView("k", entities=[USER], schema=[mp.Field("n", mp.Int64)], source=mp.ParquetSource(tmp_path / "k"))
+    view = mp.FeatureView("k", entities=[USER], schema=[mp.Field("n", mp.Int64)],
+                          source=mp.ParquetSource(tmp_path / "k"))
     with pytest.raises(mp.DefinitionError, match="join key 'user_id' is null in every row of every file"):
         p.features.apply([USER, view])
 
