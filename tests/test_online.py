@@ -1264,13 +1264,70 @@ def test_single_node_reads_are_one_command(tmp_path, redis_url, monkeypatch):
      ("rediss+cluster://h:1/0?prefix=x{", "brace"),
      ("redis://h:1/0?db=x", "db='x' is not a database number"),
      ("redis://:secret@h:1/0?socket_timeout=abc", r"online store redis://:\*\*\*@h:1/0\?socket_timeout=abc: a query "
-                                                  "parameter is wrong .*socket_timeout")],
+                                                  "parameter is wrong .*socket_timeout"),
+     # redis-py's cluster client dropped what it does not take, unseen: the time-out meant never applied
+     ("redis+cluster://h:1?tiemout=0.5", "a query parameter is wrong .*cluster client ignores tiemout.* mlplat's are"),
+     ("redis+cluster://h:1?socket_timeout=0.5&host=x&sockettimeout=1", "cluster client ignores host, sockettimeout"),
+     # binary records decoded as text: every write worked and every read was a raw UnicodeDecodeError
+     ("redis://h:1/0?decode_responses=true", "decode_responses=true would make redis-py decode the binary"),
+     ("redis+cluster://h:1?decode_responses=Yes", "decode_responses=Yes would make"),
+     ("redis://h:1/0?password=s3cret&decode_responses=1", r"redis://h:1/0\?password=\*\*\*&decode_responses=1")],
 )
 def test_bad_online_store_urls(url, message):
     from mlplat.features.online import open_online_store
 
     with pytest.raises(mp.ConfigError, match=message):
         open_online_store(url)
+
+
+def test_online_store_urls_that_open(tmp_path, redis_cluster_url):
+    from mlplat.features.online import open_online_store
+
+    for url in ("redis://h:1/0?decode_responses=false", "redis://h:1/0?decode_responses=0"):  # no connection yet
+        open_online_store(url).close()
+    store = open_online_store(f"{redis_cluster_url}?client_name=mlplat&socket_keepalive=true&decode_responses=no")
+    store.close()  # redis-py's connection parameters still go through on a cluster
+
+
+def test_a_password_in_the_query_is_hidden(tmp_path):
+    """redis-py logs in with ?password=; it was printed in every error and in the store's repr."""
+    url = "redis://127.0.0.1:1/0?password=s3cret&timeout=0.2&retries=0"
+    with mp.Platform(tmp_path / "h", online_store=url) as p:
+        write(tmp_path / "src" / "a.parquet", [1], [1], [1])
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        with pytest.raises(mp.OnlineStoreError, match=r"\?password=\*\*\*&timeout=0.2&retries=0: reading: cannot "
+                                                      "connect") as raised:
+            p.features.get_online_features(REFS, {"user_id": [1]})
+        assert "s3cret" not in str(raised.value)
+    from mlplat.features.online import open_online_store
+    from mlplat.settings import hide_password
+
+    assert "s3cret" not in repr(open_online_store(url))
+    assert hide_password("postgresql://h/db?sslmode=require&PassWord=x&y=1") == \
+        "postgresql://h/db?sslmode=require&PassWord=***&y=1"
+
+
+def test_an_sqlite_store_under_a_file_is_an_online_store_error(tmp_path):
+    from mlplat.features.online import open_online_store
+
+    (tmp_path / "afile").write_text("x")
+    for path in ("afile/online.db", "afile/sub/online.db"):  # FileExistsError, NotADirectoryError: raw before
+        with pytest.raises(mp.OnlineStoreError,
+                           match=r"cannot make its folder .*afile(/sub)? \(a file is in the way\)"):
+            open_online_store(f"sqlite:///{tmp_path / path}")
+
+
+def test_a_string_key_with_a_lone_surrogate_names_the_key_and_row(tmp_path):
+    view = mp.FeatureView("names", entities=[mp.Entity("person", join_keys=["name"])],
+                          schema=[mp.Field("count", mp.Int64)], source=mp.ParquetSource(tmp_path / "n"))
+    (tmp_path / "n").mkdir()
+    pq.write_table(pa.table({"name": ["a"], "event_timestamp": pa.array([NOW], pa.timestamp("us", "UTC")),
+                             "count": [1]}), tmp_path / "n" / "a.parquet")
+    with mp.Platform(tmp_path / "h") as p:
+        p.features.apply([view.entities[0], view])
+        with pytest.raises(mp.DataError, match=r"entity row 1: join key 'name' must be string: got text that is "
+                                               r"not valid UTF-8 \(it holds a lone surrogate\)"):
+            p.features.get_online_features(["names:count"], {"name": ["a", "\udcff"]})
 
 
 def test_sqlite_reads_search_the_whole_primary_key(tmp_path):

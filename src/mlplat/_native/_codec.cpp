@@ -512,7 +512,11 @@ py::list entity_keys(const py::list& columns, const std::vector<int>& kinds) {
                                          ": expected a string, got " + std::string(py::str(py::type::of(v).attr("__name__"))));
                 py::ssize_t len;
                 const char* s = PyUnicode_AsUTF8AndSize(v.ptr(), &len);
-                if (s == nullptr) throw py::error_already_set();
+                if (s == nullptr) {  // a lone surrogate ('\udcff', from os.fsdecode): no UTF-8 for it
+                    PyErr_Clear();
+                    throw py::value_error("key column " + std::to_string(j) + " row " + std::to_string(i) +
+                                          ": got text that is not valid UTF-8 (it holds a lone surrogate)");
+                }
                 append_str_key(key, s, size_t(len));
             }
         }

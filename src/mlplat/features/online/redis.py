@@ -162,6 +162,10 @@ def _parse(url: str) -> tuple[str, _Options, bool]:
         raise ConfigError(f"online store {hide_password(url)!r}: prefix {opts.prefix!r} holds a brace; a Redis "
                           "Cluster would hash the keys by the prefix's braces instead of their bucket's: leave "
                           "'{' and '}' out of it")
+    decode = query.get("decode_responses", "")
+    if decode.upper() not in ("", "0", "F", "FALSE", "N", "NO"):  # redis-py's false values
+        raise ConfigError(f"online store {hide_password(url)!r}: decode_responses={decode} would make redis-py "
+                          "decode the binary feature records as text (every read failing); leave it out")
     if not opts.timeout > 0 or opts.timeout == float("inf") or opts.retries < 0 or opts.batch < 1:
         raise ConfigError(f"online store {hide_password(url)!r}: timeout must be a finite number > 0 (seconds), "
                           "retries >= 0, batch >= 1")
@@ -254,8 +258,12 @@ class RedisOnlineStore(OnlineStore):
         self._pool: ConnectionPool | None = None
         try:
             if cluster:
-                from redis.cluster import RedisCluster
+                from redis.cluster import KWARGS_DISABLED_KEYS, REDIS_ALLOWED_KEYS, RedisCluster
 
+                ignored = [k for k, _ in parse_qsl(urlsplit(base).query)  # which RedisCluster drops unseen
+                           if k != "db" and (k not in REDIS_ALLOWED_KEYS or k in KWARGS_DISABLED_KEYS)]
+                if ignored:
+                    raise TypeError(f"redis-py's cluster client ignores {', '.join(dict.fromkeys(ignored))}")
                 try:
                     self._cluster = RedisCluster.from_url(base, **timeouts)
                 except _FAILURES as exc:

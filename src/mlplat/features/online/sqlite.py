@@ -82,7 +82,12 @@ class SQLiteOnlineStore(OnlineStore):
         if not database or database == ":memory:":
             raise ConfigError(f"online store {url!r}: give a file, e.g. sqlite:///path/online.db")
         self._path = Path(database).expanduser()
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where a folder of the path should be, no permission
+            why = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+            raise OnlineStoreError(f"online store {self.name}: cannot make its folder {self._path.parent} "
+                                   f"({why or exc})") from None
         self._local = threading.local()
         self._all: dict[threading.Thread, sqlite3.Connection] = {}  # each thread's, while it lives
         self._lock = threading.Lock()
