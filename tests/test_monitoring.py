@@ -149,14 +149,7 @@ def test_versions_on_different_definitions_are_each_recomputed_with_their_own(wo
                                    mp.Field("segment", mp.String)],
                            source=mp.ParquetSource(tmp_path / "profile2"))
     assert p.features.apply([view2])[0].version == 2
-    times = pa.array([NOW - timedelta(hours=2)] * 500, pa.timestamp("us", "UTC"))
-    train2 = p.features.get_historical_features(pa.table({"user_id": rng.integers(0, USERS, 500),
-                                                           "event_timestamp": times}), REFS)
-    with p.runs.start("scoring") as run:
-        run.log_input(train2, "train", feature_refs=REFS)
-        run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1)), "model", example_input=torch.zeros(2, 2),
-                      columns=["score", "visits"])
-    assert p.models.register("scorer", run.id, registered_by="alice").version == 2
+    assert _registered(p, "scorer", _training_set(p, rng, REFS, 500, hours=2), REFS, ["score", "visits"]) == 2
     p.features.materialize(end_date=NOW, views=["profile@2"])
     since = _since()
     p.serving.predict("scorer", {"user_id": users.tolist()}, version=1)
@@ -567,14 +560,29 @@ def test_a_float32_served_input_is_compared_at_float32_with_its_float64_training
     assert moved.drifted
 
 
-def _second_version(p, train: pa.Table, refs: list[str], **log_input) -> int:
-    """``scorer`` v2, trained on ``train`` (logged with ``refs``) and a later input, served to every user."""
+def _training_set(p, rng: np.random.Generator, refs: list[str], rows: int, hours: int = 1) -> pa.Table:
+    """A point-in-time training table of ``rows`` random users stamped ``hours`` ago."""
+    times = pa.array([NOW - timedelta(hours=hours)] * rows, pa.timestamp("us", "UTC"))
+    return p.features.get_historical_features(pa.table({"user_id": rng.integers(0, USERS, rows),
+                                                        "event_timestamp": times}), refs)
+
+
+def _registered(p, name: str, train: pa.Table, refs: list[str], columns: list[str], *, valid: bool = False,
+                **log_input) -> int:
+    """The next version of ``name``, trained by a run that logs ``train`` with ``refs`` (and, with ``valid``,
+    a later input of fewer features with its entity rows kept) on the model input ``columns``."""
     with p.runs.start("scoring") as run:
         run.log_input(train, "train", feature_refs=refs, **log_input)
-        run.log_input(train.slice(0, 100), "valid", feature_refs=refs[:1])  # kept rows, fewer features
+        if valid:
+            run.log_input(train.slice(0, 100), "valid", feature_refs=refs[:1])
         run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1)), "model", example_input=torch.zeros(2, 2),
-                      columns=["score", "visits"])
-    version = p.models.register("scorer", run.id, registered_by="alice").version
+                      columns=columns)
+    return p.models.register(name, run.id, registered_by="alice").version
+
+
+def _second_version(p, train: pa.Table, **log_input) -> int:
+    """``scorer`` v2 on REFS, with a later validation input, served to every user."""
+    version = _registered(p, "scorer", train, REFS, ["score", "visits"], valid=True, **log_input)
     p.serving.predict("scorer", {"user_id": list(range(USERS))}, version=version)
     return version
 
@@ -594,10 +602,7 @@ def test_drift_of_each_version_after_a_feature_changed_type(world, tmp_path):
                                    mp.Field("segment", mp.Int64)], source=mp.ParquetSource(tmp_path / "profile2"))
     assert p.features.apply([view2])[0].version == 2
     p.features.materialize(end_date=NOW, views=["profile@2"])
-    times = pa.array([NOW - timedelta(hours=2)] * 2000, pa.timestamp("us", "UTC"))
-    train2 = p.features.get_historical_features(pa.table({"user_id": rng.integers(0, USERS, 2000),
-                                                           "event_timestamp": times}), REFS)
-    assert _second_version(p, train2, REFS) == 2
+    assert _second_version(p, _training_set(p, rng, REFS, 2000, hours=2)) == 2
     for version in (1, 2):
         report = p.monitoring.drift("scorer", version=version)
         assert set(report.features) == set(REFS_NAMES) and report.drifted == []
@@ -611,13 +616,13 @@ def test_drift_compares_with_the_input_predict_serves_not_a_later_one(world):
     """The first input logged with feature refs is what predict serves; drift took the first one with entity
     rows kept (a validation table with one feature), checking one of three features and reading as calm."""
     p, train = world
-    version = _second_version(p, train, REFS, keep_entity_rows=False)
+    version = _second_version(p, train, keep_entity_rows=False)
     with pytest.raises(NotFoundError, match=f"scorer v{version}'s training input 'train' was logged with "
                                             "keep_entity_rows=False"):
         p.monitoring.drift("scorer", version=version)
     lineage = p.models.lineage("scorer", version=version, verify=True)["data"]
     assert lineage[0]["verification"]["reason"].startswith("logged with feature_refs but keep_entity_rows=False")
-    version = _second_version(p, train, REFS)  # the training input kept: all its features
+    version = _second_version(p, train)  # the training input kept: all its features
     assert set(p.monitoring.drift("scorer", version=version).features) == set(REFS_NAMES)
 
 
@@ -636,14 +641,7 @@ def test_drift_of_a_version_whose_request_time_input_became_a_feature_later(worl
     p.features.apply([amounts])
     p.features.materialize(end_date=NOW, views=["amounts"])
     refs = ["profile:score", "amounts:amount"]
-    times = pa.array([NOW - timedelta(hours=1)] * 500, pa.timestamp("us", "UTC"))
-    train = p.features.get_historical_features(pa.table({"user_id": rng.integers(0, USERS, 500),
-                                                          "event_timestamp": times}), refs)
-    with p.runs.start("pay") as run:
-        run.log_input(train, "train", feature_refs=refs)
-        run.log_model(torch.nn.Sequential(torch.nn.Linear(2, 1)), "model", example_input=torch.zeros(2, 2),
-                      columns=["score", "amount"])
-    assert p.models.register("pay", run.id).version == 2
+    assert _registered(p, "pay", _training_set(p, rng, refs, 500), refs, ["score", "amount"]) == 2
     p.serving.predict("pay", {"user_id": list(range(USERS))}, version=2)
     for version, features in ((1, {*REFS_NAMES, "amount"}), (2, {"score", "amount"})):
         report = p.monitoring.drift("pay", version=version)
