@@ -657,6 +657,21 @@ def test_drift_and_skew_take_numpy_numbers(world):
     for kwargs in ({"bins": np.bool_(True)}, {"bins": np.float64(10)}):
         with pytest.raises(DataError, match="bins must be an integer"):
             p.monitoring.drift("scorer", **kwargs)
+    assert p.monitoring.drift("scorer", version=np.int64(1)).version == 1  # a version number from a numpy column
+    assert p.models.get("scorer", version=np.int32(1)).version == 1 and p.models.history("scorer", version=np.int64(1))
+    assert p.serving.served_log.version_rows("scorer", np.int64(1)).num_rows == USERS
+
+
+def test_one_versions_served_rows_name_a_bad_model_or_version(world):
+    p, _ = world
+    log = p.serving.served_log
+    assert log.version_rows("scorer", 2).num_rows == 0  # no such version served (yet): nothing, not an error
+    with pytest.raises(NotFoundError, match="no served features are logged for a model named 'scorr'"):
+        log.version_rows("scorr", 1)
+    with pytest.raises(DataError, match="model"):
+        log.version_rows("../served", 1)
+    with pytest.raises(DataError, match="version must be a version number"):
+        log.version_rows("scorer", "1")
 
 
 def test_drift_check_refuses_a_feature_missing_on_either_side():

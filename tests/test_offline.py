@@ -153,6 +153,22 @@ def test_a_timestamp_feature_has_one_type_whichever_rows_match(p, tmp_path):
     assert pa.concat_tables(outs).column("seen").to_pylist() == [D(1, 5), D(1, 6), D(1, 5), D(1, 6), None, None]
 
 
+def test_a_far_time_that_the_finest_unit_cannot_hold_is_a_store_error_naming_the_feature(p, tmp_path):
+    """One file in us with a 9999-12-31 "no end" time, another in ns (pandas' unit): the feature comes out in ns,
+    which cannot hold 9999 (a raw ArrowInvalid); materialize refuses such a source as well."""
+    times = {"user_id": [1], "event_timestamp": pa.array([D(1)], TS)}
+    write(tmp_path / "t" / "a.parquet", {**times, "until": pa.array([datetime(9999, 12, 31, tzinfo=UTC)], TS)})
+    write(tmp_path / "t" / "b.parquet", {**times, "user_id": [2], "until": pa.array([D(9)], pa.timestamp("ns", "UTC"))})
+    view = mp.FeatureView("acct", entities=[USER], schema=[mp.Field("until", mp.Timestamp)],
+                          source=mp.ParquetSource(tmp_path / "t"))
+    p.features.apply([USER, view])
+    assert p.features.get_historical_features(entities([2], [D(2)]), ["acct:until"]).column("until").to_pylist() \
+        == [D(9)]
+    with pytest.raises(mp.StoreError, match=r"feature view 'acct': feature 'until' holds a time outside what "
+                                            r"timestamp\[ns, tz=UTC\] holds, .* write the files in one unit"):
+        p.features.get_historical_features(entities([1], [D(2)]), ["acct:until"])
+
+
 @pytest.mark.parametrize("column, expected", [("created_timestamp", 5), ("user_id", 5), ("event_timestamp", 5),
                                               ("n", None)])
 def test_a_file_with_a_key_or_time_column_of_none_in_every_row(p, tmp_path, column, expected):

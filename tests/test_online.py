@@ -1280,13 +1280,16 @@ def test_bad_online_store_urls(url, message):
         open_online_store(url)
 
 
-def test_online_store_urls_that_open(tmp_path, redis_cluster_url):
-    from mlplat.features.online import open_online_store
-
-    for url in ("redis://h:1/0?decode_responses=false", "redis://h:1/0?decode_responses=0"):  # no connection yet
-        open_online_store(url).close()
-    store = open_online_store(f"{redis_cluster_url}?client_name=mlplat&socket_keepalive=true&decode_responses=no")
-    store.close()  # redis-py's connection parameters still go through on a cluster
+@pytest.mark.parametrize("decode", ["false", "0", "no"])
+def test_online_store_urls_that_read(tmp_path, redis_url, redis_cluster_url, decode):
+    """redis-py takes decode_responses's text as is ("false" is true): it is left out, and reads work."""
+    for i, url in enumerate((f"{redis_url}?decode_responses={decode}",  # on a cluster, redis-py's connection
+                             f"{redis_cluster_url}?client_name=mlplat&socket_keepalive=true&decode_responses={decode}")):
+        with mp.Platform(tmp_path / f"h{i}", online_store=url) as p:  # parameters still go through
+            write(tmp_path / "src" / "a.parquet", [1], [1], [4])
+            p.features.apply([USER, txn_view(tmp_path / "src")])
+            p.features.materialize(end_date=NOW, progress=False)
+            assert p.features.get_online_features(REFS, {"user_id": [1]})["count"] == [4]
 
 
 def test_a_password_in_the_query_is_hidden(tmp_path):
@@ -1303,8 +1306,11 @@ def test_a_password_in_the_query_is_hidden(tmp_path):
     from mlplat.settings import hide_password
 
     assert "s3cret" not in repr(open_online_store(url))
-    assert hide_password("postgresql://h/db?sslmode=require&PassWord=x&y=1") == \
-        "postgresql://h/db?sslmode=require&PassWord=***&y=1"
+    assert hide_password("postgresql://h/db?sslmode=require&PassWord=x&y=1&sslpassword=z") == \
+        "postgresql://h/db?sslmode=require&PassWord=***&y=1&sslpassword=***"
+    with pytest.raises(mp.ConfigError) as raised:  # redis-py's TLS key password, and a "#" in a password
+        open_online_store("rediss://h:1/0?tiemout=1&ssl_password=pa55#w0rd")
+    assert "pa55" not in str(raised.value) and "w0rd" not in str(raised.value)
 
 
 def test_an_sqlite_store_under_a_file_is_an_online_store_error(tmp_path):

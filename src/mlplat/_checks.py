@@ -40,7 +40,9 @@ BINS_MAX = 1_000
 
 
 def check_version(version: object) -> int:
-    """A model or feature-definition version number: an int from 1 to :data:`VERSION_MAX`, else DataError."""
+    """A model or feature-definition version number as a Python int (numpy's too): an int from 1 to
+    :data:`VERSION_MAX`, else DataError."""
+    version = plain(version)
     require_number("version", version, low=1, high=VERSION_MAX, integer=True,
                    meaning=f"a version number (an int: 1, 2, ..., at most {VERSION_MAX})")
     return version  # type: ignore[return-value]

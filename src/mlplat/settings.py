@@ -129,23 +129,23 @@ class Settings:
 
 def hide_password(url: str) -> str:
     """``url`` with the password of its ``user:password@`` part, and of a ``password=`` query parameter (which
-    redis-py and libpq take), replaced by ``***``, for messages and logs; it needs no valid URL (an error about a
+    redis-py and libpq take; ``ssl_password=`` and ``sslpassword=`` too), replaced by ``***``, for messages and logs; it needs no valid URL (an error about a
     malformed URL must not print the password either).
 
     >>> hide_password("postgresql://app:s3cret@db:5432/mlplat")
     'postgresql://app:***@db:5432/mlplat'
     >>> hide_password("redis://:s3cret@cache:6379/0"), hide_password("sqlite:///x.db")
     ('redis://:***@cache:6379/0', 'sqlite:///x.db')
-    >>> hide_password("redis://cache/0?timeout=1&password=s3cret&db=2")
-    'redis://cache/0?timeout=1&password=***&db=2'
+    >>> hide_password("redis://cache/0?timeout=1&password=s3cret&db=2"), hide_password("rediss://c?ssl_password=a#b")
+    ('redis://cache/0?timeout=1&password=***&db=2', 'rediss://c?ssl_password=***')
     """
     return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1***@", url))
 
 
 #: scheme://user:password@ -- masked up to the last "@" (a password may hold an unescaped "@" or "/")
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@]*:).*@", re.S)
-#: ?password=... or &password=... up to the next parameter (any case: libpq and redis-py read the parameter)
-_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd)=)[^&#]*", re.I)
+#: ?password=..., &ssl_password=... (redis-py), &sslpassword=... (libpq) up to the next parameter, "#" included
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl_?)?pass(?:word|wd)=)[^&]*", re.I)
 
 
 class _Stripped(Mapping):

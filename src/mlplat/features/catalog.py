@@ -241,7 +241,7 @@ class Catalog:
         if not isinstance(name, str):
             raise DefinitionError(f"a {kind.replace('_', ' ')} name is a string, got {type(name).__name__} {name!r}")
         if version is not None:  # 10**30 overflowed the query (a raw database error), 'x' or 2.0 reached it
-            check_version(version)
+            version = check_version(version)
         if not _storable(name):  # no definition is named so (names are checked); PostgreSQL refused the query
             return None
         q = sa.select(FeatureDefinition).where(FeatureDefinition.kind == kind, FeatureDefinition.name == name)

@@ -131,7 +131,7 @@ def join_view(
     src = view.source
     files = ParquetFiles(src, threads)
     check_source(view, files, features, error=StoreError, applied_key_types=view.key_types)
-    types = [_served_type(f, files) for f in fields]
+    types = _served_types(fields, files)
     if not valid.any():
         return [pa.nulls(n, t) for t in types]
     int_key = None
@@ -145,7 +145,7 @@ def join_view(
         right_key, right_ts, right_created, factorizer.codes, lo, hi, factorizer.size, threads
     )
     del right_key, right_ts, right_created
-    return _gather_features(files, scan, picked, fields, types, threads)
+    return _gather_features(view, files, scan, picked, fields, types, threads)
 
 
 def _scan_arrays(
@@ -224,8 +224,8 @@ class ScanTimes:
         return ranks
 
 
-def _gather_features(files: ParquetFiles, scan: Scan, picked: np.ndarray, fields, types: list[pa.DataType],
-                     threads: int) -> list[pa.Array]:
+def _gather_features(view: FeatureView, files: ParquetFiles, scan: Scan, picked: np.ndarray, fields,
+                     types: list[pa.DataType], threads: int) -> list[pa.Array]:
     hit = picked >= 0
     if not hit.any():
         return [pa.nulls(len(picked), t) for t in types]
@@ -240,21 +240,34 @@ def _gather_features(files: ParquetFiles, scan: Scan, picked: np.ndarray, fields
     rows[hit] = rank[picked[hit]]
     del rank
     index = pa.array(rows, mask=~hit)
-    return [as_declared(table.column(f.name).take(index), f, t) for f, t in zip(fields, types)]
+    out = []
+    for f, t in zip(fields, types):
+        try:
+            out.append(as_declared(table.column(f.name).take(index), f, t))
+        except pa.ArrowInvalid:  # a far time of a coarser file in a finer unit: 9999-12-31 has no nanoseconds
+            raise StoreError(f"feature view {view.name!r}: feature {f.name!r} holds a time outside what {t} holds, "
+                             "the finest of the units its source's files hold it in, which retrieval gives; write "
+                             "the files in one unit, or such 'no end' times as null") from None
+    return out
 
 
 _UNITS = ("s", "ms", "us", "ns")
 
 
-def _served_type(field, files: ParquetFiles) -> pa.DataType:
-    """The type retrieval gives ``field``: its declared type, a timestamp in the finest unit the source's files
+def _served_types(fields: list, files: ParquetFiles) -> list[pa.DataType]:
+    """The type retrieval gives each field: its declared type, a timestamp in the finest unit the source's files
     hold it in (UTC; microseconds where none holds a timestamp), so that every retrieval from the same files
     has one type, whichever rows matched and whichever file they came from."""
-    if field.dtype.kind != "timestamp":
-        return field.dtype.arrow
-    units = [t.unit for _, schema in files.schemas() if field.name in schema.names
-             for t in [schema.field(field.name).type] if pat.is_timestamp(t)]
-    return pa.timestamp(max(units, key=_UNITS.index, default="us"), "UTC")
+    finest = {f.name: -1 for f in fields if f.dtype.kind == "timestamp"}
+    if finest:
+        for _, schema in files.schemas():
+            for name in finest:
+                i = schema.get_field_index(name)
+                t = schema.field(i).type if i >= 0 else None
+                if t is not None and pat.is_timestamp(t):
+                    finest[name] = max(finest[name], _UNITS.index(t.unit))
+    return [pa.timestamp(_UNITS[finest[f.name]] if finest[f.name] >= 0 else "us", "UTC") if f.name in finest
+            else f.dtype.arrow for f in fields]
 
 
 def as_declared(column: Any, field, target: pa.DataType | None = None) -> pa.Array:

@@ -85,6 +85,7 @@ class ParquetFiles:
         self.fs, _, self.paths = list_files(source)
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(self.paths)))) as pool:
             self.metadata: list[pq.FileMetaData] = list(pool.map(self._footer, self.paths))
+        self._schemas: list[tuple[str, pa.Schema]] | None = None
 
     def _footer(self, path: str) -> pq.FileMetaData:
         return read_footer(self.fs, self.source, path)
@@ -95,7 +96,11 @@ class ParquetFiles:
         return _readable(self.metadata[0].schema.to_arrow_schema())
 
     def schemas(self) -> list[tuple[str, pa.Schema]]:
-        return [(p, md.schema.to_arrow_schema()) for p, md in zip(self.paths, self.metadata)]
+        """(path, Arrow schema) of every file, converted from the footers once (checks and retrieval read them
+        per field)."""
+        if self._schemas is None:
+            self._schemas = [(p, md.schema.to_arrow_schema()) for p, md in zip(self.paths, self.metadata)]
+        return self._schemas
 
     def read(self, index: int, row_groups: Sequence[int], columns: Sequence[str], use_threads: bool) -> pa.Table:
         """``columns`` of some row groups of one file; string and binary views come as large_string and

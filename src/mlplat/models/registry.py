@@ -318,7 +318,7 @@ class ModelRegistry:
         """
         _check_model_name(name)
         _check_stage(stage)
-        check_version(version)
+        version = check_version(version)
         _check_free_text(notes, "notes")
         who = _check_person(_user() if actor is None else actor, "actor")
         given_approver = approved_by
@@ -362,7 +362,7 @@ class ModelRegistry:
                 or alias.lower() in STAGES):  # "fraud@Production" would read as the stage and serve the alias
             raise DataError(f"alias {alias!r} is invalid: letters, digits, '_', '-' and '.', at most {_ALIAS_MAX}, "
                             "and not a stage name (in any case)")
-        check_version(version)
+        version = check_version(version)
         _check_free_text(notes, "notes")
         who = _check_person(_user() if actor is None else actor, "actor")
         with self._db.connect(write=True) as conn:
@@ -451,7 +451,7 @@ class ModelRegistry:
             raise DataError("choose a model version by one of version=, stage= or alias= (on the command line, "
                             "one of --version, --stage or --alias), not several")
         if version is not None:
-            check_version(version)
+            version = check_version(version)
         if stage is not None:
             _check_stage(stage)
         if alias is not None:
@@ -477,7 +477,7 @@ class ModelRegistry:
     def history(self, name: str, *, version: int | None = None) -> list[Transition]:
         """Every recorded transition of the model (or of one version), oldest first."""
         if version is not None:
-            check_version(version)
+            version = check_version(version)
         with self._db.connect() as conn:
             model_id = self._model_id(conn, name)
             q = (sa.select(ModelVersion.version, ModelTransition.from_stage, ModelTransition.to_stage,

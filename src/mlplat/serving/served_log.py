@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import _background
+from .._checks import check_version
 from .._time import utc_argument
 from ..errors import DataError, DefinitionError, NotFoundError, StoreError
 from ..features.definitions import parse_ref
@@ -341,14 +342,23 @@ class ServedLog:
         tables = [g.rows for g in self.groups(model, since)]  # groups() flushes first
         if not tables:
             if not (self.root / model).is_dir():
-                raise NotFoundError(f"no served features are logged for a model named {model!r}: predict logs "
-                                    "them when the platform's served_log_sample_rate is above 0")
+                raise _nothing_logged(model)
             return pa.table({})
         return _joined(model, tables)
 
     def version_rows(self, model: str, version: int, since: datetime | None = None) -> pa.Table:
         """The logged rows of one version of ``model`` (after ``since``), oldest first, from the groups that
-        hold its rows only: another version's columns, of other types or names, do not come into it."""
+        hold its rows only: another version's columns, of other types or names, do not come into it.
+        NotFoundError when nothing was ever logged for ``model``.
+
+        >>> p.serving.served_log.version_rows("fraud", 2).num_rows  # doctest: +SKIP
+        500
+        """
+        check_log_name(model, "model")
+        version = check_version(version)
+        self.flush()  # this process's rows first: the folder comes with the first file
+        if not (self.root / model).is_dir():
+            raise _nothing_logged(model)
         tables = []
         for group in self.groups(model, since):
             rows = group.rows.filter(pc.equal(group.rows.column("model_version"), version))
@@ -382,6 +392,11 @@ class ServedLog:
             self._closed = not self._count  # rows added meanwhile: registered again, as after close()
         if not self._closed:
             _background.register(self)
+
+
+def _nothing_logged(model: str) -> NotFoundError:
+    return NotFoundError(f"no served features are logged for a model named {model!r}: predict logs them when the "
+                         "platform's served_log_sample_rate is above 0")
 
 
 def _joined(model: str, tables: list[pa.Table]) -> pa.Table:

@@ -162,8 +162,8 @@ def _parse(url: str) -> tuple[str, _Options, bool]:
         raise ConfigError(f"online store {hide_password(url)!r}: prefix {opts.prefix!r} holds a brace; a Redis "
                           "Cluster would hash the keys by the prefix's braces instead of their bucket's: leave "
                           "'{' and '}' out of it")
-    decode = query.get("decode_responses", "")
-    if decode.upper() not in ("", "0", "F", "FALSE", "N", "NO"):  # redis-py's false values
+    decode = query.pop("decode_responses", "")  # redis-py takes the text as is: "false" would be true
+    if decode.upper() not in ("", "0", "F", "FALSE", "N", "NO"):
         raise ConfigError(f"online store {hide_password(url)!r}: decode_responses={decode} would make redis-py "
                           "decode the binary feature records as text (every read failing); leave it out")
     if not opts.timeout > 0 or opts.timeout == float("inf") or opts.retries < 0 or opts.batch < 1:
