@@ -1283,9 +1283,10 @@ def test_bad_online_store_urls(url, message):
 @pytest.mark.parametrize("decode", ["false", "0", "no"])
 def test_online_store_urls_that_read(tmp_path, redis_url, redis_cluster_url, decode):
     """redis-py takes decode_responses's text as is ("false" is true): it is left out, and reads work."""
-    for i, url in enumerate((f"{redis_url}?decode_responses={decode}",  # on a cluster, redis-py's connection
-                             f"{redis_cluster_url}?client_name=mlplat&socket_keepalive=true&decode_responses={decode}")):
-        with mp.Platform(tmp_path / f"h{i}", online_store=url) as p:  # parameters still go through
+    cluster = f"{redis_cluster_url}?client_name=mlplat&socket_keepalive=true"  # redis-py's connection parameters
+    for i, url in enumerate((redis_url, cluster)):  # still go through on a cluster
+        url += f"{'&' if '?' in url else '?'}decode_responses={decode}"
+        with mp.Platform(tmp_path / f"h{i}", online_store=url) as p:
             write(tmp_path / "src" / "a.parquet", [1], [1], [4])
             p.features.apply([USER, txn_view(tmp_path / "src")])
             p.features.materialize(end_date=NOW, progress=False)

@@ -129,8 +129,8 @@ class Settings:
 
 def hide_password(url: str) -> str:
     """``url`` with the password of its ``user:password@`` part, and of a ``password=`` query parameter (which
-    redis-py and libpq take; ``ssl_password=`` and ``sslpassword=`` too), replaced by ``***``, for messages and logs; it needs no valid URL (an error about a
-    malformed URL must not print the password either).
+    redis-py and libpq take; ``ssl_password=`` and ``sslpassword=`` too), replaced by ``***``, for messages and
+    logs; it needs no valid URL (an error about a malformed URL must not print the password either).
 
     >>> hide_password("postgresql://app:s3cret@db:5432/mlplat")
     'postgresql://app:***@db:5432/mlplat'
