@@ -4,6 +4,7 @@ of the same artifact either comes first (the version records the files it stored
 changed."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -191,3 +192,39 @@ def test_log_model_racing_a_registration_leaves_a_version_whose_files_are_the_on
         assert refusal == b"=", f"round {round_}: the refusal did not say that nothing was written"
         assert _leftovers(p, run.id) == [], f"round {round_}"
     assert not failed, f"{len(failed)} of 6 rounds left a version that does not load:\n" + "\n".join(failed)
+
+
+def test_two_writers_of_one_new_artifact_name_leave_a_row_that_describes_the_files(p, tmp_path, monkeypatch):
+    """The first writer's files are swapped in and its row not yet written when the second writes: on PostgreSQL
+    nothing locked a name with no row, so the second swapped and recorded its files in between, and the first's
+    row then described files the store no longer held (a version registered on it refused to load)."""
+    import threading
+
+    swapping = p.artifacts.swap_in
+    first_swapped, go_on = threading.Event(), threading.Event()
+
+    def swap_in(*args):
+        swapping(*args)
+        if threading.current_thread().name == "first":
+            first_swapped.set()
+            go_on.wait(1.0)  # the second writer's turn, until it is done or has waited a second for the lock
+
+    monkeypatch.setattr(p.artifacts, "swap_in", swap_in)
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"src{i}.txt")
+        files[-1].write_text(f"the writer {i}'s bytes")
+    with p.runs.start("art") as run:
+        first = threading.Thread(target=run.log_artifact, args=(files[0], "shared.txt"), name="first")
+        first.start()
+        assert first_swapped.wait(10)
+        second = threading.Thread(target=lambda: (run.log_artifact(files[1], "shared.txt"), go_on.set()))
+        second.start()
+        second.join(10)
+        go_on.set()
+        first.join(10)
+        second.join(10)
+    stored = Path(p.artifacts.path(run.id)) / "shared.txt"
+    row = _row(p, run.id, "shared.txt")
+    assert row.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
+    assert stored.read_text() == "the writer 1's bytes"  # the second writer, after the first was done

@@ -234,11 +234,33 @@ def test_unreachable_database_is_a_store_error(pg_admin_url):
     db.dispose()
 
 
-@pytest.mark.postgres
-def test_postgres_pool_settings_are_applied(pg_url):
-    db = Database(pg_url, pool_size=3, max_overflow=1, pool_timeout=2)
+def test_pool_settings_are_applied(database_url):
+    """SQLite files too: its engine took SQLAlchemy's defaults, and the pool-exhausted error said to raise
+    settings that did nothing."""
+    db = Database(database_url, pool_size=3, max_overflow=1, pool_timeout=2)
     assert (db.engine.pool.size(), db.engine.pool._max_overflow, db.engine.pool._timeout) == (3, 1, 2)
     db.dispose()
+
+
+def test_threads_migrating_different_new_databases_at_once_all_reach_head(tmp_path):
+    """Alembic keeps its migration context in module globals: threads migrating their own new files ran DDL on
+    each other's connections (KeyError 'script', half-made schemas that never opened again, a segfault)."""
+    errors: list[BaseException] = []
+
+    def migrate(i: int) -> None:
+        db = Database(f"sqlite:///{tmp_path / f'db{i}.db'}")
+        try:
+            ensure_schema(db)
+            with db.connect() as conn:
+                assert current_revision(conn) == head_revision()
+                assert not compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            db.dispose()
+
+    in_threads(migrate, 8)
+    assert errors == []
 
 
 @pytest.mark.postgres

@@ -75,7 +75,7 @@ def create_engine(
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed, echo)
+        return _sqlite_engine(parsed, echo, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout)
     try:
         import psycopg  # noqa: F401
     except ImportError:
@@ -143,7 +143,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
+def _sqlite_engine(url: sa.URL, echo: bool, **pool: Any) -> Engine:
+    """A SQLite engine; a file's has a pool of ``pool`` (pool_size, max_overflow, pool_timeout), as PostgreSQL's."""
     memory = url.database in (None, "", ":memory:")
     if not memory:
         folder = Path(url.database).parent
@@ -156,6 +157,8 @@ def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}}
     if memory:
         kwargs["poolclass"] = StaticPool
+    else:
+        kwargs.update(pool)
     engine = sa.create_engine(url, echo=echo, **kwargs)
 
     @event.listens_for(engine, "connect")

@@ -9,6 +9,7 @@ something to overwrite.
 """
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def head_revision() -> str:
     return _script().get_current_head()
 
 
+#: Alembic keeps its migration context and ``op`` in module globals: two threads migrating two databases at once
+#: ran each other's DDL on the wrong connections (half-made schemas, KeyErrors, a segfault in sqlite3)
+_ALEMBIC = threading.Lock()
+
+
 def current_revision(conn: Connection) -> str | None:
     """The revision a database is at, or None for an empty database."""
     if not sa.inspect(conn).has_table("alembic_version"):
@@ -82,7 +88,8 @@ def upgrade(db: Database, revision: str = "head") -> None:
         if revision == "head" and current == head_revision():
             return
         try:
-            command.upgrade(alembic_config(conn), revision)
+            with _ALEMBIC:
+                command.upgrade(alembic_config(conn), revision)
         except sa.exc.ProgrammingError as exc:  # e.g. a search_path schema that does not exist
             raise StoreError(
                 f"database {db.engine.url.render_as_string(hide_password=True)}: creating mlplat's tables failed: "

@@ -186,12 +186,22 @@ def _check_not_evidence(conn: Any, run_id: str, name: str, action: str, *, own: 
                     "the input's data from them), so nothing was written: log the new files under another name")
 
 
+#: the first key of the transaction-level advisory lock (two int4 keys: not the migrations' bigint one) under
+#: which a PostgreSQL transaction puts a run's artifact files in place, the second being the run id's hash
+_PG_ARTIFACTS_LOCK = 0x6D6C6172  # "mlar"
+
+
 def _lock_rows(conn: Any, run_id: str, name: str) -> None:
-    """On PostgreSQL, lock the artifact rows of run ``run_id`` that logging ``name`` changes the files of (see
-    :func:`_overlaps`), in path order. ``register`` reads its artifact's row FOR UPDATE, so a registration
+    """On PostgreSQL, take the run's artifact lock, then lock the artifact rows of run ``run_id`` that logging
+    ``name`` changes the files of (see :func:`_overlaps`), in path order. The first keeps two writers of one new
+    name (no row to lock yet) from swapping their files in one order and upserting their rows in the other (a
+    row's sha256 not that of the files). ``register`` reads its artifact's row FOR UPDATE, so a registration
     either committed before (and the checks that follow see it) or waits until this transaction is done and
     records the sha256 of the files it put in place. SQLite renders no FOR UPDATE: its write transactions
     (BEGIN IMMEDIATE) already run one at a time."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k, hashtext(:run))"),
+                     {"k": _PG_ARTIFACTS_LOCK, "run": run_id})
     conn.execute(sa.select(RunArtifact.path).where(
         RunArtifact.run_id == run_id,
         sa.or_(RunArtifact.path.in_([*_holders(name), name]), RunArtifact.path.startswith(name + "/", autoescape=True)))
