@@ -15,7 +15,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -323,6 +323,83 @@ def test_an_onnx_export_keeps_every_dimension_of_any_size_dynamic(served, tmp_pa
     for rows, width in ((3, 5), (1, 2), (8, 7)):
         x = np.arange(rows * width, dtype=np.float32).reshape(rows, width)
         np.testing.assert_allclose(session.run(None, {"input__0": x})[0], x.sum(axis=1, keepdims=True))
+
+
+class Masked(torch.nn.Module):
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return x.sum(dim=1, keepdim=True) if mask is None else (x * mask).sum(dim=1, keepdim=True)
+
+
+class Ignores(torch.nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=1, keepdim=True)
+
+
+class Window(torch.nn.Module):
+    """A convolution of kernel 5 over a length of any size: it needs at least 5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 2, kernel_size=5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=2)
+
+
+def test_exports_a_backend_would_not_load_are_refused_and_write_nothing(served, tmp_path):
+    """They were written, and the server refused the model: a libtorch forward with an optional argument (the
+    config has one input), an ONNX graph without the input the model ignores (the config has two)."""
+    version = _register(served, "masked", Masked(), stage=None)
+    with pytest.raises(mp.DataError, match=r"libtorch backend loads a forward\(\) of 1 Tensor argument\(s\).*"
+                                           r"\(x: Tensor, mask: Optional\[Tensor\]\); export it with backend='python'"):
+        served.serving.export_triton("masked", version=version, repository=tmp_path / "l", backend="pytorch_libtorch",
+                                     max_batch_size=8)
+    served.serving.export_triton("masked", version=version, repository=tmp_path / "p", max_batch_size=8)  # it works
+    with served.runs.start("ignores") as run:
+        run.log_model(Ignores(), "model", example_input=(torch.zeros(2, 3), torch.zeros(2, 3)))
+    served.models.register("ignores", run.id)
+    with pytest.raises(mp.DataError, match=r"ONNX export left out the input\(s\) \['input__1'\], which the model "
+                                           "does not use"):
+        served.serving.export_triton("ignores", version=1, repository=tmp_path / "o", backend="onnxruntime",
+                                     max_batch_size=8)
+    assert not (tmp_path / "l" / "masked").exists() and not (tmp_path / "o" / "ignores").exists()
+
+
+def test_an_onnx_export_of_a_batched_model_traces_the_logged_shapes_and_keeps_the_batch_dynamic(served, tmp_path):
+    """The traced input had every size of any size at 2 (a kernel of 5 failed on it), and a signature with a fixed
+    first dimension was traced with it fixed (the onnxruntime backend refuses batching such a model)."""
+    import onnxruntime as ort
+
+    with served.runs.start("window") as run:
+        run.log_model(Window(), "model", example_input=torch.zeros(2, 4, 16),
+                      signature={"inputs": [{"name": "input__0", "dtype": "float32", "shape": [-1, 4, -1]}],
+                                 "outputs": [{"name": "output__0", "dtype": "float32", "shape": [-1, 2]}]})
+    served.models.register("window", run.id)
+    export = served.serving.export_triton("window", version=1, repository=tmp_path, backend="onnxruntime",
+                                          max_batch_size=8)
+    session = ort.InferenceSession(str(export.model_dir / "1" / "model.onnx"))
+    x = np.random.default_rng(1).random((3, 4, 9), dtype=np.float32)
+    want = served.serving.local_backend().infer("window", {"input__0": x}, version=1)["output__0"]
+    np.testing.assert_allclose(session.run(None, {"input__0": x})[0], want, rtol=1e-5, atol=1e-6)
+    fixed = {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 3]}],
+             "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 1]}]}
+    version = _register(served, "fixed_first", RowSum(), signature=fixed, stage=None)
+    export = served.serving.export_triton("fixed_first", version=version, repository=tmp_path, backend="onnxruntime",
+                                          max_batch_size=8)
+    session = ort.InferenceSession(str(export.model_dir / "1" / "model.onnx"))
+    assert [i.shape[0] for i in session.get_inputs()] == ["batch"] and session.get_outputs()[0].shape[0] == "batch"
+    np.testing.assert_allclose(session.run(None, {"x": np.ones((5, 3), np.float32)})[0], np.full((5, 1), 3.0))
+
+
+def test_log_model_refuses_a_model_that_returns_a_dict(tmp_path):
+    class Named(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"score": x.sum(dim=1)}
+
+    with mp.Platform(tmp_path / "h") as p, p.runs.start("d") as run:
+        with pytest.raises(mp.DataError, match="the model returned dict on example_input; a model serves a tensor, "
+                                               "or a tuple or list of tensors"):
+            run.log_model(Named(), "model", example_input=torch.zeros(2, 3))
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

@@ -113,6 +113,10 @@ def _as_signature(signature: Signature | Mapping | None, example_input: Any, mod
         raise DataError(f"the model failed on example_input (shape {shapes}): {type(exc).__name__}: "
                         f"{str(exc)[:300]}; give an example input the model takes (a batch of rows as it is "
                         "called with)") from exc
+    wrong = next((t for t in _tensors(out) if not isinstance(t, torch.Tensor)), None)
+    if wrong is not None:
+        raise DataError(f"the model returned {type(wrong).__name__} on example_input; a model serves a tensor, or a "
+                        "tuple or list of tensors (Triton's backends and predict take outputs by position)")
     outputs = [TensorSpec(f"output__{i}", _dtype_name(t), (-1, *t.shape[1:])) for i, t in enumerate(_tensors(out))]
     return Signature(inputs, outputs)
 
@@ -306,6 +310,8 @@ def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping
             "files": files,
             "torchscript": how,
             "signature": sig.to_json() if sig else None,
+            # what an ONNX export traces the model on (a width of any size taken as 2 failed a Conv1d of kernel 5)
+            "example_shapes": [list(t.shape) for t in _tensors(example_input)] if example_input is not None else None,
             "columns": list(columns) if columns is not None else None,
             "fill_null": fill,
             "parameters": int(sum(p.numel() for p in model.parameters())),

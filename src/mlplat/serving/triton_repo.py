@@ -349,7 +349,8 @@ def write_repository(repository: Path, model_name: str, version: int, backend: s
     try:
         # the umask's mode, as the other folders: mkdtemp's 0700 hid it from a server run as another user
         staging.mkdir()
-        files = _write_version(staging, backend, model_folder, meta, signature, names, parameters)
+        files = _write_version(staging, backend, model_folder, meta, signature, names, parameters,
+                               batched=max_batch_size > 0)
         if target.exists():  # a re-export: the old folder is moved aside (kept until the config is written)
             os.rename(target, aside)
         os.rename(staging, target)
@@ -443,7 +444,7 @@ def _lineage(config: str) -> dict[str, str]:
 
 
 def _write_version(folder: Path, backend: str, model_folder: Path, meta: dict[str, Any],
-                   signature: dict[str, Any], names, parameters: dict[str, str]) -> list[str]:
+                   signature: dict[str, Any], names, parameters: dict[str, str], *, batched: bool) -> list[str]:
     ts = model_folder / meta["files"]["torchscript"] if "torchscript" in meta.get("files", {}) else None
     if backend == "python":
         shutil.copyfile(ts, folder / "model.ts")
@@ -452,25 +453,50 @@ def _write_version(folder: Path, backend: str, model_folder: Path, meta: dict[st
                                                             run_id=parameters["mlplat.run_id"]))
         return ["model.py", "model.ts"]
     if backend == "pytorch_libtorch":
+        _check_libtorch_inputs(ts, len(signature["inputs"]), parameters)
         shutil.copyfile(ts, folder / "model.pt")
         return ["model.pt"]
-    _export_onnx(model_folder, meta, signature, names, folder / "model.onnx")
+    _export_onnx(model_folder, meta, signature, names, folder / "model.onnx", batched=batched)
     return ["model.onnx"]
 
 
-def _export_onnx(model_folder: Path, meta: dict[str, Any], signature: dict[str, Any], names, target: Path) -> None:
+def _check_libtorch_inputs(ts: Path, inputs: int, parameters: dict[str, str]) -> None:
+    """Refuse TorchScript whose forward the libtorch backend will not load: it takes tensors only, as many as
+    the config's inputs (``mask: Optional[Tensor] = None`` made the server refuse the model)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+        arguments = torch.jit.load(str(ts), map_location="cpu").forward.schema.arguments[1:]
+    wrong = [f"{a.name}: {a.type}" for a in arguments if str(a.type) != "Tensor"]
+    if wrong or len(arguments) != inputs:
+        found = ", ".join(f"{a.name}: {a.type}" for a in arguments)
+        raise DataError(f"{parameters['mlplat.model']} v{parameters['mlplat.version']}: Triton's libtorch backend "
+                        f"loads a forward() of {inputs} Tensor argument(s), one per signature input; this one takes "
+                        f"({found}); export it with backend='python', which calls it with the signature's inputs")
+
+
+def _export_onnx(model_folder: Path, meta: dict[str, Any], signature: dict[str, Any], names, target: Path, *,
+                 batched: bool) -> None:
     import torch
 
     from ..runs.torch_io import load_torch_model
 
     model = load_torch_model(model_folder)
-    examples = tuple(torch.zeros([2 if d < 0 else d for d in t["shape"]], dtype=getattr(torch, t["dtype"]))
-                     for t in signature["inputs"])
+    shapes = meta.get("example_shapes")
+    if not (isinstance(shapes, list) and len(shapes) == len(signature["inputs"])
+            and all(len(s) == len(t["shape"]) for s, t in zip(shapes, signature["inputs"]))):
+        shapes = [[2] * len(t["shape"]) for t in signature["inputs"]]  # a model logged before mlplat kept them
+    examples = tuple(torch.zeros([e if d < 0 else d for e, d in zip(shape, t["shape"])],
+                                 dtype=getattr(torch, t["dtype"])) for shape, t in zip(shapes, signature["inputs"]))
     in_names, out_names = names
-    # every dimension of any size (-1) stays so in the graph, not only the batch: a traced size would be fixed
+    # every dimension of any size (-1) stays so in the graph, not only the batch: a traced size would be fixed;
+    # a batched model's first one too, whatever the signature says (Triton's onnxruntime backend refuses a model
+    # with a non-zero max_batch_size whose first dimension is fixed)
     axes = {}
     for n, t in zip([*in_names, *out_names], [*signature["inputs"], *signature["outputs"]]):
-        dynamic = {i: ("batch" if i == 0 else f"{n}_dim{i}") for i, d in enumerate(t["shape"]) if d < 0}
+        dynamic = {i: ("batch" if i == 0 else f"{n}_dim{i}") for i, d in enumerate(t["shape"])
+                   if d < 0 or (i == 0 and batched)}
         if dynamic:
             axes[n] = dynamic
     try:
@@ -483,6 +509,15 @@ def _export_onnx(model_folder: Path, meta: dict[str, Any], signature: dict[str, 
         raise DataError(f"ONNX export needs the onnx package: pip install 'mlplat[onnx]' ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds
         raise DataError(f"ONNX export failed: {exc}") from exc
+    import onnx  # the exporter needed it
+
+    graph = onnx.load(str(target), load_external_data=False).graph
+    kept = {i.name for i in graph.input} - {i.name for i in graph.initializer}
+    dropped = [n for n in in_names if n not in kept]
+    if dropped:  # the exporter leaves out inputs the graph does not use, and the server refuses the config then
+        raise DataError(f"ONNX export left out the input(s) {dropped}, which the model does not use: Triton's "
+                        "onnxruntime backend refuses a config whose inputs the model lacks; export it with "
+                        "backend='python' or 'pytorch_libtorch', or log a model that uses every input")
 
 
 def _positional(names: list[str], prefix: str) -> list[str]:
