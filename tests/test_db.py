@@ -117,6 +117,20 @@ def test_threads_opening_a_new_sqlite_file_together_all_succeed(tmp_path, opener
         probe.dispose()
 
 
+def test_a_child_forked_while_a_thread_migrates_can_migrate_its_own_database(tmp_path):
+    """The lock the migrations take turns by was held in the child for ever: it hung opening any new database."""
+    from mlplat.db import migrate
+    from workers import in_forked_child
+
+    def open_new() -> None:
+        db = Database(f"sqlite:///{tmp_path / 'child.db'}")
+        ensure_schema(db)
+        db.dispose()
+
+    with migrate._ALEMBIC:  # as a thread of this process is, inside command.upgrade
+        assert in_forked_child(open_new, timeout=20) == 0
+
+
 def test_sqlite_write_transactions_take_the_lock_at_begin(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'x.db'}")
     ensure_schema(db)

@@ -365,6 +365,19 @@ def test_exports_a_backend_would_not_load_are_refused_and_write_nothing(served, 
     assert not (tmp_path / "l" / "masked").exists() and not (tmp_path / "o" / "ignores").exists()
 
 
+def test_a_libtorch_export_of_torchscript_this_process_cannot_load_is_written_unchecked(served, tmp_path,
+                                                                                       monkeypatch):
+    """An op library the server loads (LD_PRELOAD) and this process lacks, or a newer torch's file: the check of
+    its forward made the export fail with a raw RuntimeError; it used to be copied, and is again."""
+    def unknown_op(*args, **kwargs):
+        raise RuntimeError("Unknown builtin op: myops::twice")
+
+    monkeypatch.setattr(torch.jit, "load", unknown_op)
+    export = served.serving.export_triton("scorer", version=1, repository=tmp_path, backend="pytorch_libtorch",
+                                          max_batch_size=8)
+    assert (export.model_dir / "1" / "model.pt").is_file()
+
+
 def test_an_onnx_export_of_a_batched_model_traces_the_logged_shapes_and_keeps_the_batch_dynamic(served, tmp_path):
     """The traced input had every size of any size at 2 (a kernel of 5 failed on it), and a signature with a fixed
     first dimension was traced with it fixed (the onnxruntime backend refuses batching such a model)."""

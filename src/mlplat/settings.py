@@ -14,9 +14,9 @@ argument                   environment variable        default
 ``online_store``           ``MLPLAT_ONLINE_STORE``     ``sqlite:///<home>/online.db``
 ``artifact_root``          ``MLPLAT_ARTIFACT_ROOT``    ``<home>/artifacts``
 ``threads``                ``MLPLAT_THREADS``          the number of CPUs
-``db_pool_size``           ``MLPLAT_DB_POOL_SIZE``     5 (PostgreSQL only)
-``db_max_overflow``        ``MLPLAT_DB_MAX_OVERFLOW``  10 (PostgreSQL only)
-``db_pool_timeout``        ``MLPLAT_DB_POOL_TIMEOUT``  30 seconds (PostgreSQL only)
+``db_pool_size``           ``MLPLAT_DB_POOL_SIZE``     5
+``db_max_overflow``        ``MLPLAT_DB_MAX_OVERFLOW``  10
+``db_pool_timeout``        ``MLPLAT_DB_POOL_TIMEOUT``  30 seconds
 ``triton_url``             ``MLPLAT_TRITON_URL``       none: predict serves in-process
 ``served_sample_rate``     ``MLPLAT_SERVED_SAMPLE``    1.0 (share of served rows logged)
 =========================  ==========================  ===========================================

@@ -9,6 +9,7 @@ something to overwrite.
 """
 from __future__ import annotations
 
+import os
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +52,15 @@ def head_revision() -> str:
 #: Alembic keeps its migration context and ``op`` in module globals: two threads migrating two databases at once
 #: ran each other's DDL on the wrong connections (half-made schemas, KeyErrors, a segfault in sqlite3)
 _ALEMBIC = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _ALEMBIC
+    _ALEMBIC = threading.Lock()  # a thread of the parent migrating at the fork holds it in the child for ever
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def current_revision(conn: Connection) -> str | None:
