@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST = "tests/test_db.py::test_postgres_pool_settings_are_applied"
+TEST = "tests/test_db.py::test_pool_settings_are_applied[postgresql]"
 
 
 @pytest.mark.parametrize("ci, outcome", [("true", "1 failed"), ("", "1 skipped")])
