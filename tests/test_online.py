@@ -755,6 +755,42 @@ def test_reads_and_writes_wait_out_a_redis_restart_within_their_retries(tmp_path
 
 
 @pytest.mark.redis
+def test_a_materialize_that_outlives_a_redis_restart_writes_everything_again(tmp_path, private_redis, monkeypatch):
+    """The batches a server without persistence acknowledged before it restarted were lost, yet materialize counted
+    them written and recorded its progress: online served nothing for them, and later runs never wrote them again."""
+    from mlplat.features import materialize as materializing
+
+    proc, port = private_redis()
+    users = list(range(3000))
+    write(tmp_path / "src" / "a.parquet", users, [1] * len(users), users)
+    restarted = []
+
+    class RestartAfterTheFirstWindow:  # the progress bar's callback, told once a window of batches is applied
+        def __init__(self, *args) -> None:
+            pass
+
+        def __enter__(self):
+            def advance(count: int) -> None:
+                if not restarted:
+                    proc.kill()
+                    proc.wait()
+                    restarted.append(private_redis(port=port))
+                restarted.append(count)
+            return advance
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    monkeypatch.setattr(materializing, "_progress", RestartAfterTheFirstWindow)
+    with mp.Platform(tmp_path / "h", online_store=f"redis://127.0.0.1:{port}/0?batch=50&retries=20") as p:
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        assert p.features.materialize(end_date=NOW)[0].written == len(users)
+        assert sum(restarted[1:]) == len(users)  # each record told once
+        assert redis.Redis(port=port).dbsize() == len(users)
+        assert p.features.get_online_features(["txn:count"], {"user_id": users})["count"] == users
+
+
+@pytest.mark.redis
 def test_a_cluster_store_follows_a_failover_it_learns_of_from_a_connection_error(tmp_path, private_redis):
     # the slot layout was read anew only after a MOVED reply; a node that died answers nothing, so once a replica
     # took its slots over every read and write of them failed (connection refused) until the process restarted

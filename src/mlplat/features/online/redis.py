@@ -114,6 +114,7 @@ end
 return applied
 """
 _IN_FLIGHT = 8  # write batches sent before their replies are read
+_RESTARTS = 3  # times one write starts again because the server lost its state, before it gives up
 #: MOVED / ASK / TRYAGAIN hops of a node's commands before it is an error: a command over several keys of a slot
 #: half-way through a move takes three at most (ASK: to the new node; TRYAGAIN: one command per key to the old
 #: node; ASK), a MOVED before them one more
@@ -523,7 +524,23 @@ class RedisOnlineStore(OnlineStore):
                 rows = np.arange(n, dtype=np.int64)
                 return self._write_node("", self._pool, tag, records, _batches(rows, self._opts.batch), progress)
             done = _Done(np.zeros(n, dtype=bool))
-            self._on_cluster(lambda: self._cluster_write(tag, records, progress, done))
+            told = 0
+
+            def tell(count: int) -> None:  # a write started again counts its records once
+                nonlocal told
+                count = min(count, n - told)
+                told += count
+                if count and progress is not None:
+                    progress(count)
+
+            def attempt() -> None:
+                if done.tries:  # after a connection error or time-out the node may have restarted, or a replica
+                    done.rows[:] = False  # taken over, without what it acknowledged (no persistence, asynchronous
+                    done.applied = 0  # replication): everything again, which the script makes safe
+                done.tries += 1
+                self._cluster_write(tag, records, tell, done)
+
+            self._on_cluster(attempt)
             return done.applied
         except _FAILURES as exc:
             raise self._fail(exc, f"writing {tag}:") from None
@@ -548,11 +565,21 @@ class RedisOnlineStore(OnlineStore):
     def _write_node(self, node: str, pool: ConnectionPool, tag: str, records: RecordBuffers,
                     batches: list[np.ndarray], progress: Progress | None, done: _Done | None = None) -> int:
         """Write the batches to one node, ``_IN_FLIGHT`` at a time; on a cluster (``done`` given) the batches
-        written are marked done as they are, for ``_on_cluster`` to try again the rest only."""
+        written are marked done as they are, for ``_on_cluster`` to try again the rest only.
+
+        A server that lost the write script meanwhile (a restart, a SCRIPT FLUSH) may have lost the records it
+        had acknowledged too (a restart without persistence): the write then starts again from its first batch
+        (the script applies only a record at least as new as the stored one, so a batch applied twice leaves what
+        applying it once does). Only trusting what came after, materialize recorded its progress over records the
+        server no longer held, and online served nothing where offline had values, for good."""
         applied = 0
         retries = self._opts.retries if done is None else 0  # on a cluster _on_cluster retries
-        for start in range(0, len(batches), _IN_FLIGHT):
+        sent: list[tuple[list[np.ndarray], int]] = []  # the windows acknowledged, with what each applied
+        told = 0  # windows before this one were counted in progress before the server lost its state
+        start = restarts = 0
+        while start < len(batches):
             window = batches[start : start + _IN_FLIGHT]
+            lost = False
             for attempt in range(2):
                 sha = self._sha(node, pool, retries).decode()
                 pack = lambda rows, sha=sha: _codec.pack_evalsha(
@@ -562,17 +589,39 @@ class RedisOnlineStore(OnlineStore):
                 replies = _roundtrip(pool, cmds, retries)
                 if attempt == 0 and any(_no_script(r) for r in replies):
                     self._shas.pop(node, None)  # the server lost the script (restart, SCRIPT FLUSH): load it again
+                    lost = bool(sent)
+                    if lost:
+                        break
                     continue
                 break
-            if done is not None:
-                self._cluster_window(node, pool, records, window, cmds, replies, pack, progress, done)
+            if lost:
+                restarts += 1
+                if restarts > _RESTARTS:
+                    raise RedisError(f"the server lost its state {restarts} times during one write (restarting "
+                                     "over and over?); nothing of this write is known to be stored: write again")
+                for w, count in sent:  # what they applied is applied again from the start
+                    applied -= count
+                    if done is not None:
+                        done.rows[np.concatenate(w)] = False
+                        done.applied -= count
+                sent.clear()
+                told, start = max(told, start), 0
                 continue
-            for r in replies:
-                if isinstance(r, ResponseError):
-                    raise r
-            applied += sum(int(r) for r in replies)
-            if progress is not None:
-                progress(sum(len(rows) for rows in window))
+            tell = progress if start >= told else None
+            if done is not None:
+                before = done.applied
+                self._cluster_window(node, pool, records, window, cmds, replies, pack, tell, done)
+                sent.append((window, done.applied - before))
+            else:
+                for r in replies:
+                    if isinstance(r, ResponseError):
+                        raise r
+                count = sum(int(r) for r in replies)
+                applied += count
+                sent.append((window, count))
+                if tell is not None:
+                    tell(sum(len(rows) for rows in window))
+            start += _IN_FLIGHT
         return applied
 
     def _cluster_window(self, node: str, pool: ConnectionPool, records: RecordBuffers, window: list[np.ndarray],
@@ -626,6 +675,7 @@ class _Done:
 
     rows: np.ndarray
     applied: int = 0
+    tries: int = 0
 
 
 class _Unsettled(Exception):
