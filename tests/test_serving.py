@@ -1793,13 +1793,37 @@ def test_rows_a_failed_flush_could_not_write_are_kept_for_the_next(tmp_path):
     log = ServedLog(tmp_path)
     (tmp_path / "m").write_text("a file where the model's folder goes")
     _log_rows(log, 30)
-    with pytest.raises(OSError):
+    with pytest.raises(mp.StoreError, match=r"writing to .*/m failed \(\[Errno 17\] File exists"):  # was OSError
         log.flush()
     assert len(log) == 30
     _log_rows(log, 20, start=30)  # logged after the failure: kept behind the first rows
     (tmp_path / "m").unlink()
     log.flush()
     assert len(log) == 0 and log.read("m").column("k").to_pylist() == list(range(50))
+    log.close()
+
+
+def test_a_log_that_cannot_be_written_does_not_fail_the_calls_that_add_to_it(tmp_path, caplog):
+    """A full disk: the predict call that found the backlog wrote it itself and raised a raw OSError, as did every
+    later one, each trying the whole backlog again; now the rows stay buffered (up to a bound, then new ones are
+    dropped with a warning), flush() raises a StoreError naming the folder, and a later flush writes them."""
+    import logging
+
+    from mlplat.serving import served_log
+
+    log = served_log.ServedLog(tmp_path / "served", max_rows=10, max_age_s=3600)
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "m").write_text("a file where the model's folder goes")
+    with caplog.at_level(logging.WARNING, logger="mlplat"):
+        for i in range(50):
+            _log_rows(log, 5, start=5 * i)
+    assert len(log) == served_log._FULL * 10  # kept up to the bound, the rest dropped
+    assert sum("drops new rows" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(mp.StoreError, match=r"log of 'm': writing to .*served/m failed .*stay buffered"):
+        log.flush()
+    (tmp_path / "served" / "m").unlink()
+    log.flush()
+    assert log.read("m").num_rows == served_log._FULL * 10 and len(log) == 0
     log.close()
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import threading
 import time
@@ -148,6 +149,8 @@ class ServedLog:
         self._random = random.Random(seed)
         self._count = 0
         self._swept: dict[Path, float] = {}  # folder -> time.monotonic() of its last sweep for stale temp files
+        self._pressing_after = 0.0  # time.monotonic() before which add() leaves a failing log to the flusher
+        self._dropping = False  # rows are dropped (the buffer is full and cannot be written): warned once
         self._closed = False  # close() let the flusher go: the next add() registers again
         _background.register(self)
 
@@ -182,6 +185,12 @@ class ServedLog:
             raise DataError(f"served-log columns {clash} of {model!r} are named as the log's own columns")
         now = time.time_ns() // 1000
         with self._lock:
+            if self._count >= _FULL * self._max:  # written by nobody for long (a full disk): serving goes on
+                if not self._dropping:
+                    self._dropping = True
+                    _log.warning("the served-feature log of %r holds %d rows it could not write to %s: it drops "
+                                 "new rows until a flush writes them", model, self._count, self.root)
+                return 0
             batch = self._batches.get((model, version))
             if batch is None:
                 batch = self._batches[(model, version)] = _Batch(refs, list(keys), types, full_feature_names)
@@ -203,7 +212,12 @@ class ServedLog:
             reopened, self._closed = self._closed, False
         if reopened:  # used after close() (a closed platform opens again on later use): written as before
             _background.register(self)
-        _background.added(self, count, self._max)
+        if time.monotonic() < self._pressing_after:
+            count = min(count, self._max)  # a write just failed: the flusher tries again, not every predict
+        try:
+            _background.added(self, count, self._max)  # writes here once the flusher falls far behind
+        except StoreError:  # the disk is full or unwritable: the rows stay buffered (the flusher warns and retries)
+            self._pressing_after = time.monotonic() + _PRESS_AGAIN_S
         return len(take)
 
     def __len__(self) -> int:
@@ -253,16 +267,20 @@ class ServedLog:
 
     def _write(self, model: str, table: pa.Table) -> None:
         folder = self.root / model
-        folder.mkdir(parents=True, exist_ok=True)
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}.parquet"
         tmp = folder / f".{name}.tmp"
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, tmp)
             tmp.replace(folder / name)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):  # a full disk: no half-written file left behind
                 tmp.unlink(missing_ok=True)
+            if isinstance(exc, (OSError, pa.ArrowException)):
+                raise StoreError(f"the served-feature log of {model!r}: writing to {folder} failed "
+                                 f"({_one_line(exc)}); its rows stay buffered for the next flush") from None
             raise
+        self._dropping = False
         self._sweep(folder)
 
     def _sweep(self, folder: Path) -> None:
@@ -411,6 +429,13 @@ def _joined(model: str, tables: list[pa.Table]) -> pa.Table:
                          f"name with types that do not merge ({_one_line(exc)}); read it from after the change "
                          "with since=, or one version's rows at a time with "
                          "p.serving.served_log.version_rows(model, version)") from exc
+
+
+#: a log buffering this many times its flush size (its writes failing for long) drops new rows
+_FULL = 4 * _background.BACKLOG
+#: seconds after a failed write in add() before add() writes in the caller's thread again
+_PRESS_AGAIN_S = 5.0
+_log = logging.getLogger("mlplat")
 
 
 _NOT_PREDICTS = "not written by predict: no served-log metadata or request_time"
