@@ -228,3 +228,21 @@ def test_two_writers_of_one_new_artifact_name_leave_a_row_that_describes_the_fil
     row = _row(p, run.id, "shared.txt")
     assert row.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
     assert stored.read_text() == "the writer 1's bytes"  # the second writer, after the first was done
+
+
+def test_a_write_in_a_run_folder_removes_the_copies_killed_writes_staged_once_an_hour_old(p, tmp_path):
+    """A log_artifact or log_model killed mid-copy leaves its .staging-<id> copy, as large as the artifact, and
+    nothing removed it (the docs said re-logging did)."""
+    with p.runs.start("art") as run:
+        run.log_artifact(_file(tmp_path), "rows.parquet")
+        folder = Path(p.artifacts.path(run.id))
+        old_copy, young_copy, old_aside = folder / ".staging-old", folder / ".staging-young", folder / ".replaced-old"
+        (old_copy / "train").mkdir(parents=True)
+        (old_copy / "train" / "rows.parquet").write_bytes(b"half")
+        old_aside.write_bytes(b"replaced")
+        young_copy.write_bytes(b"another process's copy in progress")
+        for f, age in ((old_copy, 7200), (old_aside, 7200), (young_copy, 3000)):
+            os.utime(f, (time.time() - age, time.time() - age))
+        p.artifacts._sweeper._swept.clear()  # the first log swept this folder less than an hour ago
+        run.log_artifact(_folder(tmp_path), "folder")
+    assert _leftovers(p, run.id) == [".staging-young"]

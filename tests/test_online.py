@@ -1360,6 +1360,23 @@ def test_an_sqlite_store_under_a_file_is_an_online_store_error(tmp_path):
             open_online_store(f"sqlite:///{tmp_path / path}")
 
 
+def test_a_full_sqlite_store_says_so_and_records_no_progress(tmp_path):
+    """SQLite rolls a transaction back itself on a full disk; the ROLLBACK after it failed ("cannot rollback - no
+    transaction is active") and its error replaced the one that said what was wrong."""
+    users = list(range(5000))
+    write(tmp_path / "src" / "a.parquet", users, [1] * len(users), users, notes=["x" * 200] * len(users))
+    with mp.Platform(tmp_path / "h") as p:
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        conn = p.features._online_store()._conn()  # this thread's connection: a database of at most 50 pages
+        conn.execute("PRAGMA max_page_count=50")
+        with pytest.raises(mp.OnlineStoreError, match=r"online.db: writing txn@1: database or disk is full$"):
+            p.features.materialize(end_date=NOW, progress=False)
+        assert p.features.last_materialized("txn") is None
+        conn.execute("PRAGMA max_page_count=1000000")
+        p.features.materialize(end_date=NOW, progress=False)
+        assert p.features.get_online_features(["txn:count"], {"user_id": users})["count"] == users
+
+
 def test_a_string_key_with_a_lone_surrogate_names_the_key_and_row(tmp_path):
     view = mp.FeatureView("names", entities=[mp.Entity("person", join_keys=["name"])],
                           schema=[mp.Field("count", mp.Int64)], source=mp.ParquetSource(tmp_path / "n"))

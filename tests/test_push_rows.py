@@ -79,3 +79,27 @@ def test_a_push_of_no_rows_without_types_writes_nothing_and_returns_0(tmp_path):
         with pytest.raises(mp.DataError, match="join key 'u'"):
             p.features.push("v", pa.table({"u": pa.array([], pa.string()), "event_timestamp": pa.array(
                 [], pa.timestamp("us", "UTC")), "s": pa.array([], pa.string())}))
+
+
+def test_a_push_to_offline_removes_the_files_of_killed_pushes_once_an_hour_old(tmp_path):
+    """A push killed mid-write leaves its hidden pushed/.<id>.parquet.tmp: readers skip it, and nothing removed it."""
+    import os
+    import time
+
+    src = tmp_path / "src"
+    (src / "pushed").mkdir(parents=True)
+    at = datetime.now(timezone.utc) - timedelta(minutes=5)
+    rows = {"u": [1], "event_timestamp": [at], "s": ["a"]}
+    pq.write_table(pa.table({"u": pa.array([1], pa.int64()),
+                             "event_timestamp": pa.array([at], pa.timestamp("us", "UTC")), "s": ["a"]}), src / "a.parquet")
+    old, young, other = (src / "pushed" / name for name in (".a.parquet.tmp", ".b.parquet.tmp", ".notes.tmp"))
+    for f, age in ((old, 7200), (young, 3000), (other, 7200)):  # a young one may be another process's push
+        f.write_bytes(b"PAR1 half a file")
+        os.utime(f, (time.time() - age, time.time() - age))
+    user = mp.Entity("user", join_keys=["u"])
+    view = mp.FeatureView("v", entities=[user], ttl=timedelta(days=1), schema=[mp.Field("s", mp.String)],
+                          source=mp.ParquetSource(src))
+    with mp.Platform(tmp_path / "home") as p:
+        p.features.apply([user, view])
+        p.features.push("v", dict(rows, s=["b"]), to_offline=True)
+    assert not old.exists() and young.exists() and other.exists()

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 
 from .. import _arrow, dtypes
 from .._checks import shown
+from .._leftovers import Sweeper, parquet_tmp
 from .._time import utc_argument
 from .._native import KeyFactorizer, asof_backward_on_ts_by_key
 from .._native.codec import RecordBuffers, encode_records, entity_key_buffers, kind_of
@@ -47,6 +48,8 @@ from .validation import check_source, key_values
 __all__ = ["Materializer", "MaterializeResult"]
 
 
+#: a killed push's hidden file in pushed/, removed by a later push once it is an hour old (readers skip it)
+_SWEEPER = Sweeper(parquet_tmp)
 _CLOCK_SLACK = timedelta(seconds=60)  # clocks of writers and this machine may differ a little
 
 
@@ -433,6 +436,7 @@ def _stage_offline(view: FeatureView, table: pa.Table,
     staged = _Staged(fs, f"{folder}/.{uuid.uuid4().hex}.parquet.tmp", folder)
     try:
         fs.create_dir(folder, recursive=True)
+        _SWEEPER.sweep(fs, folder)
         with fs.open_output_stream(staged._tmp) as out:
             pq.write_table(pa.table(columns, schema=pa.schema(fields, metadata=first.metadata)), out)
     except (OSError, pa.ArrowException) as exc:

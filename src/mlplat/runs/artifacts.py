@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .._checks import storable
+from .._leftovers import Sweeper
 from ..errors import DataError, StoreError
 
 __all__ = ["ArtifactStore", "check_name", "folder_sha256", "NAME_MAX"]
@@ -59,6 +60,7 @@ class ArtifactStore:
         except (pa.ArrowInvalid, OSError) as exc:
             raise StoreError(f"artifact store {root!r}: {exc}") from None
         self.root = self.root.rstrip("/")
+        self._sweeper = Sweeper(lambda name: name.startswith((".staging-", ".replaced-")))
 
     def path(self, run_id: str, name: str = "") -> str:
         """The store path of a run's artifact ``name``."""
@@ -138,7 +140,9 @@ class ArtifactStore:
         return StoreError(f"artifact store {self.root_uri}: writing {name!r} failed: {exc}")
 
     def _staging(self, run_id: str) -> str:
-        """A fresh hidden name in the run's folder, on the store's filesystem (so a move is a rename)."""
+        """A fresh hidden name in the run's folder, on the store's filesystem (so a move is a rename); the
+        leftovers of writes killed in that folder are swept first."""
+        self._sweeper.sweep(self.fs, self.path(run_id))
         return f"{self.path(run_id)}/.staging-{uuid.uuid4().hex}"
 
     def _copy_in(self, source: str | os.PathLike, dest: str) -> tuple[int, str]:

@@ -43,10 +43,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .. import _background
 from .._checks import check_version
+from .._leftovers import Sweeper, parquet_tmp
 from .._time import utc_argument
 from ..errors import DataError, DefinitionError, NotFoundError, StoreError
 from ..features.definitions import parse_ref
@@ -81,8 +83,8 @@ class _Batch:
         self.rows = 0
 
 
-#: a hidden temporary file of a write older than this (seconds) is a crashed write's leftover: a writer removes it
-_STALE_TMP_S = 3600.0
+#: a killed write's hidden temporary file, which a later write in its folder removes once it is an hour old
+_SWEEPER = Sweeper(parquet_tmp)
 
 #: rows converted to Arrow at a time when a buffer is written; the GIL is let go between chunks
 _CHUNK = 8192
@@ -148,7 +150,6 @@ class ServedLog:
         self._seed = seed
         self._random = random.Random(seed)
         self._count = 0
-        self._swept: dict[Path, float] = {}  # folder -> time.monotonic() of its last sweep for stale temp files
         self._pressing_after = 0.0  # time.monotonic() before which add() leaves a failing log to the flusher
         self._dropping = False  # rows are dropped (the buffer is full and cannot be written): warned once
         self._closed = False  # close() let the flusher go: the next add() registers again
@@ -281,25 +282,8 @@ class ServedLog:
                                  f"({_one_line(exc)}); its rows stay buffered for the next flush") from None
             raise
         self._dropping = False
-        self._sweep(folder)
+        _SWEEPER.sweep(pafs.LocalFileSystem(), str(folder))
 
-    def _sweep(self, folder: Path) -> None:
-        """Remove the temporary files of crashed writes (a killed process) in ``folder`` once they are
-        ``_STALE_TMP_S`` old; at most once an hour per folder. A young one may be another process's write
-        in progress and is never touched; nothing here fails a write."""
-        now = time.monotonic()
-        if now - self._swept.get(folder, -_STALE_TMP_S) < _STALE_TMP_S:
-            return
-        self._swept[folder] = now
-        cutoff = time.time() - _STALE_TMP_S
-        try:
-            leftovers = list(folder.glob(".*.parquet.tmp"))
-        except OSError:
-            return
-        for f in leftovers:
-            with contextlib.suppress(OSError):  # gone already (another sweeper), or not ours to remove
-                if f.stat().st_mtime < cutoff:
-                    f.unlink()
 
     def _files_by_refs(self, model: str) -> dict[tuple[tuple[str, ...], tuple[str, ...], bool],
                                                   list[tuple[Path, pa.Schema]]]:

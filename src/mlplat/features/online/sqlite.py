@@ -7,6 +7,7 @@ wins inside SQLite, also against a concurrent writer.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -175,7 +176,9 @@ class SQLiteOnlineStore(OnlineStore):
                     conn.executemany(_UPSERT, rows)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:  # SQLite rolled back itself on some errors (a full disk): then a
+                        with contextlib.suppress(sqlite3.Error):  # ROLLBACK's "no transaction is active" hid
+                            conn.execute("ROLLBACK")  # the error that mattered
                     raise
                 applied += conn.total_changes - before
                 if progress is not None:
