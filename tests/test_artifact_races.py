@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -232,7 +233,8 @@ def test_two_writers_of_one_new_artifact_name_leave_a_row_that_describes_the_fil
 
 def test_a_write_in_a_run_folder_removes_the_copies_killed_writes_staged_once_an_hour_old(p, tmp_path):
     """A log_artifact or log_model killed mid-copy leaves its .staging-<id> copy, as large as the artifact, and
-    nothing removed it (the docs said re-logging did)."""
+    nothing removed it (the docs said re-logging did). A copy counts as old by the newest file in it: a folder's
+    own time stays put while files go into its subfolders, and a live copy of a big folder looked old."""
     with p.runs.start("art") as run:
         run.log_artifact(_file(tmp_path), "rows.parquet")
         folder = Path(p.artifacts.path(run.id))
@@ -241,8 +243,49 @@ def test_a_write_in_a_run_folder_removes_the_copies_killed_writes_staged_once_an
         (old_copy / "train" / "rows.parquet").write_bytes(b"half")
         old_aside.write_bytes(b"replaced")
         young_copy.write_bytes(b"another process's copy in progress")
-        for f, age in ((old_copy, 7200), (old_aside, 7200), (young_copy, 3000)):
+        for f, age in ((old_copy, 7200), (old_copy / "train", 7200), (old_copy / "train" / "rows.parquet", 7200),
+                       (old_aside, 7200), (young_copy, 3000)):
             os.utime(f, (time.time() - age, time.time() - age))
         p.artifacts._sweeper._swept.clear()  # the first log swept this folder less than an hour ago
         run.log_artifact(_folder(tmp_path), "folder")
     assert _leftovers(p, run.id) == [".staging-young"]
+
+
+def test_a_copy_being_staged_is_not_swept_by_another_write_and_names_of_staged_copies_are_refused(p, tmp_path):
+    """A staged folder whose own time is old but whose files are new is another process's copy in progress."""
+    with p.runs.start("art") as run:
+        run.log_artifact(_file(tmp_path), "rows.parquet")
+        live = Path(p.artifacts.path(run.id)) / ".staging-live"
+        (live / "weights").mkdir(parents=True)
+        (live / "weights" / "shard-0.bin").write_bytes(b"just copied")
+        os.utime(live, (time.time() - 7200, time.time() - 7200))
+        p.artifacts._sweeper._swept.clear()
+        run.log_artifact(_file(tmp_path), "again.parquet")
+        assert (live / "weights" / "shard-0.bin").exists()
+        for name in (".staging-notes.txt", ".replaced-x/y"):  # the sweeper would remove them an hour later
+            with pytest.raises(mp.DataError, match=f"artifact name {re.escape(repr(name))} starts with"):
+                run.log_artifact(_file(tmp_path), name)
+
+
+def test_a_staged_folder_that_lost_files_while_it_was_copied_is_refused(p, tmp_path, monkeypatch):
+    """Removed half-way (by anything), the rest of the copy recreated its folder, and the artifact was recorded
+    with a size and sha256 over files it did not hold."""
+    import shutil
+
+    source = tmp_path / "model"
+    (source / "weights").mkdir(parents=True)
+    for i in range(3):
+        (source / "weights" / f"shard-{i}.bin").write_bytes(bytes([i]) * 10)
+    copy = p.artifacts._copy_in
+
+    def copy_then_lose_the_first(src, dest):
+        out = copy(src, dest)
+        if dest.endswith("shard-0.bin"):
+            shutil.rmtree(dest.rsplit("/weights/", 1)[0])
+        return out
+
+    monkeypatch.setattr(p.artifacts, "_copy_in", copy_then_lose_the_first)
+    with p.runs.start("art") as run:
+        with pytest.raises(mp.StoreError, match=r"writing 'model' failed: the staged copy holds 2 of the 3 files"):
+            run.log_artifact(source, "model")
+    assert _row(p, run.id, "model") is None and _leftovers(p, run.id) == []

@@ -373,7 +373,8 @@ def test_close_closes_every_part_when_one_fails(tmp_path):
     (home / "served").write_text("a file where the served-feature log's folder belongs")
     p.serving.served_log.add("fraud", 1, "default", {"user_id": [1]}, {"amount": [1.0]}, {"output__0": [0.5]},
                              refs=["user_txn:amount"], types={"user_id": pa.int64(), "amount": pa.float64()})
-    with pytest.raises(mp.StoreError, match="closing the served-feature log.*served.*call close\\(\\) again"):
+    with pytest.raises(mp.StoreError, match="served-feature log of 'fraud': writing to .*served/fraud failed .*the "
+                                            "next flush\\(\\) or close\\(\\) writes them"):
         p.close()
     assert _open_files(home, "mlplat.db", "online.db") == []  # the database and online store were closed anyway
     (home / "served").unlink()

@@ -757,12 +757,15 @@ def test_reads_and_writes_wait_out_a_redis_restart_within_their_retries(tmp_path
 @pytest.mark.redis
 def test_a_materialize_that_outlives_a_redis_restart_writes_everything_again(tmp_path, private_redis, monkeypatch):
     """The batches a server without persistence acknowledged before it restarted were lost, yet materialize counted
-    them written and recorded its progress: online served nothing for them, and later runs never wrote them again."""
+    them written and recorded its progress: online served nothing for them, and later runs never wrote them again.
+    Another writer reaches the new server first (its push loads the write script again, the pool replaces the
+    materializing connection unseen): only the server's run_id tells."""
     from mlplat.features import materialize as materializing
 
     proc, port = private_redis()
     users = list(range(3000))
     write(tmp_path / "src" / "a.parquet", users, [1] * len(users), users)
+    url = f"redis://127.0.0.1:{port}/0?batch=50&retries=20"
     restarted = []
 
     class RestartAfterTheFirstWindow:  # the progress bar's callback, told once a window of batches is applied
@@ -775,6 +778,8 @@ def test_a_materialize_that_outlives_a_redis_restart_writes_everything_again(tmp
                     proc.kill()
                     proc.wait()
                     restarted.append(private_redis(port=port))
+                    other.features.push("txn", {"user_id": [9999], "event_timestamp": [NOW], "created": [NOW],
+                                                "count": [7], "amount": [1.0], "note": ["x"]})
                 restarted.append(count)
             return advance
 
@@ -782,11 +787,11 @@ def test_a_materialize_that_outlives_a_redis_restart_writes_everything_again(tmp
             pass
 
     monkeypatch.setattr(materializing, "_progress", RestartAfterTheFirstWindow)
-    with mp.Platform(tmp_path / "h", online_store=f"redis://127.0.0.1:{port}/0?batch=50&retries=20") as p:
+    with mp.Platform(tmp_path / "h", online_store=url) as p, mp.Platform(tmp_path / "h", online_store=url) as other:
         p.features.apply([USER, txn_view(tmp_path / "src")])
         assert p.features.materialize(end_date=NOW)[0].written == len(users)
         assert sum(restarted[1:]) == len(users)  # each record told once
-        assert redis.Redis(port=port).dbsize() == len(users)
+        assert redis.Redis(port=port).dbsize() == len(users) + 1
         assert p.features.get_online_features(["txn:count"], {"user_id": users})["count"] == users
 
 

@@ -44,7 +44,7 @@ class Sweeper:
         except OSError:
             return
         for info in entries:
-            if not self._is_leftover(info.base_name) or info.mtime is None or info.mtime.timestamp() >= cutoff:
+            if not self._is_leftover(info.base_name) or _newest(fs, info) >= cutoff:
                 continue
             try:  # gone already (another sweeper), or not ours to remove
                 if info.type == pafs.FileType.Directory:
@@ -53,3 +53,17 @@ class Sweeper:
                     fs.delete_file(info.path)
             except OSError:
                 pass
+
+
+def _newest(fs: pafs.FileSystem, info: pafs.FileInfo) -> float:
+    """When anything in ``info`` (a file, or a folder and all below it) last changed, as a POSIX time: a folder's
+    own time stays put while files are written into its subfolders (a live copy of a folder artifact looked an
+    hour old); +inf where a store keeps no times (S3's folders), so that nothing is removed on a guess."""
+    infos = [info]
+    if info.type == pafs.FileType.Directory:
+        try:
+            infos += fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+        except OSError:
+            return float("inf")
+    times = [i.mtime.timestamp() for i in infos if i.mtime is not None]
+    return max(times) if times else float("inf")

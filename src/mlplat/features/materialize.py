@@ -249,7 +249,7 @@ class Materializer:
                 staged.discard()  # the source stays as it was: a retry does not add the rows twice
             raise
         if staged is not None:
-            staged.publish()
+            staged.publish(f"push to {view.name!r}")
         return written
 
     def _pushed_too(self, view: FeatureView, rows: pa.Table) -> list[FeatureView]:
@@ -348,8 +348,14 @@ class _Staged:
     def __init__(self, fs, tmp: str, folder: str) -> None:
         self._fs, self._tmp, self._folder = fs, tmp, folder
 
-    def publish(self) -> None:
-        self._fs.move(self._tmp, f"{self._folder}/{_pushed_name()}")
+    def publish(self, where: str) -> None:
+        try:
+            self._fs.move(self._tmp, f"{self._folder}/{_pushed_name()}")
+        except OSError as exc:  # gone meanwhile (swept as a killed push's after an online write over an hour)
+            self.discard()
+            raise StoreError(f"{where}: the online store took the rows, but moving them into {self._folder!r} "
+                             f"failed ({exc}); push them again with to_offline=True, so that offline retrieval and "
+                             "materialize see them too") from None
 
     def discard(self) -> None:
         try:

@@ -24,6 +24,7 @@ from ..errors import DataError, StoreError
 __all__ = ["ArtifactStore", "check_name", "folder_sha256", "NAME_MAX"]
 
 NAME_MAX = 1024  # the run_artifacts.path column
+_OWN_PREFIXES = (".staging-", ".replaced-")  # the hidden names of copies staged or moved aside in a run's folder
 
 
 def check_name(name: str) -> str:
@@ -44,6 +45,9 @@ def check_name(name: str) -> str:
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise DataError(f"artifact name {name!r} has an empty, '.' or '..' part; artifacts stay inside their run")
+    if parts[0].startswith(_OWN_PREFIXES):
+        raise DataError(f"artifact name {name!r} starts with {parts[0][:parts[0].index('-') + 1]!r}, which names "
+                        "mlplat's own staged copies in the run's folder (removed once an hour old): use another name")
     return name
 
 
@@ -60,7 +64,7 @@ class ArtifactStore:
         except (pa.ArrowInvalid, OSError) as exc:
             raise StoreError(f"artifact store {root!r}: {exc}") from None
         self.root = self.root.rstrip("/")
-        self._sweeper = Sweeper(lambda name: name.startswith((".staging-", ".replaced-")))
+        self._sweeper = Sweeper(lambda name: name.startswith(_OWN_PREFIXES))
 
     def path(self, run_id: str, name: str = "") -> str:
         """The store path of a run's artifact ``name``."""
@@ -122,6 +126,10 @@ class ArtifactStore:
                 size, sha = self._copy_in(file, target)
                 digest.update(_entry(rel, sha))
                 total += size
+            held = self.fs.get_file_info(pafs.FileSelector(staging, recursive=True))
+            if sum(i.type == pafs.FileType.File for i in held) != len(files):  # not a hash over files it lacks
+                raise OSError(f"the staged copy holds {sum(i.type == pafs.FileType.File for i in held)} of the "
+                              f"{len(files)} files copied into it: something removed some meanwhile")
         except OSError as exc:
             raise self._failed(staging, name, exc) from None
         return staging, total, digest.hexdigest()

@@ -150,8 +150,7 @@ class ServedLog:
         self._seed = seed
         self._random = random.Random(seed)
         self._count = 0
-        self._pressing_after = 0.0  # time.monotonic() before which add() leaves a failing log to the flusher
-        self._dropping = False  # rows are dropped (the buffer is full and cannot be written): warned once
+        self._failing()
         self._closed = False  # close() let the flusher go: the next add() registers again
         _background.register(self)
 
@@ -161,8 +160,19 @@ class ServedLog:
         fork (the flusher, mid-write) is never released in the child: its flushes hung."""
         self._lock, self._flush_lock = threading.Lock(), threading.Lock()
         self._batches, self._count = {}, 0
+        self._failing()
         if self._seed is None:
             self._random = random.Random()  # workers sample independently
+
+    def _failing(self, failures: int = 0) -> None:
+        """How writes have gone: ``failures`` in a row (0: the last one worked)."""
+        self._failures = failures
+        self._out = 0  # rows a flush took and has not written yet (they come back if it fails)
+        now = time.monotonic()
+        # the flusher waits longer after each failure (each try converts the whole backlog again), up to 30 s
+        self._retry_at = now + min(30.0, 2.0 ** failures) if failures else 0.0
+        self._pressing_after = now + _PRESS_AGAIN_S if failures else 0.0  # when add() may write in its thread
+        self._dropping = False if not failures else getattr(self, "_dropping", False)  # warned once per run
 
     def add(self, model: str, version: int, variant: str, keys: Mapping[str, list], features: Mapping[str, list],
             outputs: Mapping[str, Sequence], *, refs: Sequence[str], types: Mapping[str, pa.DataType],
@@ -186,7 +196,7 @@ class ServedLog:
             raise DataError(f"served-log columns {clash} of {model!r} are named as the log's own columns")
         now = time.time_ns() // 1000
         with self._lock:
-            if self._count >= _FULL * self._max:  # written by nobody for long (a full disk): serving goes on
+            if self._count + self._out >= _FULL * self._max:  # unwritten for long (a full disk): serving goes on
                 if not self._dropping:
                     self._dropping = True
                     _log.warning("the served-feature log of %r holds %d rows it could not write to %s: it drops "
@@ -211,14 +221,16 @@ class ServedLog:
             self._count += len(take)
             count = self._count
             reopened, self._closed = self._closed, False
+            # one caller at a time writes a backlog in its thread, and not for a while after a write failed
+            press = count >= _background.BACKLOG * self._max and time.monotonic() >= self._pressing_after
+            if press:
+                self._pressing_after = time.monotonic() + _PRESS_AGAIN_S
         if reopened:  # used after close() (a closed platform opens again on later use): written as before
             _background.register(self)
-        if time.monotonic() < self._pressing_after:
-            count = min(count, self._max)  # a write just failed: the flusher tries again, not every predict
         try:
-            _background.added(self, count, self._max)  # writes here once the flusher falls far behind
+            _background.added(self, count if press else min(count, self._max), self._max)
         except StoreError:  # the disk is full or unwritable: the rows stay buffered (the flusher warns and retries)
-            self._pressing_after = time.monotonic() + _PRESS_AGAIN_S
+            pass
         return len(take)
 
     def __len__(self) -> int:
@@ -227,7 +239,9 @@ class ServedLog:
     def due(self) -> bool:
         """Whether the background flusher should write now: ``max_rows`` buffered, or the oldest
         row ``max_age_s`` old."""
-        return self._count >= self._max or (self._count > 0 and time.monotonic() - self._oldest >= self._max_age)
+        now = time.monotonic()
+        return now >= self._retry_at and (self._count >= self._max
+                                          or (self._count > 0 and now - self._oldest >= self._max_age))
 
     def flush(self) -> None:
         """Write every row logged so far; returns once they are on disk (also those a flush already
@@ -239,7 +253,7 @@ class ServedLog:
         dropped: list[str] = []
         with self._flush_lock:
             with self._lock:
-                batches, self._batches, self._count = self._batches, {}, 0
+                batches, self._batches, self._out, self._count = self._batches, {}, self._count, 0
             left = [item for item in batches.items() if item[1].rows]
             try:
                 while left:
@@ -253,6 +267,7 @@ class ServedLog:
                     left.pop(0)
             except BaseException:
                 with self._lock:  # keep what was not written, ahead of what came meanwhile, for the next try
+                    self._failing(self._failures + 1)
                     for key, batch in left:
                         newer = self._batches.get(key)
                         if newer is not None:
@@ -263,6 +278,8 @@ class ServedLog:
                         self._batches[key] = batch
                         self._count += batch.rows
                 raise
+            with self._lock:
+                self._failing()
         if dropped:
             raise DataError("the served-feature log dropped rows it could not store: " + "; ".join(dropped))
 
@@ -279,9 +296,9 @@ class ServedLog:
                 tmp.unlink(missing_ok=True)
             if isinstance(exc, (OSError, pa.ArrowException)):
                 raise StoreError(f"the served-feature log of {model!r}: writing to {folder} failed "
-                                 f"({_one_line(exc)}); its rows stay buffered for the next flush") from None
+                                 f"({_one_line(exc)}); its rows stay buffered: the next flush() or close() writes "
+                                 "them") from None
             raise
-        self._dropping = False
         _SWEEPER.sweep(pafs.LocalFileSystem(), str(folder))
 
 

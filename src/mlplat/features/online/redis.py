@@ -54,6 +54,7 @@ ConfigError when the store opens.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -187,11 +188,16 @@ def _backoff(attempt: int) -> float:
     return min(0.05 * 2**attempt, 0.5)
 
 
-def _roundtrip(pool: ConnectionPool, commands: Sequence[bytes], retries: int) -> list:
+_INFO_SERVER = _codec.pack_command([b"INFO", b"server"])  # its run_id names the server process, new at each start
+
+
+def _roundtrip(pool: ConnectionPool, commands: Sequence[bytes], retries: int,
+               on_retry: Callable[[], None] | None = None) -> list:
     """Send packed commands at once and read every reply (an error reply is returned, not raised). A connection
     error (refused, reset) or time-out, connecting as well as sending or reading, is retried ``retries`` times
     on a fresh connection, the whole batch again: reads change nothing and the write script only applies a
-    record at least as new as the stored one, so applying a batch twice leaves what applying it once does."""
+    record at least as new as the stored one, so applying a batch twice leaves what applying it once does.
+    ``on_retry`` is called before each such try again."""
     payload = b"".join(commands) if len(commands) > 1 else commands[0]
     for attempt in range(retries + 1):
         conn = None
@@ -214,6 +220,8 @@ def _roundtrip(pool: ConnectionPool, commands: Sequence[bytes], retries: int) ->
                 conn.disconnect()
             if attempt == retries:
                 raise
+            if on_retry is not None:
+                on_retry()
         except BaseException:
             if conn is not None:
                 conn.disconnect()  # replies may be left unread: never reuse this connection
@@ -567,29 +575,41 @@ class RedisOnlineStore(OnlineStore):
         """Write the batches to one node, ``_IN_FLIGHT`` at a time; on a cluster (``done`` given) the batches
         written are marked done as they are, for ``_on_cluster`` to try again the rest only.
 
-        A server that lost the write script meanwhile (a restart, a SCRIPT FLUSH) may have lost the records it
-        had acknowledged too (a restart without persistence): the write then starts again from its first batch
-        (the script applies only a record at least as new as the stored one, so a batch applied twice leaves what
-        applying it once does). Only trusting what came after, materialize recorded its progress over records the
-        server no longer held, and online served nothing where offline had values, for good."""
+        A server reached again after a connection error or time-out, or that lost the write script meanwhile (a
+        restart, a SCRIPT FLUSH), may have lost the records it had acknowledged (a restart without persistence,
+        whatever another writer loaded since): the write then starts again from its first batch (the script
+        applies only a record at least as new as the stored one, so a batch applied twice leaves what applying it
+        once does). Trusting what the server had acknowledged, materialize recorded its progress over records it
+        no longer held, and online served nothing where offline had values, for good."""
         applied = 0
         retries = self._opts.retries if done is None else 0  # on a cluster _on_cluster retries
         sent: list[tuple[list[np.ndarray], int]] = []  # the windows acknowledged, with what each applied
         told = 0  # windows before this one were counted in progress before the server lost its state
         start = restarts = 0
+        reconnected: list[bool] = []
+        server = None  # the INFO run_id of the server process that acknowledged this write's batches
         while start < len(batches):
             window = batches[start : start + _IN_FLIGHT]
             lost = False
             for attempt in range(2):
+                reconnected.clear()
                 sha = self._sha(node, pool, retries).decode()
                 pack = lambda rows, sha=sha: _codec.pack_evalsha(
                     sha, self._opts.prefix, tag, records.key_data, records.key_offsets, records.rec_data,
                     records.rec_offsets, records.expire_at_ms, rows)
                 cmds = [pack(rows) for rows in window]
-                replies = _roundtrip(pool, cmds, retries)
-                if attempt == 0 and any(_no_script(r) for r in replies):
+                # and which server process answered them (a new one at every start): a connection the pool
+                # replaced unseen, and a script another writer loaded again since, hid a restart
+                replies = _roundtrip(pool, [*cmds, _INFO_SERVER], retries, lambda: reconnected.append(True))
+                info = replies.pop()
+                found = re.search(rb"run_id:(\w+)", info if isinstance(info, bytes) else b"")
+                now = found.group(1) if found else None
+                noscript = attempt == 0 and any(_no_script(r) for r in replies)
+                if sent:  # without a run_id (INFO refused to this user), a reconnect or a lost script tells
+                    lost = now != server if now is not None and server is not None else bool(reconnected or noscript)
+                server = now
+                if noscript:
                     self._shas.pop(node, None)  # the server lost the script (restart, SCRIPT FLUSH): load it again
-                    lost = bool(sent)
                     if lost:
                         break
                     continue
