@@ -796,6 +796,50 @@ def test_a_materialize_that_outlives_a_redis_restart_writes_everything_again(tmp
 
 
 @pytest.mark.redis
+def test_a_materialize_whose_batches_time_out_on_a_live_server_goes_on_without_info(tmp_path, private_redis,
+                                                                                   monkeypatch):
+    """A user refused INFO (ACL -@dangerous, a common setting): a time-out retried on the same server must not
+    count as a restart (each one started the write again, and the fourth failed it)."""
+    from mlplat.features import materialize as materializing
+
+    _, port = private_redis("--enable-debug-command", "yes")
+    admin = redis.Redis(port=port)
+    admin.acl_setuser("app", enabled=True, passwords=["+pw"], commands=["+@all", "-@dangerous"], keys=["*"],
+                      channels=["*"])
+    users = list(range(3000))
+    write(tmp_path / "src" / "a.parquet", users, [1] * len(users), users)
+    stalls: list[threading.Thread] = []
+
+    class StallAfterEachOfTheFirstWindows:
+        def __init__(self, *args) -> None:
+            pass
+
+        def __enter__(self):
+            def advance(count: int) -> None:
+                if len(stalls) < 5:  # the server busy for 0.6 s as the next window goes out (its time-out: 0.3 s)
+                    stalls.append(threading.Thread(target=lambda: redis.Redis(port=port).execute_command(
+                        "DEBUG", "SLEEP", "0.6")))
+                    stalls[-1].start()
+                    time.sleep(0.05)
+            return advance
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    monkeypatch.setattr(materializing, "_progress", StallAfterEachOfTheFirstWindows)
+    url = f"redis://app:pw@127.0.0.1:{port}/0?batch=50&retries=20&timeout=0.3"
+    with mp.Platform(tmp_path / "h", online_store=url) as p:
+        p.features.apply([USER, txn_view(tmp_path / "src")])
+        with pytest.raises(redis.ResponseError, match="no permissions to run the .info. command"):
+            redis.Redis(port=port, username="app", password="pw").info("server")
+        assert p.features.materialize(end_date=NOW)[0].written == len(users)
+        for t in stalls:
+            t.join()
+        assert len(stalls) == 5 and admin.dbsize() == len(users)  # and no witness key left behind
+        assert p.features.get_online_features(["txn:count"], {"user_id": users})["count"] == users
+
+
+@pytest.mark.redis
 def test_a_cluster_store_follows_a_failover_it_learns_of_from_a_connection_error(tmp_path, private_redis):
     # the slot layout was read anew only after a MOVED reply; a node that died answers nothing, so once a replica
     # took its slots over every read and write of them failed (connection refused) until the process restarted

@@ -1853,6 +1853,31 @@ def test_a_log_that_cannot_be_written_stays_within_its_bound_under_many_serving_
     assert log.read("m").num_rows == bound
     log.close()
 
+def test_a_slow_but_working_log_slows_its_callers_down_and_drops_nothing(tmp_path, monkeypatch):
+    """The bound for a log that cannot be written dropped 74 % of the rows of one whose writes took 0.3 s: the
+    callers that found the backlog no longer waited for it (only one per 5 s wrote it)."""
+    from mlplat.serving import served_log
+
+    writing = served_log.pq.write_table
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.2)
+        return writing(*args, **kwargs)
+
+    monkeypatch.setattr(served_log.pq, "write_table", slow_write)
+    log = served_log.ServedLog(tmp_path, max_rows=200, max_age_s=3600)
+    added = [0] * 4
+    stop = time.monotonic() + 4
+
+    def serve(t: int) -> None:  # until twice the bound is logged (or 4 s, where rows past the bound are dropped)
+        while time.monotonic() < stop and sum(added) < 2 * served_log._FULL * 200:
+            added[t] += _log_rows(log, 20, start=sum(added))
+
+    in_threads(serve, 4)
+    log.flush()
+    assert log.read("m").num_rows == sum(added) > served_log._FULL * 200
+    log.close()
+
 def test_gateway_flush_returns_after_a_flush_already_running_in_another_thread(tmp_path):
     """Decisions taken by a flush that waits for the database are in it once a later flush() returns."""
     import sqlite3

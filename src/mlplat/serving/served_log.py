@@ -196,7 +196,7 @@ class ServedLog:
             raise DataError(f"served-log columns {clash} of {model!r} are named as the log's own columns")
         now = time.time_ns() // 1000
         with self._lock:
-            if self._count + self._out >= _FULL * self._max:  # unwritten for long (a full disk): serving goes on
+            if self._failures and self._count + self._out >= _FULL * self._max:  # a full disk: serving goes on
                 if not self._dropping:
                     self._dropping = True
                     _log.warning("the served-feature log of %r holds %d rows it could not write to %s: it drops "
@@ -221,8 +221,10 @@ class ServedLog:
             self._count += len(take)
             count = self._count
             reopened, self._closed = self._closed, False
-            # one caller at a time writes a backlog in its thread, and not for a while after a write failed
-            press = count >= _background.BACKLOG * self._max and time.monotonic() >= self._pressing_after
+            # a backlog is written in the caller's thread (back-pressure), while writes fail one caller at a time
+            # and not for a while after a failure (each try converts the whole backlog again)
+            press = count >= _background.BACKLOG * self._max and (not self._failures
+                                                                   or time.monotonic() >= self._pressing_after)
             if press:
                 self._pressing_after = time.monotonic() + _PRESS_AGAIN_S
         if reopened:  # used after close() (a closed platform opens again on later use): written as before

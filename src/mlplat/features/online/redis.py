@@ -57,6 +57,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -191,13 +192,24 @@ def _backoff(attempt: int) -> float:
 _INFO_SERVER = _codec.pack_command([b"INFO", b"server"])  # its run_id names the server process, new at each start
 
 
-def _roundtrip(pool: ConnectionPool, commands: Sequence[bytes], retries: int,
-               on_retry: Callable[[], None] | None = None) -> list:
+def _witnessing(witness: bytes | None, done: Any, acknowledged: bool, last: bool) -> tuple[list, list]:
+    """The commands a window of write batches goes with, before and after them: on one node, its witness key
+    set with the first window (a day at most: a write killed half-way leaves it behind), checked with each
+    later one and deleted with the last; on a cluster node, INFO server (its run_id)."""
+    if done is not None:
+        return [], [_INFO_SERVER]
+    if witness is None:  # one window: nothing acknowledged before it to lose
+        return [], []
+    head = [_codec.pack_command([b"EXISTS", witness])] if acknowledged else []
+    tail = [] if acknowledged else [_codec.pack_command([b"SET", witness, b"1", b"PX", b"86400000"])]
+    return head, tail + ([_codec.pack_command([b"DEL", witness])] if last else [])
+
+
+def _roundtrip(pool: ConnectionPool, commands: Sequence[bytes], retries: int) -> list:
     """Send packed commands at once and read every reply (an error reply is returned, not raised). A connection
     error (refused, reset) or time-out, connecting as well as sending or reading, is retried ``retries`` times
     on a fresh connection, the whole batch again: reads change nothing and the write script only applies a
-    record at least as new as the stored one, so applying a batch twice leaves what applying it once does.
-    ``on_retry`` is called before each such try again."""
+    record at least as new as the stored one, so applying a batch twice leaves what applying it once does."""
     payload = b"".join(commands) if len(commands) > 1 else commands[0]
     for attempt in range(retries + 1):
         conn = None
@@ -220,8 +232,6 @@ def _roundtrip(pool: ConnectionPool, commands: Sequence[bytes], retries: int,
                 conn.disconnect()
             if attempt == retries:
                 raise
-            if on_retry is not None:
-                on_retry()
         except BaseException:
             if conn is not None:
                 conn.disconnect()  # replies may be left unread: never reuse this connection
@@ -586,28 +596,33 @@ class RedisOnlineStore(OnlineStore):
         sent: list[tuple[list[np.ndarray], int]] = []  # the windows acknowledged, with what each applied
         told = 0  # windows before this one were counted in progress before the server lost its state
         start = restarts = 0
-        reconnected: list[bool] = []
-        server = None  # the INFO run_id of the server process that acknowledged this write's batches
+        # one node: a key set with the first window and checked with each later one (deleted with the last) says
+        # whether the server still holds what it acknowledged, whoever reconnected or loaded the script since;
+        # on a cluster node (whose key would have to follow the slots) the server's INFO run_id does
+        witness = (self._opts.prefix.encode() + b"write:" + uuid.uuid4().hex.encode()
+                   if done is None and len(batches) > _IN_FLIGHT else None)
+        server = None  # on a cluster: the INFO run_id of the node's server that acknowledged the batches
         while start < len(batches):
             window = batches[start : start + _IN_FLIGHT]
             lost = False
             for attempt in range(2):
-                reconnected.clear()
                 sha = self._sha(node, pool, retries).decode()
                 pack = lambda rows, sha=sha: _codec.pack_evalsha(
                     sha, self._opts.prefix, tag, records.key_data, records.key_offsets, records.rec_data,
                     records.rec_offsets, records.expire_at_ms, rows)
                 cmds = [pack(rows) for rows in window]
-                # and which server process answered them (a new one at every start): a connection the pool
-                # replaced unseen, and a script another writer loaded again since, hid a restart
-                replies = _roundtrip(pool, [*cmds, _INFO_SERVER], retries, lambda: reconnected.append(True))
-                info = replies.pop()
-                found = re.search(rb"run_id:(\w+)", info if isinstance(info, bytes) else b"")
-                now = found.group(1) if found else None
+                head, tail = _witnessing(witness, done, bool(sent), start + _IN_FLIGHT >= len(batches))
+                replies = _roundtrip(pool, [*head, *cmds, *tail], retries)
+                seen, replies, info = replies[: len(head)], replies[len(head) : len(head) + len(cmds)], replies[-1]
                 noscript = attempt == 0 and any(_no_script(r) for r in replies)
-                if sent:  # without a run_id (INFO refused to this user), a reconnect or a lost script tells
-                    lost = now != server if now is not None and server is not None else bool(reconnected or noscript)
-                server = now
+                if done is None:
+                    lost = bool(seen) and seen[0] == 0  # the key is gone: so may be what came before it
+                else:
+                    found = re.search(rb"run_id:(\w+)", info if isinstance(info, bytes) else b"")
+                    now = found.group(1) if found else None
+                    if sent:  # INFO refused to this user: a lost script tells
+                        lost = now != server if now is not None and server is not None else noscript
+                    server = now
                 if noscript:
                     self._shas.pop(node, None)  # the server lost the script (restart, SCRIPT FLUSH): load it again
                     if lost:
