@@ -798,8 +798,9 @@ def test_a_materialize_that_outlives_a_redis_restart_writes_everything_again(tmp
 @pytest.mark.redis
 def test_a_materialize_whose_batches_time_out_on_a_live_server_goes_on_without_info(tmp_path, private_redis,
                                                                                    monkeypatch):
-    """A user refused INFO (ACL -@dangerous, a common setting): a time-out retried on the same server must not
-    count as a restart (each one started the write again, and the fourth failed it)."""
+    """A user refused INFO (ACL -@dangerous, a common setting), whose write cannot ask the server's run_id: a
+    time-out retried on the same server must not count as a restart (each one started the write again, and the
+    fourth failed it)."""
     from mlplat.features import materialize as materializing
 
     _, port = private_redis("--enable-debug-command", "yes")
@@ -835,7 +836,7 @@ def test_a_materialize_whose_batches_time_out_on_a_live_server_goes_on_without_i
         assert p.features.materialize(end_date=NOW)[0].written == len(users)
         for t in stalls:
             t.join()
-        assert len(stalls) == 5 and admin.dbsize() == len(users)  # and no witness key left behind
+        assert len(stalls) == 5 and admin.dbsize() == len(users)
         assert p.features.get_online_features(["txn:count"], {"user_id": users})["count"] == users
 
 

@@ -57,7 +57,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -190,19 +189,6 @@ def _backoff(attempt: int) -> float:
 
 
 _INFO_SERVER = _codec.pack_command([b"INFO", b"server"])  # its run_id names the server process, new at each start
-
-
-def _witnessing(witness: bytes | None, done: Any, acknowledged: bool, last: bool) -> tuple[list, list]:
-    """The commands a window of write batches goes with, before and after them: on one node, its witness key
-    set with the first window (a day at most: a write killed half-way leaves it behind), checked with each
-    later one and deleted with the last; on a cluster node, INFO server (its run_id)."""
-    if done is not None:
-        return [], [_INFO_SERVER]
-    if witness is None:  # one window: nothing acknowledged before it to lose
-        return [], []
-    head = [_codec.pack_command([b"EXISTS", witness])] if acknowledged else []
-    tail = [] if acknowledged else [_codec.pack_command([b"SET", witness, b"1", b"PX", b"86400000"])]
-    return head, tail + ([_codec.pack_command([b"DEL", witness])] if last else [])
 
 
 def _roundtrip(pool: ConnectionPool, commands: Sequence[bytes], retries: int) -> list:
@@ -585,23 +571,18 @@ class RedisOnlineStore(OnlineStore):
         """Write the batches to one node, ``_IN_FLIGHT`` at a time; on a cluster (``done`` given) the batches
         written are marked done as they are, for ``_on_cluster`` to try again the rest only.
 
-        A server reached again after a connection error or time-out, or that lost the write script meanwhile (a
-        restart, a SCRIPT FLUSH), may have lost the records it had acknowledged (a restart without persistence,
-        whatever another writer loaded since): the write then starts again from its first batch (the script
-        applies only a record at least as new as the stored one, so a batch applied twice leaves what applying it
-        once does). Trusting what the server had acknowledged, materialize recorded its progress over records it
-        no longer held, and online served nothing where offline had values, for good."""
+        A server process other than the one that acknowledged the write's earlier batches (a restart, which
+        without persistence lost them, seen by its INFO run_id; where INFO is refused, a lost write script) makes
+        the write start again from its first batch (the script applies only a record at least as new as the
+        stored one, so a batch applied twice leaves what applying it once does). Trusting what the server had
+        acknowledged, materialize recorded its progress over records it no longer held, and online served
+        nothing where offline had values, for good."""
         applied = 0
         retries = self._opts.retries if done is None else 0  # on a cluster _on_cluster retries
         sent: list[tuple[list[np.ndarray], int]] = []  # the windows acknowledged, with what each applied
         told = 0  # windows before this one were counted in progress before the server lost its state
         start = restarts = 0
-        # one node: a key set with the first window and checked with each later one (deleted with the last) says
-        # whether the server still holds what it acknowledged, whoever reconnected or loaded the script since;
-        # on a cluster node (whose key would have to follow the slots) the server's INFO run_id does
-        witness = (self._opts.prefix.encode() + b"write:" + uuid.uuid4().hex.encode()
-                   if done is None and len(batches) > _IN_FLIGHT else None)
-        server = None  # on a cluster: the INFO run_id of the node's server that acknowledged the batches
+        server = None  # the INFO run_id of the server process that acknowledged this write's batches
         while start < len(batches):
             window = batches[start : start + _IN_FLIGHT]
             lost = False
@@ -611,18 +592,17 @@ class RedisOnlineStore(OnlineStore):
                     sha, self._opts.prefix, tag, records.key_data, records.key_offsets, records.rec_data,
                     records.rec_offsets, records.expire_at_ms, rows)
                 cmds = [pack(rows) for rows in window]
-                head, tail = _witnessing(witness, done, bool(sent), start + _IN_FLIGHT >= len(batches))
-                replies = _roundtrip(pool, [*head, *cmds, *tail], retries)
-                seen, replies, info = replies[: len(head)], replies[len(head) : len(head) + len(cmds)], replies[-1]
+                # and which server process answered them (a new one at every start; a time-out retried, a key
+                # evicted or a script flushed changes nothing of it): a connection the pool replaced unseen, and a
+                # script another writer loaded again since, hid a restart
+                replies = _roundtrip(pool, [*cmds, _INFO_SERVER], retries)
+                info = replies.pop()
+                found = re.search(rb"run_id:(\w+)", info if isinstance(info, bytes) else b"")
+                now = found.group(1) if found else None
                 noscript = attempt == 0 and any(_no_script(r) for r in replies)
-                if done is None:
-                    lost = bool(seen) and seen[0] == 0  # the key is gone: so may be what came before it
-                else:
-                    found = re.search(rb"run_id:(\w+)", info if isinstance(info, bytes) else b"")
-                    now = found.group(1) if found else None
-                    if sent:  # INFO refused to this user: a lost script tells
-                        lost = now != server if now is not None and server is not None else noscript
-                    server = now
+                if sent:  # INFO refused to this user (ACL -@dangerous): a lost script tells, as far as it can
+                    lost = now != server if now is not None and server is not None else noscript
+                server = now
                 if noscript:
                     self._shas.pop(node, None)  # the server lost the script (restart, SCRIPT FLUSH): load it again
                     if lost:
