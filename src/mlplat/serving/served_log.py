@@ -172,7 +172,8 @@ class ServedLog:
         # the flusher waits longer after each failure (each try converts the whole backlog again), up to 30 s
         self._retry_at = now + min(30.0, 2.0 ** failures) if failures else 0.0
         self._pressing_after = now + _PRESS_AGAIN_S if failures else 0.0  # when add() may write in its thread
-        self._dropping = False if not failures else getattr(self, "_dropping", False)  # warned once per run
+        if not failures:
+            self._dropping = False  # no rows dropped since the last write that worked (warned once per run)
 
     def add(self, model: str, version: int, variant: str, keys: Mapping[str, list], features: Mapping[str, list],
             outputs: Mapping[str, Sequence], *, refs: Sequence[str], types: Mapping[str, pa.DataType],
@@ -302,7 +303,6 @@ class ServedLog:
                                  "them") from None
             raise
         _SWEEPER.sweep(pafs.LocalFileSystem(), str(folder))
-
 
     def _files_by_refs(self, model: str) -> dict[tuple[tuple[str, ...], tuple[str, ...], bool],
                                                   list[tuple[Path, pa.Schema]]]:
