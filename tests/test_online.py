@@ -755,17 +755,21 @@ def test_reads_and_writes_wait_out_a_redis_restart_within_their_retries(tmp_path
 
 
 @pytest.mark.redis
-def test_a_materialize_that_outlives_a_redis_restart_writes_everything_again(tmp_path, private_redis, monkeypatch):
+@pytest.mark.parametrize("refused_info", [False, True], ids=["default user", "user refused INFO"])
+def test_a_materialize_that_outlives_a_redis_restart_writes_everything_again(tmp_path, private_redis, monkeypatch,
+                                                                           refused_info):
     """The batches a server without persistence acknowledged before it restarted were lost, yet materialize counted
     them written and recorded its progress: online served nothing for them, and later runs never wrote them again.
     Another writer reaches the new server first (its push loads the write script again, the pool replaces the
-    materializing connection unseen): only the server's run_id tells."""
+    materializing connection unseen): only the server's run_id tells, or for a user refused INFO (ACL -@dangerous),
+    the key the write set with its first window."""
     from mlplat.features import materialize as materializing
 
-    proc, port = private_redis()
+    args = ("--user", "app", "on", ">pw", "+@all", "-@dangerous", "~*", "&*") if refused_info else ()
+    proc, port = private_redis(*args)
     users = list(range(3000))
     write(tmp_path / "src" / "a.parquet", users, [1] * len(users), users)
-    url = f"redis://127.0.0.1:{port}/0?batch=50&retries=20"
+    url = f"redis://{'app:pw@' if refused_info else ''}127.0.0.1:{port}/0?batch=50&retries=20"
     restarted = []
 
     class RestartAfterTheFirstWindow:  # the progress bar's callback, told once a window of batches is applied
@@ -777,7 +781,7 @@ def test_a_materialize_that_outlives_a_redis_restart_writes_everything_again(tmp
                 if not restarted:
                     proc.kill()
                     proc.wait()
-                    restarted.append(private_redis(port=port))
+                    restarted.append(private_redis(*args, port=port))
                     other.features.push("txn", {"user_id": [9999], "event_timestamp": [NOW], "created": [NOW],
                                                 "count": [7], "amount": [1.0], "note": ["x"]})
                 restarted.append(count)
@@ -787,6 +791,9 @@ def test_a_materialize_that_outlives_a_redis_restart_writes_everything_again(tmp
             pass
 
     monkeypatch.setattr(materializing, "_progress", RestartAfterTheFirstWindow)
+    if refused_info:
+        with pytest.raises(redis.ResponseError, match="no permissions to run the .info. command"):
+            redis.Redis(port=port, username="app", password="pw").info("server")
     with mp.Platform(tmp_path / "h", online_store=url) as p, mp.Platform(tmp_path / "h", online_store=url) as other:
         p.features.apply([USER, txn_view(tmp_path / "src")])
         assert p.features.materialize(end_date=NOW)[0].written == len(users)

@@ -54,9 +54,11 @@ ConfigError when the store opens.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -583,60 +585,76 @@ class RedisOnlineStore(OnlineStore):
         told = 0  # windows before this one were counted in progress before the server lost its state
         start = restarts = 0
         server = None  # the INFO run_id of the server process that acknowledged this write's batches
-        while start < len(batches):
-            window = batches[start : start + _IN_FLIGHT]
-            lost = False
-            for attempt in range(2):
-                sha = self._sha(node, pool, retries).decode()
-                pack = lambda rows, sha=sha: _codec.pack_evalsha(
-                    sha, self._opts.prefix, tag, records.key_data, records.key_offsets, records.rec_data,
-                    records.rec_offsets, records.expire_at_ms, rows)
-                cmds = [pack(rows) for rows in window]
-                # and which server process answered them (a new one at every start; a time-out retried, a key
-                # evicted or a script flushed changes nothing of it): a connection the pool replaced unseen, and a
-                # script another writer loaded again since, hid a restart
-                replies = _roundtrip(pool, [*cmds, _INFO_SERVER], retries)
-                info = replies.pop()
-                found = re.search(rb"run_id:(\w+)", info if isinstance(info, bytes) else b"")
-                now = found.group(1) if found else None
-                noscript = attempt == 0 and any(_no_script(r) for r in replies)
-                if sent:  # INFO refused to this user (ACL -@dangerous): a lost script tells, as far as it can
-                    lost = now != server if now is not None and server is not None else noscript
-                server = now
-                if noscript:
-                    self._shas.pop(node, None)  # the server lost the script (restart, SCRIPT FLUSH): load it again
-                    if lost:
-                        break
+        ask = done is not None or len(batches) > _IN_FLIGHT  # one window on one node: nothing before it to lose
+        # where INFO is refused (an ACL with -@dangerous), a key set with the first window says whether the server
+        # still holds what it acknowledged (a key evicted meanwhile only costs a needless start again)
+        witness = self._opts.prefix.encode() + b"write:" + uuid.uuid4().hex.encode() if done is None and ask else None
+        try:
+            while start < len(batches):
+                window = batches[start : start + _IN_FLIGHT]
+                lost = False
+                for attempt in range(2):
+                    sha = self._sha(node, pool, retries).decode()
+                    pack = lambda rows, sha=sha: _codec.pack_evalsha(
+                        sha, self._opts.prefix, tag, records.key_data, records.key_offsets, records.rec_data,
+                        records.rec_offsets, records.expire_at_ms, rows)
+                    cmds = [pack(rows) for rows in window]
+                    # and which server process answered them (a new one at every start; a time-out retried, a key
+                    # evicted or a script flushed changes nothing of it): a connection the pool replaced unseen,
+                    # and a script another writer loaded again since, hid a restart
+                    head = [_codec.pack_command([b"EXISTS", witness])] if witness and sent and server is None else []
+                    tail = [_codec.pack_command([b"SET", witness, b"1", b"PX", b"86400000"])] if witness and not sent \
+                        else []
+                    replies = _roundtrip(pool, [*head, *cmds, *tail, *([_INFO_SERVER] if ask else [])], retries)
+                    info = replies.pop() if ask else None
+                    seen, replies = replies[: len(head)], replies[len(head) : len(head) + len(cmds)]
+                    found = re.search(rb"run_id:(\w+)", info if isinstance(info, bytes) else b"")
+                    now = found.group(1) if found else None
+                    noscript = attempt == 0 and any(_no_script(r) for r in replies)
+                    if sent:  # the run_id; else the witness; else (both refused) a lost script, as far as it tells
+                        if now is not None and server is not None:
+                            lost = now != server
+                        else:
+                            lost = seen[0] == 0 if seen and isinstance(seen[0], int) else noscript
+                    server = now
+                    if noscript:
+                        self._shas.pop(node, None)  # the server lost the script (restart, SCRIPT FLUSH): load it
+                        if lost:
+                            break
+                        continue
+                    break
+                if lost:
+                    restarts += 1
+                    if restarts > _RESTARTS:
+                        raise RedisError(f"the server lost its state {restarts} times during one write (restarting "
+                                         "over and over?); nothing of this write is known to be stored: write again")
+                    for w, count in sent:  # what they applied is applied again from the start
+                        applied -= count
+                        if done is not None:
+                            done.rows[np.concatenate(w)] = False
+                            done.applied -= count
+                    sent.clear()
+                    told, start = max(told, start), 0
                     continue
-                break
-            if lost:
-                restarts += 1
-                if restarts > _RESTARTS:
-                    raise RedisError(f"the server lost its state {restarts} times during one write (restarting "
-                                     "over and over?); nothing of this write is known to be stored: write again")
-                for w, count in sent:  # what they applied is applied again from the start
-                    applied -= count
-                    if done is not None:
-                        done.rows[np.concatenate(w)] = False
-                        done.applied -= count
-                sent.clear()
-                told, start = max(told, start), 0
-                continue
-            tell = progress if start >= told else None
-            if done is not None:
-                before = done.applied
-                self._cluster_window(node, pool, records, window, cmds, replies, pack, tell, done)
-                sent.append((window, done.applied - before))
-            else:
-                for r in replies:
-                    if isinstance(r, ResponseError):
-                        raise r
-                count = sum(int(r) for r in replies)
-                applied += count
-                sent.append((window, count))
-                if tell is not None:
-                    tell(sum(len(rows) for rows in window))
-            start += _IN_FLIGHT
+                tell = progress if start >= told else None
+                if done is not None:
+                    before = done.applied
+                    self._cluster_window(node, pool, records, window, cmds, replies, pack, tell, done)
+                    sent.append((window, done.applied - before))
+                else:
+                    for r in replies:
+                        if isinstance(r, ResponseError):
+                            raise r
+                    count = sum(int(r) for r in replies)
+                    applied += count
+                    sent.append((window, count))
+                    if tell is not None:
+                        tell(sum(len(rows) for rows in window))
+                start += _IN_FLIGHT
+        finally:
+            if witness is not None:
+                with contextlib.suppress(*_FAILURES):  # best effort: it expires in a day anyway
+                    _roundtrip(pool, [_codec.pack_command([b"DEL", witness])], 0)
         return applied
 
     def _cluster_window(self, node: str, pool: ConnectionPool, records: RecordBuffers, window: list[np.ndarray],
