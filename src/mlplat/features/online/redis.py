@@ -602,9 +602,11 @@ class RedisOnlineStore(OnlineStore):
                     # and which server process answered them (a new one at every start; a time-out retried, a key
                     # evicted or a script flushed changes nothing of it): a connection the pool replaced unseen,
                     # and a script another writer loaded again since, hid a restart
-                    head = [_codec.pack_command([b"EXISTS", witness])] if witness and sent and server is None else []
-                    tail = [_codec.pack_command([b"SET", witness, b"1", b"PX", b"86400000"])] if witness and not sent \
-                        else []
+                    # (read with GET, which keeps it recently used for an LRU or LFU eviction policy; its 30 days
+                    # leave it last for volatile-ttl)
+                    head = [_codec.pack_command([b"GET", witness])] if witness and sent and server is None else []
+                    tail = ([_codec.pack_command([b"SET", witness, b"1", b"PX", b"2592000000"])]
+                            if witness and not sent else [])
                     replies = _roundtrip(pool, [*head, *cmds, *tail, *([_INFO_SERVER] if ask else [])], retries)
                     info = replies.pop() if ask else None
                     seen, replies = replies[: len(head)], replies[len(head) : len(head) + len(cmds)]
@@ -615,7 +617,7 @@ class RedisOnlineStore(OnlineStore):
                         if now is not None and server is not None:
                             lost = now != server
                         else:
-                            lost = seen[0] == 0 if seen and isinstance(seen[0], int) else noscript
+                            lost = seen[0] is None if seen and not isinstance(seen[0], ResponseError) else noscript
                     server = now
                     if noscript:
                         self._shas.pop(node, None)  # the server lost the script (restart, SCRIPT FLUSH): load it
