@@ -126,10 +126,11 @@ class ArtifactStore:
                 size, sha = self._copy_in(file, target)
                 digest.update(_entry(rel, sha))
                 total += size
-            held = self.fs.get_file_info(pafs.FileSelector(staging, recursive=True))
-            if sum(i.type == pafs.FileType.File for i in held) != len(files):  # not a hash over files it lacks
-                raise OSError(f"the staged copy holds {sum(i.type == pafs.FileType.File for i in held)} of the "
-                              f"{len(files)} files copied into it: something removed some meanwhile")
+            held = sum(i.type == pafs.FileType.File
+                       for i in self.fs.get_file_info(pafs.FileSelector(staging, recursive=True)))
+            if held != len(files):  # not a hash over files it lacks
+                raise OSError(f"the staged copy holds {held} of the {len(files)} files copied into it: something "
+                              "removed some meanwhile")
         except OSError as exc:
             raise self._failed(staging, name, exc) from None
         return staging, total, digest.hexdigest()
