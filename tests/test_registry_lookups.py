@@ -173,3 +173,19 @@ def test_artifact_meta_takes_a_bool_check(p):
     with pytest.raises(mp.DataError, match="check"):
         p.models.artifact_meta(info, check="no")  # a truthy string: checked, as if True
     assert p.models.artifact_meta(info, check=False)["sha256"] == info.artifact_sha256
+
+
+@pytest.mark.parametrize("name", ["fraud\n", "a" * 255 + "\n"])
+def test_a_name_or_alias_ending_in_a_newline_is_refused(p, tmp_path, name):
+    """``$`` matched before a final newline: 'fraud\\n' became a second model beside 'fraud' (and, at 255 + 1
+    characters, a raw 'value too long' from PostgreSQL while SQLite kept it)."""
+    run_id = trained_run(p)
+    with pytest.raises(mp.DataError, match="model name .* is invalid"):
+        p.models.register(name, run_id)
+    assert p.models.list() == []
+    p.models.register("fraud", run_id)
+    with pytest.raises(mp.DataError, match="alias .* is invalid"):
+        p.models.set_alias("fraud", name, 1)
+    with pytest.raises(mp.DataError, match="Triton model name .* is invalid"):
+        p.serving.export_triton("fraud", version=1, repository=tmp_path / "repo", triton_name=name)
+    assert p.models.get("fraud", version=1).aliases == () and not (tmp_path / "repo").exists()

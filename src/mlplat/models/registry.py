@@ -53,7 +53,7 @@ __all__ = ["ModelRegistry", "ModelVersionInfo", "Transition", "STAGES"]
 
 STAGES = ("none", "staging", "production", "archived")
 #: model names and aliases (and Triton model folder names)
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-.]{0,254}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-.]{0,254}")  # fullmatch only: "$" lets a trailing newline through
 _ALIAS_MAX = 58  # history records an alias move as "alias:<alias>" in a 64-character column
 _RUN_ID_MAX = 32  # the runs.id column (run ids are uuid4().hex)
 #: ``notes`` and ``description`` (TEXT columns): a paragraph or a review, not a document; a longer write-up
@@ -95,7 +95,7 @@ def _user() -> str:
 
 
 def _check_model_name(name: Any) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise DataError(f"model name {name!r} is invalid: letters, digits, '_', '-' and '.', at most 255")
     return name
 
@@ -358,7 +358,7 @@ class ModelRegistry:
         """Point an alias (e.g. "champion") at a version; if another version held it, history records its
         loss there (``alias:<alias>`` to nothing, "moved to version N"), as :meth:`delete_alias` does."""
         _check_model_name(name)
-        if (not isinstance(alias, str) or not NAME_PATTERN.match(alias) or len(alias) > _ALIAS_MAX
+        if (not isinstance(alias, str) or not NAME_PATTERN.fullmatch(alias) or len(alias) > _ALIAS_MAX
                 or alias.lower() in STAGES):  # "fraud@Production" would read as the stage and serve the alias
             raise DataError(f"alias {alias!r} is invalid: letters, digits, '_', '-' and '.', at most {_ALIAS_MAX}, "
                             "and not a stage name (in any case)")

@@ -105,7 +105,7 @@ def _int(name: str, value: object, low: int, high: int) -> None:
 
 def _check_name(name: object) -> None:
     """A Triton model name is its folder's name in the repository: a plain name, as the registry's."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise DataError(f"Triton model name {name!r} is invalid: it names a folder of the repository, so use "
                         "letters, digits, '_', '-' and '.' (not first), at most 255; no '/' or quotes")
 
