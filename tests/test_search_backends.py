@@ -129,3 +129,14 @@ def test_in_list_longer_than_postgresql_parameters(both):
         flt = f"attributes.start_time in ({times}, '{started.isoformat()}')"
         assert [r.id for r in p.runs.search("e", filter=flt)] == [run.id]
         assert len(p.runs.search("e", filter=f"attributes.start_time not in ({times})")) == 2
+
+
+@pytest.mark.parametrize("flt", ["attributes.start_time like 1", "attributes.END_TIME ilike '2026-01-01'",
+                                 "attributes.start_time like '2026%'"])
+def test_like_on_a_time_is_refused_on_both(both, flt):
+    """It was a raw 'function like_escape(timestamp with time zone, ...) does not exist' on PostgreSQL and
+    silently no runs on SQLite."""
+    start(both, "t")
+    for p in both:
+        with pytest.raises(mp.DataError, match=r"is a time; '(i)?like' compares strings"):
+            p.runs.search("t", filter=flt)

@@ -332,6 +332,9 @@ def _metric_value(value: Any) -> float:
         raise DataError(f"filter: {value} is too large to compare with a metric (a float); use inf") from None
 
 
+_TIMES = ("start_time", "end_time")
+
+
 def _attribute(name: str):
     name = name.lower()
     return {"status": Run.status, "name": Run.name, "run_name": Run.name, "run_id": Run.id, "id": Run.id,
@@ -351,6 +354,9 @@ def _check_value(node: Cmp) -> None:
                         "backslash that escapes nothing: a literal backslash is two backslashes in the pattern")
     if node.kind == "metrics" and node.op in ("like", "ilike"):
         raise DataError(f"filter: metrics.{node.name} is a number; 'like' compares strings")
+    if node.kind == "attributes" and node.name.lower() in _TIMES and node.op in ("like", "ilike"):
+        raise DataError(f"filter: attributes.{node.name} is a time; '{node.op}' compares strings (use <, >= "
+                        "with milliseconds since the epoch or an ISO date)")
     if node.kind == "metrics" and not all(isinstance(v, (int, float)) for v in values):
         raise DataError(f"filter: metrics.{node.name} compares with numbers, got {node.value!r}")
 
@@ -372,7 +378,7 @@ def to_sql(node: Node):
     _check_value(node)
     if node.kind == "attributes":
         if not node.op.endswith("null"):  # times compare as times, every other attribute as a string
-            convert = _time_value if node.name.lower() in ("start_time", "end_time") else str
+            convert = _time_value if node.name.lower() in _TIMES else str
             node = Cmp(node.kind, node.name, node.op, _each(convert, node.value))
         return _compare(_attribute(node.name), node.op, node.value)
     table, value_col = {"metrics": (LatestMetric, LatestMetric.value), "params": (RunParam, RunParam.value),
