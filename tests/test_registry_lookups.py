@@ -72,6 +72,22 @@ def test_lineage_verify_exits_with_the_check_status_when_the_training_data_chang
     assert runner.invoke(cli, args).exit_code == 0  # without --verify nothing is checked
 
 
+def test_lineage_verify_reports_kept_entity_rows_that_are_no_longer_parquet(p, two_inputs, database_url):
+    """A truncated entity_rows.parquet (a partial restore) was a raw ArrowInvalid from lineage(verify=True) and
+    'unexpected ArrowInvalid ... a bug in mlplat' from the command line, not a failed check."""
+    _, run_id = two_inputs
+    p.models.register("fraud", run_id)
+    kept = p.runs.get(run_id).inputs[0]["feature_refs"]["entity_rows"]
+    path = Path(p.artifacts.path(run_id, kept))
+    path.write_bytes(path.read_bytes()[:50])
+    check = p.models.lineage("fraud", version=1, verify=True)["data"][0]["verification"]
+    assert check["checked"] and not check["matches"]
+    assert "cannot be read as Parquet" in check["reason"] and kept in check["reason"]
+    result = CliRunner().invoke(cli, ["--home", str(p.settings.home), "--database-url", database_url, "models",
+                                      "lineage", "fraud", "--version", "1", "--verify"], env={"COLUMNS": "200"})
+    assert result.exit_code == CHECK_FAILED, result.output
+
+
 @pytest.mark.parametrize("approver", ["DanaSmith", "dana smith", "Dana\u2800Smith", "D a n a S m i t h",
                                       "Dana\u3000Smith"])
 def test_the_registrant_with_blanks_dropped_or_changed_is_still_the_registrant(p, approver):

@@ -125,7 +125,11 @@ def rebuild_input(features, artifacts: ArtifactStore, run_id: str, inp: dict[str
     if not info.get("refs") or not info.get("entity_rows"):
         return None
     with artifacts.open(run_id, info["entity_rows"]) as f:
-        entity = pq.read_table(f)
+        try:
+            entity = pq.read_table(f)
+        except (pa.ArrowException, OSError) as exc:
+            raise StoreError(f"run {run_id}: the kept entity rows {info['entity_rows']!r} cannot be read as "
+                             f"Parquet ({exc}); the file was changed or cut short after it was logged") from None
     rebuilt = features.get_historical_features(
         entity, info["refs"], timestamp_column=info.get("timestamp_column", "event_timestamp"),
         full_feature_names=info.get("full_feature_names", False))
