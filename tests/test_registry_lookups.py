@@ -148,6 +148,26 @@ def test_fetch_writes_into_a_new_or_empty_folder_only(p, tmp_path):
             p.models.fetch(info, locked / "model")
 
 
+@pytest.mark.parametrize("dest_exists", [False, True])
+def test_a_refused_fetch_leaves_its_destination_as_it_was(p, tmp_path, dest_exists):
+    """fetch copied into dest and then refused the files, leaving the unapproved files there for a deploy script
+    that caught the error (and refusing a retry into that folder: 'holds files already')."""
+    info = p.models.register("fraud", trained_run(p))
+    stored = Path(p.artifacts.path(info.run_id, info.artifact))
+    meta = stored / "mlmodel.json"
+    kept = meta.read_text()
+    meta.write_text(kept + " ")  # an edit after registration
+    dest = tmp_path / "deploy" / "model"
+    if dest_exists:
+        dest.mkdir(parents=True)
+    with pytest.raises(mp.StoreError, match="changed after registration"):
+        p.models.fetch(info, dest)
+    assert (sorted(os.listdir(dest)) == []) if dest_exists else not (tmp_path / "deploy").exists()
+    meta.write_text(kept)
+    assert p.models.fetch(info, dest) == dest
+    assert "mlmodel.json" in os.listdir(dest) and not [n for n in os.listdir(dest) if n.startswith(".")]
+
+
 def test_lineage_is_the_version_as_registered_whatever_the_run_logs_later(p, two_inputs, database_url):
     """A resumed run logging an input and val_auc after the registration changed what lineage said the version
     was trained on and approved with: the later input was listed first, and val_auc showed the later value."""

@@ -20,8 +20,10 @@ from __future__ import annotations
 import getpass
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -534,7 +536,7 @@ class ModelRegistry:
     def fetch(self, info: ModelVersionInfo, dest: str | Path) -> Path:
         """Copy a version's model artifact folder to the local folder ``dest`` and return it, once its files
         are checked against the sha256 recorded at registration: StoreError if they differ (the artifact
-        changed after registration), unchecked where none was recorded (registered before mlplat kept it
+        changed after registration; ``dest`` is then left as it was), unchecked where none was recorded (registered before mlplat kept it
         and its artifact row gone by then). ``dest`` must be a new or an empty folder (DataError otherwise).
 
         >>> p.models.fetch(p.models.resolve("fraud"), "/tmp/fraud-model")  # doctest: +SKIP
@@ -542,16 +544,36 @@ class ModelRegistry:
         """
         _check_version_info(info)
         dest = _check_dest(dest)
+        made = [d for d in (dest, *dest.parents) if not d.exists()]  # folders this fetch makes, innermost first
+        staged = dest / f".fetching-{uuid.uuid4().hex[:12]}"  # checked files leave it; refused ones never show
+        moved: list[Path] = []
         try:
-            folder = self._artifacts.get_dir(info.run_id, info.artifact, dest)
-        except OSError as exc:
-            raise StoreError(f"cannot write model {info.name!r} v{info.version} into {str(dest)!r}: "
-                             f"{exc.strerror or exc}") from None
-        if info.artifact_sha256 is not None:
-            sha = folder_sha256(folder)
-            if sha != info.artifact_sha256:
-                raise _changed(info, sha, "its files have")
-        return folder
+            staged.mkdir(parents=True)
+            self._artifacts.get_dir(info.run_id, info.artifact, staged)
+            if info.artifact_sha256 is not None:
+                sha = folder_sha256(staged)
+                if sha != info.artifact_sha256:
+                    raise _changed(info, sha, "its files have")
+            for entry in sorted(staged.iterdir()):
+                entry.rename(dest / entry.name)
+                moved.append(dest / entry.name)
+            staged.rmdir()
+        except BaseException as exc:  # dest is left as it was: new or empty
+            for path in (staged, *moved):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot write model {info.name!r} v{info.version} into {str(dest)!r}: "
+                                 f"{exc.strerror or exc}") from None
+            raise
+        return dest
 
     def artifact_meta(self, info: ModelVersionInfo, *, check: bool = True) -> dict[str, Any]:
         """A version's model artifact metadata: its sha256 and size, and what log_model recorded (files,
