@@ -221,6 +221,33 @@ def test_a_model_that_fails_on_its_example_input_is_a_data_error(lite):
     assert lite.runs.get(run.id).artifacts == []
 
 
+@pytest.mark.parametrize("example, got", [
+    ([[0.0, 0.0, 0.0]], "list holding list"), ({"x": torch.zeros(2, 3)}, "dict"), ((), "tuple"),
+    ((torch.zeros(2, 3), 1.0), "tuple holding float"), (np.zeros((2, 3), dtype="float32"), "ndarray"),
+])
+def test_an_example_input_that_is_not_tensors_is_a_data_error(lite, example, got):
+    """A list or dict was a raw AttributeError ('list' object has no attribute 'dtype'), in training() too."""
+    message = rf"example_input must be a torch.Tensor, or a non-empty tuple or list of tensors .*, got {got}$"
+    with lite.runs.start("e") as run:
+        with pytest.raises(mp.DataError, match=message):
+            run.log_model(torch.nn.Linear(3, 1), "m", example_input=example)
+    with pytest.raises(mp.DataError, match=message):
+        lite.runs.training("t", model=torch.nn.Linear(3, 1), example_input=example)
+    assert lite.runs.get(run.id).artifacts == []
+
+
+@pytest.mark.parametrize("alias, name", [("float", "float32"), ("long", "int64"), ("double", "float64"),
+                                         ("half", "float16"), ("int", "int32")])
+def test_a_signature_dtype_alias_is_stored_as_the_dtype_s_name(lite, alias, name):
+    """'float' was stored as given, and export_triton and predict then refused it ('which Triton does not take')."""
+    sig = {"inputs": [{"name": "x", "dtype": alias, "shape": [-1, 3]}],
+           "outputs": [{"name": "y", "dtype": "float", "shape": [-1, 1]}]}
+    with lite.runs.start("e") as run:
+        run.log_model(torch.nn.Linear(3, 1), "m", signature=sig)
+    stored = lite.runs.get(run.id).artifacts[0]["meta"]["signature"]
+    assert [stored["inputs"][0]["dtype"], stored["outputs"][0]["dtype"]] == [name, "float32"]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"example_input": torch.zeros(2, 5)}, "the model failed on example_input"),
     ({"example_input": torch.zeros(2, 3), "columns": ["a", "b"]}, "columns holds 2 names"),

@@ -104,6 +104,12 @@ def _as_signature(signature: Signature | Mapping | None, example_input: Any, mod
     if example_input is None:
         return None
     tensors = _tensors(example_input)
+    wrong = next((t for t in tensors if not isinstance(t, torch.Tensor)), None)
+    if wrong is not None or not tensors:
+        got = type(example_input).__name__
+        got += f" holding {type(wrong).__name__}" if wrong is not None and wrong is not example_input else ""
+        raise DataError(f"example_input must be a torch.Tensor, or a non-empty tuple or list of tensors (one per "
+                        f"input of the model), got {got}")
     inputs = [TensorSpec(f"input__{i}", _dtype_name(t), (-1, *t.shape[1:])) for i, t in enumerate(tensors)]
     try:
         with torch.no_grad():
@@ -146,7 +152,8 @@ def _checked_signature(sig: Signature, torch: Any) -> Signature:
                     or not all(isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d > 0) for d in shape)):
                 raise DataError(f"signature tensor {t.name!r}: shape {shape!r} must be a list of dimensions, each -1 "
                                 "(any size, as the batch) or a positive integer")
-            checked.setdefault(side, []).append(TensorSpec(t.name, t.dtype, tuple(shape)))
+            dtype = str(getattr(torch, t.dtype)).removeprefix("torch.")  # an alias ("float", "long") as its name ("float32")
+            checked.setdefault(side, []).append(TensorSpec(t.name, dtype, tuple(shape)))
     return Signature(checked["inputs"], checked["outputs"])
 
 
