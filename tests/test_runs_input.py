@@ -319,3 +319,36 @@ def test_a_script_that_git_does_not_track_marks_the_run_dirty(tmp_path):
         untracked, committed = (p.runs.get(r).tags for r in runs)
     assert untracked["mlplat.git.dirty"] == "true"
     assert committed["mlplat.git.dirty"] == "false" and committed["mlplat.git.commit"] == git("rev-parse", "HEAD")
+
+
+class _Branchy(torch.nn.Module):
+    """Not scriptable (``*rest``), and its output takes a branch on the data: a trace replays the example's."""
+
+    def forward(self, x, *rest):
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+class _Traceable(torch.nn.Module):
+    def forward(self, x, *rest):  # not scriptable either, but without a branch on the data
+        return x * 2
+
+
+def test_a_trace_that_depends_on_the_data_is_not_kept(lite, tmp_path):
+    """It was stored as model.ts and preferred by load() and export: -1s came back doubled, as the example's
+    positive sum made the trace take that branch for every input."""
+    with lite.runs.start("e") as run:
+        with pytest.warns(UserWarning, match="stored without TorchScript: not scriptable, and its trace depends "
+                                             "on the data.*TracerWarning"):
+            meta = run.log_model(_Branchy(), "model", example_input=torch.ones(2, 3))
+        traced = run.log_model(_Traceable(), "plain", example_input=torch.ones(2, 3))
+    assert meta["torchscript"] is None and "torchscript" not in meta["files"] and "TracerWarning" in \
+        meta["torchscript_missing"]
+    assert traced["torchscript"] == "trace" and traced["torchscript_missing"] is None
+    lite.models.register("m", run.id)
+    torch.testing.assert_close(lite.models.load("m", version=1)(-torch.ones(1, 3)), torch.full((1, 3), -2.0))
+    with pytest.raises(mp.DataError, match=r"no TorchScript file, which the python backend loads \(not scriptable, "
+                                           r"and its trace depends on the data"):
+        lite.serving.export_triton("m", version=1, repository=tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()

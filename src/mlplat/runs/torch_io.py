@@ -300,11 +300,15 @@ def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping
             fill = checked_fill_null(fill_null, columns, sig.inputs[0].dtype)
         files = {"state_dict": "state_dict.pt"}
         torch.save(model.state_dict(), folder / "state_dict.pt")
-        scripted, how = _torchscript(torch, model, example_input)
+        scripted, how, why_not = _torchscript(torch, model, example_input)
         if scripted is not None:
             with _quiet_jit():
                 scripted.save(str(folder / "model.ts"))
             files["torchscript"] = "model.ts"
+        else:
+            warnings.warn(f"log_model: {type(model).__name__} is stored without TorchScript: {why_not}. load() "
+                          "uses the pickled module; export_triton's python and pytorch_libtorch backends need "
+                          "TorchScript (make the model scriptable with torch.jit.script)", stacklevel=3)
         try:
             torch.save(model, folder / "module.pt")
             files["module"] = "module.pt"
@@ -316,6 +320,7 @@ def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping
             "class": f"{type(model).__module__}.{type(model).__qualname__}",
             "files": files,
             "torchscript": how,
+            "torchscript_missing": why_not,
             "signature": sig.to_json() if sig else None,
             # what an ONNX export traces the model on (a width of any size taken as 2 failed a Conv1d of kernel 5)
             "example_shapes": [list(t.shape) for t in _tensors(example_input)] if example_input is not None else None,
@@ -336,24 +341,35 @@ def _quiet_jit() -> Iterator[None]:
         yield
 
 
-def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None]:
-    """TorchScript of the model (scripted, else traced on the example input), or (None, None).
+def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None, str | None]:
+    """TorchScript of the model (scripted, else traced on the example input) and how, or (None, None, why not).
 
     TorchScript is what Triton's libtorch and python backends load; torch 2.13
-    warns that torch.jit is deprecated, which is not the user's concern here.
+    warns that torch.jit is deprecated, which is not the user's concern here. A trace that warned
+    (a TracerWarning: a branch or a Python number taken from the data) is not kept: it replays the
+    example's path for every input and so serves wrong results where the model would branch otherwise.
     """
     with _quiet_jit():
         try:
-            return torch.jit.script(model), "script"
+            return torch.jit.script(model), "script", None
         except Exception:  # noqa: BLE001 - many modules are not scriptable; tracing may still work
             pass
         if example_input is None:
-            return None, None
-        tensors = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-        try:
-            return torch.jit.trace(model, tuple(tensors)), "trace"
-        except Exception:  # noqa: BLE001
-            return None, None
+            return None, None, "not scriptable, and no example_input= to trace it on"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", torch.jit.TracerWarning)
+            try:
+                traced = torch.jit.trace(model, _tensors(example_input))
+            except Exception as exc:  # noqa: BLE001
+                return None, None, f"not scriptable, and tracing failed ({type(exc).__name__}: {str(exc)[:200]})"
+    unsafe = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    for w in caught:
+        if w not in unsafe:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if unsafe:
+        return None, None, (f"not scriptable, and its trace depends on the data, so it would serve other inputs "
+                            f"wrongly (TracerWarning: {str(unsafe[0].message).split('. ')[0][:200]})")
+    return traced, "trace", None
 
 
 def read_meta(folder: Path) -> dict[str, Any]:

@@ -311,8 +311,10 @@ def write_repository(repository: Path, model_name: str, version: int, backend: s
     _check_ranks(model_name, version, signature, max_batch_size > 0)
     _check_types(model_name, version, signature)
     if "torchscript" not in meta.get("files", {}) and backend in ("python", "pytorch_libtorch"):
-        raise DataError(f"{model_name} v{version} has no TorchScript file (the module was neither scriptable nor "
-                        "traceable): log it with example_input= so it can be traced")
+        why = meta.get("torchscript_missing")  # recorded since mlplat kept traces that warned out
+        raise DataError(f"{model_name} v{version} has no TorchScript file, which the {backend} backend loads ("
+                        f"{why or 'the module was neither scriptable nor traceable'}): make the model scriptable "
+                        "(torch.jit.script)" + ("" if why else ", or log it with example_input= so it can be traced"))
     names = ([t["name"] for t in signature["inputs"]], [t["name"] for t in signature["outputs"]])
     if backend == "pytorch_libtorch":  # its tensors are found by position: names must say it, as name__<index>
         names = (_positional(names[0], "INPUT"), _positional(names[1], "OUTPUT"))
