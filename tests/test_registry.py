@@ -475,7 +475,7 @@ def test_lineage_answers_in_one_call(p, lineage_setup):
     assert info["params"] == {"lr": "0.01"} and info["metrics"] == {"val_auc": 0.93}
     [data] = info["data"]
     assert data["content_hash"] == mp.runs.table_hash(train) and data["row_count"] == 4
-    assert data["feature_refs"] == ["user_txn@1:txn_count"] and data["feature_views"] == {"user_txn": 1}
+    assert data["feature_refs"] == ["user_txn@1:txn_count"] and data["feature_views"] == {"user_txn": [1]}
     assert data["schema"]["fields"][-1]["name"] == "txn_count"
     assert info["approvals"] == [{"stage": "production", "approved_by": "alice", "by": info["history"][-1]["by"],
                                   "at": info["history"][-1]["at"], "notes": "passes review"}]
@@ -485,6 +485,26 @@ def test_lineage_answers_in_one_call(p, lineage_setup):
     assert p.models.training_features(p.models.resolve("fraud")) == (data["feature_refs"], False)
     p.models.register("fraud", trained_run(p))  # a run that logged no input
     assert p.models.training_features(p.models.get("fraud", version=2)) == ([], False)
+
+
+def test_lineage_names_every_version_of_a_view_an_input_used(p, lineage_setup, tmp_path):
+    """feature_views was a dict of view -> one version: the last ref's won and user_txn@1 was dropped."""
+    ts = pa.timestamp("us", "UTC")
+    (tmp_path / "src2").mkdir()
+    pq.write_table(pa.table({"user_id": [1, 2], "event_timestamp": pa.array([0, 0], ts), "txn_count": [5, 6],
+                             "amount": [1.5, 2.5]}), tmp_path / "src2" / "a.parquet")
+    user = mp.Entity("user", join_keys=["user_id"])
+    p.features.apply([mp.FeatureView("user_txn", entities=[user], ttl=timedelta(days=1),
+                                     source=mp.ParquetSource(tmp_path / "src2"),
+                                     schema=[mp.Field("txn_count", mp.Int64), mp.Field("amount", mp.Float64)])])
+    refs = ["user_txn@2:amount", "user_txn@1:txn_count"]
+    labels = pa.table({"user_id": [1, 2], "event_timestamp": pa.array([10, 10], ts)})
+    with p.runs.start("fraud") as run:
+        run.log_input(p.features.get_historical_features(labels, refs), "train", feature_refs=refs)
+        run.log_model(Scorer(), "model", example_input=torch.zeros(1, 3))
+    p.models.register("fraud", run.id)
+    [data] = p.models.lineage("fraud", version=2, verify=True)["data"]
+    assert data["feature_views"] == {"user_txn": [1, 2]} and data["verification"]["matches"]
 
 
 def test_lineage_verify_rebuilds_the_training_data(p, lineage_setup):

@@ -36,11 +36,12 @@ def build_lineage(registry, runs: RunStore, features, artifacts: ArtifactStore, 
     data, later = [], []
     for inp in run.inputs:
         refs = inp["feature_refs"].get("refs", [])
-        views: dict[str, int] = {}
+        views: dict[str, list[int]] = {}  # every version used: an input may take features of two versions
         for ref in refs:
             view, _, _ = ref.partition(":")
             view_name, _, view_version = view.partition("@")
-            views[view_name] = int(view_version)
+            views.setdefault(view_name, []).append(int(view_version))
+        views = {name: sorted(set(versions)) for name, versions in views.items()}
         entry = {"name": inp["name"], "content_hash": inp["content_hash"], "row_count": inp["row_count"],
                  "schema": inp["schema"], "feature_refs": refs, "feature_views": views,
                  "logged_at": inp["created_at"].isoformat()}
