@@ -264,6 +264,25 @@ def test_a_token_continues_only_its_own_search(p, eight):
     assert ids(same) == eight[3:6]
 
 
+@pytest.mark.parametrize("first, again", [
+    ("metrics.auc >= 0.1", "metric.auc >= 1e-1"),
+    ("metrics.auc >= 0", "metrics.\"auc\" >= 0.0"),
+    ("attributes.status = 'finished' and metrics.auc > 0", "attributes.STATUS = 'finished' and metrics.auc > 0.0"),
+    ("attributes.id != 'x'", "attributes.run_id != 'x'"),
+    ("attributes.start_time > 0", "attributes.start_time > '1970-01-01T00:00:00+00:00'"),
+    ("params.n is null or params.n in (1, 2)", "params.n is null or params.n in (1.0, 2e0)"),
+])
+def test_a_token_continues_the_same_filter_written_another_way(p, eight, first, again):
+    """The filter was bound by its parsed form's repr: 1 and 1.0, STATUS and status, id and run_id differed."""
+    order = ["attributes.name"]
+    token = p.runs.search("live", filter=first, order_by=order, max_results=2).next_page_token
+    assert token is not None
+    whole = ids(p.runs.search("live", filter=first, order_by=order, max_results=100))
+    assert ids(p.runs.search("live", filter=again, order_by=order, max_results=100, page_token=token)) == whole[2:]
+    with pytest.raises(mp.DataError, match="belongs to another search"):
+        p.runs.search("live", filter=f"{first} and metrics.auc < 0.6", order_by=order, page_token=token)
+
+
 def forged(body) -> str:
     return base64.urlsafe_b64encode(json.dumps(body).encode()).decode()
 

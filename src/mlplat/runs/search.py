@@ -56,7 +56,7 @@ from ..db.engine import NUMBER_TEXT
 from ..db.models import SHORT_VALUE, Experiment, LatestMetric, Run, RunParam, RunTag
 from ..errors import DataError
 
-__all__ = ["parse_filter", "to_sql", "parse_order", "SortKey", "sort_keys", "order_terms", "after", "page_query"]
+__all__ = ["parse_filter", "canonical", "to_sql", "parse_order", "SortKey", "sort_keys", "order_terms", "after", "page_query"]
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -335,6 +335,36 @@ def _metric_value(value: Any) -> float:
 _TIMES = ("start_time", "end_time")
 
 
+def _attribute_name(name: str) -> str:
+    """An attribute by its one name: ``ID`` is ``run_id``, ``run_name`` is ``name``."""
+    return {"run_name": "name", "id": "run_id"}.get(name.lower(), name.lower())
+
+
+def canonical(node: Node) -> Any:
+    """A parsed filter as plain JSON that is the same for the same search written another way: attributes by
+    their one name, numbers as the floats they compare as, times as the instants they name. (A page token is
+    bound to it: ``metrics.a > 1`` continues the pages of ``metrics.a > 1.0``.)"""
+    if isinstance(node, (And, Or)):
+        return [type(node).__name__, canonical(node.left), canonical(node.right)]
+    if isinstance(node, Not):
+        return ["Not", canonical(node.inner)]
+    name, value = node.name, node.value
+    if node.kind == "attributes":
+        name = _attribute_name(name)
+        convert = (lambda v: _time_value(v).isoformat()) if name in _TIMES else str
+    else:
+        def convert(v: Any) -> Any:
+            if isinstance(v, str):
+                return ["s", v]
+            try:
+                return ["n", float(v)]
+            except OverflowError:  # an int past the floats (metrics refuse it; a param compares it as inf)
+                return ["n", str(v)]
+    if value is not None:
+        value = list(_each(convert, value)) if isinstance(value, tuple) else convert(value)
+    return [node.kind, name, node.op, value]
+
+
 def _attribute(name: str):
     name = name.lower()
     return {"status": Run.status, "name": Run.name, "run_name": Run.name, "run_id": Run.id, "id": Run.id,
@@ -545,7 +575,7 @@ def sort_keys(query, order_by: list[str]):
     terms += [("attributes", "start_time", True), ("attributes", "run_id", False)]
     for i, (kind, name, desc) in enumerate(terms):
         if kind == "attributes":
-            name = {"run_name": "name", "id": "run_id"}.get(name.lower(), name.lower())
+            name = _attribute_name(name)
         if any(k.field == (kind, name) for k in keys) or (keys and keys[-1].field == ("attributes", "run_id")):
             continue
         if kind == "attributes":

@@ -35,7 +35,7 @@ from ..errors import DataError, NotFoundError
 from .artifacts import ArtifactStore
 from .metrics import read_history
 from .run import ActiveRun, check_text, checked_values
-from .search import page_query, parse_filter, sort_keys, to_sql
+from .search import canonical, page_query, parse_filter, sort_keys, to_sql
 from .system import system_tags
 from .torch_io import checked_columns, checked_fill_null, example_dtype, example_width, probe_model
 from .training import Training, flatten_config
@@ -464,7 +464,8 @@ def _digest(value: Any) -> str:
 
 
 def _query_hash(experiments: list[str] | None, where: Any, keys: list) -> str:
-    return _digest([None if experiments is None else sorted(set(experiments)), repr(where),
+    return _digest([None if experiments is None else sorted(set(experiments)),
+                    None if where is None else canonical(where),
                     [[*k.field, k.desc] for k in keys]])
 
 
