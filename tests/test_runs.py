@@ -765,6 +765,11 @@ def test_compare_runs(p, searchable):
     assert table.column_names[:4] == ["run_id", "experiment", "name", "status"]
     with pytest.raises(mp.NotFoundError, match="unknown run 'nope'"):
         p.runs.compare([searchable["a"], "nope"])
+    for bad, message in (([[searchable["a"]]], "run id must be a string"), ([None], "run id must be a string"),
+                         (searchable["a"], "run_ids must be a list of run ids"), (5, "run_ids must be a list"),
+                         (["a\x00"], "NUL")):  # a list inside was a raw ProgrammingError / TypeError
+        with pytest.raises(mp.DataError, match=message):
+            p.runs.compare(bad)
 
 
 # --------------------------------------------------------------- artifacts

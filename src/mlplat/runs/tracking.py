@@ -18,7 +18,7 @@ import sys
 import threading
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -396,7 +396,11 @@ class RunStore:
 
     def compare(self, run_ids: Sequence[str]) -> pa.Table:
         """One row per run: id, experiment, name, status, then every param and every latest metric."""
-        runs = self._load(list(run_ids))
+        if isinstance(run_ids, (str, bytes)) or not isinstance(run_ids, Iterable):
+            raise DataError(f"run_ids must be a list of run ids (strings), got {type(run_ids).__name__} "
+                            f"{run_ids!r:.100}")
+        run_ids = [_checked_run_id(r) for r in run_ids]
+        runs = self._load(run_ids)
         missing = set(run_ids) - {r.id for r in runs}
         if missing:
             raise NotFoundError(_unknown_run(sorted(missing)[0]))
