@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 __all__ = [
     "WorkerError",
@@ -168,6 +168,9 @@ def owned_redis_db(url: str, reserved: Mapping[int, str], default: int) -> int:
     if not db_text.isdigit():
         raise ValueError(f"--redis-url {url!r}: name the db explicitly (e.g. redis://127.0.0.1:6379/{default}); "
                          "the benchmark FLUSHDBs it")
+    if any(key.lower() == "db" for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        raise ValueError(f"--redis-url {url!r}: give the db in the path only (redis-py takes ?db= over the path, "
+                         "so it would flush another db than the one checked here)")
     db = int(db_text)
     if db in reserved:
         raise ValueError(f"--redis-url {url!r}: db {db} is {reserved[db]}; pick another (default {default})")

@@ -63,3 +63,22 @@ def test_serving_smoke(redis_server_url, triton_python):
     for text in ("one-by-one", "mlplat coalescing", "raw aio gRPC", "batched ceiling", "predict Triton gRPC",
                  "correctness"):
         assert text in result.stdout
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis://127.0.0.1:6379/13", "db 13 is the tests' db"),
+    ("redis://127.0.0.1:6379/9?db=13", r"give the db in the path only"),
+    ("redis://127.0.0.1:6379/9?DB=13&x=1", r"give the db in the path only"),
+    ("redis://127.0.0.1:6379", "name the db explicitly"),
+    ("redis+cluster://127.0.0.1:6379/9", "one node"),
+])
+def test_a_benchmark_flushes_only_a_db_it_checked(url, message):
+    """redis-py takes ?db= over the path: '/9?db=13' passed the check as db 9 and FLUSHDB hit the tests' db 13."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _harness import owned_redis_db
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    with pytest.raises(ValueError, match=message):
+        owned_redis_db(url, {13: "the tests' db"}, default=15)
+    assert owned_redis_db("redis://127.0.0.1:6379/9?socket_timeout=5", {13: "the tests' db"}, default=15) == 9
