@@ -508,7 +508,9 @@ class TritonClient(_Base):
                     connect = functools.partial(self._mod.InferenceServerClient, self.url,
                                                 connection_timeout=self._timeout, network_timeout=self._timeout)
                     self._http = _HttpWorkers(connect, self._max_in_flight, self._timeout, self.url)
-                    weakref.finalize(self, self._http.close, wait=False)  # a client dropped without close()
+                    # a client dropped without close(); not at exit: the daemon workers then end with the process,
+                    # and closing their gevent hubs during interpreter shutdown crashed it (SIGSEGV)
+                    weakref.finalize(self, self._http.close, wait=False).atexit = False
                 workers = self._http
         return workers
 
