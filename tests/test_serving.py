@@ -598,6 +598,42 @@ LOOKUP = {"inputs": [{"name": "input__0", "dtype": "int64", "shape": [-1, 1]}],
           "outputs": [{"name": "output__0", "dtype": "float32", "shape": [-1, 2]}]}
 
 
+class Picky(torch.nn.Module):
+    """Fails on a negative value with a message that reads like a server state."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x < 0).any()):
+            raise ValueError("customer segment not found: the lookup timed out, queue full, not ready")
+        return x * 2
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_model_s_own_error_is_a_serving_error_whatever_its_words(served, triton, tmp_path, protocol):
+    """The error was classed by words of its text, the model's own included: this one was a ModelNotReadyError
+    (an InferenceTimeoutError, a QueueFullError by other words), and a coalesced batch then gave it to every
+    caller, as a server state, instead of sending the batch again caller by caller."""
+    v = _register(served, "picky", Picky(), stage=None)
+    export = served.serving.export_triton("picky", version=v, repository=tmp_path, max_batch_size=8)
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    with mp.TritonClient(url, protocol=protocol, coalesce=True, coalesce_wait_us=300_000) as client:
+        client.load_model("picky", export.model_dir)
+        try:
+            got: dict[int, Any] = {}
+
+            def call(k: int) -> None:
+                try:
+                    got[k] = client.infer("picky", {"input__0": np.full((1, 3), -1.0 if k == 0 else k, np.float32)},
+                                          version=v)["output__0"].tolist()
+                except mp.MlplatError as exc:
+                    got[k] = exc
+
+            in_threads(call, 3)
+            assert type(got[0]) is mp.ServingError and "customer segment not found" in str(got[0]), got
+            assert [got[1], got[2]] == [[[2.0] * 3], [[4.0] * 3]]
+        finally:
+            client.unload_model("picky")
+
+
 def test_one_bad_request_fails_alone_in_a_dynamic_batch_and_the_local_backend_answers_alike(served, triton, tmp_path):
     """The generated model.py failed every request batched with a bad one; the local backend raised the model's
     bare IndexError (Triton: a ServingError), answered in float64 where Triton answers the signature's float32,

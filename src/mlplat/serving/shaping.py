@@ -284,6 +284,21 @@ _CLOSED = frozenset({"HTTPConnectionClosed", "ServerDisconnectedError"})
 _NOT_TRITON = frozenset({"HTTPParseError", "JSONDecodeError", "ContentTypeError"})
 
 
+#: the statuses of a request the model failed on or the server refused as malformed (gRPC, HTTP): the model's
+#: own message ("segment not found") must not read as a server state ("not found": not ready)
+_FAILED = frozenset({"INTERNAL", "INVALID_ARGUMENT", "500", "400"})
+
+
+def _status(exc: Exception) -> str | None:
+    """tritonclient's status of an InferenceServerException ("INTERNAL" from "StatusCode.INTERNAL", "500")."""
+    status = getattr(exc, "status", None)
+    try:
+        value = status() if callable(status) else None
+    except Exception:  # noqa: BLE001 - not tritonclient's exception
+        return None
+    return None if value is None else str(value).rpartition(".")[2]
+
+
 def map_error(exc: Exception, model: str, url: str) -> ServingError:
     """tritonclient's exception as the mlplat error that says what happened."""
     text = str(exc) or type(exc).__name__
@@ -296,6 +311,8 @@ def map_error(exc: Exception, model: str, url: str) -> ServingError:
     if type(exc).__name__ in _NOT_TRITON:
         return ServingError(f"{where}: the answer is not Triton's ({type(exc).__name__}: {text}); is that the "
                             "Triton server's port for this protocol?")
+    if _status(exc) in _FAILED:  # the model (or the request) failed: its text, a model's own, says no state
+        return ServingError(f"{where}: {text}")
     if "exceeds maximum queue size" in low or "queue is full" in low or "queue full" in low:
         return QueueFullError(f"{where}: the server's queue is full ({text}); slow down or raise max_queue_size")
     if "timeout" in low or "timed out" in low or "deadline" in low:
