@@ -85,3 +85,39 @@ def test_a_server_state_reaches_every_caller_of_the_batch(mode):
     out, requests = _sent(mode, mp.ModelNotReadyError, [1.0, -2.0, 3.0, 4.0])
     assert all(isinstance(o, mp.ModelNotReadyError) for o in out)
     assert requests == [4]  # not sent again one by one: each would meet the same
+
+
+class _Slow(_Model):
+    """A client whose coalescing wait (3 s, as coalesce_wait_us=3_000_000) is longer than its timeout_s."""
+
+    _timeout = 0.3
+    url = "127.0.0.1:8001"
+
+    def _patience(self, info: ModelInfo) -> _Patience:
+        return _Patience(3.0, adapts=False)
+
+
+class _AsyncSlow(_Slow, _AsyncModel):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["threads", "asyncio"])
+def test_a_coalesced_call_ends_by_its_deadline_even_if_its_wait_is_longer(mode):
+    """The wait for more callers ignored timeout_s: a call with timeout_s=1 ended after the 3 s wait, its batch
+    then sent past its deadline (over HTTP the error blamed the connection pool)."""
+    model = _Slow() if mode == "threads" else _AsyncSlow()
+    started = time.monotonic()
+    if mode == "threads":
+        coalescer = _Coalescer(model, INFO, None)
+        coalescer._expect = 2  # another caller is expected, and never comes
+        with pytest.raises(mp.InferenceTimeoutError, match=r"deadline passed before the batch went .*keep "
+                                                            "coalesce_wait_us below timeout_s"):
+            coalescer.submit(_rows(1.0))
+    else:
+        async def main():
+            coalescer = _AsyncCoalescer(model, INFO, None)
+            coalescer._expect = 2
+            await coalescer.submit(_rows(1.0))
+        with pytest.raises(mp.InferenceTimeoutError, match="deadline passed before the batch went"):
+            asyncio.run(main())
+    assert time.monotonic() - started < 2.0 and model.requests == []  # not sent: it could not answer in time

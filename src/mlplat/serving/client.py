@@ -760,13 +760,16 @@ class _Gathering:
         self._inside = 0  # callers inside submit (the caller's own count is added before _gather)
         self._expect = 1
 
-    def _late(self) -> InferenceTimeoutError:
-        """The error of callers whose batch found every in-flight slot taken until the first one's deadline."""
+    def _late(self, *, unsent: bool = False) -> InferenceTimeoutError:
+        """The error of callers whose batch found every in-flight slot taken until the first one's deadline, or
+        (``unsent``) whose first caller's deadline passed before the batch went."""
         c = self._client
-        return InferenceTimeoutError(
-            f"model {self.info.name!r} at {c.url}: no answer within timeout_s={c._timeout:g} s: the client's "
-            f"{c._max_in_flight} coalesced requests in flight (max_in_flight) took all that time; is the server "
-            "overloaded or hung?")
+        why = (f"its batch's first caller's deadline passed before the batch went (its wait for more callers is "
+               f"{self._patience.seconds * 1e6:.0f} us: keep coalesce_wait_us below timeout_s)" if unsent else
+               f"the client's {c._max_in_flight} coalesced requests in flight (max_in_flight) took all that time; is "
+               "the server overloaded or hung?")
+        return InferenceTimeoutError(f"model {self.info.name!r} at {c.url}: no answer within timeout_s={c._timeout:g} "
+                                     f"s: {why}")
 
     def _gather(self, item: tuple, n: int, now: float) -> tuple[list | None, list | None]:
         """Add one request of ``n`` rows at time ``now``: (the batch it had no room in, the batch it completed)."""
@@ -824,7 +827,7 @@ class _Coalescer(_Gathering):
         with self._lock:
             self._inside += 1
             full, ready = self._gather((arrays, n, mine, now + self._client._timeout), n, now)
-            wait = self._patience.seconds
+            wait = min(self._patience.seconds, self._client._timeout)  # never past this caller's deadline
         if full is not None:
             self._send(full)
         if ready is not None:
@@ -839,6 +842,9 @@ class _Coalescer(_Gathering):
 
     def _send(self, batch: list) -> None:
         deadline = min(b[3] for b in batch)
+        if time.monotonic() >= deadline:  # not sent: its answer could not come in time
+            self._answer(batch, None, self._late(unsent=True))
+            return
         if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             self._answer(batch, None, self._late())
             return
@@ -1200,7 +1206,8 @@ class _AsyncCoalescer(_Gathering):
             await asyncio.wait(list(self._sending))
 
     def _started(self, now: float) -> None:
-        self._timer = asyncio.get_running_loop().call_at(now + self._patience.seconds, self._ran_out)
+        wait = min(self._patience.seconds, self._client._timeout)  # never past the first caller's deadline
+        self._timer = asyncio.get_running_loop().call_at(now + wait, self._ran_out)
 
     def _ran_out(self) -> None:
         self._timer = None
@@ -1220,8 +1227,9 @@ class _AsyncCoalescer(_Gathering):
 
     async def _send(self, batch: list) -> None:
         deadline = min(b[3] for b in batch)
-        if not await self._slot(deadline):
-            late = self._late()
+        unsent = time.monotonic() >= deadline  # not sent: its answer could not come in time
+        if unsent or not await self._slot(deadline):
+            late = self._late(unsent=unsent)
             for b in batch:
                 if not b[2].done():
                     b[2].set_exception(late)
