@@ -522,10 +522,16 @@ def test_served_numbers_equal_the_local_backend(served, triton, protocol):
             assert empty.shape == (0, 2) and empty.dtype == np.float32
         assert asyncio.run(_async_infer(url, protocol, {"input__0": x[:0]}))["output__0"].shape == (0, 2)
         for kwargs, name in (({"priority": -1}, "priority"), ({"timeout_us": -1}, "timeout_us"),
-                             ({"version": "abc"}, "version"), ({"version": -1}, "version")):
+                             ({"version": "abc"}, "version"), ({"version": -1}, "version"),
+                             ({"priority": 2**64}, "priority"), ({"timeout_us": 2**63}, "timeout_us"),
+                             ({"outputs": 5}, "outputs"), ({"outputs": "x"}, "outputs")):
             for backend in (client, local):  # refused before sending: not a time-out, not an unknown model
-                with pytest.raises(mp.DataError, match=f"^{name} must be"):
+                with pytest.raises(mp.DataError, match=f"^{name} must be"):  # (gRPC: a raw ValueError past 64 bits)
                     backend.infer("scorer", {"input__0": x}, **kwargs)
+        for backend in (client, local):  # numpy's numbers are numbers; a generator of outputs is read once
+            got = backend.infer("scorer", {"input__0": x}, version=np.int64(1), priority=np.uint8(0),
+                                timeout_us=np.int64(0), outputs=(name for name in ["output__0"]))
+            assert list(got) == ["output__0"]  # was {}: the generator was read empty after the check
 
 
 async def _async_infer(url: str, protocol: str, inputs) -> dict[str, np.ndarray]:

@@ -616,7 +616,7 @@ class TritonClient(_Base):
         not fitting the model's config, because the model was reloaded with another one since this client read
         it (by another client or process: a smaller max_batch_size), is shaped by the config read again and
         sent once more."""
-        check_request(priority, timeout_us, version)
+        priority, timeout_us, version, outputs = check_request(priority, timeout_us, version, outputs)
         info = self.info(model)
         try:
             return self._shaped(info, inputs, version, outputs, priority, timeout_us)
@@ -1081,7 +1081,7 @@ class AsyncTritonClient(_Base):
 
     async def _infer(self, model: str, inputs: Any, version: int | None, outputs: list[str] | None, priority: int,
                      timeout_us: int) -> dict[str, np.ndarray]:
-        check_request(priority, timeout_us, version)
+        priority, timeout_us, version, outputs = check_request(priority, timeout_us, version, outputs)
         info = await self.info(model)
         try:
             return await self._shaped(info, inputs, version, outputs, priority, timeout_us)

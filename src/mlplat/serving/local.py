@@ -119,7 +119,7 @@ class LocalBackend:
         arguments (``priority`` and ``timeout_us`` are checked, and mean nothing in this process)."""
         import torch
 
-        check_request(priority, timeout_us, version)
+        priority, timeout_us, version, outputs = check_request(priority, timeout_us, version, outputs)
         served, module, info = self._get(model, version)
         check_outputs(info, outputs)
         types = [NUMPY_TYPES[t] for t, _ in info.output_types]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import TRITON_UINT64_MAX, require_number
+from .._checks import TRITON_UINT64_MAX, plain, require_number
 from ..errors import DataError, InferenceTimeoutError, ModelNotReadyError, QueueFullError, ServingError
 
 __all__ = ["ModelInfo", "to_arrays", "split", "join", "map_error", "check_request", "check_cast", "empty_outputs",
@@ -223,26 +223,39 @@ def _largest(dtype: np.dtype) -> float:
     return float(np.iinfo(dtype).max if dtype.kind in "iu" else np.finfo(dtype).max)
 
 
-def check_request(priority: Any, timeout_us: Any, version: Any) -> None:
-    """Refuse a ``priority``, ``timeout_us`` or ``version`` that is not a whole number in range, before anything
-    is sent (the server would refuse it as something else: a time-out, an unknown model)."""
-    if (priority.__class__ is int and timeout_us.__class__ is int and priority >= 0 and timeout_us >= 0
-            and (version is None or (version.__class__ is int and version >= 1))):
-        return  # the common case, checked without the messages
+_INT64_MAX = 2**63 - 1  # gRPC sends timeout_us as an int64
+
+
+def check_request(priority: Any, timeout_us: Any, version: Any,
+                  outputs: Any) -> tuple[int, int, int | None, list[str] | None]:
+    """``(priority, timeout_us, version, outputs)`` as sent, else DataError: whole numbers in range (numpy's too;
+    the server would refuse one as something else, a time-out or an unknown model, and gRPC raised a raw
+    ValueError past 64 bits), ``outputs`` None or names (a generator taken once; a string refused)."""
+    if (priority.__class__ is int and timeout_us.__class__ is int and 0 <= priority <= TRITON_UINT64_MAX
+            and 0 <= timeout_us <= _INT64_MAX and (version is None or (version.__class__ is int and version >= 1))
+            and (outputs is None or outputs.__class__ is list)):
+        return priority, timeout_us, version, outputs  # the common case, checked without the messages
+    priority, timeout_us, version = plain(priority), plain(timeout_us), plain(version)
     require_number("priority", priority, low=0, high=TRITON_UINT64_MAX, integer=True,
                    meaning="a priority level, an integer >= 0 (0: the model's default level)")
-    require_number("timeout_us", timeout_us, low=0, high=TRITON_UINT64_MAX, integer=True,
-                   meaning="a time-out in microseconds, an integer >= 0 (0: none)")
+    require_number("timeout_us", timeout_us, low=0, high=_INT64_MAX, integer=True,
+                   meaning="a time-out in microseconds, an integer >= 0 (0: none) below 2**63")
     if version is not None:
-        require_number("version", version, low=1, high=2**63 - 1, integer=True,
+        require_number("version", version, low=1, high=_INT64_MAX, integer=True,
                        meaning="a model version, an integer >= 1 (None: the newest)")
+    if outputs is not None:
+        if isinstance(outputs, (str, bytes)):  # its characters were taken for output names
+            raise DataError(f"outputs must be a list of output names, got the string {outputs!r}: pass [{outputs!r}]")
+        try:
+            outputs = list(outputs)  # a generator is read once, here (it was read empty: every output came back)
+        except TypeError:
+            raise DataError(f"outputs must be a list of output names, got {type(outputs).__name__}") from None
+    return priority, timeout_us, version, outputs
 
 
 def check_outputs(info: ModelInfo, outputs: Sequence[str] | None) -> None:
     """Every output asked for is one the model has, else DataError (before anything is sent: the server's
     refusal was a plain ServingError, where the local backend said which output)."""
-    if isinstance(outputs, (str, bytes)):  # its characters were taken for output names
-        raise DataError(f"outputs must be a list of output names, got the string {outputs!r}: pass [{outputs!r}]")
     for name in outputs or ():
         if name not in info.outputs:
             raise DataError(f"model {info.name!r} has no output {name!r}; it has {list(info.outputs)}")
