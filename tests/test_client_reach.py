@@ -157,6 +157,35 @@ def test_client_arguments_are_checked_when_it_is_made(kwargs, message):
              coalesce_wait_us=np.int64(500))  # numpy numbers are numbers
 
 
+@pytest.mark.parametrize("url, protocol, message", [
+    ("::1:8000", "http", r"must be host:port \(e.g. 127.0.0.1:8000 or \[::1\]:8000"),
+    (8001, "grpc", "the Triton url must be a string host:port"), (None, "http", "must be a string"),
+    ("", "grpc", "must be a string"),
+])
+def test_a_url_the_client_cannot_use_is_a_config_error_when_it_is_made(url, protocol, message):
+    """An unbracketed IPv6 HTTP url was taken: each call then killed a worker thread (its port read as ':1:8000')
+    and waited timeout_s for an answer that never came; an int url was a raw AttributeError at the first call."""
+    for make in (mp.TritonClient, mp.AsyncTritonClient):
+        with pytest.raises(mp.ConfigError, match=message):
+            make(url, protocol=protocol)
+    mp.TritonClient("[::1]:8000", protocol="http").close()
+
+
+def test_an_http_worker_that_cannot_connect_answers_its_callers_at_once():
+    from mlplat.serving.client import _HttpWorkers
+
+    def connect():
+        raise ValueError("Port could not be cast to integer value")
+
+    workers = _HttpWorkers(connect, 2, 30.0, "somewhere:8000")
+    started = time.monotonic()
+    for _ in range(3):  # each call starts a worker again (a dead one no longer counts against the pool)
+        with pytest.raises(mp.ServingError, match="cannot open an HTTP connection to somewhere:8000: ValueError: Port"):
+            workers.call(lambda client: None)
+    assert time.monotonic() - started < 5 and workers._threads == []
+    workers.close()
+
+
 def test_a_server_its_owner_forgot_is_stopped_when_it_is_collected(repo, triton_python):
     """It ran on after Python exited, with its backends' folder deleted under it."""
     s = TritonServer(repo, python=triton_python, models=[]).start()  # [] loads no model (it loaded all)

@@ -129,11 +129,14 @@ def _numbers_of(answer: Mapping, message: Any) -> dict[str, Any]:
     return walk(answer, message.DESCRIPTOR)
 
 
-def _check_http_url(url: object) -> None:
-    """An HTTP client's ``host:port`` (tritonclient's would fail only on the first call, with a ValueError)."""
-    host, _, port = url.rpartition(":") if isinstance(url, str) else ("", "", "")
-    if not host or "/" in url or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"the Triton HTTP url must be host:port (e.g. 127.0.0.1:8000, no scheme), got {url!r}")
+def _check_http_url(url: str) -> None:
+    """An HTTP client's ``host:port`` (tritonclient's would fail only on the first call, with a ValueError); an
+    IPv6 host in brackets (``[::1]:8000``: unbracketed, its last colon was read as the port's)."""
+    host, _, port = url.rpartition(":")
+    bare_v6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+    if not host or bare_v6 or "/" in url or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"the Triton HTTP url must be host:port (e.g. 127.0.0.1:8000 or [::1]:8000, no scheme), "
+                          f"got {url!r}")
 
 
 def _inputs(mod, info: ModelInfo, arrays: dict[str, np.ndarray]) -> list:
@@ -177,6 +180,9 @@ class _Base:
                            meaning="microseconds a coalesced batch waits, an integer >= 0 (None: adapt)")
         require_number("max_in_flight", max_in_flight, low=1, high=10**6, integer=True,
                        meaning="requests in flight at once, an integer >= 1")
+        if not isinstance(url, str) or not url.strip():
+            raise ConfigError(f"the Triton url must be a string host:port (e.g. 127.0.0.1:8001), got "
+                              f"{type(url).__name__} {url!r:.100}")
         self.url = url
         self.protocol = protocol
         self._mod, self._types, self._exc = _modules(protocol, asynchronous)
@@ -356,7 +362,25 @@ class _HttpWorkers:
                 t.start()
 
     def _work(self) -> None:
-        client = self._mine.client = self._connect()
+        try:
+            client = self._mine.client = self._connect()
+        except Exception as exc:  # noqa: BLE001 - no connection for this worker: its callers get why, not a wait
+            with self._lock:
+                if threading.current_thread() in self._threads:
+                    self._threads.remove(threading.current_thread())  # a later call starts another
+                jobs = []
+                while True:
+                    try:
+                        jobs.append(self._jobs.get_nowait())
+                    except queue.Empty:
+                        break
+            for job in jobs:
+                if job is None:
+                    self._jobs.put(None)  # close()'s, for a worker that has a connection
+                else:
+                    job[2](error=ServingError(f"cannot open an HTTP connection to {self._url}: "
+                                              f"{type(exc).__name__}: {exc}"))
+            return
         try:
             while (job := self._jobs.get()) is not None:
                 fn, args, settle, started, model, deadline = job
