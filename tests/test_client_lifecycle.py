@@ -81,6 +81,21 @@ def test_async_close_lets_the_requests_in_flight_answer(server, protocol):
     assert [float(a["output__0"][0, 0]) for a in answers] == [2.0 * i for i in range(100)]
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_two_async_closes_at_once_close_once(server, protocol):
+    """The second close() went on after the first had cleared the connection: AttributeError on None.close()."""
+    async def main() -> list:
+        client = mp.AsyncTritonClient(_url(server, protocol), protocol=protocol, coalesce=True)
+        await client.infer("double", {"input__0": np.ones((1, 3), np.float32)})
+        calls = [asyncio.ensure_future(client.infer("double", {"input__0": np.ones((1, 3), np.float32)}))
+                 for _ in range(3)]
+        await asyncio.sleep(0)
+        return await asyncio.gather(client.close(), client.close(), *calls, return_exceptions=True)
+
+    answers = asyncio.run(main())
+    assert answers[:2] == [None, None] and all(isinstance(a, dict) for a in answers[2:]), answers
+
+
 def test_grpc_calls_racing_another_thread_s_close_are_answered_and_the_server_lives(server):
     """close() waits for the calls in flight: closing the channel under them cancelled them (a raw ValueError
     for a call that found it closed) and crashed the bundled Triton server (SIGSEGV) in about 2 runs of 10."""

@@ -1168,7 +1168,8 @@ class AsyncTritonClient(_Base):
 
     async def close(self) -> None:
         """Send what the coalescers gathered, wait for every batch in flight, close the channel."""
-        if self._aio is None:
+        aio = self._aio
+        if aio is None or self._closed_aio is aio:  # never opened, closed, or being closed by another close()
             return
         if self._loop is not asyncio.get_running_loop() and self._loop.is_running():
             self._connection()  # the ServingError: the loop using it is still running (another thread's)
@@ -1177,9 +1178,12 @@ class AsyncTritonClient(_Base):
                 await b.drain()
             if self._flying:  # and the other requests in flight (each ends by its timeout_s)
                 await asyncio.wait(list(self._flying))
-            self._closed_aio = self._aio
-            await self._aio.close()
-        self._aio, self._loop, self._batchers = None, None, {}
+            if self._aio is not aio or self._closed_aio is aio:  # another close() took it meanwhile
+                return
+            self._closed_aio = aio
+            await aio.close()
+        if self._aio is aio:
+            self._aio, self._loop, self._batchers = None, None, {}
 
     async def __aenter__(self) -> AsyncTritonClient:
         return self
