@@ -532,6 +532,10 @@ def test_served_numbers_equal_the_local_backend(served, triton, protocol):
             got = backend.infer("scorer", {"input__0": x}, version=np.int64(1), priority=np.uint8(0),
                                 timeout_us=np.int64(0), outputs=(name for name in ["output__0"]))
             assert list(got) == ["output__0"]  # was {}: the generator was read empty after the check
+        for backend in (client, local):  # writable whatever answered and however many rows (a server's answer of
+            for rows in (2, 20):         # 2 rows was read-only, split into 3 requests writable, the local one too)
+                out = backend.infer("scorer", {"input__0": np.ones((rows, 3), np.float32)}, version=1)["output__0"]
+                out[0, 0] = 7.0
 
 
 async def _async_infer(url: str, protocol: str, inputs) -> dict[str, np.ndarray]:

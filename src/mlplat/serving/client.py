@@ -253,7 +253,9 @@ class _Base:
         if missing:
             raise self._not_triton(f"an inference request for model {model!r} (no output {missing[0]!r})",
                                    result.get_response() if hasattr(result, "get_response") else result)
-        return out
+        # tritonclient's arrays are read-only views of the answer's bytes; the local backend's (and a split
+        # request's, joined) are the caller's own: the same whatever answered, and however many rows
+        return {n: v if v.flags.writeable else v.copy() for n, v in out.items()}
 
     def _call_kwargs(self, as_json: bool = False, deadline: float | None = None) -> dict[str, Any]:
         """A gRPC call's time-out (timeout_s, or what is left until ``deadline``, a time.monotonic(); the HTTP
