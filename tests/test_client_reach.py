@@ -171,6 +171,40 @@ def test_a_url_the_client_cannot_use_is_a_config_error_when_it_is_made(url, prot
     mp.TritonClient("[::1]:8000", protocol="http").close()
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_model_name_that_is_not_a_string_or_a_config_it_cannot_read_is_an_mlplat_error(server, protocol, tmp_path):
+    """infer(123) was a raw TypeError (over HTTP from quote_from_bytes), a config.pbtxt with an unknown field a
+    raw protobuf ParseError."""
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text('name: "m"\nthis_field_is_unknown: 1\n')
+    with mp.TritonClient(url, protocol=protocol) as client:
+        for call in (lambda m: client.infer(m, {"input__0": np.ones((1, 3), np.float32)}), client.metadata,
+                     client.config, client.load_model, client.unload_model, client.is_model_ready, client.info):
+            for bad in (123, None, "", ["double"]):
+                with pytest.raises(mp.DataError, match="model must be a model's name"):
+                    call(bad)
+        with pytest.raises(mp.ConfigError, match=r"config.pbtxt is not a Triton model config this client can read "
+                                                 r"\(ParseError"):
+            client.load_model("m", folder)
+
+    async def main() -> None:
+        async with mp.AsyncTritonClient(url, protocol=protocol) as client:
+            for call in (client.metadata, client.config, client.unload_model, client.info):
+                with pytest.raises(mp.DataError, match="model must be a model's name"):
+                    await call(5)
+            with pytest.raises(mp.ConfigError, match="is not a Triton model config"):
+                await client.load_model("m", folder)
+    asyncio.run(main())
+
+
+def test_a_server_python_that_cannot_run_is_a_config_error(repo, tmp_path):
+    for python in (tmp_path / "nothing" / "python", tmp_path):
+        with pytest.raises(mp.ConfigError, match="cannot be run .*build_server_venv"):
+            TritonServer(repo, python=python).start()
+
+
 def test_an_http_worker_that_cannot_connect_answers_its_callers_at_once():
     from mlplat.serving.client import _HttpWorkers
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import plain, require_bool, require_number
-from ..errors import ConfigError, InferenceTimeoutError, ModelNotReadyError, ServingError
+from ..errors import ConfigError, DataError, InferenceTimeoutError, ModelNotReadyError, ServingError
 from .shaping import (ModelInfo, check_outputs, check_request, empty_outputs, join, map_error, merge, rows_of, split,
                       to_arrays, unmerge)
 
@@ -139,6 +139,14 @@ def _check_http_url(url: str) -> None:
                           f"got {url!r}")
 
 
+def _model_name(model: object) -> str:
+    """A model name to ask the server about (an int or None was a raw TypeError from the protocol's library)."""
+    if not isinstance(model, str) or not model:
+        raise DataError(f"model must be a model's name (a non-empty string), got {type(model).__name__} "
+                        f"{model!r:.100}")
+    return model
+
+
 def _inputs(mod, info: ModelInfo, arrays: dict[str, np.ndarray]) -> list:
     out = []
     for name, dtype, _ in info.inputs:
@@ -161,7 +169,11 @@ def _upload(folder: Path, model: str) -> dict[str, Any]:
     except ImportError as exc:
         raise ConfigError(f"sending a model to Triton needs tritonclient[grpc]: pip install 'mlplat[triton]' "
                           f"({exc})") from None
-    parsed = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    try:
+        parsed = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    except (text_format.ParseError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config} is not a Triton model config this client can read ({type(exc).__name__}: "
+                          f"{exc}); export it again with p.serving.export_triton") from None
     parsed.name = model  # the folder may be loaded under another name than its config's
     files = {f"file:{f.relative_to(folder).as_posix()}": f.read_bytes()
              for f in sorted(folder.rglob("*")) if f.is_file() and f != config}
@@ -578,10 +590,11 @@ class TritonClient(_Base):
 
     def is_model_ready(self, model: str) -> bool:
         """Whether ``model`` is loaded and ready to infer; ServingError if the server there is not Triton."""
-        return self._health("is_model_ready", model)
+        return self._health("is_model_ready", _model_name(model))
 
     def metadata(self, model: str) -> dict[str, Any]:
         """The model's metadata (versions, inputs and outputs with types and shapes)."""
+        _model_name(model)
         try:
             meta = self._call("get_model_metadata", model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -590,6 +603,7 @@ class TritonClient(_Base):
 
     def config(self, model: str) -> dict[str, Any]:
         """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
+        _model_name(model)
         try:
             cfg = self._call("get_model_config", model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -610,7 +624,8 @@ class TritonClient(_Base):
             export = p.serving.export_triton("fraud", repository="triton-repo")
             client.load_model("fraud", export.model_dir)
         """
-        kwargs = _upload(Path(folder), model) if folder is not None else {}
+        kwargs = _upload(Path(folder), _model_name(model)) if folder is not None else {}
+        _model_name(model)
         self._check_server(model)  # Triton answers a load with 200 and nothing else: so would any web server
         try:
             self._call("load_model", model, **kwargs, **self._call_kwargs())
@@ -620,6 +635,7 @@ class TritonClient(_Base):
 
     def unload_model(self, model: str) -> None:
         """Unload ``model`` (explicit model-control mode)."""
+        _model_name(model)
         self._check_server(model)
         try:
             self._call("unload_model", model, **self._call_kwargs())
@@ -629,7 +645,7 @@ class TritonClient(_Base):
 
     def info(self, model: str) -> ModelInfo:
         """The model's inputs, outputs and batching hints (read once, then cached)."""
-        info = self._infos.get(model)
+        info = self._infos.get(model) if isinstance(model, str) else _model_name(model)
         if info is None:
             info = self._infos[model] = self._config_info(self.config(model))
         return info
@@ -1049,10 +1065,11 @@ class AsyncTritonClient(_Base):
 
     async def is_model_ready(self, model: str) -> bool:
         """Whether ``model`` is loaded and ready to infer; ServingError if the server there is not Triton."""
-        return await self._health("is_model_ready", model)
+        return await self._health("is_model_ready", _model_name(model))
 
     async def metadata(self, model: str) -> dict[str, Any]:
         """The model's metadata (versions, inputs and outputs with types and shapes)."""
+        _model_name(model)
         try:
             meta = await self._connection().get_model_metadata(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -1061,6 +1078,7 @@ class AsyncTritonClient(_Base):
 
     async def config(self, model: str) -> dict[str, Any]:
         """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
+        _model_name(model)
         try:
             cfg = await self._connection().get_model_config(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -1070,7 +1088,8 @@ class AsyncTritonClient(_Base):
 
     async def load_model(self, model: str, folder: str | os.PathLike | None = None) -> None:
         """As :meth:`TritonClient.load_model`, awaited."""
-        kwargs = _upload(Path(folder), model) if folder is not None else {}
+        kwargs = _upload(Path(folder), _model_name(model)) if folder is not None else {}
+        _model_name(model)
         await self._check_server(model)
         try:
             await self._connection().load_model(model, **kwargs, **self._call_kwargs())
@@ -1080,6 +1099,7 @@ class AsyncTritonClient(_Base):
 
     async def unload_model(self, model: str) -> None:
         """Unload ``model`` (explicit model-control mode)."""
+        _model_name(model)
         await self._check_server(model)
         try:
             await self._connection().unload_model(model, **self._call_kwargs())
@@ -1089,7 +1109,7 @@ class AsyncTritonClient(_Base):
 
     async def info(self, model: str) -> ModelInfo:
         """The model's inputs, outputs and batching hints (read once, then cached)."""
-        info = self._infos.get(model)
+        info = self._infos.get(model) if isinstance(model, str) else _model_name(model)
         if info is None:
             info = self._infos[model] = self._config_info(await self.config(model))
         return info

@@ -132,11 +132,15 @@ class TritonServer:
         return f"127.0.0.1:{self.grpc_port}"
 
     def _layout(self) -> tuple[Path, Path, str]:
-        info = subprocess.run(
-            [str(self.python), "-c", "import json, os, sys, sysconfig, pytriton; print(json.dumps({"
-             "'dir': os.path.dirname(pytriton.__file__), 'libdir': sysconfig.get_config_var('LIBDIR'), "
-             "'version': f'{sys.version_info[0]}.{sys.version_info[1]}'}))"],
-            capture_output=True, text=True)
+        try:
+            info = subprocess.run(
+                [str(self.python), "-c", "import json, os, sys, sysconfig, pytriton; print(json.dumps({"
+                 "'dir': os.path.dirname(pytriton.__file__), 'libdir': sysconfig.get_config_var('LIBDIR'), "
+                 "'version': f'{sys.version_info[0]}.{sys.version_info[1]}'}))"],
+                capture_output=True, text=True)
+        except OSError as exc:  # no such file, a folder, not executable
+            raise ConfigError(f"python={str(self.python)!r} cannot be run ({exc.strerror or exc}): give the server "
+                              "virtualenv's python, built with mlplat.serving.build_server_venv") from None
         if info.returncode != 0:
             raise ConfigError(f"{self.python} cannot import pytriton: build the server virtualenv with "
                               f"mlplat.serving.build_server_venv ({info.stderr.strip()[-500:]})")
