@@ -105,6 +105,28 @@ def test_demo_ignores_mlplat_environment_variables(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output  # "unknown model 'fraud'" before
 
 
+def test_the_closing_lines_hide_passwords_and_show_paths_as_written(tmp_path, monkeypatch):
+    """The home line printed the online store's password (the next: line hid it), a home holding '[/x]' crashed
+    the demo after all its work (rich markup), and the next: commands were not shell-quoted: run as printed, a
+    home with a space ran `mlplat demo`."""
+    import shlex
+    from types import SimpleNamespace
+
+    from mlplat.demo import report
+
+    monkeypatch.delenv("MLPLAT_DATABASE_URL", raising=False)
+    monkeypatch.delenv("MLPLAT_ONLINE_STORE", raising=False)
+    home = tmp_path / "my demo [bold]b[/x]"
+    settings = SimpleNamespace(database_url=f"sqlite:///{home}/mlplat.db", online_store="redis://:s3cret@h:6379/0")
+    out = io.StringIO()
+    report.closing(Console(file=out, width=1000), {"data": 1.0}, 1.0, home, settings)
+    text = out.getvalue()
+    assert "s3cret" not in text and f"home: {home}  (database sqlite:///{home}/mlplat.db, online store " \
+        "redis://:***@h:6379/0)" in text
+    (suggested,) = re.findall(r"next: mlplat (.*) models lineage fraud --verify", text)
+    assert shlex.split(suggested) == ["--home", str(home), "--online-store", "redis://:***@h:6379/0"]
+
+
 def test_a_bad_online_store_url_leaves_the_last_demo_as_it_was(tmp_path):
     """The folder was emptied first and the URL refused after: the last demo was gone and nothing made."""
     from mlplat.demo.data import fresh_home

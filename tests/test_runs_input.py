@@ -124,6 +124,19 @@ def test_system_tags_escape_a_command_line_that_is_not_utf8(tmp_path):
     assert info.status == "finished" and info.tags["mlplat.entry_point"].endswith("--data=\\udcff")
 
 
+def test_system_tags_hide_a_password_on_the_command_line(monkeypatch):
+    """`mlplat demo --online-store redis://:s3cret@host/0` stored the password in every run's entry point, which
+    `runs show` and `models lineage` print to anyone who can read the database."""
+    from mlplat.runs.system import system_tags
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "--online-store", "redis://:s3cret@127.0.0.1:6391/0",
+                                      "--database-url=postgresql://app:pw2@db/mlplat", "--lr=0.1"])
+    entry = system_tags()["mlplat.entry_point"]
+    assert "s3cret" not in entry and "pw2" not in entry, entry
+    assert entry.endswith("--online-store redis://:***@127.0.0.1:6391/0 --database-url=postgresql://app:***@db/mlplat "
+                          "--lr=0.1")
+
+
 # ---------------------------------------------------- metrics after the run ended
 def test_a_metric_logged_after_the_run_ended_is_written_at_once(p):
     with p.runs.start("e") as run:

@@ -29,7 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .._console import as_text
 from ..errors import ConfigError
+from ..settings import hide_password
 from . import report
 from .data import DAYS, data_start, fresh_home, generate_transactions, write_feature_data
 
@@ -213,7 +215,7 @@ def _journey(p: Any, console: Any, home: Path, triton: Any, triton_url: str | No
         p.models.promote("fraud", 2, "staging", approved_by="risk-lead", notes="A/B test against v1")
     report.models(console, champion_auc, challenger_auc)
 
-    with step("materialize", f"materializing the views into {p.settings.online_store}"):
+    with step("materialize", f"materializing the views into {as_text(hide_password(p.settings.online_store))}"):
         now = datetime.now(timezone.utc)
         materialized = p.features.materialize(end_date=now, progress=False)
         probe = {"user_id": [1, 2, 3, 5000], "merchant_id": ["m0001", "m0002", "m0003", "m0004"]}
@@ -227,9 +229,9 @@ def _journey(p: Any, console: Any, home: Path, triton: Any, triton_url: str | No
     requests = _requests(txns, rng)
     skewed_users = _plant_skew(p, requests, rng, datetime.now(timezone.utc))
     if triton is not None:
-        with step("triton_load", f"exporting fraud v1 and v2 and sending them to Triton at {triton_url}"):
+        with step("triton_load", f"exporting fraud v1 and v2 and sending them to Triton at {as_text(triton_url)}"):
             _send_to_triton(p, triton, home)
-        backend, where = triton, f"Triton at {triton_url}"
+        backend, where = triton, f"Triton at {as_text(triton_url)}"
     else:
         backend, where = p.serving.local_backend(), "local backend (in process)"
     with step("serve", f"serving {len(requests)} card requests through the A/B gateway on the {where}"):

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+import shlex
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from .._console import print_lineage, print_skew, table
+from .._console import as_text, print_lineage, print_skew, table
 from ..settings import hide_password
 
 __all__ = ["closing", "definitions", "lineage", "models", "online", "serving", "skew", "training_set"]
@@ -98,16 +99,17 @@ def closing(console: Any, timings: dict[str, float], total: float, home: Path, s
     for name, seconds in timings.items():
         out.add_row(name.replace("_", " "), f"{seconds:.2f}")
     console.print(out)
-    console.print(f"home: {home}  (database {settings.database_url}, online store {settings.online_store})")
+    console.print(as_text(f"home: {home}  (database {hide_password(settings.database_url)}, online store "
+                          f"{hide_password(settings.online_store)})"))
     # the online store is not recorded in the home: a command reading it must be told (materialize, predict);
     # and the demo ignored MLPLAT_* variables, which the next commands would follow to another database
     env = {k: v for k, v in os.environ.items() if k.startswith("MLPLAT_") and v.strip()}
-    where = f"--home {home}"
+    where = f"--home {shlex.quote(str(home))}"  # quoted: the commands run as printed, a home with spaces too
     if "MLPLAT_DATABASE_URL" in env:
-        where += f" --database-url {hide_password(settings.database_url)}"
+        where += f" --database-url {shlex.quote(hide_password(settings.database_url))}"
     if not settings.online_store.startswith("sqlite") or "MLPLAT_ONLINE_STORE" in env:
-        where += f" --online-store {hide_password(settings.online_store)}"
-    console.print(f"next: mlplat {where} models lineage fraud --verify")
-    console.print(f"      mlplat {where} monitor skew fraud")
+        where += f" --online-store {shlex.quote(hide_password(settings.online_store))}"
+    console.print(as_text(f"next: mlplat {where} models lineage fraud --verify"))
+    console.print(as_text(f"      mlplat {where} monitor skew fraud"))
     if "MLPLAT_ARTIFACT_ROOT" in env:
         console.print("      (with MLPLAT_ARTIFACT_ROOT unset: the demo's artifacts are under the home)")

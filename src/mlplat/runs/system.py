@@ -10,6 +10,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from ..settings import hide_password
+
 __all__ = ["system_tags", "git_state", "calling_script"]
 
 _PACKAGES = ("mlplat", "numpy", "pyarrow", "torch", "pandas", "polars")
@@ -60,7 +62,7 @@ def system_tags() -> dict[str, str]:
         "mlplat.host": socket.gethostname(),
         "mlplat.python": platform.python_version(),
         "mlplat.entry_point": _escaped(" ".join([str(script) if script else sys.argv[0] or "<interactive>",
-                                                  *sys.argv[1:]]))[:1000],  # escaped, then cut
+                                                  *map(_hidden, sys.argv[1:])]))[:1000],  # escaped, then cut
         "mlplat.pid": str(os.getpid()),
     }
     for name in _PACKAGES:
@@ -69,6 +71,13 @@ def system_tags() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return {k: _escaped(v) for k, v in tags.items()}
+
+
+def _hidden(arg: str) -> str:
+    """A command-line argument with the password of a URL in it hidden (``--online-store redis://:pw@h``, and
+    ``--database-url=postgresql://u:pw@h/db``): the entry point is stored for anyone reading runs to see."""
+    option, eq, value = arg.partition("=")
+    return f"{option}={hide_password(value)}" if eq and option.startswith("-") else hide_password(arg)
 
 
 def _escaped(text: str) -> str:
