@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+import mlplat as mp
 from mlplat.cli import cli, main
 from mlplat.demo import generate_transactions, run_demo
 from mlplat.demo.data import data_start
@@ -138,6 +139,12 @@ def test_a_bad_online_store_url_leaves_the_last_demo_as_it_was(tmp_path):
     with pytest.raises(ConfigError, match="'abc' is not a number"):
         run_demo(home, online_store="redis://127.0.0.1:6379/abc", console=Console(quiet=True))
     assert (home / "mlplat.db").read_text() == "the last demo's database"
+    # URLs the settings take but the store does not (found at the materialize step, 12 s in, the demo wiped)
+    for url, error in (("sqlite://", ConfigError), ("redis://127.0.0.1:1/0", mp.OnlineStoreError),
+                       ("redis+cluster://127.0.0.1:6379/3", mp.OnlineStoreError)):
+        with pytest.raises(error):
+            run_demo(home, online_store=url, console=Console(quiet=True))
+        assert (home / "mlplat.db").read_text() == "the last demo's database"
 
 
 def test_demo_reports_the_time_of_each_step(demo):

@@ -139,6 +139,20 @@ def _plant_skew(p: Any, requests: list[dict[str, Any]], rng: np.random.Generator
     return [r["user_id"] for r in rows]
 
 
+def _reach(url: str) -> None:
+    """Open the online store at ``url`` and read from it once: its ConfigError or OnlineStoreError now, not after
+    the last demo was wiped and the steps before materialization ran (a file store opens in the fresh folder)."""
+    from ..features.online import open_online_store
+
+    if url.lower().startswith("sqlite:///"):
+        return
+    store = open_online_store(url)
+    try:
+        store.read([(["demo-probe@1"], [b"probe"])])
+    finally:
+        store.close()
+
+
 def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_store: str | None = None,
              triton_url: str | None = None) -> dict[str, Any]:
     """Run the demo in ``home`` (wiped if it holds an earlier demo) and return a summary dict.
@@ -171,6 +185,7 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
         # served log (a sample rate below 1 would hide planted users from the skew check); resolved before the
         # folder is emptied, so a bad URL leaves the last demo as it was
         settings = mp.Settings.resolve(home, online_store=online_store, triton_url=triton_url, environ={})
+        _reach(settings.online_store)  # as the Triton server: a store the demo cannot use leaves the last demo be
         fresh_home(home)
         p = mp.Platform(settings=settings)
         cleanup.callback(p.close)
