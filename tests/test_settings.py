@@ -92,8 +92,11 @@ def test_platform_reads_the_environment(tmp_path, monkeypatch):
      r"the Redis database 'abc' is not a number; write redis://host:port/0 .*\(\$MLPLAT_ONLINE_STORE\)"),
     ({"online_store": "rediss://h:1/0/1"}, {}, "the Redis database '0/1' is not a number"),
     ({}, {"MLPLAT_DATABASE_URL": "mysql://h/db"}, r"unsupported scheme 'mysql'.*\(\$MLPLAT_DATABASE_URL\)"),
+    ({"database_url": "sqlite://rel.db"}, {},  # a raw ArgumentError from SQLAlchemy; 'in-memory' on the command line
+     r"'sqlite://rel.db': a SQLite URL has no host; a file is sqlite:///rel.db .*\(argument database_url=\)"),
+    ({}, {"MLPLAT_ONLINE_STORE": "sqlite://h/o.db"}, r"a file is sqlite:///h/o.db .*\(\$MLPLAT_ONLINE_STORE\)"),
 ], ids=["open-bracket", "port-past-65535-env", "argument-over-env", "redis-db-not-a-number", "redis-db-path",
-        "scheme-env"])
+        "scheme-env", "sqlite-host", "sqlite-host-env"])
 def test_a_malformed_url_is_a_config_error_naming_the_setting_and_where_it_came_from(tmp_path, kwargs, env, message):
     # urllib's ValueError reached the caller raw; a Redis path that is not a number silently meant database 0
     with pytest.raises(mp.ConfigError, match=message):
@@ -162,3 +165,12 @@ def test_errors_and_the_settings_repr_never_show_a_password(tmp_path, kwargs, en
                          online_store="redis://:s3cret@h:6379/0", environ={})
     assert s.database_url == "postgresql://app:s3cret@h/db"  # the value itself is intact
     assert "s3cret" not in repr(s) and "postgresql://app:***@h/db" in repr(s) and "redis://:***@h:6379/0" in repr(s)
+
+
+def test_a_home_with_a_nul_character_is_a_config_error():
+    """mp.Platform("a\\0b") was a raw ValueError (embedded null byte)."""
+    with pytest.raises(mp.ConfigError, match=r"home 'a\\x00b' is not a folder path \(embedded null byte\) "
+                                             r"\(argument home=\)"):
+        Settings.resolve("a\x00b", environ={})
+    with pytest.raises(mp.ConfigError, match=r"\(\$MLPLAT_HOME\)"):
+        Settings.resolve(environ={"MLPLAT_HOME": "a\x00b"})
