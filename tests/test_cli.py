@@ -896,6 +896,10 @@ def test_monitor_drift_errors(home):
     error(invoke("monitor", "drift", "fraud", "--since", "2099-01-01", home=home), 1, "no served features")
     error(invoke("monitor", "drift", "fraud", "--since", "bad", home=home), 2, "'bad' is not an ISO date")
     error(invoke("monitor", "drift", "fraud", "--alpha", "2", home=home), 2, "'--alpha'")
+    for option in ("--alpha", "--psi-threshold"):  # nan passed the range (every comparison with it is False): exit 1
+        error(invoke("monitor", "drift", "fraud", option, "nan", home=home), 2, f"'{option}'", "'nan' is not a number")
+    for option in ("--tolerance", "--threshold"):
+        error(invoke("monitor", "skew", "fraud", option, "NaN", home=home), 2, f"'{option}'")
 
 
 def test_monitor_drift_bins_past_the_limit_is_a_bad_argument(home):

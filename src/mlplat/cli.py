@@ -183,6 +183,19 @@ def _silence_stdout() -> None:
         pass
 
 
+
+class _Finite(click.FloatRange):
+    """A float range that refuses nan (every comparison with it is False, so a range let it through): a bad
+    argument, exit status 2, as one out of range."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number in the range {self._describe_range()}.", param, ctx)
+        return number
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlplat")
 @click.option("--home", default=None, metavar="DIR", callback=_home,
@@ -659,9 +672,9 @@ def monitor() -> None:
 @click.argument("model_or_view")
 @click.option("--since", default=None, callback=_time, help="Only requests from this time on (ISO).")
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="Check at most this many served rows.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
+@click.option("--tolerance", type=_Finite(min=0), default=0.01, show_default=True,
               help="Relative difference that counts as a mismatch.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+@click.option("--threshold", type=_Finite(0, 1), default=0.05, show_default=True,
               help="Mismatch share above which a feature is skewed.")
 @click.option("--check", is_flag=True, help=f"Exit with status {CHECK_FAILED} when a feature is skewed.")
 @_json_flag
@@ -686,8 +699,8 @@ def monitor_skew(ctx: click.Context, model_or_view: str, since: datetime | None,
 @click.option("--since", default=None, callback=_time, help="Only requests from this time on (ISO).")
 @click.option("--bins", type=click.IntRange(2, BINS_MAX), default=10, show_default=True,
               help="Quantile bins of the training values for a numeric feature's PSI.")
-@click.option("--psi-threshold", type=click.FloatRange(min=0), default=0.2, show_default=True)
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.01, show_default=True)
+@click.option("--psi-threshold", type=_Finite(min=0), default=0.2, show_default=True)
+@click.option("--alpha", type=_Finite(0, 1), default=0.01, show_default=True)
 @click.option("--check", is_flag=True, help=f"Exit with status {CHECK_FAILED} when a feature drifted.")
 @_json_flag
 @click.pass_context
