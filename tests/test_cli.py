@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import textwrap
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -163,6 +164,36 @@ def test_features_apply_starts_a_new_home(home, tmp_path):
         ["user", "user_spend_7d"]
     assert (new / "mlplat.db").is_file()
     assert ok_json(invoke("models", "list", "--json", home=str(new))) == []
+
+
+def test_a_failed_first_apply_keeps_what_another_process_applied_into_the_new_home(home, tmp_path):
+    """A failing first apply removed the home it had found new, with the definitions another process had
+    committed into it meanwhile: the home was gone ('is not an mlplat home')."""
+    good = tmp_path / "good.py"
+    good.write_text(DEFINITIONS.format(source=str(Path(home) / "data" / "user_txn_7d")))
+    new = tmp_path / "new-home"
+    bad = tmp_path / "bad.py"  # while this apply runs (after it found the home new), another process applies
+    bad.write_text(textwrap.dedent(f"""
+        import subprocess, sys
+        import mlplat as mp
+
+        class Racing(mp.Entity):
+            raced = False
+
+            def to_spec(self):
+                if not Racing.raced:
+                    Racing.raced = True
+                    subprocess.run([sys.executable, "-m", "mlplat", "--home", {str(new)!r}, "features", "apply",
+                                    {str(good)!r}], check=True, capture_output=True)
+                return super().to_spec()
+
+        a = Racing("user", join_keys=["user_id"])
+        b = mp.Entity("user", join_keys=["other_id"])
+    """))
+    error(invoke("features", "apply", bad, home=str(new)), 1, "two different definitions of entity 'user'")
+    assert [r["name"] for r in ok_json(invoke("features", "list", "--json", home=str(new)))] == ["user", "user_spend_7d"]
+    error(invoke("features", "apply", bad, home=str(tmp_path / "alone")), 1, "two different definitions")
+    assert not (tmp_path / "alone").exists()  # a failed apply alone still starts no home
 
 
 @pytest.mark.parametrize("option, url", [

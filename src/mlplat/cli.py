@@ -354,13 +354,29 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
         with _platform(ctx, create=True) as p:
             results = p.features.apply(objects)
     except BaseException:
-        _remove(new)  # an apply that failed starts no home: a mistyped --home stays an error for later commands
+        if database is None or not _holds_definitions(database):  # another process may have applied meanwhile
+            _remove(new)  # an apply that failed starts no home: a mistyped --home stays an error for later commands
         raise
     rows = [{"kind": r.kind, "name": r.name, "version": r.version, "changed": r.changed} for r in results]
     if as_json:
         _echo_json(rows)
         return
     _table("applied", ["kind", "name", "version", "changed"], [list(r.values()) for r in rows])
+
+
+def _holds_definitions(database: Path) -> bool:
+    """Whether a SQLite database holds feature definitions (committed by another command into the home this one
+    started: a failed apply then removes nothing); True where it cannot tell."""
+    import sqlite3
+
+    if not database.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True,
+                                                        timeout=10)) as conn:
+            return conn.execute("SELECT EXISTS (SELECT 1 FROM feature_definitions)").fetchone()[0] == 1
+    except sqlite3.OperationalError as exc:
+        return "no such table" not in str(exc)  # a schema not made yet holds none; a locked one may
 
 
 def _remove(paths: list[Path]) -> None:
