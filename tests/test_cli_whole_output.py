@@ -44,3 +44,20 @@ def test_a_full_disk_is_exit_1_naming_it(tmp_path):
         done = subprocess.run([sys.executable, "-m", "mlplat", "--home", home, "runs", "show", run_id, "--json"],
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
     assert done.returncode == 1 and "No space left on device" in done.stderr, (done.returncode, done.stderr)
+    assert done.stderr.count("mlplat: error:") == 1, done.stderr  # the command's error, not again at exit
+
+
+def test_help_and_version_into_a_closed_pipe_or_a_full_disk_are_one_line_statuses(tmp_path):
+    """Written outside a command (a bare `mlplat`, --help, --version), a full disk was a traceback (exit 120) and a
+    closed pipe exit 1 (a traceback for the bare help)."""
+    for args in (["--version"], [], ["--help"], ["runs"]):
+        proc = subprocess.Popen([sys.executable, "-m", "mlplat", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=tmp_path)
+        proc.stdout.close()  # the reader is gone before anything is written
+        assert (proc.wait(120), proc.stderr.read()) == (141, b""), args
+        proc.stderr.close()
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, "-m", "mlplat", *args], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=120, cwd=tmp_path)
+        assert (done.returncode, done.stderr) == (1, "mlplat: error: writing the output failed: No space left on "
+                                                     "device\n"), args

@@ -771,6 +771,15 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):  # click's exit 1 for a pipe closed under its help
+            _silence_stdout()  # or --version; 141 as for a command's output
+            code = BROKEN_PIPE
+    except BrokenPipeError:  # written outside a command (help, --version): as inside one
+        _silence_stdout()
+        code = BROKEN_PIPE
+    except OSError as exc:
+        click.echo(f"mlplat: error: writing the output failed: {exc.strerror or exc}", err=True)
+        code = 1
     return code if whole is None else whole.finish(code)
 
 
@@ -810,7 +819,8 @@ class _WholeWrites(io.RawIOBase):
             _silence_stdout()
             code = code or BROKEN_PIPE
         except OSError as exc:
-            click.echo(f"mlplat: error: writing the output failed: {exc.strerror or exc}", err=True)
+            if not code:  # a command that failed said why already (a full disk: once, not twice)
+                click.echo(f"mlplat: error: writing the output failed: {exc.strerror or exc}", err=True)
             code = code or 1
         finally:
             sys.stdout = self._original
