@@ -156,6 +156,19 @@ def test_a_database_url_under_the_users_home_is_found(home, tmp_path, monkeypatc
     assert [m["name"] for m in listed] == ["fraud"]
 
 
+def test_a_database_elsewhere_starts_no_home_and_a_missing_one_is_blamed_on_the_url(home, tmp_path, monkeypatch):
+    """`--database-url sqlite:///x.db models list` made an empty ./mlplat-home; a mistyped URL was blamed on the
+    home ('is not an mlplat home ... give --home')."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(Path(home) / "mlplat.db", tmp_path / "copy.db")
+    listed = ok_json(invoke("--database-url", "sqlite:///copy.db", "models", "list", "--json"))
+    assert [m["name"] for m in listed] == ["fraud"] and not (tmp_path / "mlplat-home").exists()
+    error(invoke("--database-url", "sqlite:///typo.db", "models", "list"), 1,
+          f"--database-url (or $MLPLAT_DATABASE_URL) names the SQLite database {tmp_path / 'typo.db'}, which does "
+          "not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.db"]
+
+
 def test_features_apply_starts_a_new_home(home, tmp_path):
     path = tmp_path / "defs.py"
     path.write_text(DEFINITIONS.format(source=str(Path(home) / "data" / "user_txn_7d")))

@@ -19,6 +19,7 @@ Every listing takes ``--json``. Exit status: 0 on success, 1 on an mlplat error
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -230,11 +231,23 @@ def _platform(ctx: click.Context, *, create: bool = False):
             "this one command, so every command would see an empty platform; give a file "
             "(sqlite:////path/mlplat.db) or a PostgreSQL URL")
     if not create and database is not None and not database.exists():
+        if ctx.obj["database_url"] or os.environ.get("MLPLAT_DATABASE_URL", "").strip():  # the URL named it
+            raise ConfigError(f"--database-url (or $MLPLAT_DATABASE_URL) names the SQLite database {database}, which "
+                              "does not exist: give the file of an existing platform, or start one with "
+                              "'mlplat features apply FILE'")
         raise ConfigError(
             f"{settings.home} is not an mlplat home (it has no database {database}): give --home or MLPLAT_HOME "
             "of an existing home (the demo's is ./mlplat-demo: mlplat --home mlplat-demo ...), or start one with "
             "'mlplat features apply FILE'")
+    if not create and not settings.home.exists():  # the database is elsewhere: a home left empty is not kept
+        ctx.call_on_close(functools.partial(_remove_if_empty, settings.home))
     return Platform(settings=settings)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a folder a command made and left empty (a read of a database elsewhere made ./mlplat-home)."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 # ------------------------------------------------------------------- demo
