@@ -204,7 +204,8 @@ def test_a_failed_first_apply_keeps_what_another_process_applied_into_the_new_ho
         b = mp.Entity("user", join_keys=["other_id"])
     """))
     error(invoke("features", "apply", bad, home=str(new)), 1, "two different definitions of entity 'user'")
-    assert [r["name"] for r in ok_json(invoke("features", "list", "--json", home=str(new)))] == ["user", "user_spend_7d"]
+    listed = ok_json(invoke("features", "list", "--json", home=str(new)))
+    assert [r["name"] for r in listed] == ["user", "user_spend_7d"]
     error(invoke("features", "apply", bad, home=str(tmp_path / "alone")), 1, "two different definitions")
     assert not (tmp_path / "alone").exists()  # a failed apply alone still starts no home
 

@@ -536,8 +536,9 @@ class ModelRegistry:
     def fetch(self, info: ModelVersionInfo, dest: str | Path) -> Path:
         """Copy a version's model artifact folder to the local folder ``dest`` and return it, once its files
         are checked against the sha256 recorded at registration: StoreError if they differ (the artifact
-        changed after registration; ``dest`` is then left as it was), unchecked where none was recorded (registered before mlplat kept it
-        and its artifact row gone by then). ``dest`` must be a new or an empty folder (DataError otherwise).
+        changed after registration; ``dest`` is then left as it was), unchecked where none was recorded
+        (registered before mlplat kept it and its artifact row gone by then). ``dest`` must be a new or an empty
+        folder (DataError otherwise).
 
         >>> p.models.fetch(p.models.resolve("fraud"), "/tmp/fraud-model")  # doctest: +SKIP
         PosixPath('/tmp/fraud-model')

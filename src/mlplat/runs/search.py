@@ -56,7 +56,8 @@ from ..db.engine import NUMBER_TEXT
 from ..db.models import SHORT_VALUE, Experiment, LatestMetric, Run, RunParam, RunTag
 from ..errors import DataError
 
-__all__ = ["parse_filter", "canonical", "to_sql", "parse_order", "SortKey", "sort_keys", "order_terms", "after", "page_query"]
+__all__ = ["parse_filter", "canonical", "to_sql", "parse_order", "SortKey", "sort_keys", "order_terms", "after",
+           "page_query"]
 
 _TOKEN = re.compile(
     r"""\s*(?:

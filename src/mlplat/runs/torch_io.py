@@ -152,7 +152,7 @@ def _checked_signature(sig: Signature, torch: Any) -> Signature:
                     or not all(isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d > 0) for d in shape)):
                 raise DataError(f"signature tensor {t.name!r}: shape {shape!r} must be a list of dimensions, each -1 "
                                 "(any size, as the batch) or a positive integer")
-            dtype = str(getattr(torch, t.dtype)).removeprefix("torch.")  # an alias ("float", "long") as its name ("float32")
+            dtype = str(getattr(torch, t.dtype)).removeprefix("torch.")  # an alias ("float", "long"): its name
             checked.setdefault(side, []).append(TensorSpec(t.name, dtype, tuple(shape)))
     return Signature(checked["inputs"], checked["outputs"])
 
