@@ -96,6 +96,34 @@ def test_two_async_closes_at_once_close_once(server, protocol):
     assert answers[:2] == [None, None] and all(isinstance(a, dict) for a in answers[2:]), answers
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_an_async_close_cancelled_while_closing_leaves_a_client_that_works(server, protocol):
+    """The connection stayed marked as being closed: every later close() returned at once and every call said
+    'closed while this call was being made; call again', for good."""
+    async def main() -> list:
+        client = mp.AsyncTritonClient(_url(server, protocol), protocol=protocol)
+        x = {"input__0": np.ones((1, 3), np.float32)}
+        await client.infer("double", x)
+        aio = client._aio
+        real_close = aio.close
+
+        async def slow_close():  # the connection closed, the close() not yet returned
+            await real_close()
+            await asyncio.sleep(0.5)
+        aio.close = slow_close
+        closing = asyncio.ensure_future(client.close())
+        await asyncio.sleep(0.1)
+        closing.cancel()  # as asyncio.wait_for or a TaskGroup would
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        answers = [(await client.infer("double", x))["output__0"].tolist()]
+        await client.close()
+        assert client._aio is None  # closed, not left open by a close() that returned at once
+        return answers
+
+    assert asyncio.run(main()) == [[[2.0, 2.0, 2.0]]]
+
+
 def test_grpc_calls_racing_another_thread_s_close_are_answered_and_the_server_lives(server):
     """close() waits for the calls in flight: closing the channel under them cancelled them (a raw ValueError
     for a call that found it closed) and crashed the bundled Triton server (SIGSEGV) in about 2 runs of 10."""

@@ -199,9 +199,23 @@ def test_a_model_name_that_is_not_a_string_or_a_config_it_cannot_read_is_an_mlpl
     asyncio.run(main())
 
 
+def test_the_local_backend_checks_a_model_name_as_the_clients_do(tmp_path):
+    """A list was a raw TypeError (unhashable), 123 a ModelNotReadyError."""
+    with mp.Platform(tmp_path / "home") as p:
+        local = p.serving.local_backend()
+        for call in (lambda m: local.infer(m, {"input__0": np.ones((1, 3), np.float32)}), local.info,
+                     local.is_model_ready):
+            for bad in (123, None, "", ["double"]):
+                with pytest.raises(mp.DataError, match="model must be a model's name"):
+                    call(bad)
+
+
 def test_a_server_python_that_cannot_run_is_a_config_error(repo, tmp_path):
     for python in (tmp_path / "nothing" / "python", tmp_path):
         with pytest.raises(mp.ConfigError, match="cannot be run .*build_server_venv"):
+            TritonServer(repo, python=python).start()
+    for python in ("/bin/true", "/bin/echo"):  # they run, and answer nothing a Python would (a raw JSONDecodeError)
+        with pytest.raises(mp.ConfigError, match="did not answer as a Python with pytriton"):
             TritonServer(repo, python=python).start()
 
 

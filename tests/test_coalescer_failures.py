@@ -102,22 +102,31 @@ class _AsyncSlow(_Slow, _AsyncModel):
 
 
 @pytest.mark.parametrize("mode", ["threads", "asyncio"])
-def test_a_coalesced_call_ends_by_its_deadline_even_if_its_wait_is_longer(mode):
+def test_a_coalesced_call_waits_at_most_half_its_timeout_and_an_expired_batch_is_not_sent(mode):
     """The wait for more callers ignored timeout_s: a call with timeout_s=1 ended after the 3 s wait, its batch
-    then sent past its deadline (over HTTP the error blamed the connection pool)."""
+    then sent past its deadline (over HTTP the error blamed the connection pool). Now the batch goes after half
+    the timeout, while it can still be answered, and one whose first caller's deadline has passed is not sent."""
     model = _Slow() if mode == "threads" else _AsyncSlow()
     started = time.monotonic()
     if mode == "threads":
         coalescer = _Coalescer(model, INFO, None)
         coalescer._expect = 2  # another caller is expected, and never comes
-        with pytest.raises(mp.InferenceTimeoutError, match=r"deadline passed before the batch went .*keep "
-                                                            "coalesce_wait_us below timeout_s"):
-            coalescer.submit(_rows(1.0))
+        answer = coalescer.submit(_rows(1.0))
+        expired = [(_rows(2.0), 1, _Handoff(), time.monotonic() - 0.01)]
+        coalescer._inside = 1
+        coalescer._send(expired)
+        with pytest.raises(mp.InferenceTimeoutError, match="deadline passed before the batch went"):
+            expired[0][2].result()
     else:
         async def main():
             coalescer = _AsyncCoalescer(model, INFO, None)
             coalescer._expect = 2
-            await coalescer.submit(_rows(1.0))
-        with pytest.raises(mp.InferenceTimeoutError, match="deadline passed before the batch went"):
-            asyncio.run(main())
-    assert time.monotonic() - started < 2.0 and model.requests == []  # not sent: it could not answer in time
+            answer = await coalescer.submit(_rows(1.0))
+            expired = [(_rows(2.0), 1, asyncio.get_running_loop().create_future(), time.monotonic() - 0.01)]
+            await coalescer._send(expired)
+            with pytest.raises(mp.InferenceTimeoutError, match="deadline passed before the batch went"):
+                expired[0][2].result()
+            return answer
+        answer = asyncio.run(main())
+    assert answer["y"].tolist() == [[2.0]] and time.monotonic() - started < 1.0
+    assert model.requests == [1]  # the expired batch was not sent

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from .._checks import plain, require_bool, require_number
-from ..errors import ConfigError, DataError, InferenceTimeoutError, ModelNotReadyError, ServingError
-from .shaping import (ModelInfo, check_outputs, check_request, empty_outputs, join, map_error, merge, rows_of, split,
-                      to_arrays, unmerge)
+from ..errors import ConfigError, InferenceTimeoutError, ModelNotReadyError, ServingError
+from .shaping import (ModelInfo, check_model, check_outputs, check_request, empty_outputs, join, map_error, merge,
+                      rows_of, split, to_arrays, unmerge)
 
 __all__ = ["TritonClient", "AsyncTritonClient"]
 
@@ -137,14 +137,6 @@ def _check_http_url(url: str) -> None:
     if not host or bare_v6 or "/" in url or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"the Triton HTTP url must be host:port (e.g. 127.0.0.1:8000 or [::1]:8000, no scheme), "
                           f"got {url!r}")
-
-
-def _model_name(model: object) -> str:
-    """A model name to ask the server about (an int or None was a raw TypeError from the protocol's library)."""
-    if not isinstance(model, str) or not model:
-        raise DataError(f"model must be a model's name (a non-empty string), got {type(model).__name__} "
-                        f"{model!r:.100}")
-    return model
 
 
 def _inputs(mod, info: ModelInfo, arrays: dict[str, np.ndarray]) -> list:
@@ -590,11 +582,11 @@ class TritonClient(_Base):
 
     def is_model_ready(self, model: str) -> bool:
         """Whether ``model`` is loaded and ready to infer; ServingError if the server there is not Triton."""
-        return self._health("is_model_ready", _model_name(model))
+        return self._health("is_model_ready", check_model(model))
 
     def metadata(self, model: str) -> dict[str, Any]:
         """The model's metadata (versions, inputs and outputs with types and shapes)."""
-        _model_name(model)
+        check_model(model)
         try:
             meta = self._call("get_model_metadata", model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -603,7 +595,7 @@ class TritonClient(_Base):
 
     def config(self, model: str) -> dict[str, Any]:
         """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
-        _model_name(model)
+        check_model(model)
         try:
             cfg = self._call("get_model_config", model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -624,8 +616,8 @@ class TritonClient(_Base):
             export = p.serving.export_triton("fraud", repository="triton-repo")
             client.load_model("fraud", export.model_dir)
         """
-        kwargs = _upload(Path(folder), _model_name(model)) if folder is not None else {}
-        _model_name(model)
+        kwargs = _upload(Path(folder), check_model(model)) if folder is not None else {}
+        check_model(model)
         self._check_server(model)  # Triton answers a load with 200 and nothing else: so would any web server
         try:
             self._call("load_model", model, **kwargs, **self._call_kwargs())
@@ -635,7 +627,7 @@ class TritonClient(_Base):
 
     def unload_model(self, model: str) -> None:
         """Unload ``model`` (explicit model-control mode)."""
-        _model_name(model)
+        check_model(model)
         self._check_server(model)
         try:
             self._call("unload_model", model, **self._call_kwargs())
@@ -645,7 +637,7 @@ class TritonClient(_Base):
 
     def info(self, model: str) -> ModelInfo:
         """The model's inputs, outputs and batching hints (read once, then cached)."""
-        info = self._infos.get(model) if isinstance(model, str) else _model_name(model)
+        info = self._infos.get(model) if isinstance(model, str) else check_model(model)
         if info is None:
             info = self._infos[model] = self._config_info(self.config(model))
         return info
@@ -806,8 +798,8 @@ class _Gathering:
         """The error of callers whose batch found every in-flight slot taken until the first one's deadline, or
         (``unsent``) whose first caller's deadline passed before the batch went."""
         c = self._client
-        why = (f"its batch's first caller's deadline passed before the batch went (its wait for more callers is "
-               f"{self._patience.seconds * 1e6:.0f} us: keep coalesce_wait_us below timeout_s)" if unsent else
+        why = ("its batch's first caller's deadline passed before the batch went; is the server overloaded or "
+               "hung?" if unsent else
                f"the client's {c._max_in_flight} coalesced requests in flight (max_in_flight) took all that time; is "
                "the server overloaded or hung?")
         return InferenceTimeoutError(f"model {self.info.name!r} at {c.url}: no answer within timeout_s={c._timeout:g} "
@@ -869,7 +861,7 @@ class _Coalescer(_Gathering):
         with self._lock:
             self._inside += 1
             full, ready = self._gather((arrays, n, mine, now + self._client._timeout), n, now)
-            wait = min(self._patience.seconds, self._client._timeout)  # never past this caller's deadline
+            wait = min(self._patience.seconds, self._client._timeout / 2)  # sent while it can answer in time
         if full is not None:
             self._send(full)
         if ready is not None:
@@ -1065,11 +1057,11 @@ class AsyncTritonClient(_Base):
 
     async def is_model_ready(self, model: str) -> bool:
         """Whether ``model`` is loaded and ready to infer; ServingError if the server there is not Triton."""
-        return await self._health("is_model_ready", _model_name(model))
+        return await self._health("is_model_ready", check_model(model))
 
     async def metadata(self, model: str) -> dict[str, Any]:
         """The model's metadata (versions, inputs and outputs with types and shapes)."""
-        _model_name(model)
+        check_model(model)
         try:
             meta = await self._connection().get_model_metadata(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -1078,7 +1070,7 @@ class AsyncTritonClient(_Base):
 
     async def config(self, model: str) -> dict[str, Any]:
         """The model's config as the server reports it (a dict of Triton's ModelConfig)."""
-        _model_name(model)
+        check_model(model)
         try:
             cfg = await self._connection().get_model_config(model, **self._call_kwargs(as_json=True))
         except self._exc as exc:
@@ -1088,8 +1080,8 @@ class AsyncTritonClient(_Base):
 
     async def load_model(self, model: str, folder: str | os.PathLike | None = None) -> None:
         """As :meth:`TritonClient.load_model`, awaited."""
-        kwargs = _upload(Path(folder), _model_name(model)) if folder is not None else {}
-        _model_name(model)
+        kwargs = _upload(Path(folder), check_model(model)) if folder is not None else {}
+        check_model(model)
         await self._check_server(model)
         try:
             await self._connection().load_model(model, **kwargs, **self._call_kwargs())
@@ -1099,7 +1091,7 @@ class AsyncTritonClient(_Base):
 
     async def unload_model(self, model: str) -> None:
         """Unload ``model`` (explicit model-control mode)."""
-        _model_name(model)
+        check_model(model)
         await self._check_server(model)
         try:
             await self._connection().unload_model(model, **self._call_kwargs())
@@ -1109,7 +1101,7 @@ class AsyncTritonClient(_Base):
 
     async def info(self, model: str) -> ModelInfo:
         """The model's inputs, outputs and batching hints (read once, then cached)."""
-        info = self._infos.get(model) if isinstance(model, str) else _model_name(model)
+        info = self._infos.get(model) if isinstance(model, str) else check_model(model)
         if info is None:
             info = self._infos[model] = self._config_info(await self.config(model))
         return info
@@ -1203,7 +1195,12 @@ class AsyncTritonClient(_Base):
             if self._aio is not aio or self._closed_aio is aio:  # another close() took it meanwhile
                 return
             self._closed_aio = aio
-            await aio.close()
+            try:
+                await aio.close()
+            finally:  # cancelled too: the next call opens a connection of its own, not the half-closed one
+                if self._aio is aio:
+                    self._aio, self._loop, self._batchers = None, None, {}
+            return
         if self._aio is aio:
             self._aio, self._loop, self._batchers = None, None, {}
 
@@ -1256,7 +1253,7 @@ class _AsyncCoalescer(_Gathering):
             await asyncio.wait(list(self._sending))
 
     def _started(self, now: float) -> None:
-        wait = min(self._patience.seconds, self._client._timeout)  # never past the first caller's deadline
+        wait = min(self._patience.seconds, self._client._timeout / 2)  # sent while it can answer in time
         self._timer = asyncio.get_running_loop().call_at(now + wait, self._ran_out)
 
     def _ran_out(self) -> None:

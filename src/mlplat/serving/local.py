@@ -20,7 +20,7 @@ import numpy as np
 
 from .._expiring import Expiring
 from ..errors import MlplatError, ModelNotReadyError, ServingError
-from .shaping import NUMPY_TYPES, ModelInfo, check_outputs, check_request, join, split, to_arrays
+from .shaping import NUMPY_TYPES, ModelInfo, check_model, check_outputs, check_request, join, split, to_arrays
 
 __all__ = ["LocalBackend"]
 
@@ -57,6 +57,7 @@ class LocalBackend:
         self._lock = threading.Lock()
 
     def _get(self, model: str, version: int | None = None) -> tuple[int, Any, ModelInfo]:
+        check_model(model)  # as the Triton clients: a list was a raw TypeError, 123 a ModelNotReadyError
         if version is None:
             version = self._stage_version(model)
         hit = self._loaded.get((model, version))
@@ -102,6 +103,7 @@ class LocalBackend:
 
     def is_model_ready(self, model: str) -> bool:
         """Whether the model (at the backend's stage) can be loaded."""
+        check_model(model)
         try:
             self._get(model)
             return True

@@ -144,8 +144,14 @@ class TritonServer:
         if info.returncode != 0:
             raise ConfigError(f"{self.python} cannot import pytriton: build the server virtualenv with "
                               f"mlplat.serving.build_server_venv ({info.stderr.strip()[-500:]})")
-        data = json.loads(info.stdout)
-        root = Path(data["dir"]) / "tritonserver"
+        try:
+            data = json.loads(info.stdout)
+            data = {key: str(data[key]) for key in ("dir", "libdir", "version")}
+            root = Path(data["dir"]) / "tritonserver"
+        except (ValueError, KeyError, TypeError):  # it ran, and is not that python (/bin/true answers nothing)
+            raise ConfigError(f"python={str(self.python)!r} did not answer as a Python with pytriton ("
+                              f"{info.stdout.strip()[:200]!r}): give the server virtualenv's python, built with "
+                              "mlplat.serving.build_server_venv") from None
         stub = root / "python_backend_stubs" / data["version"] / "triton_python_backend_stub"
         if not stub.exists():
             raise ConfigError(f"the bundled server has no python backend stub for Python {data['version']}")

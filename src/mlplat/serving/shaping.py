@@ -19,8 +19,8 @@ import numpy as np
 from .._checks import TRITON_UINT64_MAX, plain, require_number
 from ..errors import DataError, InferenceTimeoutError, ModelNotReadyError, QueueFullError, ServingError
 
-__all__ = ["ModelInfo", "to_arrays", "split", "join", "map_error", "check_request", "check_cast", "empty_outputs",
-           "NUMPY_TYPES"]
+__all__ = ["ModelInfo", "to_arrays", "split", "join", "map_error", "check_model", "check_request", "check_cast",
+           "empty_outputs", "NUMPY_TYPES"]
 
 #: Triton data type (without TYPE_) -> numpy dtype
 NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
@@ -224,6 +224,15 @@ def _largest(dtype: np.dtype) -> float:
 
 
 _INT64_MAX = 2**63 - 1  # gRPC sends timeout_us as an int64
+
+
+def check_model(model: object) -> str:
+    """A model name to ask about (an int or None was a raw TypeError from the protocol's library; a list an
+    unhashable key), else DataError."""
+    if not isinstance(model, str) or not model:
+        raise DataError(f"model must be a model's name (a non-empty string), got {type(model).__name__} "
+                        f"{model!r:.100}")
+    return model
 
 
 def check_request(priority: Any, timeout_us: Any, version: Any,
