@@ -130,11 +130,14 @@ def test_system_tags_hide_a_password_on_the_command_line(monkeypatch):
     from mlplat.runs.system import system_tags
 
     monkeypatch.setattr(sys, "argv", ["train.py", "--online-store", "redis://:s3cret@127.0.0.1:6391/0",
-                                      "--database-url=postgresql://app:pw2@db/mlplat", "--lr=0.1"])
+                                      "--database-url=postgresql://app:pw2@db/mlplat", "--lr=0.1",
+                                      "db.url=postgresql://app:pw3@db/x", "+db={url:redis://u:pw4@h/0}",
+                                      "-Dpostgresql://app:pw5@db/x", "cache=redis://h/0?password=pw6&db=1"])
     entry = system_tags()["mlplat.entry_point"]
-    assert "s3cret" not in entry and "pw2" not in entry, entry
+    assert not any(f"pw{i}" in entry for i in range(2, 7)) and "s3cret" not in entry, entry
     assert entry.endswith("--online-store redis://:***@127.0.0.1:6391/0 --database-url=postgresql://app:***@db/mlplat "
-                          "--lr=0.1")
+                          "--lr=0.1 db.url=postgresql://app:***@db/x +db={url:redis://u:***@h/0} "
+                          "-Dpostgresql://app:***@db/x cache=redis://h/0?password=***&db=1"), entry
 
 
 # ---------------------------------------------------- metrics after the run ended
@@ -344,8 +347,8 @@ class _Branchy(torch.nn.Module):
 
 
 class _Traceable(torch.nn.Module):
-    def forward(self, x, *rest):  # not scriptable either, but without a branch on the data
-        return x * 2
+    def forward(self, x, *rest):  # not scriptable either, but without a branch on the data; torch warns that
+        return x * torch.tensor([2.0])  # the tensor is a constant of the trace, which it is: the trace is kept
 
 
 def test_a_trace_that_depends_on_the_data_is_not_kept(lite, tmp_path):

@@ -271,6 +271,7 @@ def test_a_token_continues_only_its_own_search(p, eight):
     ("attributes.id != 'x'", "attributes.run_id != 'x'"),
     ("attributes.start_time > 0", "attributes.start_time > '1970-01-01T00:00:00+00:00'"),
     ("params.n is null or params.n in (1, 2)", "params.n is null or params.n in (1.0, 2e0)"),
+    ("metrics.auc >= 0", "metrics.auc >= -0.0"),
 ])
 def test_a_token_continues_the_same_filter_written_another_way(p, eight, first, again):
     """The filter was bound by its parsed form's repr: 1 and 1.0, STATUS and status, id and run_id differed."""
@@ -281,6 +282,16 @@ def test_a_token_continues_the_same_filter_written_another_way(p, eight, first, 
     assert ids(p.runs.search("live", filter=again, order_by=order, max_results=100, page_token=token)) == whole[2:]
     with pytest.raises(mp.DataError, match="belongs to another search"):
         p.runs.search("live", filter=f"{first} and metrics.auc < 0.6", order_by=order, page_token=token)
+
+
+def test_a_like_pattern_is_text_for_its_page_token(p, eight):
+    """'tags.t like 5' and 'tags.t like 5.0' match other runs ('5', '5.0'), yet the first one's token continued
+    the second (its 5 was bound as the float 5.0)."""
+    token = p.runs.search("live", filter="tags.t like 1 or attributes.name like 'r%'", order_by=["attributes.name"],
+                          max_results=2).next_page_token
+    with pytest.raises(mp.DataError, match="belongs to another search"):
+        p.runs.search("live", filter="tags.t like 1.0 or attributes.name like 'r%'", order_by=["attributes.name"],
+                      page_token=token)
 
 
 def forged(body) -> str:

@@ -353,12 +353,14 @@ def canonical(node: Node) -> Any:
     if node.kind == "attributes":
         name = _attribute_name(name)
         convert = (lambda v: _time_value(v).isoformat()) if name in _TIMES else str
+    elif node.op in ("like", "ilike"):  # a pattern is text: 5 is '5', not 5.0
+        convert = str
     else:
         def convert(v: Any) -> Any:
             if isinstance(v, str):
                 return ["s", v]
             try:
-                return ["n", float(v)]
+                return ["n", float(v) + 0.0]  # -0.0 is 0.0
             except OverflowError:  # an int past the floats (metrics refuse it; a param compares it as inf)
                 return ["n", str(v)]
     if value is not None:

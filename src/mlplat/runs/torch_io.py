@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -341,6 +342,14 @@ def _quiet_jit() -> Iterator[None]:
         yield
 
 
+#: what torch's TracerWarnings say of a trace that replays the example's path ("Converting a tensor to a Python
+#: boolean/integer/float", "Iterating over a tensor", "Using len ... might cause the trace to be incorrect") or of
+#: one whose outputs differ from the module's; not "torch.tensor results are registered as constants" (a tensor
+#: made from the data warns of its Python number too)
+_UNSAFE_TRACE = re.compile(r"^(?!torch\.tensor results are registered as constants).*(might cause the trace to be "
+                           r"incorrect|does not match)", re.S)
+
+
 def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None, str | None]:
     """TorchScript of the model (scripted, else traced on the example input) and how, or (None, None, why not).
 
@@ -362,9 +371,10 @@ def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None
                 traced = torch.jit.trace(model, _tensors(example_input))
             except Exception as exc:  # noqa: BLE001
                 return None, None, f"not scriptable, and tracing failed ({type(exc).__name__}: {str(exc)[:200]})"
-    unsafe = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    unsafe = [w for w in caught
+              if issubclass(w.category, torch.jit.TracerWarning) and _UNSAFE_TRACE.search(str(w.message))]
     for w in caught:
-        if w not in unsafe:
+        if w not in unsafe and not issubclass(w.category, torch.jit.TracerWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if unsafe:
         return None, None, (f"not scriptable, and its trace depends on the data, so it would serve other inputs "
