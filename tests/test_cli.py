@@ -163,6 +163,8 @@ def test_a_database_elsewhere_starts_no_home_and_a_missing_one_is_blamed_on_the_
     shutil.copy(Path(home) / "mlplat.db", tmp_path / "copy.db")
     listed = ok_json(invoke("--database-url", "sqlite:///copy.db", "models", "list", "--json"))
     assert [m["name"] for m in listed] == ["fraud"] and not (tmp_path / "mlplat-home").exists()
+    ok_json(invoke("--database-url", "sqlite:///copy.db", "models", "list", "--json", home=str(tmp_path / "x" / "y")))
+    assert not (tmp_path / "x").exists()  # nor the parents it made
     error(invoke("--database-url", "sqlite:///typo.db", "models", "list"), 1,
           f"--database-url (or $MLPLAT_DATABASE_URL) names the SQLite database {tmp_path / 'typo.db'}, which does "
           "not exist")
@@ -179,15 +181,20 @@ def test_features_apply_starts_a_new_home(home, tmp_path):
     assert ok_json(invoke("models", "list", "--json", home=str(new))) == []
 
 
-def test_a_failed_first_apply_keeps_what_another_process_applied_into_the_new_home(home, tmp_path):
-    """A failing first apply removed the home it had found new, with the definitions another process had
-    committed into it meanwhile: the home was gone ('is not an mlplat home')."""
+@pytest.mark.parametrize("other", ["apply", "run"])
+def test_a_failed_first_apply_keeps_what_another_process_wrote_into_the_new_home(home, tmp_path, other):
+    """A failing first apply removed the home it had found new, with what another process had committed into it
+    meanwhile (definitions, a run and its artifacts): the home was gone ('is not an mlplat home')."""
     good = tmp_path / "good.py"
     good.write_text(DEFINITIONS.format(source=str(Path(home) / "data" / "user_txn_7d")))
     new = tmp_path / "new-home"
-    bad = tmp_path / "bad.py"  # while this apply runs (after it found the home new), another process applies
+    meanwhile = ([sys.executable, "-m", "mlplat", "--home", str(new), "features", "apply", str(good)]
+                 if other == "apply" else
+                 [sys.executable, "-c", "import mlplat as mp\n"
+                  f"with mp.Platform({str(new)!r}) as p, p.runs.start('e') as run: run.log_params({{'a': 1}})"])
+    bad = tmp_path / "bad.py"  # while this apply runs (after it found the home new), another process writes there
     bad.write_text(textwrap.dedent(f"""
-        import subprocess, sys
+        import subprocess
         import mlplat as mp
 
         class Racing(mp.Entity):
@@ -196,16 +203,18 @@ def test_a_failed_first_apply_keeps_what_another_process_applied_into_the_new_ho
             def to_spec(self):
                 if not Racing.raced:
                     Racing.raced = True
-                    subprocess.run([sys.executable, "-m", "mlplat", "--home", {str(new)!r}, "features", "apply",
-                                    {str(good)!r}], check=True, capture_output=True)
+                    subprocess.run({meanwhile!r}, check=True, capture_output=True)
                 return super().to_spec()
 
         a = Racing("user", join_keys=["user_id"])
         b = mp.Entity("user", join_keys=["other_id"])
     """))
     error(invoke("features", "apply", bad, home=str(new)), 1, "two different definitions of entity 'user'")
-    listed = ok_json(invoke("features", "list", "--json", home=str(new)))
-    assert [r["name"] for r in listed] == ["user", "user_spend_7d"]
+    if other == "apply":
+        listed = ok_json(invoke("features", "list", "--json", home=str(new)))
+        assert [r["name"] for r in listed] == ["user", "user_spend_7d"]
+    else:
+        assert len(ok_json(invoke("runs", "list", "--json", home=str(new)))) == 1
     error(invoke("features", "apply", bad, home=str(tmp_path / "alone")), 1, "two different definitions")
     assert not (tmp_path / "alone").exists()  # a failed apply alone still starts no home
 

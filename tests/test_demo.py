@@ -109,7 +109,7 @@ def test_demo_ignores_mlplat_environment_variables(tmp_path, monkeypatch):
 def test_the_closing_lines_hide_passwords_and_show_paths_as_written(tmp_path, monkeypatch):
     """The home line printed the online store's password (the next: line hid it), a home holding '[/x]' crashed
     the demo after all its work (rich markup), and the next: commands were not shell-quoted: run as printed, a
-    home with a space ran `mlplat demo`."""
+    home with a space ran `mlplat demo`; and at a pipe's 80 columns rich cut them into two lines."""
     import shlex
     from types import SimpleNamespace
 
@@ -117,10 +117,10 @@ def test_the_closing_lines_hide_passwords_and_show_paths_as_written(tmp_path, mo
 
     monkeypatch.delenv("MLPLAT_DATABASE_URL", raising=False)
     monkeypatch.delenv("MLPLAT_ONLINE_STORE", raising=False)
-    home = tmp_path / "my demo [bold]b[/x]"
+    home = tmp_path / "our team demos" / ("the fraud detection demo of the risk team " * 3) / "[bold]b[/x]"
     settings = SimpleNamespace(database_url=f"sqlite:///{home}/mlplat.db", online_store="redis://:s3cret@h:6379/0")
     out = io.StringIO()
-    report.closing(Console(file=out, width=1000), {"data": 1.0}, 1.0, home, settings)
+    report.closing(Console(file=out, width=80), {"data": 1.0}, 1.0, home, settings)  # a pipe's width: not wrapped
     text = out.getvalue()
     assert "s3cret" not in text and f"home: {home}  (database sqlite:///{home}/mlplat.db, online store " \
         "redis://:***@h:6379/0)" in text
@@ -141,6 +141,7 @@ def test_a_bad_online_store_url_leaves_the_last_demo_as_it_was(tmp_path):
     assert (home / "mlplat.db").read_text() == "the last demo's database"
     # URLs the settings take but the store does not (found at the materialize step, 12 s in, the demo wiped)
     for url, error in (("sqlite://", ConfigError), ("redis://127.0.0.1:1/0", mp.OnlineStoreError),
+                       ("sqlite:////proc/no-such-dir/online.db", mp.OnlineStoreError),
                        ("redis+cluster://127.0.0.1:6379/3", mp.OnlineStoreError)):
         with pytest.raises(error):
             run_demo(home, online_store=url, console=Console(quiet=True))

@@ -95,8 +95,10 @@ def test_platform_reads_the_environment(tmp_path, monkeypatch):
     ({"database_url": "sqlite://rel.db"}, {},  # a raw ArgumentError from SQLAlchemy; 'in-memory' on the command line
      r"'sqlite://rel.db': a SQLite URL has no host; a file is sqlite:///rel.db .*\(argument database_url=\)"),
     ({}, {"MLPLAT_ONLINE_STORE": "sqlite://h/o.db"}, r"a file is sqlite:///h/o.db .*\(\$MLPLAT_ONLINE_STORE\)"),
+    ({"database_url": "sqlite://app:s3cret@h/x.db"}, {},
+     r"'sqlite://app:\*\*\*@h/x.db': .*a file is sqlite:///h/x.db "),
 ], ids=["open-bracket", "port-past-65535-env", "argument-over-env", "redis-db-not-a-number", "redis-db-path",
-        "scheme-env", "sqlite-host", "sqlite-host-env"])
+        "scheme-env", "sqlite-host", "sqlite-host-env", "sqlite-host-password"])
 def test_a_malformed_url_is_a_config_error_naming_the_setting_and_where_it_came_from(tmp_path, kwargs, env, message):
     # urllib's ValueError reached the caller raw; a Redis path that is not a number silently meant database 0
     with pytest.raises(mp.ConfigError, match=message):
@@ -156,7 +158,8 @@ def test_relative_paths_are_taken_from_the_current_folder_when_resolved(tmp_path
     ({}, {"MLPLAT_DATABASE_URL": "postgresql://app:s3cret@[::1/db"}),
     ({}, {"MLPLAT_ONLINE_STORE": "redis://:s3cret@h:6379/abc"}),
     ({"online_store": "redis://app:s3c@ret@h:99999/0"}, {}),
-], ids=["scheme", "malformed", "redis-db", "at-sign-in-password"])
+    ({"database_url": "sqlite://app:s3cret@h/x.db"}, {}),  # the suggestion printed it: sqlite:///app:s3cret@h/x.db
+], ids=["scheme", "malformed", "redis-db", "at-sign-in-password", "sqlite-host"])
 def test_errors_and_the_settings_repr_never_show_a_password(tmp_path, kwargs, env):
     with pytest.raises(mp.ConfigError) as raised:
         Settings.resolve(tmp_path, environ=env, **kwargs)
@@ -169,8 +172,10 @@ def test_errors_and_the_settings_repr_never_show_a_password(tmp_path, kwargs, en
 
 def test_a_home_with_a_nul_character_is_a_config_error():
     """mp.Platform("a\\0b") was a raw ValueError (embedded null byte)."""
-    with pytest.raises(mp.ConfigError, match=r"home 'a\\x00b' is not a folder path \(embedded null byte\) "
-                                             r"\(argument home=\)"):
+    with pytest.raises(mp.ConfigError, match=r"home 'a\\x00b' is not a folder path this process can use \(embedded "
+                                             r"null byte\) \(argument home=\)"):
         Settings.resolve("a\x00b", environ={})
+    with pytest.raises(mp.ConfigError, match=r"home '~nosuchuser_xyz/h' is not a folder path"):  # a raw RuntimeError
+        Settings.resolve("~nosuchuser_xyz/h", environ={})
     with pytest.raises(mp.ConfigError, match=r"\(\$MLPLAT_HOME\)"):
         Settings.resolve(environ={"MLPLAT_HOME": "a\x00b"})

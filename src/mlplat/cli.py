@@ -239,15 +239,20 @@ def _platform(ctx: click.Context, *, create: bool = False):
             f"{settings.home} is not an mlplat home (it has no database {database}): give --home or MLPLAT_HOME "
             "of an existing home (the demo's is ./mlplat-demo: mlplat --home mlplat-demo ...), or start one with "
             "'mlplat features apply FILE'")
-    if not create and not settings.home.exists():  # the database is elsewhere: a home left empty is not kept
-        ctx.call_on_close(functools.partial(_remove_if_empty, settings.home))
+    made = [d for d in (settings.home, *settings.home.parents) if not d.exists()]  # innermost first
+    if not create and made:  # the database is elsewhere: a home (and parents) left empty are not kept
+        ctx.call_on_close(functools.partial(_remove_if_empty, made))
     return Platform(settings=settings)
 
 
-def _remove_if_empty(folder: Path) -> None:
-    """Remove a folder a command made and left empty (a read of a database elsewhere made ./mlplat-home)."""
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a command made and left empty, innermost first (a read of a database elsewhere made
+    ./mlplat-home)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 # ------------------------------------------------------------------- demo
@@ -367,7 +372,7 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
         with _platform(ctx, create=True) as p:
             results = p.features.apply(objects)
     except BaseException:
-        if database is None or not _holds_definitions(database):  # another process may have applied meanwhile
+        if new and _untouched(Path(settings.home), database):  # another process may have written there meanwhile
             _remove(new)  # an apply that failed starts no home: a mistyped --home stays an error for later commands
         raise
     rows = [{"kind": r.kind, "name": r.name, "version": r.version, "changed": r.changed} for r in results]
@@ -377,19 +382,26 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
     _table("applied", ["kind", "name", "version", "changed"], [list(r.values()) for r in rows])
 
 
-def _holds_definitions(database: Path) -> bool:
-    """Whether a SQLite database holds feature definitions (committed by another command into the home this one
-    started: a failed apply then removes nothing); True where it cannot tell."""
+def _untouched(home: Path, database: Path | None) -> bool:
+    """Whether the home a failed command started holds only what opening it made: no file but its SQLite
+    database (with its journals), and no row in that database but the schema's version. Another process may
+    have applied definitions, logged a run or stored artifacts there meanwhile: then it is kept."""
     import sqlite3
 
-    if not database.exists():
-        return False
+    ours = {database.name + end for end in ("", "-wal", "-shm", "-journal")} if database is not None else set()
     try:
+        if any(entry.name not in ours for entry in home.iterdir()):
+            return False
+        if database is None or not database.exists():
+            return True
         with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True,
-                                                        timeout=10)) as conn:
-            return conn.execute("SELECT EXISTS (SELECT 1 FROM feature_definitions)").fetchone()[0] == 1
-    except sqlite3.OperationalError as exc:
-        return "no such table" not in str(exc)  # a schema not made yet holds none; a locked one may
+                                                timeout=10)) as conn:
+            tables = [row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+                "AND name != 'alembic_version'")]
+            return not any(conn.execute(f'SELECT EXISTS (SELECT 1 FROM "{name}")').fetchone()[0] for name in tables)
+    except (OSError, sqlite3.Error):  # cannot tell: keep it
+        return False
 
 
 def _remove(paths: list[Path]) -> None:

@@ -101,13 +101,15 @@ class Settings:
         env = _Stripped(os.environ if environ is None else environ)
         home = _text("home", home, path=True, strip=False)
         home = home if home and home.strip() else None  # "" counts as unset, as MLPLAT_HOME="" does (not ".")
+        value = home if home is not None else (env.get("MLPLAT_HOME") or "mlplat-home")
         try:
-            home_path = Path(home if home is not None else (env.get("MLPLAT_HOME") or "mlplat-home")).expanduser()
-            home_path = home_path.resolve()
-        except (ValueError, OSError) as exc:  # a NUL character; a name too long
-            where = "argument home=" if home is not None else "$MLPLAT_HOME"
-            raise ConfigError(f"home {home if home is not None else env.get('MLPLAT_HOME')!r} is not a folder path "
-                              f"({exc}) ({where})") from None
+            home_path = Path(value).expanduser().resolve()
+        except (ValueError, OSError, RuntimeError) as exc:  # a NUL; ~nosuchuser; a current folder deleted
+            where = ("argument home=" if home is not None else "$MLPLAT_HOME" if env.get("MLPLAT_HOME")
+                     else "the default")
+            gone = " (the current folder no longer exists)" if isinstance(exc, FileNotFoundError) else ""
+            raise ConfigError(f"home {value!r} is not a folder path this process can use ({exc}){gone} ({where})") \
+                from None
         db = _url("database_url", _text("database_url", database_url), env, "MLPLAT_DATABASE_URL",
                   _sqlite_url(home_path / "mlplat.db"), _DB_SCHEMES, driver_suffix=True)
         online = _url("online_store", _text("online_store", online_store), env, "MLPLAT_ONLINE_STORE",
@@ -229,9 +231,10 @@ def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default
             f"{name} {shown!r} has an unsupported scheme {scheme!r}; use one of "
             f"{', '.join(s + '://' for s in schemes)} ({where})"
         )
-    if base == "sqlite" and parts.netloc:  # sqlite://file.db: SQLAlchemy refuses it, and it reads as in-memory
-        raise ConfigError(f"{name} {shown!r}: a SQLite URL has no host; a file is sqlite:///{parts.netloc}"
-                          f"{parts.path} (three slashes; four for an absolute path) ({where})")
+    if base == "sqlite" and parts.hostname:  # sqlite://file.db: SQLAlchemy refuses it, it reads as in-memory
+        path = parts.netloc.rpartition("@")[2] + parts.path  # a user and password alone (SQLCipher's) are no host
+        raise ConfigError(f"{name} {shown!r}: a SQLite URL has no host; a file is sqlite:///{path} (three slashes; "
+                          f"four for an absolute path) ({where})")
     database = unquote(parts.path).strip("/")
     if scheme.startswith("redis") and database and not (database.isascii() and database.isdigit()):
         # redis-py ignores a path it cannot read as a number and uses database 0: another store than meant

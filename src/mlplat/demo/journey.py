@@ -139,12 +139,15 @@ def _plant_skew(p: Any, requests: list[dict[str, Any]], rng: np.random.Generator
     return [r["user_id"] for r in rows]
 
 
-def _reach(url: str) -> None:
+def _reach(url: str, home: Path) -> None:
     """Open the online store at ``url`` and read from it once: its ConfigError or OnlineStoreError now, not after
-    the last demo was wiped and the steps before materialization ran (a file store opens in the fresh folder)."""
+    the last demo was wiped and the steps before materialization ran (a file store in the home opens in the fresh
+    folder)."""
+    from ..db.engine import sqlite_file
     from ..features.online import open_online_store
 
-    if url.lower().startswith("sqlite:///"):
+    file = sqlite_file(url) if url.lower().startswith("sqlite") else None
+    if file is not None and file.expanduser().resolve().is_relative_to(home):
         return
     store = open_online_store(url)
     try:
@@ -185,7 +188,7 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
         # served log (a sample rate below 1 would hide planted users from the skew check); resolved before the
         # folder is emptied, so a bad URL leaves the last demo as it was
         settings = mp.Settings.resolve(home, online_store=online_store, triton_url=triton_url, environ={})
-        _reach(settings.online_store)  # as the Triton server: a store the demo cannot use leaves the last demo be
+        _reach(settings.online_store, home)  # as the Triton server: a store it cannot use leaves the last demo be
         fresh_home(home)
         p = mp.Platform(settings=settings)
         cleanup.callback(p.close)

@@ -100,7 +100,7 @@ def closing(console: Any, timings: dict[str, float], total: float, home: Path, s
         out.add_row(name.replace("_", " "), f"{seconds:.2f}")
     console.print(out)
     console.print(as_text(f"home: {home}  (database {hide_password(settings.database_url)}, online store "
-                          f"{hide_password(settings.online_store)})"))
+                          f"{hide_password(settings.online_store)})"), soft_wrap=True)
     # the online store is not recorded in the home: a command reading it must be told (materialize, predict);
     # and the demo ignored MLPLAT_* variables, which the next commands would follow to another database
     env = {k: v for k, v in os.environ.items() if k.startswith("MLPLAT_") and v.strip()}
@@ -109,7 +109,7 @@ def closing(console: Any, timings: dict[str, float], total: float, home: Path, s
         where += f" --database-url {shlex.quote(hide_password(settings.database_url))}"
     if not settings.online_store.startswith("sqlite") or "MLPLAT_ONLINE_STORE" in env:
         where += f" --online-store {shlex.quote(hide_password(settings.online_store))}"
-    console.print(as_text(f"next: mlplat {where} models lineage fraud --verify"))
-    console.print(as_text(f"      mlplat {where} monitor skew fraud"))
+    console.print(as_text(f"next: mlplat {where} models lineage fraud --verify"), soft_wrap=True)  # not cut: they
+    console.print(as_text(f"      mlplat {where} monitor skew fraud"), soft_wrap=True)  # run as printed
     if "MLPLAT_ARTIFACT_ROOT" in env:
         console.print("      (with MLPLAT_ARTIFACT_ROOT unset: the demo's artifacts are under the home)")

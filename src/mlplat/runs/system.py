@@ -4,6 +4,7 @@ from __future__ import annotations
 import getpass
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -73,11 +74,14 @@ def system_tags() -> dict[str, str]:
     return {k: _escaped(v) for k, v in tags.items()}
 
 
+#: user:password@ of a URL anywhere in an argument (``--db=postgresql://u:pw@h``, ``db.url=...``, ``-Dredis://...``)
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*:)\S*@")
+
+
 def _hidden(arg: str) -> str:
-    """A command-line argument with the password of a URL in it hidden (``--online-store redis://:pw@h``, and
-    ``--database-url=postgresql://u:pw@h/db``): the entry point is stored for anyone reading runs to see."""
-    option, eq, value = arg.partition("=")
-    return f"{option}={hide_password(value)}" if eq and option.startswith("-") else hide_password(arg)
+    """A command-line argument with the password of any URL in it hidden: the entry point is stored for anyone
+    reading runs to see."""
+    return hide_password(_URL_PASSWORD.sub(r"\1***@", arg))
 
 
 def _escaped(text: str) -> str:
