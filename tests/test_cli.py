@@ -215,8 +215,21 @@ def test_a_failed_first_apply_keeps_what_another_process_wrote_into_the_new_home
         assert [r["name"] for r in listed] == ["user", "user_spend_7d"]
     else:
         assert len(ok_json(invoke("runs", "list", "--json", home=str(new)))) == 1
-    error(invoke("features", "apply", bad, home=str(tmp_path / "alone")), 1, "two different definitions")
-    assert not (tmp_path / "alone").exists()  # a failed apply alone still starts no home
+    error(invoke("features", "apply", bad, home=str(tmp_path / "alone" / "home")), 1, "two different definitions")
+    assert not (tmp_path / "alone").exists()  # a failed apply alone still starts no home, nor its parents
+
+
+def test_a_failed_apply_into_an_existing_home_with_a_new_database_removes_that_database(home, tmp_path):
+    """The database a mistyped --database-url made was kept (the home beside it held files), and later commands
+    then read that empty database instead of saying it does not exist."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("import mlplat as mp\na = mp.Entity('user', join_keys=['user_id'])\n"
+                   "b = mp.Entity('user', join_keys=['other_id'])\n")
+    typo = tmp_path / "typo.db"
+    error(invoke("--database-url", f"sqlite:///{typo}", "features", "apply", bad, home=home), 1,
+          "two different definitions")
+    assert not typo.exists() and (Path(home) / "mlplat.db").exists()
+    error(invoke("--database-url", f"sqlite:///{typo}", "models", "list", home=home), 1, "which does not exist")
 
 
 @pytest.mark.parametrize("option, url", [

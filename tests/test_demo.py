@@ -146,6 +146,12 @@ def test_a_bad_online_store_url_leaves_the_last_demo_as_it_was(tmp_path):
         with pytest.raises(error):
             run_demo(home, online_store=url, console=Console(quiet=True))
         assert (home / "mlplat.db").read_text() == "the last demo's database"
+    project = tmp_path / "project"  # a folder the demo may not wipe is refused before the store is opened
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not a demo folder"):
+        run_demo(project, online_store=f"sqlite:///{tmp_path / 'stores' / 'online.db'}", console=Console(quiet=True))
+    assert not (tmp_path / "stores").exists()
 
 
 def test_demo_reports_the_time_of_each_step(demo):

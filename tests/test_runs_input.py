@@ -132,12 +132,16 @@ def test_system_tags_hide_a_password_on_the_command_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "--online-store", "redis://:s3cret@127.0.0.1:6391/0",
                                       "--database-url=postgresql://app:pw2@db/mlplat", "--lr=0.1",
                                       "db.url=postgresql://app:pw3@db/x", "+db={url:redis://u:pw4@h/0}",
-                                      "-Dpostgresql://app:pw5@db/x", "cache=redis://h/0?password=pw6&db=1"])
+                                      "-Dpostgresql://app:pw5@db/x", "cache=redis://h/0?password=pw6&db=1",
+                                      "--db=postgresql://app:pw 7@db/x",
+                                      '--config={"tracking":"http://mlflow:5000/api","owner":"ana@corp.com"}'])
     entry = system_tags()["mlplat.entry_point"]
-    assert not any(f"pw{i}" in entry for i in range(2, 7)) and "s3cret" not in entry, entry
-    assert entry.endswith("--online-store redis://:***@127.0.0.1:6391/0 --database-url=postgresql://app:***@db/mlplat "
-                          "--lr=0.1 db.url=postgresql://app:***@db/x +db={url:redis://u:***@h/0} "
-                          "-Dpostgresql://app:***@db/x cache=redis://h/0?password=***&db=1"), entry
+    assert not any(f"pw{i}" in entry for i in range(2, 7)) and "pw 7" not in entry and "s3cret" not in entry, entry
+    assert entry.endswith('--db=postgresql://app:***@db/x --config={"tracking":"http://mlflow:5000/api",'
+                          '"owner":"ana@corp.com"}'), entry  # a port is no password, a later "@" another value's
+    assert ("--online-store redis://:***@127.0.0.1:6391/0 --database-url=postgresql://app:***@db/mlplat --lr=0.1 "
+            "db.url=postgresql://app:***@db/x +db={url:redis://u:***@h/0} -Dpostgresql://app:***@db/x "
+            "cache=redis://h/0?password=***&db=1") in entry, entry
 
 
 # ---------------------------------------------------- metrics after the run ended
@@ -349,6 +353,23 @@ class _Branchy(torch.nn.Module):
 class _Traceable(torch.nn.Module):
     def forward(self, x, *rest):  # not scriptable either, but without a branch on the data; torch warns that
         return x * torch.tensor([2.0])  # the tensor is a constant of the trace, which it is: the trace is kept
+
+
+class _MeanPool(torch.nn.Module):
+    def forward(self, x, *rest):  # not scriptable; torch.tensor of the input's shape: the example's 4 rows, for good
+        return x.sum(0, keepdim=True) / torch.tensor(list(x.shape))[0]
+
+
+def test_a_trace_that_bakes_in_the_example_s_shape_is_not_kept(lite):
+    """Only torch's 'registered as constants' warning comes with it, which a literal gives too: such a trace was
+    kept, and load() divided every batch by 4."""
+    with lite.runs.start("e") as run:
+        with pytest.warns(UserWarning, match="stored without TorchScript"):
+            meta = run.log_model(_MeanPool(), "model", example_input=torch.ones(4, 3))
+    assert meta["torchscript"] is None and "registered as constants" in meta["torchscript_missing"]
+    lite.models.register("pool", run.id)
+    x = torch.full((2, 3), 5.0)
+    torch.testing.assert_close(lite.models.load("pool", version=1)(x), _MeanPool()(x))
 
 
 def test_a_trace_that_depends_on_the_data_is_not_kept(lite, tmp_path):

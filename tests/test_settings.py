@@ -97,8 +97,11 @@ def test_platform_reads_the_environment(tmp_path, monkeypatch):
     ({}, {"MLPLAT_ONLINE_STORE": "sqlite://h/o.db"}, r"a file is sqlite:///h/o.db .*\(\$MLPLAT_ONLINE_STORE\)"),
     ({"database_url": "sqlite://app:s3cret@h/x.db"}, {},
      r"'sqlite://app:\*\*\*@h/x.db': .*a file is sqlite:///h/x.db "),
+    ({"online_store": "sqlite://:s3cret@/online.db"}, {}, r"a file is sqlite:///online.db "),  # taken as a relative
+    ({"database_url": "sqlite://:5/x.db"}, {}, r"a file is sqlite:///:5/x.db "),  # file of the current folder
 ], ids=["open-bracket", "port-past-65535-env", "argument-over-env", "redis-db-not-a-number", "redis-db-path",
-        "scheme-env", "sqlite-host", "sqlite-host-env", "sqlite-host-password"])
+        "scheme-env", "sqlite-host", "sqlite-host-env", "sqlite-host-password", "sqlite-password-no-host",
+        "sqlite-port"])
 def test_a_malformed_url_is_a_config_error_naming_the_setting_and_where_it_came_from(tmp_path, kwargs, env, message):
     # urllib's ValueError reached the caller raw; a Redis path that is not a number silently meant database 0
     with pytest.raises(mp.ConfigError, match=message):
@@ -159,7 +162,10 @@ def test_relative_paths_are_taken_from_the_current_folder_when_resolved(tmp_path
     ({}, {"MLPLAT_ONLINE_STORE": "redis://:s3cret@h:6379/abc"}),
     ({"online_store": "redis://app:s3c@ret@h:99999/0"}, {}),
     ({"database_url": "sqlite://app:s3cret@h/x.db"}, {}),  # the suggestion printed it: sqlite:///app:s3cret@h/x.db
-], ids=["scheme", "malformed", "redis-db", "at-sign-in-password", "sqlite-host"])
+    ({"database_url": "postgresql://app:s3c/ret@h/db"}, {}),  # urllib's message quoted 's3c' as a port
+    ({"database_url": "sqlite://app:s3c/ret@h/x.db"}, {}),
+], ids=["scheme", "malformed", "redis-db", "at-sign-in-password", "sqlite-host", "slash-in-password",
+        "sqlite-slash-in-password"])
 def test_errors_and_the_settings_repr_never_show_a_password(tmp_path, kwargs, env):
     with pytest.raises(mp.ConfigError) as raised:
         Settings.resolve(tmp_path, environ=env, **kwargs)
@@ -179,3 +185,16 @@ def test_a_home_with_a_nul_character_is_a_config_error():
         Settings.resolve("~nosuchuser_xyz/h", environ={})
     with pytest.raises(mp.ConfigError, match=r"\(\$MLPLAT_HOME\)"):
         Settings.resolve(environ={"MLPLAT_HOME": "a\x00b"})
+
+
+@pytest.mark.parametrize("kwargs", [{"database_url": "sqlite:///rel.db"}, {"artifact_root": "art"},
+                                    {"online_store": "sqlite:///o.db"}, {}])
+def test_a_current_folder_deleted_under_the_process_is_a_config_error(tmp_path, monkeypatch, kwargs):
+    """Relative paths are made absolute against the current folder: a deleted one was a raw FileNotFoundError."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    home = (tmp_path / "home") if kwargs else "rel-home"
+    with pytest.raises(mp.ConfigError, match="current folder no longer exists"):
+        Settings.resolve(home, environ={}, **kwargs)

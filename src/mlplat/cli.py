@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from datetime import datetime
@@ -367,13 +366,14 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
     if not objects:
         raise click.ClickException(f"{path} defines no mp.Entity, mp.FeatureView or mp.FeatureService")
     settings, database = _settings(ctx)
-    new = [path for path in (Path(settings.home), database) if path is not None and not path.exists()]
+    home = Path(settings.home)
+    folders = [d for d in (home, *home.parents) if not d.exists()]  # the new home and parents, innermost first
+    new_database = database if database is not None and not database.exists() else None
     try:
         with _platform(ctx, create=True) as p:
             results = p.features.apply(objects)
-    except BaseException:
-        if new and _untouched(Path(settings.home), database):  # another process may have written there meanwhile
-            _remove(new)  # an apply that failed starts no home: a mistyped --home stays an error for later commands
+    except BaseException:  # an apply that failed starts no home (a mistyped --home stays an error for later
+        _undo(new_database, folders)  # commands) and no database, unless another process wrote there meanwhile
         raise
     rows = [{"kind": r.kind, "name": r.name, "version": r.version, "changed": r.changed} for r in results]
     if as_json:
@@ -382,36 +382,35 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
     _table("applied", ["kind", "name", "version", "changed"], [list(r.values()) for r in rows])
 
 
-def _untouched(home: Path, database: Path | None) -> bool:
-    """Whether the home a failed command started holds only what opening it made: no file but its SQLite
-    database (with its journals), and no row in that database but the schema's version. Another process may
-    have applied definitions, logged a run or stored artifacts there meanwhile: then it is kept."""
+def _undo(database: Path | None, folders: list[Path]) -> None:
+    """Remove the SQLite database a failed command made, if no row but the schema's version is in it, then the
+    folders it made that are empty now, innermost first: another process may have written either meanwhile."""
+    if database is not None and _empty_database(database):
+        _remove_database(database)
+    _remove_if_empty(folders)
+
+
+def _empty_database(database: Path) -> bool:
+    """Whether a SQLite database holds no row but its schema's version (False where it cannot tell)."""
     import sqlite3
 
-    ours = {database.name + end for end in ("", "-wal", "-shm", "-journal")} if database is not None else set()
+    if not database.exists():
+        return False
     try:
-        if any(entry.name not in ours for entry in home.iterdir()):
-            return False
-        if database is None or not database.exists():
-            return True
         with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True,
                                                 timeout=10)) as conn:
             tables = [row[0] for row in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
                 "AND name != 'alembic_version'")]
             return not any(conn.execute(f'SELECT EXISTS (SELECT 1 FROM "{name}")').fetchone()[0] for name in tables)
-    except (OSError, sqlite3.Error):  # cannot tell: keep it
+    except (OSError, sqlite3.Error):
         return False
 
 
-def _remove(paths: list[Path]) -> None:
-    """Remove the folders and SQLite database files (with their journals) this command made."""
-    for path in paths:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-            continue
-        for file in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
-            file.unlink(missing_ok=True)
+def _remove_database(path: Path) -> None:
+    """Remove a SQLite database file with its journals."""
+    for file in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+        file.unlink(missing_ok=True)
 
 
 def _run_file(path: str) -> dict[str, Any]:

@@ -110,14 +110,18 @@ class Settings:
             gone = " (the current folder no longer exists)" if isinstance(exc, FileNotFoundError) else ""
             raise ConfigError(f"home {value!r} is not a folder path this process can use ({exc}){gone} ({where})") \
                 from None
-        db = _url("database_url", _text("database_url", database_url), env, "MLPLAT_DATABASE_URL",
-                  _sqlite_url(home_path / "mlplat.db"), _DB_SCHEMES, driver_suffix=True)
-        online = _url("online_store", _text("online_store", online_store), env, "MLPLAT_ONLINE_STORE",
-                      _sqlite_url(home_path / "online.db"), _ONLINE_SCHEMES)
-        artifacts = (_text("artifact_root", artifact_root, path=True) or env.get("MLPLAT_ARTIFACT_ROOT")
-                     or str(home_path / "artifacts"))
-        if "://" not in artifacts:  # a local folder (s3://..., gs://..., file:///... stay as written)
-            artifacts = os.path.abspath(os.path.expanduser(artifacts))
+        try:  # relative paths are made absolute against the current folder
+            db = _url("database_url", _text("database_url", database_url), env, "MLPLAT_DATABASE_URL",
+                      _sqlite_url(home_path / "mlplat.db"), _DB_SCHEMES, driver_suffix=True)
+            online = _url("online_store", _text("online_store", online_store), env, "MLPLAT_ONLINE_STORE",
+                          _sqlite_url(home_path / "online.db"), _ONLINE_SCHEMES)
+            artifacts = (_text("artifact_root", artifact_root, path=True) or env.get("MLPLAT_ARTIFACT_ROOT")
+                         or str(home_path / "artifacts"))
+            if "://" not in artifacts:  # a local folder (s3://..., gs://..., file:///... stay as written)
+                artifacts = os.path.abspath(os.path.expanduser(artifacts))
+        except FileNotFoundError:  # os.getcwd() of a folder deleted under the process
+            raise ConfigError("the current folder no longer exists, so a relative path in the settings cannot be "
+                              "made absolute: change to an existing folder, or give absolute paths") from None
         return cls(
             home=home_path,
             database_url=db,
@@ -221,8 +225,11 @@ def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - a port past 65535 (or not a number) raises here
-    except ValueError as exc:
-        raise ConfigError(f"{name} {shown!r} is not a valid URL ({exc}); write it as scheme://host:port/... "
+    except ValueError as exc:  # its text may quote a piece of a password (one holding "/" reads as a port)
+        secret = url.partition("://")[2].rpartition("@")[0].partition(":")[2]
+        quoted = secret and any(len(piece) > 1 and piece in str(exc) for piece in (secret, *secret.split("/")))
+        detail = "its user, password, host or port cannot be read" if quoted else str(exc)
+        raise ConfigError(f"{name} {shown!r} is not a valid URL ({detail}); write it as scheme://host:port/... "
                           f"({where})") from None
     scheme = parts.scheme.lower()
     base = scheme.split("+")[0] if driver_suffix else scheme  # postgresql+psycopg -> postgresql
@@ -231,8 +238,9 @@ def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default
             f"{name} {shown!r} has an unsupported scheme {scheme!r}; use one of "
             f"{', '.join(s + '://' for s in schemes)} ({where})"
         )
-    if base == "sqlite" and parts.hostname:  # sqlite://file.db: SQLAlchemy refuses it, it reads as in-memory
-        path = parts.netloc.rpartition("@")[2] + parts.path  # a user and password alone (SQLCipher's) are no host
+    if base == "sqlite" and parts.netloc and not scheme.endswith("pysqlcipher"):  # (SQLCipher's key is a password)
+        # sqlite://file.db: SQLAlchemy refuses it, an online store took it as a file of the current folder
+        path = url.split("://", 1)[1].rpartition("@")[2].removeprefix("/")  # no user or password in the suggestion
         raise ConfigError(f"{name} {shown!r}: a SQLite URL has no host; a file is sqlite:///{path} (three slashes; "
                           f"four for an absolute path) ({where})")
     database = unquote(parts.path).strip("/")

@@ -32,10 +32,15 @@ def data_start() -> datetime:
     return today - timedelta(days=DAYS - 1)
 
 
+def check_home(home: Path) -> None:
+    """ConfigError unless ``home`` is new, empty or a folder an earlier demo made (the demo wipes it)."""
+    if home.exists() and any(home.iterdir()) and not (home / _MARKER).exists():
+        raise ConfigError(f"{home} exists and is not a demo folder; pass an empty or new folder with --home")
+
+
 def fresh_home(home: Path) -> None:
+    check_home(home)
     if home.exists() and any(home.iterdir()):
-        if not (home / _MARKER).exists():
-            raise ConfigError(f"{home} exists and is not a demo folder; pass an empty or new folder with --home")
         shutil.rmtree(home)
     home.mkdir(parents=True, exist_ok=True)
     (home / _MARKER).write_text("created by `mlplat demo`; the demo wipes this folder when it runs again\n")

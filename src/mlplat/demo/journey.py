@@ -33,7 +33,7 @@ from .._console import as_text
 from ..errors import ConfigError
 from ..settings import hide_password
 from . import report
-from .data import DAYS, data_start, fresh_home, generate_transactions, write_feature_data
+from .data import DAYS, check_home, data_start, fresh_home, generate_transactions, write_feature_data
 
 __all__ = ["run_demo"]
 
@@ -188,6 +188,7 @@ def run_demo(home: str | Path = "mlplat-demo", *, console: Any = None, online_st
         # served log (a sample rate below 1 would hide planted users from the skew check); resolved before the
         # folder is emptied, so a bad URL leaves the last demo as it was
         settings = mp.Settings.resolve(home, online_store=online_store, triton_url=triton_url, environ={})
+        check_home(home)  # a folder it may not wipe is refused before anything is written, the store's file too
         _reach(settings.online_store, home)  # as the Triton server: a store it cannot use leaves the last demo be
         fresh_home(home)
         p = mp.Platform(settings=settings)

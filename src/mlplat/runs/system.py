@@ -74,14 +74,18 @@ def system_tags() -> dict[str, str]:
     return {k: _escaped(v) for k, v in tags.items()}
 
 
-#: user:password@ of a URL anywhere in an argument (``--db=postgresql://u:pw@h``, ``db.url=...``, ``-Dredis://...``)
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*:)\S*@")
+#: user:password@ of a URL inside an argument (``db.url=...``, ``+db={url:redis://...}``, ``-Dredis://...``): not a
+#: host's port (``http://mlflow:5000/api``), and not past a quote or comma (a later "@" is another value's)
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s\"',]*:)(?!\d+(?:[/?#\"',\s}]|$))[^\s\"',]*@")
 
 
 def _hidden(arg: str) -> str:
-    """A command-line argument with the password of any URL in it hidden: the entry point is stored for anyone
-    reading runs to see."""
-    return hide_password(_URL_PASSWORD.sub(r"\1***@", arg))
+    """A command-line argument with the password of any URL in it hidden (the whole value after ``--opt=``, as
+    hide_password reads it, a password with a blank included): the entry point is stored for anyone reading runs
+    to see."""
+    option, eq, value = arg.partition("=")
+    arg = f"{option}={hide_password(value)}" if eq else hide_password(arg)
+    return _URL_PASSWORD.sub(r"\1***@", arg)
 
 
 def _escaped(text: str) -> str:

@@ -344,9 +344,9 @@ def _quiet_jit() -> Iterator[None]:
 
 #: what torch's TracerWarnings say of a trace that replays the example's path ("Converting a tensor to a Python
 #: boolean/integer/float", "Iterating over a tensor", "Using len ... might cause the trace to be incorrect") or of
-#: one whose outputs differ from the module's; not "torch.tensor results are registered as constants" (a tensor
-#: made from the data warns of its Python number too)
-_UNSAFE_TRACE = re.compile(r"^(?!torch\.tensor results are registered as constants).*(might cause the trace to be "
+#: one whose outputs differ from the module's; not "torch.tensor results are registered as constants", which a
+#: literal gives too (such a trace is checked on another batch instead)
+_UNSAFE_TRACE = re.compile(r"^(?!torch\.(as_)?tensor results are registered as constants).*(might cause the trace to be "
                            r"incorrect|does not match)", re.S)
 
 
@@ -354,9 +354,11 @@ def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None
     """TorchScript of the model (scripted, else traced on the example input) and how, or (None, None, why not).
 
     TorchScript is what Triton's libtorch and python backends load; torch 2.13
-    warns that torch.jit is deprecated, which is not the user's concern here. A trace that warned
-    (a TracerWarning: a branch or a Python number taken from the data) is not kept: it replays the
-    example's path for every input and so serves wrong results where the model would branch otherwise.
+    warns that torch.jit is deprecated, which is not the user's concern here. A trace torch says may be
+    incorrect (a TracerWarning for a branch or a Python number taken from the data) is not kept: it replays
+    the example's path for every input and so serves wrong results where the model would branch otherwise.
+    A trace with another TracerWarning (a torch.tensor made a constant: of a literal, or of the input's
+    shape) is kept only if it answers as the module does on a batch of one row more.
     """
     with _quiet_jit():
         try:
@@ -371,15 +373,28 @@ def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None
                 traced = torch.jit.trace(model, _tensors(example_input))
             except Exception as exc:  # noqa: BLE001
                 return None, None, f"not scriptable, and tracing failed ({type(exc).__name__}: {str(exc)[:200]})"
-    unsafe = [w for w in caught
-              if issubclass(w.category, torch.jit.TracerWarning) and _UNSAFE_TRACE.search(str(w.message))]
+    warned = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     for w in caught:
-        if w not in unsafe and not issubclass(w.category, torch.jit.TracerWarning):
+        if w not in warned:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if unsafe:
+    unsafe = [w for w in warned if _UNSAFE_TRACE.search(str(w.message))]
+    if unsafe or (warned and not _answers_alike(torch, model, traced, _tensors(example_input))):
+        first = str((unsafe or warned)[0].message).split(". ")[0][:200]
         return None, None, (f"not scriptable, and its trace depends on the data, so it would serve other inputs "
-                            f"wrongly (TracerWarning: {str(unsafe[0].message).split('. ')[0][:200]})")
+                            f"wrongly (TracerWarning: {first})")
     return traced, "trace", None
+
+
+def _answers_alike(torch, model: Any, traced: Any, example: tuple) -> bool:
+    """Whether the trace answers as the module does on the example with its first row once more (another batch
+    size: a constant taken from the example's shape shows); False where either fails on it."""
+    try:
+        other = tuple(torch.cat([t, t[:1]]) for t in example)
+        with torch.no_grad():
+            pairs = list(zip(_tensors(model(*other)), _tensors(traced(*other)), strict=True))
+        return all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True) for a, b in pairs)
+    except Exception:  # noqa: BLE001 - a scalar input, an op refused on that batch: not shown to be sound
+        return False
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
