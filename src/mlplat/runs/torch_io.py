@@ -346,8 +346,8 @@ def _quiet_jit() -> Iterator[None]:
 #: boolean/integer/float", "Iterating over a tensor", "Using len ... might cause the trace to be incorrect") or of
 #: one whose outputs differ from the module's; not "torch.tensor results are registered as constants", which a
 #: literal gives too (such a trace is checked on another batch instead)
-_UNSAFE_TRACE = re.compile(r"^(?!torch\.(as_)?tensor results are registered as constants).*(might cause the trace to be "
-                           r"incorrect|does not match)", re.S)
+_UNSAFE_TRACE = re.compile(r"^(?!torch\.(as_)?tensor results are registered as constants)"
+                           r".*(might cause the trace to be incorrect|does not match)", re.S)
 
 
 def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None, str | None]:
