@@ -229,6 +229,9 @@ def test_a_failed_apply_into_an_existing_home_with_a_new_database_removes_that_d
     error(invoke("--database-url", f"sqlite:///{typo}", "features", "apply", bad, home=home), 1,
           "two different definitions")
     assert not typo.exists() and (Path(home) / "mlplat.db").exists()
+    error(invoke("--database-url", f"sqlite:///{tmp_path / 'typo_dir' / 'sub' / 'm.db'}", "features", "apply", bad,
+                 home=home), 1, "two different definitions")
+    assert not (tmp_path / "typo_dir").exists()  # nor the folders made for it
     error(invoke("--database-url", f"sqlite:///{typo}", "models", "list", home=home), 1, "which does not exist")
 
 

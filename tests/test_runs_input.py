@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -133,12 +134,14 @@ def test_system_tags_hide_a_password_on_the_command_line(monkeypatch):
                                       "--database-url=postgresql://app:pw2@db/mlplat", "--lr=0.1",
                                       "db.url=postgresql://app:pw3@db/x", "+db={url:redis://u:pw4@h/0}",
                                       "-Dpostgresql://app:pw5@db/x", "cache=redis://h/0?password=pw6&db=1",
-                                      "--db=postgresql://app:pw 7@db/x",
+                                      "--db=postgresql://app:pw 7@db/x", "postgresql://app:pw'8@db/x?sslmode=require",
+                                      "redis://:19/ab@h:6379/0?ssl_cert_reqs=none", "+db={url:redis://:110/abc@h/0}",
                                       '--config={"tracking":"http://mlflow:5000/api","owner":"ana@corp.com"}'])
     entry = system_tags()["mlplat.entry_point"]
-    assert not any(f"pw{i}" in entry for i in range(2, 7)) and "pw 7" not in entry and "s3cret" not in entry, entry
-    assert entry.endswith('--db=postgresql://app:***@db/x --config={"tracking":"http://mlflow:5000/api",'
-                          '"owner":"ana@corp.com"}'), entry  # a port is no password, a later "@" another value's
+    assert not any(f"pw{i}" in entry for i in range(2, 7)) and "s3cret" not in entry, entry
+    assert not any(secret in entry for secret in ("pw 7", "pw'8", "19/ab", "110/abc")), entry
+    assert "--db=postgresql://app:***@db/x" in entry and entry.endswith(
+        '--config={"tracking":"http://mlflow:5000/api","owner":"ana@corp.com"}'), entry  # a port, another value's @
     assert ("--online-store redis://:***@127.0.0.1:6391/0 --database-url=postgresql://app:***@db/mlplat --lr=0.1 "
             "db.url=postgresql://app:***@db/x +db={url:redis://u:***@h/0} -Dpostgresql://app:***@db/x "
             "cache=redis://h/0?password=***&db=1") in entry, entry
@@ -372,6 +375,30 @@ def test_a_trace_that_bakes_in_the_example_s_shape_is_not_kept(lite):
     torch.testing.assert_close(lite.models.load("pool", version=1)(x), _MeanPool()(x))
 
 
+class _SeqMean(torch.nn.Module):
+    def forward(self, x, *rest):  # the sequence length (dim 1) of the example baked in
+        return x.sum(1) / torch.tensor(list(x.shape))[1]
+
+
+class _Scaled(torch.nn.Module):
+    def forward(self, x, k, *rest):  # a constant of a literal; a second input with no batch dimension
+        return x * torch.tensor([2.0]) + k
+
+
+@pytest.mark.parametrize("model, example, kept", [
+    (_SeqMean(), torch.ones(4, 10, 2), False),  # was kept: only the batch dimension was grown
+    (_Scaled(), (torch.ones(4, 3), torch.tensor(1.0)), True),  # was dropped: the 0-d input could not grow
+    (_MeanPool(), torch.ones(4, 3), False),
+])
+def test_a_trace_with_constants_is_checked_on_the_example_grown_along_each_dimension(tmp_path, model, example, kept):
+    from mlplat.runs.torch_io import save_torch_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta = save_torch_model(model, tmp_path / "m", example_input=example)
+    assert (meta["torchscript"] == "trace") is kept, meta["torchscript_missing"]
+
+
 def test_a_trace_that_depends_on_the_data_is_not_kept(lite, tmp_path):
     """It was stored as model.ts and preferred by load() and export: -1s came back doubled, as the example's
     positive sum made the trace take that branch for every input."""
@@ -389,3 +416,14 @@ def test_a_trace_that_depends_on_the_data_is_not_kept(lite, tmp_path):
                                            r"and its trace depends on the data"):
         lite.serving.export_triton("m", version=1, repository=tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+def test_git_state_in_a_current_folder_deleted_under_the_process(tmp_path, monkeypatch):
+    """git_state(None) looks in the current folder: Path.cwd() raised a raw FileNotFoundError as a run started."""
+    from mlplat.runs.system import git_state
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert git_state(None) == ("", "")

@@ -164,8 +164,10 @@ def test_relative_paths_are_taken_from_the_current_folder_when_resolved(tmp_path
     ({"database_url": "sqlite://app:s3cret@h/x.db"}, {}),  # the suggestion printed it: sqlite:///app:s3cret@h/x.db
     ({"database_url": "postgresql://app:s3c/ret@h/db"}, {}),  # urllib's message quoted 's3c' as a port
     ({"database_url": "sqlite://app:s3c/ret@h/x.db"}, {}),
-], ids=["scheme", "malformed", "redis-db", "at-sign-in-password", "sqlite-host", "slash-in-password",
-        "sqlite-slash-in-password"])
+    ({"database_url": "postgresql://app:s3c?retXY@h/db"}, {}),
+    ({"database_url": "sqlite+pysqlcipher://:s3cret@mydb.db"}, {}),  # SQLCipher's key with a host: accepted, then
+], ids=["scheme", "malformed", "redis-db", "at-sign-in-password", "sqlite-host", "slash-in-password",  # printed
+        "sqlite-slash-in-password", "question-mark-in-password", "sqlcipher-host"])
 def test_errors_and_the_settings_repr_never_show_a_password(tmp_path, kwargs, env):
     with pytest.raises(mp.ConfigError) as raised:
         Settings.resolve(tmp_path, environ=env, **kwargs)

@@ -37,6 +37,7 @@ from ._checks import BINS_MAX, TRITON_INT32_MAX, TRITON_UINT64_MAX, VERSION_MAX,
 from ._console import as_text, print_lineage, print_skew, table
 from ._time import as_utc
 from .errors import ConfigError, MlplatError
+from .settings import hide_password
 
 __all__ = ["main", "cli"]
 
@@ -225,7 +226,8 @@ def _platform(ctx: click.Context, *, create: bool = False):
     settings, database = _settings(ctx)
     if database is None and settings.database_url.lower().startswith("sqlite"):
         raise ConfigError(
-            f"--database-url (or $MLPLAT_DATABASE_URL) {settings.database_url!r} is an in-memory SQLite database: it "
+            f"--database-url (or $MLPLAT_DATABASE_URL) {hide_password(settings.database_url)!r} is an in-memory SQLite "
+            "database: it "
             "lives only as long as "
             "this one command, so every command would see an empty platform; give a file "
             "(sqlite:////path/mlplat.db) or a PostgreSQL URL")
@@ -366,9 +368,9 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
     if not objects:
         raise click.ClickException(f"{path} defines no mp.Entity, mp.FeatureView or mp.FeatureService")
     settings, database = _settings(ctx)
-    home = Path(settings.home)
-    folders = [d for d in (home, *home.parents) if not d.exists()]  # the new home and parents, innermost first
     new_database = database if database is not None and not database.exists() else None
+    folders = [[d for d in (start, *start.parents) if not d.exists()]  # made for the home and the database,
+               for start in (Path(settings.home), *([database.parent] if database is not None else []))]  # innermost
     try:
         with _platform(ctx, create=True) as p:
             results = p.features.apply(objects)
@@ -382,12 +384,13 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
     _table("applied", ["kind", "name", "version", "changed"], [list(r.values()) for r in rows])
 
 
-def _undo(database: Path | None, folders: list[Path]) -> None:
+def _undo(database: Path | None, folders: list[list[Path]]) -> None:
     """Remove the SQLite database a failed command made, if no row but the schema's version is in it, then the
-    folders it made that are empty now, innermost first: another process may have written either meanwhile."""
+    folders it made that are empty now, each chain innermost first: another process may have written there."""
     if database is not None and _empty_database(database):
         _remove_database(database)
-    _remove_if_empty(folders)
+    for chain in folders:
+        _remove_if_empty(chain)
 
 
 def _empty_database(database: Path) -> bool:

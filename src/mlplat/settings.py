@@ -227,7 +227,7 @@ def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default
         parts.port  # noqa: B018 - a port past 65535 (or not a number) raises here
     except ValueError as exc:  # its text may quote a piece of a password (one holding "/" reads as a port)
         secret = url.partition("://")[2].rpartition("@")[0].partition(":")[2]
-        quoted = secret and any(len(piece) > 1 and piece in str(exc) for piece in (secret, *secret.split("/")))
+        quoted = secret and any(len(piece) > 1 and piece in str(exc) for piece in (secret, *re.split(r"[/?#]", secret)))
         detail = "its user, password, host or port cannot be read" if quoted else str(exc)
         raise ConfigError(f"{name} {shown!r} is not a valid URL ({detail}); write it as scheme://host:port/... "
                           f"({where})") from None
@@ -238,11 +238,12 @@ def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default
             f"{name} {shown!r} has an unsupported scheme {scheme!r}; use one of "
             f"{', '.join(s + '://' for s in schemes)} ({where})"
         )
-    if base == "sqlite" and parts.netloc and not scheme.endswith("pysqlcipher"):  # (SQLCipher's key is a password)
+    cipher = scheme.endswith("pysqlcipher")  # its password is SQLCipher's key: a user and password, and no host
+    if base == "sqlite" and (parts.hostname or parts.port is not None if cipher else parts.netloc):
         # sqlite://file.db: SQLAlchemy refuses it, an online store took it as a file of the current folder
         path = url.split("://", 1)[1].rpartition("@")[2].removeprefix("/")  # no user or password in the suggestion
-        raise ConfigError(f"{name} {shown!r}: a SQLite URL has no host; a file is sqlite:///{path} (three slashes; "
-                          f"four for an absolute path) ({where})")
+        raise ConfigError(f"{name} {shown!r}: a SQLite URL has no host; a file is "
+                          f"{hide_password(f'sqlite:///{path}')} (three slashes; four for an absolute path) ({where})")
     database = unquote(parts.path).strip("/")
     if scheme.startswith("redis") and database and not (database.isascii() and database.isdigit()):
         # redis-py ignores a path it cannot read as a number and uses database 0: another store than meant

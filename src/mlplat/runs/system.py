@@ -32,8 +32,8 @@ def git_state(where: Path | None) -> tuple[str, str]:
     current directory), or ("", "") outside a repository. Dirty: a tracked file is changed, or ``where``
     itself is not tracked (a script never committed is in no commit). Other untracked files are not
     looked for: listing them can take long in a big working tree."""
-    folder = where.parent if where is not None else Path.cwd()
     try:
+        folder = where.parent if where is not None else Path.cwd()  # FileNotFoundError: a folder deleted under us
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
                                 timeout=5, check=True).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
@@ -74,18 +74,29 @@ def system_tags() -> dict[str, str]:
     return {k: _escaped(v) for k, v in tags.items()}
 
 
-#: user:password@ of a URL inside an argument (``db.url=...``, ``+db={url:redis://...}``, ``-Dredis://...``): not a
-#: host's port (``http://mlflow:5000/api``), and not past a quote or comma (a later "@" is another value's)
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s\"',]*:)(?!\d+(?:[/?#\"',\s}]|$))[^\s\"',]*@")
+#: user:password@ of a URL inside an argument (``db.url=...``, ``+db={url:redis://...}``, ``-Dredis://...``), up to
+#: the argument's last "@"
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s\"',]*:)(\S*)@")
+
+
+def _mask(found: re.Match) -> str:
+    """A URL's user:password@ with the password hidden; as it was where the span reaches into another value of a
+    JSON or list argument (``"http://mlflow:5000/api","owner":"ana@corp.com"``: a port, then someone's address)."""
+    span = found.group(2)
+    if '"' in span and "," in span:
+        return found.group(0)
+    return f"{found.group(1)}***@"
 
 
 def _hidden(arg: str) -> str:
-    """A command-line argument with the password of any URL in it hidden (the whole value after ``--opt=``, as
-    hide_password reads it, a password with a blank included): the entry point is stored for anyone reading runs
-    to see."""
+    """A command-line argument with the password of any URL in it hidden: the argument as a URL, the value after
+    ``--opt=`` as one (a password holding a blank included), and URLs inside it. The entry point is stored for
+    anyone reading runs to see."""
+    arg = hide_password(arg)
     option, eq, value = arg.partition("=")
-    arg = f"{option}={hide_password(value)}" if eq else hide_password(arg)
-    return _URL_PASSWORD.sub(r"\1***@", arg)
+    if eq:
+        arg = f"{option}={hide_password(value)}"
+    return _URL_PASSWORD.sub(_mask, arg)
 
 
 def _escaped(text: str) -> str:

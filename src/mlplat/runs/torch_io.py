@@ -358,7 +358,7 @@ def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None
     incorrect (a TracerWarning for a branch or a Python number taken from the data) is not kept: it replays
     the example's path for every input and so serves wrong results where the model would branch otherwise.
     A trace with another TracerWarning (a torch.tensor made a constant: of a literal, or of the input's
-    shape) is kept only if it answers as the module does on a batch of one row more.
+    shape) is not kept if it answers otherwise than the module on the example grown along a dimension.
     """
     with _quiet_jit():
         try:
@@ -378,23 +378,44 @@ def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None
         if w not in warned:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     unsafe = [w for w in warned if _UNSAFE_TRACE.search(str(w.message))]
-    if unsafe or (warned and not _answers_alike(torch, model, traced, _tensors(example_input))):
+    if unsafe or (warned and _answers_alike(torch, model, traced, _tensors(example_input)) is False):
         first = str((unsafe or warned)[0].message).split(". ")[0][:200]
         return None, None, (f"not scriptable, and its trace depends on the data, so it would serve other inputs "
                             f"wrongly (TracerWarning: {first})")
     return traced, "trace", None
 
 
-def _answers_alike(torch, model: Any, traced: Any, example: tuple) -> bool:
-    """Whether the trace answers as the module does on the example with its first row once more (another batch
-    size: a constant taken from the example's shape shows); False where either fails on it."""
+def _answers_alike(torch, model: Any, traced: Any, example: tuple) -> bool | None:
+    """Whether the trace answers as the module does on the example grown by one along each dimension (the batch:
+    every input of the example's batch size; any other: one input at a time), where the module runs on it: a
+    size the trace took for a constant shows. None where the module ran on none of them (nothing shown)."""
     try:
-        other = tuple(torch.cat([t, t[:1]]) for t in example)
-        with torch.no_grad():
-            pairs = list(zip(_tensors(model(*other)), _tensors(traced(*other)), strict=True))
-        return all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True) for a, b in pairs)
-    except Exception:  # noqa: BLE001 - a scalar input, an op refused on that batch: not shown to be sound
-        return False
+        batch = example[0].shape[0] if example[0].dim() else None
+        variants = [] if batch is None else [tuple(
+            torch.cat([t, t[:1]]) if t.dim() and t.shape[0] == batch else t for t in example)]
+        for i, t in enumerate(example):
+            for d in range(1, t.dim()):
+                grown = torch.cat([t, t.narrow(d, 0, 1)], dim=d)
+                variants.append((*example[:i], grown, *example[i + 1:]))
+    except (RuntimeError, IndexError):  # an empty dimension: nothing to grow it by
+        return None
+    ran = False
+    for inputs in variants:
+        try:
+            with torch.no_grad():
+                want = model(*inputs)
+        except Exception:  # noqa: BLE001 - the module takes no such input (a Linear's width): not a test
+            continue
+        ran = True
+        try:
+            with torch.no_grad():
+                pairs = list(zip(_tensors(want), _tensors(traced(*inputs)), strict=True))
+            if not all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+                       for a, b in pairs):
+                return False
+        except Exception:  # noqa: BLE001 - the trace fails where the module answers
+            return False
+    return True if ran else None
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
