@@ -136,10 +136,14 @@ def test_system_tags_hide_a_password_on_the_command_line(monkeypatch):
                                       "-Dpostgresql://app:pw5@db/x", "cache=redis://h/0?password=pw6&db=1",
                                       "--db=postgresql://app:pw 7@db/x", "postgresql://app:pw'8@db/x?sslmode=require",
                                       "redis://:19/ab@h:6379/0?ssl_cert_reqs=none", "+db={url:redis://:110/abc@h/0}",
+                                      '+db={"url":"redis://app:pw9@cache:6379/0","owner":"ana@corp.com"}',
+                                      '["http://mlflow:5000/api","redis://app:pw10@cache/0","ana@corp.com"]',
+                                      "--notify=x,http://hook:8080/x,ana@corp.com",
                                       '--config={"tracking":"http://mlflow:5000/api","owner":"ana@corp.com"}'])
     entry = system_tags()["mlplat.entry_point"]
     assert not any(f"pw{i}" in entry for i in range(2, 7)) and "s3cret" not in entry, entry
-    assert not any(secret in entry for secret in ("pw 7", "pw'8", "19/ab", "110/abc")), entry
+    assert not any(secret in entry for secret in ("pw 7", "pw'8", "19/ab", "110/abc", "pw9", "pw10")), entry
+    assert "--notify=x,http://hook:8080/x,ana@corp.com" in entry, entry  # a port and an address: no password
     assert "--db=postgresql://app:***@db/x" in entry and entry.endswith(
         '--config={"tracking":"http://mlflow:5000/api","owner":"ana@corp.com"}'), entry  # a port, another value's @
     assert ("--online-store redis://:***@127.0.0.1:6391/0 --database-url=postgresql://app:***@db/mlplat --lr=0.1 "
@@ -385,17 +389,35 @@ class _Scaled(torch.nn.Module):
         return x * torch.tensor([2.0]) + k
 
 
-@pytest.mark.parametrize("model, example, kept", [
-    (_SeqMean(), torch.ones(4, 10, 2), False),  # was kept: only the batch dimension was grown
-    (_Scaled(), (torch.ones(4, 3), torch.tensor(1.0)), True),  # was dropped: the 0-d input could not grow
-    (_MeanPool(), torch.ones(4, 3), False),
+class _ScaledMean(torch.nn.Module):
+    def forward(self, s, x, *rest):  # a 0-d first input: the batch is the second's
+        return s * x.sum(0) / torch.tensor(list(x.shape))[0]
+
+
+class _PairMean(torch.nn.Module):
+    def forward(self, x, *rest):  # takes an even length only: a batch of one row more is refused
+        return x.view(-1, 2).sum() / torch.tensor(list(x.shape))[0]
+
+
+_FREE_LENGTH = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, -1, 2]}],
+                "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 2]}]}
+
+
+@pytest.mark.parametrize("model, example, signature, kept", [
+    (_SeqMean(), torch.ones(4, 10, 2), _FREE_LENGTH, False),  # a length the signature leaves free, baked in
+    (_SeqMean(), torch.ones(4, 10, 2), None, True),  # the inferred signature fixes the length at 10: sound
+    (_Scaled(), (torch.ones(4, 3), torch.tensor(1.0)), None, True),  # was dropped: the 0-d input could not grow
+    (_ScaledMean(), (torch.tensor(2.0), torch.ones(3, 2)), None, False),  # was kept: the batch taken from input 0
+    (_PairMean(), torch.ones(4), None, False),  # was kept: no grown input ran, taken as nothing shown
+    (_MeanPool(), torch.ones(4, 3), None, False),
 ])
-def test_a_trace_with_constants_is_checked_on_the_example_grown_along_each_dimension(tmp_path, model, example, kept):
+def test_a_trace_with_constants_is_checked_on_the_example_grown_where_the_signature_is_free(tmp_path, model, example,
+                                                                                           signature, kept):
     from mlplat.runs.torch_io import save_torch_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        meta = save_torch_model(model, tmp_path / "m", example_input=example)
+        meta = save_torch_model(model, tmp_path / "m", example_input=example, signature=signature)
     assert (meta["torchscript"] == "trace") is kept, meta["torchscript_missing"]
 
 

@@ -166,8 +166,9 @@ def test_relative_paths_are_taken_from_the_current_folder_when_resolved(tmp_path
     ({"database_url": "sqlite://app:s3c/ret@h/x.db"}, {}),
     ({"database_url": "postgresql://app:s3c?retXY@h/db"}, {}),
     ({"database_url": "sqlite+pysqlcipher://:s3cret@mydb.db"}, {}),  # SQLCipher's key with a host: accepted, then
-], ids=["scheme", "malformed", "redis-db", "at-sign-in-password", "sqlite-host", "slash-in-password",  # printed
-        "sqlite-slash-in-password", "question-mark-in-password", "sqlcipher-host"])
+    ({"online_store": "redis://:9s3c/ret@cache:6379/0"}, {}),  # printed; the path quoted the password's end
+], ids=["scheme", "malformed", "redis-db", "at-sign-in-password", "sqlite-host", "slash-in-password",
+        "sqlite-slash-in-password", "question-mark-in-password", "sqlcipher-host", "redis-slash-in-password"])
 def test_errors_and_the_settings_repr_never_show_a_password(tmp_path, kwargs, env):
     with pytest.raises(mp.ConfigError) as raised:
         Settings.resolve(tmp_path, environ=env, **kwargs)

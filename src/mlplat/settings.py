@@ -151,7 +151,7 @@ def hide_password(url: str) -> str:
     >>> hide_password("redis://cache/0?timeout=1&password=s3cret&db=2"), hide_password("rediss://c?ssl_password=a#b")
     ('redis://cache/0?timeout=1&password=***&db=2', 'rediss://c?ssl_password=***')
     """
-    return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1***@", url))
+    return _PASSWORD.sub(r"\1***@", _QUERY_PASSWORD.sub(r"\1***", url))  # a query password may hold an "@"
 
 
 #: scheme://user:password@ -- masked up to the last "@" (a password may hold an unescaped "@" or "/")
@@ -239,15 +239,18 @@ def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default
             f"{', '.join(s + '://' for s in schemes)} ({where})"
         )
     cipher = scheme.endswith("pysqlcipher")  # its password is SQLCipher's key: a user and password, and no host
-    if base == "sqlite" and (parts.hostname or parts.port is not None if cipher else parts.netloc):
+    after = url.split("://", 1)[1].rpartition("@")[2] if "@" in url else url.split("://", 1)[1]
+    if base == "sqlite" and (not after.startswith("/") if cipher else parts.netloc):  # (a key "2024/k" is no port)
         # sqlite://file.db: SQLAlchemy refuses it, an online store took it as a file of the current folder
         path = url.split("://", 1)[1].rpartition("@")[2].removeprefix("/")  # no user or password in the suggestion
-        raise ConfigError(f"{name} {shown!r}: a SQLite URL has no host; a file is "
-                          f"{hide_password(f'sqlite:///{path}')} (three slashes; four for an absolute path) ({where})")
+        suggested = hide_password(f"{scheme}:///{path}")
+        raise ConfigError(f"{name} {shown!r}: a SQLite URL has no host; a file is {suggested} (three slashes; four "
+                          f"for an absolute path) ({where})")
     database = unquote(parts.path).strip("/")
     if scheme.startswith("redis") and database and not (database.isascii() and database.isdigit()):
         # redis-py ignores a path it cannot read as a number and uses database 0: another store than meant
-        raise ConfigError(f"{name} {shown!r}: the Redis database {database!r} is not a number; write "
+        shown_db = "its path" if "@" in database else repr(database)  # a password with "/" spilled into the path
+        raise ConfigError(f"{name} {shown!r}: the Redis database {shown_db} is not a number; write "
                           f"redis://host:port/0 (a database number from 0) ({where})")
     return _absolute_sqlite(url)
 

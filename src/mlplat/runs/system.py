@@ -74,18 +74,18 @@ def system_tags() -> dict[str, str]:
     return {k: _escaped(v) for k, v in tags.items()}
 
 
-#: user:password@ of a URL inside an argument (``db.url=...``, ``+db={url:redis://...}``, ``-Dredis://...``), up to
-#: the argument's last "@"
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s\"',]*:)(\S*)@")
+#: user:password@ of a URL inside an argument (``db.url=...``, ``+db={url:redis://...}``, ``-Dredis://...``): first
+#: within one value of a JSON or list argument (up to a double quote, comma or bracket), then up to the argument's
+#: last "@" where no double quote or comma lies between (``"http://mlflow:5000/api","owner":"ana@corp.com"`` holds a
+#: port, then someone's address: no password)
+_URL_USER = r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s\"',\[\]{}]*:)"
+_URL_PASSWORD_IN_VALUE = re.compile(_URL_USER + r"[^\s\"',\]}]*@")
+_URL_PASSWORD = re.compile(_URL_USER + r"(\S*)@")
 
 
 def _mask(found: re.Match) -> str:
-    """A URL's user:password@ with the password hidden; as it was where the span reaches into another value of a
-    JSON or list argument (``"http://mlflow:5000/api","owner":"ana@corp.com"``: a port, then someone's address)."""
     span = found.group(2)
-    if '"' in span and "," in span:
-        return found.group(0)
-    return f"{found.group(1)}***@"
+    return found.group(0) if '"' in span or "," in span else f"{found.group(1)}***@"
 
 
 def _hidden(arg: str) -> str:
@@ -96,7 +96,7 @@ def _hidden(arg: str) -> str:
     option, eq, value = arg.partition("=")
     if eq:
         arg = f"{option}={hide_password(value)}"
-    return _URL_PASSWORD.sub(_mask, arg)
+    return _URL_PASSWORD.sub(_mask, _URL_PASSWORD_IN_VALUE.sub(r"\1***@", arg))
 
 
 def _escaped(text: str) -> str:

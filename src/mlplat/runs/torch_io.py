@@ -301,7 +301,7 @@ def save_torch_model(model: Any, folder: Path, *, signature: Signature | Mapping
             fill = checked_fill_null(fill_null, columns, sig.inputs[0].dtype)
         files = {"state_dict": "state_dict.pt"}
         torch.save(model.state_dict(), folder / "state_dict.pt")
-        scripted, how, why_not = _torchscript(torch, model, example_input)
+        scripted, how, why_not = _torchscript(torch, model, example_input, sig)
         if scripted is not None:
             with _quiet_jit():
                 scripted.save(str(folder / "model.ts"))
@@ -350,7 +350,8 @@ _UNSAFE_TRACE = re.compile(r"^(?!torch\.(as_)?tensor results are registered as c
                            r".*(might cause the trace to be incorrect|does not match)", re.S)
 
 
-def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None, str | None]:
+def _torchscript(torch, model: Any, example_input: Any,
+                 sig: Signature | None) -> tuple[Any, str | None, str | None]:
     """TorchScript of the model (scripted, else traced on the example input) and how, or (None, None, why not).
 
     TorchScript is what Triton's libtorch and python backends load; torch 2.13
@@ -358,7 +359,8 @@ def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None
     incorrect (a TracerWarning for a branch or a Python number taken from the data) is not kept: it replays
     the example's path for every input and so serves wrong results where the model would branch otherwise.
     A trace with another TracerWarning (a torch.tensor made a constant: of a literal, or of the input's
-    shape) is not kept if it answers otherwise than the module on the example grown along a dimension.
+    shape) is kept only if it answers as the module on the example grown along the signature's free
+    dimensions (:func:`_answers_alike`).
     """
     with _quiet_jit():
         try:
@@ -378,44 +380,48 @@ def _torchscript(torch, model: Any, example_input: Any) -> tuple[Any, str | None
         if w not in warned:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     unsafe = [w for w in warned if _UNSAFE_TRACE.search(str(w.message))]
-    if unsafe or (warned and _answers_alike(torch, model, traced, _tensors(example_input)) is False):
+    if unsafe or (warned and not _answers_alike(torch, model, traced, _tensors(example_input), sig)):
         first = str((unsafe or warned)[0].message).split(". ")[0][:200]
         return None, None, (f"not scriptable, and its trace depends on the data, so it would serve other inputs "
                             f"wrongly (TracerWarning: {first})")
     return traced, "trace", None
 
 
-def _answers_alike(torch, model: Any, traced: Any, example: tuple) -> bool | None:
-    """Whether the trace answers as the module does on the example grown by one along each dimension (the batch:
-    every input of the example's batch size; any other: one input at a time), where the module runs on it: a
-    size the trace took for a constant shows. None where the module ran on none of them (nothing shown)."""
+def _answers_alike(torch, model: Any, traced: Any, example: tuple, sig: Signature | None) -> bool:
+    """Whether the trace answers as the module does on the example grown by one along each dimension the signature
+    leaves free (-1: the batch, grown in every input together; any other, one input at a time), where the module
+    takes it: a size of the example the trace took for a constant shows. True where nothing is free (all sizes
+    are fixed: the example's are the only ones served); False where the module took none of them."""
+    shapes = [t.shape for t in sig.inputs] if sig is not None and len(sig.inputs) == len(example) else \
+        [(-1, *t.shape[1:]) if t.dim() else () for t in example]
     try:
-        batch = example[0].shape[0] if example[0].dim() else None
-        variants = [] if batch is None else [tuple(
-            torch.cat([t, t[:1]]) if t.dim() and t.shape[0] == batch else t for t in example)]
-        for i, t in enumerate(example):
-            for d in range(1, t.dim()):
-                grown = torch.cat([t, t.narrow(d, 0, 1)], dim=d)
-                variants.append((*example[:i], grown, *example[i + 1:]))
+        batch = [i for i, (t, shape) in enumerate(zip(example, shapes)) if t.dim() and shape and shape[0] == -1]
+        variants = [tuple(torch.cat([t, t[:1]]) if i in batch else t for i, t in enumerate(example))] if batch else []
+        for i, (t, shape) in enumerate(zip(example, shapes)):
+            for d in range(1, min(t.dim(), len(shape))):
+                if shape[d] == -1:
+                    variants.append((*example[:i], torch.cat([t, t.narrow(d, 0, 1)], dim=d), *example[i + 1:]))
     except (RuntimeError, IndexError):  # an empty dimension: nothing to grow it by
-        return None
+        return False
+    if not variants:
+        return True
     ran = False
     for inputs in variants:
         try:
             with torch.no_grad():
                 want = model(*inputs)
-        except Exception:  # noqa: BLE001 - the module takes no such input (a Linear's width): not a test
+        except Exception:  # noqa: BLE001 - the module takes no such input: no proof either way
             continue
         ran = True
         try:
             with torch.no_grad():
                 pairs = list(zip(_tensors(want), _tensors(traced(*inputs)), strict=True))
-            if not all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
-                       for a, b in pairs):
-                return False
         except Exception:  # noqa: BLE001 - the trace fails where the module answers
             return False
-    return True if ran else None
+        if not all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+                   for a, b in pairs):
+            return False
+    return ran
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
