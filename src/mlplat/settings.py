@@ -239,10 +239,10 @@ def _url(name: str, value: str | None, env: Mapping[str, str], var: str, default
             f"{', '.join(s + '://' for s in schemes)} ({where})"
         )
     cipher = scheme.endswith("pysqlcipher")  # its password is SQLCipher's key: a user and password, and no host
-    after = url.split("://", 1)[1].rpartition("@")[2] if "@" in url else url.split("://", 1)[1]
+    after = url.partition("://")[2].rpartition("@")[2]  # what follows a user and password
     if base == "sqlite" and (not after.startswith("/") if cipher else parts.netloc):  # (a key "2024/k" is no port)
         # sqlite://file.db: SQLAlchemy refuses it, an online store took it as a file of the current folder
-        path = url.split("://", 1)[1].rpartition("@")[2].removeprefix("/")  # no user or password in the suggestion
+        path = after.removeprefix("/")  # no user or password in the suggestion
         suggested = hide_password(f"{scheme}:///{path}")
         raise ConfigError(f"{name} {shown!r}: a SQLite URL has no host; a file is {suggested} (three slashes; four "
                           f"for an absolute path) ({where})")
