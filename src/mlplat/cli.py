@@ -35,6 +35,7 @@ import click
 from . import __version__
 from ._checks import BINS_MAX, TRITON_INT32_MAX, TRITON_UINT64_MAX, VERSION_MAX, close_names
 from ._console import as_text, print_lineage, print_skew, table
+from ._folders import missing_folders, remove_empty
 from ._time import as_utc
 from .errors import ConfigError, MlplatError
 from .settings import hide_password
@@ -184,7 +185,6 @@ def _silence_stdout() -> None:
         pass
 
 
-
 class _Finite(click.FloatRange):
     """A float range that refuses nan (every comparison with it is False, so a range let it through): a bad
     argument, exit status 2, as one out of range."""
@@ -196,6 +196,7 @@ class _Finite(click.FloatRange):
         if math.isnan(number):
             self.fail(f"{value!r} is not a number in the range {self._describe_range()}.", param, ctx)
         return number
+
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlplat")
@@ -240,20 +241,10 @@ def _platform(ctx: click.Context, *, create: bool = False):
             f"{settings.home} is not an mlplat home (it has no database {database}): give --home or MLPLAT_HOME "
             "of an existing home (the demo's is ./mlplat-demo: mlplat --home mlplat-demo ...), or start one with "
             "'mlplat features apply FILE'")
-    made = [d for d in (settings.home, *settings.home.parents) if not d.exists()]  # innermost first
+    made = missing_folders(settings.home)
     if not create and made:  # the database is elsewhere: a home (and parents) left empty are not kept
-        ctx.call_on_close(functools.partial(_remove_if_empty, made))
+        ctx.call_on_close(functools.partial(remove_empty, made))
     return Platform(settings=settings)
-
-
-def _remove_if_empty(folders: list[Path]) -> None:
-    """Remove the folders a command made and left empty, innermost first (a read of a database elsewhere made
-    ./mlplat-home)."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 # ------------------------------------------------------------------- demo
@@ -369,8 +360,8 @@ def features_apply(ctx: click.Context, path: str, as_json: bool) -> None:
         raise click.ClickException(f"{path} defines no mp.Entity, mp.FeatureView or mp.FeatureService")
     settings, database = _settings(ctx)
     new_database = database if database is not None and not database.exists() else None
-    folders = [[d for d in (start, *start.parents) if not d.exists()]  # made for the home and the database,
-               for start in (Path(settings.home), *([database.parent] if database is not None else []))]  # innermost
+    folders = [missing_folders(start)  # made for the home and for the database
+               for start in (Path(settings.home), *([database.parent] if database is not None else []))]
     try:
         with _platform(ctx, create=True) as p:
             results = p.features.apply(objects)
@@ -390,7 +381,7 @@ def _undo(database: Path | None, folders: list[list[Path]]) -> None:
     if database is not None and _empty_database(database):
         _remove_database(database)
     for chain in folders:
-        _remove_if_empty(chain)
+        remove_empty(chain)
 
 
 def _empty_database(database: Path) -> bool:

@@ -44,6 +44,7 @@ from ..db.models import (
     RunInput,
 )
 from .._checks import check_version, close_names, require_bool, shown, storable
+from .._folders import missing_folders, remove_empty
 from ..errors import DataError, NotFoundError, StoreError
 from ..features.definitions import parse_ref
 from ..runs.artifacts import ArtifactStore, check_name, folder_sha256
@@ -545,7 +546,7 @@ class ModelRegistry:
         """
         _check_version_info(info)
         dest = _check_dest(dest)
-        made = [d for d in (dest, *dest.parents) if not d.exists()]  # folders this fetch makes, innermost first
+        made = missing_folders(dest)
         staged = dest / f".fetching-{uuid.uuid4().hex[:12]}"  # checked files leave it; refused ones never show
         moved: list[Path] = []
         try:
@@ -565,11 +566,7 @@ class ModelRegistry:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-            for folder in made:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+            remove_empty(made)
             if isinstance(exc, OSError):
                 raise StoreError(f"cannot write model {info.name!r} v{info.version} into {str(dest)!r}: "
                                  f"{exc.strerror or exc}") from None
