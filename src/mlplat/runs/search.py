@@ -369,10 +369,8 @@ def canonical(node: Node) -> Any:
 
 
 def _attribute(name: str):
-    name = name.lower()
-    return {"status": Run.status, "name": Run.name, "run_name": Run.name, "run_id": Run.id, "id": Run.id,
-            "user": Run.user, "start_time": Run.start_time, "end_time": Run.end_time,
-            "experiment": Experiment.name}[name]
+    return {"status": Run.status, "name": Run.name, "run_id": Run.id, "user": Run.user, "start_time": Run.start_time,
+            "end_time": Run.end_time, "experiment": Experiment.name}[_attribute_name(name)]
 
 
 def _check_value(node: Cmp) -> None:
