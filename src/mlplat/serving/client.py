@@ -616,8 +616,8 @@ class TritonClient(_Base):
             export = p.serving.export_triton("fraud", repository="triton-repo")
             client.load_model("fraud", export.model_dir)
         """
-        kwargs = _upload(Path(folder), check_model(model)) if folder is not None else {}
         check_model(model)
+        kwargs = _upload(Path(folder), model) if folder is not None else {}
         self._check_server(model)  # Triton answers a load with 200 and nothing else: so would any web server
         try:
             self._call("load_model", model, **kwargs, **self._call_kwargs())
@@ -794,6 +794,11 @@ class _Gathering:
         self._inside = 0  # callers inside submit (the caller's own count is added before _gather)
         self._expect = 1
 
+    def _wait(self) -> float:
+        """How long a batch waits for more callers: its patience, at most half the client's timeout_s, so that it
+        goes while its callers can still be answered in time."""
+        return min(self._patience.seconds, self._client._timeout / 2)
+
     def _late(self, *, unsent: bool = False) -> InferenceTimeoutError:
         """The error of callers whose batch found every in-flight slot taken until the first one's deadline, or
         (``unsent``) whose first caller's deadline passed before the batch went."""
@@ -861,7 +866,7 @@ class _Coalescer(_Gathering):
         with self._lock:
             self._inside += 1
             full, ready = self._gather((arrays, n, mine, now + self._client._timeout), n, now)
-            wait = min(self._patience.seconds, self._client._timeout / 2)  # sent while it can answer in time
+            wait = self._wait()
         if full is not None:
             self._send(full)
         if ready is not None:
@@ -1080,8 +1085,8 @@ class AsyncTritonClient(_Base):
 
     async def load_model(self, model: str, folder: str | os.PathLike | None = None) -> None:
         """As :meth:`TritonClient.load_model`, awaited."""
-        kwargs = _upload(Path(folder), check_model(model)) if folder is not None else {}
         check_model(model)
+        kwargs = _upload(Path(folder), model) if folder is not None else {}
         await self._check_server(model)
         try:
             await self._connection().load_model(model, **kwargs, **self._call_kwargs())
@@ -1253,8 +1258,7 @@ class _AsyncCoalescer(_Gathering):
             await asyncio.wait(list(self._sending))
 
     def _started(self, now: float) -> None:
-        wait = min(self._patience.seconds, self._client._timeout / 2)  # sent while it can answer in time
-        self._timer = asyncio.get_running_loop().call_at(now + wait, self._ran_out)
+        self._timer = asyncio.get_running_loop().call_at(now + self._wait(), self._ran_out)
 
     def _ran_out(self) -> None:
         self._timer = None
